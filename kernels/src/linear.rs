@@ -1,1 +1,305 @@
-//! (being written)
+//! Linear layers (PyTorch's `nn.Linear`): `out = inp · weightᵀ + bias`, and the matrix products
+//! behind them.
+//!
+//! Shapes: `inp` [N, C], `weight` [OC, C], `bias` [OC], `out` [N, OC], where N = B·T (or any number
+//! of rows). On CPU every product goes through the `gemm` crate, multi-threaded with rayon; the
+//! CUDA launcher beside it will call cuBLASLt with the same arguments.
+//!
+//! Backward: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`, `dbias += Σ_rows dout`.
+
+use crate::error::{check_len, KernelError, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// A row-major matrix view with arbitrary strides, so that transposes cost nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    /// Element distance between consecutive rows.
+    pub row_stride: usize,
+    /// Element distance between consecutive columns.
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view of the same memory.
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// The largest element index the view touches, plus one (0 for an empty view).
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        }
+    }
+}
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+
+/// `c = a · b` (`accumulate == false`) or `c += a · b`, with `c` contiguous row-major
+/// [a.rows, b.cols]. Deterministic for a given thread count.
+pub fn matmul(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
+    const OP: &str = "matmul";
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        return Err(KernelError::Shape {
+            op: OP,
+            what: format!("inner dimensions differ: a is {m}×{k}, b is {}×{n}", b.rows),
+        });
+    }
+    check_len(OP, "c", c.len(), m * n)?;
+    if a.data.len() < a.extent() || b.data.len() < b.extent() {
+        return Err(KernelError::Shape {
+            op: OP,
+            what: "a strided view reaches past the end of its buffer".into(),
+        });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return Ok(());
+    }
+    let par = if m * n * k >= PARALLEL_MIN_FLOPS {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the extents of `a` and `b` were checked against their buffers above, `c` holds
+    // exactly m·n elements with row stride n, and `c` cannot alias `a` or `b` (it is `&mut`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// `out[N, OC] = inp[N, C] · weight[OC, C]ᵀ + bias[OC]` (out overwritten).
+pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    const OP: &str = "linear_forward";
+    check_len(OP, "inp", inp.len(), n * c)?;
+    check_len(OP, "weight", weight.len(), oc * c)?;
+    check_len(OP, "out", out.len(), n * oc)?;
+    if let Some(bias) = bias {
+        check_len(OP, "bias", bias.len(), oc)?;
+        out.par_chunks_mut(oc.max(1))
+            .for_each(|row| row.copy_from_slice(bias));
+    }
+    matmul(
+        out,
+        MatRef::new(inp, n, c),
+        MatRef::new(weight, oc, c).t(),
+        bias.is_some(),
+    )
+}
+
+/// Backward of [`linear_forward`]: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`,
+/// `dbias += Σ_rows dout`. `dinp` may be `None` when the input needs no gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) -> Result<()> {
+    const OP: &str = "linear_backward";
+    check_len(OP, "dout", dout.len(), n * oc)?;
+    check_len(OP, "inp", inp.len(), n * c)?;
+    check_len(OP, "weight", weight.len(), oc * c)?;
+    check_len(OP, "dweight", dweight.len(), oc * c)?;
+    if let Some(dinp) = dinp {
+        check_len(OP, "dinp", dinp.len(), n * c)?;
+        matmul(
+            dinp,
+            MatRef::new(dout, n, oc),
+            MatRef::new(weight, oc, c),
+            false,
+        )?;
+    }
+    matmul(
+        dweight,
+        MatRef::new(dout, n, oc).t(),
+        MatRef::new(inp, n, c),
+        true,
+    )?;
+    if let Some(dbias) = dbias {
+        check_len(OP, "dbias", dbias.len(), oc)?;
+        column_sums_add(dbias, dout, n, oc);
+    }
+    Ok(())
+}
+
+/// Rows per task of the column-sum reductions: fixed, so results do not depend on scheduling.
+const ROWS_PER_TASK: usize = 64;
+
+/// `acc[j] += Σ_i x[i, j]` over an [n, cols] matrix, reduced in a fixed order (deterministic).
+pub fn column_sums_add(acc: &mut [f32], x: &[f32], n: usize, cols: usize) {
+    debug_assert_eq!(x.len(), n * cols);
+    if cols == 0 {
+        return;
+    }
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(ROWS_PER_TASK * cols)
+        .map(|rows| {
+            let mut s = vec![0.0f32; cols];
+            for row in rows.chunks_exact(cols) {
+                for (s, &v) in s.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            s
+        })
+        .collect();
+    for p in partials {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, dot, numeric_grad, rand_vec};
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    c[i * n + j] += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matmul_matches_naive_including_transposes_and_accumulate() {
+        let (m, k, n) = (37, 129, 71); // large enough to take the parallel path
+        let a = rand_vec(m * k, 1.0, 1);
+        let b = rand_vec(k * n, 1.0, 2);
+        let want = naive(&a, &b, m, k, n);
+        let mut c = vec![0.0f32; m * n];
+        matmul(&mut c, MatRef::new(&a, m, k), MatRef::new(&b, k, n), false).unwrap();
+        let got: Vec<f64> = c.iter().map(|&x| x as f64).collect();
+        assert_close("a·b", &got, &want, 1e-4, 1e-4);
+        // bᵀ stored as [n, k], read through a transposed view.
+        let mut bt = vec![0.0f32; k * n];
+        for p in 0..k {
+            for j in 0..n {
+                bt[j * k + p] = b[p * n + j];
+            }
+        }
+        matmul(&mut c, MatRef::new(&a, m, k), MatRef::new(&bt, n, k).t(), true).unwrap();
+        let got: Vec<f64> = c.iter().map(|&x| x as f64).collect();
+        let twice: Vec<f64> = want.iter().map(|x| 2.0 * x).collect();
+        assert_close("c += a·(bᵀ)ᵀ", &got, &twice, 1e-4, 1e-4);
+    }
+
+    #[test]
+    fn matmul_rejects_bad_shapes() {
+        let a = vec![0.0; 6];
+        let mut c = vec![0.0; 4];
+        assert!(matmul(&mut c, MatRef::new(&a, 2, 3), MatRef::new(&a, 2, 3), false).is_err());
+        assert!(matmul(&mut c, MatRef::new(&a, 2, 3), MatRef::new(&a, 3, 2), false).is_ok());
+        let mut c = vec![0.0; 3];
+        assert!(matmul(&mut c, MatRef::new(&a, 2, 3), MatRef::new(&a, 3, 2), false).is_err());
+        assert!(linear_forward(&mut c, &a, &a, None, 2, 3, 2).is_err());
+    }
+
+    #[test]
+    fn linear_gradients_match_finite_differences() {
+        let (n, c, oc) = (5, 7, 4);
+        let mut inp = rand_vec(n * c, 1.0, 3);
+        let mut w = rand_vec(oc * c, 1.0, 4);
+        let mut bias = rand_vec(oc, 1.0, 5);
+        let wout = rand_vec(n * oc, 1.0, 6);
+        let loss = |inp: &[f32], w: &[f32], bias: &[f32]| {
+            let mut out = vec![0.0; n * oc];
+            linear_forward(&mut out, inp, w, Some(bias), n, c, oc).unwrap();
+            dot(&wout, &out)
+        };
+        let mut dinp = vec![f32::NAN; n * c];
+        let mut dw = vec![0.5; oc * c]; // accumulates onto what is there
+        let mut db = vec![0.25; oc];
+        linear_backward(Some(&mut dinp), &mut dw, Some(&mut db), &wout, &inp, &w, n, c, oc)
+            .unwrap();
+        let eps = 1e-2;
+        let (i2, b2) = (inp.clone(), bias.clone());
+        let num: Vec<f64> = (0..n * c)
+            .map(|i| numeric_grad(&mut inp, i, eps, |x| loss(x, &w, &b2)))
+            .collect();
+        let got: Vec<f64> = dinp.iter().map(|&x| x as f64).collect();
+        assert_close("dinp", &got, &num, 1e-3, 1e-3);
+        let w2 = w.clone();
+        let num: Vec<f64> = (0..oc * c)
+            .map(|i| numeric_grad(&mut w, i, eps, |x| loss(&i2, x, &b2)) + 0.5)
+            .collect();
+        let got: Vec<f64> = dw.iter().map(|&x| x as f64).collect();
+        assert_close("dweight", &got, &num, 1e-3, 1e-3);
+        let num: Vec<f64> = (0..oc)
+            .map(|i| numeric_grad(&mut bias, i, eps, |x| loss(&i2, &w2, x)) + 0.25)
+            .collect();
+        let got: Vec<f64> = db.iter().map(|&x| x as f64).collect();
+        assert_close("dbias", &got, &num, 1e-3, 1e-3);
+    }
+}
