@@ -1,1 +1,1207 @@
-//! (being written)
+//! Block-sparse causal attention for the stage-2 transformer (MODEL-SPEC.md §1).
+//!
+//! Provides:
+//! - [`MaskKind`] and [`layer_mask_kind`]: the three DALL·E mask families (row, column, conv) and
+//!   which layer uses which;
+//! - [`allowed_reference`]: the brute-force reading of the spec, one `(query, key)` pair at a time;
+//! - [`BlockLayout`]: the sequence cut into blocks, and for each query block the key blocks that hold
+//!   at least one allowed pair, each either *full* or carrying a compact intra-block mask (one `u64`
+//!   of key bits per query row). This is what a CUDA launcher uploads;
+//! - [`attention_forward`] / [`attention_backward`]: flash-attention-style CPU references that visit
+//!   only the non-zero blocks of the layout. No `T × T` matrix exists anywhere: forward saves the
+//!   per-row log-sum-exp, backward recomputes the probabilities from it.
+//!
+//! Invariants the code cannot show:
+//! - scores are scaled by `1/sqrt(HS)` (applied to q once, when it is gathered);
+//! - `lse[b, h, p]` is the log-sum-exp of the *scaled* scores of row `p` over its allowed keys;
+//! - `dqkv` is an activation gradient and is overwritten (`=`), never accumulated;
+//! - every row allows at least itself, so every softmax is defined.
+//!
+//! Buffers (dimension letters as in `lib.rs`, `NH` heads, `C = NH·HS`): `qkv` is `[B, T, 3C]` as the
+//! fused qkv linear layer writes it (q in columns `0..C`, k in `C..2C`, v in `2C..3C`; head `h` uses
+//! columns `h·HS..(h+1)·HS` of each); `out` is `[B, T, C]`; `lse` is `[B, NH, T]`.
+//!
+//! Parallelism: one rayon task per `(batch, head)` pair. Each task gathers its head's q, k, v into
+//! contiguous scratch (and transposed copies of k and v, so that one query row's scores against a key
+//! block are unit-stride AXPYs), computes into a per-task staging slice, and a final parallel pass
+//! scatters the staging buffer into the interleaved `[B, T, C]` / `[B, T, 3C]` layout.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, KernelError, Result};
+
+/// Block size (positions per block) used when the caller has no reason to pick another; chosen by
+/// measurement with `examples/bench_attention.rs`.
+pub const DEFAULT_BLOCK: usize = 32;
+
+/// Largest supported block: an intra-block mask row is one `u64`.
+pub const MAX_BLOCK: usize = 64;
+
+/// The paper's convolutional mask width.
+pub const DEFAULT_CONV_KERNEL: usize = 11;
+
+/// Which image-to-image mask a layer uses (text rows are always plain causal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// The previous `G + 1` image positions in raster order (itself included).
+    Row,
+    /// The same column, earlier rows (itself included).
+    Column,
+    /// A `kernel × kernel` neighbourhood (`kernel` odd), intersected with causality.
+    Conv { kernel: usize },
+}
+
+/// The mask of layer `layer` (0-based) out of `layers`: conv for the last layer, else column when
+/// `layer % 4 == 1`, else row.
+pub fn layer_mask_kind(layer: usize, layers: usize, conv_kernel: usize) -> MaskKind {
+    if layer + 1 == layers {
+        MaskKind::Conv {
+            kernel: conv_kernel,
+        }
+    } else if layer % 4 == 1 {
+        MaskKind::Column
+    } else {
+        MaskKind::Row
+    }
+}
+
+/// The brute-force reading of the spec: may query `p` attend key `q`?
+pub fn allowed_reference(text_len: usize, grid: usize, kind: MaskKind, p: usize, q: usize) -> bool {
+    if q > p {
+        return false;
+    }
+    if p < text_len || q < text_len {
+        return true;
+    }
+    if grid == 0 {
+        return false; // no image positions exist
+    }
+    let (i, j) = (p - text_len, q - text_len);
+    let (ri, ci) = (i / grid, i % grid);
+    let (rj, cj) = (j / grid, j % grid);
+    match kind {
+        MaskKind::Row => i - j <= grid,
+        MaskKind::Column => cj == ci,
+        MaskKind::Conv { kernel } => {
+            let k = kernel.saturating_sub(1) / 2;
+            ri.abs_diff(rj) <= k && ci.abs_diff(cj) <= k
+        }
+    }
+}
+
+/// Calls `f(lo, hi)` for each maximal run `lo..hi` of keys that query `p` may attend, in increasing
+/// order. Derived from the spec's geometry rather than by testing pairs, so that the layout built
+/// from it and [`allowed_reference`] are two independent readings that the tests compare.
+fn allowed_runs(
+    text_len: usize,
+    grid: usize,
+    kind: MaskKind,
+    p: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    if p < text_len {
+        f(0, p + 1);
+        return;
+    }
+    if text_len > 0 {
+        f(0, text_len);
+    }
+    let i = p - text_len;
+    let (ri, ci) = (i / grid, i % grid);
+    match kind {
+        MaskKind::Row => f(text_len + i.saturating_sub(grid), p + 1),
+        MaskKind::Column => {
+            for r in 0..=ri {
+                let q = text_len + r * grid + ci;
+                f(q, q + 1);
+            }
+        }
+        MaskKind::Conv { kernel } => {
+            let k = (kernel - 1) / 2;
+            let (c_lo, c_hi) = (ci.saturating_sub(k), (ci + k).min(grid - 1));
+            for r in ri.saturating_sub(k)..=ri {
+                let row0 = text_len + r * grid;
+                f(row0 + c_lo, (row0 + c_hi).min(p) + 1);
+            }
+        }
+    }
+}
+
+/// The low `width` bits set (`width <= 64`).
+#[inline(always)]
+fn low_bits(width: usize) -> u64 {
+    if width >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    }
+}
+
+/// One non-zero `(query block, key block)` pair of a [`BlockLayout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// Index of the key block.
+    pub key_block: usize,
+    /// `None` when every pair of the block is allowed; otherwise the offset in
+    /// [`BlockLayout::masks`] of `block` words, word `r` holding bit `c` iff query `qb·block + r` may
+    /// attend key `key_block·block + c`.
+    pub mask: Option<usize>,
+}
+
+/// A block-sparse attention layout: the sequence cut into blocks of `block` positions (the last one
+/// may be partial) and, per query block, the sorted list of key blocks with at least one allowed pair
+/// (compressed sparse rows).
+#[derive(Clone, Debug)]
+pub struct BlockLayout {
+    text_len: usize,
+    grid: usize,
+    kind: MaskKind,
+    block: usize,
+    seq_len: usize,
+    n_blocks: usize,
+    /// Entries of query block `qb` are `entries[row_start[qb]..row_start[qb + 1]]`.
+    row_start: Vec<usize>,
+    entries: Vec<BlockEntry>,
+    masks: Vec<u64>,
+    allowed_pairs: u64,
+}
+
+impl BlockLayout {
+    /// Builds the layout of `kind` for `text_len` text positions and a `grid × grid` image, cut into
+    /// blocks of `block` positions (`1..=MAX_BLOCK`). Errors on a bad block size, an even or zero
+    /// conv kernel, or an empty sequence.
+    pub fn new(text_len: usize, grid: usize, kind: MaskKind, block: usize) -> Result<Self> {
+        const OP: &str = "BlockLayout::new";
+        let shape = |what: String| KernelError::Shape { op: OP, what };
+        if block == 0 || block > MAX_BLOCK {
+            return Err(shape(format!("block {block} must be in 1..={MAX_BLOCK}")));
+        }
+        if let MaskKind::Conv { kernel } = kind {
+            if kernel == 0 || kernel % 2 == 0 {
+                return Err(shape(format!("conv kernel {kernel} must be odd and >= 1")));
+            }
+        }
+        let seq_len = grid
+            .checked_mul(grid)
+            .and_then(|g2| g2.checked_add(text_len))
+            .ok_or_else(|| shape(format!("text_len {text_len} + grid {grid}² overflows")))?;
+        if seq_len == 0 {
+            return Err(shape("empty sequence (text_len 0 and grid 0)".into()));
+        }
+        let n_blocks = seq_len.div_ceil(block);
+
+        // Mask words of the current query block against every key block, and which were touched.
+        let mut bits = vec![0u64; n_blocks * block];
+        let mut touched = vec![false; n_blocks];
+        let mut row_start = vec![0];
+        let mut entries = Vec::new();
+        let mut masks = Vec::new();
+        let mut allowed_pairs = 0u64;
+        for qb in 0..n_blocks {
+            let p0 = qb * block;
+            let rows = block.min(seq_len - p0);
+            for r in 0..rows {
+                allowed_runs(text_len, grid, kind, p0 + r, |lo, hi| {
+                    let mut q = lo;
+                    while q < hi {
+                        let kb = q / block;
+                        let (c0, c1) = (q - kb * block, (hi - kb * block).min(block));
+                        bits[kb * block + r] |= low_bits(c1) & !low_bits(c0);
+                        touched[kb] = true;
+                        q = kb * block + c1;
+                    }
+                });
+            }
+            // Keys never exceed the query (causality), so only key blocks 0..=qb can be touched.
+            for kb in 0..=qb {
+                if !std::mem::take(&mut touched[kb]) {
+                    continue;
+                }
+                let words = &mut bits[kb * block..(kb + 1) * block];
+                let full_row = low_bits(block.min(seq_len - kb * block));
+                allowed_pairs += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                let mask = if words[..rows].iter().all(|&w| w == full_row) {
+                    None
+                } else {
+                    masks.extend_from_slice(words);
+                    Some(masks.len() - block)
+                };
+                entries.push(BlockEntry {
+                    key_block: kb,
+                    mask,
+                });
+                words.fill(0);
+            }
+            row_start.push(entries.len());
+        }
+        Ok(Self {
+            text_len,
+            grid,
+            kind,
+            block,
+            seq_len,
+            n_blocks,
+            row_start,
+            entries,
+            masks,
+            allowed_pairs,
+        })
+    }
+
+    /// T = text_len + grid².
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    pub fn text_len(&self) -> usize {
+        self.text_len
+    }
+
+    pub fn grid(&self) -> usize {
+        self.grid
+    }
+
+    pub fn kind(&self) -> MaskKind {
+        self.kind
+    }
+
+    /// Positions per block.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Number of blocks, `ceil(T / block)`.
+    pub fn num_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Number of positions in block `blk` (`block`, or fewer for the last one).
+    pub fn block_len(&self, blk: usize) -> usize {
+        self.block.min(self.seq_len - blk * self.block)
+    }
+
+    /// The non-zero key blocks of query block `qb`, sorted by key block.
+    pub fn key_blocks(&self, qb: usize) -> &[BlockEntry] {
+        &self.entries[self.row_start[qb]..self.row_start[qb + 1]]
+    }
+
+    /// All intra-block mask words (see [`BlockEntry::mask`]).
+    pub fn masks(&self) -> &[u64] {
+        &self.masks
+    }
+
+    /// The keys of `entry` that row `r` of its query block may attend, as bits.
+    #[inline(always)]
+    pub fn row_bits(&self, entry: &BlockEntry, r: usize) -> u64 {
+        match entry.mask {
+            None => low_bits(self.block_len(entry.key_block)),
+            Some(off) => self.masks[off + r],
+        }
+    }
+
+    /// May query `p` attend key `q`? Answered from the layout's blocks and masks.
+    pub fn allowed(&self, p: usize, q: usize) -> bool {
+        if p >= self.seq_len || q >= self.seq_len {
+            return false;
+        }
+        let (qb, kb) = (p / self.block, q / self.block);
+        let row = self.key_blocks(qb);
+        match row.binary_search_by_key(&kb, |e| e.key_block) {
+            Ok(i) => self.row_bits(&row[i], p % self.block) >> (q % self.block) & 1 == 1,
+            Err(_) => false,
+        }
+    }
+
+    /// Number of allowed `(p, q)` pairs (the useful work of one head).
+    pub fn allowed_pairs(&self) -> u64 {
+        self.allowed_pairs
+    }
+
+    /// Number of non-zero `(query block, key block)` pairs.
+    pub fn nonzero_blocks(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Most key blocks any query block visits.
+    fn max_row_blocks(&self) -> usize {
+        self.row_start
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inner loops. Written once, generic over whether fused multiply-add is available, and compiled
+// twice: plain, and inside `#[target_feature(enable = "avx2,fma")]` wrappers chosen at run time.
+
+/// `a·b + c`, fused when `FMA` (only instantiated as `true` where the CPU has FMA).
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi = fmadd::<FMA>(a, xi, *yi);
+    }
+}
+
+/// Dot product with eight independent accumulators, so that it vectorises.
+#[inline(always)]
+fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] = fmadd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A masked key block below this density is computed pair by pair instead of as a dense row.
+const SPARSE_DENOM: usize = 4;
+
+/// `s[j] = x · m[k0 + j]` for the keys `j` set in `bits`, `-inf` for the others. `m` is `[T, HS]`,
+/// `mt` its transpose `[HS, T]`; dense blocks use `mt` (unit-stride AXPYs over keys), sparse ones
+/// take one dot product per allowed key.
+#[inline(always)]
+fn row_scores<const FMA: bool>(
+    s: &mut [f32],
+    x: &[f32],
+    m: &[f32],
+    mt: &[f32],
+    t: usize,
+    k0: usize,
+    bits: u64,
+) {
+    let width = s.len();
+    let hs = x.len();
+    if bits.count_ones() as usize * SPARSE_DENOM >= width {
+        s.fill(0.0);
+        for (d, &xd) in x.iter().enumerate() {
+            axpy::<FMA>(s, xd, &mt[d * t + k0..][..width]);
+        }
+        if bits != low_bits(width) {
+            for (j, sj) in s.iter_mut().enumerate() {
+                if bits >> j & 1 == 0 {
+                    *sj = f32::NEG_INFINITY;
+                }
+            }
+        }
+    } else {
+        s.fill(f32::NEG_INFINITY);
+        let mut rest = bits;
+        while rest != 0 {
+            let j = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            s[j] = dot8::<FMA>(x, &m[(k0 + j) * hs..][..hs]);
+        }
+    }
+}
+
+/// Per-task scratch: one head's operands gathered contiguous, plus row buffers.
+struct HeadScratch {
+    /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
+    q: Vec<f32>,
+    /// `[T, HS]` and its transpose `[HS, T]`.
+    k: Vec<f32>,
+    kt: Vec<f32>,
+    /// `[T, HS]` and (backward only) its transpose.
+    v: Vec<f32>,
+    vt: Vec<f32>,
+    /// Backward only: the head's slice of `dout`, `[T, HS]`, and `D[p] = dO[p] · O[p]`.
+    dout: Vec<f32>,
+    delta: Vec<f32>,
+    /// One query row's scores (then probabilities) over its key blocks, and (backward) `dP`.
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    /// One row's accumulator, `[HS]`.
+    acc: Vec<f32>,
+}
+
+impl HeadScratch {
+    fn new(layout: &BlockLayout, hs: usize, backward: bool) -> Self {
+        let t = layout.seq_len();
+        let row = layout.max_row_blocks() * layout.block();
+        let bwd = |n: usize| if backward { vec![0.0; n] } else { Vec::new() };
+        Self {
+            q: vec![0.0; t * hs],
+            k: vec![0.0; t * hs],
+            kt: vec![0.0; t * hs],
+            v: vec![0.0; t * hs],
+            vt: bwd(t * hs),
+            dout: bwd(t * hs),
+            delta: bwd(t),
+            s: vec![0.0; row],
+            dp: bwd(row),
+            acc: vec![0.0; hs],
+        }
+    }
+
+    /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q.
+    fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims) {
+        let Dims { t, c, hs, .. } = dims;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let transpose_v = !self.vt.is_empty();
+        for p in 0..t {
+            let row = &qkv[(bi * t + p) * 3 * c..][..3 * c];
+            let (qr, kr, vr) = (
+                &row[h * hs..][..hs],
+                &row[c + h * hs..][..hs],
+                &row[2 * c + h * hs..][..hs],
+            );
+            for d in 0..hs {
+                self.q[p * hs + d] = scale * qr[d];
+                self.k[p * hs + d] = kr[d];
+                self.kt[d * t + p] = kr[d];
+                self.v[p * hs + d] = vr[d];
+                if transpose_v {
+                    self.vt[d * t + p] = vr[d];
+                }
+            }
+        }
+    }
+
+    /// Backward only: copies head `h` of batch `bi` out of `dout` and computes `D = rowsum(dO ∘ O)`.
+    fn gather_dout(&mut self, dout: &[f32], out: &[f32], bi: usize, h: usize, dims: Dims) {
+        let Dims { t, c, hs, .. } = dims;
+        for p in 0..t {
+            let off = (bi * t + p) * c + h * hs;
+            let (dr, or) = (&dout[off..][..hs], &out[off..][..hs]);
+            self.dout[p * hs..][..hs].copy_from_slice(dr);
+            self.delta[p] = dr.iter().zip(or).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// Forward for one head: `out` `[T, HS]`, `lse` `[T]`, from the gathered scratch.
+#[inline(always)]
+fn forward_head_body<const FMA: bool>(
+    out: &mut [f32],
+    lse: &mut [f32],
+    sc: &mut HeadScratch,
+    layout: &BlockLayout,
+) {
+    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    for qb in 0..layout.num_blocks() {
+        let entries = layout.key_blocks(qb);
+        for r in 0..layout.block_len(qb) {
+            let p = qb * block + r;
+            let qrow = &sc.q[p * hs..][..hs];
+            // Scores of row p over its key blocks (segment e of `s` holds key block entries[e]).
+            let mut max = f32::NEG_INFINITY;
+            for (e, entry) in entries.iter().enumerate() {
+                let k0 = entry.key_block * block;
+                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
+                let bits = layout.row_bits(entry, r);
+                if bits == 0 {
+                    s.fill(f32::NEG_INFINITY);
+                    continue;
+                }
+                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
+                max = s.iter().fold(max, |m, &x| m.max(x));
+            }
+            // Unnormalised probabilities and the weighted sum of values.
+            sc.acc.fill(0.0);
+            let mut sum = 0.0f32;
+            for (e, entry) in entries.iter().enumerate() {
+                let k0 = entry.key_block * block;
+                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
+                let mut rest = layout.row_bits(entry, r);
+                while rest != 0 {
+                    let j = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    let pj = (s[j] - max).exp();
+                    sum += pj;
+                    axpy::<FMA>(&mut sc.acc, pj, &sc.v[(k0 + j) * hs..][..hs]);
+                }
+            }
+            let inv = 1.0 / sum;
+            for (o, &a) in out[p * hs..][..hs].iter_mut().zip(&sc.acc) {
+                *o = a * inv;
+            }
+            lse[p] = max + sum.ln();
+        }
+    }
+}
+
+/// Backward for one head into `dq`, `dk`, `dv` (each `[T, HS]`, overwritten).
+///
+/// With `S = Q Kᵀ·scale`, `P = softmax(S)` row-wise (recomputed as `exp(S − lse)`), `O = P V`:
+/// ```text
+/// dV = Pᵀ dO
+/// dP = dO Vᵀ
+/// D  = rowsum(dO ∘ O)            (= rowsum(P ∘ dP))
+/// dS = P ∘ (dP − D)
+/// dQ = scale · dS K
+/// dK = scale · dSᵀ Q
+/// ```
+/// Only allowed pairs are visited (`P` is zero elsewhere). The scratch q is already scaled, so
+/// `dK = dSᵀ q_scaled` and only `dQ` needs the explicit factor.
+#[inline(always)]
+fn backward_head_body<const FMA: bool>(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    lse: &[f32],
+    sc: &mut HeadScratch,
+    layout: &BlockLayout,
+) {
+    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    let scale = 1.0 / (hs as f32).sqrt();
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for qb in 0..layout.num_blocks() {
+        let entries = layout.key_blocks(qb);
+        for r in 0..layout.block_len(qb) {
+            let p = qb * block + r;
+            let qrow = &sc.q[p * hs..][..hs];
+            let dorow = &sc.dout[p * hs..][..hs];
+            let (lse_p, delta_p) = (lse[p], sc.delta[p]);
+            sc.acc.fill(0.0);
+            for (e, entry) in entries.iter().enumerate() {
+                let k0 = entry.key_block * block;
+                let width = layout.block_len(entry.key_block);
+                let bits = layout.row_bits(entry, r);
+                if bits == 0 {
+                    continue;
+                }
+                let s = &mut sc.s[e * block..][..width];
+                let dp = &mut sc.dp[e * block..][..width];
+                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
+                row_scores::<FMA>(dp, dorow, &sc.v, &sc.vt, t, k0, bits);
+                let mut rest = bits;
+                while rest != 0 {
+                    let j = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    let pj = (s[j] - lse_p).exp();
+                    let ds = pj * (dp[j] - delta_p);
+                    let key = (k0 + j) * hs;
+                    axpy::<FMA>(&mut dv[key..][..hs], pj, dorow);
+                    axpy::<FMA>(&mut dk[key..][..hs], ds, qrow);
+                    axpy::<FMA>(&mut sc.acc, ds, &sc.k[key..][..hs]);
+                }
+            }
+            for (g, &a) in dq[p * hs..][..hs].iter_mut().zip(&sc.acc) {
+                *g = scale * a;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_head_avx2(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    forward_head_body::<true>(out, lse, sc, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_head_avx2(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    lse: &[f32],
+    sc: &mut HeadScratch,
+    layout: &BlockLayout,
+) {
+    backward_head_body::<true>(dq, dk, dv, lse, sc, layout)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn forward_head(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+        return unsafe { forward_head_avx2(out, lse, sc, layout) };
+    }
+    forward_head_body::<false>(out, lse, sc, layout)
+}
+
+fn backward_head(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    lse: &[f32],
+    sc: &mut HeadScratch,
+    layout: &BlockLayout,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+        return unsafe { backward_head_avx2(dq, dk, dv, lse, sc, layout) };
+    }
+    backward_head_body::<false>(dq, dk, dv, lse, sc, layout)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points.
+
+/// Validated dimensions.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    hs: usize,
+    c: usize,
+}
+
+/// Checks the dimensions against the layout and computes `C`, without overflow panics.
+fn check_dims(
+    op: &'static str,
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<Dims> {
+    let shape = |what: String| KernelError::Shape { op, what };
+    if t != layout.seq_len() {
+        return Err(shape(format!(
+            "t {t} differs from the layout's sequence length {}",
+            layout.seq_len()
+        )));
+    }
+    if nh == 0 || hs == 0 {
+        return Err(shape(format!(
+            "heads {nh} and head size {hs} must be non-zero"
+        )));
+    }
+    let c = nh.checked_mul(hs);
+    let total = c
+        .and_then(|c| c.checked_mul(3))
+        .and_then(|c3| c3.checked_mul(t))
+        .and_then(|n| n.checked_mul(b));
+    match (c, total) {
+        (Some(c), Some(_)) => Ok(Dims { t, hs, c }),
+        _ => Err(shape(format!("B {b} × T {t} × 3 × {nh} × {hs} overflows"))),
+    }
+}
+
+/// `out[b, t, h·HS..(h+1)·HS] = softmax over allowed keys of (q·k/sqrt(HS)) · v`, and `lse[b, h, t]`
+/// the log-sum-exp of the scaled scores of that row. `out` and `lse` are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    let dims = check_dims(OP, layout, b, t, nh, hs)?;
+    let c = dims.c;
+    check_len(OP, "qkv", qkv.len(), b * t * 3 * c)?;
+    check_len(OP, "out", out.len(), b * t * c)?;
+    check_len(OP, "lse", lse.len(), b * nh * t)?;
+
+    // Per-(batch, head) results, [B, NH, T, HS], scattered into `out` afterwards.
+    let mut stage = vec![0.0f32; b * nh * t * hs];
+    stage
+        .par_chunks_mut(t * hs)
+        .zip(lse.par_chunks_mut(t))
+        .enumerate()
+        .for_each_init(
+            || HeadScratch::new(layout, hs, false),
+            |sc, (bh, (o, l))| {
+                sc.gather_qkv(qkv, bh / nh, bh % nh, dims);
+                forward_head(o, l, sc, layout);
+            },
+        );
+    out.par_chunks_mut(t * c).enumerate().for_each(|(bi, ob)| {
+        for h in 0..nh {
+            let src = &stage[(bi * nh + h) * t * hs..][..t * hs];
+            for (p, row) in src.chunks_exact(hs).enumerate() {
+                ob[p * c + h * hs..][..hs].copy_from_slice(row);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Gradient of [`attention_forward`] with respect to `qkv`, written into `dqkv` (`[B, T, 3C]`,
+/// overwritten). Recomputes the probabilities from `qkv` and the saved `lse`; `out` is the forward
+/// output (used for `D = rowsum(dO ∘ O)`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    let dims = check_dims(OP, layout, b, t, nh, hs)?;
+    let c = dims.c;
+    check_len(OP, "dqkv", dqkv.len(), b * t * 3 * c)?;
+    check_len(OP, "dout", dout.len(), b * t * c)?;
+    check_len(OP, "qkv", qkv.len(), b * t * 3 * c)?;
+    check_len(OP, "out", out.len(), b * t * c)?;
+    check_len(OP, "lse", lse.len(), b * nh * t)?;
+
+    // Per-(batch, head) gradients, [B, NH, 3, T, HS] (dq, dk, dv), scattered into `dqkv` afterwards.
+    let mut stage = vec![0.0f32; b * nh * 3 * t * hs];
+    stage
+        .par_chunks_mut(3 * t * hs)
+        .zip(lse.par_chunks(t))
+        .enumerate()
+        .for_each_init(
+            || HeadScratch::new(layout, hs, true),
+            |sc, (bh, (g, l))| {
+                let (bi, h) = (bh / nh, bh % nh);
+                sc.gather_qkv(qkv, bi, h, dims);
+                sc.gather_dout(dout, out, bi, h, dims);
+                let (dq, rest) = g.split_at_mut(t * hs);
+                let (dk, dv) = rest.split_at_mut(t * hs);
+                backward_head(dq, dk, dv, l, sc, layout);
+            },
+        );
+    dqkv.par_chunks_mut(t * 3 * c)
+        .enumerate()
+        .for_each(|(bi, gb)| {
+            for h in 0..nh {
+                let src = &stage[(bi * nh + h) * 3 * t * hs..][..3 * t * hs];
+                for (part, rows) in src.chunks_exact(t * hs).enumerate() {
+                    for (p, row) in rows.chunks_exact(hs).enumerate() {
+                        gb[p * 3 * c + part * c + h * hs..][..hs].copy_from_slice(row);
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, dot, numeric_grad, rand_vec};
+
+    const KINDS: [MaskKind; 4] = [
+        MaskKind::Row,
+        MaskKind::Column,
+        MaskKind::Conv { kernel: 11 },
+        MaskKind::Conv { kernel: 3 },
+    ];
+
+    /// (text_len, grid) geometries, including ones where blocks do not divide T.
+    const GEOMETRIES: [(usize, usize); 6] = [(4, 4), (5, 3), (32, 8), (7, 5), (0, 6), (9, 1)];
+
+    #[test]
+    fn attention_layout_matches_reference() {
+        for &(tt, g) in &GEOMETRIES {
+            for kind in KINDS {
+                for block in [1, 4, 8, 16, 7, 64] {
+                    let l = BlockLayout::new(tt, g, kind, block).unwrap();
+                    let t = tt + g * g;
+                    assert_eq!(l.seq_len(), t);
+                    let mut count = 0u64;
+                    for p in 0..t {
+                        for q in 0..t {
+                            let want = allowed_reference(tt, g, kind, p, q);
+                            assert_eq!(
+                                l.allowed(p, q),
+                                want,
+                                "{kind:?} tt {tt} g {g} block {block} p {p} q {q}"
+                            );
+                            count += u64::from(want);
+                        }
+                    }
+                    assert_eq!(
+                        l.allowed_pairs(),
+                        count,
+                        "{kind:?} tt {tt} g {g} block {block}"
+                    );
+                    // Each query block lists exactly the key blocks holding an allowed pair, sorted,
+                    // and an entry is full iff all its pairs are allowed.
+                    let mut n_entries = 0;
+                    for qb in 0..l.num_blocks() {
+                        let listed: Vec<usize> =
+                            l.key_blocks(qb).iter().map(|e| e.key_block).collect();
+                        let pairs = |kb: usize| {
+                            let ps = qb * block..qb * block + l.block_len(qb);
+                            ps.flat_map(|p| {
+                                (kb * block..kb * block + l.block_len(kb)).map(move |q| (p, q))
+                            })
+                            .map(|(p, q)| allowed_reference(tt, g, kind, p, q))
+                            .collect::<Vec<_>>()
+                        };
+                        let expected: Vec<usize> = (0..l.num_blocks())
+                            .filter(|&kb| pairs(kb).iter().any(|&a| a))
+                            .collect();
+                        assert_eq!(
+                            listed, expected,
+                            "{kind:?} tt {tt} g {g} block {block} qb {qb}"
+                        );
+                        for e in l.key_blocks(qb) {
+                            assert_eq!(e.mask.is_none(), pairs(e.key_block).iter().all(|&a| a));
+                        }
+                        n_entries += listed.len();
+                    }
+                    assert_eq!(l.nonzero_blocks(), n_entries);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_mask_hand_checked_facts() {
+        // Row, G = 4, no text: image 9 attends 5 (9 − 5 = 4 = G) but not 4.
+        assert!(allowed_reference(0, 4, MaskKind::Row, 9, 5));
+        assert!(!allowed_reference(0, 4, MaskKind::Row, 9, 4));
+        assert!(allowed_reference(0, 4, MaskKind::Row, 9, 9));
+        // Same with 3 text positions in front.
+        assert!(allowed_reference(3, 4, MaskKind::Row, 12, 8));
+        assert!(!allowed_reference(3, 4, MaskKind::Row, 12, 7));
+        // Column, G = 4: image 9 (row 2, col 1) attends 1 and 5 and itself, nothing else.
+        let col: Vec<usize> = (0..16)
+            .filter(|&j| allowed_reference(0, 4, MaskKind::Column, 9, j))
+            .collect();
+        assert_eq!(col, vec![1, 5, 9]);
+        // Conv 3, G = 4: image 5 (row 1, col 1) attends its 3×3 neighbourhood up to itself.
+        let conv: Vec<usize> = (0..16)
+            .filter(|&j| allowed_reference(0, 4, MaskKind::Conv { kernel: 3 }, 5, j))
+            .collect();
+        assert_eq!(conv, vec![0, 1, 2, 4, 5]);
+        // Conv 3 does not wrap around: image 4 (row 1, col 0) does not attend 3 (row 0, col 3).
+        assert!(!allowed_reference(0, 4, MaskKind::Conv { kernel: 3 }, 4, 3));
+        for kind in KINDS {
+            // A text query never attends a later position, and attends every earlier one.
+            for p in 0..5 {
+                for q in 0..21 {
+                    assert_eq!(allowed_reference(5, 4, kind, p, q), q <= p);
+                }
+            }
+            // An image query attends all text, and never a later image position.
+            for p in 5..21 {
+                for q in 0..5 {
+                    assert!(allowed_reference(5, 4, kind, p, q));
+                }
+                for q in p + 1..21 {
+                    assert!(!allowed_reference(5, 4, kind, p, q));
+                }
+                assert!(allowed_reference(5, 4, kind, p, p));
+            }
+        }
+    }
+
+    #[test]
+    fn attention_layer_mask_kind_rule() {
+        use MaskKind::*;
+        let c = Conv { kernel: 11 };
+        let got: Vec<MaskKind> = (0..8).map(|l| layer_mask_kind(l, 8, 11)).collect();
+        assert_eq!(got, vec![Row, Column, Row, Row, Row, Column, Row, c]);
+        assert_eq!(layer_mask_kind(0, 1, 5), Conv { kernel: 5 });
+    }
+
+    #[test]
+    fn attention_layout_rejects_bad_arguments() {
+        assert!(BlockLayout::new(4, 4, MaskKind::Row, 0).is_err());
+        assert!(BlockLayout::new(4, 4, MaskKind::Row, MAX_BLOCK + 1).is_err());
+        assert!(BlockLayout::new(4, 4, MaskKind::Conv { kernel: 4 }, 8).is_err());
+        assert!(BlockLayout::new(4, 4, MaskKind::Conv { kernel: 0 }, 8).is_err());
+        assert!(BlockLayout::new(0, 0, MaskKind::Row, 8).is_err());
+        assert!(BlockLayout::new(4, usize::MAX, MaskKind::Row, 8).is_err());
+    }
+
+    /// Dense f64 reference: returns (out [B,T,C], lse [B,NH,T], P [B,NH,T,T]).
+    fn dense_forward(
+        qkv: &[f32],
+        tt: usize,
+        g: usize,
+        kind: MaskKind,
+        b: usize,
+        nh: usize,
+        hs: usize,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let t = tt + g * g;
+        let c = nh * hs;
+        let scale = 1.0 / (hs as f64).sqrt();
+        let at = |bi: usize, p: usize, col: usize| qkv[(bi * t + p) * 3 * c + col] as f64;
+        let mut out = vec![0.0; b * t * c];
+        let mut lse = vec![0.0; b * nh * t];
+        let mut probs = vec![0.0; b * nh * t * t];
+        for bi in 0..b {
+            for h in 0..nh {
+                for p in 0..t {
+                    let mut s = vec![f64::NEG_INFINITY; t];
+                    for (q, sq) in s.iter_mut().enumerate() {
+                        if allowed_reference(tt, g, kind, p, q) {
+                            *sq = scale
+                                * (0..hs)
+                                    .map(|d| at(bi, p, h * hs + d) * at(bi, q, c + h * hs + d))
+                                    .sum::<f64>();
+                        }
+                    }
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    lse[(bi * nh + h) * t + p] = m + z.ln();
+                    for q in 0..t {
+                        let pq = (s[q] - m).exp() / z;
+                        probs[((bi * nh + h) * t + p) * t + q] = pq;
+                        for d in 0..hs {
+                            out[(bi * t + p) * c + h * hs + d] +=
+                                pq * at(bi, q, 2 * c + h * hs + d);
+                        }
+                    }
+                }
+            }
+        }
+        (out, lse, probs)
+    }
+
+    /// Dense f64 analytic gradient of `sum(dout ∘ out)` with respect to qkv.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_backward(
+        dout: &[f32],
+        qkv: &[f32],
+        probs: &[f64],
+        t: usize,
+        b: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Vec<f64> {
+        let c = nh * hs;
+        let scale = 1.0 / (hs as f64).sqrt();
+        let at = |bi: usize, p: usize, col: usize| qkv[(bi * t + p) * 3 * c + col] as f64;
+        let mut g = vec![0.0; b * t * 3 * c];
+        for bi in 0..b {
+            for h in 0..nh {
+                let pr = |p: usize, q: usize| probs[((bi * nh + h) * t + p) * t + q];
+                let dov = |p: usize, d: usize| dout[(bi * t + p) * c + h * hs + d] as f64;
+                for p in 0..t {
+                    let dp: Vec<f64> = (0..t)
+                        .map(|q| {
+                            (0..hs)
+                                .map(|d| dov(p, d) * at(bi, q, 2 * c + h * hs + d))
+                                .sum()
+                        })
+                        .collect();
+                    let delta: f64 = (0..t).map(|q| pr(p, q) * dp[q]).sum();
+                    for q in 0..t {
+                        let ds = pr(p, q) * (dp[q] - delta);
+                        for d in 0..hs {
+                            g[(bi * t + p) * 3 * c + h * hs + d] +=
+                                scale * ds * at(bi, q, c + h * hs + d);
+                            g[(bi * t + q) * 3 * c + c + h * hs + d] +=
+                                scale * ds * at(bi, p, h * hs + d);
+                            g[(bi * t + q) * 3 * c + 2 * c + h * hs + d] += pr(p, q) * dov(p, d);
+                        }
+                    }
+                }
+            }
+        }
+        g
+    }
+
+    fn to_f64(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+
+    #[test]
+    fn attention_forward_matches_dense_reference() {
+        let (b, nh, hs) = (2, 2, 8);
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (3, 6)] {
+            for kind in KINDS {
+                for block in [4, 7, DEFAULT_BLOCK] {
+                    let t = tt + g * g;
+                    let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                    let qkv = rand_vec(b * t * 3 * nh * hs, 2.0, 7 + t as u64);
+                    let mut out = vec![f32::NAN; b * t * nh * hs];
+                    let mut lse = vec![f32::NAN; b * nh * t];
+                    attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                    let (want_out, want_lse, _) = dense_forward(&qkv, tt, g, kind, b, nh, hs);
+                    let what = format!("{kind:?} tt {tt} g {g} block {block}");
+                    assert_close(&format!("out {what}"), &to_f64(&out), &want_out, 1e-5, 1e-5);
+                    assert_close(&format!("lse {what}"), &to_f64(&lse), &want_lse, 1e-5, 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_backward_matches_dense_reference() {
+        let (b, nh, hs) = (2, 2, 8);
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5)] {
+            for kind in KINDS {
+                for block in [4, 7, DEFAULT_BLOCK] {
+                    let t = tt + g * g;
+                    let c = nh * hs;
+                    let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                    let qkv = rand_vec(b * t * 3 * c, 1.5, 11 + t as u64);
+                    let dout = rand_vec(b * t * c, 1.0, 13 + t as u64);
+                    let mut out = vec![0.0; b * t * c];
+                    let mut lse = vec![0.0; b * nh * t];
+                    attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                    let mut dqkv = vec![f32::NAN; b * t * 3 * c]; // overwritten, never read
+                    attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs)
+                        .unwrap();
+                    let (_, _, probs) = dense_forward(&qkv, tt, g, kind, b, nh, hs);
+                    let want = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
+                    let what = format!("dqkv {kind:?} tt {tt} g {g} block {block}");
+                    assert_close(&what, &to_f64(&dqkv), &want, 1e-5, 1e-4);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        // Tiny enough to check every entry of dqkv; block 5 does not divide T = 3 + 9 = 12.
+        let (tt, g, b, nh, hs) = (3, 3, 1, 2, 4);
+        let t = tt + g * g;
+        let c = nh * hs;
+        for kind in KINDS {
+            for block in [5, 16] {
+                let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                let mut qkv = rand_vec(b * t * 3 * c, 1.0, 21);
+                let w = rand_vec(b * t * c, 1.0, 22);
+                let mut out = vec![0.0; b * t * c];
+                let mut lse = vec![0.0; b * nh * t];
+                attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                let mut dqkv = vec![0.0; b * t * 3 * c];
+                attention_backward(&mut dqkv, &w, &qkv, &out, &lse, &layout, b, t, nh, hs).unwrap();
+                let numeric: Vec<f64> = (0..qkv.len())
+                    .map(|i| {
+                        numeric_grad(&mut qkv, i, 1e-2, |x| {
+                            let mut o = vec![0.0; b * t * c];
+                            let mut l = vec![0.0; b * nh * t];
+                            attention_forward(&mut o, &mut l, x, &layout, b, t, nh, hs).unwrap();
+                            dot(&w, &o)
+                        })
+                    })
+                    .collect();
+                assert_close(
+                    &format!("dqkv {kind:?} block {block}"),
+                    &to_f64(&dqkv),
+                    &numeric,
+                    2e-3,
+                    1e-2,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_bad_lengths() {
+        let (tt, g, b, nh, hs) = (4, 4, 2, 2, 8);
+        let t = tt + g * g;
+        let c = nh * hs;
+        let layout = BlockLayout::new(tt, g, MaskKind::Row, 8).unwrap();
+        let qkv = vec![0.0; b * t * 3 * c];
+        let mut out = vec![0.0; b * t * c];
+        let mut lse = vec![0.0; b * nh * t];
+        let mut dqkv = vec![0.0; b * t * 3 * c];
+        let dout = vec![0.0; b * t * c];
+        assert!(attention_forward(&mut out, &mut lse, &qkv[1..], &layout, b, t, nh, hs).is_err());
+        assert!(attention_forward(&mut out[1..], &mut lse, &qkv, &layout, b, t, nh, hs).is_err());
+        assert!(attention_forward(&mut out, &mut lse[1..], &qkv, &layout, b, t, nh, hs).is_err());
+        assert!(attention_forward(&mut out, &mut lse, &qkv, &layout, b, t + 1, nh, hs).is_err());
+        assert!(attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, 0, hs).is_err());
+        assert!(
+            attention_forward(&mut out, &mut lse, &qkv, &layout, usize::MAX, t, nh, hs).is_err()
+        );
+        assert!(attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).is_ok());
+        let ok = attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs);
+        assert!(ok.is_ok());
+        assert!(attention_backward(
+            &mut dqkv[1..],
+            &dout,
+            &qkv,
+            &out,
+            &lse,
+            &layout,
+            b,
+            t,
+            nh,
+            hs
+        )
+        .is_err());
+        assert!(attention_backward(
+            &mut dqkv,
+            &dout[1..],
+            &qkv,
+            &out,
+            &lse,
+            &layout,
+            b,
+            t,
+            nh,
+            hs
+        )
+        .is_err());
+        assert!(attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv[1..],
+            &out,
+            &lse,
+            &layout,
+            b,
+            t,
+            nh,
+            hs
+        )
+        .is_err());
+        assert!(attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv,
+            &out[1..],
+            &lse,
+            &layout,
+            b,
+            t,
+            nh,
+            hs
+        )
+        .is_err());
+        assert!(attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv,
+            &out,
+            &lse[1..],
+            &layout,
+            b,
+            t,
+            nh,
+            hs
+        )
+        .is_err());
+        assert!(
+            attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, 3).is_err()
+        );
+    }
+}
