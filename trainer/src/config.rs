@@ -700,18 +700,14 @@ impl Override {
     fn apply(&self, root: &mut Value) -> Result<(), ConfigError> {
         let mut node = root;
         for (i, part) in self.path.iter().enumerate() {
-            if !node.is_mapping() {
-                if node.is_null() {
-                    *node = Value::Mapping(Mapping::new());
-                } else {
-                    return Err(ConfigError::Override {
-                        arg: self.arg.clone(),
-                        message: format!("'{}' is not a section", self.path[..i].join(".")),
-                    });
-                }
+            if node.is_null() {
+                *node = Value::Mapping(Mapping::new());
             }
             let Value::Mapping(map) = node else {
-                unreachable!("made a mapping just above")
+                return Err(ConfigError::Override {
+                    arg: self.arg.clone(),
+                    message: format!("'{}' is not a section", self.path[..i].join(".")),
+                });
             };
             let key = Value::String(part.clone());
             if i + 1 == self.path.len() {
@@ -1164,6 +1160,8 @@ train:
         assert!(e.contains("'optim' is a section"), "{e}");
         let e = load_err(FULL, &["optim.lr.x=1"]);
         assert!(e.contains("'optim.lr' has no sub-fields"), "{e}");
+        let e = load_err("run: 3\n", &["run.name=x"]);
+        assert!(e.contains("'run' is not a section"), "{e}");
         let e = load_err(FULL, &["optim.lr"]);
         assert!(e.contains("expected KEY=VALUE"), "{e}");
         let e = load_err(FULL, &["data.colour=1"]);
