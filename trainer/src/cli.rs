@@ -1,0 +1,194 @@
+//! The `trainer` command line (clap derive): the subcommands and their flags, no dispatch.
+//!
+//! The binary (`src/main.rs`) parses a [`Cli`] and runs the [`Command`]. Every subcommand that
+//! needs a run config takes `--config FILE` and any number of `--set section.field=value`
+//! overrides, applied in order (see [`crate::config`]).
+//!
+//! ```text
+//! trainer train --config configs/quickstart-cpu.yaml --set optim.lr=1e-3
+//! trainer init-weights --config configs/quickstart-cpu.yaml --out weights.safetensors
+//! trainer debug-state --config c.yaml --weights w.safetensors --batch b.safetensors --out state.safetensors
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ConfigError, RunConfig};
+
+/// Tessera's trainer: trains DALL·E-style text-to-image models.
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(name = "trainer", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Train the model named by the config (resumes from the newest complete checkpoint in
+    /// run.out_dir).
+    Train {
+        /// The run config (YAML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override a config field, e.g. --set optim.lr=1e-3 (repeatable, applied in order).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Start from fresh weights even if run.out_dir holds a complete checkpoint.
+        #[arg(long)]
+        no_resume: bool,
+    },
+    /// One forward and backward pass with given weights and batch; writes every result
+    /// (MODEL-SPEC §4).
+    DebugState {
+        /// The run config (YAML); its model section must match the weights.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override a config field, e.g. --set model.layers=2 (repeatable, applied in order).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The weights (safetensors, parameter names per MODEL-SPEC).
+        #[arg(long, value_name = "FILE")]
+        weights: PathBuf,
+        /// The batch of inputs (safetensors, MODEL-SPEC §4).
+        #[arg(long, value_name = "FILE")]
+        batch: PathBuf,
+        /// Where to write the results (safetensors).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Writes freshly initialised weights of the config's model as safetensors (for debug-state
+    /// and outside checks).
+    InitWeights {
+        /// The run config (YAML); run.seed seeds the initialisation.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override a config field, e.g. --set run.seed=7 (repeatable, applied in order).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Where to write the weights (safetensors).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+impl Command {
+    /// The config file and the `--set` overrides of this subcommand.
+    pub fn config_args(&self) -> (&Path, &[String]) {
+        match self {
+            Command::Train { config, set, .. }
+            | Command::DebugState { config, set, .. }
+            | Command::InitWeights { config, set, .. } => (config, set),
+        }
+    }
+
+    /// Loads, overrides and validates this subcommand's run config.
+    pub fn load_config(&self) -> Result<RunConfig, ConfigError> {
+        let (path, set) = self.config_args();
+        RunConfig::load(path, set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn train_parses_repeated_set() {
+        let cli = Cli::try_parse_from([
+            "trainer", "train", "--config", "x.yaml", "--set", "a.b=1", "--set", "c=2",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.command,
+            Command::Train {
+                config: PathBuf::from("x.yaml"),
+                set: vec!["a.b=1".to_string(), "c=2".to_string()],
+                no_resume: false,
+            }
+        );
+        let (path, set) = cli.command.config_args();
+        assert_eq!((path, set.len()), (Path::new("x.yaml"), 2));
+        let cli =
+            Cli::try_parse_from(["trainer", "train", "--config", "x.yaml", "--no-resume"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Train {
+                no_resume: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn debug_state_and_init_weights_parse() {
+        let cli = Cli::try_parse_from([
+            "trainer",
+            "debug-state",
+            "--config",
+            "c.yaml",
+            "--weights",
+            "w.safetensors",
+            "--batch",
+            "b.safetensors",
+            "--out",
+            "o.safetensors",
+            "--set",
+            "model.layers=2",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.command,
+            Command::DebugState {
+                config: "c.yaml".into(),
+                set: vec!["model.layers=2".into()],
+                weights: "w.safetensors".into(),
+                batch: "b.safetensors".into(),
+                out: "o.safetensors".into(),
+            }
+        );
+        let cli = Cli::try_parse_from([
+            "trainer",
+            "init-weights",
+            "--config",
+            "c.yaml",
+            "--out",
+            "w.safetensors",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::InitWeights { ref set, .. } if set.is_empty()));
+    }
+
+    #[test]
+    fn missing_required_flags_are_errors() {
+        assert!(Cli::try_parse_from(["trainer", "train"]).is_err());
+        assert!(Cli::try_parse_from(["trainer", "debug-state", "--config", "c.yaml"]).is_err());
+        assert!(Cli::try_parse_from(["trainer", "init-weights", "--config", "c.yaml"]).is_err());
+        assert!(Cli::try_parse_from(["trainer", "fly"]).is_err());
+    }
+
+    #[test]
+    fn load_config_applies_overrides() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart-cpu.yaml");
+        let cli = Cli::try_parse_from([
+            "trainer".as_ref(),
+            "train".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--set".as_ref(),
+            "train.steps=7".as_ref(),
+        ])
+        .unwrap();
+        let config = cli.command.load_config().unwrap();
+        assert_eq!(config.train.steps, 7);
+        assert_eq!(config.run.name, "quickstart");
+    }
+}
