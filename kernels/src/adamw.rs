@@ -117,7 +117,11 @@ mod tests {
         let grads = [0.5, -0.25, 1.5, 0.0, -2.0];
         let (mut p, mut m, mut v) = (vec![0.7f32; 3], vec![0.0; 3], vec![0.0; 3]);
         for (t, &g) in grads.iter().enumerate() {
-            let h = AdamWStep { t: t as u64 + 1, grad_scale: 0.5, ..h0 };
+            let h = AdamWStep {
+                t: t as u64 + 1,
+                grad_scale: 0.5,
+                ..h0
+            };
             // grad_scale 0.5 on a doubled gradient gives the reference's gradient.
             adamw_update(&mut p, &[2.0 * g as f32; 3], &mut m, &mut v, h).unwrap();
         }

@@ -26,7 +26,10 @@ fn check(
     if let Some(i) = targets.iter().position(|&t| t as usize >= v) {
         return Err(KernelError::Shape {
             op,
-            what: format!("target {} of row {i} is outside the vocabulary [0, {v})", targets[i]),
+            what: format!(
+                "target {} of row {i} is outside the vocabulary [0, {v})",
+                targets[i]
+            ),
         });
     }
     Ok(())
@@ -47,7 +50,14 @@ pub fn cross_entropy_forward(
     n: usize,
     v: usize,
 ) -> Result<()> {
-    check("cross_entropy_forward", logits.len(), losses.len(), targets, n, v)?;
+    check(
+        "cross_entropy_forward",
+        logits.len(),
+        losses.len(),
+        targets,
+        n,
+        v,
+    )?;
     if v == 0 {
         return Ok(());
     }
@@ -72,7 +82,14 @@ pub fn cross_entropy_fused(
     n: usize,
     v: usize,
 ) -> Result<()> {
-    check("cross_entropy_fused", logits.len(), losses.len(), targets, n, v)?;
+    check(
+        "cross_entropy_fused",
+        logits.len(),
+        losses.len(),
+        targets,
+        n,
+        v,
+    )?;
     if v == 0 {
         return Ok(());
     }

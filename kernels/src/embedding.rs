@@ -65,8 +65,9 @@ pub fn check_ids(d: &EmbedDims, text: &[u32], image: &[u32]) -> Result<()> {
     check_len(OP, "text", text.len(), d.batch * d.text_len)?;
     check_len(OP, "image", image.len(), d.batch * d.grid * d.grid)?;
     let bad = |ids: &[u32], limit: usize, per: usize, what: &str| {
-        ids.iter().position(|&t| t as usize >= limit).map(|i| {
-            KernelError::Shape {
+        ids.iter()
+            .position(|&t| t as usize >= limit)
+            .map(|i| KernelError::Shape {
                 op: OP,
                 what: format!(
                     "{what} token {} at batch row {}, position {} is out of range [0, {limit})",
@@ -74,8 +75,7 @@ pub fn check_ids(d: &EmbedDims, text: &[u32], image: &[u32]) -> Result<()> {
                     i / per.max(1),
                     i % per.max(1)
                 ),
-            }
-        })
+            })
     };
     if let Some(e) = bad(text, d.text_rows, d.text_len, "text") {
         return Err(e);
@@ -230,7 +230,9 @@ mod tests {
         let w = rand_vec(n_out, 1.0, 9);
         let mut grads: Vec<Vec<f32>> = tabs.iter().map(|t| vec![0.0; t.len()]).collect();
         {
-            let [g0, g1, g2, g3, g4] = &mut grads[..] else { unreachable!() };
+            let [g0, g1, g2, g3, g4] = &mut grads[..] else {
+                unreachable!()
+            };
             let g = EmbedGrads {
                 text_emb: g0,
                 text_pos: g1,
@@ -263,7 +265,10 @@ mod tests {
         let text = [0u32, 8, 5, 4, 4, 6]; // 8 ≥ Vt + Tt
         let image = [0u32; 8];
         let err = check_ids(&d, &text, &image).unwrap_err().to_string();
-        assert!(err.contains("text token 8") && err.contains("position 1"), "{err}");
+        assert!(
+            err.contains("text token 8") && err.contains("position 1"),
+            "{err}"
+        );
         let err = check_ids(&d, &[0; 6], &[6; 8]).unwrap_err().to_string();
         assert!(err.contains("image token 6"), "{err}");
     }

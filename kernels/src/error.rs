@@ -19,7 +19,12 @@ pub enum KernelError {
 pub type Result<T> = std::result::Result<T, KernelError>;
 
 /// Checks that `buf` holds exactly `expected` elements.
-pub fn check_len(op: &'static str, buffer: &'static str, got: usize, expected: usize) -> Result<()> {
+pub fn check_len(
+    op: &'static str,
+    buffer: &'static str,
+    got: usize,
+    expected: usize,
+) -> Result<()> {
     if got == expected {
         Ok(())
     } else {

@@ -33,7 +33,8 @@ pub fn gelu_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> 
                 let inner = SQRT_2_OVER_PI * (u + COEF * u * u * u);
                 let t = inner.tanh();
                 let sech2 = 1.0 - t * t;
-                let d = 0.5 * (1.0 + t) + 0.5 * u * sech2 * SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * u * u);
+                let d =
+                    0.5 * (1.0 + t) + 0.5 * u * sech2 * SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * u * u);
                 *dx = dy * d;
             }
         });

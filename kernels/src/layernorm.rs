@@ -147,7 +147,10 @@ mod tests {
         for row in y.chunks(c) {
             let mu: f32 = row.iter().sum::<f32>() / c as f32;
             let var: f32 = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
-            assert!(mu.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "mean {mu} var {var}");
+            assert!(
+                mu.abs() < 1e-5 && (var - 1.0).abs() < 1e-3,
+                "mean {mu} var {var}"
+            );
         }
     }
 

@@ -249,7 +249,13 @@ mod tests {
                 bt[j * k + p] = b[p * n + j];
             }
         }
-        matmul(&mut c, MatRef::new(&a, m, k), MatRef::new(&bt, n, k).t(), true).unwrap();
+        matmul(
+            &mut c,
+            MatRef::new(&a, m, k),
+            MatRef::new(&bt, n, k).t(),
+            true,
+        )
+        .unwrap();
         let got: Vec<f64> = c.iter().map(|&x| x as f64).collect();
         let twice: Vec<f64> = want.iter().map(|x| 2.0 * x).collect();
         assert_close("c += a·(bᵀ)ᵀ", &got, &twice, 1e-4, 1e-4);
@@ -281,8 +287,18 @@ mod tests {
         let mut dinp = vec![f32::NAN; n * c];
         let mut dw = vec![0.5; oc * c]; // accumulates onto what is there
         let mut db = vec![0.25; oc];
-        linear_backward(Some(&mut dinp), &mut dw, Some(&mut db), &wout, &inp, &w, n, c, oc)
-            .unwrap();
+        linear_backward(
+            Some(&mut dinp),
+            &mut dw,
+            Some(&mut db),
+            &wout,
+            &inp,
+            &w,
+            n,
+            c,
+            oc,
+        )
+        .unwrap();
         let eps = 1e-2;
         let (i2, b2) = (inp.clone(), bias.clone());
         let num: Vec<f64> = (0..n * c)

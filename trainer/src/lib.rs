@@ -3,11 +3,19 @@
 //! - [`params`]: the flat parameter buffer and its table of named views.
 //! - [`config`]: typed YAML run configs, validation and `--set` overrides.
 //! - [`checkpoint`]: atomic, resumable checkpoint directories (safetensors + state.json + DONE).
-//! - [`cli`]: the `trainer` command line (subcommands and flags).
 //! - [`model`]: the models, written llm.c-style with explicit forward and backward passes.
+//! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
+//! - [`data`]: training data (for now the synthetic generator).
+//! - [`collectives`]: the seam for data-parallel gradient reduction.
+//! - [`train`], [`debug_state`]: the `trainer` subcommands; [`cli`] their command line.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod collectives;
 pub mod config;
+pub mod data;
+pub mod debug_state;
 pub mod model;
+pub mod optim;
 pub mod params;
+pub mod train;

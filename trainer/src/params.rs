@@ -67,7 +67,10 @@ impl ParamTable {
     /// Appends a tensor and returns its index. Names must be unique (a programming error if not).
     pub fn push(&mut self, name: impl Into<String>, shape: &[usize], kind: ParamKind) -> usize {
         let name = name.into();
-        assert!(!self.index.contains_key(&name), "duplicate parameter name {name}");
+        assert!(
+            !self.index.contains_key(&name),
+            "duplicate parameter name {name}"
+        );
         let spec = ParamSpec {
             name: name.clone(),
             shape: shape.to_vec(),
@@ -112,7 +115,11 @@ impl ParamTable {
 
     /// Splits `buf` into one disjoint mutable view per tensor, in table order.
     pub fn split_mut<'a>(&self, mut buf: &'a mut [f32]) -> Vec<&'a mut [f32]> {
-        assert_eq!(buf.len(), self.total, "flat buffer length does not match the table");
+        assert_eq!(
+            buf.len(),
+            self.total,
+            "flat buffer length does not match the table"
+        );
         let mut out = Vec::with_capacity(self.specs.len());
         for s in &self.specs {
             let (head, tail) = buf.split_at_mut(s.numel());
@@ -124,7 +131,11 @@ impl ParamTable {
 
     /// Splits `buf` into one shared view per tensor, in table order.
     pub fn split<'a>(&self, buf: &'a [f32]) -> Vec<&'a [f32]> {
-        assert_eq!(buf.len(), self.total, "flat buffer length does not match the table");
+        assert_eq!(
+            buf.len(),
+            self.total,
+            "flat buffer length does not match the table"
+        );
         self.specs.iter().map(|s| &buf[s.range()]).collect()
     }
 }
@@ -144,7 +155,10 @@ mod tests {
         assert!(t.find("missing").is_none());
         let mut buf: Vec<f32> = (0..t.numel()).map(|i| i as f32).collect();
         let views = t.split_mut(&mut buf);
-        assert_eq!(views.iter().map(|v| v.len()).collect::<Vec<_>>(), vec![6, 3, 8]);
+        assert_eq!(
+            views.iter().map(|v| v.len()).collect::<Vec<_>>(),
+            vec![6, 3, 8]
+        );
         assert_eq!(views[2][0], 9.0);
         assert!(ParamKind::Matrix.decayed() && !ParamKind::Unembedding.decayed());
     }

@@ -1,0 +1,373 @@
+//! The training loop of `trainer train`: build the model named by the config, start fresh or
+//! resume from the newest complete checkpoint, then per update: accumulate gradients over
+//! micro-batches, clip, AdamW, EMA, schedule; log JSON lines; checkpoint.
+//!
+//! Resume is bit-exact: every piece of state that an update reads (weights, AdamW moments and
+//! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
+//! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
+
+use crate::checkpoint::{self, TensorEntry, TensorFile};
+use crate::config::{DataSource, Device, RunConfig};
+use crate::data::synthetic::SyntheticData;
+use crate::model::transformer::{Activations, Transformer, TransformerDims};
+use crate::optim::{update_ema, AdamW, AdamWParams, LrSchedule, ScheduleParams};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything besides the tensors that a resumed run needs, saved as `state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Updates completed.
+    pub step: u64,
+    /// Index of the next training sample (the data cursor).
+    pub next_sample: u64,
+    /// AdamW's update count (differs from `step` when non-finite updates were skipped).
+    pub adam_t: u64,
+    pub schedule: LrSchedule,
+    /// Updates skipped because the gradient was not finite.
+    pub skipped_updates: u64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub step: u64,
+    pub loss: f64,
+    pub loss_text: f64,
+    pub loss_image: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub image_tokens_per_s: f64,
+    pub gflops_per_s: f64,
+    /// Model FLOPs utilisation against `TESSERA_PEAK_GFLOPS`, when that is set.
+    pub mfu: Option<f64>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub final_step: u64,
+    pub resumed_from: Option<u64>,
+    pub last: Option<Metrics>,
+    pub out_dir: PathBuf,
+}
+
+/// Model sizes from the config.
+pub fn dims_of(cfg: &RunConfig) -> TransformerDims {
+    let m = &cfg.model;
+    TransformerDims {
+        text_len: m.text_len,
+        text_vocab: m.text_vocab,
+        grid: m.grid,
+        image_vocab: m.image_vocab,
+        d_model: m.d_model,
+        heads: m.heads,
+        layers: m.layers,
+        conv_kernel: m.conv_kernel,
+    }
+}
+
+/// Refuses devices this build cannot run on, with what to do instead.
+pub fn check_device(cfg: &RunConfig) -> Result<()> {
+    match cfg.run.device {
+        Device::Cpu | Device::Auto => Ok(()),
+        Device::Cuda => bail!(
+            "run.device = cuda: this build has no CUDA backend yet (the CUDA kernels arrive in a \
+             later release); use --set run.device=cpu or run.device: auto"
+        ),
+    }
+}
+
+fn schedule_params(cfg: &RunConfig) -> ScheduleParams {
+    let s = &cfg.schedule;
+    ScheduleParams {
+        kind: s.kind,
+        peak_lr: cfg.optim.lr,
+        warmup_steps: s.warmup_steps,
+        min_lr: s.min_lr,
+        total_steps: cfg.schedule_total_steps(),
+        plateau_patience: s.plateau_patience,
+        plateau_window: s.plateau_window as usize,
+        plateau_factor: s.plateau_factor,
+    }
+}
+
+fn data_of(cfg: &RunConfig) -> SyntheticData {
+    let DataSource::Synthetic(s) = &cfg.data;
+    SyntheticData {
+        seed: cfg.run.seed ^ 0x5eed_da7a,
+        text_len: cfg.model.text_len,
+        text_vocab: cfg.model.text_vocab,
+        grid: cfg.model.grid,
+        image_vocab: cfg.model.image_vocab,
+        min_caption_tokens: s.min_caption_tokens,
+        max_caption_tokens: s.max_caption_tokens(cfg.model.text_len),
+    }
+}
+
+/// The model, optimizer and schedule state of a run in memory.
+struct RunState {
+    params: Vec<f32>,
+    adam: AdamW,
+    ema: Option<Vec<f32>>,
+    state: TrainState,
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const EMA_FILE: &str = "ema.safetensors";
+
+fn fresh_state(cfg: &RunConfig, model: &Transformer) -> RunState {
+    let o = &cfg.optim;
+    let params = model.init_params(cfg.run.seed);
+    let hp = AdamWParams {
+        beta1: o.beta1 as f32,
+        beta2: o.beta2 as f32,
+        eps: o.eps as f32,
+        weight_decay: o.weight_decay as f32,
+        grad_clip: o.grad_clip as f32,
+    };
+    RunState {
+        ema: (o.ema > 0.0).then(|| params.clone()),
+        adam: AdamW::new(hp, params.len()),
+        params,
+        state: TrainState {
+            step: 0,
+            next_sample: 0,
+            adam_t: 0,
+            schedule: LrSchedule::new(&schedule_params(cfg)),
+            skipped_updates: 0,
+        },
+    }
+}
+
+/// Loads a complete checkpoint directory into `rs` (shapes checked against the model).
+fn load_state(dir: &Path, model: &Transformer, rs: &mut RunState) -> Result<()> {
+    let table = model.table();
+    checkpoint::load_checked(dir)?;
+    checkpoint::load_into(&dir.join(MODEL_FILE), table, "", &mut rs.params)?;
+    checkpoint::load_into(&dir.join(OPTIMIZER_FILE), table, "m.", &mut rs.adam.m)?;
+    checkpoint::load_into(&dir.join(OPTIMIZER_FILE), table, "v.", &mut rs.adam.v)?;
+    if let Some(ema) = rs.ema.as_mut() {
+        checkpoint::load_into(&dir.join(EMA_FILE), table, "", ema)?;
+    }
+    let state = checkpoint::read_state(dir)?;
+    rs.state = serde_json::from_value(state).with_context(|| {
+        format!(
+            "{}: state.json does not describe a training state",
+            dir.display()
+        )
+    })?;
+    rs.adam.t = rs.state.adam_t;
+    Ok(())
+}
+
+fn save_state(cfg: &RunConfig, model: &Transformer, rs: &RunState) -> Result<PathBuf> {
+    let table = model.table();
+    let mut files = vec![
+        TensorFile {
+            file_name: MODEL_FILE,
+            tensors: checkpoint::entries(table, "", &rs.params),
+        },
+        TensorFile {
+            file_name: OPTIMIZER_FILE,
+            tensors: checkpoint::entries(table, "m.", &rs.adam.m)
+                .into_iter()
+                .chain(checkpoint::entries(table, "v.", &rs.adam.v))
+                .collect::<Vec<TensorEntry>>(),
+        },
+    ];
+    if let Some(ema) = &rs.ema {
+        files.push(TensorFile {
+            file_name: EMA_FILE,
+            tensors: checkpoint::entries(table, "", ema),
+        });
+    }
+    let state = serde_json::to_value(&rs.state)?;
+    Ok(checkpoint::save(
+        &cfg.run.out_dir,
+        rs.state.step,
+        &files,
+        &state,
+        &cfg.to_yaml(),
+        cfg.checkpoint.keep_last,
+    )?)
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step` (those after it belong to updates that are
+/// about to be redone after a resume).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Metrics>(l)
+                .map(|m| m.step <= step)
+                .unwrap_or(false)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(path, kept).with_context(|| format!("rewriting {}", path.display()))
+}
+
+/// Checks that a checkpoint was written by a run with the same model.
+fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
+    let path = dir.join("config.yaml");
+    let saved = crate::config::RunConfig::load(&path, &[])
+        .with_context(|| format!("reading the config saved with checkpoint {}", dir.display()))?;
+    if saved.model != cfg.model {
+        bail!(
+            "checkpoint {} was written for model {:?}, but the config asks for {:?}; \
+             use another run.out_dir or the checkpoint's model section",
+            dir.display(),
+            saved.model,
+            cfg.model
+        );
+    }
+    Ok(())
+}
+
+/// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
+/// `run.out_dir` when there is one.
+pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
+    check_device(cfg)?;
+    let model = Transformer::new(dims_of(cfg))?;
+    let out = &cfg.run.out_dir;
+    fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
+    fs::write(out.join("config.yaml"), cfg.to_yaml())
+        .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+
+    let mut rs = fresh_state(cfg, &model);
+    let mut resumed_from = None;
+    if resume {
+        if let Some(dir) = checkpoint::latest_complete(out)? {
+            check_same_model(&dir, cfg)?;
+            load_state(&dir, &model, &mut rs)?;
+            resumed_from = Some(rs.state.step);
+            truncate_metrics(&metrics_path, rs.state.step)?;
+            tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
+        }
+    } else if checkpoint::latest_complete(out)?.is_some() {
+        bail!(
+            "{} already holds checkpoints; resume (drop --no-resume) or choose another run.out_dir",
+            out.display()
+        );
+    }
+    if resumed_from.is_none() {
+        fs::write(&metrics_path, "")
+            .with_context(|| format!("creating {}", metrics_path.display()))?;
+    }
+    let mut metrics_file = fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+
+    let data = data_of(cfg);
+    let sched = schedule_params(cfg);
+    let (bsz, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
+    let mut acts = Activations::new(&model, bsz);
+    let mut grads = vec![0.0f32; model.table().numel()];
+    let step_flops = model.train_flops(bsz) * accum as f64;
+    let peak_gflops: Option<f64> = std::env::var("TESSERA_PEAK_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let tokens = (bsz * accum * model.dims().seq_len()) as f64;
+    let image_tokens = (bsz * accum * model.dims().image_tokens()) as f64;
+    tracing::info!(
+        params = model.table().numel(),
+        steps = cfg.train.steps,
+        batch = bsz,
+        grad_accum = accum,
+        "training"
+    );
+    let mut last = None;
+    while rs.state.step < cfg.train.steps {
+        let started = Instant::now();
+        let t = rs.state.step + 1;
+        grads.fill(0.0);
+        let (mut loss, mut lt, mut li) = (0.0, 0.0, 0.0);
+        for _ in 0..accum {
+            let batch = data.batch(rs.state.next_sample, bsz);
+            rs.state.next_sample += bsz as u64;
+            let l = model.forward(
+                &rs.params,
+                &mut acts,
+                &batch.text,
+                &batch.image,
+                Some(1.0 / accum as f32),
+            )?;
+            model.backward(&rs.params, &mut grads, &mut acts, &batch.text, &batch.image)?;
+            loss += l.loss / accum as f64;
+            lt += l.text / accum as f64;
+            li += l.image / accum as f64;
+        }
+        let lr = rs.state.schedule.lr(&sched, t);
+        let report = rs
+            .adam
+            .step(model.table(), &mut rs.params, &grads, lr as f32)?;
+        if report.applied {
+            if let Some(ema) = rs.ema.as_mut() {
+                update_ema(ema, &rs.params, cfg.optim.ema as f32)?;
+            }
+        } else {
+            rs.state.skipped_updates += 1;
+            tracing::warn!(step = t, "non-finite gradient: update skipped");
+        }
+        rs.state.schedule.observe(&sched, t, loss);
+        rs.state.adam_t = rs.adam.t;
+        rs.state.step = t;
+        let secs = started.elapsed().as_secs_f64();
+        let gflops = step_flops / secs / 1e9;
+        let m = Metrics {
+            step: t,
+            loss,
+            loss_text: lt,
+            loss_image: li,
+            lr,
+            grad_norm: report.grad_norm,
+            skipped: !report.applied,
+            step_ms: secs * 1e3,
+            tokens_per_s: tokens / secs,
+            image_tokens_per_s: image_tokens / secs,
+            gflops_per_s: gflops,
+            mfu: peak_gflops.map(|p| gflops / p),
+        };
+        let log_every = cfg.train.log_every.max(1);
+        if t % log_every == 0 || t == cfg.train.steps || t == 1 {
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
+                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            tracing::info!(
+                step = t,
+                loss = format_args!("{loss:.4}"),
+                text = format_args!("{lt:.4}"),
+                image = format_args!("{li:.4}"),
+                lr = format_args!("{lr:.3e}"),
+                grad_norm = format_args!("{:.3}", report.grad_norm),
+                ms = format_args!("{:.1}", m.step_ms),
+                "step"
+            );
+        }
+        last = Some(m);
+        let every = cfg.checkpoint.every;
+        if t == cfg.train.steps || (every > 0 && t % every == 0) {
+            let dir = save_state(cfg, &model, &rs)?;
+            tracing::info!(dir = %dir.display(), "checkpoint");
+        }
+    }
+    Ok(TrainSummary {
+        final_step: rs.state.step,
+        resumed_from,
+        last,
+        out_dir: out.clone(),
+    })
+}
