@@ -668,7 +668,7 @@ mod tests {
     /// Values that only a bit-exact path preserves: signed zero, subnormals, NaN payloads, ±inf.
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut v: Vec<f32> = (0..n)
-            .map(|i| ((i as u32 * 2654435761) ^ seed) as f32 * 1e-7 - 3.0)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 * 1e-7 - 3.0)
             .collect();
         v[0] = -0.0;
         v[1] = f32::from_bits(1);
