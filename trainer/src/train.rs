@@ -6,8 +6,9 @@
 //! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
-use crate::checkpoint::{self, TensorEntry, TensorFile};
-use crate::config::{DataSource, Device, RunConfig};
+use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
+use crate::collectives::{Collectives, SingleProcess};
+use crate::config::{Device, RunConfig};
 use crate::data::synthetic::SyntheticData;
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
 use crate::optim::{update_ema, AdamW, AdamWParams, LrSchedule, ScheduleParams};
@@ -99,19 +100,6 @@ fn schedule_params(cfg: &RunConfig) -> ScheduleParams {
     }
 }
 
-fn data_of(cfg: &RunConfig) -> SyntheticData {
-    let DataSource::Synthetic(s) = &cfg.data;
-    SyntheticData {
-        seed: cfg.run.seed ^ 0x5eed_da7a,
-        text_len: cfg.model.text_len,
-        text_vocab: cfg.model.text_vocab,
-        grid: cfg.model.grid,
-        image_vocab: cfg.model.image_vocab,
-        min_caption_tokens: s.min_caption_tokens,
-        max_caption_tokens: s.max_caption_tokens(cfg.model.text_len),
-    }
-}
-
 /// The model, optimizer and schedule state of a run in memory.
 struct RunState {
     params: Vec<f32>,
@@ -120,8 +108,7 @@ struct RunState {
     state: TrainState,
 }
 
-const MODEL_FILE: &str = "model.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The weight EMA, under the model's own tensor names, so it loads wherever weights do.
 const EMA_FILE: &str = "ema.safetensors";
 
 fn fresh_state(cfg: &RunConfig, model: &Transformer) -> RunState {
@@ -272,7 +259,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let data = data_of(cfg);
+    let data = SyntheticData::from_config(cfg);
     let sched = schedule_params(cfg);
     let (bsz, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
     let mut acts = Activations::new(&model, bsz);
@@ -290,6 +277,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         grad_accum = accum,
         "training"
     );
+    let mut comm = SingleProcess;
     let mut last = None;
     while rs.state.step < cfg.train.steps {
         let started = Instant::now();
@@ -310,6 +298,12 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
             loss += l.loss / accum as f64;
             lt += l.text / accum as f64;
             li += l.image / accum as f64;
+        }
+        // Data-parallel seam: sum the gradients of every rank, then average.
+        comm.all_reduce_sum(&mut grads)?;
+        if comm.world_size() > 1 {
+            let inv = 1.0 / comm.world_size() as f32;
+            grads.iter_mut().for_each(|g| *g *= inv);
         }
         let lr = rs.state.schedule.lr(&sched, t);
         let report = rs

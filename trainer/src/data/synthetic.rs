@@ -2,7 +2,7 @@
 //! (a caption that describes the image, an image whose tokens depend on the caption and on their
 //! neighbours), so that training on it shows the loss falling, cheaply and deterministically.
 //!
-//! Sample `i` of seed `s` comes from a ChaCha8 stream (seed `s`, stream `i`), so any sample can
+//! Sample `i` of seed `s` comes from a ChaCha8 stream (seed `s` ⊕ 0x5eedda7a, stream `i`), so any sample can
 //! be generated on its own: the data cursor is just the index of the next sample.
 //!
 //! Caption grammar (word ids are caption tokens, laid out in consecutive ranges of the text
@@ -17,6 +17,7 @@
 //! inside the square. Five per cent of the cells are replaced by a uniformly random token.
 
 use super::Batch;
+use crate::config::{DataSource, RunConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -25,6 +26,8 @@ const COLOURS: u32 = 8;
 const SHAPES: u32 = 8;
 const RELATIONS: u32 = 4;
 const NOISE: f64 = 0.05;
+/// Keeps the data's random stream apart from the weight initialisation of the same `run.seed`.
+const SEED_SALT: u64 = 0x5eed_da7a;
 
 /// The generator's parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +42,24 @@ pub struct SyntheticData {
 }
 
 impl SyntheticData {
+    /// The generator of a run config (`data.source: synthetic`), seeded from `run.seed`.
+    pub fn from_config(cfg: &RunConfig) -> Self {
+        let DataSource::Synthetic(s) = &cfg.data;
+        let m = &cfg.model;
+        SyntheticData {
+            seed: cfg.run.seed,
+            text_len: m.text_len,
+            text_vocab: m.text_vocab,
+            grid: m.grid,
+            image_vocab: m.image_vocab,
+            min_caption_tokens: s.min_caption_tokens,
+            max_caption_tokens: s.max_caption_tokens(m.text_len),
+        }
+    }
+
     /// Writes sample `index` into `text` [Tt] and `image` [G²].
     pub fn sample(&self, index: u64, text: &mut [u32], image: &mut [u32]) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ SEED_SALT);
         rng.set_stream(index);
         let (vt, tt, g) = (self.text_vocab as u32, self.text_len, self.grid);
         let objects = 1 + rng.random_range(0..2u32) as usize;
