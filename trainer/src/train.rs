@@ -337,7 +337,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
             mfu: peak_gflops.map(|p| gflops / p),
         };
         let log_every = cfg.train.log_every.max(1);
-        if t % log_every == 0 || t == cfg.train.steps || t == 1 {
+        if t.is_multiple_of(log_every) || t == cfg.train.steps || t == 1 {
             writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
                 .with_context(|| format!("writing {}", metrics_path.display()))?;
             tracing::info!(
@@ -353,7 +353,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         }
         last = Some(m);
         let every = cfg.checkpoint.every;
-        if t == cfg.train.steps || (every > 0 && t % every == 0) {
+        if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) {
             let dir = save_state(cfg, &model, &rs)?;
             tracing::info!(dir = %dir.display(), "checkpoint");
         }

@@ -119,13 +119,13 @@ impl Transformer {
                 "grid, layers, heads and vocabularies must be ≥ 1: {d:?}"
             ));
         }
-        if d.d_model % d.heads != 0 {
+        if !d.d_model.is_multiple_of(d.heads) {
             return bad(format!(
                 "d_model = {} is not divisible by heads = {}",
                 d.d_model, d.heads
             ));
         }
-        if d.conv_kernel % 2 == 0 {
+        if d.conv_kernel.is_multiple_of(2) {
             return bad(format!("conv_kernel = {} must be odd", d.conv_kernel));
         }
         let c = d.d_model;
