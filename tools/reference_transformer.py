@@ -23,7 +23,8 @@ Checks and tolerances (|ref − rust| ≤ atol + rtol·|ref|):
   sampled entries                central difference of the float64 loss, eps 1e-4,
                                  atol 1e-5, rtol 2e-3 (the Rust side computes in f32);
                                  at least one entry of every tensor, rows of the token
-                                 tables drawn from the ids the batch uses;
+                                 tables drawn from the ids the batch uses (--fd-samples N,
+                                 default 40; N ≥ the parameter count checks every entry);
   one random direction per tensor  the same difference along a random ±1/√n direction
                                  against Σ grad·v, atol 1e-5, rtol 2e-3 of Σ |grad·v|;
   unused embedding rows          rows of text_emb / image_emb that no id in the batch selects
@@ -241,8 +242,12 @@ class Report:
 
 def sample_entries(m: Model, P, text, image, n: int, rng) -> list[tuple[str, tuple[int, ...]]]:
     """max(n, #tensors) entries: one per tensor first, the rest spread over tensors in
-    proportion to their size. Rows of the token tables come from the ids the batch uses."""
+    proportion to their size. Rows of the token tables come from the ids the batch uses.
+    With n at least the number of parameters, every entry instead."""
     names = sorted(P)
+    if n >= sum(P[name].size for name in names):
+        return [(name, tuple(int(i) for i in idx))
+                for name in names for idx in np.ndindex(P[name].shape)]
     used_rows = {"text_emb.weight": np.unique(text), "image_emb.weight": np.unique(image)}
 
     def draw(name: str) -> tuple[int, ...]:
@@ -266,7 +271,8 @@ def main() -> int:
     ap.add_argument("--heads", type=int, required=True)
     ap.add_argument("--conv-kernel", type=int, required=True)
     ap.add_argument("--fd-samples", type=int, default=40,
-                    help="finite-difference entries (at least one per tensor; default 40)")
+                    help="finite-difference entries (at least one per tensor; default 40; "
+                         "at least the parameter count: every entry)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the entry sampling")
     args = ap.parse_args()
 
