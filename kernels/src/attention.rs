@@ -373,48 +373,205 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// A masked key block below this density is computed pair by pair instead of as a dense row.
-const SPARSE_DENOM: usize = 4;
-
-/// `s[j] = x · m[k0 + j]` for the keys `j` set in `bits`, `-inf` for the others. `m` is `[T, HS]`,
-/// `mt` its transpose `[HS, T]`; dense blocks use `mt` (unit-stride AXPYs over keys), sparse ones
-/// take one dot product per allowed key.
+/// Eight-lane maximum and sum, so that the reductions vectorise.
 #[inline(always)]
-fn row_scores<const FMA: bool>(
-    s: &mut [f32],
-    x: &[f32],
-    m: &[f32],
-    mt: &[f32],
-    t: usize,
-    k0: usize,
-    bits: u64,
-) {
-    let width = s.len();
-    let hs = x.len();
-    if bits.count_ones() as usize * SPARSE_DENOM >= width {
-        s.fill(0.0);
-        for (d, &xd) in x.iter().enumerate() {
-            axpy::<FMA>(s, xd, &mt[d * t + k0..][..width]);
+fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l].max(c[l]);
         }
-        if bits != low_bits(width) {
-            for (j, sj) in s.iter_mut().enumerate() {
-                if bits >> j & 1 == 0 {
-                    *sj = f32::NEG_INFINITY;
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for the shifted scores `x ≲ 0`: exactly 0 below −87 (so masked `−inf` scores vanish), else
+/// `2^n · p(r)` with `n = round(x·log2 e)`, `r = x − n·ln 2` and `p` the degree-6 Taylor polynomial
+/// (relative error ≈ 2e-7). Branch-free, so loops over it vectorise, unlike `f32::exp`.
+#[inline(always)]
+fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
+    let xc = x.max(-87.0).min(88.0);
+    let z = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = z - ROUND;
+    let r = fmadd::<FMA>(n, -LN2_LO, fmadd::<FMA>(n, -LN2_HI, xc));
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = fmadd::<FMA>(p, r, c);
+    }
+    // z's bits are ROUND's plus n (two's complement), so this is the float 2^n.
+    let two_n = f32::from_bits(z.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+/// `C[m × n] += A[m × k] · B[k × n]`, every block product of this module. `C` is row-major with row
+/// stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]` (so a transposed `A` costs nothing);
+/// `B` is row-major with row stride `ldb`. Register tiles of 4 rows × 16 columns share each row of
+/// `B` across the 4 rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gemm_acc<const FMA: bool>(
+    c: &mut [f32],
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // Every index the tiles touch is below these bounds, so the tiles may skip bounds checks.
+    assert!(
+        (m - 1) * ldc + n <= c.len()
+            && (m - 1) * a_rs + (k - 1) * a_cs < a.len()
+            && (k - 1) * ldb + n <= b.len(),
+        "gemm_acc: operand too short"
+    );
+    let mut r0 = 0;
+    while r0 + 4 <= m {
+        // SAFETY: rows r0..r0 + 4 ≤ m, and the assertion above bounds every index for rows < m.
+        unsafe { gemm_rows::<FMA, 4>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb) };
+        r0 += 4;
+    }
+    while r0 < m {
+        // SAFETY: as above, row r0 < m.
+        unsafe { gemm_rows::<FMA, 1>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb) };
+        r0 += 1;
+    }
+}
+
+/// Rows `r0..r0 + MR` of [`gemm_acc`].
+///
+/// # Safety
+/// `r0 + MR <= m`, and the operands satisfy the bounds [`gemm_acc`] asserts for `m`, `n`, `k`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemm_rows<const FMA: bool, const MR: usize>(
+    c: &mut [f32],
+    ldc: usize,
+    r0: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+) {
+    const NR: usize = 16;
+    let (c, a, b) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
+    let mut x0 = 0;
+    while x0 + NR <= n {
+        let mut acc = [[0f32; NR]; MR];
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            for (x, v) in acc_r.iter_mut().enumerate() {
+                *v = *c.add((r0 + r) * ldc + x0 + x);
+            }
+        }
+        for l in 0..k {
+            let b_row = b.add(l * ldb + x0);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a_rl = *a.add((r0 + r) * a_rs + l * a_cs);
+                for (x, v) in acc_r.iter_mut().enumerate() {
+                    *v = fmadd::<FMA>(a_rl, *b_row.add(x), *v);
                 }
             }
         }
-    } else {
-        s.fill(f32::NEG_INFINITY);
-        let mut rest = bits;
-        while rest != 0 {
-            let j = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            s[j] = dot8::<FMA>(x, &m[(k0 + j) * hs..][..hs]);
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (x, &v) in acc_r.iter().enumerate() {
+                *c.add((r0 + r) * ldc + x0 + x) = v;
+            }
+        }
+        x0 += NR;
+    }
+    for r in r0..r0 + MR {
+        for l in 0..k {
+            let a_rl = *a.add(r * a_rs + l * a_cs);
+            for x in x0..n {
+                let v = c.add(r * ldc + x);
+                *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
+            }
         }
     }
 }
 
-/// Per-task scratch: one head's operands gathered contiguous, plus row buffers.
+/// A masked block with fewer than `1/SPARSE_DENOM` of its pairs allowed is computed pair by pair
+/// (one dot product per allowed pair) instead of as dense block products.
+const SPARSE_DENOM: usize = 4;
+
+/// Whether `entry` (against a query block of `bq` rows) takes the pair-by-pair path.
+#[inline(always)]
+fn is_sparse(layout: &BlockLayout, entry: &BlockEntry, bq: usize) -> bool {
+    entry.mask.is_some() && {
+        let allowed: u32 = (0..bq)
+            .map(|r| layout.row_bits(entry, r).count_ones())
+            .sum();
+        allowed as usize * SPARSE_DENOM < bq * layout.block_len(entry.key_block)
+    }
+}
+
+/// Sets `row[j] = −inf` wherever bit `j` of `bits` is clear.
+#[inline(always)]
+fn mask_row(row: &mut [f32], bits: u64) {
+    if bits == low_bits(row.len()) {
+        return;
+    }
+    for (j, x) in row.iter_mut().enumerate() {
+        if bits >> j & 1 == 0 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Calls `f(j)` for each set bit `j` of `bits`, in increasing order.
+#[inline(always)]
+fn for_each_bit(mut bits: u64, mut f: impl FnMut(usize)) {
+    while bits != 0 {
+        f(bits.trailing_zeros() as usize);
+        bits &= bits - 1;
+    }
+}
+
+/// `dst[d, p] = src[p, d]` for `src` `[rows, cols]`, in 8 × 8 tiles to stay in cache.
+fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    const TILE: usize = 8;
+    for p0 in (0..rows).step_by(TILE) {
+        for d0 in (0..cols).step_by(TILE) {
+            for p in p0..(p0 + TILE).min(rows) {
+                for d in d0..(d0 + TILE).min(cols) {
+                    dst[d * rows + p] = src[p * cols + d];
+                }
+            }
+        }
+    }
+}
+
+/// Per-task scratch: one head's operands gathered contiguous, plus block buffers.
 struct HeadScratch {
     /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
     q: Vec<f32>,
@@ -427,17 +584,21 @@ struct HeadScratch {
     /// Backward only: the head's slice of `dout`, `[T, HS]`, and `D[p] = dO[p] · O[p]`.
     dout: Vec<f32>,
     delta: Vec<f32>,
-    /// One query row's scores (then probabilities) over its key blocks, and (backward) `dP`.
+    /// Forward: one query block's scores, then probabilities, against all its key blocks
+    /// (`[block, entries·block]`). Backward: one block pair's `P` (`[block, block]`).
     s: Vec<f32>,
-    dp: Vec<f32>,
-    /// One row's accumulator, `[HS]`.
+    /// Backward only: one block pair's `dP`, then `dS`.
+    ds: Vec<f32>,
+    /// One query block's output (forward) or `dQ` (backward) accumulator, `[block, HS]`.
     acc: Vec<f32>,
+    /// Forward: `1 / rowsum` of the query block.
+    inv_sum: Vec<f32>,
 }
 
 impl HeadScratch {
     fn new(layout: &BlockLayout, hs: usize, backward: bool) -> Self {
         let t = layout.seq_len();
-        let row = layout.max_row_blocks() * layout.block();
+        let block = layout.block();
         let bwd = |n: usize| if backward { vec![0.0; n] } else { Vec::new() };
         Self {
             q: vec![0.0; t * hs],
@@ -447,9 +608,10 @@ impl HeadScratch {
             vt: bwd(t * hs),
             dout: bwd(t * hs),
             delta: bwd(t),
-            s: vec![0.0; row],
-            dp: bwd(row),
-            acc: vec![0.0; hs],
+            s: vec![0.0; block * block * if backward { 1 } else { layout.max_row_blocks() }],
+            ds: bwd(block * block),
+            acc: vec![0.0; block * hs],
+            inv_sum: vec![0.0; block],
         }
     }
 
@@ -457,23 +619,17 @@ impl HeadScratch {
     fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims) {
         let Dims { t, c, hs, .. } = dims;
         let scale = 1.0 / (hs as f32).sqrt();
-        let transpose_v = !self.vt.is_empty();
         for p in 0..t {
             let row = &qkv[(bi * t + p) * 3 * c..][..3 * c];
-            let (qr, kr, vr) = (
-                &row[h * hs..][..hs],
-                &row[c + h * hs..][..hs],
-                &row[2 * c + h * hs..][..hs],
-            );
-            for d in 0..hs {
-                self.q[p * hs + d] = scale * qr[d];
-                self.k[p * hs + d] = kr[d];
-                self.kt[d * t + p] = kr[d];
-                self.v[p * hs + d] = vr[d];
-                if transpose_v {
-                    self.vt[d * t + p] = vr[d];
-                }
+            for (y, &x) in self.q[p * hs..][..hs].iter_mut().zip(&row[h * hs..][..hs]) {
+                *y = scale * x;
             }
+            self.k[p * hs..][..hs].copy_from_slice(&row[c + h * hs..][..hs]);
+            self.v[p * hs..][..hs].copy_from_slice(&row[2 * c + h * hs..][..hs]);
+        }
+        transpose(&mut self.kt, &self.k, t, hs);
+        if !self.vt.is_empty() {
+            transpose(&mut self.vt, &self.v, t, hs);
         }
     }
 
@@ -489,7 +645,9 @@ impl HeadScratch {
     }
 }
 
-/// Forward for one head: `out` `[T, HS]`, `lse` `[T]`, from the gathered scratch.
+/// Forward for one head: `out` `[T, HS]`, `lse` `[T]`, from the gathered scratch. Per query block:
+/// scores against every listed key block (block products, or dot products for sparse blocks), an
+/// exact softmax over the row, then `O = P V` block by block.
 #[inline(always)]
 fn forward_head_body<const FMA: bool>(
     out: &mut [f32],
@@ -497,45 +655,101 @@ fn forward_head_body<const FMA: bool>(
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    let (t, block, hs) = (
+        layout.seq_len(),
+        layout.block(),
+        sc.q.len() / layout.seq_len(),
+    );
     for qb in 0..layout.num_blocks() {
         let entries = layout.key_blocks(qb);
-        for r in 0..layout.block_len(qb) {
-            let p = qb * block + r;
-            let qrow = &sc.q[p * hs..][..hs];
-            // Scores of row p over its key blocks (segment e of `s` holds key block entries[e]).
-            let mut max = f32::NEG_INFINITY;
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
-                let bits = layout.row_bits(entry, r);
-                if bits == 0 {
-                    s.fill(f32::NEG_INFINITY);
-                    continue;
+        let (p0, bq) = (qb * block, layout.block_len(qb));
+        let ld = entries.len() * block;
+        let q_blk = &sc.q[p0 * hs..][..bq * hs];
+        let s = &mut sc.s[..bq * ld];
+
+        // 1. Scaled scores; −inf where masked and in the tail of a partial key block.
+        for (e, entry) in entries.iter().enumerate() {
+            let (k0, bk, col0) = (
+                entry.key_block * block,
+                layout.block_len(entry.key_block),
+                e * block,
+            );
+            if is_sparse(layout, entry, bq) {
+                for r in 0..bq {
+                    let row = &mut s[r * ld + col0..][..block];
+                    row.fill(f32::NEG_INFINITY);
+                    let q_row = &q_blk[r * hs..][..hs];
+                    for_each_bit(layout.row_bits(entry, r), |j| {
+                        row[j] = dot8::<FMA>(q_row, &sc.k[(k0 + j) * hs..][..hs]);
+                    });
                 }
-                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
-                max = s.iter().fold(max, |m, &x| m.max(x));
+                continue;
             }
-            // Unnormalised probabilities and the weighted sum of values.
-            sc.acc.fill(0.0);
-            let mut sum = 0.0f32;
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
-                let mut rest = layout.row_bits(entry, r);
-                while rest != 0 {
-                    let j = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    let pj = (s[j] - max).exp();
-                    sum += pj;
-                    axpy::<FMA>(&mut sc.acc, pj, &sc.v[(k0 + j) * hs..][..hs]);
+            for r in 0..bq {
+                s[r * ld + col0..][..block].fill(0.0);
+            }
+            gemm_acc::<FMA>(
+                &mut s[col0..],
+                ld,
+                (bq, bk, hs),
+                q_blk,
+                (hs, 1),
+                &sc.kt[k0..],
+                t,
+            );
+            for r in 0..bq {
+                mask_row(&mut s[r * ld + col0..][..block], layout.row_bits(entry, r));
+            }
+        }
+
+        // 2. Softmax numerators in place, row sums, log-sum-exp.
+        for r in 0..bq {
+            let row = &mut s[r * ld..][..ld];
+            let max = max8(row);
+            for x in row.iter_mut() {
+                *x = exp_shifted::<FMA>(*x - max);
+            }
+            let sum = sum8(row);
+            sc.inv_sum[r] = 1.0 / sum;
+            lse[p0 + r] = max + sum.ln();
+        }
+
+        // 3. O = P V, then normalise.
+        let o = &mut sc.acc[..bq * hs];
+        o.fill(0.0);
+        for (e, entry) in entries.iter().enumerate() {
+            let (k0, bk, col0) = (
+                entry.key_block * block,
+                layout.block_len(entry.key_block),
+                e * block,
+            );
+            if is_sparse(layout, entry, bq) {
+                for r in 0..bq {
+                    let o_row = &mut o[r * hs..][..hs];
+                    for_each_bit(layout.row_bits(entry, r), |j| {
+                        axpy::<FMA>(o_row, s[r * ld + col0 + j], &sc.v[(k0 + j) * hs..][..hs]);
+                    });
                 }
+            } else {
+                gemm_acc::<FMA>(
+                    o,
+                    hs,
+                    (bq, hs, bk),
+                    &s[col0..],
+                    (ld, 1),
+                    &sc.v[k0 * hs..],
+                    hs,
+                );
             }
-            let inv = 1.0 / sum;
-            for (o, &a) in out[p * hs..][..hs].iter_mut().zip(&sc.acc) {
-                *o = a * inv;
+        }
+        for r in 0..bq {
+            let inv = sc.inv_sum[r];
+            for (y, &x) in out[(p0 + r) * hs..][..hs]
+                .iter_mut()
+                .zip(&o[r * hs..][..hs])
+            {
+                *y = x * inv;
             }
-            lse[p] = max + sum.ln();
         }
     }
 }
@@ -551,8 +765,9 @@ fn forward_head_body<const FMA: bool>(
 /// dQ = scale · dS K
 /// dK = scale · dSᵀ Q
 /// ```
-/// Only allowed pairs are visited (`P` is zero elsewhere). The scratch q is already scaled, so
-/// `dK = dSᵀ q_scaled` and only `dQ` needs the explicit factor.
+/// Only listed block pairs are visited (`P` is zero elsewhere), each as five block products (or pair
+/// by pair when sparse). The scratch q is already scaled, so `dK = dSᵀ q_scaled` and only `dQ`
+/// needs the explicit factor.
 #[inline(always)]
 fn backward_head_body<const FMA: bool>(
     dq: &mut [f32],
@@ -562,44 +777,61 @@ fn backward_head_body<const FMA: bool>(
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    let (t, block, hs) = (
+        layout.seq_len(),
+        layout.block(),
+        sc.q.len() / layout.seq_len(),
+    );
     let scale = 1.0 / (hs as f32).sqrt();
     dk.fill(0.0);
     dv.fill(0.0);
     for qb in 0..layout.num_blocks() {
-        let entries = layout.key_blocks(qb);
-        for r in 0..layout.block_len(qb) {
-            let p = qb * block + r;
-            let qrow = &sc.q[p * hs..][..hs];
-            let dorow = &sc.dout[p * hs..][..hs];
-            let (lse_p, delta_p) = (lse[p], sc.delta[p]);
-            sc.acc.fill(0.0);
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let width = layout.block_len(entry.key_block);
-                let bits = layout.row_bits(entry, r);
-                if bits == 0 {
-                    continue;
+        let (p0, bq) = (qb * block, layout.block_len(qb));
+        let q_blk = &sc.q[p0 * hs..][..bq * hs];
+        let do_blk = &sc.dout[p0 * hs..][..bq * hs];
+        let dq_acc = &mut sc.acc[..bq * hs];
+        dq_acc.fill(0.0);
+        for entry in layout.key_blocks(qb) {
+            let (k0, bk) = (entry.key_block * block, layout.block_len(entry.key_block));
+            if is_sparse(layout, entry, bq) {
+                for r in 0..bq {
+                    let (q_row, do_row) = (&q_blk[r * hs..][..hs], &do_blk[r * hs..][..hs]);
+                    let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
+                    let dq_row = &mut dq_acc[r * hs..][..hs];
+                    for_each_bit(layout.row_bits(entry, r), |j| {
+                        let key = (k0 + j) * hs;
+                        let k_row = &sc.k[key..][..hs];
+                        let p = exp_shifted::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
+                        let ds = p * (dot8::<FMA>(do_row, &sc.v[key..][..hs]) - delta_p);
+                        axpy::<FMA>(&mut dv[key..][..hs], p, do_row);
+                        axpy::<FMA>(&mut dk[key..][..hs], ds, q_row);
+                        axpy::<FMA>(dq_row, ds, k_row);
+                    });
                 }
-                let s = &mut sc.s[e * block..][..width];
-                let dp = &mut sc.dp[e * block..][..width];
-                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
-                row_scores::<FMA>(dp, dorow, &sc.v, &sc.vt, t, k0, bits);
-                let mut rest = bits;
-                while rest != 0 {
-                    let j = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    let pj = (s[j] - lse_p).exp();
-                    let ds = pj * (dp[j] - delta_p);
-                    let key = (k0 + j) * hs;
-                    axpy::<FMA>(&mut dv[key..][..hs], pj, dorow);
-                    axpy::<FMA>(&mut dk[key..][..hs], ds, qrow);
-                    axpy::<FMA>(&mut sc.acc, ds, &sc.k[key..][..hs]);
+                continue;
+            }
+            let p = &mut sc.s[..bq * bk];
+            let ds = &mut sc.ds[..bq * bk];
+            p.fill(0.0);
+            ds.fill(0.0);
+            gemm_acc::<FMA>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t); // S
+            gemm_acc::<FMA>(ds, bk, (bq, bk, hs), do_blk, (hs, 1), &sc.vt[k0..], t); // dP
+            for r in 0..bq {
+                let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
+                let (p_row, ds_row) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
+                mask_row(p_row, layout.row_bits(entry, r));
+                for (pj, dsj) in p_row.iter_mut().zip(ds_row.iter_mut()) {
+                    *pj = exp_shifted::<FMA>(*pj - lse_p);
+                    *dsj = *pj * (*dsj - delta_p);
                 }
             }
-            for (g, &a) in dq[p * hs..][..hs].iter_mut().zip(&sc.acc) {
-                *g = scale * a;
-            }
+            gemm_acc::<FMA>(&mut dv[k0 * hs..], hs, (bk, hs, bq), p, (1, bk), do_blk, hs); // dV += Pᵀ dO
+            gemm_acc::<FMA>(&mut dk[k0 * hs..], hs, (bk, hs, bq), ds, (1, bk), q_blk, hs); // dK += dSᵀ Q
+            gemm_acc::<FMA>(dq_acc, hs, (bq, hs, bk), ds, (bk, 1), &sc.k[k0 * hs..], hs);
+            // dQ += dS K
+        }
+        for (g, &a) in dq[p0 * hs..][..bq * hs].iter_mut().zip(dq_acc.iter()) {
+            *g = scale * a;
         }
     }
 }
@@ -1071,6 +1303,42 @@ mod tests {
                     let want = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
                     let what = format!("dqkv {kind:?} tt {tt} g {g} block {block}");
                     assert_close(&what, &to_f64(&dqkv), &want, 1e-5, 1e-4);
+                }
+            }
+        }
+    }
+
+    /// Head sizes and blocks that are multiples of the 16-wide register tile, so that every block
+    /// product runs its fast path (the tests above mostly exercise the remainder path).
+    #[test]
+    fn attention_register_tiles_match_dense_reference() {
+        let (b, nh) = (1, 2);
+        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48)] {
+            for kind in KINDS {
+                for block in [16, 32, 64] {
+                    let t = tt + g * g;
+                    let c = nh * hs;
+                    let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                    let qkv = rand_vec(b * t * 3 * c, 1.5, 31 + t as u64);
+                    let dout = rand_vec(b * t * c, 1.0, 37 + t as u64);
+                    let mut out = vec![0.0; b * t * c];
+                    let mut lse = vec![0.0; b * nh * t];
+                    attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                    let mut dqkv = vec![f32::NAN; b * t * 3 * c];
+                    attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs)
+                        .unwrap();
+                    let (want_out, want_lse, probs) = dense_forward(&qkv, tt, g, kind, b, nh, hs);
+                    let want_dqkv = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
+                    let what = format!("{kind:?} tt {tt} g {g} hs {hs} block {block}");
+                    assert_close(&format!("out {what}"), &to_f64(&out), &want_out, 1e-5, 1e-5);
+                    assert_close(&format!("lse {what}"), &to_f64(&lse), &want_lse, 1e-5, 1e-5);
+                    assert_close(
+                        &format!("dqkv {what}"),
+                        &to_f64(&dqkv),
+                        &want_dqkv,
+                        2e-5,
+                        1e-4,
+                    );
                 }
             }
         }
