@@ -428,7 +428,8 @@ fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
-/// `C[m × n] += A[m × k] · B[k × n]`, every block product of this module. `C` is row-major with row
+/// `C[m × n] (+)= A[m × k] · B[k × n]` (`+=` when `accumulate`, else `=`), every block product of
+/// this module. `C` is row-major with row
 /// stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]` (so a transposed `A` costs nothing);
 /// `B` is row-major with row stride `ldb`. Register tiles of 4 rows × 16 columns share each row of
 /// `B` across the 4 rows.
@@ -442,6 +443,7 @@ fn gemm_acc<const FMA: bool>(
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     ldb: usize,
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 || k == 0 {
         return;
@@ -456,12 +458,12 @@ fn gemm_acc<const FMA: bool>(
     let mut r0 = 0;
     while r0 + 4 <= m {
         // SAFETY: rows r0..r0 + 4 ≤ m, and the assertion above bounds every index for rows < m.
-        unsafe { gemm_rows::<FMA, 4>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb) };
+        unsafe { gemm_rows::<FMA, 4>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb, accumulate) };
         r0 += 4;
     }
     while r0 < m {
         // SAFETY: as above, row r0 < m.
-        unsafe { gemm_rows::<FMA, 1>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb) };
+        unsafe { gemm_rows::<FMA, 1>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb, accumulate) };
         r0 += 1;
     }
 }
@@ -482,15 +484,18 @@ unsafe fn gemm_rows<const FMA: bool, const MR: usize>(
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     ldb: usize,
+    accumulate: bool,
 ) {
     const NR: usize = 16;
     let (c, a, b) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
     let mut x0 = 0;
     while x0 + NR <= n {
         let mut acc = [[0f32; NR]; MR];
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            for (x, v) in acc_r.iter_mut().enumerate() {
-                *v = *c.add((r0 + r) * ldc + x0 + x);
+        if accumulate {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (x, v) in acc_r.iter_mut().enumerate() {
+                    *v = *c.add((r0 + r) * ldc + x0 + x);
+                }
             }
         }
         for l in 0..k {
@@ -510,6 +515,11 @@ unsafe fn gemm_rows<const FMA: bool, const MR: usize>(
         x0 += NR;
     }
     for r in r0..r0 + MR {
+        if !accumulate {
+            for x in x0..n {
+                *c.add(r * ldc + x) = 0.0;
+            }
+        }
         for l in 0..k {
             let a_rl = *a.add(r * a_rs + l * a_cs);
             for x in x0..n {
@@ -571,6 +581,61 @@ fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
     }
 }
 
+/// Where one task writes its head's rows of a buffer that all heads share, interleaved: row `p` of
+/// the head goes to `buf[base + p·stride..][..HS]`. Tasks of different heads hold sinks over the
+/// same buffer and write disjoint elements, which slices cannot express.
+#[derive(Clone, Copy)]
+struct RowSink<'a> {
+    ptr: *mut f32,
+    len: usize,
+    base: usize,
+    stride: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a sink only writes through `ptr` within `len`, and `RowSink::new`'s contract makes the
+// element sets of concurrently used sinks disjoint.
+unsafe impl Send for RowSink<'_> {}
+unsafe impl Sync for RowSink<'_> {}
+
+impl<'a> RowSink<'a> {
+    /// A sink over `buf` (borrowed for `'a`); call [`RowSink::at`] to place it.
+    fn shared(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            base: 0,
+            stride: 0,
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// The same buffer, rows at `base + p·stride`.
+    ///
+    /// # Safety
+    /// While this sink is in use, no other sink over the buffer may write the elements it writes
+    /// (in this module: each `(batch, head)` task owns its head's columns).
+    unsafe fn at(self, base: usize, stride: usize) -> Self {
+        Self {
+            base,
+            stride,
+            ..self
+        }
+    }
+
+    /// Writes `row` as row `p`.
+    #[inline(always)]
+    fn put(&self, p: usize, row: &[f32]) {
+        let off = self.base + p * self.stride;
+        assert!(
+            off + row.len() <= self.len,
+            "RowSink: row {p} out of bounds"
+        );
+        // SAFETY: in bounds (checked above) and not written by any other task (`at`'s contract).
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), self.ptr.add(off), row.len()) };
+    }
+}
+
 /// Per-task scratch: one head's operands gathered contiguous, plus block buffers.
 struct HeadScratch {
     /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
@@ -584,6 +649,9 @@ struct HeadScratch {
     /// Backward only: the head's slice of `dout`, `[T, HS]`, and `D[p] = dO[p] · O[p]`.
     dout: Vec<f32>,
     delta: Vec<f32>,
+    /// Backward only: `dK` and `dV` accumulators, `[T, HS]`.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
     /// Forward: one query block's scores, then probabilities, against all its key blocks
     /// (`[block, entries·block]`). Backward: one block pair's `P` (`[block, block]`).
     s: Vec<f32>,
@@ -591,8 +659,6 @@ struct HeadScratch {
     ds: Vec<f32>,
     /// One query block's output (forward) or `dQ` (backward) accumulator, `[block, HS]`.
     acc: Vec<f32>,
-    /// Forward: `1 / rowsum` of the query block.
-    inv_sum: Vec<f32>,
 }
 
 impl HeadScratch {
@@ -608,24 +674,36 @@ impl HeadScratch {
             vt: bwd(t * hs),
             dout: bwd(t * hs),
             delta: bwd(t),
+            dk: bwd(t * hs),
+            dv: bwd(t * hs),
             s: vec![0.0; block * block * if backward { 1 } else { layout.max_row_blocks() }],
             ds: bwd(block * block),
             acc: vec![0.0; block * hs],
-            inv_sum: vec![0.0; block],
         }
     }
 
-    /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q.
+    /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q, and transposes k (and
+    /// for backward v).
     fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims) {
-        let Dims { t, c, hs, .. } = dims;
+        let Dims { t, c, hs } = dims;
         let scale = 1.0 / (hs as f32).sqrt();
         for p in 0..t {
             let row = &qkv[(bi * t + p) * 3 * c..][..3 * c];
-            for (y, &x) in self.q[p * hs..][..hs].iter_mut().zip(&row[h * hs..][..hs]) {
-                *y = scale * x;
+            let (qr, kr, vr) = (
+                &row[h * hs..][..hs],
+                &row[c + h * hs..][..hs],
+                &row[2 * c + h * hs..][..hs],
+            );
+            let (qd, kd, vd) = (
+                &mut self.q[p * hs..][..hs],
+                &mut self.k[p * hs..][..hs],
+                &mut self.v[p * hs..][..hs],
+            );
+            for d in 0..hs {
+                qd[d] = scale * qr[d];
+                kd[d] = kr[d];
+                vd[d] = vr[d];
             }
-            self.k[p * hs..][..hs].copy_from_slice(&row[c + h * hs..][..hs]);
-            self.v[p * hs..][..hs].copy_from_slice(&row[2 * c + h * hs..][..hs]);
         }
         transpose(&mut self.kt, &self.k, t, hs);
         if !self.vt.is_empty() {
@@ -635,22 +713,24 @@ impl HeadScratch {
 
     /// Backward only: copies head `h` of batch `bi` out of `dout` and computes `D = rowsum(dO ∘ O)`.
     fn gather_dout(&mut self, dout: &[f32], out: &[f32], bi: usize, h: usize, dims: Dims) {
-        let Dims { t, c, hs, .. } = dims;
+        let Dims { t, c, hs } = dims;
         for p in 0..t {
             let off = (bi * t + p) * c + h * hs;
             let (dr, or) = (&dout[off..][..hs], &out[off..][..hs]);
-            self.dout[p * hs..][..hs].copy_from_slice(dr);
-            self.delta[p] = dr.iter().zip(or).map(|(a, b)| a * b).sum();
+            for (y, &x) in self.dout[p * hs..][..hs].iter_mut().zip(dr) {
+                *y = x;
+            }
+            self.delta[p] = dot8::<false>(dr, or);
         }
     }
 }
 
-/// Forward for one head: `out` `[T, HS]`, `lse` `[T]`, from the gathered scratch. Per query block:
-/// scores against every listed key block (block products, or dot products for sparse blocks), an
-/// exact softmax over the row, then `O = P V` block by block.
+/// Forward for one head from the gathered scratch: rows of `O` into `out`, `lse` `[T]`. Per query
+/// block: scores against every listed key block (block products, or dot products for sparse
+/// blocks), an exact softmax over the row, then `O = P V` block by block.
 #[inline(always)]
 fn forward_head_body<const FMA: bool>(
-    out: &mut [f32],
+    out: RowSink,
     lse: &mut [f32],
     sc: &mut HeadScratch,
     layout: &BlockLayout,
@@ -658,7 +738,7 @@ fn forward_head_body<const FMA: bool>(
     let (t, block, hs) = (
         layout.seq_len(),
         layout.block(),
-        sc.q.len() / layout.seq_len(),
+        sc.acc.len() / layout.block(),
     );
     for qb in 0..layout.num_blocks() {
         let entries = layout.key_blocks(qb);
@@ -683,26 +763,26 @@ fn forward_head_body<const FMA: bool>(
                         row[j] = dot8::<FMA>(q_row, &sc.k[(k0 + j) * hs..][..hs]);
                     });
                 }
-                continue;
-            }
-            for r in 0..bq {
-                s[r * ld + col0..][..block].fill(0.0);
-            }
-            gemm_acc::<FMA>(
-                &mut s[col0..],
-                ld,
-                (bq, bk, hs),
-                q_blk,
-                (hs, 1),
-                &sc.kt[k0..],
-                t,
-            );
-            for r in 0..bq {
-                mask_row(&mut s[r * ld + col0..][..block], layout.row_bits(entry, r));
+            } else {
+                let kt = &sc.kt[k0..];
+                gemm_acc::<FMA>(
+                    &mut s[col0..],
+                    ld,
+                    (bq, bk, hs),
+                    q_blk,
+                    (hs, 1),
+                    kt,
+                    t,
+                    false,
+                );
+                for r in 0..bq {
+                    mask_row(&mut s[r * ld + col0..][..block], layout.row_bits(entry, r));
+                }
             }
         }
 
-        // 2. Softmax numerators in place, row sums, log-sum-exp.
+        // 2. Softmax numerators in place; the row sums normalise `O` below.
+        let mut sums = [0f32; MAX_BLOCK];
         for r in 0..bq {
             let row = &mut s[r * ld..][..ld];
             let max = max8(row);
@@ -710,13 +790,12 @@ fn forward_head_body<const FMA: bool>(
                 *x = exp_shifted::<FMA>(*x - max);
             }
             let sum = sum8(row);
-            sc.inv_sum[r] = 1.0 / sum;
             lse[p0 + r] = max + sum.ln();
+            sums[r] = sum;
         }
 
-        // 3. O = P V, then normalise.
+        // 3. O = P V, normalised, written out.
         let o = &mut sc.acc[..bq * hs];
-        o.fill(0.0);
         for (e, entry) in entries.iter().enumerate() {
             let (k0, bk, col0) = (
                 entry.key_block * block,
@@ -724,6 +803,9 @@ fn forward_head_body<const FMA: bool>(
                 e * block,
             );
             if is_sparse(layout, entry, bq) {
+                if e == 0 {
+                    o.fill(0.0);
+                }
                 for r in 0..bq {
                     let o_row = &mut o[r * hs..][..hs];
                     for_each_bit(layout.row_bits(entry, r), |j| {
@@ -731,30 +813,22 @@ fn forward_head_body<const FMA: bool>(
                     });
                 }
             } else {
-                gemm_acc::<FMA>(
-                    o,
-                    hs,
-                    (bq, hs, bk),
-                    &s[col0..],
-                    (ld, 1),
-                    &sc.v[k0 * hs..],
-                    hs,
-                );
+                let v = &sc.v[k0 * hs..];
+                gemm_acc::<FMA>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
             }
         }
         for r in 0..bq {
-            let inv = sc.inv_sum[r];
-            for (y, &x) in out[(p0 + r) * hs..][..hs]
-                .iter_mut()
-                .zip(&o[r * hs..][..hs])
-            {
-                *y = x * inv;
+            let o_row = &mut o[r * hs..][..hs];
+            let inv = 1.0 / sums[r];
+            for x in o_row.iter_mut() {
+                *x *= inv;
             }
+            out.put(p0 + r, o_row);
         }
     }
 }
 
-/// Backward for one head into `dq`, `dk`, `dv` (each `[T, HS]`, overwritten).
+/// Backward for one head: rows of `dQ` into `dq`, and `dK`, `dV` accumulated in the scratch.
 ///
 /// With `S = Q Kᵀ·scale`, `P = softmax(S)` row-wise (recomputed as `exp(S − lse)`), `O = P V`:
 /// ```text
@@ -770,9 +844,7 @@ fn forward_head_body<const FMA: bool>(
 /// needs the explicit factor.
 #[inline(always)]
 fn backward_head_body<const FMA: bool>(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    dq: RowSink,
     lse: &[f32],
     sc: &mut HeadScratch,
     layout: &BlockLayout,
@@ -780,11 +852,11 @@ fn backward_head_body<const FMA: bool>(
     let (t, block, hs) = (
         layout.seq_len(),
         layout.block(),
-        sc.q.len() / layout.seq_len(),
+        sc.acc.len() / layout.block(),
     );
     let scale = 1.0 / (hs as f32).sqrt();
-    dk.fill(0.0);
-    dv.fill(0.0);
+    sc.dk.fill(0.0);
+    sc.dv.fill(0.0);
     for qb in 0..layout.num_blocks() {
         let (p0, bq) = (qb * block, layout.block_len(qb));
         let q_blk = &sc.q[p0 * hs..][..bq * hs];
@@ -793,6 +865,7 @@ fn backward_head_body<const FMA: bool>(
         dq_acc.fill(0.0);
         for entry in layout.key_blocks(qb) {
             let (k0, bk) = (entry.key_block * block, layout.block_len(entry.key_block));
+            let (dk, dv) = (&mut sc.dk[k0 * hs..], &mut sc.dv[k0 * hs..]);
             if is_sparse(layout, entry, bq) {
                 for r in 0..bq {
                     let (q_row, do_row) = (&q_blk[r * hs..][..hs], &do_blk[r * hs..][..hs]);
@@ -803,8 +876,8 @@ fn backward_head_body<const FMA: bool>(
                         let k_row = &sc.k[key..][..hs];
                         let p = exp_shifted::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
                         let ds = p * (dot8::<FMA>(do_row, &sc.v[key..][..hs]) - delta_p);
-                        axpy::<FMA>(&mut dv[key..][..hs], p, do_row);
-                        axpy::<FMA>(&mut dk[key..][..hs], ds, q_row);
+                        axpy::<FMA>(&mut dv[j * hs..][..hs], p, do_row);
+                        axpy::<FMA>(&mut dk[j * hs..][..hs], ds, q_row);
                         axpy::<FMA>(dq_row, ds, k_row);
                     });
                 }
@@ -812,10 +885,17 @@ fn backward_head_body<const FMA: bool>(
             }
             let p = &mut sc.s[..bq * bk];
             let ds = &mut sc.ds[..bq * bk];
-            p.fill(0.0);
-            ds.fill(0.0);
-            gemm_acc::<FMA>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t); // S
-            gemm_acc::<FMA>(ds, bk, (bq, bk, hs), do_blk, (hs, 1), &sc.vt[k0..], t); // dP
+            gemm_acc::<FMA>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
+            gemm_acc::<FMA>(
+                ds,
+                bk,
+                (bq, bk, hs),
+                do_blk,
+                (hs, 1),
+                &sc.vt[k0..],
+                t,
+                false,
+            ); // dP
             for r in 0..bq {
                 let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
                 let (p_row, ds_row) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
@@ -825,34 +905,38 @@ fn backward_head_body<const FMA: bool>(
                     *dsj = *pj * (*dsj - delta_p);
                 }
             }
-            gemm_acc::<FMA>(&mut dv[k0 * hs..], hs, (bk, hs, bq), p, (1, bk), do_blk, hs); // dV += Pᵀ dO
-            gemm_acc::<FMA>(&mut dk[k0 * hs..], hs, (bk, hs, bq), ds, (1, bk), q_blk, hs); // dK += dSᵀ Q
-            gemm_acc::<FMA>(dq_acc, hs, (bq, hs, bk), ds, (bk, 1), &sc.k[k0 * hs..], hs);
-            // dQ += dS K
+            gemm_acc::<FMA>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
+            gemm_acc::<FMA>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
+            gemm_acc::<FMA>(
+                dq_acc,
+                hs,
+                (bq, hs, bk),
+                ds,
+                (bk, 1),
+                &sc.k[k0 * hs..],
+                hs,
+                true,
+            ); // dQ += dS K
         }
-        for (g, &a) in dq[p0 * hs..][..bq * hs].iter_mut().zip(dq_acc.iter()) {
-            *g = scale * a;
+        for (r, row) in dq_acc.chunks_exact_mut(hs).enumerate() {
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+            dq.put(p0 + r, row);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_head_avx2(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+fn forward_head_avx2(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
     forward_head_body::<true>(out, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn backward_head_avx2(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    lse: &[f32],
-    sc: &mut HeadScratch,
-    layout: &BlockLayout,
-) {
-    backward_head_body::<true>(dq, dk, dv, lse, sc, layout)
+fn backward_head_avx2(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    backward_head_body::<true>(dq, lse, sc, layout)
 }
 
 fn has_avx2_fma() -> bool {
@@ -866,7 +950,7 @@ fn has_avx2_fma() -> bool {
     }
 }
 
-fn forward_head(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+fn forward_head(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
@@ -875,20 +959,13 @@ fn forward_head(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: 
     forward_head_body::<false>(out, lse, sc, layout)
 }
 
-fn backward_head(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    lse: &[f32],
-    sc: &mut HeadScratch,
-    layout: &BlockLayout,
-) {
+fn backward_head(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        return unsafe { backward_head_avx2(dq, dk, dv, lse, sc, layout) };
+        return unsafe { backward_head_avx2(dq, lse, sc, layout) };
     }
-    backward_head_body::<false>(dq, dk, dv, lse, sc, layout)
+    backward_head_body::<false>(dq, lse, sc, layout)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,27 +1031,17 @@ pub fn attention_forward(
     check_len(OP, "out", out.len(), b * t * c)?;
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
-    // Per-(batch, head) results, [B, NH, T, HS], scattered into `out` afterwards.
-    let mut stage = vec![0.0f32; b * nh * t * hs];
-    stage
-        .par_chunks_mut(t * hs)
-        .zip(lse.par_chunks_mut(t))
-        .enumerate()
-        .for_each_init(
-            || HeadScratch::new(layout, hs, false),
-            |sc, (bh, (o, l))| {
-                sc.gather_qkv(qkv, bh / nh, bh % nh, dims);
-                forward_head(o, l, sc, layout);
-            },
-        );
-    out.par_chunks_mut(t * c).enumerate().for_each(|(bi, ob)| {
-        for h in 0..nh {
-            let src = &stage[(bi * nh + h) * t * hs..][..t * hs];
-            for (p, row) in src.chunks_exact(hs).enumerate() {
-                ob[p * c + h * hs..][..hs].copy_from_slice(row);
-            }
-        }
-    });
+    let out = RowSink::shared(out);
+    lse.par_chunks_mut(t).enumerate().for_each_init(
+        || HeadScratch::new(layout, hs, false),
+        |sc, (bh, lse_bh)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            sc.gather_qkv(qkv, bi, h, dims);
+            // SAFETY: task (bi, h) writes only columns h·HS..(h+1)·HS of batch bi's rows.
+            let sink = unsafe { out.at(bi * t * c + h * hs, c) };
+            forward_head(sink, lse_bh, sc, layout);
+        },
+    );
     Ok(())
 }
 
@@ -1003,35 +1070,35 @@ pub fn attention_backward(
     check_len(OP, "out", out.len(), b * t * c)?;
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
-    // Per-(batch, head) gradients, [B, NH, 3, T, HS] (dq, dk, dv), scattered into `dqkv` afterwards.
-    let mut stage = vec![0.0f32; b * nh * 3 * t * hs];
-    stage
-        .par_chunks_mut(3 * t * hs)
-        .zip(lse.par_chunks(t))
-        .enumerate()
-        .for_each_init(
-            || HeadScratch::new(layout, hs, true),
-            |sc, (bh, (g, l))| {
-                let (bi, h) = (bh / nh, bh % nh);
-                sc.gather_qkv(qkv, bi, h, dims);
-                sc.gather_dout(dout, out, bi, h, dims);
-                let (dq, rest) = g.split_at_mut(t * hs);
-                let (dk, dv) = rest.split_at_mut(t * hs);
-                backward_head(dq, dk, dv, l, sc, layout);
-            },
-        );
-    dqkv.par_chunks_mut(t * 3 * c)
-        .enumerate()
-        .for_each(|(bi, gb)| {
-            for h in 0..nh {
-                let src = &stage[(bi * nh + h) * 3 * t * hs..][..3 * t * hs];
-                for (part, rows) in src.chunks_exact(t * hs).enumerate() {
-                    for (p, row) in rows.chunks_exact(hs).enumerate() {
-                        gb[p * 3 * c + part * c + h * hs..][..hs].copy_from_slice(row);
-                    }
-                }
+    let dqkv = RowSink::shared(dqkv);
+    lse.par_chunks(t).enumerate().for_each_init(
+        || HeadScratch::new(layout, hs, true),
+        |sc, (bh, lse_bh)| {
+            let (bi, h) = (bh / nh, bh % nh);
+            sc.gather_qkv(qkv, bi, h, dims);
+            sc.gather_dout(dout, out, bi, h, dims);
+            let base = bi * t * 3 * c + h * hs;
+            // SAFETY: task (bi, h) writes only head h's columns of the q, k and v parts of batch
+            // bi's rows (offsets 0, C and 2C below).
+            let (dq, dk, dv) = unsafe {
+                (
+                    dqkv.at(base, 3 * c),
+                    dqkv.at(base + c, 3 * c),
+                    dqkv.at(base + 2 * c, 3 * c),
+                )
+            };
+            backward_head(dq, lse_bh, sc, layout);
+            for (p, (dk_row, dv_row)) in sc
+                .dk
+                .chunks_exact(hs)
+                .zip(sc.dv.chunks_exact(hs))
+                .enumerate()
+            {
+                dk.put(p, dk_row);
+                dv.put(p, dv_row);
             }
-        });
+        },
+    );
     Ok(())
 }
 
@@ -1264,7 +1331,7 @@ mod tests {
     #[test]
     fn attention_forward_matches_dense_reference() {
         let (b, nh, hs) = (2, 2, 8);
-        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (3, 6)] {
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (3, 6), (0, 5)] {
             for kind in KINDS {
                 for block in [4, 7, DEFAULT_BLOCK] {
                     let t = tt + g * g;
@@ -1285,7 +1352,7 @@ mod tests {
     #[test]
     fn attention_backward_matches_dense_reference() {
         let (b, nh, hs) = (2, 2, 8);
-        for &(tt, g) in &[(4, 4), (5, 3), (7, 5)] {
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (0, 5)] {
             for kind in KINDS {
                 for block in [4, 7, DEFAULT_BLOCK] {
                     let t = tt + g * g;
@@ -1313,7 +1380,7 @@ mod tests {
     #[test]
     fn attention_register_tiles_match_dense_reference() {
         let (b, nh) = (1, 2);
-        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48)] {
+        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48), (0, 8, 16)] {
             for kind in KINDS {
                 for block in [16, 32, 64] {
                     let t = tt + g * g;
