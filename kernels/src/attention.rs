@@ -429,13 +429,13 @@ fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
 }
 
 /// `C[m × n] (+)= A[m × k] · B[k × n]` (`+=` when `accumulate`, else `=`), every block product of
-/// this module. `C` is row-major with row
-/// stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]` (so a transposed `A` costs nothing);
-/// `B` is row-major with row stride `ldb`. Register tiles of 4 rows × 16 columns share each row of
-/// `B` across the 4 rows.
+/// this module. `C` is row-major with row stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]`
+/// (so a transposed `A` costs nothing); `B` is row-major with row stride `ldb`. Register tiles of
+/// `MR` rows × `NR` columns share each row of `B` across the `MR` rows; the edges fall back to
+/// 4 × 16 tiles, then to plain loops.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gemm_acc<const FMA: bool>(
+fn gemm_acc<const FMA: bool, const MR: usize, const NR: usize>(
     c: &mut [f32],
     ldc: usize,
     (m, n, k): (usize, usize, usize),
@@ -455,78 +455,132 @@ fn gemm_acc<const FMA: bool>(
             && (k - 1) * ldb + n <= b.len(),
         "gemm_acc: operand too short"
     );
+    let g = Gemm {
+        c: c.as_mut_ptr(),
+        ldc,
+        k,
+        a: a.as_ptr(),
+        a_rs,
+        a_cs,
+        b: b.as_ptr(),
+        ldb,
+        accumulate,
+    };
     let mut r0 = 0;
+    // SAFETY (all calls): rows r0..r0 + rows ≤ m and columns ≤ n, which the assertion bounds.
+    while r0 + MR <= m {
+        unsafe { g.rows::<FMA, MR, NR>(r0, n) };
+        r0 += MR;
+    }
     while r0 + 4 <= m {
-        // SAFETY: rows r0..r0 + 4 ≤ m, and the assertion above bounds every index for rows < m.
-        unsafe { gemm_rows::<FMA, 4>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb, accumulate) };
+        unsafe { g.rows::<FMA, 4, 16>(r0, n) };
         r0 += 4;
     }
     while r0 < m {
-        // SAFETY: as above, row r0 < m.
-        unsafe { gemm_rows::<FMA, 1>(c, ldc, r0, n, k, a, (a_rs, a_cs), b, ldb, accumulate) };
+        unsafe { g.rows::<FMA, 1, 16>(r0, n) };
         r0 += 1;
     }
 }
 
-/// Rows `r0..r0 + MR` of [`gemm_acc`].
-///
-/// # Safety
-/// `r0 + MR <= m`, and the operands satisfy the bounds [`gemm_acc`] asserts for `m`, `n`, `k`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn gemm_rows<const FMA: bool, const MR: usize>(
-    c: &mut [f32],
+/// The operands of one [`gemm_acc`] call, bounds already checked.
+struct Gemm {
+    c: *mut f32,
     ldc: usize,
-    r0: usize,
-    n: usize,
     k: usize,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
     ldb: usize,
     accumulate: bool,
-) {
-    const NR: usize = 16;
-    let (c, a, b) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
-    let mut x0 = 0;
-    while x0 + NR <= n {
-        let mut acc = [[0f32; NR]; MR];
-        if accumulate {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                for (x, v) in acc_r.iter_mut().enumerate() {
-                    *v = *c.add((r0 + r) * ldc + x0 + x);
+}
+
+impl Gemm {
+    /// Rows `r0..r0 + MR`, all `n` columns.
+    ///
+    /// # Safety
+    /// Rows and columns within the bounds [`gemm_acc`] asserted.
+    #[inline(always)]
+    unsafe fn rows<const FMA: bool, const MR: usize, const NR: usize>(&self, r0: usize, n: usize) {
+        let mut x0 = self.tiles::<FMA, MR, NR>(r0, 0, n);
+        if NR > 16 {
+            x0 = self.tiles::<FMA, MR, 16>(r0, x0, n);
+        }
+        let Gemm {
+            c,
+            ldc,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            ldb,
+            accumulate,
+        } = *self;
+        for r in r0..r0 + MR {
+            if !accumulate {
+                for x in x0..n {
+                    *c.add(r * ldc + x) = 0.0;
+                }
+            }
+            for l in 0..k {
+                let a_rl = *a.add(r * a_rs + l * a_cs);
+                for x in x0..n {
+                    let v = c.add(r * ldc + x);
+                    *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
                 }
             }
         }
-        for l in 0..k {
-            let b_row = b.add(l * ldb + x0);
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let a_rl = *a.add((r0 + r) * a_rs + l * a_cs);
-                for (x, v) in acc_r.iter_mut().enumerate() {
-                    *v = fmadd::<FMA>(a_rl, *b_row.add(x), *v);
-                }
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            for (x, &v) in acc_r.iter().enumerate() {
-                *c.add((r0 + r) * ldc + x0 + x) = v;
-            }
-        }
-        x0 += NR;
     }
-    for r in r0..r0 + MR {
-        if !accumulate {
-            for x in x0..n {
-                *c.add(r * ldc + x) = 0.0;
+
+    /// Full `MR × NR` tiles of rows `r0..r0 + MR` from column `x0` on; returns the first column left.
+    ///
+    /// # Safety
+    /// As [`Gemm::rows`].
+    #[inline(always)]
+    unsafe fn tiles<const FMA: bool, const MR: usize, const NR: usize>(
+        &self,
+        r0: usize,
+        mut x0: usize,
+        n: usize,
+    ) -> usize {
+        let Gemm {
+            c,
+            ldc,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            ldb,
+            accumulate,
+        } = *self;
+        while x0 + NR <= n {
+            let mut acc = [[0f32; NR]; MR];
+            if accumulate {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (x, v) in acc_r.iter_mut().enumerate() {
+                        *v = *c.add((r0 + r) * ldc + x0 + x);
+                    }
+                }
             }
-        }
-        for l in 0..k {
-            let a_rl = *a.add(r * a_rs + l * a_cs);
-            for x in x0..n {
-                let v = c.add(r * ldc + x);
-                *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
+            for l in 0..k {
+                let b_row = b.add(l * ldb + x0);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let a_rl = *a.add((r0 + r) * a_rs + l * a_cs);
+                    for (x, v) in acc_r.iter_mut().enumerate() {
+                        *v = fmadd::<FMA>(a_rl, *b_row.add(x), *v);
+                    }
+                }
             }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (x, &v) in acc_r.iter().enumerate() {
+                    *c.add((r0 + r) * ldc + x0 + x) = v;
+                }
+            }
+            x0 += NR;
         }
+        x0
     }
 }
 
@@ -558,12 +612,22 @@ fn mask_row(row: &mut [f32], bits: u64) {
     }
 }
 
-/// Calls `f(j)` for each set bit `j` of `bits`, in increasing order.
-#[inline(always)]
-fn for_each_bit(mut bits: u64, mut f: impl FnMut(usize)) {
-    while bits != 0 {
-        f(bits.trailing_zeros() as usize);
-        bits &= bits - 1;
+/// The set bits of a mask word, lowest first. (An iterator rather than a closure-taking helper:
+/// closures are separate functions that do not inherit `#[target_feature]`, and a `mul_add` in one
+/// becomes a libm call.)
+struct Bits(u64);
+
+impl Iterator for Bits {
+    type Item = usize;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let j = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(j)
     }
 }
 
@@ -729,7 +793,7 @@ impl HeadScratch {
 /// block: scores against every listed key block (block products, or dot products for sparse
 /// blocks), an exact softmax over the row, then `O = P V` block by block.
 #[inline(always)]
-fn forward_head_body<const FMA: bool>(
+fn forward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
     out: RowSink,
     lse: &mut [f32],
     sc: &mut HeadScratch,
@@ -759,13 +823,13 @@ fn forward_head_body<const FMA: bool>(
                     let row = &mut s[r * ld + col0..][..block];
                     row.fill(f32::NEG_INFINITY);
                     let q_row = &q_blk[r * hs..][..hs];
-                    for_each_bit(layout.row_bits(entry, r), |j| {
+                    for j in Bits(layout.row_bits(entry, r)) {
                         row[j] = dot8::<FMA>(q_row, &sc.k[(k0 + j) * hs..][..hs]);
-                    });
+                    }
                 }
             } else {
                 let kt = &sc.kt[k0..];
-                gemm_acc::<FMA>(
+                gemm_acc::<FMA, MR, NR>(
                     &mut s[col0..],
                     ld,
                     (bq, bk, hs),
@@ -808,13 +872,13 @@ fn forward_head_body<const FMA: bool>(
                 }
                 for r in 0..bq {
                     let o_row = &mut o[r * hs..][..hs];
-                    for_each_bit(layout.row_bits(entry, r), |j| {
+                    for j in Bits(layout.row_bits(entry, r)) {
                         axpy::<FMA>(o_row, s[r * ld + col0 + j], &sc.v[(k0 + j) * hs..][..hs]);
-                    });
+                    }
                 }
             } else {
                 let v = &sc.v[k0 * hs..];
-                gemm_acc::<FMA>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
+                gemm_acc::<FMA, MR, NR>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
             }
         }
         for r in 0..bq {
@@ -843,7 +907,7 @@ fn forward_head_body<const FMA: bool>(
 /// by pair when sparse). The scratch q is already scaled, so `dK = dSᵀ q_scaled` and only `dQ`
 /// needs the explicit factor.
 #[inline(always)]
-fn backward_head_body<const FMA: bool>(
+fn backward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
     dq: RowSink,
     lse: &[f32],
     sc: &mut HeadScratch,
@@ -871,7 +935,7 @@ fn backward_head_body<const FMA: bool>(
                     let (q_row, do_row) = (&q_blk[r * hs..][..hs], &do_blk[r * hs..][..hs]);
                     let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
                     let dq_row = &mut dq_acc[r * hs..][..hs];
-                    for_each_bit(layout.row_bits(entry, r), |j| {
+                    for j in Bits(layout.row_bits(entry, r)) {
                         let key = (k0 + j) * hs;
                         let k_row = &sc.k[key..][..hs];
                         let p = exp_shifted::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
@@ -879,14 +943,14 @@ fn backward_head_body<const FMA: bool>(
                         axpy::<FMA>(&mut dv[j * hs..][..hs], p, do_row);
                         axpy::<FMA>(&mut dk[j * hs..][..hs], ds, q_row);
                         axpy::<FMA>(dq_row, ds, k_row);
-                    });
+                    }
                 }
                 continue;
             }
             let p = &mut sc.s[..bq * bk];
             let ds = &mut sc.ds[..bq * bk];
-            gemm_acc::<FMA>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
-            gemm_acc::<FMA>(
+            gemm_acc::<FMA, MR, NR>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
+            gemm_acc::<FMA, MR, NR>(
                 ds,
                 bk,
                 (bq, bk, hs),
@@ -905,9 +969,9 @@ fn backward_head_body<const FMA: bool>(
                     *dsj = *pj * (*dsj - delta_p);
                 }
             }
-            gemm_acc::<FMA>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
-            gemm_acc::<FMA>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
-            gemm_acc::<FMA>(
+            gemm_acc::<FMA, MR, NR>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
+            gemm_acc::<FMA, MR, NR>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
+            gemm_acc::<FMA, MR, NR>(
                 dq_acc,
                 hs,
                 (bq, hs, bk),
@@ -930,42 +994,93 @@ fn backward_head_body<const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn forward_head_avx2(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    forward_head_body::<true>(out, lse, sc, layout)
+    forward_head_body::<true, 4, 16>(out, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn backward_head_avx2(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    backward_head_body::<true>(dq, lse, sc, layout)
+    backward_head_body::<true, 4, 16>(dq, lse, sc, layout)
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn forward_head_avx512(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    forward_head_body::<true, 4, 16>(out, lse, sc, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn backward_head_avx512(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    backward_head_body::<true, 4, 16>(dq, lse, sc, layout)
+}
+
+/// An instruction set the inner loops are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Generic,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Generic];
+
+    /// Whether this CPU can run code compiled for `self`.
+    fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Generic => true,
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+                Isa::Avx512 => has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Generic
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The widest available instruction set, detected once.
+    fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|isa| isa.available())
+                .unwrap_or(Isa::Generic)
+        })
     }
 }
 
-fn forward_head(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        return unsafe { forward_head_avx2(out, lse, sc, layout) };
+fn forward_head(
+    isa: Isa,
+    out: RowSink,
+    lse: &mut [f32],
+    sc: &mut HeadScratch,
+    layout: &BlockLayout,
+) {
+    match isa {
+        // SAFETY: the CPU has the features (checked in the guard).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { forward_head_avx512(out, lse, sc, layout) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.available() => unsafe { forward_head_avx2(out, lse, sc, layout) },
+        _ => forward_head_body::<false, 4, 16>(out, lse, sc, layout),
     }
-    forward_head_body::<false>(out, lse, sc, layout)
 }
 
-fn backward_head(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        return unsafe { backward_head_avx2(dq, lse, sc, layout) };
+fn backward_head(isa: Isa, dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    match isa {
+        // SAFETY: the CPU has the features (checked in the guard).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { backward_head_avx512(dq, lse, sc, layout) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.available() => unsafe { backward_head_avx2(dq, lse, sc, layout) },
+        _ => backward_head_body::<false, 4, 16>(dq, lse, sc, layout),
     }
-    backward_head_body::<false>(dq, lse, sc, layout)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1024,6 +1139,22 @@ pub fn attention_forward(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
+    forward_with(Isa::best(), out, lse, qkv, layout, b, t, nh, hs)
+}
+
+/// [`attention_forward`] with the inner loops compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    isa: Isa,
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
     const OP: &str = "attention_forward";
     let dims = check_dims(OP, layout, b, t, nh, hs)?;
     let c = dims.c;
@@ -1039,7 +1170,7 @@ pub fn attention_forward(
             sc.gather_qkv(qkv, bi, h, dims);
             // SAFETY: task (bi, h) writes only columns h·HS..(h+1)·HS of batch bi's rows.
             let sink = unsafe { out.at(bi * t * c + h * hs, c) };
-            forward_head(sink, lse_bh, sc, layout);
+            forward_head(isa, sink, lse_bh, sc, layout);
         },
     );
     Ok(())
@@ -1050,6 +1181,24 @@ pub fn attention_forward(
 /// output (used for `D = rowsum(dO ∘ O)`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
+    backward_with(Isa::best(), dqkv, dout, qkv, out, lse, layout, b, t, nh, hs)
+}
+
+/// [`attention_backward`] with the inner loops compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    isa: Isa,
     dqkv: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
@@ -1087,7 +1236,7 @@ pub fn attention_backward(
                     dqkv.at(base + 2 * c, 3 * c),
                 )
             };
-            backward_head(dq, lse_bh, sc, layout);
+            backward_head(isa, dq, lse_bh, sc, layout);
             for (p, (dk_row, dv_row)) in sc
                 .dk
                 .chunks_exact(hs)
@@ -1375,37 +1524,44 @@ mod tests {
         }
     }
 
-    /// Head sizes and blocks that are multiples of the 16-wide register tile, so that every block
-    /// product runs its fast path (the tests above mostly exercise the remainder path).
+    /// Every instruction set this CPU offers (the generic loops always), with head sizes and blocks
+    /// that are multiples of the 16-wide register tile, so that every block product runs its fast
+    /// path (the tests above mostly exercise the remainder path), and some that are not.
     #[test]
-    fn attention_register_tiles_match_dense_reference() {
+    fn attention_every_isa_matches_dense_reference() {
         let (b, nh) = (1, 2);
-        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48), (0, 8, 16)] {
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.available()).collect();
+        assert!(isas.contains(&Isa::Generic) && isas.contains(&Isa::best()));
+        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48), (0, 8, 16), (4, 4, 8)] {
             for kind in KINDS {
-                for block in [16, 32, 64] {
+                for block in [16, 32, 64, 5] {
                     let t = tt + g * g;
                     let c = nh * hs;
                     let layout = BlockLayout::new(tt, g, kind, block).unwrap();
                     let qkv = rand_vec(b * t * 3 * c, 1.5, 31 + t as u64);
                     let dout = rand_vec(b * t * c, 1.0, 37 + t as u64);
-                    let mut out = vec![0.0; b * t * c];
-                    let mut lse = vec![0.0; b * nh * t];
-                    attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
-                    let mut dqkv = vec![f32::NAN; b * t * 3 * c];
-                    attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs)
-                        .unwrap();
                     let (want_out, want_lse, probs) = dense_forward(&qkv, tt, g, kind, b, nh, hs);
                     let want_dqkv = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
-                    let what = format!("{kind:?} tt {tt} g {g} hs {hs} block {block}");
-                    assert_close(&format!("out {what}"), &to_f64(&out), &want_out, 1e-5, 1e-5);
-                    assert_close(&format!("lse {what}"), &to_f64(&lse), &want_lse, 1e-5, 1e-5);
-                    assert_close(
-                        &format!("dqkv {what}"),
-                        &to_f64(&dqkv),
-                        &want_dqkv,
-                        2e-5,
-                        1e-4,
-                    );
+                    for &isa in &isas {
+                        let mut out = vec![0.0; b * t * c];
+                        let mut lse = vec![0.0; b * nh * t];
+                        forward_with(isa, &mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                        let mut dqkv = vec![f32::NAN; b * t * 3 * c];
+                        backward_with(
+                            isa, &mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs,
+                        )
+                        .unwrap();
+                        let what = format!("{isa:?} {kind:?} tt {tt} g {g} hs {hs} block {block}");
+                        assert_close(&format!("out {what}"), &to_f64(&out), &want_out, 1e-5, 1e-5);
+                        assert_close(&format!("lse {what}"), &to_f64(&lse), &want_lse, 1e-5, 1e-5);
+                        assert_close(
+                            &format!("dqkv {what}"),
+                            &to_f64(&dqkv),
+                            &want_dqkv,
+                            2e-5,
+                            1e-4,
+                        );
+                    }
                 }
             }
         }
