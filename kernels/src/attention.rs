@@ -411,7 +411,7 @@ fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
-    let xc = x.max(-87.0).min(88.0);
+    let xc = x.clamp(-87.0, 88.0);
     let z = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
     let n = z - ROUND;
     let r = fmadd::<FMA>(n, -LN2_LO, fmadd::<FMA>(n, -LN2_HI, xc));
@@ -430,12 +430,14 @@ fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
 
 /// `C[m × n] (+)= A[m × k] · B[k × n]` (`+=` when `accumulate`, else `=`), every block product of
 /// this module. `C` is row-major with row stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]`
-/// (so a transposed `A` costs nothing); `B` is row-major with row stride `ldb`. Register tiles of
-/// `MR` rows × `NR` columns share each row of `B` across the `MR` rows; the edges fall back to
-/// 4 × 16 tiles, then to plain loops.
+/// (so a transposed `A` costs nothing); `B` is row-major with row stride `ldb`.
+///
+/// Register tiles share each row of `B` across several rows of `C`: 4 × 16 (eight AVX2 registers
+/// of accumulators), or with `WIDE` (AVX-512 only) 8 × 32 (sixteen 512-bit registers); the edges
+/// fall back to smaller tiles, then to plain loops.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gemm_acc<const FMA: bool, const MR: usize, const NR: usize>(
+fn gemm_acc<const FMA: bool, const WIDE: bool>(
     c: &mut [f32],
     ldc: usize,
     (m, n, k): (usize, usize, usize),
@@ -467,17 +469,29 @@ fn gemm_acc<const FMA: bool, const MR: usize, const NR: usize>(
         accumulate,
     };
     let mut r0 = 0;
-    // SAFETY (all calls): rows r0..r0 + rows ≤ m and columns ≤ n, which the assertion bounds.
-    while r0 + MR <= m {
-        unsafe { g.rows::<FMA, MR, NR>(r0, n) };
-        r0 += MR;
+    // SAFETY (all calls): rows r0..r0 + rows ≤ m and columns ≤ n, which the assertion bounds;
+    // `WIDE` is only instantiated inside `#[target_feature(enable = "avx512f", ...)]` functions.
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        while r0 + 8 <= m {
+            let mut x0 = 0;
+            while x0 + 32 <= n {
+                unsafe { g.tile_8x32_avx512(r0, x0) };
+                x0 += 32;
+            }
+            unsafe {
+                g.rows::<FMA, 4>(r0, x0, n);
+                g.rows::<FMA, 4>(r0 + 4, x0, n);
+            }
+            r0 += 8;
+        }
     }
     while r0 + 4 <= m {
-        unsafe { g.rows::<FMA, 4, 16>(r0, n) };
+        unsafe { g.rows::<FMA, 4>(r0, 0, n) };
         r0 += 4;
     }
     while r0 < m {
-        unsafe { g.rows::<FMA, 1, 16>(r0, n) };
+        unsafe { g.rows::<FMA, 1>(r0, 0, n) };
         r0 += 1;
     }
 }
@@ -496,54 +510,13 @@ struct Gemm {
 }
 
 impl Gemm {
-    /// Rows `r0..r0 + MR`, all `n` columns.
+    /// Rows `r0..r0 + MR`, columns `x0..n`: 4 × 16 tiles, then plain loops.
     ///
     /// # Safety
     /// Rows and columns within the bounds [`gemm_acc`] asserted.
     #[inline(always)]
-    unsafe fn rows<const FMA: bool, const MR: usize, const NR: usize>(&self, r0: usize, n: usize) {
-        let mut x0 = self.tiles::<FMA, MR, NR>(r0, 0, n);
-        if NR > 16 {
-            x0 = self.tiles::<FMA, MR, 16>(r0, x0, n);
-        }
-        let Gemm {
-            c,
-            ldc,
-            k,
-            a,
-            a_rs,
-            a_cs,
-            b,
-            ldb,
-            accumulate,
-        } = *self;
-        for r in r0..r0 + MR {
-            if !accumulate {
-                for x in x0..n {
-                    *c.add(r * ldc + x) = 0.0;
-                }
-            }
-            for l in 0..k {
-                let a_rl = *a.add(r * a_rs + l * a_cs);
-                for x in x0..n {
-                    let v = c.add(r * ldc + x);
-                    *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
-                }
-            }
-        }
-    }
-
-    /// Full `MR × NR` tiles of rows `r0..r0 + MR` from column `x0` on; returns the first column left.
-    ///
-    /// # Safety
-    /// As [`Gemm::rows`].
-    #[inline(always)]
-    unsafe fn tiles<const FMA: bool, const MR: usize, const NR: usize>(
-        &self,
-        r0: usize,
-        mut x0: usize,
-        n: usize,
-    ) -> usize {
+    unsafe fn rows<const FMA: bool, const MR: usize>(&self, r0: usize, mut x0: usize, n: usize) {
+        const NR: usize = 16;
         let Gemm {
             c,
             ldc,
@@ -580,7 +553,68 @@ impl Gemm {
             }
             x0 += NR;
         }
-        x0
+        for r in r0..r0 + MR {
+            if !accumulate {
+                for x in x0..n {
+                    *c.add(r * ldc + x) = 0.0;
+                }
+            }
+            for l in 0..k {
+                let a_rl = *a.add(r * a_rs + l * a_cs);
+                for x in x0..n {
+                    let v = c.add(r * ldc + x);
+                    *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
+                }
+            }
+        }
+    }
+
+    /// One 8 × 32 tile at rows `r0..r0 + 8`, columns `x0..x0 + 32`, in sixteen AVX-512 accumulators.
+    /// (Written with intrinsics: a plain `[[f32; 32]; 8]` accumulator is too big for the compiler to
+    /// keep in registers.)
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; rows and columns within the bounds [`gemm_acc`] asserted.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_8x32_avx512(&self, r0: usize, x0: usize) {
+        use std::arch::x86_64::{
+            _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        };
+        let Gemm {
+            c,
+            ldc,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            ldb,
+            accumulate,
+        } = *self;
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if accumulate {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (h, v) in acc_r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(c.add((r0 + r) * ldc + x0 + 16 * h));
+                }
+            }
+        }
+        for l in 0..k {
+            let b_row = b.add(l * ldb + x0);
+            let (b0, b1) = (_mm512_loadu_ps(b_row), _mm512_loadu_ps(b_row.add(16)));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a_rl = _mm512_set1_ps(*a.add((r0 + r) * a_rs + l * a_cs));
+                acc_r[0] = _mm512_fmadd_ps(a_rl, b0, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(a_rl, b1, acc_r[1]);
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (h, &v) in acc_r.iter().enumerate() {
+                _mm512_storeu_ps(c.add((r0 + r) * ldc + x0 + 16 * h), v);
+            }
+        }
     }
 }
 
@@ -793,7 +827,7 @@ impl HeadScratch {
 /// block: scores against every listed key block (block products, or dot products for sparse
 /// blocks), an exact softmax over the row, then `O = P V` block by block.
 #[inline(always)]
-fn forward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
+fn forward_head_body<const FMA: bool, const WIDE: bool>(
     out: RowSink,
     lse: &mut [f32],
     sc: &mut HeadScratch,
@@ -829,7 +863,7 @@ fn forward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
                 }
             } else {
                 let kt = &sc.kt[k0..];
-                gemm_acc::<FMA, MR, NR>(
+                gemm_acc::<FMA, WIDE>(
                     &mut s[col0..],
                     ld,
                     (bq, bk, hs),
@@ -878,7 +912,7 @@ fn forward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
                 }
             } else {
                 let v = &sc.v[k0 * hs..];
-                gemm_acc::<FMA, MR, NR>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
+                gemm_acc::<FMA, WIDE>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
             }
         }
         for r in 0..bq {
@@ -907,7 +941,7 @@ fn forward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
 /// by pair when sparse). The scratch q is already scaled, so `dK = dSᵀ q_scaled` and only `dQ`
 /// needs the explicit factor.
 #[inline(always)]
-fn backward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
+fn backward_head_body<const FMA: bool, const WIDE: bool>(
     dq: RowSink,
     lse: &[f32],
     sc: &mut HeadScratch,
@@ -949,8 +983,8 @@ fn backward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
             }
             let p = &mut sc.s[..bq * bk];
             let ds = &mut sc.ds[..bq * bk];
-            gemm_acc::<FMA, MR, NR>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
-            gemm_acc::<FMA, MR, NR>(
+            gemm_acc::<FMA, WIDE>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
+            gemm_acc::<FMA, WIDE>(
                 ds,
                 bk,
                 (bq, bk, hs),
@@ -969,9 +1003,9 @@ fn backward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
                     *dsj = *pj * (*dsj - delta_p);
                 }
             }
-            gemm_acc::<FMA, MR, NR>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
-            gemm_acc::<FMA, MR, NR>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
-            gemm_acc::<FMA, MR, NR>(
+            gemm_acc::<FMA, WIDE>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
+            gemm_acc::<FMA, WIDE>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
+            gemm_acc::<FMA, WIDE>(
                 dq_acc,
                 hs,
                 (bq, hs, bk),
@@ -994,25 +1028,25 @@ fn backward_head_body<const FMA: bool, const MR: usize, const NR: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn forward_head_avx2(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    forward_head_body::<true, 4, 16>(out, lse, sc, layout)
+    forward_head_body::<true, false>(out, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn backward_head_avx2(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    backward_head_body::<true, 4, 16>(dq, lse, sc, layout)
+    backward_head_body::<true, false>(dq, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 fn forward_head_avx512(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    forward_head_body::<true, 4, 16>(out, lse, sc, layout)
+    forward_head_body::<true, true>(out, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 fn backward_head_avx512(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    backward_head_body::<true, 4, 16>(dq, lse, sc, layout)
+    backward_head_body::<true, true>(dq, lse, sc, layout)
 }
 
 /// An instruction set the inner loops are compiled for.
@@ -1068,7 +1102,7 @@ fn forward_head(
         Isa::Avx512 if isa.available() => unsafe { forward_head_avx512(out, lse, sc, layout) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.available() => unsafe { forward_head_avx2(out, lse, sc, layout) },
-        _ => forward_head_body::<false, 4, 16>(out, lse, sc, layout),
+        _ => forward_head_body::<false, false>(out, lse, sc, layout),
     }
 }
 
@@ -1079,7 +1113,7 @@ fn backward_head(isa: Isa, dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layou
         Isa::Avx512 if isa.available() => unsafe { backward_head_avx512(dq, lse, sc, layout) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.available() => unsafe { backward_head_avx2(dq, lse, sc, layout) },
-        _ => backward_head_body::<false, 4, 16>(dq, lse, sc, layout),
+        _ => backward_head_body::<false, false>(dq, lse, sc, layout),
     }
 }
 
