@@ -735,6 +735,7 @@ impl<'a> RowSink<'a> {
 }
 
 /// Per-task scratch: one head's operands gathered contiguous, plus block buffers.
+#[derive(Default)]
 struct HeadScratch {
     /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
     q: Vec<f32>,
@@ -760,29 +761,50 @@ struct HeadScratch {
 }
 
 impl HeadScratch {
-    fn new(layout: &BlockLayout, hs: usize, backward: bool) -> Self {
-        let t = layout.seq_len();
-        let block = layout.block();
-        let bwd = |n: usize| if backward { vec![0.0; n] } else { Vec::new() };
-        Self {
-            q: vec![0.0; t * hs],
-            k: vec![0.0; t * hs],
-            kt: vec![0.0; t * hs],
-            v: vec![0.0; t * hs],
-            vt: bwd(t * hs),
-            dout: bwd(t * hs),
-            delta: bwd(t),
-            dk: bwd(t * hs),
-            dv: bwd(t * hs),
-            s: vec![0.0; block * block * if backward { 1 } else { layout.max_row_blocks() }],
-            ds: bwd(block * block),
-            acc: vec![0.0; block * hs],
+    /// Runs `f` with this thread's scratch, sized for `layout` and `hs`. The buffers live as long as
+    /// the (rayon worker) thread, so repeated calls allocate nothing.
+    fn with<R>(
+        layout: &BlockLayout,
+        hs: usize,
+        backward: bool,
+        f: impl FnOnce(&mut HeadScratch) -> R,
+    ) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch::default());
+        }
+        SCRATCH.with(|cell| {
+            let mut sc = cell.borrow_mut();
+            sc.resize(layout, hs, backward);
+            f(&mut sc)
+        })
+    }
+
+    /// Sizes every buffer for `layout` and `hs` (contents are overwritten before use).
+    fn resize(&mut self, layout: &BlockLayout, hs: usize, backward: bool) {
+        let (t, block) = (layout.seq_len(), layout.block());
+        let bwd = |n: usize| if backward { n } else { 0 };
+        let s_len = block * block * if backward { 1 } else { layout.max_row_blocks() };
+        for (buf, len) in [
+            (&mut self.q, t * hs),
+            (&mut self.k, t * hs),
+            (&mut self.kt, t * hs),
+            (&mut self.v, t * hs),
+            (&mut self.vt, bwd(t * hs)),
+            (&mut self.dout, bwd(t * hs)),
+            (&mut self.delta, bwd(t)),
+            (&mut self.dk, bwd(t * hs)),
+            (&mut self.dv, bwd(t * hs)),
+            (&mut self.s, s_len),
+            (&mut self.ds, bwd(block * block)),
+            (&mut self.acc, block * hs),
+        ] {
+            buf.resize(len, 0.0);
         }
     }
 
     /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q, and transposes k (and
     /// for backward v).
-    fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims) {
+    fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims, backward: bool) {
         let Dims { t, c, hs } = dims;
         let scale = 1.0 / (hs as f32).sqrt();
         for p in 0..t {
@@ -804,7 +826,7 @@ impl HeadScratch {
             }
         }
         transpose(&mut self.kt, &self.k, t, hs);
-        if !self.vt.is_empty() {
+        if backward {
             transpose(&mut self.vt, &self.v, t, hs);
         }
     }
@@ -1197,16 +1219,15 @@ fn forward_with(
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
     let out = RowSink::shared(out);
-    lse.par_chunks_mut(t).enumerate().for_each_init(
-        || HeadScratch::new(layout, hs, false),
-        |sc, (bh, lse_bh)| {
+    lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse_bh)| {
+        HeadScratch::with(layout, hs, false, |sc| {
             let (bi, h) = (bh / nh, bh % nh);
-            sc.gather_qkv(qkv, bi, h, dims);
+            sc.gather_qkv(qkv, bi, h, dims, false);
             // SAFETY: task (bi, h) writes only columns h·HS..(h+1)·HS of batch bi's rows.
             let sink = unsafe { out.at(bi * t * c + h * hs, c) };
             forward_head(isa, sink, lse_bh, sc, layout);
-        },
-    );
+        })
+    });
     Ok(())
 }
 
@@ -1254,11 +1275,10 @@ fn backward_with(
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
     let dqkv = RowSink::shared(dqkv);
-    lse.par_chunks(t).enumerate().for_each_init(
-        || HeadScratch::new(layout, hs, true),
-        |sc, (bh, lse_bh)| {
+    lse.par_chunks(t).enumerate().for_each(|(bh, lse_bh)| {
+        HeadScratch::with(layout, hs, true, |sc| {
             let (bi, h) = (bh / nh, bh % nh);
-            sc.gather_qkv(qkv, bi, h, dims);
+            sc.gather_qkv(qkv, bi, h, dims, true);
             sc.gather_dout(dout, out, bi, h, dims);
             let base = bi * t * 3 * c + h * hs;
             // SAFETY: task (bi, h) writes only head h's columns of the q, k and v parts of batch
@@ -1280,8 +1300,8 @@ fn backward_with(
                 dk.put(p, dk_row);
                 dv.put(p, dv_row);
             }
-        },
-    );
+        })
+    });
     Ok(())
 }
 
