@@ -758,6 +758,8 @@ struct HeadScratch {
     ds: Vec<f32>,
     /// One query block's output (forward) or `dQ` (backward) accumulator, `[block, HS]`.
     acc: Vec<f32>,
+    /// Forward: which key blocks of the current query block take the pair-by-pair path.
+    sparse: Vec<bool>,
 }
 
 impl HeadScratch {
@@ -800,6 +802,7 @@ impl HeadScratch {
         ] {
             buf.resize(len, 0.0);
         }
+        self.sparse.resize(layout.max_row_blocks(), false);
     }
 
     /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q, and transposes k (and
@@ -855,29 +858,30 @@ fn forward_head_body<const FMA: bool, const WIDE: bool>(
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    let (t, block, hs) = (
-        layout.seq_len(),
-        layout.block(),
-        sc.acc.len() / layout.block(),
-    );
+    let (t, block) = (layout.seq_len(), layout.block());
+    let hs = sc.acc.len() / block;
     for qb in 0..layout.num_blocks() {
         let entries = layout.key_blocks(qb);
         let (p0, bq) = (qb * block, layout.block_len(qb));
         let ld = entries.len() * block;
         let q_blk = &sc.q[p0 * hs..][..bq * hs];
         let s = &mut sc.s[..bq * ld];
+        let sparse = &mut sc.sparse[..entries.len()];
+        for (flag, entry) in sparse.iter_mut().zip(entries) {
+            *flag = is_sparse(layout, entry, bq);
+        }
 
-        // 1. Scaled scores; −inf where masked and in the tail of a partial key block.
+        // 1. Scaled scores. Dense segments: −inf where masked and in the tail of a partial key
+        //    block. Sparse segments: only the allowed entries are written, and only those are read.
         for (e, entry) in entries.iter().enumerate() {
             let (k0, bk, col0) = (
                 entry.key_block * block,
                 layout.block_len(entry.key_block),
                 e * block,
             );
-            if is_sparse(layout, entry, bq) {
+            if sparse[e] {
                 for r in 0..bq {
                     let row = &mut s[r * ld + col0..][..block];
-                    row.fill(f32::NEG_INFINITY);
                     let q_row = &q_blk[r * hs..][..hs];
                     for j in Bits(layout.row_bits(entry, r)) {
                         row[j] = dot8::<FMA>(q_row, &sc.k[(k0 + j) * hs..][..hs]);
@@ -905,11 +909,30 @@ fn forward_head_body<const FMA: bool, const WIDE: bool>(
         let mut sums = [0f32; MAX_BLOCK];
         for r in 0..bq {
             let row = &mut s[r * ld..][..ld];
-            let max = max8(row);
-            for x in row.iter_mut() {
-                *x = exp_shifted::<FMA>(*x - max);
+            let mut max = f32::NEG_INFINITY;
+            for (e, seg) in row.chunks_exact(block).enumerate() {
+                if sparse[e] {
+                    for j in Bits(layout.row_bits(&entries[e], r)) {
+                        max = max.max(seg[j]);
+                    }
+                } else {
+                    max = max.max(max8(seg));
+                }
             }
-            let sum = sum8(row);
+            let mut sum = 0.0;
+            for (e, seg) in row.chunks_exact_mut(block).enumerate() {
+                if sparse[e] {
+                    for j in Bits(layout.row_bits(&entries[e], r)) {
+                        seg[j] = exp_shifted::<FMA>(seg[j] - max);
+                        sum += seg[j];
+                    }
+                } else {
+                    for x in seg.iter_mut() {
+                        *x = exp_shifted::<FMA>(*x - max);
+                    }
+                    sum += sum8(seg);
+                }
+            }
             lse[p0 + r] = max + sum.ln();
             sums[r] = sum;
         }
@@ -922,7 +945,7 @@ fn forward_head_body<const FMA: bool, const WIDE: bool>(
                 layout.block_len(entry.key_block),
                 e * block,
             );
-            if is_sparse(layout, entry, bq) {
+            if sparse[e] {
                 if e == 0 {
                     o.fill(0.0);
                 }
