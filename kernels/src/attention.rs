@@ -665,17 +665,41 @@ impl Iterator for Bits {
     }
 }
 
-/// `dst[d, p] = src[p, d]` for `src` `[rows, cols]`, in 8 × 8 tiles to stay in cache.
+/// `dst[d, p] = src[p, d]` for `src` `[rows, cols]`, 16 rows at a time so that every store fills
+/// a whole cache line.
 fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
-    const TILE: usize = 8;
-    for p0 in (0..rows).step_by(TILE) {
-        for d0 in (0..cols).step_by(TILE) {
-            for p in p0..(p0 + TILE).min(rows) {
-                for d in d0..(d0 + TILE).min(cols) {
-                    dst[d * rows + p] = src[p * cols + d];
-                }
+    const R: usize = 16;
+    let mut p0 = 0;
+    while p0 + R <= rows {
+        let src_rows: [&[f32]; R] = std::array::from_fn(|i| &src[(p0 + i) * cols..][..cols]);
+        for d in 0..cols {
+            let out = &mut dst[d * rows + p0..][..R];
+            for (y, row) in out.iter_mut().zip(&src_rows) {
+                *y = row[d];
             }
         }
+        p0 += R;
+    }
+    for p in p0..rows {
+        for d in 0..cols {
+            dst[d * rows + p] = src[p * cols + d];
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for one head row, as inline 16-float moves: a libc `memcpy` call per
+/// row costs more than the copy.
+#[inline(always)]
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let mut dst16 = dst.chunks_exact_mut(16);
+    let mut src16 = src.chunks_exact(16);
+    for (d, s) in (&mut dst16).zip(&mut src16) {
+        if let (Ok(d), Ok(s)) = (<&mut [f32; 16]>::try_from(d), <&[f32; 16]>::try_from(s)) {
+            *d = *s;
+        }
+    }
+    for (d, s) in dst16.into_remainder().iter_mut().zip(src16.remainder()) {
+        *d = *s;
     }
 }
 
@@ -729,8 +753,9 @@ impl<'a> RowSink<'a> {
             off + row.len() <= self.len,
             "RowSink: row {p} out of bounds"
         );
-        // SAFETY: in bounds (checked above) and not written by any other task (`at`'s contract).
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), self.ptr.add(off), row.len()) };
+        // SAFETY: in bounds (checked above) and not accessed by any other task (`at`'s contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), row.len()) };
+        copy_row(dst, row);
     }
 }
 
@@ -822,11 +847,11 @@ impl HeadScratch {
                 &mut self.k[p * hs..][..hs],
                 &mut self.v[p * hs..][..hs],
             );
-            for d in 0..hs {
-                qd[d] = scale * qr[d];
-                kd[d] = kr[d];
-                vd[d] = vr[d];
+            for (y, &x) in qd.iter_mut().zip(qr) {
+                *y = scale * x;
             }
+            copy_row(kd, kr);
+            copy_row(vd, vr);
         }
         transpose(&mut self.kt, &self.k, t, hs);
         if backward {
@@ -840,9 +865,7 @@ impl HeadScratch {
         for p in 0..t {
             let off = (bi * t + p) * c + h * hs;
             let (dr, or) = (&dout[off..][..hs], &out[off..][..hs]);
-            for (y, &x) in self.dout[p * hs..][..hs].iter_mut().zip(dr) {
-                *y = x;
-            }
+            copy_row(&mut self.dout[p * hs..][..hs], dr);
             self.delta[p] = dot8::<false>(dr, or);
         }
     }
