@@ -15,7 +15,7 @@ use kernels::attention::{
     attention_backward, attention_forward, BlockLayout, MaskKind, DEFAULT_BLOCK,
 };
 
-const WARMUP: usize = 2;
+const WARMUP: usize = 5;
 const RUNS: usize = 7;
 
 struct Size {
