@@ -765,7 +765,8 @@ impl<'a> RowSink<'a> {
     }
 }
 
-/// Per-task scratch: one head's operands gathered contiguous, plus block buffers.
+/// Per-thread scratch (see [`HeadScratch::with`]): one head's operands gathered contiguous, plus
+/// block buffers.
 #[derive(Default)]
 struct HeadScratch {
     /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
@@ -783,7 +784,7 @@ struct HeadScratch {
     dk: Vec<f32>,
     dv: Vec<f32>,
     /// Forward: one query block's scores, then probabilities, against all its key blocks
-    /// (`[block, entries·block]`). Backward: one block pair's `P` (`[block, block]`).
+    /// (`[block, entries·block]`). Backward: one block pair's `P` (`[block, block]`, a prefix).
     s: Vec<f32>,
     /// Backward only: one block pair's `dP`, then `dS`.
     ds: Vec<f32>,
@@ -812,26 +813,32 @@ impl HeadScratch {
         })
     }
 
-    /// Sizes every buffer for `layout` and `hs` (contents are overwritten before use).
+    /// Sizes every buffer for `layout` and `hs` (contents are overwritten before use). A forward
+    /// call leaves the backward-only buffers alone, so that alternating forward and backward calls
+    /// (one per layer) do not shrink and regrow them.
     fn resize(&mut self, layout: &BlockLayout, hs: usize, backward: bool) {
         let (t, block) = (layout.seq_len(), layout.block());
-        let bwd = |n: usize| if backward { n } else { 0 };
-        let s_len = block * block * if backward { 1 } else { layout.max_row_blocks() };
         for (buf, len) in [
             (&mut self.q, t * hs),
             (&mut self.k, t * hs),
             (&mut self.kt, t * hs),
             (&mut self.v, t * hs),
-            (&mut self.vt, bwd(t * hs)),
-            (&mut self.dout, bwd(t * hs)),
-            (&mut self.delta, bwd(t)),
-            (&mut self.dk, bwd(t * hs)),
-            (&mut self.dv, bwd(t * hs)),
-            (&mut self.s, s_len),
-            (&mut self.ds, bwd(block * block)),
+            (&mut self.s, block * block * layout.max_row_blocks()),
             (&mut self.acc, block * hs),
         ] {
             buf.resize(len, 0.0);
+        }
+        if backward {
+            for (buf, len) in [
+                (&mut self.vt, t * hs),
+                (&mut self.dout, t * hs),
+                (&mut self.delta, t),
+                (&mut self.dk, t * hs),
+                (&mut self.dv, t * hs),
+                (&mut self.ds, block * block),
+            ] {
+                buf.resize(len, 0.0);
+            }
         }
         self.sparse.resize(layout.max_row_blocks(), false);
     }
