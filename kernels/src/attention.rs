@@ -257,14 +257,17 @@ impl BlockLayout {
         self.seq_len
     }
 
+    /// Tt, the number of text positions (they come first).
     pub fn text_len(&self) -> usize {
         self.text_len
     }
 
+    /// G, the image side (G² image positions after the text, raster order).
     pub fn grid(&self) -> usize {
         self.grid
     }
 
+    /// The mask this layout encodes.
     pub fn kind(&self) -> MaskKind {
         self.kind
     }
