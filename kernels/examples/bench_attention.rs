@@ -5,7 +5,8 @@
 //! cargo run --release -p kernels --example bench_attention [-- BLOCK...]
 //! ```
 //!
-//! Times are medians of `RUNS` runs after `WARMUP` warm-up runs. GFLOP/s counts useful work only:
+//! Times are medians (and minima) of `RUNS` runs after `WARMUP` warm-up runs; `BENCH_SIZE=small`
+//! runs one size only. GFLOP/s counts useful work only:
 //! `4·HS` FLOPs per allowed pair forward (q·k and p·v), `8·HS` backward, times `B·NH`.
 
 use std::time::Instant;
@@ -14,7 +15,7 @@ use kernels::attention::{
     attention_backward, attention_forward, BlockLayout, MaskKind, DEFAULT_BLOCK,
 };
 
-const WARMUP: usize = 2;
+const WARMUP: usize = 5;
 const RUNS: usize = 7;
 
 struct Size {
@@ -66,8 +67,9 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Median of `RUNS` timings of `f`, in milliseconds, after `WARMUP` untimed calls.
-fn median_ms(mut f: impl FnMut()) -> f64 {
+/// (median, minimum) of `RUNS` timings of `f`, in milliseconds, after `WARMUP` untimed calls. The
+/// minimum is the steadier number on a shared machine.
+fn time_ms(mut f: impl FnMut()) -> (f64, f64) {
     for _ in 0..WARMUP {
         f();
     }
@@ -79,7 +81,7 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    times[RUNS / 2]
+    (times[RUNS / 2], times[0])
 }
 
 fn main() -> kernels::Result<()> {
@@ -92,7 +94,12 @@ fn main() -> kernels::Result<()> {
     } else {
         blocks
     };
-    for size in &SIZES {
+    // BENCH_SIZE=name runs one size only.
+    let only = std::env::var("BENCH_SIZE").ok();
+    for size in SIZES
+        .iter()
+        .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
+    {
         let Size {
             name,
             text_len,
@@ -115,11 +122,11 @@ fn main() -> kernels::Result<()> {
         ] {
             for &block in &blocks {
                 let layout = BlockLayout::new(text_len, grid, kind, block)?;
-                let fwd_ms = median_ms(|| {
+                let (fwd_ms, fwd_min_ms) = time_ms(|| {
                     attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap()
                 });
                 attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, hs)?;
-                let bwd_ms = median_ms(|| {
+                let (bwd_ms, bwd_min_ms) = time_ms(|| {
                     attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs)
                         .unwrap()
                 });
@@ -129,7 +136,7 @@ fn main() -> kernels::Result<()> {
                 let bwd_gflops = 8.0 * work / (bwd_ms * 1e6);
                 println!(
                     "{{\"size\":\"{name}\",\"kind\":\"{kind:?}\",\"block\":{block},\"T\":{t},\"B\":{b},\"NH\":{nh},\"HS\":{hs},\
-                     \"allowed_pairs\":{pairs},\"nonzero_blocks\":{},\"fwd_ms\":{fwd_ms:.3},\"bwd_ms\":{bwd_ms:.3},\
+                     \"allowed_pairs\":{pairs},\"nonzero_blocks\":{},\"fwd_ms\":{fwd_ms:.3},\"bwd_ms\":{bwd_ms:.3},\"fwd_min_ms\":{fwd_min_ms:.3},\"bwd_min_ms\":{bwd_min_ms:.3},\
                      \"fwd_gflops\":{fwd_gflops:.2},\"bwd_gflops\":{bwd_gflops:.2}}}",
                     layout.nonzero_blocks()
                 );

@@ -21,17 +21,21 @@
 //! fused qkv linear layer writes it (q in columns `0..C`, k in `C..2C`, v in `2C..3C`; head `h` uses
 //! columns `h·HS..(h+1)·HS` of each); `out` is `[B, T, C]`; `lse` is `[B, NH, T]`.
 //!
-//! Parallelism: one rayon task per `(batch, head)` pair. Each task gathers its head's q, k, v into
-//! contiguous scratch (and transposed copies of k and v, so that one query row's scores against a key
-//! block are unit-stride AXPYs), computes into a per-task staging slice, and a final parallel pass
-//! scatters the staging buffer into the interleaved `[B, T, C]` / `[B, T, 3C]` layout.
+//! How the CPU version runs: one rayon task per `(batch, head)` pair. A task gathers its head's q,
+//! k, v into contiguous per-thread scratch (plus transposed copies of k and, for backward, v), then
+//! walks the query blocks: every listed block pair is a few small matrix products in register
+//! tiles (4 × 16 with AVX2, 8 × 32 with AVX-512, chosen at run time; plain loops elsewhere), and a
+//! masked block with few allowed pairs is done pair by pair instead. Each task writes its head's
+//! columns of `out` / `dqkv` in place. The block size is a [`BlockLayout`] argument;
+//! [`DEFAULT_BLOCK`] was the fastest at the benchmark shapes (`examples/bench_attention.rs`).
 
 use rayon::prelude::*;
 
 use crate::error::{check_len, KernelError, Result};
 
-/// Block size (positions per block) used when the caller has no reason to pick another; chosen by
-/// measurement with `examples/bench_attention.rs`.
+/// Block size (positions per block) used when the caller has no reason to pick another. Measured
+/// with `examples/bench_attention.rs` at the tiny/small/paperseq shapes (one core, AVX-512): 32 was
+/// fastest overall, 16 close (less masked waste, smaller tiles), 64 slower (more masked waste).
 pub const DEFAULT_BLOCK: usize = 32;
 
 /// Largest supported block: an intra-block mask row is one `u64`.
@@ -253,14 +257,17 @@ impl BlockLayout {
         self.seq_len
     }
 
+    /// Tt, the number of text positions (they come first).
     pub fn text_len(&self) -> usize {
         self.text_len
     }
 
+    /// G, the image side (G² image positions after the text, raster order).
     pub fn grid(&self) -> usize {
         self.grid
     }
 
+    /// The mask this layout encodes.
     pub fn kind(&self) -> MaskKind {
         self.kind
     }
@@ -333,8 +340,11 @@ impl BlockLayout {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Inner loops. Written once, generic over whether fused multiply-add is available, and compiled
-// twice: plain, and inside `#[target_feature(enable = "avx2,fma")]` wrappers chosen at run time.
+// Inner loops. Written once, generic over whether fused multiply-add is available (`FMA`) and
+// whether the 8 × 32 AVX-512 tile may be used (`WIDE`), and compiled three times: plain, inside
+// `#[target_feature(enable = "avx2,fma")]` and inside an AVX-512 one; [`Isa::best`] picks at run
+// time. Hot loops take no closures: a closure is a separate function that does not inherit
+// `#[target_feature]`, and a `mul_add` in one becomes a libm call.
 
 /// `a·b + c`, fused when `FMA` (only instantiated as `true` where the CPU has FMA).
 #[inline(always)]
@@ -373,48 +383,394 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// A masked key block below this density is computed pair by pair instead of as a dense row.
-const SPARSE_DENOM: usize = 4;
-
-/// `s[j] = x · m[k0 + j]` for the keys `j` set in `bits`, `-inf` for the others. `m` is `[T, HS]`,
-/// `mt` its transpose `[HS, T]`; dense blocks use `mt` (unit-stride AXPYs over keys), sparse ones
-/// take one dot product per allowed key.
+/// Eight-lane maximum and sum, so that the reductions vectorise.
 #[inline(always)]
-fn row_scores<const FMA: bool>(
-    s: &mut [f32],
-    x: &[f32],
-    m: &[f32],
-    mt: &[f32],
-    t: usize,
-    k0: usize,
-    bits: u64,
-) {
-    let width = s.len();
-    let hs = x.len();
-    if bits.count_ones() as usize * SPARSE_DENOM >= width {
-        s.fill(0.0);
-        for (d, &xd) in x.iter().enumerate() {
-            axpy::<FMA>(s, xd, &mt[d * t + k0..][..width]);
+fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l].max(c[l]);
         }
-        if bits != low_bits(width) {
-            for (j, sj) in s.iter_mut().enumerate() {
-                if bits >> j & 1 == 0 {
-                    *sj = f32::NEG_INFINITY;
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for the shifted scores `x ≲ 0`: exactly 0 below −87 (so masked `−inf` scores vanish), else
+/// `2^n · p(r)` with `n = round(x·log2 e)`, `r = x − n·ln 2` and `p` the degree-6 Taylor polynomial
+/// (relative error ≈ 2e-7). Branch-free, so loops over it vectorise, unlike `f32::exp`.
+#[inline(always)]
+fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
+    let xc = x.clamp(-87.0, 88.0);
+    let z = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = z - ROUND;
+    let r = fmadd::<FMA>(n, -LN2_LO, fmadd::<FMA>(n, -LN2_HI, xc));
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = fmadd::<FMA>(p, r, c);
+    }
+    // z's bits are ROUND's plus n (two's complement), so this is the float 2^n.
+    let two_n = f32::from_bits(z.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+/// `C[m × n] (+)= A[m × k] · B[k × n]` (`+=` when `accumulate`, else `=`), every block product of
+/// this module. `C` is row-major with row stride `ldc`; `A[r, l]` is read at `a[r·a_rs + l·a_cs]`
+/// (so a transposed `A` costs nothing); `B` is row-major with row stride `ldb`.
+///
+/// Register tiles share each row of `B` across several rows of `C`: 4 × 16 (eight AVX2 registers
+/// of accumulators), or with `WIDE` (AVX-512 only) 8 × 32 (sixteen 512-bit registers); the edges
+/// fall back to smaller tiles, then to plain loops.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gemm_acc<const FMA: bool, const WIDE: bool>(
+    c: &mut [f32],
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // Every index the tiles touch is below these bounds, so the tiles may skip bounds checks.
+    assert!(
+        (m - 1) * ldc + n <= c.len()
+            && (m - 1) * a_rs + (k - 1) * a_cs < a.len()
+            && (k - 1) * ldb + n <= b.len(),
+        "gemm_acc: operand too short"
+    );
+    let g = Gemm {
+        c: c.as_mut_ptr(),
+        ldc,
+        k,
+        a: a.as_ptr(),
+        a_rs,
+        a_cs,
+        b: b.as_ptr(),
+        ldb,
+        accumulate,
+    };
+    let mut r0 = 0;
+    // SAFETY (all calls): rows r0..r0 + rows ≤ m and columns ≤ n, which the assertion bounds;
+    // `WIDE` is only instantiated inside `#[target_feature(enable = "avx512f", ...)]` functions.
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        while r0 + 8 <= m {
+            let mut x0 = 0;
+            while x0 + 32 <= n {
+                unsafe { g.tile_8x32_avx512(r0, x0) };
+                x0 += 32;
+            }
+            unsafe {
+                g.rows::<FMA, 4>(r0, x0, n);
+                g.rows::<FMA, 4>(r0 + 4, x0, n);
+            }
+            r0 += 8;
+        }
+    }
+    while r0 + 4 <= m {
+        unsafe { g.rows::<FMA, 4>(r0, 0, n) };
+        r0 += 4;
+    }
+    while r0 < m {
+        unsafe { g.rows::<FMA, 1>(r0, 0, n) };
+        r0 += 1;
+    }
+}
+
+/// The operands of one [`gemm_acc`] call, bounds already checked.
+struct Gemm {
+    c: *mut f32,
+    ldc: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    ldb: usize,
+    accumulate: bool,
+}
+
+impl Gemm {
+    /// Rows `r0..r0 + MR`, columns `x0..n`: 4 × 16 tiles, then plain loops.
+    ///
+    /// # Safety
+    /// Rows and columns within the bounds [`gemm_acc`] asserted.
+    #[inline(always)]
+    unsafe fn rows<const FMA: bool, const MR: usize>(&self, r0: usize, mut x0: usize, n: usize) {
+        const NR: usize = 16;
+        let Gemm {
+            c,
+            ldc,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            ldb,
+            accumulate,
+        } = *self;
+        while x0 + NR <= n {
+            let mut acc = [[0f32; NR]; MR];
+            if accumulate {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (x, v) in acc_r.iter_mut().enumerate() {
+                        *v = *c.add((r0 + r) * ldc + x0 + x);
+                    }
+                }
+            }
+            for l in 0..k {
+                let b_row = b.add(l * ldb + x0);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let a_rl = *a.add((r0 + r) * a_rs + l * a_cs);
+                    for (x, v) in acc_r.iter_mut().enumerate() {
+                        *v = fmadd::<FMA>(a_rl, *b_row.add(x), *v);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (x, &v) in acc_r.iter().enumerate() {
+                    *c.add((r0 + r) * ldc + x0 + x) = v;
+                }
+            }
+            x0 += NR;
+        }
+        for r in r0..r0 + MR {
+            if !accumulate {
+                for x in x0..n {
+                    *c.add(r * ldc + x) = 0.0;
+                }
+            }
+            for l in 0..k {
+                let a_rl = *a.add(r * a_rs + l * a_cs);
+                for x in x0..n {
+                    let v = c.add(r * ldc + x);
+                    *v = fmadd::<FMA>(a_rl, *b.add(l * ldb + x), *v);
                 }
             }
         }
-    } else {
-        s.fill(f32::NEG_INFINITY);
-        let mut rest = bits;
-        while rest != 0 {
-            let j = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            s[j] = dot8::<FMA>(x, &m[(k0 + j) * hs..][..hs]);
+    }
+
+    /// One 8 × 32 tile at rows `r0..r0 + 8`, columns `x0..x0 + 32`, in sixteen AVX-512 accumulators.
+    /// (Written with intrinsics: a plain `[[f32; 32]; 8]` accumulator is too big for the compiler to
+    /// keep in registers.)
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; rows and columns within the bounds [`gemm_acc`] asserted.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_8x32_avx512(&self, r0: usize, x0: usize) {
+        use std::arch::x86_64::{
+            _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        };
+        let Gemm {
+            c,
+            ldc,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            ldb,
+            accumulate,
+        } = *self;
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if accumulate {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (h, v) in acc_r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(c.add((r0 + r) * ldc + x0 + 16 * h));
+                }
+            }
+        }
+        for l in 0..k {
+            let b_row = b.add(l * ldb + x0);
+            let (b0, b1) = (_mm512_loadu_ps(b_row), _mm512_loadu_ps(b_row.add(16)));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a_rl = _mm512_set1_ps(*a.add((r0 + r) * a_rs + l * a_cs));
+                acc_r[0] = _mm512_fmadd_ps(a_rl, b0, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(a_rl, b1, acc_r[1]);
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (h, &v) in acc_r.iter().enumerate() {
+                _mm512_storeu_ps(c.add((r0 + r) * ldc + x0 + 16 * h), v);
+            }
         }
     }
 }
 
-/// Per-task scratch: one head's operands gathered contiguous, plus row buffers.
+/// A masked block with fewer than `1/SPARSE_DENOM` of its pairs allowed is computed pair by pair
+/// (one dot product per allowed pair) instead of as dense block products.
+const SPARSE_DENOM: usize = 4;
+
+/// Whether `entry` (against a query block of `bq` rows) takes the pair-by-pair path.
+#[inline(always)]
+fn is_sparse(layout: &BlockLayout, entry: &BlockEntry, bq: usize) -> bool {
+    entry.mask.is_some() && {
+        let allowed: u32 = (0..bq)
+            .map(|r| layout.row_bits(entry, r).count_ones())
+            .sum();
+        allowed as usize * SPARSE_DENOM < bq * layout.block_len(entry.key_block)
+    }
+}
+
+/// Sets `row[j] = −inf` wherever bit `j` of `bits` is clear.
+#[inline(always)]
+fn mask_row(row: &mut [f32], bits: u64) {
+    if bits == low_bits(row.len()) {
+        return;
+    }
+    for (j, x) in row.iter_mut().enumerate() {
+        if bits >> j & 1 == 0 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The set bits of a mask word, lowest first (an iterator, not a closure-taking helper: see the
+/// note on inner loops above).
+struct Bits(u64);
+
+impl Iterator for Bits {
+    type Item = usize;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let j = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(j)
+    }
+}
+
+/// `dst[d, p] = src[p, d]` for `src` `[rows, cols]`, 16 rows at a time so that every store fills
+/// a whole cache line.
+fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    const R: usize = 16;
+    let mut p0 = 0;
+    while p0 + R <= rows {
+        let src_rows: [&[f32]; R] = std::array::from_fn(|i| &src[(p0 + i) * cols..][..cols]);
+        for d in 0..cols {
+            let out = &mut dst[d * rows + p0..][..R];
+            for (y, row) in out.iter_mut().zip(&src_rows) {
+                *y = row[d];
+            }
+        }
+        p0 += R;
+    }
+    for p in p0..rows {
+        for d in 0..cols {
+            dst[d * rows + p] = src[p * cols + d];
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for one head row, as inline 16-float moves: a libc `memcpy` call per
+/// row costs more than the copy.
+#[inline(always)]
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let mut dst16 = dst.chunks_exact_mut(16);
+    let mut src16 = src.chunks_exact(16);
+    for (d, s) in (&mut dst16).zip(&mut src16) {
+        if let (Ok(d), Ok(s)) = (<&mut [f32; 16]>::try_from(d), <&[f32; 16]>::try_from(s)) {
+            *d = *s;
+        }
+    }
+    for (d, s) in dst16.into_remainder().iter_mut().zip(src16.remainder()) {
+        *d = *s;
+    }
+}
+
+/// Where one task writes its head's rows of a buffer that all heads share, interleaved: row `p` of
+/// the head goes to `buf[base + p·stride..][..HS]`. Tasks of different heads hold sinks over the
+/// same buffer and write disjoint elements, which slices cannot express.
+#[derive(Clone, Copy)]
+struct RowSink<'a> {
+    ptr: *mut f32,
+    len: usize,
+    base: usize,
+    stride: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a sink only writes through `ptr` within `len`, and `RowSink::new`'s contract makes the
+// element sets of concurrently used sinks disjoint.
+unsafe impl Send for RowSink<'_> {}
+unsafe impl Sync for RowSink<'_> {}
+
+impl<'a> RowSink<'a> {
+    /// A sink over `buf` (borrowed for `'a`); call [`RowSink::at`] to place it.
+    fn shared(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            base: 0,
+            stride: 0,
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// The same buffer, rows at `base + p·stride`.
+    ///
+    /// # Safety
+    /// While this sink is in use, no other sink over the buffer may write the elements it writes
+    /// (in this module: each `(batch, head)` task owns its head's columns).
+    unsafe fn at(self, base: usize, stride: usize) -> Self {
+        Self {
+            base,
+            stride,
+            ..self
+        }
+    }
+
+    /// Writes `row` as row `p`.
+    #[inline(always)]
+    fn put(&self, p: usize, row: &[f32]) {
+        let off = self.base + p * self.stride;
+        assert!(
+            off + row.len() <= self.len,
+            "RowSink: row {p} out of bounds"
+        );
+        // SAFETY: in bounds (checked above) and not accessed by any other task (`at`'s contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), row.len()) };
+        copy_row(dst, row);
+    }
+}
+
+/// Per-thread scratch (see [`HeadScratch::with`]): one head's operands gathered contiguous, plus
+/// block buffers.
+#[derive(Default)]
 struct HeadScratch {
     /// `[T, HS]`, already multiplied by `1/sqrt(HS)`.
     q: Vec<f32>,
@@ -427,37 +783,74 @@ struct HeadScratch {
     /// Backward only: the head's slice of `dout`, `[T, HS]`, and `D[p] = dO[p] · O[p]`.
     dout: Vec<f32>,
     delta: Vec<f32>,
-    /// One query row's scores (then probabilities) over its key blocks, and (backward) `dP`.
+    /// Backward only: `dK` and `dV` accumulators, `[T, HS]`.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// Forward: one query block's scores, then probabilities, against all its key blocks
+    /// (`[block, entries·block]`). Backward: one block pair's `P` (`[block, block]`, a prefix).
     s: Vec<f32>,
-    dp: Vec<f32>,
-    /// One row's accumulator, `[HS]`.
+    /// Backward only: one block pair's `dP`, then `dS`.
+    ds: Vec<f32>,
+    /// One query block's output (forward) or `dQ` (backward) accumulator, `[block, HS]`.
     acc: Vec<f32>,
+    /// Forward: which key blocks of the current query block take the pair-by-pair path.
+    sparse: Vec<bool>,
 }
 
 impl HeadScratch {
-    fn new(layout: &BlockLayout, hs: usize, backward: bool) -> Self {
-        let t = layout.seq_len();
-        let row = layout.max_row_blocks() * layout.block();
-        let bwd = |n: usize| if backward { vec![0.0; n] } else { Vec::new() };
-        Self {
-            q: vec![0.0; t * hs],
-            k: vec![0.0; t * hs],
-            kt: vec![0.0; t * hs],
-            v: vec![0.0; t * hs],
-            vt: bwd(t * hs),
-            dout: bwd(t * hs),
-            delta: bwd(t),
-            s: vec![0.0; row],
-            dp: bwd(row),
-            acc: vec![0.0; hs],
+    /// Runs `f` with this thread's scratch, sized for `layout` and `hs`. The buffers live as long as
+    /// the (rayon worker) thread, so repeated calls allocate nothing.
+    fn with<R>(
+        layout: &BlockLayout,
+        hs: usize,
+        backward: bool,
+        f: impl FnOnce(&mut HeadScratch) -> R,
+    ) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch::default());
         }
+        SCRATCH.with(|cell| {
+            let mut sc = cell.borrow_mut();
+            sc.resize(layout, hs, backward);
+            f(&mut sc)
+        })
     }
 
-    /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q.
-    fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims) {
-        let Dims { t, c, hs, .. } = dims;
+    /// Sizes every buffer for `layout` and `hs` (contents are overwritten before use). A forward
+    /// call leaves the backward-only buffers alone, so that alternating forward and backward calls
+    /// (one per layer) do not shrink and regrow them.
+    fn resize(&mut self, layout: &BlockLayout, hs: usize, backward: bool) {
+        let (t, block) = (layout.seq_len(), layout.block());
+        for (buf, len) in [
+            (&mut self.q, t * hs),
+            (&mut self.k, t * hs),
+            (&mut self.kt, t * hs),
+            (&mut self.v, t * hs),
+            (&mut self.s, block * block * layout.max_row_blocks()),
+            (&mut self.acc, block * hs),
+        ] {
+            buf.resize(len, 0.0);
+        }
+        if backward {
+            for (buf, len) in [
+                (&mut self.vt, t * hs),
+                (&mut self.dout, t * hs),
+                (&mut self.delta, t),
+                (&mut self.dk, t * hs),
+                (&mut self.dv, t * hs),
+                (&mut self.ds, block * block),
+            ] {
+                buf.resize(len, 0.0);
+            }
+        }
+        self.sparse.resize(layout.max_row_blocks(), false);
+    }
+
+    /// Copies head `h` of batch `bi` out of `qkv` (`[B, T, 3C]`), scaling q, and transposes k (and
+    /// for backward v).
+    fn gather_qkv(&mut self, qkv: &[f32], bi: usize, h: usize, dims: Dims, backward: bool) {
+        let Dims { t, c, hs } = dims;
         let scale = 1.0 / (hs as f32).sqrt();
-        let transpose_v = !self.vt.is_empty();
         for p in 0..t {
             let row = &qkv[(bi * t + p) * 3 * c..][..3 * c];
             let (qr, kr, vr) = (
@@ -465,82 +858,159 @@ impl HeadScratch {
                 &row[c + h * hs..][..hs],
                 &row[2 * c + h * hs..][..hs],
             );
-            for d in 0..hs {
-                self.q[p * hs + d] = scale * qr[d];
-                self.k[p * hs + d] = kr[d];
-                self.kt[d * t + p] = kr[d];
-                self.v[p * hs + d] = vr[d];
-                if transpose_v {
-                    self.vt[d * t + p] = vr[d];
-                }
+            let (qd, kd, vd) = (
+                &mut self.q[p * hs..][..hs],
+                &mut self.k[p * hs..][..hs],
+                &mut self.v[p * hs..][..hs],
+            );
+            for (y, &x) in qd.iter_mut().zip(qr) {
+                *y = scale * x;
             }
+            copy_row(kd, kr);
+            copy_row(vd, vr);
+        }
+        transpose(&mut self.kt, &self.k, t, hs);
+        if backward {
+            transpose(&mut self.vt, &self.v, t, hs);
         }
     }
 
     /// Backward only: copies head `h` of batch `bi` out of `dout` and computes `D = rowsum(dO ∘ O)`.
     fn gather_dout(&mut self, dout: &[f32], out: &[f32], bi: usize, h: usize, dims: Dims) {
-        let Dims { t, c, hs, .. } = dims;
+        let Dims { t, c, hs } = dims;
         for p in 0..t {
             let off = (bi * t + p) * c + h * hs;
             let (dr, or) = (&dout[off..][..hs], &out[off..][..hs]);
-            self.dout[p * hs..][..hs].copy_from_slice(dr);
-            self.delta[p] = dr.iter().zip(or).map(|(a, b)| a * b).sum();
+            copy_row(&mut self.dout[p * hs..][..hs], dr);
+            self.delta[p] = dot8::<false>(dr, or);
         }
     }
 }
 
-/// Forward for one head: `out` `[T, HS]`, `lse` `[T]`, from the gathered scratch.
+/// Forward for one head from the gathered scratch: rows of `O` into `out`, `lse` `[T]`. Per query
+/// block: scores against every listed key block (block products, or dot products for sparse
+/// blocks), an exact softmax over the row, then `O = P V` block by block.
 #[inline(always)]
-fn forward_head_body<const FMA: bool>(
-    out: &mut [f32],
+fn forward_head_body<const FMA: bool, const WIDE: bool>(
+    out: RowSink,
     lse: &mut [f32],
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    let (t, block) = (layout.seq_len(), layout.block());
+    let hs = sc.acc.len() / block;
     for qb in 0..layout.num_blocks() {
         let entries = layout.key_blocks(qb);
-        for r in 0..layout.block_len(qb) {
-            let p = qb * block + r;
-            let qrow = &sc.q[p * hs..][..hs];
-            // Scores of row p over its key blocks (segment e of `s` holds key block entries[e]).
+        let (p0, bq) = (qb * block, layout.block_len(qb));
+        let ld = entries.len() * block;
+        let q_blk = &sc.q[p0 * hs..][..bq * hs];
+        let s = &mut sc.s[..bq * ld];
+        let sparse = &mut sc.sparse[..entries.len()];
+        for (flag, entry) in sparse.iter_mut().zip(entries) {
+            *flag = is_sparse(layout, entry, bq);
+        }
+
+        // 1. Scaled scores. Dense segments: −inf where masked and in the tail of a partial key
+        //    block. Sparse segments: only the allowed entries are written, and only those are read.
+        for (e, entry) in entries.iter().enumerate() {
+            let (k0, bk, col0) = (
+                entry.key_block * block,
+                layout.block_len(entry.key_block),
+                e * block,
+            );
+            if sparse[e] {
+                for r in 0..bq {
+                    let row = &mut s[r * ld + col0..][..block];
+                    let q_row = &q_blk[r * hs..][..hs];
+                    for j in Bits(layout.row_bits(entry, r)) {
+                        row[j] = dot8::<FMA>(q_row, &sc.k[(k0 + j) * hs..][..hs]);
+                    }
+                }
+            } else {
+                let kt = &sc.kt[k0..];
+                gemm_acc::<FMA, WIDE>(
+                    &mut s[col0..],
+                    ld,
+                    (bq, bk, hs),
+                    q_blk,
+                    (hs, 1),
+                    kt,
+                    t,
+                    false,
+                );
+                for r in 0..bq {
+                    mask_row(&mut s[r * ld + col0..][..block], layout.row_bits(entry, r));
+                }
+            }
+        }
+
+        // 2. Softmax numerators in place; the row sums normalise `O` below.
+        let mut sums = [0f32; MAX_BLOCK];
+        for r in 0..bq {
+            let row = &mut s[r * ld..][..ld];
             let mut max = f32::NEG_INFINITY;
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
-                let bits = layout.row_bits(entry, r);
-                if bits == 0 {
-                    s.fill(f32::NEG_INFINITY);
-                    continue;
-                }
-                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
-                max = s.iter().fold(max, |m, &x| m.max(x));
-            }
-            // Unnormalised probabilities and the weighted sum of values.
-            sc.acc.fill(0.0);
-            let mut sum = 0.0f32;
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let s = &mut sc.s[e * block..][..layout.block_len(entry.key_block)];
-                let mut rest = layout.row_bits(entry, r);
-                while rest != 0 {
-                    let j = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    let pj = (s[j] - max).exp();
-                    sum += pj;
-                    axpy::<FMA>(&mut sc.acc, pj, &sc.v[(k0 + j) * hs..][..hs]);
+            for (e, seg) in row.chunks_exact(block).enumerate() {
+                if sparse[e] {
+                    for j in Bits(layout.row_bits(&entries[e], r)) {
+                        max = max.max(seg[j]);
+                    }
+                } else {
+                    max = max.max(max8(seg));
                 }
             }
-            let inv = 1.0 / sum;
-            for (o, &a) in out[p * hs..][..hs].iter_mut().zip(&sc.acc) {
-                *o = a * inv;
+            let mut sum = 0.0;
+            for (e, seg) in row.chunks_exact_mut(block).enumerate() {
+                if sparse[e] {
+                    for j in Bits(layout.row_bits(&entries[e], r)) {
+                        seg[j] = exp_shifted::<FMA>(seg[j] - max);
+                        sum += seg[j];
+                    }
+                } else {
+                    for x in seg.iter_mut() {
+                        *x = exp_shifted::<FMA>(*x - max);
+                    }
+                    sum += sum8(seg);
+                }
             }
-            lse[p] = max + sum.ln();
+            lse[p0 + r] = max + sum.ln();
+            sums[r] = sum;
+        }
+
+        // 3. O = P V, normalised, written out.
+        let o = &mut sc.acc[..bq * hs];
+        for (e, entry) in entries.iter().enumerate() {
+            let (k0, bk, col0) = (
+                entry.key_block * block,
+                layout.block_len(entry.key_block),
+                e * block,
+            );
+            if sparse[e] {
+                if e == 0 {
+                    o.fill(0.0);
+                }
+                for r in 0..bq {
+                    let o_row = &mut o[r * hs..][..hs];
+                    for j in Bits(layout.row_bits(entry, r)) {
+                        axpy::<FMA>(o_row, s[r * ld + col0 + j], &sc.v[(k0 + j) * hs..][..hs]);
+                    }
+                }
+            } else {
+                let v = &sc.v[k0 * hs..];
+                gemm_acc::<FMA, WIDE>(o, hs, (bq, hs, bk), &s[col0..], (ld, 1), v, hs, e > 0);
+            }
+        }
+        for r in 0..bq {
+            let o_row = &mut o[r * hs..][..hs];
+            let inv = 1.0 / sums[r];
+            for x in o_row.iter_mut() {
+                *x *= inv;
+            }
+            out.put(p0 + r, o_row);
         }
     }
 }
 
-/// Backward for one head into `dq`, `dk`, `dv` (each `[T, HS]`, overwritten).
+/// Backward for one head: rows of `dQ` into `dq`, and `dK`, `dV` accumulated in the scratch.
 ///
 /// With `S = Q Kᵀ·scale`, `P = softmax(S)` row-wise (recomputed as `exp(S − lse)`), `O = P V`:
 /// ```text
@@ -551,112 +1021,184 @@ fn forward_head_body<const FMA: bool>(
 /// dQ = scale · dS K
 /// dK = scale · dSᵀ Q
 /// ```
-/// Only allowed pairs are visited (`P` is zero elsewhere). The scratch q is already scaled, so
-/// `dK = dSᵀ q_scaled` and only `dQ` needs the explicit factor.
+/// Only listed block pairs are visited (`P` is zero elsewhere), each as five block products (or pair
+/// by pair when sparse). The scratch q is already scaled, so `dK = dSᵀ q_scaled` and only `dQ`
+/// needs the explicit factor.
 #[inline(always)]
-fn backward_head_body<const FMA: bool>(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+fn backward_head_body<const FMA: bool, const WIDE: bool>(
+    dq: RowSink,
     lse: &[f32],
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    let (t, block, hs) = (layout.seq_len(), layout.block(), sc.acc.len());
+    let (t, block, hs) = (
+        layout.seq_len(),
+        layout.block(),
+        sc.acc.len() / layout.block(),
+    );
     let scale = 1.0 / (hs as f32).sqrt();
-    dk.fill(0.0);
-    dv.fill(0.0);
+    sc.dk.fill(0.0);
+    sc.dv.fill(0.0);
     for qb in 0..layout.num_blocks() {
-        let entries = layout.key_blocks(qb);
-        for r in 0..layout.block_len(qb) {
-            let p = qb * block + r;
-            let qrow = &sc.q[p * hs..][..hs];
-            let dorow = &sc.dout[p * hs..][..hs];
-            let (lse_p, delta_p) = (lse[p], sc.delta[p]);
-            sc.acc.fill(0.0);
-            for (e, entry) in entries.iter().enumerate() {
-                let k0 = entry.key_block * block;
-                let width = layout.block_len(entry.key_block);
-                let bits = layout.row_bits(entry, r);
-                if bits == 0 {
-                    continue;
+        let (p0, bq) = (qb * block, layout.block_len(qb));
+        let q_blk = &sc.q[p0 * hs..][..bq * hs];
+        let do_blk = &sc.dout[p0 * hs..][..bq * hs];
+        let dq_acc = &mut sc.acc[..bq * hs];
+        dq_acc.fill(0.0);
+        for entry in layout.key_blocks(qb) {
+            let (k0, bk) = (entry.key_block * block, layout.block_len(entry.key_block));
+            let (dk, dv) = (&mut sc.dk[k0 * hs..], &mut sc.dv[k0 * hs..]);
+            if is_sparse(layout, entry, bq) {
+                for r in 0..bq {
+                    let (q_row, do_row) = (&q_blk[r * hs..][..hs], &do_blk[r * hs..][..hs]);
+                    let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
+                    let dq_row = &mut dq_acc[r * hs..][..hs];
+                    for j in Bits(layout.row_bits(entry, r)) {
+                        let key = (k0 + j) * hs;
+                        let k_row = &sc.k[key..][..hs];
+                        let p = exp_shifted::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
+                        let ds = p * (dot8::<FMA>(do_row, &sc.v[key..][..hs]) - delta_p);
+                        axpy::<FMA>(&mut dv[j * hs..][..hs], p, do_row);
+                        axpy::<FMA>(&mut dk[j * hs..][..hs], ds, q_row);
+                        axpy::<FMA>(dq_row, ds, k_row);
+                    }
                 }
-                let s = &mut sc.s[e * block..][..width];
-                let dp = &mut sc.dp[e * block..][..width];
-                row_scores::<FMA>(s, qrow, &sc.k, &sc.kt, t, k0, bits);
-                row_scores::<FMA>(dp, dorow, &sc.v, &sc.vt, t, k0, bits);
-                let mut rest = bits;
-                while rest != 0 {
-                    let j = rest.trailing_zeros() as usize;
-                    rest &= rest - 1;
-                    let pj = (s[j] - lse_p).exp();
-                    let ds = pj * (dp[j] - delta_p);
-                    let key = (k0 + j) * hs;
-                    axpy::<FMA>(&mut dv[key..][..hs], pj, dorow);
-                    axpy::<FMA>(&mut dk[key..][..hs], ds, qrow);
-                    axpy::<FMA>(&mut sc.acc, ds, &sc.k[key..][..hs]);
+                continue;
+            }
+            let p = &mut sc.s[..bq * bk];
+            let ds = &mut sc.ds[..bq * bk];
+            gemm_acc::<FMA, WIDE>(p, bk, (bq, bk, hs), q_blk, (hs, 1), &sc.kt[k0..], t, false); // S
+            gemm_acc::<FMA, WIDE>(
+                ds,
+                bk,
+                (bq, bk, hs),
+                do_blk,
+                (hs, 1),
+                &sc.vt[k0..],
+                t,
+                false,
+            ); // dP
+            for r in 0..bq {
+                let (lse_p, delta_p) = (lse[p0 + r], sc.delta[p0 + r]);
+                let (p_row, ds_row) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
+                mask_row(p_row, layout.row_bits(entry, r));
+                for (pj, dsj) in p_row.iter_mut().zip(ds_row.iter_mut()) {
+                    *pj = exp_shifted::<FMA>(*pj - lse_p);
+                    *dsj = *pj * (*dsj - delta_p);
                 }
             }
-            for (g, &a) in dq[p * hs..][..hs].iter_mut().zip(&sc.acc) {
-                *g = scale * a;
+            gemm_acc::<FMA, WIDE>(dv, hs, (bk, hs, bq), p, (1, bk), do_blk, hs, true); // dV += Pᵀ dO
+            gemm_acc::<FMA, WIDE>(dk, hs, (bk, hs, bq), ds, (1, bk), q_blk, hs, true); // dK += dSᵀ Q
+            gemm_acc::<FMA, WIDE>(
+                dq_acc,
+                hs,
+                (bq, hs, bk),
+                ds,
+                (bk, 1),
+                &sc.k[k0 * hs..],
+                hs,
+                true,
+            ); // dQ += dS K
+        }
+        for (r, row) in dq_acc.chunks_exact_mut(hs).enumerate() {
+            for x in row.iter_mut() {
+                *x *= scale;
             }
+            dq.put(p0 + r, row);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_head_avx2(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    forward_head_body::<true>(out, lse, sc, layout)
+fn forward_head_avx2(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    forward_head_body::<true, false>(out, lse, sc, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn backward_head_avx2(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    lse: &[f32],
+fn backward_head_avx2(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    backward_head_body::<true, false>(dq, lse, sc, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn forward_head_avx512(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    forward_head_body::<true, true>(out, lse, sc, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn backward_head_avx512(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    backward_head_body::<true, true>(dq, lse, sc, layout)
+}
+
+/// An instruction set the inner loops are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Generic,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Generic];
+
+    /// Whether this CPU can run code compiled for `self`.
+    fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Generic => true,
+                Isa::Avx2 => has!("avx2") && has!("fma"),
+                Isa::Avx512 => has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Generic
+        }
+    }
+
+    /// The widest available instruction set, detected once.
+    fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|isa| isa.available())
+                .unwrap_or(Isa::Generic)
+        })
+    }
+}
+
+fn forward_head(
+    isa: Isa,
+    out: RowSink,
+    lse: &mut [f32],
     sc: &mut HeadScratch,
     layout: &BlockLayout,
 ) {
-    backward_head_body::<true>(dq, dk, dv, lse, sc, layout)
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    match isa {
+        // SAFETY: the CPU has the features (checked in the guard).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { forward_head_avx512(out, lse, sc, layout) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.available() => unsafe { forward_head_avx2(out, lse, sc, layout) },
+        _ => forward_head_body::<false, false>(out, lse, sc, layout),
     }
 }
 
-fn forward_head(out: &mut [f32], lse: &mut [f32], sc: &mut HeadScratch, layout: &BlockLayout) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        return unsafe { forward_head_avx2(out, lse, sc, layout) };
+fn backward_head(isa: Isa, dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
+    match isa {
+        // SAFETY: the CPU has the features (checked in the guard).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.available() => unsafe { backward_head_avx512(dq, lse, sc, layout) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.available() => unsafe { backward_head_avx2(dq, lse, sc, layout) },
+        _ => backward_head_body::<false, false>(dq, lse, sc, layout),
     }
-    forward_head_body::<false>(out, lse, sc, layout)
-}
-
-fn backward_head(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    lse: &[f32],
-    sc: &mut HeadScratch,
-    layout: &BlockLayout,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        return unsafe { backward_head_avx2(dq, dk, dv, lse, sc, layout) };
-    }
-    backward_head_body::<false>(dq, dk, dv, lse, sc, layout)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -715,6 +1257,22 @@ pub fn attention_forward(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
+    forward_with(Isa::best(), out, lse, qkv, layout, b, t, nh, hs)
+}
+
+/// [`attention_forward`] with the inner loops compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    isa: Isa,
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
     const OP: &str = "attention_forward";
     let dims = check_dims(OP, layout, b, t, nh, hs)?;
     let c = dims.c;
@@ -722,26 +1280,15 @@ pub fn attention_forward(
     check_len(OP, "out", out.len(), b * t * c)?;
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
-    // Per-(batch, head) results, [B, NH, T, HS], scattered into `out` afterwards.
-    let mut stage = vec![0.0f32; b * nh * t * hs];
-    stage
-        .par_chunks_mut(t * hs)
-        .zip(lse.par_chunks_mut(t))
-        .enumerate()
-        .for_each_init(
-            || HeadScratch::new(layout, hs, false),
-            |sc, (bh, (o, l))| {
-                sc.gather_qkv(qkv, bh / nh, bh % nh, dims);
-                forward_head(o, l, sc, layout);
-            },
-        );
-    out.par_chunks_mut(t * c).enumerate().for_each(|(bi, ob)| {
-        for h in 0..nh {
-            let src = &stage[(bi * nh + h) * t * hs..][..t * hs];
-            for (p, row) in src.chunks_exact(hs).enumerate() {
-                ob[p * c + h * hs..][..hs].copy_from_slice(row);
-            }
-        }
+    let out = RowSink::shared(out);
+    lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse_bh)| {
+        HeadScratch::with(layout, hs, false, |sc| {
+            let (bi, h) = (bh / nh, bh % nh);
+            sc.gather_qkv(qkv, bi, h, dims, false);
+            // SAFETY: task (bi, h) writes only columns h·HS..(h+1)·HS of batch bi's rows.
+            let sink = unsafe { out.at(bi * t * c + h * hs, c) };
+            forward_head(isa, sink, lse_bh, sc, layout);
+        })
     });
     Ok(())
 }
@@ -762,6 +1309,24 @@ pub fn attention_backward(
     nh: usize,
     hs: usize,
 ) -> Result<()> {
+    backward_with(Isa::best(), dqkv, dout, qkv, out, lse, layout, b, t, nh, hs)
+}
+
+/// [`attention_backward`] with the inner loops compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    isa: Isa,
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    layout: &BlockLayout,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Result<()> {
     const OP: &str = "attention_backward";
     let dims = check_dims(OP, layout, b, t, nh, hs)?;
     let c = dims.c;
@@ -771,35 +1336,34 @@ pub fn attention_backward(
     check_len(OP, "out", out.len(), b * t * c)?;
     check_len(OP, "lse", lse.len(), b * nh * t)?;
 
-    // Per-(batch, head) gradients, [B, NH, 3, T, HS] (dq, dk, dv), scattered into `dqkv` afterwards.
-    let mut stage = vec![0.0f32; b * nh * 3 * t * hs];
-    stage
-        .par_chunks_mut(3 * t * hs)
-        .zip(lse.par_chunks(t))
-        .enumerate()
-        .for_each_init(
-            || HeadScratch::new(layout, hs, true),
-            |sc, (bh, (g, l))| {
-                let (bi, h) = (bh / nh, bh % nh);
-                sc.gather_qkv(qkv, bi, h, dims);
-                sc.gather_dout(dout, out, bi, h, dims);
-                let (dq, rest) = g.split_at_mut(t * hs);
-                let (dk, dv) = rest.split_at_mut(t * hs);
-                backward_head(dq, dk, dv, l, sc, layout);
-            },
-        );
-    dqkv.par_chunks_mut(t * 3 * c)
-        .enumerate()
-        .for_each(|(bi, gb)| {
-            for h in 0..nh {
-                let src = &stage[(bi * nh + h) * 3 * t * hs..][..3 * t * hs];
-                for (part, rows) in src.chunks_exact(t * hs).enumerate() {
-                    for (p, row) in rows.chunks_exact(hs).enumerate() {
-                        gb[p * 3 * c + part * c + h * hs..][..hs].copy_from_slice(row);
-                    }
-                }
+    let dqkv = RowSink::shared(dqkv);
+    lse.par_chunks(t).enumerate().for_each(|(bh, lse_bh)| {
+        HeadScratch::with(layout, hs, true, |sc| {
+            let (bi, h) = (bh / nh, bh % nh);
+            sc.gather_qkv(qkv, bi, h, dims, true);
+            sc.gather_dout(dout, out, bi, h, dims);
+            let base = bi * t * 3 * c + h * hs;
+            // SAFETY: task (bi, h) writes only head h's columns of the q, k and v parts of batch
+            // bi's rows (offsets 0, C and 2C below).
+            let (dq, dk, dv) = unsafe {
+                (
+                    dqkv.at(base, 3 * c),
+                    dqkv.at(base + c, 3 * c),
+                    dqkv.at(base + 2 * c, 3 * c),
+                )
+            };
+            backward_head(isa, dq, lse_bh, sc, layout);
+            for (p, (dk_row, dv_row)) in sc
+                .dk
+                .chunks_exact(hs)
+                .zip(sc.dv.chunks_exact(hs))
+                .enumerate()
+            {
+                dk.put(p, dk_row);
+                dv.put(p, dv_row);
             }
-        });
+        })
+    });
     Ok(())
 }
 
@@ -913,6 +1477,29 @@ mod tests {
                 }
                 assert!(allowed_reference(5, 4, kind, p, p));
             }
+        }
+    }
+
+    #[test]
+    fn attention_exp_shifted_is_accurate() {
+        for fused in [false, true] {
+            let mut x = -87.0f32;
+            while x <= 0.5 {
+                let got = if fused {
+                    exp_shifted::<true>(x)
+                } else {
+                    exp_shifted::<false>(x)
+                } as f64;
+                let want = (x as f64).exp();
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "exp({x}) = {got}, expected {want}"
+                );
+                x += 0.0137;
+            }
+            assert_eq!(exp_shifted::<false>(f32::NEG_INFINITY), 0.0);
+            assert_eq!(exp_shifted::<false>(-100.0), 0.0);
+            assert_eq!(exp_shifted::<false>(0.0), 1.0);
         }
     }
 
@@ -1032,7 +1619,7 @@ mod tests {
     #[test]
     fn attention_forward_matches_dense_reference() {
         let (b, nh, hs) = (2, 2, 8);
-        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (3, 6)] {
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (3, 6), (0, 5)] {
             for kind in KINDS {
                 for block in [4, 7, DEFAULT_BLOCK] {
                     let t = tt + g * g;
@@ -1053,7 +1640,7 @@ mod tests {
     #[test]
     fn attention_backward_matches_dense_reference() {
         let (b, nh, hs) = (2, 2, 8);
-        for &(tt, g) in &[(4, 4), (5, 3), (7, 5)] {
+        for &(tt, g) in &[(4, 4), (5, 3), (7, 5), (0, 5)] {
             for kind in KINDS {
                 for block in [4, 7, DEFAULT_BLOCK] {
                     let t = tt + g * g;
@@ -1071,6 +1658,49 @@ mod tests {
                     let want = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
                     let what = format!("dqkv {kind:?} tt {tt} g {g} block {block}");
                     assert_close(&what, &to_f64(&dqkv), &want, 1e-5, 1e-4);
+                }
+            }
+        }
+    }
+
+    /// Every instruction set this CPU offers (the generic loops always), with head sizes and blocks
+    /// that are multiples of the 16-wide register tile, so that every block product runs its fast
+    /// path (the tests above mostly exercise the remainder path), and some that are not.
+    #[test]
+    fn attention_every_isa_matches_dense_reference() {
+        let (b, nh) = (1, 2);
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.available()).collect();
+        assert!(isas.contains(&Isa::Generic) && isas.contains(&Isa::best()));
+        for &(tt, g, hs) in &[(7, 5, 16), (16, 6, 32), (5, 7, 48), (0, 8, 16), (4, 4, 8)] {
+            for kind in KINDS {
+                for block in [16, 32, 64, 5] {
+                    let t = tt + g * g;
+                    let c = nh * hs;
+                    let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                    let qkv = rand_vec(b * t * 3 * c, 1.5, 31 + t as u64);
+                    let dout = rand_vec(b * t * c, 1.0, 37 + t as u64);
+                    let (want_out, want_lse, probs) = dense_forward(&qkv, tt, g, kind, b, nh, hs);
+                    let want_dqkv = dense_backward(&dout, &qkv, &probs, t, b, nh, hs);
+                    for &isa in &isas {
+                        let mut out = vec![0.0; b * t * c];
+                        let mut lse = vec![0.0; b * nh * t];
+                        forward_with(isa, &mut out, &mut lse, &qkv, &layout, b, t, nh, hs).unwrap();
+                        let mut dqkv = vec![f32::NAN; b * t * 3 * c];
+                        backward_with(
+                            isa, &mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, hs,
+                        )
+                        .unwrap();
+                        let what = format!("{isa:?} {kind:?} tt {tt} g {g} hs {hs} block {block}");
+                        assert_close(&format!("out {what}"), &to_f64(&out), &want_out, 1e-5, 1e-5);
+                        assert_close(&format!("lse {what}"), &to_f64(&lse), &want_lse, 1e-5, 1e-5);
+                        assert_close(
+                            &format!("dqkv {what}"),
+                            &to_f64(&dqkv),
+                            &want_dqkv,
+                            2e-5,
+                            1e-4,
+                        );
+                    }
                 }
             }
         }
