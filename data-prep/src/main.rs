@@ -61,7 +61,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let (text, image) = (bytes(&b.text), bytes(&b.image));
             let views = [
-                ("text", TensorView::new(Dtype::I64, vec![count, m.text_len], &text)?),
+                (
+                    "text",
+                    TensorView::new(Dtype::I64, vec![count, m.text_len], &text)?,
+                ),
                 (
                     "image",
                     TensorView::new(Dtype::I64, vec![count, m.grid * m.grid], &image)?,

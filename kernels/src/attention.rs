@@ -32,6 +32,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, KernelError, Result};
+use crate::simd::{fast_exp, fmadd, Isa};
 
 /// Block size (positions per block) used when the caller has no reason to pick another. Measured
 /// with `examples/bench_attention.rs` at the tiny/small/paperseq shapes (one core, AVX-512): 32 was
@@ -346,16 +347,6 @@ impl BlockLayout {
 // time. Hot loops take no closures: a closure is a separate function that does not inherit
 // `#[target_feature]`, and a `mul_add` in one becomes a libm call.
 
-/// `a·b + c`, fused when `FMA` (only instantiated as `true` where the CPU has FMA).
-#[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
 /// `y += a·x`.
 #[inline(always)]
 fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
@@ -411,31 +402,6 @@ fn sum8(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// `e^x` for the shifted scores `x ≲ 0`: exactly 0 below −87 (so masked `−inf` scores vanish), else
-/// `2^n · p(r)` with `n = round(x·log2 e)`, `r = x − n·ln 2` and `p` the degree-6 Taylor polynomial
-/// (relative error ≈ 2e-7). Branch-free, so loops over it vectorise, unlike `f32::exp`.
-#[inline(always)]
-fn exp_shifted<const FMA: bool>(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
-    let xc = x.clamp(-87.0, 88.0);
-    let z = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
-    let n = z - ROUND;
-    let r = fmadd::<FMA>(n, -LN2_LO, fmadd::<FMA>(n, -LN2_HI, xc));
-    let mut p = 1.0 / 720.0;
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = fmadd::<FMA>(p, r, c);
-    }
-    // z's bits are ROUND's plus n (two's complement), so this is the float 2^n.
-    let two_n = f32::from_bits(z.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
-    if x < -87.0 {
-        0.0
-    } else {
-        p * two_n
-    }
 }
 
 /// `C[m × n] (+)= A[m × k] · B[k × n]` (`+=` when `accumulate`, else `=`), every block product of
@@ -962,12 +928,12 @@ fn forward_head_body<const FMA: bool, const WIDE: bool>(
             for (e, seg) in row.chunks_exact_mut(block).enumerate() {
                 if sparse[e] {
                     for j in Bits(layout.row_bits(&entries[e], r)) {
-                        seg[j] = exp_shifted::<FMA>(seg[j] - max);
+                        seg[j] = fast_exp::<FMA>(seg[j] - max);
                         sum += seg[j];
                     }
                 } else {
                     for x in seg.iter_mut() {
-                        *x = exp_shifted::<FMA>(*x - max);
+                        *x = fast_exp::<FMA>(*x - max);
                     }
                     sum += sum8(seg);
                 }
@@ -1056,7 +1022,7 @@ fn backward_head_body<const FMA: bool, const WIDE: bool>(
                     for j in Bits(layout.row_bits(entry, r)) {
                         let key = (k0 + j) * hs;
                         let k_row = &sc.k[key..][..hs];
-                        let p = exp_shifted::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
+                        let p = fast_exp::<FMA>(dot8::<FMA>(q_row, k_row) - lse_p);
                         let ds = p * (dot8::<FMA>(do_row, &sc.v[key..][..hs]) - delta_p);
                         axpy::<FMA>(&mut dv[j * hs..][..hs], p, do_row);
                         axpy::<FMA>(&mut dk[j * hs..][..hs], ds, q_row);
@@ -1083,7 +1049,7 @@ fn backward_head_body<const FMA: bool, const WIDE: bool>(
                 let (p_row, ds_row) = (&mut p[r * bk..][..bk], &mut ds[r * bk..][..bk]);
                 mask_row(p_row, layout.row_bits(entry, r));
                 for (pj, dsj) in p_row.iter_mut().zip(ds_row.iter_mut()) {
-                    *pj = exp_shifted::<FMA>(*pj - lse_p);
+                    *pj = fast_exp::<FMA>(*pj - lse_p);
                     *dsj = *pj * (*dsj - delta_p);
                 }
             }
@@ -1131,46 +1097,6 @@ fn forward_head_avx512(out: RowSink, lse: &mut [f32], sc: &mut HeadScratch, layo
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 fn backward_head_avx512(dq: RowSink, lse: &[f32], sc: &mut HeadScratch, layout: &BlockLayout) {
     backward_head_body::<true, true>(dq, lse, sc, layout)
-}
-
-/// An instruction set the inner loops are compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Generic,
-    Avx2,
-    Avx512,
-}
-
-impl Isa {
-    const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Generic];
-
-    /// Whether this CPU can run code compiled for `self`.
-    fn available(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            match self {
-                Isa::Generic => true,
-                Isa::Avx2 => has!("avx2") && has!("fma"),
-                Isa::Avx512 => has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma"),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Isa::Generic
-        }
-    }
-
-    /// The widest available instruction set, detected once.
-    fn best() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            Isa::ALL
-                .into_iter()
-                .find(|isa| isa.available())
-                .unwrap_or(Isa::Generic)
-        })
-    }
 }
 
 fn forward_head(
@@ -1477,29 +1403,6 @@ mod tests {
                 }
                 assert!(allowed_reference(5, 4, kind, p, p));
             }
-        }
-    }
-
-    #[test]
-    fn attention_exp_shifted_is_accurate() {
-        for fused in [false, true] {
-            let mut x = -87.0f32;
-            while x <= 0.5 {
-                let got = if fused {
-                    exp_shifted::<true>(x)
-                } else {
-                    exp_shifted::<false>(x)
-                } as f64;
-                let want = (x as f64).exp();
-                assert!(
-                    (got - want).abs() <= 1e-6 * want,
-                    "exp({x}) = {got}, expected {want}"
-                );
-                x += 0.0137;
-            }
-            assert_eq!(exp_shifted::<false>(f32::NEG_INFINITY), 0.0);
-            assert_eq!(exp_shifted::<false>(-100.0), 0.0);
-            assert_eq!(exp_shifted::<false>(0.0), 1.0);
         }
     }
 

@@ -19,6 +19,7 @@ pub mod error;
 pub mod gelu;
 pub mod layernorm;
 pub mod linear;
+pub(crate) mod simd;
 
 pub use error::{KernelError, Result};
 
