@@ -32,7 +32,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, KernelError, Result};
-use crate::simd::{fast_exp, fmadd, Isa};
+use crate::simd::{fast_exp, fmadd, max8, sum8, Isa};
 
 /// Block size (positions per block) used when the caller has no reason to pick another. Measured
 /// with `examples/bench_attention.rs` at the tiny/small/paperseq shapes (one core, AVX-512): 32 was
@@ -369,36 +369,6 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ac.zip(bc) {
         for l in 0..8 {
             acc[l] = fmadd::<FMA>(x[l], y[l], acc[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Eight-lane maximum and sum, so that the reductions vectorise.
-#[inline(always)]
-fn max8(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] = acc[l].max(c[l]);
-        }
-    }
-    acc.iter().fold(tail, |m, &v| m.max(v))
-}
-
-#[inline(always)]
-fn sum8(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l];
         }
     }
     acc.iter().sum::<f32>() + tail

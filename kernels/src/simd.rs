@@ -89,6 +89,36 @@ pub(crate) fn fast_tanh<const FMA: bool>(y: f32) -> f32 {
     1.0 - 2.0 / (fast_exp::<FMA>(2.0 * y) + 1.0)
 }
 
+/// Eight-lane maximum and sum, so that the reductions vectorise.
+#[inline(always)]
+pub(crate) fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+pub(crate) fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
