@@ -215,6 +215,22 @@ pub fn column_sums_add(acc: &mut [f32], x: &[f32], n: usize, cols: usize) {
     }
 }
 
+/// This machine's dense f32 GEMM throughput in GFLOP/s, measured on a square product of side
+/// `n` (best of `reps`): the denominator of model FLOPs utilisation on CPU.
+pub fn measure_gemm_gflops(n: usize, reps: usize) -> f64 {
+    let a = vec![1.0f32; n * n];
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        let ok = matmul(&mut c, MatRef::new(&a, n, n), MatRef::new(&a, n, n), false).is_ok();
+        if ok {
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+    }
+    2.0 * (n as f64).powi(3) / best / 1e9
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! The `trainer` binary: a thin dispatcher over the library. Every error prints its whole chain
-//! and exits non-zero.
+//! and exits non-zero. A run stopped by SIGTERM or SIGINT writes a checkpoint and exits 143.
 //!
 //! ```text
 //! trainer train --config configs/quickstart-cpu.yaml [--set optim.lr=1e-3] [--no-resume]
@@ -7,10 +7,17 @@
 //! trainer debug-state --config C --weights W.safetensors --batch B.safetensors --out O.safetensors
 //! ```
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use trainer::cli::{Cli, Command};
 use trainer::config::RunConfig;
+
+/// Exit status of a run stopped by SIGTERM/SIGINT after writing its checkpoint (128 + SIGTERM, as
+/// a shell reports a process ended by that signal): the run is resumable, not finished.
+const EXIT_STOPPED: i32 = 143;
 
 fn main() {
     tracing_subscriber::fmt()
@@ -34,9 +41,18 @@ fn run(cli: Cli) -> Result<()> {
             no_resume,
         } => {
             let cfg = RunConfig::load(&config, &set)?;
-            let summary = trainer::train::run(&cfg, !no_resume)?;
-            if let Some(m) = summary.last {
-                println!("{}", serde_json::to_string(&m)?);
+            // SIGTERM and SIGINT ask for a checkpoint and a clean exit after the update in flight.
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [SIGTERM, SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())
+                    .with_context(|| format!("installing the handler of signal {sig}"))?;
+            }
+            let summary = trainer::train::run_until(&cfg, !no_resume, &stop)?;
+            if let Some(m) = &summary.last {
+                println!("{}", serde_json::to_string(m)?);
+            }
+            if summary.stopped {
+                std::process::exit(EXIT_STOPPED);
             }
             Ok(())
         }

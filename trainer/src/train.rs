@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.
@@ -47,8 +48,8 @@ pub struct Metrics {
     pub tokens_per_s: f64,
     pub image_tokens_per_s: f64,
     pub gflops_per_s: f64,
-    /// Model FLOPs utilisation against `TESSERA_PEAK_GFLOPS`, when that is set.
-    pub mfu: Option<f64>,
+    /// Model FLOPs utilisation: `gflops_per_s` over [`peak_gflops`].
+    pub mfu: f64,
 }
 
 /// What a finished run reports.
@@ -58,6 +59,18 @@ pub struct TrainSummary {
     pub resumed_from: Option<u64>,
     pub last: Option<Metrics>,
     pub out_dir: PathBuf,
+    /// True when a stop request ended the run before `train.steps`.
+    pub stopped: bool,
+}
+
+/// The peak the MFU is measured against: `TESSERA_PEAK_GFLOPS` when set, else this machine's
+/// measured dense f32 GEMM throughput (the practical peak of the CPU path).
+pub fn peak_gflops() -> f64 {
+    std::env::var("TESSERA_PEAK_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|p| *p > 0.0)
+        .unwrap_or_else(|| kernels::linear::measure_gemm_gflops(768, 3))
 }
 
 /// Model sizes from the config.
@@ -226,6 +239,12 @@ fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
 /// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
 /// `run.out_dir` when there is one.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
+    run_until(cfg, resume, &AtomicBool::new(false))
+}
+
+/// [`run`], and when `stop` becomes true (the binary sets it on SIGTERM or SIGINT) finishes the
+/// update in flight, writes a checkpoint and returns early with `stopped` set.
+pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
     let model = Transformer::new(dims_of(cfg))?;
     let out = &cfg.run.out_dir;
@@ -265,9 +284,11 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     let mut acts = Activations::new(&model, bsz);
     let mut grads = vec![0.0f32; model.table().numel()];
     let step_flops = model.train_flops(bsz) * accum as f64;
-    let peak_gflops: Option<f64> = std::env::var("TESSERA_PEAK_GFLOPS")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let peak_gflops = peak_gflops();
+    tracing::info!(
+        peak_gflops = format_args!("{peak_gflops:.1}"),
+        "MFU denominator"
+    );
     let tokens = (bsz * accum * model.dims().seq_len()) as f64;
     let image_tokens = (bsz * accum * model.dims().image_tokens()) as f64;
     tracing::info!(
@@ -334,7 +355,7 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
             tokens_per_s: tokens / secs,
             image_tokens_per_s: image_tokens / secs,
             gflops_per_s: gflops,
-            mfu: peak_gflops.map(|p| gflops / p),
+            mfu: gflops / peak_gflops,
         };
         let log_every = cfg.train.log_every.max(1);
         if t.is_multiple_of(log_every) || t == cfg.train.steps || t == 1 {
@@ -353,9 +374,20 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         }
         last = Some(m);
         let every = cfg.checkpoint.every;
-        if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) {
+        let stopping = stop.load(Ordering::Relaxed);
+        if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
             let dir = save_state(cfg, &model, &rs)?;
             tracing::info!(dir = %dir.display(), "checkpoint");
+        }
+        if stopping && t < cfg.train.steps {
+            tracing::warn!(step = t, "stop requested: checkpoint written, exiting");
+            return Ok(TrainSummary {
+                final_step: t,
+                resumed_from,
+                last,
+                out_dir: out.clone(),
+                stopped: true,
+            });
         }
     }
     Ok(TrainSummary {
@@ -363,5 +395,6 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         resumed_from,
         last,
         out_dir: out.clone(),
+        stopped: false,
     })
 }
