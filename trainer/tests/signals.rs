@@ -63,7 +63,7 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
         serde_json::from_slice(&fs::read(dir.join("state.json")).unwrap()).unwrap()
     };
     let k = state["step"].as_u64().unwrap();
-    assert!(k >= 5 && k < 100000, "stopped at {k}");
+    assert!((5..100000).contains(&k), "stopped at {k}");
 
     // Resume to k + 4, and run k + 4 straight: identical weights.
     let target = format!("train.steps={}", k + 4);
