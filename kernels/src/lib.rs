@@ -13,12 +13,15 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod conv2d;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod error;
 pub mod gelu;
 pub mod layernorm;
 pub mod linear;
+pub mod relu;
+pub mod resample;
 pub(crate) mod simd;
 
 pub use error::{KernelError, Result};

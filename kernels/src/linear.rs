@@ -60,8 +60,17 @@ impl<'a> MatRef<'a> {
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
 /// `c = a · b` (`accumulate == false`) or `c += a · b`, with `c` contiguous row-major
-/// [a.rows, b.cols]. Deterministic for a given thread count.
+/// [a.rows, b.cols]. Multi-threaded when large; deterministic for a given thread count.
 pub fn matmul(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
+    matmul_impl(c, a, b, accumulate, true)
+}
+
+/// [`matmul`] on the calling thread only: for products inside a parallel loop.
+pub fn matmul_serial(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
+    matmul_impl(c, a, b, accumulate, false)
+}
+
+fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: bool) -> Result<()> {
     const OP: &str = "matmul";
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
@@ -86,7 +95,7 @@ pub fn matmul(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<(
         }
         return Ok(());
     }
-    let par = if m * n * k >= PARALLEL_MIN_FLOPS {
+    let par = if threads && m * n * k >= PARALLEL_MIN_FLOPS {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None

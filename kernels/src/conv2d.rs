@@ -1,0 +1,353 @@
+//! 2-D convolution, stride 1, "same" padding (k−1)/2 for odd kernel widths k: the convolutions of
+//! OpenAI's dVAE (MODEL-SPEC.md §2), with PyTorch's `nn.Conv2d` semantics (cross-correlation).
+//!
+//! Shapes (NCHW, row-major): `inp` [B, Ci, H, W], `weight` [Co, Ci, k, k], `bias` [Co],
+//! `out` [B, Co, H, W].
+//!
+//! CPU path: per image, im2col (`col` [Ci·k·k, H·W]; skipped when k = 1) and one GEMM,
+//! `out_b = weight[Co, Ci·k·k] · col + bias`; images run in parallel. Backward, per image:
+//! `dcol = weightᵀ · dout_b` then col2im into `dinp` (overwritten), `dweight += dout_b · colᵀ`,
+//! `dbias += Σ_pixels dout_b`. Weight gradients are reduced over a fixed grouping of the images,
+//! so results do not depend on thread scheduling.
+
+use crate::error::{check_len, KernelError, Result};
+use crate::linear::{matmul_serial, MatRef};
+use rayon::prelude::*;
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dDims {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Kernel width (odd).
+    pub kernel: usize,
+}
+
+impl Conv2dDims {
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.kernel.is_multiple_of(2) {
+            return Err(KernelError::Shape {
+                op,
+                what: format!("kernel width {} must be odd", self.kernel),
+            });
+        }
+        Ok(())
+    }
+    fn pixels(&self) -> usize {
+        self.height * self.width
+    }
+    fn col_rows(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+    pub fn in_len(&self) -> usize {
+        self.batch * self.c_in * self.pixels()
+    }
+    pub fn out_len(&self) -> usize {
+        self.batch * self.c_out * self.pixels()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.col_rows()
+    }
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.batch * self.pixels() * self.c_out * self.col_rows()
+    }
+}
+
+/// Images per weight-gradient group: fixed, so the reduction order never changes.
+const IMAGES_PER_GROUP: usize = 2;
+
+/// Writes `col` [Ci·k·k, H·W] for one image `x` [Ci, H, W].
+fn im2col(col: &mut [f32], x: &[f32], d: &Conv2dDims) {
+    let (h, w, k) = (d.height, d.width, d.kernel);
+    let pad = (k / 2) as isize;
+    for ci in 0..d.c_in {
+        let plane = &x[ci * h * w..][..h * w];
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = &mut col[((ci * k + kh) * k + kw) * h * w..][..h * w];
+                let (dy, dx) = (kh as isize - pad, kw as isize - pad);
+                for y in 0..h {
+                    let dst = &mut row[y * w..][..w];
+                    let sy = y as isize + dy;
+                    if sy < 0 || sy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[sy as usize * w..][..w];
+                    // dst[x] = src[x + dx] where 0 ≤ x + dx < w, else 0.
+                    let lo = (-dx).max(0) as usize;
+                    let hi = (w as isize - dx.max(0)) as usize;
+                    dst[..lo.min(w)].fill(0.0);
+                    if hi > lo {
+                        dst[lo..hi].copy_from_slice(
+                            &src[(lo as isize + dx) as usize..(hi as isize + dx) as usize],
+                        );
+                    }
+                    dst[hi.max(lo).min(w)..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col` [Ci·k·k, H·W] back into one image's gradient `dx` [Ci, H, W].
+fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
+    let (h, w, k) = (d.height, d.width, d.kernel);
+    let pad = (k / 2) as isize;
+    for ci in 0..d.c_in {
+        let plane = &mut dx[ci * h * w..][..h * w];
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = &col[((ci * k + kh) * k + kw) * h * w..][..h * w];
+                let (dy, ddx) = (kh as isize - pad, kw as isize - pad);
+                for y in 0..h {
+                    let sy = y as isize + dy;
+                    if sy < 0 || sy >= h as isize {
+                        continue;
+                    }
+                    let src = &row[y * w..][..w];
+                    let dst = &mut plane[sy as usize * w..][..w];
+                    let lo = (-ddx).max(0) as usize;
+                    let hi = (w as isize - ddx.max(0)) as usize;
+                    for x in lo..hi.max(lo) {
+                        dst[(x as isize + ddx) as usize] += src[x];
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn conv2d_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    d: &Conv2dDims,
+) -> Result<()> {
+    const OP: &str = "conv2d_forward";
+    d.check(OP)?;
+    check_len(OP, "inp", inp.len(), d.in_len())?;
+    check_len(OP, "out", out.len(), d.out_len())?;
+    check_len(OP, "weight", weight.len(), d.weight_len())?;
+    check_len(OP, "bias", bias.len(), d.c_out)?;
+    let (hw, rows) = (d.pixels(), d.col_rows());
+    if d.batch == 0 || hw == 0 || d.c_out == 0 {
+        return Ok(());
+    }
+    let wmat = MatRef::new(weight, d.c_out, rows);
+    out.par_chunks_mut(d.c_out * hw)
+        .zip(inp.par_chunks(d.c_in * hw))
+        .try_for_each_init(Vec::new, |col: &mut Vec<f32>, (y, x)| {
+            for (co, plane) in y.chunks_exact_mut(hw).enumerate() {
+                plane.fill(bias[co]);
+            }
+            if d.kernel == 1 {
+                return matmul_serial(y, wmat, MatRef::new(x, d.c_in, hw), true);
+            }
+            col.resize(rows * hw, 0.0);
+            im2col(col, x, d);
+            matmul_serial(y, wmat, MatRef::new(col, rows, hw), true)
+        })
+}
+
+/// Backward of [`conv2d_forward`]: `dinp` overwritten (when given), `dweight` and `dbias`
+/// accumulated.
+pub fn conv2d_backward(
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    d: &Conv2dDims,
+) -> Result<()> {
+    const OP: &str = "conv2d_backward";
+    d.check(OP)?;
+    check_len(OP, "inp", inp.len(), d.in_len())?;
+    check_len(OP, "dout", dout.len(), d.out_len())?;
+    check_len(OP, "weight", weight.len(), d.weight_len())?;
+    check_len(OP, "dweight", dweight.len(), d.weight_len())?;
+    check_len(OP, "dbias", dbias.len(), d.c_out)?;
+    let (hw, rows) = (d.pixels(), d.col_rows());
+    if d.batch == 0 || hw == 0 {
+        return Ok(());
+    }
+    let wmat = MatRef::new(weight, d.c_out, rows);
+    // Input gradient, image by image in parallel.
+    if let Some(dinp) = dinp {
+        check_len(OP, "dinp", dinp.len(), d.in_len())?;
+        dinp.par_chunks_mut(d.c_in * hw)
+            .zip(dout.par_chunks(d.c_out * hw))
+            .try_for_each_init(Vec::new, |dcol: &mut Vec<f32>, (dx, dy)| {
+                let dy = MatRef::new(dy, d.c_out, hw);
+                if d.kernel == 1 {
+                    return matmul_serial(dx, wmat.t(), dy, false);
+                }
+                dcol.resize(rows * hw, 0.0);
+                matmul_serial(dcol, wmat.t(), dy, false)?;
+                dx.fill(0.0);
+                col2im_add(dx, dcol, d);
+                Ok(())
+            })?;
+    }
+    // Weight and bias gradients: one partial sum per fixed group of images, then reduced in order.
+    let group_in = IMAGES_PER_GROUP * d.c_in * hw;
+    let group_out = IMAGES_PER_GROUP * d.c_out * hw;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = inp
+        .par_chunks(group_in)
+        .zip(dout.par_chunks(group_out))
+        .map(|(xs, dys)| -> Result<(Vec<f32>, Vec<f32>)> {
+            let mut dw = vec![0.0f32; d.weight_len()];
+            let mut db = vec![0.0f32; d.c_out];
+            let mut col = Vec::new();
+            for (x, dy) in xs
+                .chunks_exact(d.c_in * hw)
+                .zip(dys.chunks_exact(d.c_out * hw))
+            {
+                let dym = MatRef::new(dy, d.c_out, hw);
+                if d.kernel == 1 {
+                    matmul_serial(&mut dw, dym, MatRef::new(x, d.c_in, hw).t(), true)?;
+                } else {
+                    col.resize(rows * hw, 0.0);
+                    im2col(&mut col, x, d);
+                    matmul_serial(&mut dw, dym, MatRef::new(&col, rows, hw).t(), true)?;
+                }
+                for (b, plane) in db.iter_mut().zip(dy.chunks_exact(hw)) {
+                    *b += plane.iter().sum::<f32>();
+                }
+            }
+            Ok((dw, db))
+        })
+        .collect::<Result<_>>()?;
+    for (dw, db) in partials {
+        for (a, v) in dweight.iter_mut().zip(dw) {
+            *a += v;
+        }
+        for (a, v) in dbias.iter_mut().zip(db) {
+            *a += v;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, dot, numeric_grad, rand_vec};
+
+    /// The definition, in f64: out[b,co,y,x] = bias[co] + Σ w[co,ci,kh,kw]·in[b,ci,y+kh−p,x+kw−p].
+    fn naive(inp: &[f32], w: &[f32], bias: &[f32], d: &Conv2dDims) -> Vec<f64> {
+        let (h, wd, k) = (d.height as isize, d.width as isize, d.kernel as isize);
+        let p = k / 2;
+        let mut out = vec![0.0f64; d.out_len()];
+        for b in 0..d.batch {
+            for co in 0..d.c_out {
+                for y in 0..h {
+                    for x in 0..wd {
+                        let mut s = bias[co] as f64;
+                        for ci in 0..d.c_in {
+                            for kh in 0..k {
+                                for kw in 0..k {
+                                    let (sy, sx) = (y + kh - p, x + kw - p);
+                                    if sy < 0 || sy >= h || sx < 0 || sx >= wd {
+                                        continue;
+                                    }
+                                    let wi = ((co * d.c_in + ci) as isize * k + kh) * k + kw;
+                                    let xi = ((b * d.c_in + ci) as isize * h + sy) * wd + sx;
+                                    s += w[wi as usize] as f64 * inp[xi as usize] as f64;
+                                }
+                            }
+                        }
+                        out[((b * d.c_out + co) as isize * h + y) as usize * wd as usize
+                            + x as usize] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn dims(kernel: usize, batch: usize) -> Conv2dDims {
+        Conv2dDims {
+            batch,
+            c_in: 3,
+            c_out: 4,
+            height: 5,
+            width: 6,
+            kernel,
+        }
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for k in [1, 3, 5, 7] {
+            let d = dims(k, 3);
+            let x = rand_vec(d.in_len(), 1.0, 1);
+            let w = rand_vec(d.weight_len(), 1.0, 2);
+            let b = rand_vec(d.c_out, 1.0, 3);
+            let mut y = vec![0.0; d.out_len()];
+            conv2d_forward(&mut y, &x, &w, &b, &d).unwrap();
+            let got: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &format!("conv k={k}"),
+                &got,
+                &naive(&x, &w, &b, &d),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for k in [1, 3, 7] {
+            let d = dims(k, 3);
+            let mut x = rand_vec(d.in_len(), 1.0, 4);
+            let mut w = rand_vec(d.weight_len(), 1.0, 5);
+            let mut b = rand_vec(d.c_out, 1.0, 6);
+            let wout = rand_vec(d.out_len(), 1.0, 7);
+            let loss = |x: &[f32], w: &[f32], b: &[f32]| {
+                let mut y = vec![0.0; d.out_len()];
+                conv2d_forward(&mut y, x, w, b, &d).unwrap();
+                dot(&wout, &y)
+            };
+            let mut dx = vec![f32::NAN; d.in_len()];
+            let mut dw = vec![0.5; d.weight_len()];
+            let mut db = vec![0.25; d.c_out];
+            conv2d_backward(Some(&mut dx), &mut dw, &mut db, &wout, &x, &w, &d).unwrap();
+            let (x0, w0, b0) = (x.clone(), w.clone(), b.clone());
+            let eps = 1e-2;
+            let num: Vec<f64> = (0..x.len())
+                .map(|i| numeric_grad(&mut x, i, eps, |x| loss(x, &w0, &b0)))
+                .collect();
+            let got: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("dinp k={k}"), &got, &num, 2e-3, 2e-3);
+            let num: Vec<f64> = (0..w.len())
+                .map(|i| 0.5 + numeric_grad(&mut w, i, eps, |w| loss(&x0, w, &b0)))
+                .collect();
+            let got: Vec<f64> = dw.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("dweight k={k}"), &got, &num, 2e-3, 2e-3);
+            let num: Vec<f64> = (0..b.len())
+                .map(|i| 0.25 + numeric_grad(&mut b, i, eps, |b| loss(&x0, &w0, b)))
+                .collect();
+            let got: Vec<f64> = db.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("dbias k={k}"), &got, &num, 2e-3, 2e-3);
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let d = dims(4, 1);
+        let mut y = vec![0.0; d.out_len()];
+        let x = vec![0.0; d.in_len()];
+        let w = vec![0.0; d.weight_len()];
+        assert!(conv2d_forward(&mut y, &x, &w, &[0.0; 4], &d).is_err());
+        let d = dims(3, 1);
+        assert!(conv2d_forward(&mut y, &x, &w[1..], &[0.0; 4], &d).is_err());
+    }
+}
