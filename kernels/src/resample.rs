@@ -9,7 +9,7 @@ use crate::error::{check_len, KernelError, Result};
 use rayon::prelude::*;
 
 fn check_even(op: &'static str, h: usize, w: usize) -> Result<()> {
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(KernelError::Shape {
             op,
             what: format!("height {h} and width {w} must both be even"),
