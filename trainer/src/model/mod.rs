@@ -3,5 +3,6 @@
 //!
 //! - [`transformer`]: the stage-2 sparse transformer of MODEL-SPEC.md §1.
 
+pub mod dvae;
 pub mod init;
 pub mod transformer;

@@ -1,0 +1,781 @@
+//! The stage-1 discrete VAE of MODEL-SPEC.md §2: OpenAI's released encoder and decoder
+//! (`dall_e.Encoder`, `dall_e.Decoder`), their parameter names, and the training loss (Gumbel-
+//! softmax relaxation, logit-Laplace likelihood, KL to the uniform prior), with explicit forward
+//! and backward passes.
+//!
+//! Both networks are a sequence of [`Stage`]s (a convolution, a residual block, a pooling or an
+//! upsampling, the ReLU + 1×1 output convolution) run by one small interpreter, [`Net`], which
+//! keeps each stage's input for the backward pass. Layout NCHW throughout.
+//!
+//! Residual block (`n_hid = n_out / 4`, `post_gain = 1 / (group_count · n_blk_per_group)²`):
+//! `out = id_path(x) + post_gain · conv_4(relu(conv_3(relu(conv_2(relu(conv_1(relu(x))))))))`,
+//! `id_path` a 1×1 convolution where `n_in ≠ n_out`, else the identity. Encoder kernels 3,3,3,1;
+//! decoder kernels 1,3,3,3.
+
+use crate::params::{ParamKind, ParamTable};
+use kernels::conv2d::{conv2d_backward, conv2d_forward, Conv2dDims};
+use kernels::relu::{relu_backward, relu_forward};
+use kernels::resample::{
+    maxpool2_backward, maxpool2_forward, upsample2_backward, upsample2_forward,
+};
+use rayon::prelude::*;
+
+pub use crate::model::transformer::ModelError;
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
+pub const LOGIT_LAPLACE_EPS: f32 = 0.1;
+/// Groups of residual blocks in each network (OpenAI's architecture).
+pub const GROUP_COUNT: usize = 4;
+
+/// The sizes that define the dVAE (OpenAI's hyper-parameter names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DvaeDims {
+    /// Input and output resolution (H = W), divisible by 8.
+    pub resolution: usize,
+    pub n_hid: usize,
+    pub n_blk_per_group: usize,
+    /// Codebook size K.
+    pub vocab_size: usize,
+    /// Channels of the decoder's input convolution.
+    pub n_init: usize,
+}
+
+impl DvaeDims {
+    /// Side of the token grid: resolution / 8.
+    pub fn grid(&self) -> usize {
+        self.resolution / 8
+    }
+    fn post_gain(&self) -> f32 {
+        1.0 / ((GROUP_COUNT * self.n_blk_per_group) as f32).powi(2)
+    }
+}
+
+/// Indices of one convolution's tensors.
+#[derive(Clone, Copy, Debug)]
+struct ConvParams {
+    w: usize,
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+}
+
+#[derive(Clone, Debug)]
+struct BlockSpec {
+    id_path: Option<ConvParams>,
+    convs: [ConvParams; 4],
+}
+
+#[derive(Clone, Debug)]
+enum Stage {
+    Conv(ConvParams),
+    Block(BlockSpec),
+    MaxPool,
+    Upsample,
+    /// ReLU then a convolution (the `output` stage).
+    ReluConv(ConvParams),
+}
+
+/// Shape of a stage's input: channels and side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    c: usize,
+    side: usize,
+}
+
+/// One network: its stages, each with its input shape.
+#[derive(Clone, Debug)]
+struct Net {
+    stages: Vec<(Stage, Shape)>,
+    out: Shape,
+    post_gain: f32,
+}
+
+fn push_conv(
+    t: &mut ParamTable,
+    name: &str,
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+) -> ConvParams {
+    ConvParams {
+        w: t.push(
+            format!("{name}.w"),
+            &[c_out, c_in, kernel, kernel],
+            ParamKind::Matrix,
+        ),
+        b: t.push(format!("{name}.b"), &[c_out], ParamKind::Bias),
+        c_in,
+        c_out,
+        kernel,
+    }
+}
+
+fn push_block(
+    t: &mut ParamTable,
+    name: &str,
+    n_in: usize,
+    n_out: usize,
+    kernels: [usize; 4],
+) -> BlockSpec {
+    let n_hid = n_out / 4;
+    let id_path = (n_in != n_out).then(|| push_conv(t, &format!("{name}.id_path"), n_in, n_out, 1));
+    let chans = [
+        (n_in, n_hid),
+        (n_hid, n_hid),
+        (n_hid, n_hid),
+        (n_hid, n_out),
+    ];
+    let convs = std::array::from_fn(|i| {
+        push_conv(
+            t,
+            &format!("{name}.res_path.conv_{}", i + 1),
+            chans[i].0,
+            chans[i].1,
+            kernels[i],
+        )
+    });
+    BlockSpec { id_path, convs }
+}
+
+impl Net {
+    fn encoder(t: &mut ParamTable, d: &DvaeDims) -> Net {
+        let mut stages = Vec::new();
+        let mut shape = Shape {
+            c: 3,
+            side: d.resolution,
+        };
+        let conv = push_conv(t, "encoder.blocks.input", 3, d.n_hid, 7);
+        stages.push((Stage::Conv(conv), shape));
+        shape.c = d.n_hid;
+        for g in 1..=GROUP_COUNT {
+            let width = d.n_hid << (g - 1);
+            for i in 1..=d.n_blk_per_group {
+                let name = format!("encoder.blocks.group_{g}.block_{i}");
+                let block = push_block(t, &name, shape.c, width, [3, 3, 3, 1]);
+                stages.push((Stage::Block(block), shape));
+                shape.c = width;
+            }
+            if g < GROUP_COUNT {
+                stages.push((Stage::MaxPool, shape));
+                shape.side /= 2;
+            }
+        }
+        let out = push_conv(t, "encoder.blocks.output.conv", shape.c, d.vocab_size, 1);
+        stages.push((Stage::ReluConv(out), shape));
+        shape.c = d.vocab_size;
+        Net {
+            stages,
+            out: shape,
+            post_gain: d.post_gain(),
+        }
+    }
+
+    fn decoder(t: &mut ParamTable, d: &DvaeDims) -> Net {
+        let mut stages = Vec::new();
+        let mut shape = Shape {
+            c: d.vocab_size,
+            side: d.grid(),
+        };
+        let conv = push_conv(t, "decoder.blocks.input", d.vocab_size, d.n_init, 1);
+        stages.push((Stage::Conv(conv), shape));
+        shape.c = d.n_init;
+        for g in 1..=GROUP_COUNT {
+            let width = d.n_hid << (GROUP_COUNT - g);
+            for i in 1..=d.n_blk_per_group {
+                let name = format!("decoder.blocks.group_{g}.block_{i}");
+                let block = push_block(t, &name, shape.c, width, [1, 3, 3, 3]);
+                stages.push((Stage::Block(block), shape));
+                shape.c = width;
+            }
+            if g < GROUP_COUNT {
+                stages.push((Stage::Upsample, shape));
+                shape.side *= 2;
+            }
+        }
+        let out = push_conv(t, "decoder.blocks.output.conv", shape.c, 6, 1);
+        stages.push((Stage::ReluConv(out), shape));
+        shape.c = 6;
+        Net {
+            stages,
+            out: shape,
+            post_gain: d.post_gain(),
+        }
+    }
+
+    fn new_acts(&self, batch: usize) -> NetActs {
+        let len = |s: &Shape| batch * s.c * s.side * s.side;
+        NetActs {
+            batch,
+            inputs: self.stages.iter().map(|(_, s)| vec![0.0; len(s)]).collect(),
+            relus: self
+                .stages
+                .iter()
+                .map(|(stage, s)| match stage {
+                    Stage::Block(b) => {
+                        let hid = b.convs[0].c_out;
+                        let px = batch * s.side * s.side;
+                        vec![
+                            vec![0.0; len(s)],
+                            vec![0.0; px * hid],
+                            vec![0.0; px * hid],
+                            vec![0.0; px * hid],
+                        ]
+                    }
+                    Stage::ReluConv(_) => vec![vec![0.0; len(s)]],
+                    _ => Vec::new(),
+                })
+                .collect(),
+            output: vec![0.0; len(&self.out)],
+            scratch: vec![Vec::new(); 2],
+        }
+    }
+
+    fn dims(batch: usize, cp: &ConvParams, side: usize) -> Conv2dDims {
+        Conv2dDims {
+            batch,
+            c_in: cp.c_in,
+            c_out: cp.c_out,
+            height: side,
+            width: side,
+            kernel: cp.kernel,
+        }
+    }
+
+    /// Runs the network on `acts.inputs[0]` (already filled), writing `acts.output`.
+    fn forward(&self, p: &[&[f32]], acts: &mut NetActs) -> Result<()> {
+        let b = acts.batch;
+        for (i, (stage, shape)) in self.stages.iter().enumerate() {
+            let (ins, rest) = acts.inputs.split_at_mut(i + 1);
+            let x = &ins[i];
+            let y: &mut Vec<f32> = match rest.first_mut() {
+                Some(next) => next,
+                None => &mut acts.output,
+            };
+            let relus = &mut acts.relus[i];
+            let planes = b * shape.c;
+            match stage {
+                Stage::Conv(cp) => {
+                    conv2d_forward(y, x, p[cp.w], p[cp.b], &Self::dims(b, cp, shape.side))?
+                }
+                Stage::MaxPool => maxpool2_forward(y, x, planes, shape.side, shape.side)?,
+                Stage::Upsample => upsample2_forward(y, x, planes, shape.side, shape.side)?,
+                Stage::ReluConv(cp) => {
+                    relu_forward(&mut relus[0], x)?;
+                    conv2d_forward(
+                        y,
+                        &relus[0],
+                        p[cp.w],
+                        p[cp.b],
+                        &Self::dims(b, cp, shape.side),
+                    )?;
+                }
+                Stage::Block(blk) => {
+                    // Residual path into y, scaled, then the identity path added.
+                    relu_forward(&mut relus[0], x)?;
+                    for k in 0..3 {
+                        let cp = &blk.convs[k];
+                        let (src, dst) = relus.split_at_mut(k + 1);
+                        let tmp = &mut acts.scratch[0];
+                        tmp.resize(dst[0].len(), 0.0);
+                        conv2d_forward(
+                            tmp,
+                            &src[k],
+                            p[cp.w],
+                            p[cp.b],
+                            &Self::dims(b, cp, shape.side),
+                        )?;
+                        relu_forward(&mut dst[0], tmp)?;
+                    }
+                    let cp = &blk.convs[3];
+                    conv2d_forward(
+                        y,
+                        &relus[3],
+                        p[cp.w],
+                        p[cp.b],
+                        &Self::dims(b, cp, shape.side),
+                    )?;
+                    let g = self.post_gain;
+                    match &blk.id_path {
+                        Some(ip) => {
+                            let tmp = &mut acts.scratch[0];
+                            tmp.resize(y.len(), 0.0);
+                            conv2d_forward(
+                                tmp,
+                                x,
+                                p[ip.w],
+                                p[ip.b],
+                                &Self::dims(b, ip, shape.side),
+                            )?;
+                            axpby(y, g, tmp);
+                        }
+                        None => axpby(y, g, x),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward from `dout` (the gradient of `acts.output`); returns the input gradient in
+    /// `dinput` when asked. Parameter gradients accumulate into `g`.
+    fn backward(
+        &self,
+        p: &[&[f32]],
+        g: &mut [&mut [f32]],
+        acts: &mut NetActs,
+        dout: &[f32],
+        dinput: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let b = acts.batch;
+        let mut dy: Vec<f32> = dout.to_vec();
+        let mut dx: Vec<f32> = Vec::new();
+        let n = self.stages.len();
+        for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
+            let x = &acts.inputs[i];
+            let relus = &acts.relus[i];
+            let planes = b * shape.c;
+            let need_dx = i > 0 || dinput.is_some();
+            dx.resize(x.len(), 0.0);
+            match stage {
+                Stage::Conv(cp) => {
+                    let (dw, db) = pair_mut(g, cp.w, cp.b);
+                    conv2d_backward(
+                        need_dx.then_some(&mut dx[..]),
+                        dw,
+                        db,
+                        &dy,
+                        x,
+                        p[cp.w],
+                        &Self::dims(b, cp, shape.side),
+                    )?;
+                }
+                Stage::MaxPool => {
+                    maxpool2_backward(&mut dx, &dy, x, planes, shape.side, shape.side)?
+                }
+                Stage::Upsample => {
+                    upsample2_backward(&mut dx, &dy, planes, shape.side, shape.side)?
+                }
+                Stage::ReluConv(cp) => {
+                    let (dw, db) = pair_mut(g, cp.w, cp.b);
+                    let dr = &mut acts.scratch[0];
+                    dr.resize(x.len(), 0.0);
+                    conv2d_backward(
+                        Some(&mut dr[..]),
+                        dw,
+                        db,
+                        &dy,
+                        &relus[0],
+                        p[cp.w],
+                        &Self::dims(b, cp, shape.side),
+                    )?;
+                    relu_backward(&mut dx, dr, &relus[0])?;
+                }
+                Stage::Block(blk) => {
+                    let gain = self.post_gain;
+                    let [s0, s1] = &mut acts.scratch[..] else {
+                        unreachable!("two scratch buffers")
+                    };
+                    // Residual path: d(conv_4 output) = gain · dy.
+                    s0.clear();
+                    s0.extend(dy.iter().map(|v| v * gain));
+                    for k in (0..4).rev() {
+                        let cp = &blk.convs[k];
+                        let (dw, db) = pair_mut(g, cp.w, cp.b);
+                        s1.resize(relus[k].len(), 0.0);
+                        conv2d_backward(
+                            Some(&mut s1[..]),
+                            dw,
+                            db,
+                            s0,
+                            &relus[k],
+                            p[cp.w],
+                            &Self::dims(b, cp, shape.side),
+                        )?;
+                        // Through the ReLU that produced relus[k] (for k = 0, the block input's).
+                        s0.resize(relus[k].len(), 0.0);
+                        relu_backward(s0, s1, &relus[k])?;
+                    }
+                    // s0 now holds the residual path's input gradient; add the identity path's.
+                    match &blk.id_path {
+                        Some(ip) => {
+                            let (dw, db) = pair_mut(g, ip.w, ip.b);
+                            conv2d_backward(
+                                Some(&mut dx[..]),
+                                dw,
+                                db,
+                                &dy,
+                                x,
+                                p[ip.w],
+                                &Self::dims(b, ip, shape.side),
+                            )?;
+                            axpby(&mut dx, 1.0, s0);
+                        }
+                        None => {
+                            dx.copy_from_slice(&dy);
+                            axpby(&mut dx, 1.0, s0);
+                        }
+                    }
+                }
+            }
+            if i == 0 {
+                if let Some(d) = dinput {
+                    std::mem::swap(d, &mut dx);
+                }
+                break;
+            }
+            std::mem::swap(&mut dy, &mut dx);
+            debug_assert!(i < n);
+        }
+        Ok(())
+    }
+}
+
+/// `y = a·y + x` (a = post-gain), or `y += x` with a = 1.
+fn axpby(y: &mut [f32], a: f32, x: &[f32]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = a * *y + x;
+            }
+        });
+}
+
+fn pair_mut<'a>(v: &'a mut [&mut [f32]], i: usize, j: usize) -> (&'a mut [f32], &'a mut [f32]) {
+    assert!(i < j, "pair_mut expects table order");
+    let (a, b) = v.split_at_mut(j);
+    (&mut *a[i], &mut *b[0])
+}
+
+/// Saved activations of one network for one batch size.
+#[derive(Debug)]
+struct NetActs {
+    batch: usize,
+    /// inputs[i]: the input of stage i (inputs[0] is the network's input).
+    inputs: Vec<Vec<f32>>,
+    /// Per stage: the ReLU outputs it keeps (blocks: the inputs of conv_1..conv_4).
+    relus: Vec<Vec<Vec<f32>>>,
+    output: Vec<f32>,
+    scratch: Vec<Vec<f32>>,
+}
+
+/// The dVAE definition: sizes, parameter layout and the two networks. Holds no weights.
+#[derive(Clone, Debug)]
+pub struct Dvae {
+    dims: DvaeDims,
+    table: ParamTable,
+    encoder: Net,
+    decoder: Net,
+}
+
+/// The terms of one batch's loss (all per-batch sums unless noted).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DvaeLosses {
+    /// (nll + β·kl) / (B·3·H·W).
+    pub loss: f64,
+    /// Σ over pixels and channels of the logit-Laplace negative log-likelihood.
+    pub nll: f64,
+    /// Σ over grid positions of KL(q ‖ uniform).
+    pub kl: f64,
+}
+
+/// Everything the forward pass keeps for the backward pass, for one batch size.
+#[derive(Debug)]
+pub struct DvaeActs {
+    batch: usize,
+    enc: NetActs,
+    dec: NetActs,
+    /// Squashed pixels x' [B, 3, H, W].
+    x_mapped: Vec<f32>,
+    /// The relaxed codes y = softmax((logits + g)/τ) [B, K, h, w] (the decoder's input).
+    y: Vec<f32>,
+    tau: f32,
+    beta: f32,
+}
+
+impl DvaeActs {
+    /// Encoder logits [B, K, H/8, W/8] of the last forward pass.
+    pub fn logits(&self) -> &[f32] {
+        &self.enc.output
+    }
+    /// Decoder statistics [B, 6, H, W] (μ, then ln b) of the last forward pass.
+    pub fn stats(&self) -> &[f32] {
+        &self.dec.output
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+impl Dvae {
+    pub fn new(dims: DvaeDims) -> Result<Self> {
+        let d = dims;
+        let bad = |s: String| Err(ModelError::Dims(s));
+        if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
+            return bad(format!(
+                "resolution = {} must be a positive multiple of 8",
+                d.resolution
+            ));
+        }
+        if d.n_hid < 4 || !d.n_hid.is_multiple_of(4) {
+            return bad(format!(
+                "n_hid = {} must be a positive multiple of 4",
+                d.n_hid
+            ));
+        }
+        if d.n_blk_per_group == 0 || d.vocab_size < 2 || d.n_init == 0 {
+            return bad(format!(
+                "n_blk_per_group, n_init must be ≥ 1 and vocab_size ≥ 2: {d:?}"
+            ));
+        }
+        let mut table = ParamTable::new();
+        let encoder = Net::encoder(&mut table, &d);
+        let decoder = Net::decoder(&mut table, &d);
+        Ok(Dvae {
+            dims,
+            table,
+            encoder,
+            decoder,
+        })
+    }
+
+    pub fn dims(&self) -> &DvaeDims {
+        &self.dims
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    pub fn new_acts(&self, batch: usize) -> DvaeActs {
+        let d = &self.dims;
+        let codes = batch * d.vocab_size * d.grid() * d.grid();
+        DvaeActs {
+            batch,
+            enc: self.encoder.new_acts(batch),
+            dec: self.decoder.new_acts(batch),
+            x_mapped: vec![0.0; batch * 3 * d.resolution * d.resolution],
+            y: vec![0.0; codes],
+            tau: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// PyTorch's default initialisation of a convolution (kaiming-uniform weights with a = √5,
+    /// i.e. U(±1/√fan_in), and biases U(±1/√fan_in)), deterministic in `seed`.
+    pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut buf = vec![0.0; self.table.numel()];
+        let specs = self.table.specs().to_vec();
+        for (i, view) in self.table.split_mut(&mut buf).into_iter().enumerate() {
+            // A bias shares its convolution's fan-in: the weight just before it in the table.
+            let w = if specs[i].kind == ParamKind::Bias {
+                &specs[i - 1]
+            } else {
+                &specs[i]
+            };
+            let fan_in: usize = w.shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            for x in view.iter_mut() {
+                *x = rng.random_range(-bound..bound);
+            }
+        }
+        buf
+    }
+
+    /// Forward pass and loss on `images` [B, 3, H, W] in [0, 1]. `noise`, when given, is the
+    /// Gumbel noise g [B, K, h, w] added to the logits before the relaxation; `None` means no
+    /// noise (debug-state and evaluation).
+    pub fn forward(
+        &self,
+        params: &[f32],
+        acts: &mut DvaeActs,
+        images: &[f32],
+        noise: Option<&[f32]>,
+        tau: f32,
+        beta: f32,
+    ) -> Result<DvaeLosses> {
+        let d = self.dims;
+        let b = acts.batch;
+        let npx = b * 3 * d.resolution * d.resolution;
+        if images.len() != npx {
+            return Err(ModelError::Dims(format!(
+                "images hold {} values, expected B·3·H·W = {b}·3·{r}·{r} = {npx}",
+                images.len(),
+                r = d.resolution
+            )));
+        }
+        if let Some(i) = images.iter().position(|v| !(0.0..=1.0).contains(v)) {
+            return Err(ModelError::Dims(format!(
+                "pixel {i} = {} is outside [0, 1]",
+                images[i]
+            )));
+        }
+        if tau.is_nan() || tau <= 0.0 {
+            return Err(ModelError::Dims(format!("tau = {tau} must be > 0")));
+        }
+        let p = self.table.split(params);
+        let eps = LOGIT_LAPLACE_EPS;
+        for (m, &x) in acts.x_mapped.iter_mut().zip(images) {
+            *m = (1.0 - 2.0 * eps) * x + eps;
+        }
+        acts.enc.inputs[0].copy_from_slice(&acts.x_mapped);
+        self.encoder.forward(&p, &mut acts.enc)?;
+        let (k, hw) = (d.vocab_size, d.grid() * d.grid());
+        // y = softmax over K of (logits + g)/τ, per position.
+        let logits = &acts.enc.output;
+        if let Some(g) = noise {
+            if g.len() != logits.len() {
+                return Err(ModelError::Dims(format!(
+                    "noise holds {} values, the logits {}",
+                    g.len(),
+                    logits.len()
+                )));
+            }
+        }
+        for bi in 0..b {
+            for pos in 0..hw {
+                let at = |c: usize| bi * k * hw + c * hw + pos;
+                let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
+                let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = (0..k).map(|c| ((s(c) - max) as f64).exp()).sum();
+                for c in 0..k {
+                    acts.y[at(c)] = (((s(c) - max) as f64).exp() / z) as f32;
+                }
+            }
+        }
+        acts.dec.inputs[0].copy_from_slice(&acts.y);
+        self.decoder.forward(&p, &mut acts.dec)?;
+        acts.tau = tau;
+        acts.beta = beta;
+        let (nll, kl) = (self.nll(acts), self.kl(acts));
+        Ok(DvaeLosses {
+            loss: (nll + beta as f64 * kl) / npx as f64,
+            nll,
+            kl,
+        })
+    }
+
+    /// Σ log(2b) + log(x'(1−x')) + |logit(x') − μ| / b over pixels and channels.
+    fn nll(&self, acts: &DvaeActs) -> f64 {
+        let px = self.dims.resolution * self.dims.resolution;
+        let mut total = 0.0f64;
+        for bi in 0..acts.batch {
+            for ch in 0..3 {
+                let xs = &acts.x_mapped[(bi * 3 + ch) * px..][..px];
+                let mu = &acts.dec.output[(bi * 6 + ch) * px..][..px];
+                let lnb = &acts.dec.output[(bi * 6 + 3 + ch) * px..][..px];
+                for i in 0..px {
+                    let x = xs[i] as f64;
+                    let t = (x / (1.0 - x)).ln();
+                    let (m, lb) = (mu[i] as f64, lnb[i] as f64);
+                    total += std::f64::consts::LN_2
+                        + lb
+                        + (x * (1.0 - x)).ln()
+                        + (t - m).abs() * (-lb).exp();
+                }
+            }
+        }
+        total
+    }
+
+    /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise).
+    fn kl(&self, acts: &DvaeActs) -> f64 {
+        let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
+        let logits = &acts.enc.output;
+        let mut total = 0.0;
+        for bi in 0..acts.batch {
+            for pos in 0..hw {
+                let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
+                let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..k).map(|c| (l(c) - max).exp()).sum();
+                let lz = z.ln();
+                let neg_entropy: f64 = (0..k)
+                    .map(|c| {
+                        let lq = l(c) - max - lz;
+                        lq.exp() * lq
+                    })
+                    .sum();
+                total += neg_entropy + (k as f64).ln();
+            }
+        }
+        total
+    }
+
+    /// The backward pass after [`Self::forward`]: accumulates (`+=`) the gradient of
+    /// `loss · scale` into `grads` (the noise is already inside the saved relaxed codes).
+    pub fn backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut DvaeActs,
+        scale: f32,
+    ) -> Result<()> {
+        let d = self.dims;
+        let b = acts.batch;
+        let px = d.resolution * d.resolution;
+        let npx = (b * 3 * px) as f64;
+        let p = self.table.split(params);
+        let mut g = self.table.split_mut(grads);
+        let s = scale as f64 / npx;
+        // d loss / d stats.
+        let mut dstats = vec![0.0f32; acts.dec.output.len()];
+        for bi in 0..b {
+            for ch in 0..3 {
+                let xs = &acts.x_mapped[(bi * 3 + ch) * px..][..px];
+                let base_mu = (bi * 6 + ch) * px;
+                let base_lb = (bi * 6 + 3 + ch) * px;
+                for i in 0..px {
+                    let x = xs[i] as f64;
+                    let t = (x / (1.0 - x)).ln();
+                    let m = acts.dec.output[base_mu + i] as f64;
+                    let inv_b = (-(acts.dec.output[base_lb + i] as f64)).exp();
+                    let r = t - m;
+                    dstats[base_mu + i] = (s * -r.signum() * inv_b) as f32;
+                    dstats[base_lb + i] = (s * (1.0 - r.abs() * inv_b)) as f32;
+                }
+            }
+        }
+        let mut dy = Vec::new();
+        self.decoder
+            .backward(&p, &mut g, &mut acts.dec, &dstats, Some(&mut dy))?;
+        // Through y = softmax((l + g)/τ) and the KL term, into d logits.
+        let (k, hw) = (d.vocab_size, d.grid() * d.grid());
+        let logits = acts.enc.output.clone();
+        let mut dlogits = vec![0.0f32; logits.len()];
+        let (tau, beta) = (acts.tau as f64, acts.beta as f64);
+        for bi in 0..b {
+            for pos in 0..hw {
+                let at = |c: usize| bi * k * hw + c * hw + pos;
+                let ydy: f64 = (0..k)
+                    .map(|c| acts.y[at(c)] as f64 * dy[at(c)] as f64)
+                    .sum();
+                let l = |c: usize| logits[at(c)] as f64;
+                let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
+                let lz = (0..k).map(|c| (l(c) - max).exp()).sum::<f64>().ln();
+                let neg_entropy: f64 = (0..k)
+                    .map(|c| {
+                        let lq = l(c) - max - lz;
+                        lq.exp() * lq
+                    })
+                    .sum();
+                for c in 0..k {
+                    let y = acts.y[at(c)] as f64;
+                    let relax = y * (dy[at(c)] as f64 - ydy) / tau;
+                    let lq = l(c) - max - lz;
+                    let dkl = lq.exp() * (lq - neg_entropy);
+                    dlogits[at(c)] = (relax + s * beta * dkl) as f32;
+                }
+            }
+        }
+        self.encoder
+            .backward(&p, &mut g, &mut acts.enc, &dlogits, None)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+//! The dVAE's parameter names against OpenAI's release, and finite differences of the loss
+//! against the backward pass.
+
+use super::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tiny() -> DvaeDims {
+    DvaeDims {
+        resolution: 16,
+        n_hid: 16,
+        n_blk_per_group: 1,
+        vocab_size: 6,
+        n_init: 4,
+    }
+}
+
+#[test]
+fn parameter_names_and_shapes_follow_openai() {
+    let m = Dvae::new(DvaeDims {
+        resolution: 256,
+        n_hid: 256,
+        n_blk_per_group: 2,
+        vocab_size: 8192,
+        n_init: 128,
+    })
+    .unwrap();
+    let shape = |n: &str| m.table().find(n).map(|s| s.shape.clone());
+    assert_eq!(shape("encoder.blocks.input.w"), Some(vec![256, 3, 7, 7]));
+    assert_eq!(shape("encoder.blocks.group_1.block_1.id_path.w"), None);
+    assert_eq!(
+        shape("encoder.blocks.group_2.block_1.id_path.w"),
+        Some(vec![512, 256, 1, 1])
+    );
+    assert_eq!(shape("encoder.blocks.group_2.block_2.id_path.w"), None);
+    assert_eq!(
+        shape("encoder.blocks.group_1.block_1.res_path.conv_1.w"),
+        Some(vec![64, 256, 3, 3])
+    );
+    assert_eq!(
+        shape("encoder.blocks.group_4.block_2.res_path.conv_4.w"),
+        Some(vec![2048, 512, 1, 1])
+    );
+    assert_eq!(
+        shape("encoder.blocks.output.conv.w"),
+        Some(vec![8192, 2048, 1, 1])
+    );
+    assert_eq!(shape("decoder.blocks.input.w"), Some(vec![128, 8192, 1, 1]));
+    assert_eq!(
+        shape("decoder.blocks.group_1.block_1.id_path.w"),
+        Some(vec![2048, 128, 1, 1])
+    );
+    assert_eq!(
+        shape("decoder.blocks.group_1.block_1.res_path.conv_1.w"),
+        Some(vec![512, 128, 1, 1])
+    );
+    assert_eq!(
+        shape("decoder.blocks.group_4.block_2.res_path.conv_4.w"),
+        Some(vec![256, 64, 3, 3])
+    );
+    assert_eq!(
+        shape("decoder.blocks.output.conv.w"),
+        Some(vec![6, 256, 1, 1])
+    );
+    assert_eq!(shape("decoder.blocks.output.conv.b"), Some(vec![6]));
+    // Every name is prefixed and every convolution has a weight and a bias.
+    let names: Vec<&str> = m.table().specs().iter().map(|s| s.name.as_str()).collect();
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("encoder.blocks.") || n.starts_with("decoder.blocks.")));
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".w")).count(),
+        names.len() / 2
+    );
+}
+
+#[test]
+fn shapes_of_logits_and_stats() {
+    let m = Dvae::new(tiny()).unwrap();
+    let w = m.init_params(1);
+    let mut acts = m.new_acts(2);
+    let images = vec![0.5f32; 2 * 3 * 16 * 16];
+    let l = m.forward(&w, &mut acts, &images, None, 1.0, 0.0).unwrap();
+    assert_eq!(acts.logits().len(), 2 * 6 * 2 * 2);
+    assert_eq!(acts.stats().len(), 2 * 6 * 16 * 16);
+    assert!(l.loss.is_finite() && l.kl >= -1e-9);
+    // Bad input: wrong size, out-of-range pixels, non-positive tau.
+    assert!(m
+        .forward(&w, &mut acts, &images[1..], None, 1.0, 0.0)
+        .is_err());
+    let mut bad = images.clone();
+    bad[5] = 1.5;
+    let e = m
+        .forward(&w, &mut acts, &bad, None, 1.0, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pixel 5"), "{e}");
+    assert!(m.forward(&w, &mut acts, &images, None, 0.0, 0.0).is_err());
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let m = Dvae::new(tiny()).unwrap();
+    let b = 2;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // Weights large enough that the residual paths matter at post-gain 1/16.
+    let mut w = m.init_params(2);
+    let images: Vec<f32> = (0..b * 3 * 16 * 16)
+        .map(|_| rng.random_range(0.0..1.0))
+        .collect();
+    let noise: Vec<f32> = (0..b * 6 * 2 * 2)
+        .map(|_| {
+            let u: f32 = rng.random_range(1e-6..1.0);
+            -(-u.ln()).ln()
+        })
+        .collect();
+    let (tau, beta) = (0.7, 0.5);
+    let mut acts = m.new_acts(b);
+    let mut grads = vec![0.0f32; w.len()];
+    m.forward(&w, &mut acts, &images, Some(&noise), tau, beta)
+        .unwrap();
+    m.backward(&w, &mut grads, &mut acts, 1.0).unwrap();
+    // Every tensor gets checked at a spread of entries (all of them for small tensors). ReLUs and
+    // the |t − μ| of the likelihood have kinks: a difference quotient that straddles one is off
+    // for that entry alone, so a few outliers (≤ 2%) are allowed, and every other entry must agree.
+    let eps = 1e-3f32;
+    let (mut checked, mut outliers) = (0, Vec::new());
+    for spec in m.table().specs() {
+        let n = spec.numel();
+        let step = (n / 12).max(1);
+        for i in (spec.offset..spec.offset + n).step_by(step) {
+            let orig = w[i];
+            let mut eval = |v: f32, w: &mut Vec<f32>| {
+                w[i] = v;
+                m.forward(w, &mut acts, &images, Some(&noise), tau, beta)
+                    .unwrap()
+                    .loss
+            };
+            let plus = eval(orig + eps, &mut w);
+            let minus = eval(orig - eps, &mut w);
+            w[i] = orig;
+            let num = (plus - minus) / (2.0 * eps as f64);
+            let got = grads[i] as f64;
+            if (got - num).abs() > 1e-4 + 2e-2 * num.abs() {
+                outliers.push(format!(
+                    "{}[{}]: backward {got} vs {num}",
+                    spec.name,
+                    i - spec.offset
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 300, "{checked}");
+    eprintln!("{} of {checked} entries off: {outliers:#?}", outliers.len());
+    assert!(outliers.len() * 50 <= checked, "{outliers:#?}");
+    for (spec, g) in m.table().specs().iter().zip(m.table().split(&grads)) {
+        assert!(
+            g.iter().any(|&x| x != 0.0),
+            "{} has an all-zero gradient",
+            spec.name
+        );
+    }
+}
