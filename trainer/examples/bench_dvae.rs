@@ -81,6 +81,8 @@ fn main() -> Result<()> {
         "step_ms": (ms * 100.0).round() / 100.0,
         "step_ms_min": (times[0] * 100.0).round() / 100.0,
         "images_per_s": (batch as f64 / (ms / 1e3) * 10.0).round() / 10.0,
+        "gflops_per_step": (model.train_flops(batch) / 1e9 * 100.0).round() / 100.0,
+        "gflops_per_s": (model.train_flops(batch) / 1e9 / (ms / 1e3) * 10.0).round() / 10.0,
         "loss": loss,
     });
     println!("{line}");

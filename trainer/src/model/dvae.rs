@@ -549,6 +549,26 @@ impl Dvae {
         &self.table
     }
 
+    /// Useful floating-point operations of one training step on `batch` images: 6 per
+    /// multiply-add of every convolution (forward, input gradient, weight gradient).
+    pub fn train_flops(&self, batch: usize) -> f64 {
+        let macs: usize = [&self.encoder, &self.decoder]
+            .iter()
+            .flat_map(|net| net.stages.iter())
+            .map(|(stage, shape)| {
+                let conv = |cp: &ConvParams| Net::dims(batch, cp, shape.side).macs();
+                match stage {
+                    Stage::Conv(cp) | Stage::ReluConv(cp) => conv(cp),
+                    Stage::Block(b) => {
+                        b.convs.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv)
+                    }
+                    Stage::MaxPool | Stage::Upsample => 0,
+                }
+            })
+            .sum();
+        6.0 * macs as f64
+    }
+
     pub fn new_acts(&self, batch: usize) -> DvaeActs {
         let d = &self.dims;
         let codes = batch * d.vocab_size * d.grid() * d.grid();
