@@ -126,7 +126,10 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Inspect { path, records } => Ok(print!("{}", shards::inspect(&path, records)?)),
+        Cmd::Inspect { path, records } => {
+            print!("{}", shards::inspect(&path, records)?);
+            Ok(())
+        }
         Cmd::Verify { paths } => match shards::verify(&paths).as_slice() {
             [] => Ok(()),
             failed => anyhow::bail!(

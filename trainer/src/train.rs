@@ -332,6 +332,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 Some(1.0 / accum as f32),
             )?;
             model.backward(&rs.params, &mut grads, &mut acts, &batch.text, &batch.image)?;
+            data.recycle(batch);
             loss += l.loss / accum as f64;
             lt += l.text / accum as f64;
             li += l.image / accum as f64;

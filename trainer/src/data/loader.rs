@@ -338,17 +338,31 @@ impl BatchReader {
 
     /// This rank's batch at `cursor` (normalised).
     pub fn read(&mut self, cursor: Cursor) -> Result<Batch, LoaderError> {
+        let mut batch = Batch {
+            batch: 0,
+            text: Vec::new(),
+            image: Vec::new(),
+        };
+        self.read_into(cursor, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// [`BatchReader::read`] into `batch`, reusing its buffers.
+    pub fn read_into(&mut self, cursor: Cursor, batch: &mut Batch) -> Result<(), LoaderError> {
         let layout = self.set.layout();
         let (tt, gi) = (layout.text_len as usize, layout.image_tokens as usize);
         let b = self.opts.batch_size;
         self.indices(cursor);
         let start = cursor.position as usize + self.opts.rank * b;
-        let mut text = vec![0u32; b * tt];
-        let mut image = vec![0u32; b * gi];
+        batch.batch = b;
+        // Every entry is overwritten below; resizing only zero-fills a new buffer once.
+        batch.text.resize(b * tt, 0);
+        batch.image.resize(b * gi, 0);
         for (row, &g) in self.order[start..start + b].iter().enumerate() {
             let (record, shard) = self.set.record(g as u64)?;
-            let text_row = &mut text[row * tt..(row + 1) * tt];
-            record.image.copy_into(&mut image[row * gi..(row + 1) * gi]);
+            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
+            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
+            record.image.copy_into(image_row);
             match (&self.encoder, self.opts.bpe_dropout > 0.0) {
                 (Some(encoder), true) => {
                     let mut rng = dropout_rng(self.opts.seed, cursor.epoch, g as u64);
@@ -361,18 +375,13 @@ impl BatchReader {
                     let ids = encoder
                         .encode(record.caption, &mut rng)
                         .map_err(|e| encode_err(format!("{e}")))?;
-                    check_tokens(&layout, &ids, &image[row * gi..(row + 1) * gi])
-                        .map_err(encode_err)?;
+                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
                     text_row.copy_from_slice(&ids);
                 }
                 _ => record.text.copy_into(text_row),
             }
         }
-        Ok(Batch {
-            batch: b,
-            text,
-            image,
-        })
+        Ok(())
     }
 }
 
@@ -382,6 +391,8 @@ type Message = Result<(Batch, Cursor), LoaderError>;
 /// loader stops and joins the thread.
 pub struct Loader {
     rx: Option<Receiver<Message>>,
+    /// Spent batches going back to the producer, whose buffers it refills.
+    recycle: Sender<Batch>,
     handle: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     cursor: Cursor,
@@ -402,14 +413,24 @@ impl Loader {
         let (records, global) = (reader.records(), opts.global_batch());
         let start = start.normalise(global, records);
         let (tx, rx) = crossbeam_channel::bounded(opts.prefetch);
+        let (recycle, spent) = crossbeam_channel::bounded(opts.prefetch + 2);
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let handle = std::thread::Builder::new()
             .name(format!("loader-rank{}", opts.rank))
-            .spawn(move || produce(&mut reader, start, global, records, &tx, &thread_stop))
+            .spawn(move || {
+                produce(
+                    &mut reader,
+                    start,
+                    (global, records),
+                    (&tx, &spent),
+                    &thread_stop,
+                )
+            })
             .map_err(|_| LoaderError::Stopped)?;
         Ok(Loader {
             rx: Some(rx),
+            recycle,
             handle: Some(handle),
             stop,
             cursor: start,
@@ -431,6 +452,12 @@ impl Loader {
         }
     }
 
+    /// Hands a batch that is no longer needed back to the producer, which refills its buffers
+    /// instead of allocating new ones. Optional; a batch that is not returned is simply dropped.
+    pub fn recycle(&self, batch: Batch) {
+        let _ = self.recycle.try_send(batch);
+    }
+
     /// Where the batch after the last one returned starts.
     pub fn cursor(&self) -> Cursor {
         self.cursor
@@ -450,15 +477,19 @@ impl Loader {
 fn produce(
     reader: &mut BatchReader,
     mut cursor: Cursor,
-    global: u64,
-    records: u64,
-    tx: &Sender<Message>,
+    (global, records): (u64, u64),
+    (tx, spent): (&Sender<Message>, &Receiver<Batch>),
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
+        let mut batch = spent.try_recv().unwrap_or_else(|_| Batch {
+            batch: 0,
+            text: Vec::new(),
+            image: Vec::new(),
+        });
         let message = reader
-            .read(cursor)
-            .map(|batch| (batch, cursor.advance(global, records)));
+            .read_into(cursor, &mut batch)
+            .map(|()| (batch, cursor.advance(global, records)));
         let failed = message.is_err();
         if let Ok((_, next)) = &message {
             cursor = *next;
@@ -603,7 +634,10 @@ mod tests {
         let all: Vec<Batch> = (0..15).map(|_| straight.next_batch().unwrap()).collect();
         let mut first = Loader::new(set.clone(), opts(2, 0, 1), Cursor::default(), None).unwrap();
         for b in &all[..8] {
-            assert_eq!(&first.next_batch().unwrap(), b);
+            let got = first.next_batch().unwrap();
+            assert_eq!(&got, b);
+            // Recycled buffers are refilled completely.
+            first.recycle(got);
         }
         let saved = first.cursor();
         assert_eq!(
@@ -653,7 +687,9 @@ mod tests {
         let found = resolve_paths(&[pattern.clone(), paths[1].display().to_string()]).unwrap();
         assert_eq!(found, paths);
         let only_tmp = format!("{}/s-02*", dir.path().display());
-        let e = resolve_paths(&[only_tmp.clone()]).unwrap_err().to_string();
+        let e = resolve_paths(std::slice::from_ref(&only_tmp))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             format!("data.paths pattern '{only_tmp}' matches no .tts shard")

@@ -177,6 +177,13 @@ impl DataStream {
         }
     }
 
+    /// Returns a spent batch's buffers for reuse (shards; a no-op for synthetic data).
+    pub fn recycle(&self, batch: Batch) {
+        if let DataStream::Shards(loader) = self {
+            loader.recycle(batch);
+        }
+    }
+
     /// Where the batch after the last one returned starts.
     pub fn cursor(&self) -> DataCursor {
         match self {

@@ -374,6 +374,23 @@ impl<'a> TokenSlice<'a> {
     /// Widens every id into `out`, which must have [`TokenSlice::len`] entries.
     pub fn copy_into(&self, out: &mut [u32]) {
         debug_assert_eq!(out.len(), self.len());
+        // Records keep their ids aligned to the id width (the header is 80 bytes and record
+        // sizes are multiples of 4), so the map's bytes are normally read as u16/u32 directly,
+        // which the compiler widens with vector instructions.
+        // SAFETY: any bit pattern is a valid u16/u32; `align_to` only yields aligned elements.
+        if self.width == 2 {
+            if let ([], ids, []) = unsafe { self.bytes.align_to::<u16>() } {
+                for (o, &x) in out.iter_mut().zip(ids) {
+                    *o = u16::from_le(x) as u32;
+                }
+                return;
+            }
+        } else if let ([], ids, []) = unsafe { self.bytes.align_to::<u32>() } {
+            for (o, &x) in out.iter_mut().zip(ids) {
+                *o = u32::from_le(x);
+            }
+            return;
+        }
         if self.width == 2 {
             for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(2)) {
                 *o = u16::from_le_bytes([b[0], b[1]]) as u32;
