@@ -1,7 +1,8 @@
-//! The `data-prep` binary. Today: `synth-batch`, which writes synthetic token sequences of a
-//! config's model as a safetensors batch file (`text` [B, Tt] and `image` [B, G²], int64), the
-//! input format of `trainer debug-state`. Ingest, tokenizer, dedup and encode arrive with the
-//! data-pipeline issue.
+//! The `data-prep` binary. `synth-batch` writes synthetic token sequences of a config's model as
+//! a safetensors batch file (`text` [B, Tt] and `image` [B, G²], int64), the input format of
+//! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
+//! `inspect` and `verify` read shards ([`shards`]). Ingest, tokenizer, dedup and encode arrive
+//! with the data-pipeline issue.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -9,6 +10,9 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
+
+mod shards;
+mod synth_tokens;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Prepare data for Tessera")]
@@ -33,6 +37,32 @@ enum Cmd {
         first: u64,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Write `--count` synthetic samples of the config's model as token shards in `--out`.
+    SynthTokens {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        count: u64,
+        /// Records per shard.
+        #[arg(long, default_value_t = 10_000)]
+        shard_size: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a shard's header, counts and first records.
+    Inspect {
+        path: PathBuf,
+        /// Records to decode.
+        #[arg(long, default_value_t = 3)]
+        records: u64,
+    },
+    /// Check shards fully (every checksum and record); exits non-zero on any failure.
+    Verify {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -74,5 +104,44 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             Ok(())
         }
+        Cmd::SynthTokens {
+            config,
+            set,
+            count,
+            shard_size,
+            out,
+        } => {
+            let s = synth_tokens::synth_tokens(
+                &RunConfig::load(&config, &set)?,
+                count,
+                shard_size,
+                &out,
+            )?;
+            println!(
+                "{} records in {}: {} shards written, {} already done",
+                s.records,
+                out.display(),
+                s.written,
+                s.skipped
+            );
+            Ok(())
+        }
+        Cmd::Inspect { path, records } => {
+            print!("{}", shards::inspect(&path, records)?);
+            Ok(())
+        }
+        Cmd::Verify { paths } => match shards::verify(&paths).as_slice() {
+            [] => Ok(()),
+            failed => anyhow::bail!(
+                "{} of {} shards failed verification: {}",
+                failed.len(),
+                paths.len(),
+                failed
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
     }
 }

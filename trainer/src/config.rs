@@ -152,12 +152,15 @@ impl TransformerConfig {
 }
 
 /// The `data:` section: which source feeds training, and that source's own fields, side by side
-/// under `data:` (`source: synthetic` then `min_caption_tokens: …`).
+/// under `data:` (`source: synthetic` then `min_caption_tokens: …`; `source: shards` then
+/// `paths: […]`, …). A field of the other source is an error.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(try_from = "DataSection", into = "DataSection")]
 pub enum DataSource {
     /// Random captions and images drawn from the run's seed (no files needed).
     Synthetic(SyntheticConfig),
+    /// Memory-mapped token shards (`.tts`, docs/formats.md), read by `data::loader`.
+    Shards(ShardsConfig),
 }
 
 /// The kinds of [`DataSource`], as written in `data.source`.
@@ -166,44 +169,112 @@ pub enum DataSource {
 pub enum DataSourceKind {
     /// [`DataSource::Synthetic`].
     Synthetic,
+    /// [`DataSource::Shards`].
+    Shards,
 }
 
 /// The `data:` section as written: one flat struct, so that serde_yaml's errors carry the field
 /// path (`data.min_caption_tokens: …`) and unknown fields are refused. Converted to and from
-/// [`DataSource`].
+/// [`DataSource`]; fields that belong to the other source must be absent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct DataSection {
     /// The source kind. Required.
     source: DataSourceKind,
     /// Synthetic: see [`SyntheticConfig::min_caption_tokens`].
-    #[serde(default = "default_min_caption_tokens")]
-    min_caption_tokens: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_caption_tokens: Option<usize>,
     /// Synthetic: see [`SyntheticConfig::max_caption_tokens`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     max_caption_tokens: Option<usize>,
+    /// Shards: see [`ShardsConfig::paths`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    paths: Option<Vec<String>>,
+    /// Shards: see [`ShardsConfig::prefetch`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefetch: Option<usize>,
+    /// Shards: see [`ShardsConfig::bpe_dropout`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bpe_dropout: Option<f64>,
+    /// Shards: see [`ShardsConfig::tokenizer`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokenizer: Option<PathBuf>,
 }
 
 impl TryFrom<DataSection> for DataSource {
     type Error = String;
 
     fn try_from(d: DataSection) -> Result<Self, String> {
+        let refuse =
+            |fields: &[(&str, bool)], source: &str| match fields.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(format!(
+                    "data.{name} does not apply to data.source: {source}"
+                )),
+                None => Ok(()),
+            };
         match d.source {
-            DataSourceKind::Synthetic => Ok(DataSource::Synthetic(SyntheticConfig {
-                min_caption_tokens: d.min_caption_tokens,
-                max_caption_tokens: d.max_caption_tokens,
-            })),
+            DataSourceKind::Synthetic => {
+                refuse(
+                    &[
+                        ("paths", d.paths.is_some()),
+                        ("prefetch", d.prefetch.is_some()),
+                        ("bpe_dropout", d.bpe_dropout.is_some()),
+                        ("tokenizer", d.tokenizer.is_some()),
+                    ],
+                    "synthetic",
+                )?;
+                Ok(DataSource::Synthetic(SyntheticConfig {
+                    min_caption_tokens: d
+                        .min_caption_tokens
+                        .unwrap_or_else(default_min_caption_tokens),
+                    max_caption_tokens: d.max_caption_tokens,
+                }))
+            }
+            DataSourceKind::Shards => {
+                refuse(
+                    &[
+                        ("min_caption_tokens", d.min_caption_tokens.is_some()),
+                        ("max_caption_tokens", d.max_caption_tokens.is_some()),
+                    ],
+                    "shards",
+                )?;
+                Ok(DataSource::Shards(ShardsConfig {
+                    paths: d
+                        .paths
+                        .ok_or("data.paths is required for data.source: shards")?,
+                    prefetch: d.prefetch.unwrap_or_else(default_prefetch),
+                    bpe_dropout: d.bpe_dropout.unwrap_or(0.0),
+                    tokenizer: d.tokenizer,
+                }))
+            }
         }
     }
 }
 
 impl From<DataSource> for DataSection {
     fn from(d: DataSource) -> Self {
+        let empty = DataSection {
+            source: DataSourceKind::Synthetic,
+            min_caption_tokens: None,
+            max_caption_tokens: None,
+            paths: None,
+            prefetch: None,
+            bpe_dropout: None,
+            tokenizer: None,
+        };
         match d {
             DataSource::Synthetic(s) => DataSection {
-                source: DataSourceKind::Synthetic,
-                min_caption_tokens: s.min_caption_tokens,
+                min_caption_tokens: Some(s.min_caption_tokens),
                 max_caption_tokens: s.max_caption_tokens,
+                ..empty
+            },
+            DataSource::Shards(s) => DataSection {
+                source: DataSourceKind::Shards,
+                paths: Some(s.paths),
+                prefetch: Some(s.prefetch),
+                bpe_dropout: Some(s.bpe_dropout),
+                tokenizer: s.tokenizer,
+                ..empty
             },
         }
     }
@@ -214,8 +285,33 @@ impl DataSource {
     pub fn kind(&self) -> DataSourceKind {
         match self {
             DataSource::Synthetic(_) => DataSourceKind::Synthetic,
+            DataSource::Shards(_) => DataSourceKind::Shards,
         }
     }
+}
+
+/// Fields of `data: {source: shards}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardsConfig {
+    /// Token shard files or glob patterns (`data/tokens-*.tts`), relative to the working
+    /// directory. Each pattern must match at least one `.tts` file; matches are sorted and
+    /// de-duplicated. Required, non-empty.
+    pub paths: Vec<String>,
+    /// Batches prepared ahead of the training step on a background thread. ≥ 1. Default 2.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// BPE dropout probability applied when re-encoding each caption at load time (the paper
+    /// used 0.1). In [0, 1). Default 0 (the stored text tokens are used as they are).
+    #[serde(default)]
+    pub bpe_dropout: f64,
+    /// The `tokenizer.json` that re-encodes captions. Required when `bpe_dropout` > 0.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_prefetch() -> usize {
+    2
 }
 
 /// Fields of `data: {source: synthetic}`.
@@ -551,6 +647,33 @@ impl RunConfig {
                         format!(
                             "data.min_caption_tokens = {} must be ≤ data.max_caption_tokens = {max}",
                             s.min_caption_tokens
+                        ),
+                    );
+                }
+            }
+            DataSource::Shards(s) => {
+                if s.paths.is_empty() || s.paths.iter().any(|p| p.trim().is_empty()) {
+                    return invalid(
+                        "data.paths",
+                        "data.paths must list at least one shard file or glob pattern, none empty"
+                            .into(),
+                    );
+                }
+                if s.prefetch < 1 {
+                    return invalid("data.prefetch", "data.prefetch must be ≥ 1".into());
+                }
+                if !(0.0..1.0).contains(&s.bpe_dropout) {
+                    return invalid(
+                        "data.bpe_dropout",
+                        format!("data.bpe_dropout = {} must be in [0, 1)", s.bpe_dropout),
+                    );
+                }
+                if s.bpe_dropout > 0.0 && s.tokenizer.is_none() {
+                    return invalid(
+                        "data.tokenizer",
+                        format!(
+                            "data.tokenizer (a tokenizer.json) is required when data.bpe_dropout = {} > 0",
+                            s.bpe_dropout
                         ),
                     );
                 }
@@ -975,7 +1098,9 @@ train:
         assert_eq!(c.run.device, Device::Auto);
         assert_eq!(c.model.conv_kernel, 11);
         assert_eq!(c.data, DataSource::Synthetic(SyntheticConfig::default()));
-        let DataSource::Synthetic(s) = &c.data;
+        let DataSource::Synthetic(s) = &c.data else {
+            panic!("synthetic expected")
+        };
         assert_eq!(s.min_caption_tokens, 4);
         assert_eq!(s.max_caption_tokens(c.model.text_len), 8);
         assert_eq!(c.optim, OptimConfig::default());
@@ -1030,8 +1155,11 @@ train:
         assert!(e.contains("run.device") && e.contains("tpu"), "{e}");
         let e = load_err(&FULL.replace("kind: cosine", "kind: linear"), &[]);
         assert!(e.contains("schedule.kind") && e.contains("linear"), "{e}");
-        let e = load_err(&FULL.replace("source: synthetic", "source: shards"), &[]);
-        assert!(e.contains("data.source") && e.contains("shards"), "{e}");
+        let e = load_err(
+            &FULL.replace("source: synthetic", "source: webdataset"),
+            &[],
+        );
+        assert!(e.contains("data.source") && e.contains("webdataset"), "{e}");
     }
 
     #[test]
@@ -1117,7 +1245,9 @@ train:
         assert_eq!(c.run.name, "1234");
         assert_eq!(c.train.steps, 99);
         assert_eq!(c.schedule.total_steps, None);
-        let DataSource::Synthetic(s) = &c.data;
+        let DataSource::Synthetic(s) = &c.data else {
+            panic!("synthetic expected")
+        };
         assert_eq!(s.max_caption_tokens, Some(7));
     }
 
@@ -1226,6 +1356,74 @@ train:
         std::fs::write(&path, FULL.replace("d_model: 32", "d_model: 30")).unwrap();
         let e = RunConfig::load(&path, &[]).unwrap_err().to_string();
         assert!(e.starts_with(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn shards_source_parses_round_trips_and_is_validated() {
+        let shards = "data:\n  source: shards\n  paths: [data/tokens-*.tts, extra.tts]\n";
+        let text = MINIMAL.replace("data:\n  source: synthetic\n", shards);
+        let c = RunConfig::from_yaml_str(&text, "s.yaml").unwrap();
+        let DataSource::Shards(s) = &c.data else {
+            panic!("shards expected")
+        };
+        assert_eq!(s.paths, vec!["data/tokens-*.tts", "extra.tts"]);
+        assert_eq!(
+            (s.prefetch, s.bpe_dropout, s.tokenizer.clone()),
+            (2, 0.0, None)
+        );
+        assert_eq!(c.data.kind(), DataSourceKind::Shards);
+        let back = RunConfig::from_yaml_str(&c.to_yaml(), "resolved").unwrap();
+        assert_eq!(back, c);
+        for (overrides, expected) in [
+            (
+                &["data.bpe_dropout=0.1"][..],
+                "data.tokenizer (a tokenizer.json) is required when data.bpe_dropout = 0.1 > 0",
+            ),
+            (
+                &["data.bpe_dropout=1.0"][..],
+                "data.bpe_dropout = 1 must be in [0, 1)",
+            ),
+            (&["data.prefetch=0"][..], "data.prefetch must be ≥ 1"),
+            (
+                &["data.paths=[]"][..],
+                "data.paths must list at least one shard file or glob pattern, none empty",
+            ),
+        ] {
+            let e = load_err(&text, overrides);
+            assert_eq!(e, format!("test.yaml: {expected}"));
+        }
+        let c = RunConfig::from_yaml_str_with_overrides(
+            &text,
+            "s.yaml",
+            &sets(&["data.bpe_dropout=0.1", "data.tokenizer=tok/tokenizer.json"]),
+        )
+        .unwrap();
+        let DataSource::Shards(s) = &c.data else {
+            panic!("shards expected")
+        };
+        assert_eq!(
+            s.tokenizer.as_deref(),
+            Some(Path::new("tok/tokenizer.json"))
+        );
+        // Fields of the other source, or none of the required ones, are refused by name.
+        let e = load_err(&text, &["data.min_caption_tokens=3"]);
+        assert!(
+            e.contains("data.min_caption_tokens does not apply to data.source: shards"),
+            "{e}"
+        );
+        let e = load_err(
+            &FULL.replace("  min_caption_tokens: 2", "  paths: [x.tts]"),
+            &[],
+        );
+        assert!(
+            e.contains("data.paths does not apply to data.source: synthetic"),
+            "{e}"
+        );
+        let e = load_err(&MINIMAL.replace("source: synthetic", "source: shards"), &[]);
+        assert!(
+            e.contains("data.paths is required for data.source: shards"),
+            "{e}"
+        );
     }
 
     #[test]

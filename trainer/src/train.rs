@@ -9,7 +9,8 @@
 use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
 use crate::collectives::{Collectives, SingleProcess};
 use crate::config::{Device, RunConfig};
-use crate::data::synthetic::SyntheticData;
+use crate::data::loader::CaptionEncoder;
+use crate::data::{DataCursor, DataStream};
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
 use crate::optim::{update_ema, AdamW, AdamWParams, LrSchedule, ScheduleParams};
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.
@@ -25,8 +27,9 @@ use std::time::Instant;
 pub struct TrainState {
     /// Updates completed.
     pub step: u64,
-    /// Index of the next training sample (the data cursor).
-    pub next_sample: u64,
+    /// Where the data stands: the next synthetic sample, or the shard loader's epoch and
+    /// position (see [`DataCursor`]).
+    pub data: DataCursor,
     /// AdamW's update count (differs from `step` when non-finite updates were skipped).
     pub adam_t: u64,
     pub schedule: LrSchedule,
@@ -140,7 +143,7 @@ fn fresh_state(cfg: &RunConfig, model: &Transformer) -> RunState {
         params,
         state: TrainState {
             step: 0,
-            next_sample: 0,
+            data: DataCursor::start(cfg),
             adam_t: 0,
             schedule: LrSchedule::new(&schedule_params(cfg)),
             skipped_updates: 0,
@@ -236,6 +239,12 @@ fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The caption encoder for load-time BPE dropout (`data.bpe_dropout` > 0). None in this build:
+/// the loader then refuses a config with dropout, naming what is missing.
+fn caption_encoder(_cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
+    Ok(None)
+}
+
 /// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
 /// `run.out_dir` when there is one.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
@@ -278,7 +287,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let data = SyntheticData::from_config(cfg);
+    let mut comm = SingleProcess;
+    let mut data = DataStream::open(
+        cfg,
+        comm.rank(),
+        comm.world_size(),
+        rs.state.data,
+        caption_encoder(cfg)?,
+    )
+    .context("opening the training data")?;
     let sched = schedule_params(cfg);
     let (bsz, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
     let mut acts = Activations::new(&model, bsz);
@@ -298,7 +315,6 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         grad_accum = accum,
         "training"
     );
-    let mut comm = SingleProcess;
     let mut last = None;
     while rs.state.step < cfg.train.steps {
         let started = Instant::now();
@@ -306,8 +322,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         grads.fill(0.0);
         let (mut loss, mut lt, mut li) = (0.0, 0.0, 0.0);
         for _ in 0..accum {
-            let batch = data.batch(rs.state.next_sample, bsz);
-            rs.state.next_sample += bsz as u64;
+            let batch = data.next_batch().context("reading the next batch")?;
+            rs.state.data = data.cursor();
             let l = model.forward(
                 &rs.params,
                 &mut acts,
@@ -316,6 +332,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 Some(1.0 / accum as f32),
             )?;
             model.backward(&rs.params, &mut grads, &mut acts, &batch.text, &batch.image)?;
+            data.recycle(batch);
             loss += l.loss / accum as f64;
             lt += l.text / accum as f64;
             li += l.image / accum as f64;

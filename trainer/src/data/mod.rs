@@ -1,8 +1,23 @@
-//! Training data for the trainer. For now one source: [`synthetic`], a documented generator of
-//! captioned token grids; the memory-mapped shard loader of the data-pipeline issue replaces it
-//! behind the same [`Batch`] interface.
+//! Training data for the trainer, behind one interface: a [`DataStream`] hands out [`Batch`]es
+//! for this rank and reports a [`DataCursor`] that `state.json` saves, so that a resumed run
+//! continues exactly where it stopped.
+//!
+//! - [`synthetic`]: a documented generator of captioned token grids (tests, the quickstart);
+//! - [`token_shard`]: the `.tts` token shard format, its writer and memory-mapped reader;
+//! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread).
 
+pub mod loader;
 pub mod synthetic;
+pub mod token_shard;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DataSource, RunConfig};
+use loader::{CaptionEncoder, Cursor, Loader, LoaderError, LoaderOptions, ShardSet};
+use synthetic::SyntheticData;
+use token_shard::{ShardError, ShardLayout};
 
 /// One batch of token sequences, row-major: `text` [B, Tt], `image` [B, G²].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,4 +25,179 @@ pub struct Batch {
     pub batch: usize,
     pub text: Vec<u32>,
     pub image: Vec<u32>,
+}
+
+/// Where the data of a run stands, saved in `state.json` under `data`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataCursor {
+    /// `data.source: synthetic`: the index of the next global batch's first sample.
+    Synthetic { next_sample: u64 },
+    /// `data.source: shards`: the loader's [`Cursor`], and the number of records it was
+    /// counted over (a resume over different data is refused).
+    Shards {
+        epoch: u64,
+        position: u64,
+        records: u64,
+    },
+}
+
+impl DataCursor {
+    /// The cursor of a fresh run of `cfg`.
+    pub fn start(cfg: &RunConfig) -> DataCursor {
+        match cfg.data {
+            DataSource::Synthetic(_) => DataCursor::Synthetic { next_sample: 0 },
+            // `records` is filled in when the stream opens the shards.
+            DataSource::Shards(_) => DataCursor::Shards {
+                epoch: 0,
+                position: 0,
+                records: 0,
+            },
+        }
+    }
+}
+
+/// Errors of opening or reading a run's data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(
+        "the checkpoint's data cursor is for data.source: {saved}, but the config has data.source: \
+         {config}"
+    )]
+    SourceChanged {
+        saved: &'static str,
+        config: &'static str,
+    },
+    #[error(
+        "the checkpoint's data cursor counts {saved} records, but data.paths now matches {now}: \
+         the shards changed since the checkpoint, so the run cannot resume exactly; restore them or \
+         start a new run.out_dir"
+    )]
+    RecordsChanged { saved: u64, now: u64 },
+}
+
+/// The batches of one rank of a run, from the source its config names.
+pub enum DataStream {
+    Synthetic {
+        data: SyntheticData,
+        next_sample: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+    },
+    Shards(Loader),
+}
+
+impl DataStream {
+    /// Opens the data of `cfg` for `rank` of `world_size`, continuing from `cursor`. `encoder`
+    /// re-encodes captions when `data.bpe_dropout` > 0 (required then).
+    pub fn open(
+        cfg: &RunConfig,
+        rank: usize,
+        world_size: usize,
+        cursor: DataCursor,
+        encoder: Option<Arc<dyn CaptionEncoder>>,
+    ) -> Result<DataStream, DataError> {
+        let batch_size = cfg.train.batch_size;
+        match (&cfg.data, cursor) {
+            (DataSource::Synthetic(_), DataCursor::Synthetic { next_sample }) => {
+                Ok(DataStream::Synthetic {
+                    data: SyntheticData::from_config(cfg),
+                    next_sample,
+                    batch_size,
+                    rank,
+                    world_size,
+                })
+            }
+            (
+                DataSource::Shards(s),
+                DataCursor::Shards {
+                    epoch,
+                    position,
+                    records,
+                },
+            ) => {
+                let layout = ShardLayout::from_model(&cfg.model)?;
+                let set = ShardSet::open_patterns(&s.paths, &layout)?;
+                let fresh = (epoch, position, records) == (0, 0, 0);
+                if !fresh && records != set.len() {
+                    return Err(DataError::RecordsChanged {
+                        saved: records,
+                        now: set.len(),
+                    });
+                }
+                let opts = LoaderOptions {
+                    seed: cfg.run.seed,
+                    batch_size,
+                    rank,
+                    world_size,
+                    prefetch: s.prefetch,
+                    bpe_dropout: s.bpe_dropout as f32,
+                };
+                let start = Cursor { epoch, position };
+                Ok(DataStream::Shards(Loader::new(
+                    Arc::new(set),
+                    opts,
+                    start,
+                    encoder,
+                )?))
+            }
+            (_, saved) => Err(DataError::SourceChanged {
+                saved: match saved {
+                    DataCursor::Synthetic { .. } => "synthetic",
+                    DataCursor::Shards { .. } => "shards",
+                },
+                config: match cfg.data {
+                    DataSource::Synthetic(_) => "synthetic",
+                    DataSource::Shards(_) => "shards",
+                },
+            }),
+        }
+    }
+
+    /// This rank's next batch.
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+        match self {
+            DataStream::Synthetic {
+                data,
+                next_sample,
+                batch_size,
+                rank,
+                world_size,
+            } => {
+                let first = *next_sample + (*rank * *batch_size) as u64;
+                *next_sample += (*batch_size * *world_size) as u64;
+                Ok(data.batch(first, *batch_size))
+            }
+            DataStream::Shards(loader) => Ok(loader.next_batch()?),
+        }
+    }
+
+    /// Returns a spent batch's buffers for reuse (shards; a no-op for synthetic data).
+    pub fn recycle(&self, batch: Batch) {
+        if let DataStream::Shards(loader) = self {
+            loader.recycle(batch);
+        }
+    }
+
+    /// Where the batch after the last one returned starts.
+    pub fn cursor(&self) -> DataCursor {
+        match self {
+            DataStream::Synthetic { next_sample, .. } => DataCursor::Synthetic {
+                next_sample: *next_sample,
+            },
+            DataStream::Shards(loader) => {
+                let c = loader.cursor();
+                DataCursor::Shards {
+                    epoch: c.epoch,
+                    position: c.position,
+                    records: loader.records(),
+                }
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@
 //! inside the square. Five per cent of the cells are replaced by a uniformly random token.
 
 use super::Batch;
-use crate::config::{DataSource, RunConfig};
+use crate::config::{DataSource, RunConfig, SyntheticConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -42,9 +42,15 @@ pub struct SyntheticData {
 }
 
 impl SyntheticData {
-    /// The generator of a run config (`data.source: synthetic`), seeded from `run.seed`.
+    /// The generator of a run config, seeded from `run.seed`: the `data:` section's caption
+    /// lengths with `data.source: synthetic`, the defaults otherwise (`data-prep synth-tokens`
+    /// writes shards for a `data.source: shards` config).
     pub fn from_config(cfg: &RunConfig) -> Self {
-        let DataSource::Synthetic(s) = &cfg.data;
+        let default = SyntheticConfig::default();
+        let s = match &cfg.data {
+            DataSource::Synthetic(s) => s,
+            _ => &default,
+        };
         let m = &cfg.model;
         SyntheticData {
             seed: cfg.run.seed,

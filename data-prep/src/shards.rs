@@ -1,0 +1,108 @@
+//! `data-prep inspect` and `data-prep verify` over shard files, dispatched on the file's magic
+//! (token shards today; image shards join here).
+
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use trainer::data::token_shard::{self, TokenShard};
+
+/// The kinds of shard file `inspect` and `verify` know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardKind {
+    /// `.tts`, [`token_shard::MAGIC`].
+    Token,
+}
+
+/// The kind of `path`, from its first 8 bytes.
+pub fn kind_of(path: &Path) -> Result<ShardKind> {
+    let mut magic = [0u8; 8];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if n == 8 && magic == token_shard::MAGIC {
+        return Ok(ShardKind::Token);
+    }
+    bail!(
+        "{} is not a shard this build knows: magic {:?} (a token shard starts with {:?})",
+        path.display(),
+        &magic[..n],
+        token_shard::MAGIC
+    )
+}
+
+/// A readable description of a shard: header, counts, and its first `records` records decoded.
+pub fn inspect(path: &Path, records: u64) -> Result<String> {
+    match kind_of(path)? {
+        ShardKind::Token => inspect_tokens(path, records),
+    }
+}
+
+fn inspect_tokens(path: &Path, records: u64) -> Result<String> {
+    let s = TokenShard::open(path)?;
+    let h = s.header();
+    let l = h.layout;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{}: token shard, format version {}",
+        path.display(),
+        h.version
+    )?;
+    writeln!(
+        out,
+        "layout: text_len {} image_tokens {} text_vocab {} image_vocab {} token_width {} record_size {}",
+        l.text_len, l.image_tokens, l.text_vocab, l.image_vocab, h.token_width, h.record_size
+    )?;
+    writeln!(
+        out,
+        "records: {}  captions: {} bytes at offset {}  file: {} bytes",
+        h.record_count,
+        h.captions_len,
+        h.captions_offset,
+        s.file_len()
+    )?;
+    writeln!(
+        out,
+        "crc32: header {:#010x} records {:#010x} captions {:#010x} (run `data-prep verify` to check)",
+        h.header_crc, h.records_crc, h.captions_crc
+    )?;
+    for i in 0..records.min(s.len()) {
+        let r = s.record(i)?;
+        let text = r.text.to_vec();
+        let used = text.iter().take_while(|&&t| t < l.text_vocab).count();
+        let image = r.image.to_vec();
+        let shown: Vec<String> = image.iter().take(16).map(u32::to_string).collect();
+        writeln!(
+            out,
+            "record {i}: caption {:?}\n  text ({used} tokens + {} padding): {:?}\n  image: [{}{}]",
+            r.caption,
+            text.len() - used,
+            &text[..used],
+            shown.join(", "),
+            if image.len() > 16 { ", …" } else { "" }
+        )?;
+    }
+    Ok(out)
+}
+
+/// Verifies every file fully (checksums, every record); returns the failures as (path, error).
+pub fn verify(paths: &[PathBuf]) -> Vec<(PathBuf, anyhow::Error)> {
+    let mut failures = Vec::new();
+    for path in paths {
+        let result = kind_of(path).and_then(|kind| match kind {
+            ShardKind::Token => {
+                let s = TokenShard::open(path)?;
+                s.verify()?;
+                println!("ok {} ({} records)", path.display(), s.len());
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            println!("FAILED {}: {e:#}", path.display());
+            failures.push((path.clone(), e));
+        }
+    }
+    failures
+}

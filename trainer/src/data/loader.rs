@@ -1,0 +1,746 @@
+//! The token-shard loader: batches for one rank of a data-parallel run, read from memory-mapped
+//! token shards and prepared ahead on a background thread.
+//!
+//! Order. All records of all shards (in sorted path order) form one global index 0..N. Epoch `e`
+//! visits them in the order of a permutation that is a pure function of (seed, e): a ChaCha8
+//! Fisher–Yates shuffle ([`epoch_permutation`]). An epoch is cut into ⌊N / (B·W)⌋ global batches
+//! of B·W records (B = batch size per rank, W = world size; the last N mod B·W records of an
+//! epoch's order are not visited in that epoch). Rank r takes positions r·B .. (r+1)·B of each
+//! global batch, so the ranks' slices are disjoint and their union is the global batch: one rank
+//! with batch 2B sees exactly what two ranks with batch B see together.
+//!
+//! Cursor. [`Cursor`] `{epoch, position}` is where the next global batch starts in the epoch's
+//! order. [`Loader::cursor`] is the cursor after the last batch handed out (not after the batches
+//! prefetched), so a checkpoint that saves it resumes exactly where training stopped.
+//!
+//! BPE dropout. With `bpe_dropout` > 0 each record's caption is re-encoded at load time through a
+//! [`CaptionEncoder`] instead of using the stored text tokens; the encoder's random stream is a
+//! pure function of (seed, epoch, global record index) ([`dropout_rng`]), so resume stays
+//! bit-exact whatever the thread timing.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::token_shard::{
+    check_tokens, RecordView, ShardError, ShardLayout, TokenShard, EXTENSION,
+};
+use super::Batch;
+
+/// Keeps the shuffle's random stream apart from the other streams of the same `run.seed`.
+const SHUFFLE_SALT: u64 = 0x5bf1_e0c4_da7a_0001;
+/// Keeps the BPE-dropout streams apart from the others.
+const DROPOUT_SALT: u64 = 0xb9e0_d409_0075_0002;
+
+/// What an encoder returns on failure: any error, carried as its message chain.
+pub type EncodeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Re-encodes a caption into Tt text ids (padded with Vt + p), with BPE dropout drawn from `rng`.
+/// The tokenizer module implements it over `bpe::encode_caption`.
+pub trait CaptionEncoder: Send + Sync {
+    fn encode(&self, caption: &str, rng: &mut ChaCha8Rng) -> Result<Vec<u32>, EncodeError>;
+}
+
+/// Everything that can go wrong finding, opening or reading token shards.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("data.paths pattern '{pattern}' is not a valid glob: {message}")]
+    BadPattern { pattern: String, message: String },
+    #[error("data.paths pattern '{pattern}' matches no .{EXTENSION} shard")]
+    NoMatch { pattern: String },
+    #[error("reading the matches of data.paths pattern '{pattern}': {message}")]
+    Glob { pattern: String, message: String },
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(
+        "the shards hold {records} records, more than the loader's limit of {}",
+        u32::MAX
+    )]
+    TooManyRecords { records: u64 },
+    #[error(
+        "the shards hold {records} records, fewer than one global batch of {global} \
+         (train.batch_size {batch} × {world} ranks)"
+    )]
+    TooFewRecords {
+        records: u64,
+        global: u64,
+        batch: usize,
+        world: usize,
+    },
+    #[error("rank {rank} is outside a world of size {world}")]
+    BadRank { rank: usize, world: usize },
+    #[error("batch size must be ≥ 1 and prefetch depth ≥ 1")]
+    BadOptions,
+    #[error(
+        "data.bpe_dropout = {0} needs a caption encoder (the tokenizer of data.tokenizer), and \
+         none was given to the loader"
+    )]
+    NoEncoder(f32),
+    #[error("shard {}, record {record}: re-encoding the caption: {message}", path.display())]
+    Encode {
+        path: PathBuf,
+        record: u64,
+        message: String,
+    },
+    #[error("the loader's background thread stopped unexpectedly")]
+    Stopped,
+}
+
+/// Expands `patterns` with `glob`: each must match at least one `.tts` file (other matches, such
+/// as `<name>.tts.tmp` left by an interrupted write or `.done` markers, are ignored). The result
+/// is sorted and de-duplicated.
+pub fn resolve_paths(patterns: &[String]) -> Result<Vec<PathBuf>, LoaderError> {
+    let mut all = Vec::new();
+    for pattern in patterns {
+        let entries = glob::glob(pattern).map_err(|e| LoaderError::BadPattern {
+            pattern: pattern.clone(),
+            message: e.to_string(),
+        })?;
+        let mut found = 0;
+        for entry in entries {
+            let path = entry.map_err(|e| LoaderError::Glob {
+                pattern: pattern.clone(),
+                message: e.to_string(),
+            })?;
+            if path.extension().and_then(|e| e.to_str()) == Some(EXTENSION) && path.is_file() {
+                all.push(path);
+                found += 1;
+            }
+        }
+        if found == 0 {
+            return Err(LoaderError::NoMatch {
+                pattern: pattern.clone(),
+            });
+        }
+    }
+    all.sort();
+    all.dedup();
+    Ok(all)
+}
+
+/// Token shards opened together, with one global record index over all of them.
+#[derive(Debug)]
+pub struct ShardSet {
+    shards: Vec<TokenShard>,
+    /// `starts[k]` is the global index of shard k's first record; `starts[len]` the total.
+    starts: Vec<u64>,
+    layout: ShardLayout,
+}
+
+impl ShardSet {
+    /// Opens every shard (header checks) and checks that each has the layout `expected`.
+    pub fn open(paths: &[PathBuf], expected: &ShardLayout) -> Result<ShardSet, LoaderError> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut starts = vec![0u64];
+        let mut total = 0u64;
+        for path in paths {
+            let shard = TokenShard::open(path)?;
+            shard.check_layout(expected)?;
+            total += shard.len();
+            starts.push(total);
+            shards.push(shard);
+        }
+        if total > u32::MAX as u64 {
+            return Err(LoaderError::TooManyRecords { records: total });
+        }
+        Ok(ShardSet {
+            shards,
+            starts,
+            layout: *expected,
+        })
+    }
+
+    /// Resolves `patterns` ([`resolve_paths`]) and opens the shards.
+    pub fn open_patterns(
+        patterns: &[String],
+        expected: &ShardLayout,
+    ) -> Result<ShardSet, LoaderError> {
+        Self::open(&resolve_paths(patterns)?, expected)
+    }
+
+    /// Records over all shards, N.
+    pub fn len(&self) -> u64 {
+        self.starts[self.shards.len()]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn layout(&self) -> ShardLayout {
+        self.layout
+    }
+
+    pub fn shards(&self) -> &[TokenShard] {
+        &self.shards
+    }
+
+    /// The shard and local index of global record `g` (< N).
+    pub fn locate(&self, g: u64) -> (usize, u64) {
+        // The last start ≤ g; shards are never empty, so it is unique.
+        let k = self.starts.partition_point(|&s| s <= g) - 1;
+        (k, g - self.starts[k])
+    }
+
+    /// Global record `g`, and the shard it lives in.
+    pub fn record(&self, g: u64) -> Result<(RecordView<'_>, &TokenShard), ShardError> {
+        let (k, i) = self.locate(g);
+        let shard = &self.shards[k];
+        Ok((shard.record(i)?, shard))
+    }
+}
+
+/// The visiting order of epoch `epoch`: a permutation of 0..n, a pure function of (seed, epoch).
+pub fn epoch_permutation(seed: u64, epoch: u64, n: u32) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SHUFFLE_SALT);
+    rng.set_stream(epoch);
+    let mut order: Vec<u32> = (0..n).collect();
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i as u32) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// The BPE-dropout random stream of one record in one epoch: ChaCha8 keyed by
+/// (seed, epoch, global record index, salt), so it depends on nothing else.
+pub fn dropout_rng(seed: u64, epoch: u64, record: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    for (k, v) in [seed, epoch, record, DROPOUT_SALT].into_iter().enumerate() {
+        key[8 * k..8 * k + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    ChaCha8Rng::from_seed(key)
+}
+
+/// Where the next global batch starts: the epoch, and the position in that epoch's order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub position: u64,
+}
+
+impl Cursor {
+    /// The cursor of the next global batch of `global` records over `n` records: the following
+    /// position, or the start of the next epoch when a whole batch no longer fits.
+    pub fn advance(self, global: u64, n: u64) -> Cursor {
+        Cursor {
+            epoch: self.epoch,
+            position: self.position + global,
+        }
+        .normalise(global, n)
+    }
+
+    /// Moves a cursor whose batch would not fit in the epoch to the next epoch's start.
+    pub fn normalise(self, global: u64, n: u64) -> Cursor {
+        if self.position + global > n {
+            Cursor {
+                epoch: self.epoch + 1,
+                position: 0,
+            }
+        } else {
+            self
+        }
+    }
+}
+
+/// How one rank reads: its place in the world, its batch, and load-time options.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoaderOptions {
+    /// `run.seed`.
+    pub seed: u64,
+    /// Records per batch on this rank, B.
+    pub batch_size: usize,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Batches prepared ahead (the bounded channel's capacity). ≥ 1.
+    pub prefetch: usize,
+    /// BPE dropout probability; > 0 re-encodes captions through the [`CaptionEncoder`].
+    pub bpe_dropout: f32,
+}
+
+impl LoaderOptions {
+    /// Records per global batch, B·W.
+    pub fn global_batch(&self) -> u64 {
+        (self.batch_size * self.world_size) as u64
+    }
+}
+
+/// The synchronous part of the loader: turns a cursor into this rank's batch. Cheap to clone;
+/// the background thread owns one.
+#[derive(Clone)]
+pub struct BatchReader {
+    set: Arc<ShardSet>,
+    opts: LoaderOptions,
+    encoder: Option<Arc<dyn CaptionEncoder>>,
+    /// The permutation of `order_epoch`, computed when the epoch changes.
+    order: Vec<u32>,
+    order_epoch: Option<u64>,
+}
+
+impl BatchReader {
+    /// Checks the options against the data (rank, batch sizes, encoder present when needed).
+    pub fn new(
+        set: Arc<ShardSet>,
+        opts: LoaderOptions,
+        encoder: Option<Arc<dyn CaptionEncoder>>,
+    ) -> Result<Self, LoaderError> {
+        if opts.batch_size == 0 || opts.prefetch == 0 || opts.world_size == 0 {
+            return Err(LoaderError::BadOptions);
+        }
+        if opts.rank >= opts.world_size {
+            return Err(LoaderError::BadRank {
+                rank: opts.rank,
+                world: opts.world_size,
+            });
+        }
+        if opts.global_batch() > set.len() {
+            return Err(LoaderError::TooFewRecords {
+                records: set.len(),
+                global: opts.global_batch(),
+                batch: opts.batch_size,
+                world: opts.world_size,
+            });
+        }
+        if opts.bpe_dropout > 0.0 && encoder.is_none() {
+            return Err(LoaderError::NoEncoder(opts.bpe_dropout));
+        }
+        Ok(BatchReader {
+            set,
+            opts,
+            encoder,
+            order: Vec::new(),
+            order_epoch: None,
+        })
+    }
+
+    /// Records over all shards.
+    pub fn records(&self) -> u64 {
+        self.set.len()
+    }
+
+    /// The global record indices of this rank's slice of the global batch at `cursor` (which
+    /// must be normalised: a whole global batch fits from its position).
+    pub fn indices(&mut self, cursor: Cursor) -> &[u32] {
+        if self.order_epoch != Some(cursor.epoch) {
+            self.order = epoch_permutation(self.opts.seed, cursor.epoch, self.set.len() as u32);
+            self.order_epoch = Some(cursor.epoch);
+        }
+        let b = self.opts.batch_size;
+        let start = cursor.position as usize + self.opts.rank * b;
+        &self.order[start..start + b]
+    }
+
+    /// This rank's batch at `cursor` (normalised).
+    pub fn read(&mut self, cursor: Cursor) -> Result<Batch, LoaderError> {
+        let mut batch = Batch {
+            batch: 0,
+            text: Vec::new(),
+            image: Vec::new(),
+        };
+        self.read_into(cursor, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// [`BatchReader::read`] into `batch`, reusing its buffers.
+    pub fn read_into(&mut self, cursor: Cursor, batch: &mut Batch) -> Result<(), LoaderError> {
+        let layout = self.set.layout();
+        let (tt, gi) = (layout.text_len as usize, layout.image_tokens as usize);
+        let b = self.opts.batch_size;
+        self.indices(cursor);
+        let start = cursor.position as usize + self.opts.rank * b;
+        batch.batch = b;
+        // Every entry is overwritten below; resizing only zero-fills a new buffer once.
+        batch.text.resize(b * tt, 0);
+        batch.image.resize(b * gi, 0);
+        for (row, &g) in self.order[start..start + b].iter().enumerate() {
+            let (record, shard) = self.set.record(g as u64)?;
+            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
+            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
+            record.image.copy_into(image_row);
+            match (&self.encoder, self.opts.bpe_dropout > 0.0) {
+                (Some(encoder), true) => {
+                    let mut rng = dropout_rng(self.opts.seed, cursor.epoch, g as u64);
+                    let local = self.set.locate(g as u64).1;
+                    let encode_err = |message: String| LoaderError::Encode {
+                        path: shard.path().to_path_buf(),
+                        record: local,
+                        message,
+                    };
+                    let ids = encoder
+                        .encode(record.caption, &mut rng)
+                        .map_err(|e| encode_err(format!("{e}")))?;
+                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
+                    text_row.copy_from_slice(&ids);
+                }
+                _ => record.text.copy_into(text_row),
+            }
+        }
+        Ok(())
+    }
+}
+
+type Message = Result<(Batch, Cursor), LoaderError>;
+
+/// Batches for one rank, prepared by a background thread `prefetch` batches ahead. Dropping the
+/// loader stops and joins the thread.
+pub struct Loader {
+    rx: Option<Receiver<Message>>,
+    /// Spent batches going back to the producer, whose buffers it refills.
+    recycle: Sender<Batch>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    cursor: Cursor,
+    records: u64,
+    global: u64,
+}
+
+impl Loader {
+    /// Starts reading at `start` (a cursor saved by [`Loader::cursor`], or the default for a
+    /// fresh run).
+    pub fn new(
+        set: Arc<ShardSet>,
+        opts: LoaderOptions,
+        start: Cursor,
+        encoder: Option<Arc<dyn CaptionEncoder>>,
+    ) -> Result<Loader, LoaderError> {
+        let mut reader = BatchReader::new(set, opts, encoder)?;
+        let (records, global) = (reader.records(), opts.global_batch());
+        let start = start.normalise(global, records);
+        let (tx, rx) = crossbeam_channel::bounded(opts.prefetch);
+        let (recycle, spent) = crossbeam_channel::bounded(opts.prefetch + 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("loader-rank{}", opts.rank))
+            .spawn(move || {
+                produce(
+                    &mut reader,
+                    start,
+                    (global, records),
+                    (&tx, &spent),
+                    &thread_stop,
+                )
+            })
+            .map_err(|_| LoaderError::Stopped)?;
+        Ok(Loader {
+            rx: Some(rx),
+            recycle,
+            handle: Some(handle),
+            stop,
+            cursor: start,
+            records,
+            global,
+        })
+    }
+
+    /// The next batch of this rank; after it, [`Loader::cursor`] points past it.
+    pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
+        let rx = self.rx.as_ref().ok_or(LoaderError::Stopped)?;
+        match rx.recv() {
+            Ok(Ok((batch, next))) => {
+                self.cursor = next;
+                Ok(batch)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LoaderError::Stopped),
+        }
+    }
+
+    /// Hands a batch that is no longer needed back to the producer, which refills its buffers
+    /// instead of allocating new ones. Optional; a batch that is not returned is simply dropped.
+    pub fn recycle(&self, batch: Batch) {
+        let _ = self.recycle.try_send(batch);
+    }
+
+    /// Where the batch after the last one returned starts.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// Records over all shards.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Records per global batch, B·W.
+    pub fn global_batch(&self) -> u64 {
+        self.global
+    }
+}
+
+fn produce(
+    reader: &mut BatchReader,
+    mut cursor: Cursor,
+    (global, records): (u64, u64),
+    (tx, spent): (&Sender<Message>, &Receiver<Batch>),
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch = spent.try_recv().unwrap_or_else(|_| Batch {
+            batch: 0,
+            text: Vec::new(),
+            image: Vec::new(),
+        });
+        let message = reader
+            .read_into(cursor, &mut batch)
+            .map(|()| (batch, cursor.advance(global, records)));
+        let failed = message.is_err();
+        if let Ok((_, next)) = &message {
+            cursor = *next;
+        }
+        // A closed channel means the loader was dropped.
+        if tx.send(message).is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver wakes a producer blocked on a full channel.
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::token_shard::{tmp_path, TokenShardWriter};
+    use std::path::Path;
+
+    fn layout() -> ShardLayout {
+        ShardLayout {
+            text_len: 3,
+            image_tokens: 4,
+            text_vocab: 50,
+            image_vocab: 1000,
+        }
+    }
+
+    /// Shards whose record with global index g has image tokens [g, g, g, g] and caption "r{g}".
+    fn write_shards(dir: &Path, sizes: &[u32]) -> Vec<PathBuf> {
+        let mut g = 0;
+        let mut paths = Vec::new();
+        for (k, &n) in sizes.iter().enumerate() {
+            let path = dir.join(format!("s-{k:02}.tts"));
+            let mut w = TokenShardWriter::create(&path, layout()).unwrap();
+            for _ in 0..n {
+                w.push(&[g % 50, 51, 52], &[g; 4], &format!("r{g}"))
+                    .unwrap();
+                g += 1;
+            }
+            paths.push(w.finish().unwrap());
+        }
+        paths
+    }
+
+    fn opts(batch_size: usize, rank: usize, world_size: usize) -> LoaderOptions {
+        LoaderOptions {
+            seed: 11,
+            batch_size,
+            rank,
+            world_size,
+            prefetch: 2,
+            bpe_dropout: 0.0,
+        }
+    }
+
+    fn ids(b: &Batch) -> Vec<u32> {
+        b.image.chunks(4).map(|c| c[0]).collect()
+    }
+
+    #[test]
+    fn permutation_is_a_pure_function_of_seed_and_epoch() {
+        let p = epoch_permutation(3, 0, 100);
+        let mut sorted = p.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(p, epoch_permutation(3, 0, 100));
+        assert_ne!(p, epoch_permutation(3, 1, 100));
+        assert_ne!(p, epoch_permutation(4, 0, 100));
+        assert_ne!(p, sorted);
+    }
+
+    #[test]
+    fn global_index_spans_shards_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[3, 1, 4]);
+        let set = ShardSet::open(&paths, &layout()).unwrap();
+        assert_eq!(set.len(), 8);
+        assert_eq!(set.locate(0), (0, 0));
+        assert_eq!(set.locate(3), (1, 0));
+        assert_eq!(set.locate(7), (2, 3));
+        for g in 0..8 {
+            let (r, _) = set.record(g).unwrap();
+            assert_eq!(r.caption, format!("r{g}"));
+            assert_eq!(r.image.to_vec(), vec![g as u32; 4]);
+        }
+    }
+
+    #[test]
+    fn an_epoch_visits_each_record_at_most_once_and_then_reshuffles() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[5, 6]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let mut l = Loader::new(set, opts(3, 0, 1), Cursor::default(), None).unwrap();
+        // 11 records, batches of 3: 3 batches per epoch, 2 records left out.
+        let mut epoch0 = Vec::new();
+        for _ in 0..3 {
+            epoch0.extend(ids(&l.next_batch().unwrap()));
+        }
+        assert_eq!(
+            l.cursor(),
+            Cursor {
+                epoch: 1,
+                position: 0
+            }
+        );
+        let mut seen = epoch0.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 9);
+        let expected: Vec<u32> = epoch_permutation(11, 0, 11)[..9].to_vec();
+        assert_eq!(epoch0, expected);
+        let b = l.next_batch().unwrap();
+        assert_eq!(ids(&b), epoch_permutation(11, 1, 11)[..3].to_vec());
+        assert_eq!(
+            l.cursor(),
+            Cursor {
+                epoch: 1,
+                position: 3
+            }
+        );
+        // Text tokens come back as stored.
+        assert_eq!(b.text[1..3], [51, 52]);
+    }
+
+    #[test]
+    fn resuming_from_a_cursor_continues_the_same_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[7, 6]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let mut straight =
+            Loader::new(set.clone(), opts(2, 0, 1), Cursor::default(), None).unwrap();
+        let all: Vec<Batch> = (0..15).map(|_| straight.next_batch().unwrap()).collect();
+        let mut first = Loader::new(set.clone(), opts(2, 0, 1), Cursor::default(), None).unwrap();
+        for b in &all[..8] {
+            let got = first.next_batch().unwrap();
+            assert_eq!(&got, b);
+            // Recycled buffers are refilled completely.
+            first.recycle(got);
+        }
+        let saved = first.cursor();
+        assert_eq!(
+            saved,
+            Cursor {
+                epoch: 1,
+                position: 4
+            }
+        );
+        drop(first); // with batches still prefetched: the shutdown must not hang
+        let mut resumed = Loader::new(set, opts(2, 0, 1), saved, None).unwrap();
+        for b in &all[8..] {
+            assert_eq!(&resumed.next_batch().unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn too_few_records_and_bad_ranks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[3]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let e = Loader::new(set.clone(), opts(2, 0, 2), Cursor::default(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("3 records, fewer than one global batch of 4"),
+            "{e}"
+        );
+        let e = Loader::new(set, opts(1, 2, 2), Cursor::default(), None)
+            .err()
+            .unwrap();
+        assert!(e
+            .to_string()
+            .contains("rank 2 is outside a world of size 2"));
+    }
+
+    #[test]
+    fn globs_are_sorted_and_temporary_files_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[2, 2]);
+        // A crash mid-write leaves only `<name>.tts.tmp`; it is never read.
+        let crashed = tmp_path(&dir.path().join("s-02.tts"));
+        std::fs::write(&crashed, b"TESSTOK\0half").unwrap();
+        std::fs::write(dir.path().join("s-00.tts.done"), b"{}").unwrap();
+        let pattern = format!("{}/s-*", dir.path().display());
+        let found = resolve_paths(&[pattern.clone(), paths[1].display().to_string()]).unwrap();
+        assert_eq!(found, paths);
+        let only_tmp = format!("{}/s-02*", dir.path().display());
+        let e = resolve_paths(std::slice::from_ref(&only_tmp))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!("data.paths pattern '{only_tmp}' matches no .tts shard")
+        );
+        let e = resolve_paths(&["[".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("'[' is not a valid glob"), "{e}");
+    }
+
+    struct Upper;
+
+    /// A stand-in encoder: one "token" per caption byte drawn with the rng, then padding.
+    impl CaptionEncoder for Upper {
+        fn encode(&self, caption: &str, rng: &mut ChaCha8Rng) -> Result<Vec<u32>, EncodeError> {
+            if caption == "r3" {
+                return Err("cannot encode r3".into());
+            }
+            let first = caption.len() as u32 + rng.random_range(0..10u32);
+            Ok(vec![first, 51, 52])
+        }
+    }
+
+    #[test]
+    fn dropout_uses_the_encoder_with_a_per_record_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[5]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let o = LoaderOptions {
+            bpe_dropout: 0.1,
+            ..opts(1, 0, 1)
+        };
+        let e = Loader::new(set.clone(), o, Cursor::default(), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs a caption encoder"), "{e}");
+        let enc: Arc<dyn CaptionEncoder> = Arc::new(Upper);
+        let mut r = BatchReader::new(set.clone(), o, Some(enc.clone())).unwrap();
+        let at = Cursor {
+            epoch: 2,
+            position: 1,
+        };
+        let g = r.indices(at)[0] as u64;
+        let b = r.read(at).unwrap();
+        let mut rng = dropout_rng(11, 2, g);
+        assert_eq!(b.text, vec![2 + rng.random_range(0..10u32), 51, 52]);
+        assert_eq!(b, r.read(at).unwrap());
+        // Errors from the encoder name the shard and record.
+        let mut r = BatchReader::new(set, LoaderOptions { batch_size: 5, ..o }, Some(enc)).unwrap();
+        let e = r.read(Cursor::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("s-00.tts, record 3: re-encoding the caption: cannot encode r3"),
+            "{e}"
+        );
+    }
+}
