@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod tokenizer;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Prepare data for Tessera")]
 struct Cli {
@@ -33,6 +35,11 @@ enum Cmd {
         first: u64,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Train a caption BPE (tokenizer.json) or encode texts with one.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: tokenizer::TokenizerCmd,
     },
 }
 
@@ -74,5 +81,6 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             Ok(())
         }
+        Cmd::Tokenizer { cmd } => tokenizer::run(cmd),
     }
 }
