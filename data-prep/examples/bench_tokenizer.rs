@@ -2,7 +2,7 @@
 //!
 //!     cargo run --release -p data-prep --example bench_tokenizer [-- N_CAPTIONS VOCAB]
 //!
-//! Generates N (default 20,000) deterministic captions over a few thousand made-up words, trains
+//! Generates N (default 20,000) deterministic captions over 30,000 made-up words, trains
 //! a BPE of VOCAB (default 16,384) tokens on them, then times, over all captions after one
 //! warm-up pass: `encode` one caption at a time, `encode_batch` (parallel on rayon's pool),
 //! Tessera's own merge loop at p = 0 (`encode_with_dropout`), and `encode_caption` with dropout
@@ -14,16 +14,17 @@ use std::time::Instant;
 use trainer::data::bpe::{encode_caption, BpeTokenizer};
 
 fn captions(n: usize) -> Vec<String> {
-    const SYLLABLES: [&str; 24] = [
-        "ka", "lo", "mi", "ran", "tes", "vo", "qu", "zel", "pha", "dri", "on", "ex", "ul", "bri",
-        "sto", "ne", "gar", "wi", "ty", "chu", "sm", "ald", "er", "ix",
-    ];
+    const LETTERS: &[u8] = b"etaoinshrdlcumwfgypbvkjxqz";
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
-    let words: Vec<String> = (0..4000)
+    let words: Vec<String> = (0..30_000)
         .map(|_| {
-            let k = rng.random_range(1..=4);
+            let k = rng.random_range(2..=10);
             (0..k)
-                .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
+                .map(|_| {
+                    // Frequent letters first: r² skews towards the start of LETTERS.
+                    let r: f64 = rng.random();
+                    LETTERS[((r * r) * LETTERS.len() as f64) as usize] as char
+                })
                 .collect()
         })
         .collect();

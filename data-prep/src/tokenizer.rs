@@ -3,7 +3,8 @@
 //!
 //! Captions come from `.txt` files, one caption per file (a folder is walked for `*.txt`, e.g.
 //! img2dataset's `files` layout), or with `--lines` from text files holding one caption per line.
-//! Files are read in parallel; a caption that is not UTF-8 or is empty is skipped and counted.
+//! Files are read in parallel and streamed into the trainer, so memory does not grow with the
+//! number of captions; a caption file that is not UTF-8 or is empty is skipped and counted.
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -12,10 +13,14 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use trainer::data::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
 
 /// Files whose names are listed when captions are skipped.
 const NAMED_SKIPS: usize = 5;
+
+/// Caption files read together (in parallel) while streaming captions into the trainer.
+const READ_CHUNK: usize = 4096;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenizerCmd {
@@ -140,6 +145,14 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// What reading the caption files found, filled in as the trainer pulls captions.
+#[derive(Default)]
+struct ReadStats {
+    captions: usize,
+    skipped: Vec<String>,
+    failed: Option<anyhow::Error>,
+}
+
 fn train(
     inputs: &[PathBuf],
     lines: bool,
@@ -148,24 +161,60 @@ fn train(
     out: &Path,
 ) -> Result<()> {
     let files = caption_files(inputs, lines)?;
+    eprintln!(
+        "training a BPE of at most {vocab_size} tokens on the captions of {} files",
+        files.len()
+    );
+    // Captions stream into the trainer a chunk of files at a time (memory stays bounded), read in
+    // parallel on a pool of their own: the trainer pulls them from inside the global rayon pool,
+    // where waiting on work queued to that same pool could deadlock.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .build()
+        .context("starting the caption reading threads")?;
     let progress = bar(files.len() as u64, "caption files");
-    let read: Vec<_> = files
-        .par_iter()
-        .map(|(path, lines)| {
-            let r = read_captions(path, *lines);
-            progress.inc(1);
-            r.map(|r| (path, r))
-        })
-        .collect::<Result<_>>()?;
-    progress.finish_and_clear();
-    let mut captions = Vec::new();
-    let mut skipped = Vec::new();
-    for (path, r) in read {
-        match r {
-            Ok(c) => captions.extend(c),
-            Err(why) => skipped.push(format!("{} ({why})", path.display())),
+    let stats = Mutex::new(ReadStats::default());
+    let lock = || {
+        stats
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    let captions = files.chunks(READ_CHUNK).flat_map(|chunk| {
+        if lock().failed.is_some() {
+            return Vec::new();
         }
+        let read: Vec<_> = pool.install(|| {
+            chunk
+                .par_iter()
+                .map(|(path, lines)| {
+                    let r = read_captions(path, *lines);
+                    progress.inc(1);
+                    (path, r)
+                })
+                .collect()
+        });
+        let mut st = lock();
+        let mut out = Vec::new();
+        for (path, r) in read {
+            match r {
+                Ok(Ok(c)) => out.extend(c),
+                Ok(Err(why)) => st.skipped.push(format!("{} ({why})", path.display())),
+                Err(e) => {
+                    st.failed.get_or_insert(e);
+                }
+            }
+        }
+        st.captions += out.len();
+        out
+    });
+    let trained = BpeTokenizer::train(captions, vocab_size, min_frequency);
+    progress.finish_and_clear();
+    let stats = stats
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(e) = stats.failed {
+        return Err(e);
     }
+    let skipped = &stats.skipped;
     if !skipped.is_empty() {
         let more = skipped.len().saturating_sub(NAMED_SKIPS);
         eprintln!(
@@ -179,15 +228,15 @@ fn train(
             }
         );
     }
-    let n = captions.len();
-    eprintln!(
-        "training a BPE of at most {vocab_size} tokens on {n} captions from {} files",
-        files.len()
-    );
-    let tok = BpeTokenizer::train(captions.into_iter(), vocab_size, min_frequency)
-        .context("training the tokenizer")?;
+    let tok = trained.context("training the tokenizer")?;
     tok.save(out)?;
-    eprintln!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+    eprintln!(
+        "trained on {} captions from {} files; wrote {} ({} tokens)",
+        stats.captions,
+        files.len(),
+        out.display(),
+        tok.vocab_size()
+    );
     Ok(())
 }
 

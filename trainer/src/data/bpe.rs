@@ -73,8 +73,8 @@ pub enum BpeError {
     #[error("BPE dropout must be in [0, 1], got {0}")]
     BadDropout(f32),
     #[error(
-        "the tokenizer produces ids below {tokenizer} but the model's text_vocab is {text_vocab}; \
-         use a smaller tokenizer or a larger text_vocab"
+        "the tokenizer's vocabulary has {tokenizer} ids but the model's text_vocab is \
+         {text_vocab}; use a smaller tokenizer or a larger text_vocab"
     )]
     VocabTooLarge { tokenizer: usize, text_vocab: usize },
     #[error("text_vocab {text_vocab} + text_len {text_len} padding ids do not fit in u32")]
