@@ -1,8 +1,8 @@
 //! The `data-prep` binary. `synth-batch` writes synthetic token sequences of a config's model as
 //! a safetensors batch file (`text` [B, Tt] and `image` [B, G²], int64), the input format of
 //! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
-//! `inspect` and `verify` read shards ([`shards`]). Ingest, tokenizer, dedup and encode arrive
-//! with the data-pipeline issue.
+//! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
+//! caption BPE ([`tokenizer`]). Dedup (contrastive model) and `encode` (dVAE) arrive later.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -13,6 +13,7 @@ use trainer::data::synthetic::SyntheticData;
 
 mod shards;
 mod synth_tokens;
+mod tokenizer;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Prepare data for Tessera")]
@@ -63,6 +64,11 @@ enum Cmd {
     Verify {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Train a caption BPE (tokenizer.json) or encode texts with one.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: tokenizer::TokenizerCmd,
     },
 }
 
@@ -143,5 +149,6 @@ fn run(cli: Cli) -> Result<()> {
                     .join(", ")
             ),
         },
+        Cmd::Tokenizer { cmd } => tokenizer::run(cmd),
     }
 }

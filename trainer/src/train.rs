@@ -8,7 +8,7 @@
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
 use crate::collectives::{Collectives, SingleProcess};
-use crate::config::{Device, RunConfig};
+use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream};
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
@@ -239,10 +239,60 @@ fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// The caption encoder for load-time BPE dropout (`data.bpe_dropout` > 0). None in this build:
-/// the loader then refuses a config with dropout, naming what is missing.
-fn caption_encoder(_cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
-    Ok(None)
+/// BPE dropout's caption encoder: the config's `tokenizer.json`, re-encoding each caption with
+/// dropout `data.bpe_dropout` from the loader's per-record random stream.
+struct BpeCaptions {
+    tok: crate::data::bpe::BpeTokenizer,
+    text_len: usize,
+    text_vocab: usize,
+    dropout: f32,
+}
+
+impl CaptionEncoder for BpeCaptions {
+    fn encode(
+        &self,
+        caption: &str,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> std::result::Result<Vec<u32>, crate::data::loader::EncodeError> {
+        Ok(crate::data::bpe::encode_caption(
+            &self.tok,
+            caption,
+            self.text_len,
+            self.text_vocab,
+            self.dropout,
+            rng,
+        )?)
+    }
+}
+
+/// The caption encoder a shard run needs: one when `data.bpe_dropout` > 0, else none (the
+/// stored text tokens are used as they are).
+fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
+    let DataSource::Shards(s) = &cfg.data else {
+        return Ok(None);
+    };
+    if s.bpe_dropout <= 0.0 {
+        return Ok(None);
+    }
+    let path = s
+        .tokenizer
+        .as_ref()
+        .context("data.tokenizer is required when data.bpe_dropout > 0")?;
+    let tok = crate::data::bpe::BpeTokenizer::load(path)?;
+    if tok.vocab_size() > cfg.model.text_vocab {
+        bail!(
+            "{}: the tokenizer has {} ids, more than model.text_vocab = {}",
+            path.display(),
+            tok.vocab_size(),
+            cfg.model.text_vocab
+        );
+    }
+    Ok(Some(Arc::new(BpeCaptions {
+        tok,
+        text_len: cfg.model.text_len,
+        text_vocab: cfg.model.text_vocab,
+        dropout: s.bpe_dropout as f32,
+    })))
 }
 
 /// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in

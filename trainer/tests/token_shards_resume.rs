@@ -9,10 +9,15 @@ use trainer::data::synthetic::SyntheticData;
 use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 fn yaml(out: &Path, data: &Path, steps: u64) -> String {
+    yaml_with(out, data, steps, 30, "")
+}
+
+/// The run config with `text_vocab` and extra `data:` lines (for BPE dropout).
+fn yaml_with(out: &Path, data: &Path, steps: u64, text_vocab: usize, data_extra: &str) -> String {
     format!(
         "run:\n  name: shards\n  out_dir: {}\n  seed: 5\n  device: cpu\n\
-         model:\n  text_len: 6\n  text_vocab: 30\n  grid: 4\n  image_vocab: 20\n  d_model: 32\n  heads: 2\n  layers: 2\n  conv_kernel: 3\n\
-         data:\n  source: shards\n  paths: ['{}/tokens-*.tts']\n  prefetch: 3\n\
+         model:\n  text_len: 6\n  text_vocab: {text_vocab}\n  grid: 4\n  image_vocab: 20\n  d_model: 32\n  heads: 2\n  layers: 2\n  conv_kernel: 3\n\
+         data:\n  source: shards\n  paths: ['{}/tokens-*.tts']\n  prefetch: 3\n{data_extra}\
          optim:\n  lr: 3.0e-3\n\
          train:\n  steps: {steps}\n  batch_size: 4\n  grad_accum: 2\n  log_every: 1\n\
          checkpoint:\n  every: 3\n  keep_last: 5\n",
@@ -23,6 +28,10 @@ fn yaml(out: &Path, data: &Path, steps: u64) -> String {
 
 /// 20 records in shards of 7, 7 and 6, from the synthetic generator.
 fn write_shards(cfg: &RunConfig, dir: &Path) {
+    write_shards_with(cfg, dir, |i| format!("sample {i}"))
+}
+
+fn write_shards_with(cfg: &RunConfig, dir: &Path, caption: impl Fn(u64) -> String) {
     fs::create_dir_all(dir).unwrap();
     let gen = SyntheticData::from_config(cfg);
     let layout = ShardLayout::from_model(&cfg.model).unwrap();
@@ -33,7 +42,7 @@ fn write_shards(cfg: &RunConfig, dir: &Path) {
             TokenShardWriter::create(&dir.join(format!("tokens-{k:05}.tts")), layout).unwrap();
         for i in range {
             gen.sample(i, &mut text, &mut image);
-            w.push(&text, &image, &format!("sample {i}")).unwrap();
+            w.push(&text, &image, &caption(i)).unwrap();
         }
         w.finish().unwrap();
     }
@@ -96,6 +105,63 @@ fn n_steps_resume_n_steps_over_shards_equals_2n_steps_byte_for_byte() {
     assert_ne!(
         fs::read(step_dir(&straight, 3).join("model.safetensors")).unwrap(),
         fs::read(step_dir(&straight, 6).join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn bpe_dropout_changes_the_text_and_resume_stays_bit_exact() {
+    use trainer::data::bpe::BpeTokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let words = [
+        "red", "blue", "circle", "square", "above", "below", "small", "large",
+    ];
+    let caption = |i: u64| {
+        (0..4)
+            .map(|k| words[((i * 7 + k * 3) % 8) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let tok = BpeTokenizer::train((0..40).map(caption), 290, 1).unwrap();
+    let tok_path = tmp.path().join("tokenizer.json");
+    tok.save(&tok_path).unwrap();
+    let dropout = format!("  bpe_dropout: 0.5\n  tokenizer: {}\n", tok_path.display());
+    let cfg = |out: &Path, steps, extra: &str| {
+        RunConfig::from_yaml_str(&yaml_with(out, &data, steps, 300, extra), "t").unwrap()
+    };
+    let (straight, resumed, plain) = (
+        tmp.path().join("straight"),
+        tmp.path().join("resumed"),
+        tmp.path().join("plain"),
+    );
+    // Stored text tokens are the captions' own BPE ids, so only dropout can change them.
+    let base = cfg(&straight, 1, &dropout);
+    fs::create_dir_all(&data).unwrap();
+    let layout = ShardLayout::from_model(&base.model).unwrap();
+    let gen = SyntheticData::from_config(&base);
+    let mut w = TokenShardWriter::create(&data.join("tokens-00000.tts"), layout).unwrap();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let (mut text, mut image) = (vec![0; 6], vec![0; 16]);
+    for i in 0..20 {
+        gen.sample(i, &mut text, &mut image);
+        let ids =
+            trainer::data::bpe::encode_caption(&tok, &caption(i), 6, 300, 0.0, &mut rng).unwrap();
+        w.push(&ids, &image, &caption(i)).unwrap();
+    }
+    w.finish().unwrap();
+
+    trainer::train::run(&cfg(&straight, 6, &dropout), true).unwrap();
+    trainer::train::run(&cfg(&resumed, 3, &dropout), true).unwrap();
+    trainer::train::run(&cfg(&resumed, 6, &dropout), true).unwrap();
+    trainer::train::run(&cfg(&plain, 6, ""), true).unwrap();
+    let model = |out: &Path| fs::read(step_dir(out, 6).join("model.safetensors")).unwrap();
+    assert!(
+        model(&straight) == model(&resumed),
+        "dropout run not bit-exact across resume"
+    );
+    assert!(
+        model(&straight) != model(&plain),
+        "dropout 0.5 left every caption unchanged"
     );
 }
 

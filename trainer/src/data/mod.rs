@@ -6,6 +6,7 @@
 //! - [`token_shard`]: the `.tts` token shard format, its writer and memory-mapped reader;
 //! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread).
 
+pub mod bpe;
 pub mod loader;
 pub mod synthetic;
 pub mod token_shard;
