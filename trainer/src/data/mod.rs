@@ -2,6 +2,7 @@
 //! captioned token grids; the memory-mapped shard loader of the data-pipeline issue replaces it
 //! behind the same [`Batch`] interface.
 
+pub mod image_shard;
 pub mod synthetic;
 
 /// One batch of token sequences, row-major: `text` [B, Tt], `image` [B, G²].
