@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod ingest;
+mod synth;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Prepare data for Tessera")]
 struct Cli {
@@ -34,6 +37,10 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the captioned shapes dataset (img2dataset `files` layout); see docs/data-prep.md.
+    Synth(synth::SynthArgs),
+    /// Filter, resize and pack image-caption pairs into image shards; see docs/data-prep.md.
+    Ingest(ingest::IngestArgs),
 }
 
 fn main() {
@@ -74,5 +81,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             Ok(())
         }
+        Cmd::Synth(a) => synth::main(a),
+        Cmd::Ingest(a) => ingest::main(a),
     }
 }
