@@ -484,8 +484,11 @@ fn jsonl(input: &Path) -> Result<Source, IngestError> {
     })
 }
 
-/// (image path, caption bytes) of a JSONL line, or why it is unusable.
-fn jsonl_fields(line: &[u8]) -> Result<(String, Option<Vec<u8>>), (Reason, String)> {
+/// A listing row: (image path, caption bytes), or why it is unusable.
+type RowFields = Result<(String, Option<Vec<u8>>), (Reason, String)>;
+
+/// The fields of a JSONL line.
+fn jsonl_fields(line: &[u8]) -> RowFields {
     if std::str::from_utf8(line).is_err() {
         return Err((Reason::NonUtf8Caption, "line is not UTF-8".into()));
     }
@@ -503,11 +506,7 @@ fn jsonl_fields(line: &[u8]) -> Result<(String, Option<Vec<u8>>), (Reason, Strin
 }
 
 /// An input from a listing row (JSONL or CSV).
-fn listing_row(
-    dir: &Path,
-    name: String,
-    fields: Result<(String, Option<Vec<u8>>), (Reason, String)>,
-) -> InputItem {
+fn listing_row(dir: &Path, name: String, fields: RowFields) -> InputItem {
     match fields {
         Err((reason, detail)) => InputItem::rejected(name, reason, detail),
         Ok((image, caption)) => InputItem {

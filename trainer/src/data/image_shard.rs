@@ -522,13 +522,16 @@ pub fn sync_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A decompressed chunk and the byte offset of each record's caption-length field.
+/// Byte ranges of one record inside a decompressed chunk: caption start and end, metadata range.
+type RecordSpan = (usize, usize, Option<(usize, usize)>);
+
+/// A decompressed chunk and where each record's fields lie in it.
 struct DecodedChunk {
     chunk: usize,
     raw: Vec<u8>,
     /// Per record: (caption start, caption end, metadata range or None); pixels precede the caption
     /// length at `caption start - 4 - pixel_len`.
-    records: Vec<(usize, usize, Option<(usize, usize)>)>,
+    records: Vec<RecordSpan>,
 }
 
 /// A validated, open image shard. `record` is safe to call from several threads; it keeps the
