@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod ingest;
 mod shards;
+mod synth;
 mod synth_tokens;
 mod tokenizer;
 
@@ -70,6 +72,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: tokenizer::TokenizerCmd,
     },
+    /// Write the captioned shapes dataset (img2dataset `files` layout); see docs/data-prep.md.
+    Synth(synth::SynthArgs),
+    /// Filter, resize and pack image-caption pairs into image shards; see docs/data-prep.md.
+    Ingest(ingest::IngestArgs),
 }
 
 fn main() {
@@ -150,5 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             ),
         },
         Cmd::Tokenizer { cmd } => tokenizer::run(cmd),
+        Cmd::Synth(a) => synth::main(a),
+        Cmd::Ingest(a) => ingest::main(a),
     }
 }

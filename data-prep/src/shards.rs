@@ -1,10 +1,11 @@
 //! `data-prep inspect` and `data-prep verify` over shard files, dispatched on the file's magic
-//! (token shards today; image shards join here).
+//! (`.tts` token shards and `.tis` image shards).
 
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use trainer::data::image_shard::{self, ImageShard};
 use trainer::data::token_shard::{self, TokenShard};
 
 /// The kinds of shard file `inspect` and `verify` know.
@@ -12,6 +13,8 @@ use trainer::data::token_shard::{self, TokenShard};
 pub enum ShardKind {
     /// `.tts`, [`token_shard::MAGIC`].
     Token,
+    /// `.tis`, [`image_shard::MAGIC`].
+    Image,
 }
 
 /// The kind of `path`, from its first 8 bytes.
@@ -24,11 +27,16 @@ pub fn kind_of(path: &Path) -> Result<ShardKind> {
     if n == 8 && magic == token_shard::MAGIC {
         return Ok(ShardKind::Token);
     }
+    if n == 8 && magic == image_shard::MAGIC {
+        return Ok(ShardKind::Image);
+    }
     bail!(
-        "{} is not a shard this build knows: magic {:?} (a token shard starts with {:?})",
+        "{} is not a shard this build knows: magic {:?} (a token shard starts with {:?}, an \
+         image shard with {:?})",
         path.display(),
         &magic[..n],
-        token_shard::MAGIC
+        token_shard::MAGIC,
+        image_shard::MAGIC
     )
 }
 
@@ -36,7 +44,25 @@ pub fn kind_of(path: &Path) -> Result<ShardKind> {
 pub fn inspect(path: &Path, records: u64) -> Result<String> {
     match kind_of(path)? {
         ShardKind::Token => inspect_tokens(path, records),
+        ShardKind::Image => inspect_images(path, records),
     }
+}
+
+fn inspect_images(path: &Path, records: u64) -> Result<String> {
+    let s = ImageShard::open(path)?;
+    let mut out = s.summary();
+    out.push('\n');
+    for i in 0..records.min(s.len()) {
+        let r = s.record(i)?;
+        let mean = r.pixels.iter().map(|&p| p as f64).sum::<f64>() / r.pixels.len().max(1) as f64;
+        writeln!(
+            out,
+            "record {i}: caption {:?}  mean pixel {mean:.1}  meta {}",
+            r.caption,
+            r.meta.as_deref().unwrap_or("-")
+        )?;
+    }
+    Ok(out)
 }
 
 fn inspect_tokens(path: &Path, records: u64) -> Result<String> {
@@ -94,6 +120,12 @@ pub fn verify(paths: &[PathBuf]) -> Vec<(PathBuf, anyhow::Error)> {
         let result = kind_of(path).and_then(|kind| match kind {
             ShardKind::Token => {
                 let s = TokenShard::open(path)?;
+                s.verify()?;
+                println!("ok {} ({} records)", path.display(), s.len());
+                Ok(())
+            }
+            ShardKind::Image => {
+                let s = ImageShard::open(path)?;
                 s.verify()?;
                 println!("ok {} ({} records)", path.display(), s.len());
                 Ok(())

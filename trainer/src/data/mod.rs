@@ -7,6 +7,7 @@
 //! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread).
 
 pub mod bpe;
+pub mod image_shard;
 pub mod loader;
 pub mod synthetic;
 pub mod token_shard;

@@ -1,0 +1,95 @@
+//! Output shards of `data-prep ingest` and their done markers.
+//!
+//! Input group `g` (inputs `g·S … g·S+S−1` of the stream, `S = --shard-size`) becomes
+//! `images-<g:05>.tis`, whatever the filters drop, and then `images-<g:05>.tis.done`: a JSON file
+//! with the group's counters and the run's parameters, written (tmp, fsync, rename) only after
+//! the shard itself is durable. A group is done only if its marker exists, its parameters equal
+//! this run's and its shard opens with the marker's record count; a rerun skips done groups and
+//! rewrites the others, so it produces the same bytes as an uninterrupted run.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use trainer::data::image_shard::{sync_parent, ImageShard};
+
+use super::stats::Counts;
+use super::IngestError;
+
+/// `DIR/images-<g:05>.tis`.
+pub fn shard_path(out: &Path, group: u64) -> PathBuf {
+    out.join(format!("images-{group:05}.tis"))
+}
+
+/// `DIR/images-<g:05>.tis.done`.
+pub fn marker_path(out: &Path, group: u64) -> PathBuf {
+    out.join(format!("images-{group:05}.tis.done"))
+}
+
+/// What a done marker holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Marker {
+    pub shard: String,
+    pub params: serde_json::Value,
+    pub counts: Counts,
+}
+
+/// Writes `bytes` to `path` via `<path>.tmp`, fsync and rename, then fsyncs the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IngestError> {
+    let io = |action: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| IngestError::Io {
+            action,
+            path: p,
+            source,
+        }
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
+    sync_parent(path)?;
+    Ok(())
+}
+
+/// The finished shard of `group`, if its marker and shard are complete and were written with
+/// `params`. A marker written with other parameters is an error (mixing runs would corrupt the
+/// dataset); a marker without a valid shard is not done (the group is rewritten).
+pub fn load_done(
+    out: &Path,
+    group: u64,
+    params: &serde_json::Value,
+) -> Result<Option<(Marker, ImageShard)>, IngestError> {
+    let path = marker_path(out, group);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(IngestError::Io {
+                action: "read",
+                path,
+                source,
+            })
+        }
+    };
+    let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| IngestError::Format {
+        path: path.clone(),
+        reason: format!("unreadable done marker: {e}"),
+    })?;
+    if &marker.params != params {
+        return Err(IngestError::ParamsChanged {
+            marker: path,
+            before: marker.params.to_string(),
+            now: params.to_string(),
+        });
+    }
+    match ImageShard::open(shard_path(out, group)) {
+        Ok(s) if s.len() == marker.counts.records_written => Ok(Some((marker, s))),
+        _ => Ok(None),
+    }
+}
