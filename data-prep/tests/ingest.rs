@@ -151,7 +151,7 @@ fn synth_folder_every_input_accounted_for() {
     fs::write(&shard, &bytes).unwrap();
     let o = bin()
         .arg("verify")
-        .arg(&out.join("images-00000.tis"))
+        .arg(out.join("images-00000.tis"))
         .arg(&shard)
         .output()
         .unwrap();
