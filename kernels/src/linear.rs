@@ -100,23 +100,32 @@ fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: b
     } else {
         Parallelism::None
     };
+    // A short, wide product (few output rows, e.g. a convolution with few output channels) runs
+    // faster as its transpose, cᵀ = bᵀ·aᵀ, which the microkernel tiles along the long side.
+    let transpose = m < 32 && n >= 8 * m;
+    let (mm, nn, c_cs, c_rs, lhs, rhs) = if transpose {
+        (n, m, n as isize, 1, b.t(), a.t())
+    } else {
+        (m, n, 1, n as isize, a, b)
+    };
     // SAFETY: the extents of `a` and `b` were checked against their buffers above, `c` holds
-    // exactly m·n elements with row stride n, and `c` cannot alias `a` or `b` (it is `&mut`).
+    // exactly m·n elements with row stride n (read through the transposed strides when
+    // `transpose`), and `c` cannot alias `a` or `b` (it is `&mut`).
     unsafe {
         gemm::gemm(
-            m,
-            n,
+            mm,
+            nn,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            c_cs,
+            c_rs,
             accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
             1.0,
             1.0,
             false,
@@ -284,6 +293,18 @@ mod tests {
         let got: Vec<f64> = c.iter().map(|&x| x as f64).collect();
         let twice: Vec<f64> = want.iter().map(|x| 2.0 * x).collect();
         assert_close("c += a·(bᵀ)ᵀ", &got, &twice, 1e-4, 1e-4);
+    }
+
+    #[test]
+    fn short_wide_products_take_the_transposed_path_and_agree() {
+        let (m, k, n) = (5, 33, 300); // m < 32 and n ≥ 8m
+        let a = rand_vec(m * k, 1.0, 8);
+        let b = rand_vec(k * n, 1.0, 9);
+        let mut c = vec![1.0f32; m * n];
+        matmul(&mut c, MatRef::new(&a, m, k), MatRef::new(&b, k, n), true).unwrap();
+        let want: Vec<f64> = naive(&a, &b, m, k, n).iter().map(|x| x + 1.0).collect();
+        let got: Vec<f64> = c.iter().map(|&x| x as f64).collect();
+        assert_close("short wide a·b + 1", &got, &want, 1e-4, 1e-4);
     }
 
     #[test]
