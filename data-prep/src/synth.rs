@@ -16,7 +16,6 @@
 //! per folder, and `DIR/synth.json` (the parameters) written last.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
@@ -337,16 +336,11 @@ pub fn encode_png(pixels: &[u8], res: u32, path: &Path) -> Result<Vec<u8>, Synth
 
 /// Writes `bytes` to `path` through `<path>.tmp` and a rename (no partial file under the name).
 fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), SynthError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    if sync {
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-    }
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err("rename", &tmp))
+    trainer::fsutil::write_atomic(path, bytes, sync).map_err(|e| SynthError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// What `synth` was asked for.

@@ -11,11 +11,10 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
-use trainer::data::token_shard::{tmp_path, ShardLayout, TokenShardWriter};
+use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 /// The generator's word list, in its id order: 4 sizes, 8 colours, 8 shapes, 4 relations.
 const WORDS: [&str; 24] = [
@@ -127,12 +126,8 @@ pub fn synth_tokens(
 
 /// Writes the marker through a temporary name, fsynced, then renamed.
 fn write_marker(path: &Path, marker: &Marker) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(marker)?.as_bytes())
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    let json = serde_json::to_string_pretty(marker)?;
+    trainer::fsutil::write_atomic(path, json.as_bytes(), true)?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub mod collectives;
 pub mod config;
 pub mod data;
 pub mod debug_state;
+pub mod fsutil;
 pub mod model;
 pub mod optim;
 pub mod params;

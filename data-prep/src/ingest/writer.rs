@@ -8,11 +8,10 @@
 //! rewrites the others, so it produces the same bytes as an uninterrupted run.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use trainer::data::image_shard::{sync_parent, ImageShard};
+use trainer::data::image_shard::ImageShard;
 
 use super::stats::Counts;
 use super::IngestError;
@@ -37,24 +36,11 @@ pub struct Marker {
 
 /// Writes `bytes` to `path` via `<path>.tmp`, fsync and rename, then fsyncs the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IngestError> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| IngestError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
-    sync_parent(path)?;
-    Ok(())
+    trainer::fsutil::write_atomic(path, bytes, true).map_err(|e| IngestError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// The finished shard of `group`, if its marker and shard are complete and were written with

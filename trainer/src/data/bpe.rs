@@ -22,7 +22,6 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainer, BPE};
@@ -237,19 +236,10 @@ impl BpeTokenizer {
             .inner
             .to_string(true)
             .map_err(|e| BpeError::Serialise(e.to_string()))?;
-        let werr = |source| BpeError::Write {
+        crate::fsutil::write_atomic(path, json.as_bytes(), true).map_err(|e| BpeError::Write {
             path: path.to_path_buf(),
-            source,
-        };
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = path.with_file_name(tmp_name);
-        let mut file = std::fs::File::create(&tmp).map_err(werr)?;
-        file.write_all(json.as_bytes()).map_err(werr)?;
-        file.sync_all().map_err(werr)?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        Ok(())
+            source: e.source,
+        })
     }
 
     /// One more than the largest id the tokenizer can produce (model vocabulary and added

@@ -507,19 +507,11 @@ impl Drop for ImageShardWriter {
 
 /// fsyncs the directory holding `path` so that a rename into it is durable.
 pub fn sync_parent(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    // Opening a directory for fsync works on Unix; elsewhere it is skipped.
-    #[cfg(unix)]
-    {
-        let d = File::open(dir).map_err(io_err("open directory", dir))?;
-        d.sync_all().map_err(io_err("fsync directory", dir))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    crate::fsutil::sync_parent(path).map_err(|e| ImageShardError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Byte ranges of one record inside a decompressed chunk: caption start and end, metadata range.

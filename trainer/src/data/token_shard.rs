@@ -620,11 +620,7 @@ pub fn check_tokens(layout: &ShardLayout, text: &[u32], image: &[u32]) -> Result
 }
 
 /// The temporary name a shard is written under: `<path>.tmp`.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
+pub use crate::fsutil::tmp_path;
 
 /// Writes one token shard: records are streamed to `<path>.tmp`, captions kept in memory until
 /// [`TokenShardWriter::finish`] appends them, writes the header, fsyncs and renames.
@@ -761,16 +757,10 @@ impl TokenShardWriter {
 
 /// fsyncs the directory holding `path`, so that a rename into it is durable.
 pub(crate) fn sync_parent(path: &Path) -> Result<(), ShardError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| ShardError::Io {
-            path: parent.to_path_buf(),
-            source,
-        })
+    crate::fsutil::sync_parent(path).map_err(|e| ShardError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
