@@ -517,13 +517,43 @@ pub fn sync_parent(path: &Path) -> Result<()> {
 /// Byte ranges of one record inside a decompressed chunk: caption start and end, metadata range.
 type RecordSpan = (usize, usize, Option<(usize, usize)>);
 
-/// A decompressed chunk and where each record's fields lie in it.
-struct DecodedChunk {
+/// A decompressed, validated chunk and where each record's fields lie in it.
+pub struct DecodedChunk {
     chunk: usize,
     raw: Vec<u8>,
     /// Per record: (caption start, caption end, metadata range or None); pixels precede the caption
     /// length at `caption start - 4 - pixel_len`.
     records: Vec<RecordSpan>,
+    pixel_len: usize,
+}
+
+impl DecodedChunk {
+    /// The chunk's index in its shard.
+    pub fn index(&self) -> usize {
+        self.chunk
+    }
+
+    /// Records in the chunk.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether the chunk holds no records (never true for a chunk of a valid shard).
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The `[H, W, 3]` pixels of the chunk's record `j` (< [`DecodedChunk::len`]), borrowed.
+    pub fn pixels(&self, j: usize) -> &[u8] {
+        let cs = self.records[j].0;
+        &self.raw[cs - 4 - self.pixel_len..cs - 4]
+    }
+
+    /// The caption of the chunk's record `j` (validated as UTF-8 when the chunk was decoded).
+    pub fn caption(&self, j: usize) -> &str {
+        let (cs, ce, _) = self.records[j];
+        std::str::from_utf8(&self.raw[cs..ce]).unwrap_or_default()
+    }
 }
 
 /// A validated, open image shard. `record` is safe to call from several threads; it keeps the
@@ -740,8 +770,16 @@ impl ImageShard {
         Ok(buf)
     }
 
-    fn decode_chunk(&self, chunk: usize) -> Result<DecodedChunk> {
-        let e = self.index[chunk];
+    /// Reads, checks (crc, size, record layout, UTF-8) and decompresses chunk `chunk`
+    /// (< `chunks().len()`), bypassing the one-chunk cache of [`ImageShard::record`].
+    pub fn decode_chunk(&self, chunk: usize) -> Result<DecodedChunk> {
+        let Some(&e) = self.index.get(chunk) else {
+            return Err(ImageShardError::OutOfRange {
+                path: self.path.clone(),
+                index: chunk as u64,
+                len: self.index.len() as u64,
+            });
+        };
         let compressed = self.read_chunk(chunk)?;
         let computed = crc32fast::hash(&compressed);
         if computed != e.crc {
@@ -826,6 +864,7 @@ impl ImageShard {
             chunk,
             raw,
             records,
+            pixel_len: self.pixel_len(),
         })
     }
 

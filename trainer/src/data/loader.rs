@@ -1,5 +1,8 @@
-//! The token-shard loader: batches for one rank of a data-parallel run, read from memory-mapped
-//! token shards and prepared ahead on a background thread.
+//! The shard loader: batches for one rank of a data-parallel run, read from shards and prepared
+//! ahead on a background thread. The machinery (order, rank slices, cursor, prefetch thread,
+//! recycling, shutdown) is generic over a [`RecordSet`]: the token shards' [`ShardSet`] here, and
+//! the image shards' `ImageShardSet` in [`super::image_loader`]. The text below describes the
+//! token set; the image set differs only in its epoch order (a two-level chunk/record shuffle).
 //!
 //! Order. All records of all shards (in sorted path order) form one global index 0..N. Epoch `e`
 //! visits them in the order of a permutation that is a pure function of (seed, e): a ChaCha8
@@ -28,6 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::image_shard::ImageShardError;
 use super::token_shard::{
     check_tokens, RecordView, ShardError, ShardLayout, TokenShard, EXTENSION,
 };
@@ -47,17 +51,22 @@ pub trait CaptionEncoder: Send + Sync {
     fn encode(&self, caption: &str, rng: &mut ChaCha8Rng) -> Result<Vec<u32>, EncodeError>;
 }
 
-/// Everything that can go wrong finding, opening or reading token shards.
+/// Everything that can go wrong finding, opening or reading shards.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("data.paths pattern '{pattern}' is not a valid glob: {message}")]
     BadPattern { pattern: String, message: String },
-    #[error("data.paths pattern '{pattern}' matches no .{EXTENSION} shard")]
-    NoMatch { pattern: String },
+    #[error("data.paths pattern '{pattern}' matches no .{extension} shard")]
+    NoMatch {
+        pattern: String,
+        extension: &'static str,
+    },
     #[error("reading the matches of data.paths pattern '{pattern}': {message}")]
     Glob { pattern: String, message: String },
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error(transparent)]
+    Image(#[from] ImageShardError),
     #[error(
         "the shards hold {records} records, more than the loader's limit of {}",
         u32::MAX
@@ -77,6 +86,8 @@ pub enum LoaderError {
     BadRank { rank: usize, world: usize },
     #[error("batch size must be ≥ 1 and prefetch depth ≥ 1")]
     BadOptions,
+    #[error("the image loader's shuffle window must hold at least 1 chunk")]
+    BadShuffleWindow,
     #[error(
         "data.bpe_dropout = {0} needs a caption encoder (the tokenizer of data.tokenizer), and \
          none was given to the loader"
@@ -96,6 +107,14 @@ pub enum LoaderError {
 /// as `<name>.tts.tmp` left by an interrupted write or `.done` markers, are ignored). The result
 /// is sorted and de-duplicated.
 pub fn resolve_paths(patterns: &[String]) -> Result<Vec<PathBuf>, LoaderError> {
+    resolve_paths_with(patterns, EXTENSION)
+}
+
+/// [`resolve_paths`] for files named `*.<extension>` (e.g. `tis` for image shards).
+pub fn resolve_paths_with(
+    patterns: &[String],
+    extension: &'static str,
+) -> Result<Vec<PathBuf>, LoaderError> {
     let mut all = Vec::new();
     for pattern in patterns {
         let entries = glob::glob(pattern).map_err(|e| LoaderError::BadPattern {
@@ -108,7 +127,7 @@ pub fn resolve_paths(patterns: &[String]) -> Result<Vec<PathBuf>, LoaderError> {
                 pattern: pattern.clone(),
                 message: e.to_string(),
             })?;
-            if path.extension().and_then(|e| e.to_str()) == Some(EXTENSION) && path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) == Some(extension) && path.is_file() {
                 all.push(path);
                 found += 1;
             }
@@ -116,6 +135,7 @@ pub fn resolve_paths(patterns: &[String]) -> Result<Vec<PathBuf>, LoaderError> {
         if found == 0 {
             return Err(LoaderError::NoMatch {
                 pattern: pattern.clone(),
+                extension,
             });
         }
     }
@@ -198,14 +218,122 @@ impl ShardSet {
 
 /// The visiting order of epoch `epoch`: a permutation of 0..n, a pure function of (seed, epoch).
 pub fn epoch_permutation(seed: u64, epoch: u64, n: u32) -> Vec<u32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SHUFFLE_SALT);
-    rng.set_stream(epoch);
+    let mut rng = epoch_rng(seed, SHUFFLE_SALT, epoch);
     let mut order: Vec<u32> = (0..n).collect();
-    for i in (1..order.len()).rev() {
-        let j = rng.random_range(0..=i as u32) as usize;
-        order.swap(i, j);
-    }
+    shuffle(&mut rng, &mut order);
     order
+}
+
+/// The random stream of one epoch's order: ChaCha8 seeded by `seed ^ salt`, stream `epoch`.
+pub(crate) fn epoch_rng(seed: u64, salt: u64, epoch: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt);
+    rng.set_stream(epoch);
+    rng
+}
+
+/// Fisher–Yates shuffle of `items` in place, drawing from `rng` (the last index first).
+pub(crate) fn shuffle(rng: &mut ChaCha8Rng, items: &mut [u32]) {
+    for i in (1..items.len()).rev() {
+        let j = rng.random_range(0..=i as u32) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// A set of records with one global index 0..N that can fill a batch from a list of global
+/// indices: what the loader's machinery needs to know about a kind of shard.
+pub trait RecordSet: Send + Sync + 'static {
+    /// One rank's batch of these records.
+    type Batch: Send + 'static;
+    /// Per-reader mutable state (caches, encoders), owned by the thread that fills batches.
+    type State: Send + 'static;
+
+    /// Records over all shards, N (≤ `u32::MAX`).
+    fn records(&self) -> u64;
+
+    /// The visiting order of `epoch`: a permutation of 0..N, a pure function of (seed, epoch).
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<u32>;
+
+    /// A batch with no buffers yet, to be filled by [`RecordSet::fill`].
+    fn empty_batch(&self) -> Self::Batch;
+
+    /// Fills `batch` with the records `indices` (global, in row order) of `epoch`, reusing its
+    /// buffers; every element is overwritten.
+    fn fill(
+        &self,
+        state: &mut Self::State,
+        opts: &LoaderOptions,
+        epoch: u64,
+        indices: &[u32],
+        batch: &mut Self::Batch,
+    ) -> Result<(), LoaderError>;
+}
+
+/// The token reader's state: the caption encoder used for BPE dropout.
+#[derive(Clone)]
+pub struct TokenState {
+    encoder: Option<Arc<dyn CaptionEncoder>>,
+}
+
+impl RecordSet for ShardSet {
+    type Batch = Batch;
+    type State = TokenState;
+
+    fn records(&self) -> u64 {
+        self.len()
+    }
+
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<u32> {
+        epoch_permutation(seed, epoch, self.len() as u32)
+    }
+
+    fn empty_batch(&self) -> Batch {
+        Batch {
+            batch: 0,
+            text: Vec::new(),
+            image: Vec::new(),
+        }
+    }
+
+    fn fill(
+        &self,
+        state: &mut TokenState,
+        opts: &LoaderOptions,
+        epoch: u64,
+        indices: &[u32],
+        batch: &mut Batch,
+    ) -> Result<(), LoaderError> {
+        let layout = self.layout();
+        let (tt, gi) = (layout.text_len as usize, layout.image_tokens as usize);
+        let b = indices.len();
+        batch.batch = b;
+        // Every entry is overwritten below; resizing only zero-fills a new buffer once.
+        batch.text.resize(b * tt, 0);
+        batch.image.resize(b * gi, 0);
+        for (row, &g) in indices.iter().enumerate() {
+            let (record, shard) = self.record(g as u64)?;
+            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
+            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
+            record.image.copy_into(image_row);
+            match (&state.encoder, opts.bpe_dropout > 0.0) {
+                (Some(encoder), true) => {
+                    let mut rng = dropout_rng(opts.seed, epoch, g as u64);
+                    let local = self.locate(g as u64).1;
+                    let encode_err = |message: String| LoaderError::Encode {
+                        path: shard.path().to_path_buf(),
+                        record: local,
+                        message,
+                    };
+                    let ids = encoder
+                        .encode(record.caption, &mut rng)
+                        .map_err(|e| encode_err(format!("{e}")))?;
+                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
+                    text_row.copy_from_slice(&ids);
+                }
+                _ => record.text.copy_into(text_row),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The BPE-dropout random stream of one record in one epoch: ChaCha8 keyed by
@@ -273,47 +401,83 @@ impl LoaderOptions {
 
 /// The synchronous part of the loader: turns a cursor into this rank's batch. Cheap to clone;
 /// the background thread owns one.
-#[derive(Clone)]
-pub struct BatchReader {
-    set: Arc<ShardSet>,
+pub struct BatchReader<S: RecordSet = ShardSet> {
+    set: Arc<S>,
     opts: LoaderOptions,
-    encoder: Option<Arc<dyn CaptionEncoder>>,
-    /// The permutation of `order_epoch`, computed when the epoch changes.
+    state: S::State,
+    /// The order of `order_epoch`, computed when the epoch changes.
     order: Vec<u32>,
     order_epoch: Option<u64>,
 }
 
-impl BatchReader {
+impl<S: RecordSet> Clone for BatchReader<S>
+where
+    S::State: Clone,
+{
+    fn clone(&self) -> Self {
+        BatchReader {
+            set: self.set.clone(),
+            opts: self.opts,
+            state: self.state.clone(),
+            order: self.order.clone(),
+            order_epoch: self.order_epoch,
+        }
+    }
+}
+
+impl BatchReader<ShardSet> {
     /// Checks the options against the data (rank, batch sizes, encoder present when needed).
     pub fn new(
         set: Arc<ShardSet>,
         opts: LoaderOptions,
         encoder: Option<Arc<dyn CaptionEncoder>>,
     ) -> Result<Self, LoaderError> {
-        if opts.batch_size == 0 || opts.prefetch == 0 || opts.world_size == 0 {
-            return Err(LoaderError::BadOptions);
-        }
-        if opts.rank >= opts.world_size {
-            return Err(LoaderError::BadRank {
-                rank: opts.rank,
-                world: opts.world_size,
-            });
-        }
-        if opts.global_batch() > set.len() {
-            return Err(LoaderError::TooFewRecords {
-                records: set.len(),
-                global: opts.global_batch(),
-                batch: opts.batch_size,
-                world: opts.world_size,
-            });
-        }
         if opts.bpe_dropout > 0.0 && encoder.is_none() {
+            check_options(set.len(), &opts)?;
             return Err(LoaderError::NoEncoder(opts.bpe_dropout));
         }
+        BatchReader::with_state(set, opts, TokenState { encoder })
+    }
+}
+
+/// Checks `opts` against a set of `records` records.
+fn check_options(records: u64, opts: &LoaderOptions) -> Result<(), LoaderError> {
+    if opts.batch_size == 0 || opts.prefetch == 0 || opts.world_size == 0 {
+        return Err(LoaderError::BadOptions);
+    }
+    if opts.rank >= opts.world_size {
+        return Err(LoaderError::BadRank {
+            rank: opts.rank,
+            world: opts.world_size,
+        });
+    }
+    if records > u32::MAX as u64 {
+        return Err(LoaderError::TooManyRecords { records });
+    }
+    if opts.global_batch() > records {
+        return Err(LoaderError::TooFewRecords {
+            records,
+            global: opts.global_batch(),
+            batch: opts.batch_size,
+            world: opts.world_size,
+        });
+    }
+    Ok(())
+}
+
+impl<S: RecordSet> BatchReader<S> {
+    /// A reader of `set` with the reader state `state`; checks the options against the data
+    /// (rank, batch and prefetch sizes, at least one global batch of records).
+    pub fn with_state(
+        set: Arc<S>,
+        opts: LoaderOptions,
+        state: S::State,
+    ) -> Result<Self, LoaderError> {
+        check_options(set.records(), &opts)?;
         Ok(BatchReader {
             set,
             opts,
-            encoder,
+            state,
             order: Vec::new(),
             order_epoch: None,
         })
@@ -321,14 +485,24 @@ impl BatchReader {
 
     /// Records over all shards.
     pub fn records(&self) -> u64 {
-        self.set.len()
+        self.set.records()
+    }
+
+    /// The options this reader was made with.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.opts
+    }
+
+    /// The reader's state (for instance the image reader's chunk cache).
+    pub fn state(&self) -> &S::State {
+        &self.state
     }
 
     /// The global record indices of this rank's slice of the global batch at `cursor` (which
     /// must be normalised: a whole global batch fits from its position).
     pub fn indices(&mut self, cursor: Cursor) -> &[u32] {
         if self.order_epoch != Some(cursor.epoch) {
-            self.order = epoch_permutation(self.opts.seed, cursor.epoch, self.set.len() as u32);
+            self.order = self.set.epoch_order(self.opts.seed, cursor.epoch);
             self.order_epoch = Some(cursor.epoch);
         }
         let b = self.opts.batch_size;
@@ -337,62 +511,31 @@ impl BatchReader {
     }
 
     /// This rank's batch at `cursor` (normalised).
-    pub fn read(&mut self, cursor: Cursor) -> Result<Batch, LoaderError> {
-        let mut batch = Batch {
-            batch: 0,
-            text: Vec::new(),
-            image: Vec::new(),
-        };
+    pub fn read(&mut self, cursor: Cursor) -> Result<S::Batch, LoaderError> {
+        let mut batch = self.set.empty_batch();
         self.read_into(cursor, &mut batch)?;
         Ok(batch)
     }
 
     /// [`BatchReader::read`] into `batch`, reusing its buffers.
-    pub fn read_into(&mut self, cursor: Cursor, batch: &mut Batch) -> Result<(), LoaderError> {
-        let layout = self.set.layout();
-        let (tt, gi) = (layout.text_len as usize, layout.image_tokens as usize);
-        let b = self.opts.batch_size;
+    pub fn read_into(&mut self, cursor: Cursor, batch: &mut S::Batch) -> Result<(), LoaderError> {
         self.indices(cursor);
+        let b = self.opts.batch_size;
         let start = cursor.position as usize + self.opts.rank * b;
-        batch.batch = b;
-        // Every entry is overwritten below; resizing only zero-fills a new buffer once.
-        batch.text.resize(b * tt, 0);
-        batch.image.resize(b * gi, 0);
-        for (row, &g) in self.order[start..start + b].iter().enumerate() {
-            let (record, shard) = self.set.record(g as u64)?;
-            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
-            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
-            record.image.copy_into(image_row);
-            match (&self.encoder, self.opts.bpe_dropout > 0.0) {
-                (Some(encoder), true) => {
-                    let mut rng = dropout_rng(self.opts.seed, cursor.epoch, g as u64);
-                    let local = self.set.locate(g as u64).1;
-                    let encode_err = |message: String| LoaderError::Encode {
-                        path: shard.path().to_path_buf(),
-                        record: local,
-                        message,
-                    };
-                    let ids = encoder
-                        .encode(record.caption, &mut rng)
-                        .map_err(|e| encode_err(format!("{e}")))?;
-                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
-                    text_row.copy_from_slice(&ids);
-                }
-                _ => record.text.copy_into(text_row),
-            }
-        }
-        Ok(())
+        let indices = &self.order[start..start + b];
+        self.set
+            .fill(&mut self.state, &self.opts, cursor.epoch, indices, batch)
     }
 }
 
-type Message = Result<(Batch, Cursor), LoaderError>;
+type Message<B> = Result<(B, Cursor), LoaderError>;
 
 /// Batches for one rank, prepared by a background thread `prefetch` batches ahead. Dropping the
 /// loader stops and joins the thread.
-pub struct Loader {
-    rx: Option<Receiver<Message>>,
+pub struct Loader<S: RecordSet = ShardSet> {
+    rx: Option<Receiver<Message<S::Batch>>>,
     /// Spent batches going back to the producer, whose buffers it refills.
-    recycle: Sender<Batch>,
+    recycle: Sender<S::Batch>,
     handle: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     cursor: Cursor,
@@ -400,7 +543,7 @@ pub struct Loader {
     global: u64,
 }
 
-impl Loader {
+impl Loader<ShardSet> {
     /// Starts reading at `start` (a cursor saved by [`Loader::cursor`], or the default for a
     /// fresh run).
     pub fn new(
@@ -409,7 +552,15 @@ impl Loader {
         start: Cursor,
         encoder: Option<Arc<dyn CaptionEncoder>>,
     ) -> Result<Loader, LoaderError> {
-        let mut reader = BatchReader::new(set, opts, encoder)?;
+        Loader::from_reader(BatchReader::new(set, opts, encoder)?, start)
+    }
+}
+
+impl<S: RecordSet> Loader<S> {
+    /// Starts `reader` on a background thread at `start` (a cursor saved by [`Loader::cursor`],
+    /// or the default for a fresh run).
+    pub fn from_reader(mut reader: BatchReader<S>, start: Cursor) -> Result<Self, LoaderError> {
+        let opts = reader.opts;
         let (records, global) = (reader.records(), opts.global_batch());
         let start = start.normalise(global, records);
         let (tx, rx) = crossbeam_channel::bounded(opts.prefetch);
@@ -440,7 +591,7 @@ impl Loader {
     }
 
     /// The next batch of this rank; after it, [`Loader::cursor`] points past it.
-    pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
+    pub fn next_batch(&mut self) -> Result<S::Batch, LoaderError> {
         let rx = self.rx.as_ref().ok_or(LoaderError::Stopped)?;
         match rx.recv() {
             Ok(Ok((batch, next))) => {
@@ -454,7 +605,7 @@ impl Loader {
 
     /// Hands a batch that is no longer needed back to the producer, which refills its buffers
     /// instead of allocating new ones. Optional; a batch that is not returned is simply dropped.
-    pub fn recycle(&self, batch: Batch) {
+    pub fn recycle(&self, batch: S::Batch) {
         let _ = self.recycle.try_send(batch);
     }
 
@@ -474,19 +625,17 @@ impl Loader {
     }
 }
 
-fn produce(
-    reader: &mut BatchReader,
+fn produce<S: RecordSet>(
+    reader: &mut BatchReader<S>,
     mut cursor: Cursor,
     (global, records): (u64, u64),
-    (tx, spent): (&Sender<Message>, &Receiver<Batch>),
+    (tx, spent): (&Sender<Message<S::Batch>>, &Receiver<S::Batch>),
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let mut batch = spent.try_recv().unwrap_or_else(|_| Batch {
-            batch: 0,
-            text: Vec::new(),
-            image: Vec::new(),
-        });
+        let mut batch = spent
+            .try_recv()
+            .unwrap_or_else(|_| reader.set.empty_batch());
         let message = reader
             .read_into(cursor, &mut batch)
             .map(|()| (batch, cursor.advance(global, records)));
@@ -501,7 +650,7 @@ fn produce(
     }
 }
 
-impl Drop for Loader {
+impl<S: RecordSet> Drop for Loader<S> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Dropping the receiver wakes a producer blocked on a full channel.

@@ -4,9 +4,13 @@
 //!
 //! - [`synthetic`]: a documented generator of captioned token grids (tests, the quickstart);
 //! - [`token_shard`]: the `.tts` token shard format, its writer and memory-mapped reader;
-//! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread).
+//! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread),
+//!   generic over a [`loader::RecordSet`];
+//! - [`image_shard`], [`image_loader`]: the `.tis` image shard format and its loader (the dVAE's
+//!   `[B, 3, H, W]` batches, a two-level chunk/record shuffle).
 
 pub mod bpe;
+pub mod image_loader;
 pub mod image_shard;
 pub mod loader;
 pub mod synthetic;
