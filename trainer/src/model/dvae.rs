@@ -24,7 +24,7 @@ pub use crate::model::transformer::ModelError;
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
-pub const LOGIT_LAPLACE_EPS: f32 = 0.1;
+pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
 
@@ -432,6 +432,12 @@ impl Net {
     }
 }
 
+/// x' = (1 − 2ε)·x + ε in f64, as the loss takes it (an f32 ε would shift every term alike, which
+/// adds up over a sum of thousands of nearly cancelling terms).
+fn squash(x: f32) -> f64 {
+    (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
+}
+
 /// `y = a·y + x` (a = post-gain), or `y += x` with a = 1.
 fn axpby(y: &mut [f32], a: f32, x: &[f32]) {
     y.par_chunks_mut(1 << 14)
@@ -487,8 +493,10 @@ pub struct DvaeActs {
     batch: usize,
     enc: NetActs,
     dec: NetActs,
-    /// Squashed pixels x' [B, 3, H, W].
+    /// Squashed pixels x' [B, 3, H, W] in f32: the encoder's input.
     x_mapped: Vec<f32>,
+    /// The input pixels in [0, 1]; the loss squashes them again in f64.
+    images: Vec<f32>,
     /// The relaxed codes y = softmax((logits + g)/τ) [B, K, h, w] (the decoder's input).
     y: Vec<f32>,
     tau: f32,
@@ -577,6 +585,7 @@ impl Dvae {
             enc: self.encoder.new_acts(batch),
             dec: self.decoder.new_acts(batch),
             x_mapped: vec![0.0; batch * 3 * d.resolution * d.resolution],
+            images: vec![0.0; batch * 3 * d.resolution * d.resolution],
             y: vec![0.0; codes],
             tau: 1.0,
             beta: 0.0,
@@ -638,10 +647,10 @@ impl Dvae {
             return Err(ModelError::Dims(format!("tau = {tau} must be > 0")));
         }
         let p = self.table.split(params);
-        let eps = LOGIT_LAPLACE_EPS;
         for (m, &x) in acts.x_mapped.iter_mut().zip(images) {
-            *m = (1.0 - 2.0 * eps) * x + eps;
+            *m = squash(x) as f32;
         }
+        acts.images.copy_from_slice(images);
         acts.enc.inputs[0].copy_from_slice(&acts.x_mapped);
         self.encoder.forward(&p, &mut acts.enc)?;
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
@@ -685,11 +694,11 @@ impl Dvae {
         let mut total = 0.0f64;
         for bi in 0..acts.batch {
             for ch in 0..3 {
-                let xs = &acts.x_mapped[(bi * 3 + ch) * px..][..px];
+                let xs = &acts.images[(bi * 3 + ch) * px..][..px];
                 let mu = &acts.dec.output[(bi * 6 + ch) * px..][..px];
                 let lnb = &acts.dec.output[(bi * 6 + 3 + ch) * px..][..px];
                 for i in 0..px {
-                    let x = xs[i] as f64;
+                    let x = squash(xs[i]);
                     let t = (x / (1.0 - x)).ln();
                     let (m, lb) = (mu[i] as f64, lnb[i] as f64);
                     total += std::f64::consts::LN_2
@@ -745,11 +754,11 @@ impl Dvae {
         let mut dstats = vec![0.0f32; acts.dec.output.len()];
         for bi in 0..b {
             for ch in 0..3 {
-                let xs = &acts.x_mapped[(bi * 3 + ch) * px..][..px];
+                let xs = &acts.images[(bi * 3 + ch) * px..][..px];
                 let base_mu = (bi * 6 + ch) * px;
                 let base_lb = (bi * 6 + 3 + ch) * px;
                 for i in 0..px {
-                    let x = xs[i] as f64;
+                    let x = squash(xs[i]);
                     let t = (x / (1.0 - x)).ln();
                     let m = acts.dec.output[base_mu + i] as f64;
                     let inv_b = (-(acts.dec.output[base_lb + i] as f64)).exp();

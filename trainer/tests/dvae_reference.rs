@@ -1,0 +1,155 @@
+//! The cross-implementation check of the stage-1 dVAE (MODEL-SPEC.md §2): one forward and backward
+//! pass of `Dvae` on a tiny model, against the independent NumPy reference
+//! `tools/reference_dvae.py` (logits, decoder stats, loss terms and sampled gradient entries).
+//!
+//! The reference needs `python3` with numpy and safetensors (`tools/requirements.txt`). Without
+//! them the check is skipped with a note on stderr, except under CI (`CI` set), where it fails.
+
+use std::path::Path;
+use std::process::Command;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use trainer::checkpoint::{entries, write_tensors, TensorEntry};
+use trainer::model::dvae::{Dvae, DvaeDims};
+use trainer::params::ParamKind;
+
+const BATCH: usize = 2;
+const TAU: f32 = 0.7;
+const BETA: f32 = 0.5;
+
+/// Why the reference cannot run here, if it cannot.
+fn python_missing() -> Option<String> {
+    match Command::new("python3")
+        .args(["-c", "import numpy, safetensors.numpy"])
+        .output()
+    {
+        Err(e) => Some(format!("cannot run python3: {e}")),
+        Ok(out) if !out.status.success() => Some(format!(
+            "python3 cannot import numpy and safetensors ({}); \
+             install them with `python3 -m pip install -r tools/requirements.txt`",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no message")
+        )),
+        Ok(_) => None,
+    }
+}
+
+fn entry<'a>(name: &str, shape: &[usize], data: &'a [f32]) -> TensorEntry<'a> {
+    TensorEntry {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+fn check(n_blk_per_group: usize, seed: u64) {
+    if let Some(why) = python_missing() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set but the reference cannot run: {why}");
+        }
+        eprintln!("skipped: the NumPy dVAE reference check: {why}");
+        return;
+    }
+    let dims = DvaeDims {
+        resolution: 16,
+        n_hid: 8,
+        n_blk_per_group,
+        vocab_size: 6,
+        n_init: 4,
+    };
+    let dvae = Dvae::new(dims).unwrap();
+    let table = dvae.table();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd7ae);
+
+    // Weights: PyTorch-style init, then every bias moved by U(±0.2), so that no bias is zero.
+    let mut params = dvae.init_params(seed);
+    for spec in table.specs() {
+        if spec.kind == ParamKind::Bias {
+            for x in &mut params[spec.range()] {
+                *x += rng.random_range(-0.2f32..0.2);
+            }
+        }
+    }
+
+    // Inputs: images in [0, 1), Gumbel noise −ln(−ln u).
+    let (res, k, g) = (dims.resolution, dims.vocab_size, dims.grid());
+    let images: Vec<f32> = (0..BATCH * 3 * res * res)
+        .map(|_| rng.random::<f32>())
+        .collect();
+    let noise: Vec<f32> = (0..BATCH * k * g * g)
+        .map(|_| {
+            let u = rng.random_range(1e-6f32..1.0 - 1e-6);
+            -(-u.ln()).ln()
+        })
+        .collect();
+
+    let mut acts = dvae.new_acts(BATCH);
+    let losses = dvae
+        .forward(&params, &mut acts, &images, Some(&noise), TAU, BETA)
+        .unwrap();
+    let mut grads = vec![0.0f32; table.numel()];
+    dvae.backward(&params, &mut grads, &mut acts, 1.0).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("weights.safetensors");
+    let inputs = dir.path().join("inputs.safetensors");
+    let outputs = dir.path().join("outputs.safetensors");
+    write_tensors(&weights, &entries(table, "", &params)).unwrap();
+    let (tau, beta) = ([TAU], [BETA]);
+    write_tensors(
+        &inputs,
+        &[
+            entry("images", &[BATCH, 3, res, res], &images),
+            entry("noise", &[BATCH, k, g, g], &noise),
+            entry("tau", &[1], &tau),
+            entry("beta", &[1], &beta),
+        ],
+    )
+    .unwrap();
+    let (loss, nll, kl) = (
+        [losses.loss as f32],
+        [losses.nll as f32],
+        [losses.kl as f32],
+    );
+    let mut outs = vec![
+        entry("logits", &[BATCH, k, g, g], acts.logits()),
+        entry("stats", &[BATCH, 6, res, res], acts.stats()),
+        entry("loss", &[1], &loss),
+        entry("nll", &[1], &nll),
+        entry("kl", &[1], &kl),
+    ];
+    outs.extend(entries(table, "grad.", &grads));
+    write_tensors(&outputs, &outs).unwrap();
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/reference_dvae.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--weights".as_ref(), weights.as_os_str()])
+        .args(["--inputs".as_ref(), inputs.as_os_str()])
+        .args(["--outputs".as_ref(), outputs.as_os_str()])
+        .args(["--n-blk-per-group", &n_blk_per_group.to_string()])
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the NumPy dVAE reference disagrees with Dvae (n_blk_per_group {n_blk_per_group}): \
+         status {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn dvae_matches_numpy_reference_one_block_per_group() {
+    check(1, 3);
+}
+
+#[test]
+fn dvae_matches_numpy_reference_two_blocks_per_group() {
+    check(2, 4);
+}
