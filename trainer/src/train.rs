@@ -308,8 +308,6 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let model = Transformer::new(dims_of(cfg))?;
     let out = &cfg.run.out_dir;
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
-    fs::write(out.join("config.yaml"), cfg.to_yaml())
-        .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
     let metrics_path = out.join("metrics.jsonl");
 
     let mut rs = fresh_state(cfg, &model);
@@ -328,6 +326,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             out.display()
         );
     }
+    // Only now, with the run accepted, does anything in the run directory change.
+    crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
     if resumed_from.is_none() {
         fs::write(&metrics_path, "")
             .with_context(|| format!("creating {}", metrics_path.display()))?;
