@@ -5,6 +5,8 @@
 //! The reference needs `python3` with numpy and safetensors (`tools/requirements.txt`). Without
 //! them the check is skipped with a note on stderr, except under CI (`CI` set), where it fails.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -18,25 +20,6 @@ const BATCH: usize = 2;
 const TAU: f32 = 0.7;
 const BETA: f32 = 0.5;
 
-/// Why the reference cannot run here, if it cannot.
-fn python_missing() -> Option<String> {
-    match Command::new("python3")
-        .args(["-c", "import numpy, safetensors.numpy"])
-        .output()
-    {
-        Err(e) => Some(format!("cannot run python3: {e}")),
-        Ok(out) if !out.status.success() => Some(format!(
-            "python3 cannot import numpy and safetensors ({}); \
-             install them with `python3 -m pip install -r tools/requirements.txt`",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("no message")
-        )),
-        Ok(_) => None,
-    }
-}
-
 fn entry<'a>(name: &str, shape: &[usize], data: &'a [f32]) -> TensorEntry<'a> {
     TensorEntry {
         name: name.to_string(),
@@ -46,11 +29,7 @@ fn entry<'a>(name: &str, shape: &[usize], data: &'a [f32]) -> TensorEntry<'a> {
 }
 
 fn check(n_blk_per_group: usize, seed: u64) {
-    if let Some(why) = python_missing() {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the reference cannot run: {why}");
-        }
-        eprintln!("skipped: the NumPy dVAE reference check: {why}");
+    if !support::python_ready("the NumPy dVAE reference check") {
         return;
     }
     let dims = DvaeDims {

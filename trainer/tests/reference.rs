@@ -5,6 +5,8 @@
 //! The reference needs `python3` with numpy and safetensors (`tools/requirements.txt`). Without
 //! them the check is skipped with a note on stderr, except under CI (`CI` set), where it fails.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -157,25 +159,6 @@ fn perturb_weights(path: &Path) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
-/// Why the reference cannot run here, if it cannot.
-fn python_missing() -> Option<String> {
-    match Command::new("python3")
-        .args(["-c", "import numpy, safetensors.numpy"])
-        .output()
-    {
-        Err(e) => Some(format!("cannot run python3: {e}")),
-        Ok(out) if !out.status.success() => Some(format!(
-            "python3 cannot import numpy and safetensors ({}); \
-             install them with `python3 -m pip install -r tools/requirements.txt`",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("no message")
-        )),
-        Ok(_) => None,
-    }
-}
-
 struct Setup {
     dir: tempfile::TempDir,
     config: PathBuf,
@@ -235,11 +218,7 @@ fn debug_state_matches_numpy_reference() {
         describe(&out)
     );
 
-    if let Some(why) = python_missing() {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the reference cannot run: {why}");
-        }
-        eprintln!("skipped: the NumPy reference check: {why}");
+    if !support::python_ready("the NumPy reference check") {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/reference_transformer.py");
