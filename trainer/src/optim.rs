@@ -1,13 +1,14 @@
 //! The optimizer side of a training step, over the flat buffers: AdamW with weight decay on
 //! matrices only, global-norm clipping, the learning-rate schedules (linear warm-up, then either
-//! the paper's halving on a loss plateau or cosine decay) and the weight EMA.
+//! the paper's halving on a loss plateau or cosine decay). The weight EMA is
+//! `kernels::adamw::ema_update`, called by the training loop.
 //!
 //! Everything here is deterministic and its state serialises exactly (f32 buffers to safetensors,
 //! f64 scalars to JSON, which round-trips them), so a resumed run is bit-identical.
 
 pub use crate::config::ScheduleKind;
 use crate::params::ParamTable;
-use kernels::adamw::{adamw_update, ema_update, sum_squares, AdamWStep};
+use kernels::adamw::{adamw_update, sum_squares, AdamWStep};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -104,11 +105,6 @@ impl AdamW {
             applied: true,
         })
     }
-}
-
-/// Exponential moving average of the weights.
-pub fn update_ema(ema: &mut [f32], params: &[f32], decay: f32) -> kernels::Result<()> {
-    ema_update(ema, params, decay)
 }
 
 /// Schedule hyper-parameters.

@@ -140,6 +140,18 @@ impl ParamTable {
     }
 }
 
+/// Two distinct mutable views, `i < j` (table order), out of a buffer split by
+/// [`ParamTable::split_mut`]: a weight gradient and its bias gradient, say.
+pub fn pair_mut<'a>(
+    views: &'a mut [&mut [f32]],
+    i: usize,
+    j: usize,
+) -> (&'a mut [f32], &'a mut [f32]) {
+    assert!(i < j, "pair_mut expects table order");
+    let (a, b) = views.split_at_mut(j);
+    (&mut *a[i], &mut *b[0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,8 +12,9 @@ use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream};
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
-use crate::optim::{update_ema, AdamW, AdamWParams, LrSchedule, ScheduleParams};
+use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams};
 use anyhow::{bail, Context, Result};
+use kernels::adamw::ema_update;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
@@ -219,7 +220,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    fs::write(path, kept).with_context(|| format!("rewriting {}", path.display()))
+    crate::fsutil::write_atomic(path, kept.as_bytes(), true)
+        .with_context(|| format!("rewriting {}", path.display()))
 }
 
 /// Checks that a checkpoint was written by a run with the same model.
@@ -399,7 +401,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             .step(model.table(), &mut rs.params, &grads, lr as f32)?;
         if report.applied {
             if let Some(ema) = rs.ema.as_mut() {
-                update_ema(ema, &rs.params, cfg.optim.ema as f32)?;
+                ema_update(ema, &rs.params, cfg.optim.ema as f32)?;
             }
         } else {
             rs.state.skipped_updates += 1;

@@ -12,13 +12,13 @@
 //! `id_path` a 1×1 convolution where `n_in ≠ n_out`, else the identity. Encoder kernels 3,3,3,1;
 //! decoder kernels 1,3,3,3.
 
-use crate::params::{ParamKind, ParamTable};
+use crate::model::scale_add;
+use crate::params::{pair_mut, ParamKind, ParamTable};
 use kernels::conv2d::{conv2d_backward, conv2d_forward, Conv2dDims};
 use kernels::relu::{relu_backward, relu_forward};
 use kernels::resample::{
     maxpool2_backward, maxpool2_forward, upsample2_backward, upsample2_forward,
 };
-use rayon::prelude::*;
 
 pub use crate::model::transformer::ModelError;
 type Result<T> = std::result::Result<T, ModelError>;
@@ -308,9 +308,9 @@ impl Net {
                                 p[ip.b],
                                 &Self::dims(b, ip, shape.side),
                             )?;
-                            axpby(y, g, tmp);
+                            scale_add(y, g, tmp);
                         }
-                        None => axpby(y, g, x),
+                        None => scale_add(y, g, x),
                     }
                 }
             }
@@ -331,7 +331,6 @@ impl Net {
         let b = acts.batch;
         let mut dy: Vec<f32> = dout.to_vec();
         let mut dx: Vec<f32> = Vec::new();
-        let n = self.stages.len();
         for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
             let x = &acts.inputs[i];
             let relus = &acts.relus[i];
@@ -410,11 +409,11 @@ impl Net {
                                 p[ip.w],
                                 &Self::dims(b, ip, shape.side),
                             )?;
-                            axpby(&mut dx, 1.0, s0);
+                            scale_add(&mut dx, 1.0, s0);
                         }
                         None => {
                             dx.copy_from_slice(&dy);
-                            axpby(&mut dx, 1.0, s0);
+                            scale_add(&mut dx, 1.0, s0);
                         }
                     }
                 }
@@ -426,33 +425,29 @@ impl Net {
                 break;
             }
             std::mem::swap(&mut dy, &mut dx);
-            debug_assert!(i < n);
         }
         Ok(())
     }
+}
+
+/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`; returns
+/// Σ_k q_k log q_k (the negative entropy), in f64.
+fn log_q(logits: &[f32], k: usize, hw: usize, bi: usize, pos: usize, lq: &mut [f64]) -> f64 {
+    let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
+    let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
+    let lz = (0..k).map(|c| (l(c) - max).exp()).sum::<f64>().ln();
+    let mut neg_entropy = 0.0;
+    for (c, out) in lq.iter_mut().enumerate() {
+        *out = l(c) - max - lz;
+        neg_entropy += out.exp() * *out;
+    }
+    neg_entropy
 }
 
 /// x' = (1 − 2ε)·x + ε in f64, as the loss takes it (an f32 ε would shift every term alike, which
 /// adds up over a sum of thousands of nearly cancelling terms).
 fn squash(x: f32) -> f64 {
     (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
-}
-
-/// `y = a·y + x` (a = post-gain), or `y += x` with a = 1.
-fn axpby(y: &mut [f32], a: f32, x: &[f32]) {
-    y.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = a * *y + x;
-            }
-        });
-}
-
-fn pair_mut<'a>(v: &'a mut [&mut [f32]], i: usize, j: usize) -> (&'a mut [f32], &'a mut [f32]) {
-    assert!(i < j, "pair_mut expects table order");
-    let (a, b) = v.split_at_mut(j);
-    (&mut *a[i], &mut *b[0])
 }
 
 /// Saved activations of one network for one batch size.
@@ -670,9 +665,14 @@ impl Dvae {
                 let at = |c: usize| bi * k * hw + c * hw + pos;
                 let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
                 let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = (0..k).map(|c| ((s(c) - max) as f64).exp()).sum();
+                let mut z = 0.0f64;
                 for c in 0..k {
-                    acts.y[at(c)] = (((s(c) - max) as f64).exp() / z) as f32;
+                    let e = ((s(c) - max) as f64).exp();
+                    acts.y[at(c)] = e as f32;
+                    z += e;
+                }
+                for c in 0..k {
+                    acts.y[at(c)] = (acts.y[at(c)] as f64 / z) as f32;
                 }
             }
         }
@@ -714,21 +714,11 @@ impl Dvae {
     /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise).
     fn kl(&self, acts: &DvaeActs) -> f64 {
         let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
-        let logits = &acts.enc.output;
+        let mut lq = vec![0.0f64; k];
         let mut total = 0.0;
         for bi in 0..acts.batch {
             for pos in 0..hw {
-                let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
-                let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = (0..k).map(|c| (l(c) - max).exp()).sum();
-                let lz = z.ln();
-                let neg_entropy: f64 = (0..k)
-                    .map(|c| {
-                        let lq = l(c) - max - lz;
-                        lq.exp() * lq
-                    })
-                    .sum();
-                total += neg_entropy + (k as f64).ln();
+                total += log_q(&acts.enc.output, k, hw, bi, pos, &mut lq) + (k as f64).ln();
             }
         }
         total
@@ -773,29 +763,20 @@ impl Dvae {
             .backward(&p, &mut g, &mut acts.dec, &dstats, Some(&mut dy))?;
         // Through y = softmax((l + g)/τ) and the KL term, into d logits.
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
-        let logits = acts.enc.output.clone();
-        let mut dlogits = vec![0.0f32; logits.len()];
+        let mut dlogits = vec![0.0f32; acts.enc.output.len()];
         let (tau, beta) = (acts.tau as f64, acts.beta as f64);
+        let mut lq = vec![0.0f64; k];
         for bi in 0..b {
             for pos in 0..hw {
                 let at = |c: usize| bi * k * hw + c * hw + pos;
                 let ydy: f64 = (0..k)
                     .map(|c| acts.y[at(c)] as f64 * dy[at(c)] as f64)
                     .sum();
-                let l = |c: usize| logits[at(c)] as f64;
-                let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
-                let lz = (0..k).map(|c| (l(c) - max).exp()).sum::<f64>().ln();
-                let neg_entropy: f64 = (0..k)
-                    .map(|c| {
-                        let lq = l(c) - max - lz;
-                        lq.exp() * lq
-                    })
-                    .sum();
+                let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq);
                 for c in 0..k {
                     let y = acts.y[at(c)] as f64;
                     let relax = y * (dy[at(c)] as f64 - ydy) / tau;
-                    let lq = l(c) - max - lz;
-                    let dkl = lq.exp() * (lq - neg_entropy);
+                    let dkl = lq[c].exp() * (lq[c] - neg_entropy);
                     dlogits[at(c)] = (relax + s * beta * dkl) as f32;
                 }
             }

@@ -9,7 +9,8 @@
 //! (Tt−1..T−1). The loss never needs the other logits, so training never computes them; the full
 //! logits tensor of MODEL-SPEC §4 comes from [`Transformer::full_logits`].
 
-use crate::params::{ParamKind, ParamTable};
+use crate::model::scale_add;
+use crate::params::{pair_mut, ParamKind, ParamTable};
 use kernels::attention::{self, BlockLayout, MaskKind};
 use kernels::cross_entropy::{cross_entropy_forward, cross_entropy_fused};
 use kernels::embedding::{self, EmbedDims, EmbedGrads, EmbedTables};
@@ -319,7 +320,7 @@ impl Transformer {
                 c,
                 c,
             )?;
-            add_in_place(&mut la.x_mid, x);
+            scale_add(&mut la.x_mid, 1.0, x);
             layernorm_forward(
                 &mut la.ln2,
                 &mut la.ln2_mean,
@@ -349,7 +350,7 @@ impl Transformer {
                 4 * c,
                 c,
             )?;
-            add_in_place(x_next, &la.x_mid);
+            scale_add(x_next, 1.0, &la.x_mid);
         }
         layernorm_forward(
             &mut acts.lnf,
@@ -666,24 +667,6 @@ impl Transformer {
         }
         flops
     }
-}
-
-fn add_in_place(dst: &mut [f32], src: &[f32]) {
-    use rayon::prelude::*;
-    dst.par_chunks_mut(1 << 14)
-        .zip(src.par_chunks(1 << 14))
-        .for_each(|(d, s)| {
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d += s;
-            }
-        });
-}
-
-/// Two distinct mutable views out of the split gradient buffer.
-fn pair_mut<'a>(v: &'a mut [&mut [f32]], i: usize, j: usize) -> (&'a mut [f32], &'a mut [f32]) {
-    assert!(i < j, "pair_mut expects table order");
-    let (a, b) = v.split_at_mut(j);
-    (&mut *a[i], &mut *b[0])
 }
 
 /// Five distinct mutable views, given in increasing table order.
