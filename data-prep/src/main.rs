@@ -95,8 +95,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let cfg = RunConfig::load(&config, &set)?;
-            let data = SyntheticData::from_config(&cfg);
-            let m = &cfg.model;
+            let data = SyntheticData::from_config(&cfg)?;
+            let m = cfg.transformer()?;
             let b = data.batch(first, count);
             let bytes = |v: &[u32]| -> Vec<u8> {
                 v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()

@@ -77,9 +77,10 @@ pub fn synth_tokens(
         bail!("--shard-size must be ≥ 1");
     }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let gen = SyntheticData::from_config(cfg);
-    let layout = ShardLayout::from_model(&cfg.model)?;
-    let (mut text, mut image) = (vec![0; cfg.model.text_len], vec![0; cfg.model.image_len()]);
+    let gen = SyntheticData::from_config(cfg)?;
+    let m = cfg.transformer()?;
+    let layout = ShardLayout::from_model(m)?;
+    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
     let mut summary = SynthSummary {
         written: 0,
         skipped: 0,

@@ -28,6 +28,19 @@ pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
 
+/// Fills `out` with standard Gumbel noise g = −ln(−ln u), u uniform in (0, 1), from ChaCha8
+/// seeded with `seed` on stream `stream`: the same (seed, stream) always gives the same noise.
+pub fn gumbel_noise(seed: u64, stream: u64, out: &mut [f32]) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    for g in out.iter_mut() {
+        // (0, 1): the open interval keeps both logarithms finite.
+        let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+        *g = -(-u.ln()).ln() as f32;
+    }
+}
+
 /// The sizes that define the dVAE (OpenAI's hyper-parameter names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DvaeDims {
