@@ -7,6 +7,7 @@
 //! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
 //! - [`data`]: training data (for now the synthetic generator).
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
+//! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`]: the `trainer` subcommands; [`cli`] their command line.
 
 pub mod checkpoint;
@@ -19,4 +20,5 @@ pub mod fsutil;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod powersgd;
 pub mod train;
