@@ -79,6 +79,10 @@ pub struct RunConfig {
     /// dvae`; absent means the paper's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relaxation: Option<RelaxationConfig>,
+    /// Gradient reduction between ranks: `kind: none` (a plain fp32 all-reduce, the default) or
+    /// `kind: powersgd` with its settings (docs/powersgd.md).
+    #[serde(default)]
+    pub compression: crate::powersgd::PowerSgdConfig,
 }
 
 /// The `run:` section.
@@ -1122,6 +1126,12 @@ impl RunConfig {
             return invalid("train.log_every", "train.log_every must be ≥ 1".into());
         }
 
+        if let Err(crate::powersgd::PowerSgdError::Config { field, message }) =
+            self.compression.validate()
+        {
+            return invalid(field, message);
+        }
+
         if self.checkpoint.keep_last < 1 {
             return invalid(
                 "checkpoint.keep_last",
@@ -1336,6 +1346,7 @@ fn check_path(path: &[String]) -> Result<(), String> {
         "run" => fields_of::<RunSection>(),
         "model" => fields_of::<ModelConfig>(),
         "relaxation" => fields_of::<RelaxationConfig>(),
+        "compression" => fields_of::<crate::powersgd::PowerSgdConfig>(),
         "data" => fields_of::<DataSource>(),
         "optim" => fields_of::<OptimConfig>(),
         "schedule" => fields_of::<ScheduleConfig>(),

@@ -50,10 +50,25 @@ use std::time::Instant;
 /// Conventional file name of the PowerSGD state inside a checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "powersgd.safetensors";
 
-/// PowerSGD settings. Field names follow torch's `PowerSGDState` where there is one.
+/// How gradients are reduced between ranks, as written in `compression.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressionKind {
+    /// A plain fp32 all-reduce of the whole gradient.
+    #[default]
+    None,
+    /// PowerSGD with the settings beside `kind`.
+    Powersgd,
+}
+
+/// The run config's `compression:` section: `kind` and PowerSGD's settings. Field names follow
+/// torch's `PowerSGDState` where there is one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PowerSgdConfig {
+    /// `none` (default) or `powersgd`; the other fields apply to `powersgd` only.
+    #[serde(default)]
+    pub kind: CompressionKind,
     /// Rank r of the approximation P·Qᵀ (torch's `matrix_approximation_rank`). A matrix whose
     /// shorter side is below r is approximated at that side's length. ≥ 1. Default 4. (The paper
     /// used 896 at d_model 3968, i.e. r ≈ d/4.4; torch's default is 1.)
@@ -104,6 +119,7 @@ fn default_true() -> bool {
 impl Default for PowerSgdConfig {
     fn default() -> Self {
         PowerSgdConfig {
+            kind: CompressionKind::None,
             rank: default_rank(),
             min_compression_rate: default_min_compression_rate(),
             warm_start: false,
@@ -116,27 +132,27 @@ impl Default for PowerSgdConfig {
 }
 
 impl PowerSgdConfig {
-    /// Checks every range; the error names the field as `powersgd.<field>`.
+    /// Checks every range; the error names the field as `compression.<field>`.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, message| Err(PowerSgdError::Config { field, message });
         if self.rank < 1 {
             return bad(
-                "powersgd.rank",
-                format!("powersgd.rank = {} must be ≥ 1", self.rank),
+                "compression.rank",
+                format!("compression.rank = {} must be ≥ 1", self.rank),
             );
         }
         let rate = self.min_compression_rate;
         if !rate.is_finite() || rate < 0.0 {
             return bad(
-                "powersgd.min_compression_rate",
-                format!("powersgd.min_compression_rate = {rate} must be finite and ≥ 0"),
+                "compression.min_compression_rate",
+                format!("compression.min_compression_rate = {rate} must be finite and ≥ 0"),
             );
         }
         let eps = self.orthogonalization_epsilon;
         if !eps.is_finite() || eps < 0.0 {
             return bad(
-                "powersgd.orthogonalization_epsilon",
-                format!("powersgd.orthogonalization_epsilon = {eps} must be finite and ≥ 0"),
+                "compression.orthogonalization_epsilon",
+                format!("compression.orthogonalization_epsilon = {eps} must be finite and ≥ 0"),
             );
         }
         Ok(())
@@ -146,7 +162,7 @@ impl PowerSgdConfig {
 /// Everything that can go wrong in PowerSGD.
 #[derive(Debug, thiserror::Error)]
 pub enum PowerSgdError {
-    /// A config field is out of range; `field` is `powersgd.<field>`.
+    /// A config field is out of range; `field` is `compression.<field>`.
     #[error("{message}")]
     Config {
         field: &'static str,

@@ -15,6 +15,9 @@ use crate::config::{Device, RunConfig};
 use crate::data::DataCursor;
 use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams};
 use crate::params::ParamTable;
+use crate::powersgd::{
+    CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
+};
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
 use serde::{Deserialize, Serialize};
@@ -40,6 +43,10 @@ pub struct TrainState {
     pub schedule: LrSchedule,
     /// Updates skipped because the gradient was not finite.
     pub skipped_updates: u64,
+    /// PowerSGD's reduction count when `compression.kind: powersgd` (its error buffers are in
+    /// `powersgd.safetensors` beside this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub powersgd_iterations: Option<u64>,
 }
 
 /// One line of `metrics.jsonl`: the fields every model has, then the model's own (the
@@ -145,6 +152,7 @@ fn fresh_state(cfg: &RunConfig, params: Vec<f32>) -> RunState {
             adam_t: 0,
             schedule: LrSchedule::new(&schedule_params(cfg)),
             skipped_updates: 0,
+            powersgd_iterations: None,
         },
     }
 }
@@ -169,7 +177,13 @@ fn load_state(dir: &Path, table: &ParamTable, rs: &mut RunState) -> Result<()> {
     Ok(())
 }
 
-fn save_state(cfg: &RunConfig, table: &ParamTable, rs: &RunState) -> Result<PathBuf> {
+/// Writes a checkpoint of `rs` (and of PowerSGD's state, when compressing).
+fn save_state(
+    cfg: &RunConfig,
+    table: &ParamTable,
+    rs: &RunState,
+    powersgd: Option<&PowerSgdSnapshot>,
+) -> Result<PathBuf> {
     let mut files = vec![
         TensorFile {
             file_name: MODEL_FILE,
@@ -189,7 +203,15 @@ fn save_state(cfg: &RunConfig, table: &ParamTable, rs: &RunState) -> Result<Path
             tensors: checkpoint::entries(table, "", ema),
         });
     }
-    let state = serde_json::to_value(&rs.state)?;
+    let mut state = rs.state.clone();
+    if let Some(snap) = powersgd {
+        files.push(TensorFile {
+            file_name: POWERSGD_FILE,
+            tensors: snap.entries(""),
+        });
+        state.powersgd_iterations = Some(snap.iterations);
+    }
+    let state = serde_json::to_value(&state)?;
     Ok(checkpoint::save(
         &cfg.run.out_dir,
         rs.state.step,
@@ -255,10 +277,12 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
 
     let mut rs = fresh_state(cfg, init);
     let mut resumed_from = None;
+    let mut resumed_dir = None;
     if resume {
         if let Some(dir) = checkpoint::latest_complete(out)? {
             check_same_model(&dir, cfg)?;
             load_state(&dir, &table, &mut rs)?;
+            resumed_dir = Some(dir.clone());
             resumed_from = Some(rs.state.step);
             truncate_metrics(&metrics_path, rs.state.step)?;
             tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
@@ -282,6 +306,33 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
 
     let mut comm = SingleProcess;
     let mut stage = stages::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
+    let mut powersgd = match cfg.compression.kind {
+        CompressionKind::None => None,
+        CompressionKind::Powersgd => {
+            let mut p = PowerSgd::new(&table, &cfg.compression)?;
+            let saved = resumed_dir
+                .as_ref()
+                .map(|d| d.join(POWERSGD_FILE))
+                .filter(|f| f.exists());
+            match (saved, rs.state.powersgd_iterations) {
+                (Some(file), Some(iterations)) => p
+                    .restore(&file, "", iterations)
+                    .with_context(|| format!("restoring PowerSGD from {}", file.display()))?,
+                _ if resumed_dir.is_some() => tracing::warn!(
+                    "the checkpoint has no PowerSGD state (compression was off): error buffers \
+                     start from zero"
+                ),
+                _ => {}
+            }
+            tracing::info!(
+                rank = cfg.compression.rank,
+                compressed = p.compressed().len(),
+                buckets = p.buckets().len(),
+                "PowerSGD"
+            );
+            Some(p)
+        }
+    };
     let sched = schedule_params(cfg);
     let accum = cfg.train.grad_accum;
     let mut grads = vec![0.0f32; table.numel()];
@@ -318,12 +369,20 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             }
         }
         let loss = terms.first().map(|t| t.1).unwrap_or(f64::NAN);
-        // Data-parallel seam: sum the gradients of every rank, then average.
-        comm.all_reduce_sum(&mut grads)?;
-        if comm.world_size() > 1 {
-            let inv = 1.0 / comm.world_size() as f32;
-            grads.iter_mut().for_each(|g| *g *= inv);
-        }
+        // Data-parallel seam: average the gradients of every rank, plainly or through PowerSGD
+        // (whose non-finite steps come back as NaN, so that AdamW skips them).
+        let bytes_plain = 4 * grads.len() as u64;
+        let bytes_sent = match powersgd.as_mut() {
+            Some(p) => p.reduce(&mut grads, &mut comm)?.bytes_sent,
+            None => {
+                comm.all_reduce_sum(&mut grads)?;
+                if comm.world_size() > 1 {
+                    let inv = 1.0 / comm.world_size() as f32;
+                    grads.iter_mut().for_each(|g| *g *= inv);
+                }
+                bytes_plain
+            }
+        };
         let lr = rs.state.schedule.lr(&sched, t);
         let report = rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?;
         if report.applied {
@@ -347,6 +406,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             .collect();
         for (k, v) in stage.rates(secs) {
             values.insert(k.to_string(), v * accum as f64);
+        }
+        if comm.world_size() > 1 || powersgd.is_some() {
+            values.insert("bytes_sent".into(), bytes_sent as f64);
+            values.insert("bytes_uncompressed".into(), bytes_plain as f64);
         }
         let m = Metrics {
             step: t,
@@ -381,7 +444,12 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let every = cfg.checkpoint.every;
         let stopping = stop.load(Ordering::Relaxed);
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
-            let dir = save_state(cfg, &table, &rs)?;
+            // The snapshot is collective (the mean error over ranks): every rank takes it.
+            let snap = powersgd
+                .as_ref()
+                .map(|p| p.snapshot(&mut comm))
+                .transpose()?;
+            let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
             tracing::info!(dir = %dir.display(), "checkpoint");
         }
         if stopping && t < cfg.train.steps {

@@ -750,21 +750,21 @@ fn powersgd_config_defaults_and_validation() {
                 rank: 0,
                 ..PowerSgdConfig::default()
             },
-            "powersgd.rank",
+            "compression.rank",
         ),
         (
             PowerSgdConfig {
                 min_compression_rate: -1.0,
                 ..PowerSgdConfig::default()
             },
-            "powersgd.min_compression_rate",
+            "compression.min_compression_rate",
         ),
         (
             PowerSgdConfig {
                 orthogonalization_epsilon: f64::NAN,
                 ..PowerSgdConfig::default()
             },
-            "powersgd.orthogonalization_epsilon",
+            "compression.orthogonalization_epsilon",
         ),
     ] {
         match c.validate() {
