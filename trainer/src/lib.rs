@@ -7,7 +7,8 @@
 //! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
 //! - [`data`]: training data (for now the synthetic generator).
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
-//! - [`train`], [`debug_state`]: the `trainer` subcommands; [`cli`] their command line.
+//! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
+//!   command line.
 
 pub mod checkpoint;
 pub mod cli;
@@ -19,4 +20,5 @@ pub mod fsutil;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod reconstruct;
 pub mod train;
