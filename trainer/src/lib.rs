@@ -8,7 +8,8 @@
 //! - [`data`]: training data (for now the synthetic generator).
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
-//! - [`train`], [`debug_state`]: the `trainer` subcommands; [`cli`] their command line.
+//! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
+//!   command line.
 
 pub mod checkpoint;
 pub mod cli;
@@ -21,4 +22,5 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod powersgd;
+pub mod reconstruct;
 pub mod train;

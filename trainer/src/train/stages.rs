@@ -10,7 +10,7 @@
 use crate::config::{DataSource, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
-use crate::model::dvae::{gumbel_noise, Dvae, DvaeActs, DvaeDims, LOGIT_LAPLACE_EPS};
+use crate::model::dvae::{argmax_codes, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
@@ -323,7 +323,11 @@ impl Stage for DvaeStage {
             beta as f32,
         )?;
         self.model.backward(params, grads, &mut self.acts, scale)?;
-        count_codes(self.acts.logits(), self.batch, &mut self.code_counts);
+        let d = self.model.dims();
+        let codes = argmax_codes(self.acts.logits(), d.vocab_size, d.grid() * d.grid())?;
+        for c in codes {
+            self.code_counts[c as usize] += 1;
+        }
         self.sq_err += reconstruction_sq_err(self.acts.stats(), &batch.pixels, self.batch);
         self.pixels += batch.pixels.len() as u64;
         self.data.recycle(batch);
@@ -359,24 +363,6 @@ impl Stage for DvaeStage {
     }
 }
 
-/// Adds one to `counts[argmax_k logits[b, k, p]]` for every image b < `batch` and grid
-/// position p of `logits` [B, K, P] (K = `counts.len()`; ties go to the lowest k).
-pub fn count_codes(logits: &[f32], batch: usize, counts: &mut [u64]) {
-    let k = counts.len();
-    let positions = logits.len() / (batch * k).max(1);
-    for img in logits.chunks_exact(k * positions.max(1)).take(batch) {
-        for p in 0..positions {
-            let mut best = 0;
-            for c in 1..k {
-                if img[c * positions + p] > img[best * positions + p] {
-                    best = c;
-                }
-            }
-            counts[best] += 1;
-        }
-    }
-}
-
 /// exp(entropy) of the code histogram: the number of codes in use, weighted by frequency
 /// (1 when one code takes every position, K when all are used equally).
 pub fn perplexity(counts: &[u64]) -> f64 {
@@ -395,20 +381,17 @@ pub fn perplexity(counts: &[u64]) -> f64 {
     h.exp()
 }
 
-/// Σ over pixels of (x̂ − x)², x̂ = clamp((sigmoid(μ) − ε)/(1 − 2ε), 0, 1) the reconstruction
-/// read from decoder `stats` [B, 6, H·W] (μ in channels 0..3), `images` [B, 3, H·W] in [0, 1].
+/// Σ over pixels of (x̂ − x)², x̂ = [`unmap_pixel`]`(μ)` the reconstruction read from decoder
+/// `stats` [B, 6, H·W] (μ in channels 0..3), `images` [B, 3, H·W] in [0, 1].
 pub fn reconstruction_sq_err(stats: &[f32], images: &[f32], batch: usize) -> f64 {
     let plane = images.len() / (3 * batch.max(1));
-    let eps = LOGIT_LAPLACE_EPS;
     let mut sum = 0.0f64;
     for (x_img, s_img) in images
         .chunks_exact(3 * plane)
         .zip(stats.chunks_exact(6 * plane))
     {
         for (&x, &mu) in x_img.iter().zip(&s_img[..3 * plane]) {
-            let sig = 1.0 / (1.0 + (-(mu as f64)).exp());
-            let xhat = ((sig - eps) / (1.0 - 2.0 * eps)).clamp(0.0, 1.0);
-            let d = xhat - x as f64;
+            let d = (unmap_pixel(mu) - x) as f64;
             sum += d * d;
         }
     }
