@@ -36,7 +36,7 @@ use trainer::config::RunConfig;
 use trainer::data::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
 use trainer::data::image_loader::hwc_to_chw;
 use trainer::data::image_shard::{ImageShard, EXTENSION as IMAGE_EXTENSION};
-use trainer::data::loader::resolve_paths_with;
+use trainer::data::loader::{resolve_paths_with, LoaderError};
 use trainer::data::token_shard::{ShardLayout, TokenShard, TokenShardWriter, EXTENSION};
 use trainer::model::dvae::{image_resolution, Dvae, DvaeWeights};
 use xxhash_rust::xxh3::Xxh3;
@@ -82,9 +82,10 @@ pub struct EncodeArgs {
     /// Override a field of --config, e.g. --set model.text_len=64 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
     pub set: Vec<String>,
-    /// Images encoded together (memory: about 0.3 GB per 256 px image in flight with OpenAI's
-    /// dVAE; max(batch, threads) images are in flight).
-    #[arg(long, default_value_t = 8)]
+    /// Images encoded together; max(batch, threads) images are in flight. On the CPU a batch
+    /// of 2 is as fast as any (the convolutions run one image per thread); memory is about
+    /// 0.45 GB per 256 px image in flight with OpenAI's dVAE.
+    #[arg(long, default_value_t = 2)]
     pub batch: usize,
     /// Hide the progress bar.
     #[arg(long)]
@@ -102,6 +103,9 @@ pub struct EncodeSummary {
     pub written: usize,
     /// Shards a previous run had finished.
     pub reused: usize,
+    /// Input shards with no records (every input of an ingest group rejected): a token shard
+    /// cannot be empty, so they have no output.
+    pub empty_inputs: usize,
     /// Images encoded by this run per second of wall time.
     pub images_per_s: f64,
 }
@@ -165,56 +169,68 @@ fn xxh3_hex(bytes: impl IntoIterator<Item = Vec<u8>>) -> String {
     format!("{:032x}", h.digest128())
 }
 
-/// The layout the arguments ask for, before the images and the dVAE are known: (text_len,
-/// text_vocab, the config's grid and image_vocab if any, or --image-vocab).
+/// The sizes the arguments ask for, before the images and the dVAE are known.
 struct Wanted {
     text_len: usize,
     text_vocab: usize,
+    /// The config's grid, if a config was given.
     grid: Option<usize>,
+    /// The config's image_vocab, or --image-vocab.
     image_vocab: Option<usize>,
-    /// Where the sizes come from, for errors.
-    source: String,
+    /// The config they come from, if any (for naming them in errors).
+    config: Option<PathBuf>,
 }
 
-fn wanted(a: &EncodeArgs) -> Result<Wanted> {
-    if let Some(path) = &a.config {
-        let cfg = RunConfig::load(path, &a.set)?;
-        let m = cfg.transformer().with_context(|| {
-            format!(
-                "--config {}: data-prep encode writes token shards for a stage-2 transformer",
-                path.display()
-            )
-        })?;
-        return Ok(Wanted {
-            text_len: m.text_len,
-            text_vocab: m.text_vocab,
-            grid: Some(m.grid),
-            image_vocab: Some(m.image_vocab),
-            source: format!("--config {}: model.", path.display()),
-        });
+impl Wanted {
+    fn from_args(a: &EncodeArgs) -> Result<Wanted> {
+        if let Some(path) = &a.config {
+            let cfg = RunConfig::load(path, &a.set)?;
+            let m = cfg.transformer().with_context(|| {
+                format!(
+                    "--config {}: data-prep encode writes token shards for a stage-2 transformer",
+                    path.display()
+                )
+            })?;
+            return Ok(Wanted {
+                text_len: m.text_len,
+                text_vocab: m.text_vocab,
+                grid: Some(m.grid),
+                image_vocab: Some(m.image_vocab),
+                config: Some(path.clone()),
+            });
+        }
+        Ok(Wanted {
+            text_len: a
+                .text_len
+                .context("--text-len is required without --config")?,
+            text_vocab: a.text_vocab.unwrap_or(DEFAULT_VOCAB_SIZE),
+            grid: None,
+            image_vocab: a.image_vocab,
+            config: None,
+        })
     }
-    Ok(Wanted {
-        text_len: a
-            .text_len
-            .context("--text-len is required without --config")?,
-        text_vocab: a.text_vocab.unwrap_or(DEFAULT_VOCAB_SIZE),
-        grid: None,
-        image_vocab: a.image_vocab,
-        source: "--".into(),
-    })
+
+    /// Where size `field` (e.g. `text_vocab`) was given: `--text-vocab`, or `--config C:
+    /// model.text_vocab`.
+    fn name(&self, field: &str) -> String {
+        match &self.config {
+            Some(c) => format!("--config {}: model.{field}", c.display()),
+            None => format!("--{}", field.replace('_', "-")),
+        }
+    }
+}
+
+/// `DIR/<input stem>.tts`.
+fn output_path(out: &Path, input: &Path) -> PathBuf {
+    let stem = input.file_stem().unwrap_or_default();
+    out.join(Path::new(stem).with_extension(EXTENSION))
 }
 
 /// Runs the encode; see the module doc.
 pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     ensure!(a.batch >= 1, "--batch must be at least 1");
-    let want = wanted(a)?;
-    let field = |name: &str| {
-        if want.source == "--" {
-            format!("--{}", name.replace('_', "-"))
-        } else {
-            format!("{}{name}", want.source)
-        }
-    };
+    let want = Wanted::from_args(a)?;
+    let field = |name: &str| want.name(name);
     ensure!(
         want.text_len >= 1,
         "{} must be at least 1",
@@ -222,7 +238,12 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     );
 
     // The images: one resolution a dVAE can take.
-    let paths = resolve_paths_with(&a.images, IMAGE_EXTENSION)?;
+    let paths = resolve_paths_with(&a.images, IMAGE_EXTENSION).map_err(|e| match e {
+        LoaderError::NoMatch { pattern, extension } => {
+            anyhow::anyhow!("--images {pattern:?} matches no .{extension} file")
+        }
+        e => anyhow::Error::new(e).context("--images"),
+    })?;
     let mut shards = Vec::with_capacity(paths.len());
     for p in &paths {
         shards.push(
@@ -282,7 +303,7 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     };
     let layout = ShardLayout {
         text_len: u32_of(want.text_len, "text_len")?,
-        image_tokens: u32_of(grid * grid, "grid")?,
+        image_tokens: u32::try_from(grid * grid).context("the grid² does not fit in u32")?,
         text_vocab: u32_of(want.text_vocab, "text_vocab")?,
         image_vocab: u32_of(k, "image_vocab")?,
     };
@@ -290,8 +311,7 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     // Output names: one per input, distinct.
     let mut names: HashMap<PathBuf, &Path> = HashMap::new();
     for s in &shards {
-        let stem = s.path().file_stem().unwrap_or_default();
-        let out = a.out.join(Path::new(stem).with_extension(EXTENSION));
+        let out = output_path(&a.out, s.path());
         if let Some(other) = names.insert(out.clone(), s.path()) {
             bail!(
                 "{} and {} would both be encoded to {}; give the inputs distinct file names",
@@ -318,9 +338,8 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
         .into_iter()
         .map(|shard| {
             let name = shard.path().file_name().unwrap_or_default();
-            let stem = shard.path().file_stem().unwrap_or_default();
             Job {
-                out: a.out.join(Path::new(stem).with_extension(EXTENSION)),
+                out: output_path(&a.out, shard.path()),
                 marker: Marker {
                     source: name.to_string_lossy().into_owned(),
                     source_records: shard.len(),
@@ -345,7 +364,8 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     let bar = markers::progress("encode", Some(total), "images", !a.quiet);
     let start = Instant::now();
     let (mut written, mut reused, mut encoded) = (0, 0, 0u64);
-    for job in &jobs {
+    let empty_inputs = jobs.iter().filter(|j| j.shard.is_empty()).count();
+    for job in jobs.iter().filter(|j| !j.shard.is_empty()) {
         if is_done(job, &layout)? {
             bar.inc(job.shard.len());
             reused += 1;
@@ -360,9 +380,10 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
     Ok(EncodeSummary {
         layout: layout.into(),
         records: total,
-        shards: jobs.len(),
+        shards: jobs.len() - empty_inputs,
         written,
         reused,
+        empty_inputs,
         images_per_s: if secs > 0.0 {
             encoded as f64 / secs
         } else {
@@ -469,9 +490,13 @@ impl Encoder<'_> {
 pub fn main(a: EncodeArgs) -> Result<()> {
     let s = run(&a)?;
     let l = s.layout;
+    let empty = match s.empty_inputs {
+        0 => String::new(),
+        n => format!(", {n} empty input shards skipped"),
+    };
     eprintln!(
-        "encode: {} records in {} token shards in {} ({} written, {} reused); layout text_len {} \
-         text_vocab {} image_tokens {} image_vocab {}; {:.1} images/s",
+        "encode: {} records in {} token shards in {} ({} written, {} reused{empty}); layout \
+         text_len {} text_vocab {} image_tokens {} image_vocab {}; {:.2} images/s",
         s.records,
         s.shards,
         a.out.display(),

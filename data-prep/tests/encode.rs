@@ -13,7 +13,7 @@ use trainer::checkpoint::{entries, write_tensors};
 use trainer::config::RunConfig;
 use trainer::data::bpe::{encode_caption, BpeTokenizer};
 use trainer::data::image_loader::hwc_to_chw;
-use trainer::data::image_shard::ImageShard;
+use trainer::data::image_shard::{ImageShard, ImageShardWriter};
 use trainer::data::loader::ShardSet;
 use trainer::data::token_shard::{ShardLayout, TokenShard};
 use trainer::model::dvae::{Dvae, DvaeDims};
@@ -257,6 +257,20 @@ fn encode_writes_token_shards_of_the_dvae_codes_and_resumes() {
     assert_eq!(fs::read(&files[2]).unwrap(), before[2].0);
     assert!(done.exists() && !Path::new(&format!("{}.tmp", files[2].display())).exists());
 
+    // An input shard with no records (an ingest group whose inputs were all rejected) has no
+    // output: a token shard cannot be empty.
+    ImageShardWriter::create(images.join("images-00099.tis"), RES as u32, 4, 3)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let log = ok(encode(&images, &tok, &weights, &out, &SIZES));
+    assert!(
+        log.contains("10 records in 3 token shards")
+            && log.contains("0 written, 3 reused, 1 empty input shards skipped"),
+        "{log}"
+    );
+    assert!(!out.join("images-00099.tts").exists());
+
     // A rerun with other sizes into the same folder would mix two data sets: refused.
     let o = encode(
         &images,
@@ -361,6 +375,17 @@ fn inputs_that_do_not_fit_are_refused_before_any_work() {
     refused(
         encode(&images, &tok, &bad, &out, &["--text-len", "8"]),
         &["bad.safetensors", "encoder.blocks.input.w"],
+    );
+    // No image shards.
+    refused(
+        encode(
+            &root.join("none"),
+            &tok,
+            &weights,
+            &out,
+            &["--text-len", "8"],
+        ),
+        &["--images", "none/*.tis", "matches no .tis file"],
     );
     // No --text-len and no --config.
     let o = encode(&images, &tok, &weights, &out, &[]);

@@ -9,7 +9,7 @@
 
 pub mod stages;
 
-use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
 use crate::collectives::{Collectives, SingleProcess};
 use crate::config::{Device, RunConfig};
 use crate::data::DataCursor;
@@ -129,9 +129,6 @@ struct RunState {
     ema: Option<Vec<f32>>,
     state: TrainState,
 }
-
-/// The weight EMA, under the model's own tensor names, so it loads wherever weights do.
-const EMA_FILE: &str = "ema.safetensors";
 
 fn fresh_state(cfg: &RunConfig, params: Vec<f32>) -> RunState {
     let o = &cfg.optim;

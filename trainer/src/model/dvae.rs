@@ -230,7 +230,10 @@ impl Net {
             relus: self
                 .stages
                 .iter()
-                .map(|(stage, s)| stage_relus(stage, s, batch))
+                .map(|(stage, s)| {
+                    let lens = relu_lens(stage, s, batch);
+                    lens.into_iter().map(|n| vec![0.0; n]).collect()
+                })
                 .collect(),
             output: vec![0.0; len(&self.out)],
             scratch: vec![Vec::new(); 2],
@@ -264,7 +267,7 @@ impl Net {
     }
 
     /// One stage on `x` (its input, shape `shape`), writing `y` (its output). `relus` are the
-    /// stage's ReLU outputs ([`stage_relus`]), `scratch` any buffer.
+    /// stage's ReLU outputs (of [`relu_lens`]), `scratch` any buffer.
     #[allow(clippy::too_many_arguments)]
     fn stage_forward(
         &self,
@@ -450,21 +453,16 @@ impl Net {
     }
 }
 
-/// The ReLU outputs a stage keeps (blocks: the inputs of conv_1..conv_4; the output stage: its
-/// ReLU), for `batch` images of input shape `s`.
-fn stage_relus(stage: &Stage, s: &Shape, batch: usize) -> Vec<Vec<f32>> {
+/// The lengths of the ReLU outputs a stage keeps (blocks: the inputs of conv_1..conv_4; the
+/// output stage: its ReLU), for `batch` images of input shape `s`.
+fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
     let px = batch * s.side * s.side;
     match stage {
         Stage::Block(b) => {
             let hid = b.convs[0].c_out;
-            vec![
-                vec![0.0; px * s.c],
-                vec![0.0; px * hid],
-                vec![0.0; px * hid],
-                vec![0.0; px * hid],
-            ]
+            vec![px * s.c, px * hid, px * hid, px * hid]
         }
-        Stage::ReluConv(_) => vec![vec![0.0; px * s.c]],
+        Stage::ReluConv(_) => vec![px * s.c],
         _ => Vec::new(),
     }
 }
