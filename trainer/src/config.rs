@@ -74,6 +74,9 @@ pub struct RunConfig {
     /// How often to checkpoint and how many checkpoints to keep.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Multi-process runs: timeouts, heartbeats, workers per node on CPU machines.
+    #[serde(default)]
+    pub distributed: crate::dist::DistributedConfig,
 }
 
 /// The `run:` section.
@@ -762,6 +765,9 @@ impl RunConfig {
                 "checkpoint.keep_last",
                 "checkpoint.keep_last must be ≥ 1".into(),
             );
+        }
+        if let Err((field, message)) = self.distributed.validate() {
+            return invalid(&field, message);
         }
         Ok(())
     }

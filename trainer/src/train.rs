@@ -7,7 +7,6 @@
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
-use crate::collectives::{Collectives, SingleProcess};
 use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream};
@@ -308,6 +307,10 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
     let model = Transformer::new(dims_of(cfg))?;
+    // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
+    // Only rank 0 writes the run directory (config, metrics, checkpoints).
+    let mut comm = crate::dist::connect(cfg)?;
+    let rank0 = comm.rank() == 0;
     let out = &cfg.run.out_dir;
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
@@ -319,7 +322,9 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             check_same_model(&dir, cfg)?;
             load_state(&dir, &model, &mut rs)?;
             resumed_from = Some(rs.state.step);
-            truncate_metrics(&metrics_path, rs.state.step)?;
+            if rank0 {
+                truncate_metrics(&metrics_path, rs.state.step)?;
+            }
             tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
         }
     } else if checkpoint::latest_complete(out)?.is_some() {
@@ -328,18 +333,25 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             out.display()
         );
     }
+    // Every rank resumed from the same checkpoint (a run directory not shared between nodes
+    // would break this).
+    crate::dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
     // Only now, with the run accepted, does anything in the run directory change.
-    crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
-    if resumed_from.is_none() {
-        fs::write(&metrics_path, "")
-            .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics_file = None;
+    if rank0 {
+        crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
+        if resumed_from.is_none() {
+            fs::write(&metrics_path, "")
+                .with_context(|| format!("creating {}", metrics_path.display()))?;
+        }
+        metrics_file = Some(
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?,
+        );
     }
-    let mut metrics_file = fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let mut comm = SingleProcess;
     let mut data = DataStream::open(
         cfg,
         comm.rank(),
@@ -428,8 +440,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         };
         let log_every = cfg.train.log_every.max(1);
         if t.is_multiple_of(log_every) || t == cfg.train.steps || t == 1 {
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
-                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&m)?)
+                    .with_context(|| format!("writing {}", metrics_path.display()))?;
+            }
             tracing::info!(
                 step = t,
                 loss = format_args!("{loss:.4}"),
@@ -443,10 +457,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
         last = Some(m);
         let every = cfg.checkpoint.every;
-        let stopping = stop.load(Ordering::Relaxed);
+        // A stop request that reached any rank stops every rank after this same update.
+        let stopping = crate::dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
-            let dir = save_state(cfg, &model, &rs)?;
-            tracing::info!(dir = %dir.display(), "checkpoint");
+            if rank0 {
+                let dir = save_state(cfg, &model, &rs)?;
+                tracing::info!(dir = %dir.display(), "checkpoint");
+            }
+            // No rank runs ahead of (or exits before) a half-written checkpoint.
+            comm.barrier()?;
         }
         if stopping && t < cfg.train.steps {
             tracing::warn!(step = t, "stop requested: checkpoint written, exiting");
