@@ -232,10 +232,17 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
         }
         let Some(v) = view.clone() else { continue };
 
-        match &v.phase {
-            Phase::Running if v.generation > generation => {
-                // The store restarted the gang; our workers are all gone (we reported Stopped).
-                generation = v.generation;
+        if v.generation > generation {
+            // The store restarted the gang; our workers are all gone (we reported Stopped). The
+            // new generation may already be stopping again: then there is nothing to start, and
+            // the Stopping branch below reports this node stopped at once.
+            generation = v.generation;
+            for w in workers.drain(..) {
+                join_pumps(w);
+            }
+            stop_started = None;
+            reported_end = false;
+            if v.phase == Phase::Running {
                 say(
                     node,
                     &format!(
@@ -243,13 +250,10 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
                         v.restarts, v.max_restarts
                     ),
                 );
-                for w in workers.drain(..) {
-                    join_pumps(w);
-                }
                 workers = spawn_workers(plan, port, generation, &logs)?;
-                stop_started = None;
-                reported_end = false;
             }
+        }
+        match &v.phase {
             Phase::Running => {
                 if !reported_end
                     && workers

@@ -407,6 +407,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             let inv = 1.0 / comm.world_size() as f32;
             grads.iter_mut().for_each(|g| *g *= inv);
         }
+        // The global batch's loss: the plateau schedule reads it, so every rank must see the same.
+        let [loss, lt, li] = crate::dist::mean_over_ranks(&mut *comm, [loss, lt, li])?;
         let lr = rs.state.schedule.lr(&sched, t);
         let report = rs
             .adam

@@ -25,12 +25,11 @@ pub enum StoreError {
         secs: f64,
         last: String,
     },
-    #[error("rendezvous store at {addr}, {op}: {source}")]
+    #[error("rendezvous store at {addr}, {op}: {cause}")]
     Io {
         addr: String,
         op: &'static str,
-        #[source]
-        source: FrameError,
+        cause: FrameError,
     },
     #[error("rendezvous store at {addr} refused {op}: {message}")]
     Refused {
@@ -126,10 +125,10 @@ impl StoreClient {
         body: Request,
         wait: Duration,
     ) -> Result<Reply, StoreError> {
-        let io_err = |source| StoreError::Io {
+        let io_err = |cause| StoreError::Io {
             addr: self.addr.clone(),
             op,
-            source,
+            cause,
         };
         self.stream
             .set_read_timeout(Some(wait + SLACK))

@@ -35,7 +35,7 @@ pub use config::DistributedConfig;
 pub enum DistError {
     #[error(transparent)]
     Env(#[from] EnvError),
-    #[error("rendezvous failed: {0}")]
+    #[error("rendezvous failed")]
     Store(#[from] StoreError),
     #[error(transparent)]
     Collective(#[from] CollectiveError),
@@ -171,6 +171,21 @@ pub fn any_rank(comm: &mut dyn Collectives, flag: bool) -> Result<bool, Collecti
     let mut v = [if flag { 1.0f32 } else { 0.0 }];
     comm.all_reduce_sum(&mut v)?;
     Ok(v[0] > 0.0)
+}
+
+/// The mean over ranks of a few scalars (losses), identical on every rank; the values themselves
+/// with one rank. The sum runs in f32 (in the ring's fixed order, so it is reproducible).
+pub fn mean_over_ranks<const N: usize>(
+    comm: &mut dyn Collectives,
+    values: [f64; N],
+) -> Result<[f64; N], CollectiveError> {
+    let w = comm.world_size();
+    if w == 1 {
+        return Ok(values);
+    }
+    let mut buf = values.map(|v| v as f32);
+    comm.all_reduce_sum(&mut buf)?;
+    Ok(buf.map(|v| v as f64 / w as f64))
 }
 
 /// Checks that every rank holds the same `value` (e.g. the step it resumed from); on a mismatch

@@ -531,8 +531,9 @@ impl OpCtx<'_> {
         msg.extend_from_slice(&[self.kind as u8, 0, 0, 0]);
         msg.extend_from_slice(&self.sent.to_le_bytes());
         msg.extend_from_slice(&((4 * values.len()) as u32).to_le_bytes());
-        for v in values {
-            msg.extend_from_slice(&v.to_le_bytes());
+        msg.resize(HEADER + 4 * values.len(), 0);
+        for (dst, v) in msg[HEADER..].chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
         }
         self.sent += 1;
         self.links.send.push(msg)
