@@ -502,29 +502,22 @@ impl State {
         }
         let current = generation == self.generation;
         match event {
-            None => {}
-            Some(NodeEvent::WorkerFailed { reason }) => {
-                if current {
-                    self.stop(StopCause::Failure, reason);
-                }
+            Some(NodeEvent::WorkerFailed { reason }) if current => {
+                self.stop(StopCause::Failure, reason);
             }
-            Some(NodeEvent::Interrupted { reason }) => {
-                if !self.phase.is_over() {
-                    self.stop(StopCause::Interrupt, reason);
-                }
+            Some(NodeEvent::Interrupted { reason }) if !self.phase.is_over() => {
+                self.stop(StopCause::Interrupt, reason);
             }
-            Some(NodeEvent::Stopped) => {
-                if current {
-                    self.stopped_nodes.insert(node_rank);
-                    self.resolve();
-                }
+            Some(NodeEvent::Stopped) if current => {
+                self.stopped_nodes.insert(node_rank);
+                self.resolve();
             }
-            Some(NodeEvent::Done) => {
-                if current {
-                    self.done_nodes.insert(node_rank);
-                    self.resolve();
-                }
+            Some(NodeEvent::Done) if current => {
+                self.done_nodes.insert(node_rank);
+                self.resolve();
             }
+            // News about an earlier generation, or none.
+            _ => {}
         }
         if self.phase.is_over() {
             self.informed.insert(node_rank);

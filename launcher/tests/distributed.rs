@@ -178,7 +178,7 @@ fn logged_step(out: &Path) -> u64 {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .ok()
         .and_then(|t| {
-            let last = t.lines().filter(|l| l.ends_with('}')).last()?.to_string();
+            let last = t.lines().rev().find(|l| l.ends_with('}'))?.to_string();
             serde_json::from_str::<serde_json::Value>(&last).ok()?["step"].as_u64()
         })
         .unwrap_or(0)

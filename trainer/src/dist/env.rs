@@ -246,7 +246,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             (&[("WORLD_SIZE", "2")], "RANK", "not set"),
             (&with(&[("MASTER_PORT", "")]), "MASTER_PORT", "not set"),
             (

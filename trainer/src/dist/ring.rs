@@ -621,7 +621,8 @@ impl Collectives for TcpRing {
                 for p in pieces(chunk(n, w, c)) {
                     let got = ctx.recv(p.len())?;
                     for (x, y) in buf[p.clone()].iter_mut().zip(f32s(got)) {
-                        *x = y + *x;
+                        // (partial sum of ranks c..r−1) + x_r; f32 `+` is commutative.
+                        *x += y;
                     }
                     // At the last step this is the first send of the all-gather.
                     ctx.send(&buf[p])?;
