@@ -47,6 +47,44 @@ pub struct Args {
     /// Config overrides passed to every worker (`section.field=value`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// DeepSpeed-style host file (`host slots=N` per line): run this launcher on the first host
+    /// as node 0 and start the other hosts' launchers over ssh (`TESSERA_SSH` replaces `ssh`).
+    #[arg(long, conflicts_with_all = ["nodes", "node_rank"])]
+    pub hostfile: Option<PathBuf>,
+}
+
+/// One line of a host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSlots {
+    pub host: String,
+    pub slots: Option<usize>,
+}
+
+/// Parses DeepSpeed's host file format: `hostname [slots=N]` per line, `#` comments.
+pub fn parse_hostfile(text: &str, name: &str) -> Result<Vec<HostSlots>> {
+    let mut hosts: Vec<HostSlots> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let host = words.next().unwrap_or_default().to_string();
+        let mut slots = None;
+        for w in words {
+            let n = w
+                .strip_prefix("slots=")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .with_context(|| format!("{name}:{}: '{w}': expected slots=N with N ≥ 1", i + 1))?;
+            slots = Some(n);
+        }
+        hosts.push(HostSlots { host, slots });
+    }
+    if hosts.is_empty() {
+        bail!("{name}: no hosts");
+    }
+    Ok(hosts)
 }
 
 /// Everything a launcher needs, resolved and checked.
@@ -64,6 +102,8 @@ pub struct Plan {
     pub run_id: String,
     pub max_restarts: u32,
     pub trainer: PathBuf,
+    /// With `--hostfile`: the hosts of nodes 1.. whose launchers this one starts over ssh.
+    pub remote_hosts: Vec<String>,
 }
 
 /// What SLURM tells a task about its allocation.
@@ -207,8 +247,21 @@ impl Plan {
     /// Resolves `args` against the environment (`get`) and the config file.
     pub fn resolve(args: Args, get: &dyn Fn(&str) -> Option<String>) -> Result<Plan> {
         let cfg = RunConfig::load(&args.config, &args.set)?;
-        let slurm = Slurm::detect(get)?;
+        let hostfile = match &args.hostfile {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --hostfile {}", path.display()))?;
+                Some(parse_hostfile(&text, &path.display().to_string())?)
+            }
+            None => None,
+        };
+        let slurm = if hostfile.is_some() {
+            None
+        } else {
+            Slurm::detect(get)?
+        };
         let nodes = match (args.nodes, &slurm) {
+            (_, _) if hostfile.is_some() => hostfile.as_ref().map_or(1, |h| h.len()),
             (Some(n), Some(s)) if n != s.nnodes => bail!(
                 "--nodes {n} disagrees with SLURM_NNODES = {}; drop --nodes under SLURM",
                 s.nnodes
@@ -237,6 +290,9 @@ impl Plan {
         }
         let master_addr = match (&args.master_addr, &slurm) {
             (Some(a), _) => a.clone(),
+            (None, _) if hostfile.is_some() => hostfile
+                .as_ref()
+                .map_or_else(String::new, |h| h[0].host.clone()),
             (None, Some(s)) if nodes > 1 => s.first_host()?,
             (None, _) if nodes == 1 => "127.0.0.1".to_string(),
             (None, _) => bail!(
@@ -247,14 +303,14 @@ impl Plan {
         let master_port = match (args.master_port, &slurm) {
             (Some(0), _) => bail!("--master-port must be in [1, 65535]"),
             (Some(p), _) => Some(p),
-            (None, _) if nodes == 1 => None,
+            (None, _) if nodes == 1 && hostfile.is_none() => None,
             (None, Some(s)) => Some(20000 + (s.job_id % 20000) as u16),
             (None, None) => Some(29500),
         };
         let run_id = match (&args.run_id, &slurm) {
             (Some(id), _) => id.clone(),
             (None, Some(s)) => format!("slurm-{}", s.job_id),
-            (None, None) if nodes == 1 => {
+            (None, None) if nodes == 1 || hostfile.is_some() => {
                 let t = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -271,8 +327,32 @@ impl Plan {
             Device::Cpu => None,
             Device::Cuda | Device::Auto => visible_gpus(get),
         };
+        let slots = hostfile.as_ref().and_then(|h| {
+            let first = h[0].slots;
+            h.iter()
+                .all(|x| x.slots == first)
+                .then_some(first)
+                .flatten()
+        });
+        if let Some(h) = &hostfile {
+            if slots.is_none() && h.iter().any(|x| x.slots.is_some()) {
+                bail!(
+                    "--hostfile: every host needs the same slots=N (found {}); the world is \
+                     nodes × procs per node",
+                    h.iter()
+                        .map(|x| format!(
+                            "{} slots={}",
+                            x.host,
+                            x.slots.map_or("?".into(), |n| n.to_string())
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
         let procs_per_node = match (args.procs_per_node, gpus) {
             (Some(p), _) => p,
+            (None, _) if slots.is_some() => slots.unwrap_or(1),
             (None, Some(g)) if g > 0 => g,
             _ => cfg.distributed.cpu_procs_per_node,
         };
@@ -304,6 +384,9 @@ impl Plan {
             run_id,
             max_restarts: args.max_restarts,
             trainer,
+            remote_hosts: hostfile
+                .map(|h| h.into_iter().skip(1).map(|x| x.host).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -339,6 +422,32 @@ mod tests {
         for bad in ["n[1-", "n[3-1]", "n[a-b]", "n]1["] {
             assert!(expand_nodelist(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn host_files_parse_like_deepspeeds() {
+        let h = parse_hostfile(
+            "# cluster\nworker-0 slots=4\n\nworker-1   slots=4 # spare\n",
+            "hf",
+        )
+        .unwrap();
+        assert_eq!(
+            h,
+            [
+                HostSlots {
+                    host: "worker-0".into(),
+                    slots: Some(4)
+                },
+                HostSlots {
+                    host: "worker-1".into(),
+                    slots: Some(4)
+                }
+            ]
+        );
+        assert_eq!(parse_hostfile("a\nb\n", "hf").unwrap()[1].slots, None);
+        let e = parse_hostfile("a slots=x\n", "hf").unwrap_err().to_string();
+        assert!(e.contains("hf:1: 'slots=x'"), "{e}");
+        assert!(parse_hostfile("# nothing\n", "hf").is_err());
     }
 
     #[test]

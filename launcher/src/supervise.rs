@@ -124,19 +124,48 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
             })
         }
     };
-    let mut generation = match client.join_node(
-        node,
-        plan.nodes,
-        plan.procs_per_node,
-        plan.max_restarts,
-        d.rendezvous_timeout(),
-    ) {
+    // With --hostfile, node 0 starts the other nodes' launchers over ssh.
+    let mut remotes = crate::remote::start(plan, port)?;
+    let joined = {
+        let (plan, c) = (plan.clone(), client);
+        let join = std::thread::spawn(move || {
+            let mut c = c;
+            let g = c.join_node(
+                plan.node_rank,
+                plan.nodes,
+                plan.procs_per_node,
+                plan.max_restarts,
+                plan.cfg.distributed.rendezvous_timeout(),
+            );
+            (c, g)
+        });
+        // While waiting for the other nodes, a remote launcher that dies (ssh failed) ends the
+        // wait at once.
+        loop {
+            if join.is_finished() {
+                break join
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the join thread panicked"))?;
+            }
+            if let Some(why) = crate::remote::failed(&mut remotes) {
+                crate::remote::stop(&mut remotes);
+                return Ok(Outcome {
+                    code: exit::REFUSED,
+                    message: why,
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    };
+    client = joined.0;
+    let mut generation = match joined.1 {
         Ok(g) => g,
         Err(e) => {
+            crate::remote::stop(&mut remotes);
             return Ok(Outcome {
                 code: exit::REFUSED,
                 message: e.to_string(),
-            })
+            });
         }
     };
     say(
@@ -311,6 +340,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     for w in workers.drain(..) {
         join_pumps(w);
     }
+    crate::remote::finish(&mut remotes, d.heartbeat_timeout() + d.term_grace());
     drop(server);
     Ok(outcome)
 }
@@ -482,6 +512,16 @@ fn pump(
     log: Arc<Mutex<File>>,
     to_stderr: bool,
 ) -> std::thread::JoinHandle<()> {
+    pump_lines(stream, Some(log), format!("[rank {rank}] "), to_stderr)
+}
+
+/// Copies a stream line by line to `log` (if any) and, after `prefix`, to stdout or stderr.
+pub(crate) fn pump_lines(
+    stream: impl std::io::Read + Send + 'static,
+    log: Option<Arc<Mutex<File>>>,
+    prefix: String,
+    to_stderr: bool,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -494,14 +534,14 @@ fn pump(
             if !line.ends_with(b"\n") {
                 line.push(b'\n');
             }
-            if let Ok(mut f) = log.lock() {
+            if let Some(Ok(mut f)) = log.as_ref().map(|l| l.lock()) {
                 let _ = f.write_all(&line);
             }
             let text = String::from_utf8_lossy(&line);
             if to_stderr {
-                let _ = write!(std::io::stderr().lock(), "[rank {rank}] {text}");
+                let _ = write!(std::io::stderr().lock(), "{prefix}{text}");
             } else {
-                let _ = write!(std::io::stdout().lock(), "[rank {rank}] {text}");
+                let _ = write!(std::io::stdout().lock(), "{prefix}{text}");
             }
         }
     })

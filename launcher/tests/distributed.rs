@@ -4,7 +4,8 @@
 //! - 2 and 4 ranks match one process with the same global batch to float round-off;
 //! - a worker killed with SIGKILL: the gang restarts from the last complete checkpoint and the
 //!   final weights are byte-identical to an uninterrupted run of the same world size;
-//! - two launchers acting as two nodes train together (byte-identical to one node × 2 workers);
+//! - two launchers acting as two nodes train together (byte-identical to one node × 2 workers),
+//!   started by hand or by `--hostfile` (through a stand-in for ssh);
 //! - a stopped worker (SIGSTOP) is found by its missing heartbeats: restart, or a clear failure
 //!   with no restarts left;
 //! - SIGTERM to the launcher: every rank stops after the same update, rank 0 checkpoints, 143;
@@ -378,6 +379,41 @@ fn two_launchers_as_two_nodes_train_together() {
     assert_eq!(
         std::fs::read(model_file(&one_node, 30)).unwrap(),
         std::fs::read(model_file(&two_nodes, 30)).unwrap()
+    );
+
+    // --hostfile: this launcher is node 0 and starts node 1's over "ssh" (here a stand-in that
+    // runs the command on this machine).
+    let by_hostfile = tmp.path().join("hostfile");
+    let cfg = write_config(tmp.path(), &by_hostfile, 30, 4, 10);
+    let ssh = tmp.path().join("fake-ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n# fake ssh HOST COMMAND: run COMMAND here\nshift\nexec sh -c \"$1\"\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&ssh).status().unwrap();
+    let hosts = tmp.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        "# two nodes\nlocalhost slots=1\nlocalhost slots=1\n",
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    let mut cmd = launcher_cmd(
+        &cfg,
+        &[
+            "--hostfile",
+            hosts.to_str().unwrap(),
+            "--master-port",
+            &port,
+        ],
+    );
+    let o = cmd.env("TESSERA_SSH", &ssh).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("[launcher node 1]"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(model_file(&one_node, 30)).unwrap(),
+        std::fs::read(model_file(&by_hostfile, 30)).unwrap()
     );
 }
 
