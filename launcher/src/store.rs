@@ -414,6 +414,9 @@ impl State {
         );
         if self.ranks.len() == world_size {
             self.rendezvous_done = true;
+            // Heartbeats start after the rendezvous: the wait for late ranks does not count.
+            let now = Instant::now();
+            self.ranks.values_mut().for_each(|r| r.last_beat = now);
         }
         Ok(())
     }
@@ -473,6 +476,9 @@ impl State {
         if self.nodes.len() == layout.nodes {
             self.all_joined = true;
             self.generation_started = Instant::now();
+            // Launchers report once joined: the wait for late nodes does not count as silence.
+            let now = Instant::now();
+            self.nodes.values_mut().for_each(|n| n.last_seen = now);
             eprintln!(
                 "[store] every node has joined: {} × {} workers",
                 layout.nodes, layout.procs_per_node
@@ -531,7 +537,11 @@ impl State {
         let timeout = self.params.heartbeat_timeout;
         let mut lost = Vec::new();
         for (k, n) in self.nodes.iter_mut() {
-            if !n.lost && now.duration_since(n.last_seen) > timeout && !self.phase.is_over() {
+            if self.all_joined
+                && !n.lost
+                && now.duration_since(n.last_seen) > timeout
+                && !self.phase.is_over()
+            {
                 n.lost = true;
                 lost.push(*k);
             }
@@ -546,7 +556,8 @@ impl State {
             );
             self.resolve();
         }
-        if self.phase != Phase::Running {
+        // Worker heartbeats count from the end of the rendezvous (its own timeout covers before).
+        if self.phase != Phase::Running || !self.rendezvous_done {
             return;
         }
         let silent = self

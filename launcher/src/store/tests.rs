@@ -360,3 +360,61 @@ fn an_interrupt_does_not_abort_collectives_and_ends_without_restart() {
     let v = node.node_update(0, 0, Some(NodeEvent::Stopped)).unwrap();
     assert!(matches!(v.phase, Phase::Interrupted { .. }), "{v:?}");
 }
+
+/// Regression: waiting in the rendezvous (for a late rank or a late node) longer than the
+/// heartbeat timeout is not silence; the rendezvous timeout covers that wait.
+#[test]
+fn a_slow_rendezvous_is_not_a_missed_heartbeat() {
+    let s = start(300);
+    let addr = s.local_addr().to_string();
+    let early_node = {
+        let addr = addr.clone();
+        thread::spawn(move || {
+            StoreClient::connect(&addr, RUN, T)
+                .unwrap()
+                .join_node(0, 2, 2, 0, T)
+        })
+    };
+    thread::sleep(Duration::from_millis(800));
+    let mut late_node = client(&s);
+    late_node.join_node(1, 2, 2, 0, T).unwrap();
+    early_node.join().unwrap().unwrap();
+    let early_rank = {
+        let addr = addr.clone();
+        thread::spawn(move || {
+            StoreClient::connect(&addr, RUN, T)
+                .unwrap()
+                .register(&reg(0, 4, "h"), T)
+        })
+    };
+    let beats = thread::spawn({
+        let addr = addr.clone();
+        move || {
+            // Both launchers keep reporting, as they do once joined.
+            let mut a = StoreClient::connect(&addr, RUN, T).unwrap();
+            for _ in 0..20 {
+                for node in 0..2 {
+                    a.node_update(node, 0, None).unwrap();
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            a.node_update(0, 0, None).unwrap()
+        }
+    });
+    thread::sleep(Duration::from_millis(800));
+    let late: Vec<_> = (1..4)
+        .map(|r| {
+            let addr = addr.clone();
+            thread::spawn(move || {
+                StoreClient::connect(&addr, RUN, T)
+                    .unwrap()
+                    .register(&reg(r, 4, "h"), T)
+            })
+        })
+        .collect();
+    for h in late {
+        assert_eq!(h.join().unwrap().unwrap(), 4);
+    }
+    assert_eq!(early_rank.join().unwrap().unwrap(), 4);
+    assert_eq!(beats.join().unwrap().phase, Phase::Running);
+}
