@@ -9,6 +9,7 @@
 //! - a stopped worker (SIGSTOP) is found by its missing heartbeats: restart, or a clear failure
 //!   with no restarts left;
 //! - SIGTERM to the launcher: every rank stops after the same update, rank 0 checkpoints, 143;
+//! - node 0's launcher killed: node 1's launcher loses the store and exits 4, no worker is left;
 //! - bad input: the master port taken, configs that differ between nodes.
 //!
 //! The trainer binary is built (or found up to date) by `cargo build` in this test's profile, so
@@ -516,4 +517,53 @@ fn a_taken_master_port_and_configs_that_differ_are_clear_errors() {
     assert_eq!((c0, c1), (3, 3), "node 0:\n{log0}\nnode 1:\n{log1}");
     assert!(log0.contains("'s config (sha256"), "{log0}");
     assert!(log1.contains("same --set overrides"), "{log1}");
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn when_node_0s_launcher_dies_no_worker_is_left_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 100_000, 4, 0);
+    let port = free_port().to_string();
+    let common = [
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--run-id",
+        "orphans",
+    ];
+    let node0 = Running::start(&cfg, &[&common[..], &["--node-rank", "0"]].concat());
+    let node1 = Running::start(&cfg, &[&common[..], &["--node-rank", "1"]].concat());
+    wait_for_step(&out, 10, Duration::from_secs(60));
+    let workers = [node0.pid_of(0, 0).unwrap(), node1.pid_of(1, 0).unwrap()];
+    signal(node0.child.id() as i32, "-KILL");
+    let _ = node0.wait(Duration::from_secs(10));
+    // Node 1's launcher loses the store, stops its worker and says so.
+    let (code, log) = node1.wait(Duration::from_secs(60));
+    assert_eq!(code, 4, "{log}");
+    assert!(log.contains("lost the rendezvous store"), "{log}");
+    // Node 0's worker got SIGTERM when its launcher died; nothing is left running.
+    let started = Instant::now();
+    while !workers.iter().all(|p| gone(*p)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "workers {workers:?} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
