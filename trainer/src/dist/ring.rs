@@ -739,7 +739,7 @@ impl AddressBook for LocalBook {
 }
 
 /// Builds `world` rings on loopback, one per thread, and runs `f(rank, ring)` on each; returns
-/// the results in rank order (tests and the benchmark).
+/// the results in rank order (tests and the benchmark). Panics when a ring cannot be built.
 pub fn with_local_rings<T: Send>(
     world: usize,
     op_timeout: Duration,
