@@ -2,10 +2,12 @@
 """Independent NumPy (float64) reference of the stage-1 dVAE of MODEL-SPEC.md §2.
 
 Written from the spec and OpenAI's released `dall_e` Encoder/Decoder architecture, not from
-Tessera's Rust code. Given the weights, the inputs (`images` [B,3,H,W] in [0,1], Gumbel `noise`
-[B,K,H/8,W/8], `tau` [1], `beta` [1]) and Tessera's outputs (`logits`, `stats`, `loss`, `nll`,
-`kl`, `grad.<name>`), it recomputes the forward pass and the loss and compares, then checks sampled
-gradient entries (and one random direction) against float64 central differences of the loss.
+Tessera's Rust code. Given the weights, the inputs (`images` [B,3,H,W] in [0,1], `tau` [1],
+`beta` [1], optionally Gumbel `noise` [B,K,H/8,W/8], zero when absent) and Tessera's outputs
+(`logits`, `stats`, `loss`, `nll`, `kl`, `grad.<name>`; or the `trainer debug-state` file of
+MODEL-SPEC §4, whose `encoder_logits` and `decoder_stats` stand for `logits` and `stats`), it
+recomputes the forward pass and the loss and compares, then checks sampled gradient entries (and
+one random direction) against float64 central differences of the loss.
 
 Exits 0 when everything agrees, 1 naming the first mismatches.
 """
@@ -158,6 +160,10 @@ def main():
     w32 = load_file(args.weights)
     inp = load_file(args.inputs)
     out = load_file(args.outputs)
+    # The debug-state file (MODEL-SPEC §4) names the two forward tensors differently.
+    for short, long in [("logits", "encoder_logits"), ("stats", "decoder_stats")]:
+        if short not in out and long in out:
+            out[short] = out[long]
     p = {k: v.astype(np.float64) for k, v in w32.items()}
 
     n_hid = p["encoder.blocks.input.w"].shape[0]
@@ -187,7 +193,11 @@ def main():
         report(failures)
 
     images = inp["images"].astype(np.float64)
-    noise = inp["noise"].astype(np.float64)
+    if "noise" in inp:
+        noise = inp["noise"].astype(np.float64)
+    else:
+        b, _, h, w = images.shape
+        noise = np.zeros((b, vocab, h // 8, w // 8))
     tau = float(inp["tau"].reshape(-1)[0])
     beta = float(inp["beta"].reshape(-1)[0])
     print(

@@ -8,6 +8,9 @@
 #[path = "../src/ingest/mod.rs"]
 mod ingest;
 #[allow(dead_code)]
+#[path = "../src/markers.rs"]
+mod markers;
+#[allow(dead_code)]
 #[path = "../src/synth.rs"]
 mod synth;
 

@@ -2,7 +2,8 @@
 //! a safetensors batch file (`text` [B, Tt] and `image` [B, G²], int64), the input format of
 //! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
 //! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
-//! caption BPE ([`tokenizer`]). Dedup (contrastive model) and `encode` (dVAE) arrive later.
+//! caption BPE ([`tokenizer`]); `encode` turns image shards into token shards with a dVAE
+//! ([`encode`]). Dedup (contrastive model) arrives later.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -11,7 +12,9 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod encode;
 mod ingest;
+mod markers;
 mod shards;
 mod synth;
 mod synth_tokens;
@@ -76,6 +79,9 @@ enum Cmd {
     Synth(synth::SynthArgs),
     /// Filter, resize and pack image-caption pairs into image shards; see docs/data-prep.md.
     Ingest(ingest::IngestArgs),
+    /// Image shards + captions → token shards: dVAE codes (argmax, no noise) and caption BPE
+    /// ids; see docs/data-prep.md.
+    Encode(encode::EncodeArgs),
 }
 
 fn main() {
@@ -95,8 +101,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let cfg = RunConfig::load(&config, &set)?;
-            let data = SyntheticData::from_config(&cfg);
-            let m = &cfg.model;
+            let data = SyntheticData::from_config(&cfg)?;
+            let m = cfg.transformer()?;
             let b = data.batch(first, count);
             let bytes = |v: &[u32]| -> Vec<u8> {
                 v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()
@@ -158,5 +164,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tokenizer { cmd } => tokenizer::run(cmd),
         Cmd::Synth(a) => synth::main(a),
         Cmd::Ingest(a) => ingest::main(a),
+        Cmd::Encode(a) => encode::main(a),
     }
 }

@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
@@ -57,12 +57,6 @@ pub struct SynthSummary {
     pub records: u64,
 }
 
-fn marker_path(shard: &Path) -> PathBuf {
-    let mut s = shard.as_os_str().to_owned();
-    s.push(".done");
-    PathBuf::from(s)
-}
-
 /// Writes `count` samples of `cfg`'s generator into shards of `shard_size` records under `out`.
 pub fn synth_tokens(
     cfg: &RunConfig,
@@ -77,9 +71,10 @@ pub fn synth_tokens(
         bail!("--shard-size must be ≥ 1");
     }
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let gen = SyntheticData::from_config(cfg);
-    let layout = ShardLayout::from_model(&cfg.model)?;
-    let (mut text, mut image) = (vec![0; cfg.model.text_len], vec![0; cfg.model.image_len()]);
+    let gen = SyntheticData::from_config(cfg)?;
+    let m = cfg.transformer()?;
+    let layout = ShardLayout::from_model(m)?;
+    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
     let mut summary = SynthSummary {
         written: 0,
         skipped: 0,
@@ -97,12 +92,8 @@ pub fn synth_tokens(
             text_vocab: layout.text_vocab,
             image_vocab: layout.image_vocab,
         };
-        let done = marker_path(&path);
-        if done.exists() && path.exists() {
-            let text =
-                fs::read_to_string(&done).with_context(|| format!("reading {}", done.display()))?;
-            let found: Marker = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a synth-tokens done marker", done.display()))?;
+        let done = crate::markers::marker_path(&path);
+        if let (Some(found), true) = (crate::markers::read::<Marker>(&done)?, path.exists()) {
             if found != marker {
                 bail!(
                     "{} holds other samples ({found:?}, this run wants {marker:?}); use an empty --out",
@@ -118,17 +109,10 @@ pub fn synth_tokens(
             w.push(&text, &image, &caption_of(&text, layout.text_vocab))?;
         }
         w.finish()?;
-        write_marker(&done, &marker)?;
+        crate::markers::write(&done, &marker)?;
         summary.written += 1;
     }
     Ok(summary)
-}
-
-/// Writes the marker through a temporary name, fsynced, then renamed.
-fn write_marker(path: &Path, marker: &Marker) -> Result<()> {
-    let json = serde_json::to_string_pretty(marker)?;
-    trainer::fsutil::write_atomic(path, json.as_bytes(), true)?;
-    Ok(())
 }
 
 #[cfg(test)]

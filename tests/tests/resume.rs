@@ -98,7 +98,7 @@ fn resume_refuses_a_checkpoint_of_another_model() {
     let out = tmp.path().join("run");
     trainer::train::run(&config(&out, 3), true).unwrap();
     let mut other = config(&out, 6);
-    other.model.d_model = 64;
+    other.model.transformer_mut().unwrap().d_model = 64;
     let err = format!("{:#}", trainer::train::run(&other, true).unwrap_err());
     assert!(
         err.contains("step_00000003") && err.contains("d_model"),

@@ -55,10 +55,7 @@ fn main() -> Result<()> {
     let mut loss = 0.0;
     for step in 0..steps + 2 {
         let t0 = Instant::now();
-        for g in noise.iter_mut() {
-            let u: f32 = rng.random_range(f32::MIN_POSITIVE..1.0);
-            *g = -(-u.ln()).ln();
-        }
+        trainer::model::dvae::gumbel_noise(5, step as u64, &mut noise);
         grads.fill(0.0);
         loss = model
             .forward(&params, &mut acts, &images, Some(&noise), 1.0, 0.0)?

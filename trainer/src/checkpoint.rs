@@ -44,6 +44,8 @@ pub const CONFIG_FILE: &str = "config.yaml";
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Conventional name of the optimizer-state file.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Conventional name of the weight-EMA file (the model's names).
+pub const EMA_FILE: &str = "ema.safetensors";
 /// Name of the directory under `out_dir` that holds the checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 

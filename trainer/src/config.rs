@@ -59,8 +59,9 @@ pub enum ConfigError {
 pub struct RunConfig {
     /// Name, output directory, seed and device.
     pub run: RunSection,
-    /// The stage-2 transformer (MODEL-SPEC.md §1).
-    pub model: TransformerConfig,
+    /// The model to train: the stage-2 transformer (MODEL-SPEC.md §1, `kind: transformer`, the
+    /// default) or the stage-1 dVAE (§2, `kind: dvae`).
+    pub model: ModelConfig,
     /// Where training batches come from.
     pub data: DataSource,
     /// AdamW hyper-parameters; every field defaults to the DALL·E paper's value.
@@ -74,6 +75,14 @@ pub struct RunConfig {
     /// How often to checkpoint and how many checkpoints to keep.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// The dVAE's temperature and KL-weight schedules (MODEL-SPEC §2). Only for `model.kind:
+    /// dvae`; absent means the paper's values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relaxation: Option<RelaxationConfig>,
+    /// Gradient reduction between ranks: `kind: none` (a plain fp32 all-reduce, the default) or
+    /// `kind: powersgd` with its settings (docs/powersgd.md).
+    #[serde(default)]
+    pub compression: crate::powersgd::PowerSgdConfig,
     /// Multi-process runs: timeouts, heartbeats, workers per node on CPU machines.
     #[serde(default)]
     pub distributed: crate::dist::DistributedConfig,
@@ -154,6 +163,293 @@ impl TransformerConfig {
     }
 }
 
+/// The `model:` section: which model a run trains, and its sizes, side by side under `model:`
+/// (`kind: dvae` then `n_hid: …`). `kind` defaults to `transformer`; a field of the other kind
+/// is an error.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(try_from = "ModelSection", into = "ModelSection")]
+pub enum ModelConfig {
+    /// The stage-2 sparse transformer (MODEL-SPEC.md §1).
+    Transformer(TransformerConfig),
+    /// The stage-1 discrete VAE (MODEL-SPEC.md §2).
+    Dvae(DvaeConfig),
+}
+
+/// The kinds of [`ModelConfig`], as written in `model.kind`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// [`ModelConfig::Transformer`].
+    #[default]
+    Transformer,
+    /// [`ModelConfig::Dvae`].
+    Dvae,
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelKind::Transformer => "transformer",
+            ModelKind::Dvae => "dvae",
+        })
+    }
+}
+
+impl ModelConfig {
+    /// The kind written in `model.kind`.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            ModelConfig::Transformer(_) => ModelKind::Transformer,
+            ModelConfig::Dvae(_) => ModelKind::Dvae,
+        }
+    }
+
+    /// The transformer's sizes, if this is one.
+    pub fn transformer(&self) -> Option<&TransformerConfig> {
+        match self {
+            ModelConfig::Transformer(t) => Some(t),
+            ModelConfig::Dvae(_) => None,
+        }
+    }
+
+    /// [`ModelConfig::transformer`], mutable.
+    pub fn transformer_mut(&mut self) -> Option<&mut TransformerConfig> {
+        match self {
+            ModelConfig::Transformer(t) => Some(t),
+            ModelConfig::Dvae(_) => None,
+        }
+    }
+
+    /// The dVAE's sizes, if this is one.
+    pub fn dvae(&self) -> Option<&DvaeConfig> {
+        match self {
+            ModelConfig::Dvae(d) => Some(d),
+            ModelConfig::Transformer(_) => None,
+        }
+    }
+}
+
+/// Sizes of the stage-1 dVAE (MODEL-SPEC.md §2), with OpenAI's hyper-parameter names.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DvaeConfig {
+    /// Image side H = W in pixels; divisible by 8 (the token grid is resolution / 8). Required.
+    pub resolution: usize,
+    /// Base width of both networks. ≥ 1. Required (OpenAI: 256).
+    pub n_hid: usize,
+    /// Residual blocks per group. ≥ 1. Default 2 (OpenAI's).
+    pub n_blk_per_group: usize,
+    /// Codebook size K. ≥ 2. Required (OpenAI: 8192).
+    pub vocab_size: usize,
+    /// Channels of the decoder's input convolution. ≥ 1. Default 128 (OpenAI's).
+    pub n_init: usize,
+}
+
+/// The `model:` section as written: one flat struct (see [`ModelConfig`]), so that unknown
+/// fields are refused and the field lists are known to `--set`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    /// The model kind. Default `transformer`.
+    #[serde(default)]
+    kind: ModelKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text_len: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text_vocab: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grid: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_vocab: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    d_model: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conv_kernel: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resolution: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_hid: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_blk_per_group: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vocab_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_init: Option<usize>,
+}
+
+impl TryFrom<ModelSection> for ModelConfig {
+    type Error = String;
+
+    fn try_from(m: ModelSection) -> Result<Self, String> {
+        let kind = m.kind;
+        let refuse = |fields: &[(&str, bool)]| match fields.iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err(format!("model.{name} does not apply to model.kind: {kind}")),
+            None => Ok(()),
+        };
+        let required = |name: &str, v: Option<usize>| {
+            v.ok_or_else(|| format!("missing field `{name}` (required for model.kind: {kind})"))
+        };
+        match kind {
+            ModelKind::Transformer => {
+                refuse(&[
+                    ("resolution", m.resolution.is_some()),
+                    ("n_hid", m.n_hid.is_some()),
+                    ("n_blk_per_group", m.n_blk_per_group.is_some()),
+                    ("vocab_size", m.vocab_size.is_some()),
+                    ("n_init", m.n_init.is_some()),
+                ])?;
+                Ok(ModelConfig::Transformer(TransformerConfig {
+                    text_len: required("text_len", m.text_len)?,
+                    text_vocab: required("text_vocab", m.text_vocab)?,
+                    grid: required("grid", m.grid)?,
+                    image_vocab: required("image_vocab", m.image_vocab)?,
+                    d_model: required("d_model", m.d_model)?,
+                    heads: required("heads", m.heads)?,
+                    layers: required("layers", m.layers)?,
+                    conv_kernel: m.conv_kernel.unwrap_or_else(default_conv_kernel),
+                }))
+            }
+            ModelKind::Dvae => {
+                refuse(&[
+                    ("text_len", m.text_len.is_some()),
+                    ("text_vocab", m.text_vocab.is_some()),
+                    ("grid", m.grid.is_some()),
+                    ("image_vocab", m.image_vocab.is_some()),
+                    ("d_model", m.d_model.is_some()),
+                    ("heads", m.heads.is_some()),
+                    ("layers", m.layers.is_some()),
+                    ("conv_kernel", m.conv_kernel.is_some()),
+                ])?;
+                Ok(ModelConfig::Dvae(DvaeConfig {
+                    resolution: required("resolution", m.resolution)?,
+                    n_hid: required("n_hid", m.n_hid)?,
+                    n_blk_per_group: m.n_blk_per_group.unwrap_or(2),
+                    vocab_size: required("vocab_size", m.vocab_size)?,
+                    n_init: m.n_init.unwrap_or(128),
+                }))
+            }
+        }
+    }
+}
+
+impl From<ModelConfig> for ModelSection {
+    fn from(m: ModelConfig) -> Self {
+        let empty = ModelSection {
+            kind: m.kind(),
+            text_len: None,
+            text_vocab: None,
+            grid: None,
+            image_vocab: None,
+            d_model: None,
+            heads: None,
+            layers: None,
+            conv_kernel: None,
+            resolution: None,
+            n_hid: None,
+            n_blk_per_group: None,
+            vocab_size: None,
+            n_init: None,
+        };
+        match m {
+            ModelConfig::Transformer(t) => ModelSection {
+                text_len: Some(t.text_len),
+                text_vocab: Some(t.text_vocab),
+                grid: Some(t.grid),
+                image_vocab: Some(t.image_vocab),
+                d_model: Some(t.d_model),
+                heads: Some(t.heads),
+                layers: Some(t.layers),
+                conv_kernel: Some(t.conv_kernel),
+                ..empty
+            },
+            ModelConfig::Dvae(d) => ModelSection {
+                resolution: Some(d.resolution),
+                n_hid: Some(d.n_hid),
+                n_blk_per_group: Some(d.n_blk_per_group),
+                vocab_size: Some(d.vocab_size),
+                n_init: Some(d.n_init),
+                ..empty
+            },
+        }
+    }
+}
+
+/// The `relaxation:` section (dVAE only): the Gumbel-softmax temperature τ and the KL weight β,
+/// each a cosine from its start to its end value over its number of updates, then constant
+/// (MODEL-SPEC §2). Defaults are the paper's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaxationConfig {
+    /// τ at update 0. > 0. Default 1.
+    #[serde(default = "default_tau_start")]
+    pub tau_start: f64,
+    /// τ from update `tau_steps` on. > 0. Default 1/16.
+    #[serde(default = "default_tau_end")]
+    pub tau_end: f64,
+    /// Length of τ's cosine. ≥ 1. Default 150 000.
+    #[serde(default = "default_tau_steps")]
+    pub tau_steps: u64,
+    /// β at update 0. ≥ 0. Default 0.
+    #[serde(default)]
+    pub beta_start: f64,
+    /// β from update `beta_steps` on. ≥ 0. Default 6.6.
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    /// Length of β's cosine. ≥ 1. Default 5 000.
+    #[serde(default = "default_beta_steps")]
+    pub beta_steps: u64,
+}
+
+fn default_tau_start() -> f64 {
+    1.0
+}
+fn default_tau_end() -> f64 {
+    1.0 / 16.0
+}
+fn default_tau_steps() -> u64 {
+    150_000
+}
+fn default_beta_end() -> f64 {
+    6.6
+}
+fn default_beta_steps() -> u64 {
+    5_000
+}
+
+impl Default for RelaxationConfig {
+    fn default() -> Self {
+        Self {
+            tau_start: default_tau_start(),
+            tau_end: default_tau_end(),
+            tau_steps: default_tau_steps(),
+            beta_start: 0.0,
+            beta_end: default_beta_end(),
+            beta_steps: default_beta_steps(),
+        }
+    }
+}
+
+/// cosine(a → b over n) at update t: b + (a − b)·(1 + cos(π·min(t, n)/n))/2 (MODEL-SPEC §2).
+pub fn cosine_anneal(a: f64, b: f64, n: u64, t: u64) -> f64 {
+    let x = t.min(n) as f64 / n.max(1) as f64;
+    b + (a - b) * (1.0 + (std::f64::consts::PI * x).cos()) / 2.0
+}
+
+impl RelaxationConfig {
+    /// τ at update `t`.
+    pub fn tau(&self, t: u64) -> f64 {
+        cosine_anneal(self.tau_start, self.tau_end, self.tau_steps, t)
+    }
+    /// β at update `t`.
+    pub fn beta(&self, t: u64) -> f64 {
+        cosine_anneal(self.beta_start, self.beta_end, self.beta_steps, t)
+    }
+}
+
 /// The `data:` section: which source feeds training, and that source's own fields, side by side
 /// under `data:` (`source: synthetic` then `min_caption_tokens: …`; `source: shards` then
 /// `paths: […]`, …). A field of the other source is an error.
@@ -164,6 +460,8 @@ pub enum DataSource {
     Synthetic(SyntheticConfig),
     /// Memory-mapped token shards (`.tts`, docs/formats.md), read by `data::loader`.
     Shards(ShardsConfig),
+    /// Image shards (`.tis`, docs/formats.md), read by `data::image_loader`: the dVAE's data.
+    Images(ImagesConfig),
 }
 
 /// The kinds of [`DataSource`], as written in `data.source`.
@@ -174,6 +472,18 @@ pub enum DataSourceKind {
     Synthetic,
     /// [`DataSource::Shards`].
     Shards,
+    /// [`DataSource::Images`].
+    Images,
+}
+
+impl fmt::Display for DataSourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataSourceKind::Synthetic => "synthetic",
+            DataSourceKind::Shards => "shards",
+            DataSourceKind::Images => "images",
+        })
+    }
 }
 
 /// The `data:` section as written: one flat struct, so that serde_yaml's errors carry the field
@@ -233,6 +543,23 @@ impl TryFrom<DataSection> for DataSource {
                     max_caption_tokens: d.max_caption_tokens,
                 }))
             }
+            DataSourceKind::Images => {
+                refuse(
+                    &[
+                        ("min_caption_tokens", d.min_caption_tokens.is_some()),
+                        ("max_caption_tokens", d.max_caption_tokens.is_some()),
+                        ("bpe_dropout", d.bpe_dropout.is_some()),
+                        ("tokenizer", d.tokenizer.is_some()),
+                    ],
+                    "images",
+                )?;
+                Ok(DataSource::Images(ImagesConfig {
+                    paths: d
+                        .paths
+                        .ok_or("data.paths is required for data.source: images")?,
+                    prefetch: d.prefetch.unwrap_or_else(default_prefetch),
+                }))
+            }
             DataSourceKind::Shards => {
                 refuse(
                     &[
@@ -279,6 +606,12 @@ impl From<DataSource> for DataSection {
                 tokenizer: s.tokenizer,
                 ..empty
             },
+            DataSource::Images(s) => DataSection {
+                source: DataSourceKind::Images,
+                paths: Some(s.paths),
+                prefetch: Some(s.prefetch),
+                ..empty
+            },
         }
     }
 }
@@ -289,8 +622,21 @@ impl DataSource {
         match self {
             DataSource::Synthetic(_) => DataSourceKind::Synthetic,
             DataSource::Shards(_) => DataSourceKind::Shards,
+            DataSource::Images(_) => DataSourceKind::Images,
         }
     }
+}
+
+/// Fields of `data: {source: images}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Image shard files or glob patterns (`data/images-*.tis`); each pattern must match at
+    /// least one file. Required, non-empty.
+    pub paths: Vec<String>,
+    /// Batches prepared ahead of the training step on a background thread. ≥ 1. Default 2.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
 }
 
 /// Fields of `data: {source: shards}`.
@@ -602,58 +948,68 @@ impl RunConfig {
             return invalid("run.out_dir", "run.out_dir must not be empty".into());
         }
 
-        let m = &self.model;
-        for (field, value, min) in [
-            ("model.text_len", m.text_len, 1),
-            ("model.text_vocab", m.text_vocab, 2),
-            ("model.grid", m.grid, 1),
-            ("model.image_vocab", m.image_vocab, 2),
-            ("model.d_model", m.d_model, 1),
-            ("model.heads", m.heads, 1),
-            ("model.layers", m.layers, 1),
-        ] {
-            if value < min {
-                return invalid(field, format!("{field} = {value} must be ≥ {min}"));
+        match &self.model {
+            ModelConfig::Transformer(m) => {
+                validate_transformer(m).or_else(|(f, msg)| invalid(&f, msg))?;
+                if self.relaxation.is_some() {
+                    return invalid(
+                        "relaxation",
+                        "the relaxation section applies to model.kind: dvae only".into(),
+                    );
+                }
+                match &self.data {
+                    DataSource::Synthetic(s) => {
+                        let max = s.max_caption_tokens(m.text_len);
+                        if max > m.text_len {
+                            return invalid(
+                                "data.max_caption_tokens",
+                                format!(
+                                    "data.max_caption_tokens = {max} must be ≤ model.text_len = {}",
+                                    m.text_len
+                                ),
+                            );
+                        }
+                        if s.min_caption_tokens > max {
+                            return invalid(
+                                "data.min_caption_tokens",
+                                format!(
+                                    "data.min_caption_tokens = {} must be ≤ data.max_caption_tokens = {max}",
+                                    s.min_caption_tokens
+                                ),
+                            );
+                        }
+                    }
+                    DataSource::Shards(_) => {}
+                    DataSource::Images(_) => {
+                        return invalid(
+                            "data.source",
+                            "data.source: images feeds model.kind: dvae; the transformer reads \
+                             data.source: shards (token shards, made by `data-prep encode`) or \
+                             synthetic"
+                                .into(),
+                        )
+                    }
+                }
+            }
+            ModelConfig::Dvae(d) => {
+                validate_dvae(d).or_else(|(f, msg)| invalid(&f, msg))?;
+                if let Some(r) = &self.relaxation {
+                    validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                }
+                if !matches!(self.data, DataSource::Images(_)) {
+                    return invalid(
+                        "data.source",
+                        format!(
+                            "model.kind: dvae trains on image shards: data.source must be images, \
+                             not {}",
+                            self.data.kind()
+                        ),
+                    );
+                }
             }
         }
-        if m.d_model % m.heads != 0 {
-            return invalid(
-                "model.d_model",
-                format!(
-                    "model.d_model = {} must be divisible by model.heads = {}",
-                    m.d_model, m.heads
-                ),
-            );
-        }
-        if m.conv_kernel % 2 == 0 {
-            return invalid(
-                "model.conv_kernel",
-                format!("model.conv_kernel = {} must be odd and ≥ 1", m.conv_kernel),
-            );
-        }
-
         match &self.data {
-            DataSource::Synthetic(s) => {
-                let max = s.max_caption_tokens(m.text_len);
-                if max > m.text_len {
-                    return invalid(
-                        "data.max_caption_tokens",
-                        format!(
-                            "data.max_caption_tokens = {max} must be ≤ model.text_len = {}",
-                            m.text_len
-                        ),
-                    );
-                }
-                if s.min_caption_tokens > max {
-                    return invalid(
-                        "data.min_caption_tokens",
-                        format!(
-                            "data.min_caption_tokens = {} must be ≤ data.max_caption_tokens = {max}",
-                            s.min_caption_tokens
-                        ),
-                    );
-                }
-            }
+            DataSource::Synthetic(_) => {}
             DataSource::Shards(s) => {
                 if s.paths.is_empty() || s.paths.iter().any(|p| p.trim().is_empty()) {
                     return invalid(
@@ -679,6 +1035,19 @@ impl RunConfig {
                             s.bpe_dropout
                         ),
                     );
+                }
+            }
+            DataSource::Images(s) => {
+                if s.paths.is_empty() || s.paths.iter().any(|p| p.trim().is_empty()) {
+                    return invalid(
+                        "data.paths",
+                        "data.paths must list at least one image shard file or glob pattern, \
+                         none empty"
+                            .into(),
+                    );
+                }
+                if s.prefetch < 1 {
+                    return invalid("data.prefetch", "data.prefetch must be ≥ 1".into());
                 }
             }
         }
@@ -760,6 +1129,12 @@ impl RunConfig {
             return invalid("train.log_every", "train.log_every must be ≥ 1".into());
         }
 
+        if let Err(crate::powersgd::PowerSgdError::Config { field, message }) =
+            self.compression.validate()
+        {
+            return invalid(field, message);
+        }
+
         if self.checkpoint.keep_last < 1 {
             return invalid(
                 "checkpoint.keep_last",
@@ -785,10 +1160,119 @@ impl RunConfig {
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The transformer's sizes, or an error naming `model.kind` when the run trains another
+    /// model (for the commands and data sources that only a transformer has).
+    pub fn transformer(&self) -> Result<&TransformerConfig, ConfigError> {
+        self.model
+            .transformer()
+            .ok_or_else(|| ConfigError::Invalid {
+                source_name: "config".into(),
+                field: "model.kind".into(),
+                message: format!(
+                    "this needs a stage-2 transformer config, but model.kind is {}",
+                    self.model.kind()
+                ),
+            })
+    }
+
+    /// The dVAE's temperature and KL-weight schedules (the paper's when the section is absent).
+    pub fn relaxation(&self) -> RelaxationConfig {
+        self.relaxation.clone().unwrap_or_default()
+    }
+
     /// Effective cosine decay length: `schedule.total_steps`, or `train.steps` when null.
     pub fn schedule_total_steps(&self) -> u64 {
         self.schedule.total_steps.unwrap_or(self.train.steps)
     }
+}
+
+/// Range checks of `model:` for a transformer: `Err((field, message))`.
+#[allow(clippy::manual_is_multiple_of)]
+fn validate_transformer(m: &TransformerConfig) -> Result<(), (String, String)> {
+    for (field, value, min) in [
+        ("model.text_len", m.text_len, 1),
+        ("model.text_vocab", m.text_vocab, 2),
+        ("model.grid", m.grid, 1),
+        ("model.image_vocab", m.image_vocab, 2),
+        ("model.d_model", m.d_model, 1),
+        ("model.heads", m.heads, 1),
+        ("model.layers", m.layers, 1),
+    ] {
+        if value < min {
+            return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
+        }
+    }
+    if m.d_model % m.heads != 0 {
+        return Err((
+            "model.d_model".into(),
+            format!(
+                "model.d_model = {} must be divisible by model.heads = {}",
+                m.d_model, m.heads
+            ),
+        ));
+    }
+    if m.conv_kernel % 2 == 0 {
+        return Err((
+            "model.conv_kernel".into(),
+            format!("model.conv_kernel = {} must be odd and ≥ 1", m.conv_kernel),
+        ));
+    }
+    Ok(())
+}
+
+/// Range checks of `model:` for a dVAE.
+#[allow(clippy::manual_is_multiple_of)]
+fn validate_dvae(d: &DvaeConfig) -> Result<(), (String, String)> {
+    if d.resolution < 8 || d.resolution % 8 != 0 {
+        return Err((
+            "model.resolution".into(),
+            format!(
+                "model.resolution = {} must be a positive multiple of 8 (the encoder pools three \
+                 times)",
+                d.resolution
+            ),
+        ));
+    }
+    for (field, value, min) in [
+        ("model.n_hid", d.n_hid, 1),
+        ("model.n_blk_per_group", d.n_blk_per_group, 1),
+        ("model.vocab_size", d.vocab_size, 2),
+        ("model.n_init", d.n_init, 1),
+    ] {
+        if value < min {
+            return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
+        }
+    }
+    Ok(())
+}
+
+/// Range checks of `relaxation:`.
+fn validate_relaxation(r: &RelaxationConfig) -> Result<(), (String, String)> {
+    for (field, value) in [
+        ("relaxation.tau_start", r.tau_start),
+        ("relaxation.tau_end", r.tau_end),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err((field.into(), format!("{field} = {value} must be > 0")));
+        }
+    }
+    for (field, value) in [
+        ("relaxation.beta_start", r.beta_start),
+        ("relaxation.beta_end", r.beta_end),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err((field.into(), format!("{field} = {value} must be ≥ 0")));
+        }
+    }
+    for (field, value) in [
+        ("relaxation.tau_steps", r.tau_steps),
+        ("relaxation.beta_steps", r.beta_steps),
+    ] {
+        if value < 1 {
+            return Err((field.into(), format!("{field} must be ≥ 1")));
+        }
+    }
+    Ok(())
 }
 
 /// One parsed `--set section.field=value`.
@@ -866,7 +1350,9 @@ fn check_path(path: &[String]) -> Result<(), String> {
     }
     let fields = match section {
         "run" => fields_of::<RunSection>(),
-        "model" => fields_of::<TransformerConfig>(),
+        "model" => fields_of::<ModelConfig>(),
+        "relaxation" => fields_of::<RelaxationConfig>(),
+        "compression" => fields_of::<crate::powersgd::PowerSgdConfig>(),
         "data" => fields_of::<DataSource>(),
         "optim" => fields_of::<OptimConfig>(),
         "schedule" => fields_of::<ScheduleConfig>(),
@@ -1079,7 +1565,7 @@ train:
         let c = RunConfig::from_yaml_str(FULL, "full.yaml").unwrap();
         assert_eq!(c.run.device, Device::Cpu);
         assert_eq!(c.schedule.kind, ScheduleKind::Cosine);
-        assert_eq!(c.model.conv_kernel, 3);
+        assert_eq!(c.transformer().unwrap().conv_kernel, 3);
         assert_eq!(
             c.data,
             DataSource::Synthetic(SyntheticConfig {
@@ -1102,13 +1588,13 @@ train:
         let c = RunConfig::from_yaml_str(MINIMAL, "minimal.yaml").unwrap();
         assert_eq!(c.run.seed, 0);
         assert_eq!(c.run.device, Device::Auto);
-        assert_eq!(c.model.conv_kernel, 11);
+        assert_eq!(c.transformer().unwrap().conv_kernel, 11);
         assert_eq!(c.data, DataSource::Synthetic(SyntheticConfig::default()));
         let DataSource::Synthetic(s) = &c.data else {
             panic!("synthetic expected")
         };
         assert_eq!(s.min_caption_tokens, 4);
-        assert_eq!(s.max_caption_tokens(c.model.text_len), 8);
+        assert_eq!(s.max_caption_tokens(c.transformer().unwrap().text_len), 8);
         assert_eq!(c.optim, OptimConfig::default());
         assert_eq!(c.optim.lr, 4.5e-4);
         assert_eq!(c.optim.beta2, 0.96);
@@ -1118,8 +1604,8 @@ train:
         assert_eq!(c.train.grad_accum, 1);
         assert_eq!(c.train.log_every, 10);
         assert_eq!(c.checkpoint, CheckpointConfig::default());
-        assert_eq!(c.model.seq_len(), 8 + 16);
-        assert_eq!(c.model.head_dim(), 8);
+        assert_eq!(c.transformer().unwrap().seq_len(), 8 + 16);
+        assert_eq!(c.transformer().unwrap().head_dim(), 8);
     }
 
     #[test]
@@ -1269,7 +1755,7 @@ train:
             ]),
         )
         .unwrap();
-        assert_eq!(c.model.conv_kernel, 5);
+        assert_eq!(c.transformer().unwrap().conv_kernel, 5);
         assert_eq!(c.checkpoint.keep_last, 7);
         assert_eq!(c.checkpoint.every, 1000);
         assert_eq!(c.optim.ema, 0.0);
@@ -1280,7 +1766,7 @@ train:
             &sets(&["model.layers=3"]),
         )
         .unwrap();
-        assert_eq!(c.model.layers, 3);
+        assert_eq!(c.transformer().unwrap().layers, 3);
     }
 
     #[test]
@@ -1451,5 +1937,137 @@ train:
             "expected the three shipped configs in {}",
             dir.display()
         );
+    }
+
+    const DVAE: &str = "\
+run:
+  name: d
+  out_dir: runs/d
+model:
+  kind: dvae
+  resolution: 64
+  n_hid: 16
+  vocab_size: 128
+data:
+  source: images
+  paths: [\"img/*.tis\"]
+train:
+  steps: 20
+  batch_size: 2
+";
+
+    #[test]
+    fn dvae_model_kind_parses_defaults_and_round_trips() {
+        let c = RunConfig::from_yaml_str(DVAE, "dvae.yaml").unwrap();
+        assert_eq!(c.model.kind(), ModelKind::Dvae);
+        let d = c.model.dvae().unwrap();
+        assert_eq!((d.resolution, d.n_hid, d.vocab_size), (64, 16, 128));
+        assert_eq!((d.n_blk_per_group, d.n_init), (2, 128));
+        assert_eq!(c.relaxation(), RelaxationConfig::default());
+        assert!(c.transformer().is_err());
+        let back = RunConfig::from_yaml_str(&c.to_yaml(), "resolved.yaml").unwrap();
+        assert_eq!(back, c);
+        assert!(c.to_yaml().contains("kind: dvae"), "{}", c.to_yaml());
+        // A transformer config without `kind` is still a transformer (configs written before
+        // the switch load unchanged).
+        let t = RunConfig::from_yaml_str(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(t.model.kind(), ModelKind::Transformer);
+        let over = RunConfig::from_yaml_str_with_overrides(
+            DVAE,
+            "dvae.yaml",
+            &sets(&["model.n_hid=8", "relaxation.tau_steps=100"]),
+        )
+        .unwrap();
+        assert_eq!(over.model.dvae().unwrap().n_hid, 8);
+        assert_eq!(over.relaxation().tau_steps, 100);
+    }
+
+    #[test]
+    fn dvae_config_errors_name_the_field() {
+        let e = load_err(&DVAE.replace("  n_hid: 16\n", ""), &[]);
+        assert!(
+            e.contains("missing field `n_hid`") && e.contains("dvae"),
+            "{e}"
+        );
+        let e = load_err(
+            &DVAE.replace("  n_hid: 16\n", "  n_hid: 16\n  heads: 4\n"),
+            &[],
+        );
+        assert!(
+            e.contains("model.heads does not apply to model.kind: dvae"),
+            "{e}"
+        );
+        let e = load_err(
+            &MINIMAL.replace("  layers: 2\n", "  layers: 2\n  n_hid: 4\n"),
+            &[],
+        );
+        assert!(
+            e.contains("model.n_hid does not apply to model.kind: transformer"),
+            "{e}"
+        );
+        let e = load_err(DVAE, &["model.resolution=60"]);
+        assert!(
+            e.contains("model.resolution = 60 must be a positive multiple of 8"),
+            "{e}"
+        );
+        let e = load_err(DVAE, &["model.vocab_size=1"]);
+        assert!(e.contains("model.vocab_size = 1 must be ≥ 2"), "{e}");
+        let e = load_err(DVAE, &["relaxation.tau_end=0"]);
+        assert!(e.contains("relaxation.tau_end = 0 must be > 0"), "{e}");
+        let e = load_err(DVAE, &["relaxation.beta_steps=0"]);
+        assert!(e.contains("relaxation.beta_steps must be ≥ 1"), "{e}");
+        let e = load_err(DVAE, &["relaxation.tau_stpes=3"]);
+        assert!(e.contains("unknown field 'tau_stpes'"), "{e}");
+        // Each model reads its own data.
+        let e = load_err(
+            &DVAE.replace(
+                "  source: images\n  paths: [\"img/*.tis\"]\n",
+                "  source: synthetic\n",
+            ),
+            &[],
+        );
+        assert!(
+            e.contains("data.source must be images, not synthetic"),
+            "{e}"
+        );
+        let e = load_err(
+            &MINIMAL.replace(
+                "  source: synthetic\n",
+                "  source: images\n  paths: [a.tis]\n",
+            ),
+            &[],
+        );
+        assert!(
+            e.contains("data.source: images feeds model.kind: dvae"),
+            "{e}"
+        );
+        let e = load_err(&format!("{MINIMAL}relaxation:\n  tau_steps: 5\n"), &[]);
+        assert!(
+            e.contains("relaxation section applies to model.kind: dvae only"),
+            "{e}"
+        );
+        let e = load_err(
+            &DVAE.replace(
+                "  paths: [\"img/*.tis\"]\n",
+                "  paths: [x]\n  bpe_dropout: 0.1\n",
+            ),
+            &[],
+        );
+        assert!(
+            e.contains("data.bpe_dropout does not apply to data.source: images"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cosine_anneal_matches_the_spec_formula() {
+        let r = RelaxationConfig::default();
+        assert_eq!(r.tau(0), 1.0);
+        assert!((r.tau(75_000) - (1.0 / 16.0 + (1.0 - 1.0 / 16.0) / 2.0)).abs() < 1e-12);
+        assert_eq!(r.tau(150_000), 1.0 / 16.0);
+        assert_eq!(r.tau(10_000_000), 1.0 / 16.0);
+        assert_eq!(r.beta(0), 0.0);
+        assert!((r.beta(2_500) - 3.3).abs() < 1e-12);
+        assert_eq!(r.beta(5_000), 6.6);
     }
 }

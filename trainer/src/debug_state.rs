@@ -1,12 +1,15 @@
 //! `trainer debug-state` (MODEL-SPEC.md §4): one forward and backward pass of the configured
 //! model with given weights and batch, writing every result an outside implementation needs to
-//! compare against: the three losses, the full logits and one gradient per parameter.
+//! compare against. The transformer: the three losses, the full logits and one gradient per
+//! parameter. The dVAE: encoder logits, decoder statistics (decoder applied to softmax(logits/τ),
+//! no Gumbel noise), the loss and its two terms, one gradient per parameter.
 //! Also `trainer init-weights`, which writes fresh weights for such a check.
 
 use crate::checkpoint::{self, TensorEntry};
 use crate::config::RunConfig;
+use crate::model::dvae::Dvae;
 use crate::model::transformer::{Activations, Transformer};
-use crate::train::{check_device, dims_of};
+use crate::train::{check_device, dims_of, dvae_dims_of};
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
@@ -55,10 +58,121 @@ fn read_ids(st: &SafeTensors, path: &Path, name: &str, cols: usize) -> Result<(u
     Ok((shape[0], ids))
 }
 
-/// Runs the check and writes `out`.
+/// Reads f32 tensor `name` of a batch file, checking its shape with `check` (which returns the
+/// expected shape as text when the shape is wrong).
+fn read_f32(
+    st: &SafeTensors,
+    path: &Path,
+    name: &str,
+    check: impl Fn(&[usize]) -> Option<String>,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+    if t.dtype() != Dtype::F32 {
+        bail!(
+            "{}: tensor `{name}` has dtype {:?}, expected F32",
+            path.display(),
+            t.dtype()
+        );
+    }
+    if let Some(expected) = check(t.shape()) {
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, expected {expected}",
+            path.display(),
+            t.shape()
+        );
+    }
+    let data = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    Ok((t.shape().to_vec(), data))
+}
+
+/// Runs the check of the config's model and writes `out`.
 pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
     check_device(cfg)?;
-    let model = Transformer::new(dims_of(cfg))?;
+    if cfg.model.dvae().is_some() {
+        run_dvae(cfg, weights, batch, out)
+    } else {
+        run_transformer(cfg, weights, batch, out)
+    }
+}
+
+/// The dVAE's check: batch keys `images` [B, 3, H, W] in [0, 1], `tau` [1], `beta` [1].
+fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
+    let model = Dvae::new(dvae_dims_of(cfg)?)?;
+    let d = *model.dims();
+    let mut params = vec![0.0f32; model.table().numel()];
+    checkpoint::load_into(weights, model.table(), "", &mut params)?;
+    let bytes = std::fs::read(batch).with_context(|| format!("reading {}", batch.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", batch.display()))?;
+    let r = d.resolution;
+    let (shape, images) = read_f32(&st, batch, "images", |s| {
+        (s.len() != 4 || s[0] == 0 || s[1] != 3 || s[2] != r || s[3] != r)
+            .then(|| format!("[B ≥ 1, 3, {r}, {r}] (model.resolution = {r})"))
+    })?;
+    let scalar = |s: &[usize]| (s != [1]).then(|| "[1]".to_string());
+    let (_, tau) = read_f32(&st, batch, "tau", scalar)?;
+    let (_, beta) = read_f32(&st, batch, "beta", scalar)?;
+    let b = shape[0];
+    let mut acts = model.new_acts(b);
+    let losses = model
+        .forward(&params, &mut acts, &images, None, tau[0], beta[0])
+        .with_context(|| format!("forward pass on {}", batch.display()))?;
+    let mut grads = vec![0.0f32; params.len()];
+    model.backward(&params, &mut grads, &mut acts, 1.0)?;
+    let g = d.grid();
+    let (l, nll, kl) = (
+        [losses.loss as f32],
+        [losses.nll as f32],
+        [losses.kl as f32],
+    );
+    let mut tensors = vec![
+        TensorEntry {
+            name: "loss".into(),
+            shape: vec![1],
+            data: &l,
+        },
+        TensorEntry {
+            name: "nll".into(),
+            shape: vec![1],
+            data: &nll,
+        },
+        TensorEntry {
+            name: "kl".into(),
+            shape: vec![1],
+            data: &kl,
+        },
+        TensorEntry {
+            name: "encoder_logits".into(),
+            shape: vec![b, d.vocab_size, g, g],
+            data: acts.logits(),
+        },
+        TensorEntry {
+            name: "decoder_stats".into(),
+            shape: vec![b, 6, r, r],
+            data: acts.stats(),
+        },
+    ];
+    tensors.extend(checkpoint::entries(model.table(), "grad.", &grads));
+    checkpoint::write_tensors(out, &tensors)?;
+    tracing::info!(
+        loss = losses.loss,
+        nll = losses.nll,
+        kl = losses.kl,
+        out = %out.display(),
+        "debug state written"
+    );
+    Ok(())
+}
+
+/// The transformer's check: batch keys `text` [B, Tt], `image` [B, G²].
+fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
+    let model = Transformer::new(dims_of(cfg)?)?;
     let d = *model.dims();
     let mut params = vec![0.0f32; model.table().numel()];
     checkpoint::load_into(weights, model.table(), "", &mut params)?;
@@ -122,8 +236,7 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
 
 /// `trainer init-weights`: the config's model, freshly initialised from `run.seed`.
 pub fn init_weights(cfg: &RunConfig, out: &Path) -> Result<()> {
-    let model = Transformer::new(dims_of(cfg))?;
-    let params = model.init_params(cfg.run.seed);
-    checkpoint::write_tensors(out, &checkpoint::entries(model.table(), "", &params))?;
+    let (table, params) = crate::train::stages::model_table(cfg)?;
+    checkpoint::write_tensors(out, &checkpoint::entries(&table, "", &params))?;
     Ok(())
 }

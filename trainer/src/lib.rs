@@ -9,7 +9,9 @@
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
 //! - [`dist`]: multi-process runs: torchrun's variables, the rendezvous store's protocol and
 //!   client, the TCP ring collectives, heartbeats.
-//! - [`train`], [`debug_state`]: the `trainer` subcommands; [`cli`] their command line.
+//! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
+//! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
+//!   command line.
 
 pub mod checkpoint;
 pub mod cli;
@@ -22,4 +24,6 @@ pub mod fsutil;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod powersgd;
+pub mod reconstruct;
 pub mod train;

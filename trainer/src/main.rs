@@ -5,6 +5,7 @@
 //! trainer train --config configs/quickstart-cpu.yaml [--set optim.lr=1e-3] [--no-resume]
 //! trainer init-weights --config C --out W.safetensors
 //! trainer debug-state --config C --weights W.safetensors --batch B.safetensors --out O.safetensors
+//! trainer reconstruct --weights W --images SHARD.tis [--count N] [--out grid.png] [--ema]
 //! ```
 
 use anyhow::{Context, Result};
@@ -69,6 +70,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::InitWeights { config, set, out } => {
             let cfg = RunConfig::load(&config, &set)?;
             trainer::debug_state::init_weights(&cfg, &out)
+        }
+        Command::Reconstruct {
+            weights,
+            ema,
+            images,
+            count,
+            batch,
+            out,
+        } => {
+            let summary = trainer::reconstruct::run(&trainer::reconstruct::ReconstructOptions {
+                weights,
+                ema,
+                images,
+                count,
+                batch,
+                out,
+            })?;
+            println!("{}", trainer::reconstruct::describe(&summary));
+            Ok(())
         }
     }
 }

@@ -1,26 +1,33 @@
-//! The training loop of `trainer train`: build the model named by the config, start fresh or
-//! resume from the newest complete checkpoint, then per update: accumulate gradients over
-//! micro-batches, clip, AdamW, EMA, schedule; log JSON lines; checkpoint.
+//! The training loop of `trainer train`: build the model named by the config (the stage-2
+//! transformer or the stage-1 dVAE, each a [`stages::Stage`]), start fresh or resume from the
+//! newest complete checkpoint, then per update: accumulate gradients over micro-batches, clip,
+//! AdamW, EMA, schedule; log JSON lines; checkpoint.
 //!
 //! Resume is bit-exact: every piece of state that an update reads (weights, AdamW moments and
 //! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
+pub mod stages;
+
 use crate::checkpoint::{self, TensorEntry, TensorFile, MODEL_FILE, OPTIMIZER_FILE};
-use crate::config::{DataSource, Device, RunConfig};
-use crate::data::loader::CaptionEncoder;
-use crate::data::{DataCursor, DataStream};
-use crate::model::transformer::{Activations, Transformer, TransformerDims};
+use crate::config::{Device, RunConfig};
+use crate::data::DataCursor;
 use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams};
+use crate::params::ParamTable;
+use crate::powersgd::{
+    CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
+};
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
+
+pub use stages::{dims_of, dvae_dims_of};
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,24 +42,37 @@ pub struct TrainState {
     pub schedule: LrSchedule,
     /// Updates skipped because the gradient was not finite.
     pub skipped_updates: u64,
+    /// PowerSGD's reduction count when `compression.kind: powersgd` (its error buffers are in
+    /// `powersgd.safetensors` beside this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub powersgd_iterations: Option<u64>,
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`: the fields every model has, then the model's own (the
+/// transformer: `loss_text`, `loss_image`, `tokens_per_s`, `image_tokens_per_s`; the dVAE: `nll`
+/// per sub-pixel, `kl` per grid position, `tau`, `beta`, `codebook_perplexity`, `recon_mse`,
+/// `images_per_s`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
     pub step: u64,
     pub loss: f64,
-    pub loss_text: f64,
-    pub loss_image: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub skipped: bool,
     pub step_ms: f64,
-    pub tokens_per_s: f64,
-    pub image_tokens_per_s: f64,
     pub gflops_per_s: f64,
     /// Model FLOPs utilisation: `gflops_per_s` over [`peak_gflops`].
     pub mfu: f64,
+    /// The model's own values, by name.
+    #[serde(flatten)]
+    pub values: BTreeMap<String, f64>,
+}
+
+impl Metrics {
+    /// A model-specific value by name (`loss_text`, `recon_mse`, …).
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.get(name).copied()
+    }
 }
 
 /// What a finished run reports.
@@ -74,21 +94,6 @@ pub fn peak_gflops() -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|p| *p > 0.0)
         .unwrap_or_else(|| kernels::linear::measure_gemm_gflops(768, 3))
-}
-
-/// Model sizes from the config.
-pub fn dims_of(cfg: &RunConfig) -> TransformerDims {
-    let m = &cfg.model;
-    TransformerDims {
-        text_len: m.text_len,
-        text_vocab: m.text_vocab,
-        grid: m.grid,
-        image_vocab: m.image_vocab,
-        d_model: m.d_model,
-        heads: m.heads,
-        layers: m.layers,
-        conv_kernel: m.conv_kernel,
-    }
 }
 
 /// Refuses devices this build cannot run on, with what to do instead.
@@ -127,9 +132,8 @@ struct RunState {
 /// The weight EMA, under the model's own tensor names, so it loads wherever weights do.
 const EMA_FILE: &str = "ema.safetensors";
 
-fn fresh_state(cfg: &RunConfig, model: &Transformer) -> RunState {
+fn fresh_state(cfg: &RunConfig, params: Vec<f32>) -> RunState {
     let o = &cfg.optim;
-    let params = model.init_params(cfg.run.seed);
     let hp = AdamWParams {
         beta1: o.beta1 as f32,
         beta2: o.beta2 as f32,
@@ -147,13 +151,13 @@ fn fresh_state(cfg: &RunConfig, model: &Transformer) -> RunState {
             adam_t: 0,
             schedule: LrSchedule::new(&schedule_params(cfg)),
             skipped_updates: 0,
+            powersgd_iterations: None,
         },
     }
 }
 
 /// Loads a complete checkpoint directory into `rs` (shapes checked against the model).
-fn load_state(dir: &Path, model: &Transformer, rs: &mut RunState) -> Result<()> {
-    let table = model.table();
+fn load_state(dir: &Path, table: &ParamTable, rs: &mut RunState) -> Result<()> {
     checkpoint::load_checked(dir)?;
     checkpoint::load_into(&dir.join(MODEL_FILE), table, "", &mut rs.params)?;
     checkpoint::load_into(&dir.join(OPTIMIZER_FILE), table, "m.", &mut rs.adam.m)?;
@@ -172,8 +176,13 @@ fn load_state(dir: &Path, model: &Transformer, rs: &mut RunState) -> Result<()> 
     Ok(())
 }
 
-fn save_state(cfg: &RunConfig, model: &Transformer, rs: &RunState) -> Result<PathBuf> {
-    let table = model.table();
+/// Writes a checkpoint of `rs` (and of PowerSGD's state, when compressing).
+fn save_state(
+    cfg: &RunConfig,
+    table: &ParamTable,
+    rs: &RunState,
+    powersgd: Option<&PowerSgdSnapshot>,
+) -> Result<PathBuf> {
     let mut files = vec![
         TensorFile {
             file_name: MODEL_FILE,
@@ -193,7 +202,15 @@ fn save_state(cfg: &RunConfig, model: &Transformer, rs: &RunState) -> Result<Pat
             tensors: checkpoint::entries(table, "", ema),
         });
     }
-    let state = serde_json::to_value(&rs.state)?;
+    let mut state = rs.state.clone();
+    if let Some(snap) = powersgd {
+        files.push(TensorFile {
+            file_name: POWERSGD_FILE,
+            tensors: snap.entries(""),
+        });
+        state.powersgd_iterations = Some(snap.iterations);
+    }
+    let state = serde_json::to_value(&state)?;
     Ok(checkpoint::save(
         &cfg.run.out_dir,
         rs.state.step,
@@ -213,9 +230,10 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let kept: String = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<Metrics>(l)
-                .map(|m| m.step <= step)
-                .unwrap_or(false)
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -240,62 +258,6 @@ fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// BPE dropout's caption encoder: the config's `tokenizer.json`, re-encoding each caption with
-/// dropout `data.bpe_dropout` from the loader's per-record random stream.
-struct BpeCaptions {
-    tok: crate::data::bpe::BpeTokenizer,
-    text_len: usize,
-    text_vocab: usize,
-    dropout: f32,
-}
-
-impl CaptionEncoder for BpeCaptions {
-    fn encode(
-        &self,
-        caption: &str,
-        rng: &mut rand_chacha::ChaCha8Rng,
-    ) -> std::result::Result<Vec<u32>, crate::data::loader::EncodeError> {
-        Ok(crate::data::bpe::encode_caption(
-            &self.tok,
-            caption,
-            self.text_len,
-            self.text_vocab,
-            self.dropout,
-            rng,
-        )?)
-    }
-}
-
-/// The caption encoder a shard run needs: one when `data.bpe_dropout` > 0, else none (the
-/// stored text tokens are used as they are).
-fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
-    let DataSource::Shards(s) = &cfg.data else {
-        return Ok(None);
-    };
-    if s.bpe_dropout <= 0.0 {
-        return Ok(None);
-    }
-    let path = s
-        .tokenizer
-        .as_ref()
-        .context("data.tokenizer is required when data.bpe_dropout > 0")?;
-    let tok = crate::data::bpe::BpeTokenizer::load(path)?;
-    if tok.vocab_size() > cfg.model.text_vocab {
-        bail!(
-            "{}: the tokenizer has {} ids, more than model.text_vocab = {}",
-            path.display(),
-            tok.vocab_size(),
-            cfg.model.text_vocab
-        );
-    }
-    Ok(Some(Arc::new(BpeCaptions {
-        tok,
-        text_len: cfg.model.text_len,
-        text_vocab: cfg.model.text_vocab,
-        dropout: s.bpe_dropout as f32,
-    })))
-}
-
 /// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
 /// `run.out_dir` when there is one.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
@@ -306,7 +268,8 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 /// update in flight, writes a checkpoint and returns early with `stopped` set.
 pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
-    let model = Transformer::new(dims_of(cfg))?;
+    // The model's definition alone (no data yet): the checkpoint layout and fresh weights.
+    let (table, init) = stages::model_table(cfg)?;
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
     // Only rank 0 writes the run directory (config, metrics, checkpoints).
     let mut comm = crate::dist::connect(cfg)?;
@@ -315,12 +278,14 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
 
-    let mut rs = fresh_state(cfg, &model);
+    let mut rs = fresh_state(cfg, init);
     let mut resumed_from = None;
+    let mut resumed_dir = None;
     if resume {
         if let Some(dir) = checkpoint::latest_complete(out)? {
             check_same_model(&dir, cfg)?;
-            load_state(&dir, &model, &mut rs)?;
+            load_state(&dir, &table, &mut rs)?;
+            resumed_dir = Some(dir.clone());
             resumed_from = Some(rs.state.step);
             if rank0 {
                 truncate_metrics(&metrics_path, rs.state.step)?;
@@ -352,30 +317,48 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         );
     }
 
-    let mut data = DataStream::open(
-        cfg,
-        comm.rank(),
-        comm.world_size(),
-        rs.state.data,
-        caption_encoder(cfg)?,
-    )
-    .context("opening the training data")?;
+    let mut stage = stages::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
+    let mut powersgd = match cfg.compression.kind {
+        CompressionKind::None => None,
+        CompressionKind::Powersgd => {
+            let mut p = PowerSgd::new(&table, &cfg.compression)?;
+            let saved = resumed_dir
+                .as_ref()
+                .map(|d| d.join(POWERSGD_FILE))
+                .filter(|f| f.exists());
+            match (saved, rs.state.powersgd_iterations) {
+                (Some(file), Some(iterations)) => p
+                    .restore(&file, "", iterations)
+                    .with_context(|| format!("restoring PowerSGD from {}", file.display()))?,
+                _ if resumed_dir.is_some() => tracing::warn!(
+                    "the checkpoint has no PowerSGD state (compression was off): error buffers \
+                     start from zero"
+                ),
+                _ => {}
+            }
+            tracing::info!(
+                rank = cfg.compression.rank,
+                compressed = p.compressed().len(),
+                buckets = p.buckets().len(),
+                "PowerSGD"
+            );
+            Some(p)
+        }
+    };
     let sched = schedule_params(cfg);
-    let (bsz, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
-    let mut acts = Activations::new(&model, bsz);
-    let mut grads = vec![0.0f32; model.table().numel()];
-    let step_flops = model.train_flops(bsz) * accum as f64;
+    let accum = cfg.train.grad_accum;
+    let mut grads = vec![0.0f32; table.numel()];
+    let step_flops = stage.micro_flops() * accum as f64;
     let peak_gflops = peak_gflops();
     tracing::info!(
         peak_gflops = format_args!("{peak_gflops:.1}"),
         "MFU denominator"
     );
-    let tokens = (bsz * accum * model.dims().seq_len()) as f64;
-    let image_tokens = (bsz * accum * model.dims().image_tokens()) as f64;
     tracing::info!(
-        params = model.table().numel(),
+        model = %cfg.model.kind(),
+        params = table.numel(),
         steps = cfg.train.steps,
-        batch = bsz,
+        batch = cfg.train.batch_size,
         grad_accum = accum,
         "training"
     );
@@ -384,35 +367,39 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let started = Instant::now();
         let t = rs.state.step + 1;
         grads.fill(0.0);
-        let (mut loss, mut lt, mut li) = (0.0, 0.0, 0.0);
-        for _ in 0..accum {
-            let batch = data.next_batch().context("reading the next batch")?;
-            rs.state.data = data.cursor();
-            let l = model.forward(
-                &rs.params,
-                &mut acts,
-                &batch.text,
-                &batch.image,
-                Some(1.0 / accum as f32),
-            )?;
-            model.backward(&rs.params, &mut grads, &mut acts, &batch.text, &batch.image)?;
-            data.recycle(batch);
-            loss += l.loss / accum as f64;
-            lt += l.text / accum as f64;
-            li += l.image / accum as f64;
+        // Loss terms, averaged over the micro-batches, in the order the model reports them.
+        let mut terms: Vec<(&'static str, f64)> = Vec::new();
+        for micro in 0..accum {
+            let scale = 1.0 / accum as f32;
+            let got = stage.micro_step(t, micro, &rs.params, &mut grads, scale)?;
+            rs.state.data = stage.cursor();
+            if terms.is_empty() {
+                terms = got.iter().map(|&(k, _)| (k, 0.0)).collect();
+            }
+            for (acc, (_, v)) in terms.iter_mut().zip(&got) {
+                acc.1 += v / accum as f64;
+            }
         }
-        // Data-parallel seam: sum the gradients of every rank, then average.
-        comm.all_reduce_sum(&mut grads)?;
-        if comm.world_size() > 1 {
-            let inv = 1.0 / comm.world_size() as f32;
-            grads.iter_mut().for_each(|g| *g *= inv);
-        }
-        // The global batch's loss: the plateau schedule reads it, so every rank must see the same.
-        let [loss, lt, li] = crate::dist::mean_over_ranks(&mut *comm, [loss, lt, li])?;
+        // The global batch's loss terms: the plateau schedule reads the loss, so every rank must
+        // see the same.
+        crate::dist::mean_over_ranks(&mut *comm, &mut terms)?;
+        let loss = terms.first().map(|t| t.1).unwrap_or(f64::NAN);
+        // Data-parallel seam: average the gradients of every rank, plainly or through PowerSGD
+        // (whose non-finite steps come back as NaN, so that AdamW skips them).
+        let bytes_plain = 4 * grads.len() as u64;
+        let bytes_sent = match powersgd.as_mut() {
+            Some(p) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
+            None => {
+                comm.all_reduce_sum(&mut grads)?;
+                if comm.world_size() > 1 {
+                    let inv = 1.0 / comm.world_size() as f32;
+                    grads.iter_mut().for_each(|g| *g *= inv);
+                }
+                bytes_plain
+            }
+        };
         let lr = rs.state.schedule.lr(&sched, t);
-        let report = rs
-            .adam
-            .step(model.table(), &mut rs.params, &grads, lr as f32)?;
+        let report = rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?;
         if report.applied {
             if let Some(ema) = rs.ema.as_mut() {
                 ema_update(ema, &rs.params, cfg.optim.ema as f32)?;
@@ -426,19 +413,29 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         rs.state.step = t;
         let secs = started.elapsed().as_secs_f64();
         let gflops = step_flops / secs / 1e9;
+        let mut values: BTreeMap<String, f64> = terms
+            .iter()
+            .skip(1)
+            .chain(&stage.update_metrics(t))
+            .map(|&(k, v)| (k.to_string(), v))
+            .collect();
+        for (k, v) in stage.rates(secs) {
+            values.insert(k.to_string(), v * accum as f64);
+        }
+        if comm.world_size() > 1 || powersgd.is_some() {
+            values.insert("bytes_sent".into(), bytes_sent as f64);
+            values.insert("bytes_uncompressed".into(), bytes_plain as f64);
+        }
         let m = Metrics {
             step: t,
             loss,
-            loss_text: lt,
-            loss_image: li,
             lr,
             grad_norm: report.grad_norm,
             skipped: !report.applied,
             step_ms: secs * 1e3,
-            tokens_per_s: tokens / secs,
-            image_tokens_per_s: image_tokens / secs,
             gflops_per_s: gflops,
             mfu: gflops / peak_gflops,
+            values,
         };
         let log_every = cfg.train.log_every.max(1);
         if t.is_multiple_of(log_every) || t == cfg.train.steps || t == 1 {
@@ -446,11 +443,14 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 writeln!(f, "{}", serde_json::to_string(&m)?)
                     .with_context(|| format!("writing {}", metrics_path.display()))?;
             }
+            let shown: String = terms
+                .iter()
+                .skip(1)
+                .map(|(k, v)| format!(" {k}={v:.4}"))
+                .collect();
             tracing::info!(
                 step = t,
-                loss = format_args!("{loss:.4}"),
-                text = format_args!("{lt:.4}"),
-                image = format_args!("{li:.4}"),
+                loss = format_args!("{loss:.4}{shown}"),
                 lr = format_args!("{lr:.3e}"),
                 grad_norm = format_args!("{:.3}", report.grad_norm),
                 ms = format_args!("{:.1}", m.step_ms),
@@ -462,8 +462,13 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         // A stop request that reached any rank stops every rank after this same update.
         let stopping = crate::dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
+            // The snapshot is collective (the mean error over ranks): every rank takes it.
+            let snap = powersgd
+                .as_ref()
+                .map(|p| p.snapshot(&mut *comm))
+                .transpose()?;
             if rank0 {
-                let dir = save_state(cfg, &model, &rs)?;
+                let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
                 tracing::info!(dir = %dir.display(), "checkpoint");
             }
             // No rank runs ahead of (or exits before) a half-written checkpoint.

@@ -132,3 +132,107 @@ fn dvae_matches_numpy_reference_one_block_per_group() {
 fn dvae_matches_numpy_reference_two_blocks_per_group() {
     check(2, 4);
 }
+
+/// `trainer init-weights` and `trainer debug-state` for a `model.kind: dvae` config, end to end
+/// through the binary (MODEL-SPEC §4: batch keys `images`, `tau`, `beta`; outputs
+/// `encoder_logits`, `decoder_stats` without Gumbel noise, `loss`, `grad.<name>`), against the
+/// same NumPy reference.
+#[test]
+fn dvae_debug_state_cli_matches_numpy_reference() {
+    if !support::python_ready("the NumPy dVAE debug-state check") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    std::fs::write(
+        p("dvae.yaml"),
+        format!(
+            "run: {{name: d, out_dir: {}, seed: 5}}
+model: {{kind: dvae, resolution: 16, n_hid: 8, n_blk_per_group: 1, vocab_size: 6, n_init: 4}}
+data: {{source: images, paths: [unused.tis]}}
+train: {{steps: 1, batch_size: 2}}
+",
+            p("run").display()
+        ),
+    )
+    .unwrap();
+    let trainer = env!("CARGO_BIN_EXE_trainer");
+    let run = |args: &[&Path]| {
+        let out = Command::new(trainer).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "trainer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (cfg, w, batch, state) = (
+        p("dvae.yaml"),
+        p("w.safetensors"),
+        p("b.safetensors"),
+        p("s.safetensors"),
+    );
+    run(&[
+        "init-weights".as_ref(),
+        "--config".as_ref(),
+        &cfg,
+        "--out".as_ref(),
+        &w,
+    ]);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let images: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.random::<f32>()).collect();
+    let (tau, beta) = ([0.8f32], [1.5f32]);
+    write_tensors(
+        &batch,
+        &[
+            entry("images", &[2, 3, 16, 16], &images),
+            entry("tau", &[1], &tau),
+            entry("beta", &[1], &beta),
+        ],
+    )
+    .unwrap();
+    run(&[
+        "debug-state".as_ref(),
+        "--config".as_ref(),
+        &cfg,
+        "--weights".as_ref(),
+        &w,
+        "--batch".as_ref(),
+        &batch,
+        "--out".as_ref(),
+        &state,
+    ]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/reference_dvae.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--weights".as_ref(), w.as_os_str()])
+        .args(["--inputs".as_ref(), batch.as_os_str()])
+        .args(["--outputs".as_ref(), state.as_os_str()])
+        .args(["--n-blk-per-group", "1"])
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the NumPy reference disagrees with `trainer debug-state`: {}\n--- stdout\n{stdout}\n\
+         --- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A batch of the wrong resolution is refused naming the tensor and the expected shape.
+    write_tensors(&batch, &[entry("images", &[2, 3, 8, 8], &images[..384])]).unwrap();
+    let out = Command::new(trainer)
+        .args(["debug-state".as_ref(), "--config".as_ref(), cfg.as_os_str()])
+        .args(["--weights".as_ref(), w.as_os_str()])
+        .args(["--batch".as_ref(), batch.as_os_str()])
+        .args(["--out".as_ref(), state.as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("`images` has shape [2, 3, 8, 8], expected [B ≥ 1, 3, 16, 16]"),
+        "{err}"
+    );
+}

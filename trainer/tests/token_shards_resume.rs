@@ -33,9 +33,10 @@ fn write_shards(cfg: &RunConfig, dir: &Path) {
 
 fn write_shards_with(cfg: &RunConfig, dir: &Path, caption: impl Fn(u64) -> String) {
     fs::create_dir_all(dir).unwrap();
-    let gen = SyntheticData::from_config(cfg);
-    let layout = ShardLayout::from_model(&cfg.model).unwrap();
-    let (tt, gi) = (cfg.model.text_len, cfg.model.image_len());
+    let gen = SyntheticData::from_config(cfg).unwrap();
+    let m = cfg.transformer().unwrap();
+    let layout = ShardLayout::from_model(m).unwrap();
+    let (tt, gi) = (m.text_len, m.image_len());
     let (mut text, mut image) = (vec![0; tt], vec![0; gi]);
     for (k, range) in [0..7u64, 7..14, 14..20].into_iter().enumerate() {
         let mut w =
@@ -137,8 +138,8 @@ fn bpe_dropout_changes_the_text_and_resume_stays_bit_exact() {
     // Stored text tokens are the captions' own BPE ids, so only dropout can change them.
     let base = cfg(&straight, 1, &dropout);
     fs::create_dir_all(&data).unwrap();
-    let layout = ShardLayout::from_model(&base.model).unwrap();
-    let gen = SyntheticData::from_config(&base);
+    let layout = ShardLayout::from_model(base.transformer().unwrap()).unwrap();
+    let gen = SyntheticData::from_config(&base).unwrap();
     let mut w = TokenShardWriter::create(&data.join("tokens-00000.tts"), layout).unwrap();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let (mut text, mut image) = (vec![0; 6], vec![0; 16]);
@@ -210,7 +211,7 @@ fn a_shard_of_another_layout_or_a_missing_glob_stops_the_run_before_training() {
     assert!(e.contains("tokens-*.tts' matches no .tts shard"), "{e}");
     write_shards(&c, &data);
     let mut other = c.clone();
-    other.model.text_len = 8;
+    other.model.transformer_mut().unwrap().text_len = 8;
     let e = format!("{:#}", trainer::train::run(&other, true).unwrap_err());
     assert!(
         e.contains("tokens-00000.tts has text_len 6, the config model.text_len 8"),

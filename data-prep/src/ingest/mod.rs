@@ -95,6 +95,22 @@ pub enum IngestError {
     },
 }
 
+impl From<crate::markers::MarkerError> for IngestError {
+    fn from(e: crate::markers::MarkerError) -> Self {
+        match e {
+            crate::markers::MarkerError::Fs(e) => IngestError::Io {
+                action: e.action,
+                path: e.path,
+                source: e.source,
+            },
+            crate::markers::MarkerError::Format { path, message } => IngestError::Format {
+                path,
+                reason: format!("unreadable done marker: {message}"),
+            },
+        }
+    }
+}
+
 /// Command-line options of `data-prep ingest`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct IngestArgs {
@@ -260,7 +276,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
         path: a.out.clone(),
         source,
     })?;
-    let bar = progress(total, !a.quiet);
+    let bar = crate::markers::progress("ingest", total, "inputs", !a.quiet);
     let mut seen_hashes: HashSet<u128> = HashSet::new();
     let mut totals = Counts::new();
     let mut shard_files = Vec::new();
@@ -312,13 +328,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
             }
             if shard.is_none() {
                 // A stale marker of an incomplete group goes first, then the shard is rewritten.
-                if marker.exists() {
-                    fs::remove_file(&marker).map_err(|source| IngestError::Io {
-                        action: "remove stale marker",
-                        path: marker.clone(),
-                        source,
-                    })?;
-                }
+                crate::markers::remove(&marker)?;
                 shard = Some(ImageShardWriter::create(
                     &path,
                     a.resolution,
@@ -362,11 +372,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
             params: params.clone(),
             counts: counts.clone(),
         };
-        let json = serde_json::to_vec_pretty(&m).map_err(|e| IngestError::Format {
-            path: marker.clone(),
-            reason: e.to_string(),
-        })?;
-        writer::write_atomic(&marker, &json)?;
+        crate::markers::write(&marker, &m)?;
         totals.merge(&counts);
         shard_files.push(name);
         group += 1;
@@ -398,25 +404,6 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
     })?;
     writer::write_atomic(&path, &json)?;
     Ok(stats)
-}
-
-fn progress(total: Option<u64>, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = match total {
-        Some(n) => indicatif::ProgressBar::new(n),
-        None => indicatif::ProgressBar::new_spinner(),
-    };
-    let template = if total.is_some() {
-        "ingest [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})"
-    } else {
-        "ingest [{elapsed_precise}] {spinner} {pos} inputs ({per_sec})"
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-        bar.set_style(style);
-    }
-    bar
 }
 
 /// `data-prep ingest`: runs and prints a one-line summary.

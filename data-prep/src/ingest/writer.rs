@@ -7,7 +7,6 @@
 //! this run's and its shard opens with the marker's record count; a rerun skips done groups and
 //! rewrites the others, so it produces the same bytes as an uninterrupted run.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +22,7 @@ pub fn shard_path(out: &Path, group: u64) -> PathBuf {
 
 /// `DIR/images-<g:05>.tis.done`.
 pub fn marker_path(out: &Path, group: u64) -> PathBuf {
-    out.join(format!("images-{group:05}.tis.done"))
+    crate::markers::marker_path(&shard_path(out, group))
 }
 
 /// What a done marker holds.
@@ -52,21 +51,9 @@ pub fn load_done(
     params: &serde_json::Value,
 ) -> Result<Option<(Marker, ImageShard)>, IngestError> {
     let path = marker_path(out, group);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(IngestError::Io {
-                action: "read",
-                path,
-                source,
-            })
-        }
+    let Some(marker) = crate::markers::read::<Marker>(&path)? else {
+        return Ok(None);
     };
-    let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| IngestError::Format {
-        path: path.clone(),
-        reason: format!("unreadable done marker: {e}"),
-    })?;
     if &marker.params != params {
         return Err(IngestError::ParamsChanged {
             marker: path,

@@ -46,6 +46,12 @@ pub enum DataCursor {
         position: u64,
         records: u64,
     },
+    /// `data.source: images` (the dVAE): the image loader's [`Cursor`] and record count.
+    Images {
+        epoch: u64,
+        position: u64,
+        records: u64,
+    },
 }
 
 impl DataCursor {
@@ -59,6 +65,20 @@ impl DataCursor {
                 position: 0,
                 records: 0,
             },
+            DataSource::Images(_) => DataCursor::Images {
+                epoch: 0,
+                position: 0,
+                records: 0,
+            },
+        }
+    }
+
+    /// The `data.source` this cursor belongs to.
+    pub fn source_name(&self) -> &'static str {
+        match self {
+            DataCursor::Synthetic { .. } => "synthetic",
+            DataCursor::Shards { .. } => "shards",
+            DataCursor::Images { .. } => "images",
         }
     }
 }
@@ -70,6 +90,8 @@ pub enum DataError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(
         "the checkpoint's data cursor is for data.source: {saved}, but the config has data.source: \
          {config}"
@@ -112,7 +134,7 @@ impl DataStream {
         match (&cfg.data, cursor) {
             (DataSource::Synthetic(_), DataCursor::Synthetic { next_sample }) => {
                 Ok(DataStream::Synthetic {
-                    data: SyntheticData::from_config(cfg),
+                    data: SyntheticData::from_config(cfg)?,
                     next_sample,
                     batch_size,
                     rank,
@@ -127,7 +149,7 @@ impl DataStream {
                     records,
                 },
             ) => {
-                let layout = ShardLayout::from_model(&cfg.model)?;
+                let layout = ShardLayout::from_model(cfg.transformer()?)?;
                 let set = ShardSet::open_patterns(&s.paths, &layout)?;
                 let fresh = (epoch, position, records) == (0, 0, 0);
                 if !fresh && records != set.len() {
@@ -153,14 +175,8 @@ impl DataStream {
                 )?))
             }
             (_, saved) => Err(DataError::SourceChanged {
-                saved: match saved {
-                    DataCursor::Synthetic { .. } => "synthetic",
-                    DataCursor::Shards { .. } => "shards",
-                },
-                config: match cfg.data {
-                    DataSource::Synthetic(_) => "synthetic",
-                    DataSource::Shards(_) => "shards",
-                },
+                saved: saved.source_name(),
+                config: DataCursor::start(cfg).source_name(),
             }),
         }
     }
@@ -204,6 +220,79 @@ impl DataStream {
                     records: loader.records(),
                 }
             }
+        }
+    }
+}
+
+/// The image batches of one rank of a dVAE run (`data.source: images`).
+pub struct ImageStream {
+    loader: image_loader::ImageLoader,
+}
+
+impl ImageStream {
+    /// Opens the image shards of `cfg` (each must hold `model.resolution`-pixel images; the error
+    /// names the file) for `rank` of `world_size`, continuing from `cursor`.
+    pub fn open(
+        cfg: &RunConfig,
+        rank: usize,
+        world_size: usize,
+        cursor: DataCursor,
+    ) -> Result<ImageStream, DataError> {
+        let (DataSource::Images(s), Some(d)) = (&cfg.data, cfg.model.dvae()) else {
+            return Err(DataError::SourceChanged {
+                saved: cursor.source_name(),
+                config: DataCursor::start(cfg).source_name(),
+            });
+        };
+        let DataCursor::Images {
+            epoch,
+            position,
+            records,
+        } = cursor
+        else {
+            return Err(DataError::SourceChanged {
+                saved: cursor.source_name(),
+                config: "images",
+            });
+        };
+        let set = image_loader::ImageShardSet::open_patterns(&s.paths, d.resolution as u32)?;
+        let fresh = (epoch, position, records) == (0, 0, 0);
+        if !fresh && records != set.len() {
+            return Err(DataError::RecordsChanged {
+                saved: records,
+                now: set.len(),
+            });
+        }
+        let opts = LoaderOptions {
+            seed: cfg.run.seed,
+            batch_size: cfg.train.batch_size,
+            rank,
+            world_size,
+            prefetch: s.prefetch,
+            bpe_dropout: 0.0,
+        };
+        let loader =
+            image_loader::ImageLoader::images(Arc::new(set), opts, Cursor { epoch, position })?;
+        Ok(ImageStream { loader })
+    }
+
+    /// This rank's next batch: `[B, 3, H, W]` pixels in [0, 1].
+    pub fn next_batch(&mut self) -> Result<image_loader::ImageBatch, DataError> {
+        Ok(self.loader.next_batch()?)
+    }
+
+    /// Returns a spent batch's buffer for reuse.
+    pub fn recycle(&self, batch: image_loader::ImageBatch) {
+        self.loader.recycle(batch);
+    }
+
+    /// Where the batch after the last one returned starts.
+    pub fn cursor(&self) -> DataCursor {
+        let c = self.loader.cursor();
+        DataCursor::Images {
+            epoch: c.epoch,
+            position: c.position,
+            records: self.loader.records(),
         }
     }
 }

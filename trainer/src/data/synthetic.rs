@@ -45,14 +45,15 @@ impl SyntheticData {
     /// The generator of a run config, seeded from `run.seed`: the `data:` section's caption
     /// lengths with `data.source: synthetic`, the defaults otherwise (`data-prep synth-tokens`
     /// writes shards for a `data.source: shards` config).
-    pub fn from_config(cfg: &RunConfig) -> Self {
+    /// An error when the config's model is not a transformer.
+    pub fn from_config(cfg: &RunConfig) -> Result<Self, crate::config::ConfigError> {
         let default = SyntheticConfig::default();
         let s = match &cfg.data {
             DataSource::Synthetic(s) => s,
             _ => &default,
         };
-        let m = &cfg.model;
-        SyntheticData {
+        let m = cfg.transformer()?;
+        Ok(SyntheticData {
             seed: cfg.run.seed,
             text_len: m.text_len,
             text_vocab: m.text_vocab,
@@ -60,7 +61,7 @@ impl SyntheticData {
             image_vocab: m.image_vocab,
             min_caption_tokens: s.min_caption_tokens,
             max_caption_tokens: s.max_caption_tokens(m.text_len),
-        }
+        })
     }
 
     /// Writes sample `index` into `text` [Tt] and `image` [G²].

@@ -173,19 +173,22 @@ pub fn any_rank(comm: &mut dyn Collectives, flag: bool) -> Result<bool, Collecti
     Ok(v[0] > 0.0)
 }
 
-/// The mean over ranks of a few scalars (losses), identical on every rank; the values themselves
-/// with one rank. The sum runs in f32 (in the ring's fixed order, so it is reproducible).
-pub fn mean_over_ranks<const N: usize>(
+/// Replaces each named value (loss terms) by its mean over ranks, identical on every rank; a
+/// no-op with one rank. The sum runs in f32 (in the ring's fixed order, so it is reproducible).
+pub fn mean_over_ranks(
     comm: &mut dyn Collectives,
-    values: [f64; N],
-) -> Result<[f64; N], CollectiveError> {
+    terms: &mut [(&'static str, f64)],
+) -> Result<(), CollectiveError> {
     let w = comm.world_size();
     if w == 1 {
-        return Ok(values);
+        return Ok(());
     }
-    let mut buf = values.map(|v| v as f32);
+    let mut buf: Vec<f32> = terms.iter().map(|t| t.1 as f32).collect();
     comm.all_reduce_sum(&mut buf)?;
-    Ok(buf.map(|v| v as f64 / w as f64))
+    for (t, v) in terms.iter_mut().zip(buf) {
+        t.1 = v as f64 / w as f64;
+    }
+    Ok(())
 }
 
 /// Checks that every rank holds the same `value` (e.g. the step it resumed from); on a mismatch

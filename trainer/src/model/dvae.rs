@@ -20,13 +20,31 @@ use kernels::resample::{
     maxpool2_backward, maxpool2_forward, upsample2_backward, upsample2_forward,
 };
 
+mod infer;
 pub use crate::model::transformer::ModelError;
+pub use infer::{
+    argmax_codes, image_resolution, resolve_weights, tensor_shapes, unmap_pixel, DvaeWeights,
+    ImagesError, WeightsError,
+};
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
 pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
+
+/// Fills `out` with standard Gumbel noise g = −ln(−ln u), u uniform in (0, 1), from ChaCha8
+/// seeded with `seed` on stream `stream`: the same (seed, stream) always gives the same noise.
+pub fn gumbel_noise(seed: u64, stream: u64, out: &mut [f32]) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    for g in out.iter_mut() {
+        // (0, 1): the open interval keeps both logarithms finite.
+        let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+        *g = -(-u.ln()).ln() as f32;
+    }
+}
 
 /// The sizes that define the dVAE (OpenAI's hyper-parameter names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,20 +230,7 @@ impl Net {
             relus: self
                 .stages
                 .iter()
-                .map(|(stage, s)| match stage {
-                    Stage::Block(b) => {
-                        let hid = b.convs[0].c_out;
-                        let px = batch * s.side * s.side;
-                        vec![
-                            vec![0.0; len(s)],
-                            vec![0.0; px * hid],
-                            vec![0.0; px * hid],
-                            vec![0.0; px * hid],
-                        ]
-                    }
-                    Stage::ReluConv(_) => vec![vec![0.0; len(s)]],
-                    _ => Vec::new(),
-                })
+                .map(|(stage, s)| stage_relus(stage, s, batch))
                 .collect(),
             output: vec![0.0; len(&self.out)],
             scratch: vec![Vec::new(); 2],
@@ -248,70 +253,85 @@ impl Net {
         let b = acts.batch;
         for (i, (stage, shape)) in self.stages.iter().enumerate() {
             let (ins, rest) = acts.inputs.split_at_mut(i + 1);
-            let x = &ins[i];
             let y: &mut Vec<f32> = match rest.first_mut() {
                 Some(next) => next,
                 None => &mut acts.output,
             };
-            let relus = &mut acts.relus[i];
-            let planes = b * shape.c;
-            match stage {
-                Stage::Conv(cp) => {
-                    conv2d_forward(y, x, p[cp.w], p[cp.b], &Self::dims(b, cp, shape.side))?
-                }
-                Stage::MaxPool => maxpool2_forward(y, x, planes, shape.side, shape.side)?,
-                Stage::Upsample => upsample2_forward(y, x, planes, shape.side, shape.side)?,
-                Stage::ReluConv(cp) => {
-                    relu_forward(&mut relus[0], x)?;
+            let scratch = &mut acts.scratch[0];
+            self.stage_forward(stage, shape, b, p, &ins[i], y, &mut acts.relus[i], scratch)?;
+        }
+        Ok(())
+    }
+
+    /// One stage on `x` (its input, shape `shape`), writing `y` (its output). `relus` are the
+    /// stage's ReLU outputs ([`stage_relus`]), `scratch` any buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_forward(
+        &self,
+        stage: &Stage,
+        shape: &Shape,
+        b: usize,
+        p: &[&[f32]],
+        x: &[f32],
+        y: &mut [f32],
+        relus: &mut [Vec<f32>],
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        let planes = b * shape.c;
+        match stage {
+            Stage::Conv(cp) => {
+                conv2d_forward(y, x, p[cp.w], p[cp.b], &Self::dims(b, cp, shape.side))?
+            }
+            Stage::MaxPool => maxpool2_forward(y, x, planes, shape.side, shape.side)?,
+            Stage::Upsample => upsample2_forward(y, x, planes, shape.side, shape.side)?,
+            Stage::ReluConv(cp) => {
+                relu_forward(&mut relus[0], x)?;
+                conv2d_forward(
+                    y,
+                    &relus[0],
+                    p[cp.w],
+                    p[cp.b],
+                    &Self::dims(b, cp, shape.side),
+                )?;
+            }
+            Stage::Block(blk) => {
+                // Residual path into y, scaled, then the identity path added.
+                relu_forward(&mut relus[0], x)?;
+                for k in 0..3 {
+                    let cp = &blk.convs[k];
+                    let (src, dst) = relus.split_at_mut(k + 1);
+                    scratch.resize(dst[0].len(), 0.0);
                     conv2d_forward(
-                        y,
-                        &relus[0],
+                        scratch,
+                        &src[k],
                         p[cp.w],
                         p[cp.b],
                         &Self::dims(b, cp, shape.side),
                     )?;
+                    relu_forward(&mut dst[0], scratch)?;
                 }
-                Stage::Block(blk) => {
-                    // Residual path into y, scaled, then the identity path added.
-                    relu_forward(&mut relus[0], x)?;
-                    for k in 0..3 {
-                        let cp = &blk.convs[k];
-                        let (src, dst) = relus.split_at_mut(k + 1);
-                        let tmp = &mut acts.scratch[0];
-                        tmp.resize(dst[0].len(), 0.0);
+                let cp = &blk.convs[3];
+                conv2d_forward(
+                    y,
+                    &relus[3],
+                    p[cp.w],
+                    p[cp.b],
+                    &Self::dims(b, cp, shape.side),
+                )?;
+                let g = self.post_gain;
+                match &blk.id_path {
+                    Some(ip) => {
+                        scratch.resize(y.len(), 0.0);
                         conv2d_forward(
-                            tmp,
-                            &src[k],
-                            p[cp.w],
-                            p[cp.b],
-                            &Self::dims(b, cp, shape.side),
+                            scratch,
+                            x,
+                            p[ip.w],
+                            p[ip.b],
+                            &Self::dims(b, ip, shape.side),
                         )?;
-                        relu_forward(&mut dst[0], tmp)?;
+                        scale_add(y, g, scratch);
                     }
-                    let cp = &blk.convs[3];
-                    conv2d_forward(
-                        y,
-                        &relus[3],
-                        p[cp.w],
-                        p[cp.b],
-                        &Self::dims(b, cp, shape.side),
-                    )?;
-                    let g = self.post_gain;
-                    match &blk.id_path {
-                        Some(ip) => {
-                            let tmp = &mut acts.scratch[0];
-                            tmp.resize(y.len(), 0.0);
-                            conv2d_forward(
-                                tmp,
-                                x,
-                                p[ip.w],
-                                p[ip.b],
-                                &Self::dims(b, ip, shape.side),
-                            )?;
-                            scale_add(y, g, tmp);
-                        }
-                        None => scale_add(y, g, x),
-                    }
+                    None => scale_add(y, g, x),
                 }
             }
         }
@@ -427,6 +447,25 @@ impl Net {
             std::mem::swap(&mut dy, &mut dx);
         }
         Ok(())
+    }
+}
+
+/// The ReLU outputs a stage keeps (blocks: the inputs of conv_1..conv_4; the output stage: its
+/// ReLU), for `batch` images of input shape `s`.
+fn stage_relus(stage: &Stage, s: &Shape, batch: usize) -> Vec<Vec<f32>> {
+    let px = batch * s.side * s.side;
+    match stage {
+        Stage::Block(b) => {
+            let hid = b.convs[0].c_out;
+            vec![
+                vec![0.0; px * s.c],
+                vec![0.0; px * hid],
+                vec![0.0; px * hid],
+                vec![0.0; px * hid],
+            ]
+        }
+        Stage::ReluConv(_) => vec![vec![0.0; px * s.c]],
+        _ => Vec::new(),
     }
 }
 

@@ -1,0 +1,231 @@
+//! Stage 1 end to end on `data-prep synth` images: `synth` → `ingest` → `trainer train` with a
+//! `model.kind: dvae` config. A short run learns (reconstruction error falls, codebook use
+//! rises), resume is bit-exact, and images of the wrong size are refused before any work.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use trainer::config::RunConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_data-prep");
+
+/// `count` synthetic 64×64 captioned images, ingested into shards of 128 records (chunks of 32).
+fn synth_shards(dir: &Path, count: usize, resolution: u32) -> PathBuf {
+    let files = dir.join("files");
+    let shards = dir.join("shards");
+    let res = resolution.to_string();
+    for args in [
+        vec![
+            "synth",
+            "--count",
+            &count.to_string(),
+            "--resolution",
+            &res,
+            "--seed",
+            "3",
+            "--out",
+            files.to_str().unwrap(),
+            "--quiet",
+        ],
+        vec![
+            "ingest",
+            "--input",
+            files.to_str().unwrap(),
+            "--out",
+            shards.to_str().unwrap(),
+            "--resolution",
+            &res,
+            "--shard-size",
+            "128",
+            "--chunk-records",
+            "32",
+            "--quiet",
+        ],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "data-prep {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    shards
+}
+
+fn dvae_yaml(out: &Path, shards: &Path, steps: u64, extra: &str) -> String {
+    format!(
+        "run:
+  name: dvae-test
+  out_dir: {out}
+  seed: 11
+  device: cpu
+model:
+  kind: dvae
+  resolution: 64
+  n_hid: 16
+  n_blk_per_group: 1
+  vocab_size: 128
+  n_init: 32
+data:
+  source: images
+  paths: [\"{shards}/*.tis\"]
+optim:
+  lr: 2.0e-3
+  beta2: 0.999
+  weight_decay: 1.0e-4
+  grad_clip: 0.0
+  ema: 0.999
+train:
+  steps: {steps}
+  batch_size: 8
+  log_every: 1
+{extra}",
+        out = out.display(),
+        shards = shards.display()
+    )
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn mean(rows: &[serde_json::Value], key: &str) -> f64 {
+    rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+}
+
+#[test]
+fn short_dvae_run_reconstructs_better_and_uses_more_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = synth_shards(tmp.path(), 256, 64);
+    let out = tmp.path().join("run");
+    let steps = 400;
+    let extra = "relaxation:
+  tau_steps: 400
+  beta_steps: 100
+schedule:
+  kind: cosine
+  min_lr: 2.0e-5
+checkpoint:
+  every: 0
+";
+    let cfg = RunConfig::from_yaml_str(&dvae_yaml(&out, &shards, steps, extra), "t").unwrap();
+    let summary = trainer::train::run(&cfg, true).unwrap();
+    assert_eq!(summary.final_step, steps);
+    let rows = metrics(&out);
+    assert_eq!(rows.len(), steps as usize);
+    let (head, tail) = (&rows[..20], &rows[rows.len() - 40..]);
+    let (mse0, mse1) = (mean(head, "recon_mse"), mean(tail, "recon_mse"));
+    let (ppl0, ppl1) = (
+        mean(head, "codebook_perplexity"),
+        mean(tail, "codebook_perplexity"),
+    );
+    eprintln!(
+        "recon_mse {mse0:.4} → {mse1:.4}; codebook perplexity {ppl0:.2} → {ppl1:.2}; \
+         loss {:.3} → {:.3}",
+        mean(head, "loss"),
+        mean(tail, "loss")
+    );
+    for r in &rows {
+        assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    // τ and β follow their cosines at the number of updates done before each update.
+    let relax = cfg.relaxation();
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(
+            r["tau"].as_f64().unwrap(),
+            relax.tau(i as u64),
+            "update {}",
+            i + 1
+        );
+        assert_eq!(
+            r["beta"].as_f64().unwrap(),
+            relax.beta(i as u64),
+            "update {}",
+            i + 1
+        );
+    }
+    // Measured on this run: recon_mse 0.13 → 0.021, perplexity 1.4 → 2.7 (the synthetic images
+    // are mostly flat backgrounds, so few codes suffice).
+    assert!(
+        mse1 < 0.05 && mse1 < 0.4 * mse0,
+        "mean recon_mse of the last 40 updates {mse1:.4} (first 20: {mse0:.4})"
+    );
+    assert!(
+        ppl1 > 2.0 && ppl1 > 1.5 * ppl0,
+        "mean codebook perplexity of the last 40 updates {ppl1:.2} (first 20: {ppl0:.2})"
+    );
+}
+
+#[test]
+fn dvae_resume_is_bit_exact_and_wrong_sizes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = synth_shards(tmp.path(), 40, 64);
+    let extra = "relaxation:
+  tau_steps: 6
+  beta_steps: 3
+checkpoint:
+  every: 3
+  keep_last: 5
+";
+    let cfg = |out: &Path, steps: u64| {
+        let yaml = dvae_yaml(out, &shards, steps, extra)
+            .replace("batch_size: 8", "batch_size: 4\n  grad_accum: 2")
+            .replace("n_hid: 16", "n_hid: 8");
+        RunConfig::from_yaml_str(&yaml, "t").unwrap()
+    };
+    let (straight, resumed) = (tmp.path().join("a"), tmp.path().join("b"));
+    trainer::train::run(&cfg(&straight, 8), true).unwrap();
+    trainer::train::run(&cfg(&resumed, 3), true).unwrap();
+    let b = trainer::train::run(&cfg(&resumed, 8), true).unwrap();
+    assert_eq!((b.final_step, b.resumed_from), (8, Some(3)));
+    let dir = |out: &Path| out.join("checkpoints/step_00000008");
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "ema.safetensors",
+        "state.json",
+    ] {
+        assert!(
+            fs::read(dir(&straight).join(file)).unwrap()
+                == fs::read(dir(&resumed).join(file)).unwrap(),
+            "{file} differs between 8 straight updates and 3 + resume + 5"
+        );
+    }
+    // The logged values agree too, except the timings.
+    let untimed = |out: &Path| {
+        metrics(out)
+            .into_iter()
+            .map(|mut v| {
+                for k in ["step_ms", "gflops_per_s", "mfu", "images_per_s"] {
+                    v[k] = serde_json::Value::Null;
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(untimed(&straight), untimed(&resumed));
+
+    // 32×32 shards for a 64×64 model: refused before any work, naming the file and sizes.
+    let small = synth_shards(&tmp.path().join("small"), 8, 32);
+    let out = tmp.path().join("c");
+    let e = format!(
+        "{:#}",
+        trainer::train::run(
+            &RunConfig::from_yaml_str(&dvae_yaml(&out, &small, 2, ""), "t").unwrap(),
+            true
+        )
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("images-00000.tis") && e.contains("32") && e.contains("64"),
+        "{e}"
+    );
+    assert!(trainer::checkpoint::latest_complete(&out)
+        .unwrap()
+        .is_none());
+}

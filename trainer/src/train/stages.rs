@@ -1,0 +1,399 @@
+//! The two models' sides of the training loop. A [`Stage`] owns a model definition and its
+//! data stream and runs one micro-batch (forward + backward); the loop in `train.rs` does the
+//! rest (accumulation, reduction, AdamW, EMA, schedule, metrics, checkpoints) the same way for
+//! both.
+//!
+//! - [`TransformerStage`]: stage 2 on token sequences (synthetic or token shards).
+//! - [`DvaeStage`]: stage 1 on image shards: Gumbel noise seeded by (seed, update, micro-batch,
+//!   rank) so that a resumed run draws the same noise, τ and β from their cosine schedules.
+
+use crate::config::{DataSource, RunConfig};
+use crate::data::loader::CaptionEncoder;
+use crate::data::{DataCursor, DataStream, ImageStream};
+use crate::model::dvae::{argmax_codes, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
+use crate::model::transformer::{Activations, Transformer, TransformerDims};
+use crate::params::ParamTable;
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+/// Named values a micro-batch reports (loss terms, averaged over micro-batches by the loop).
+pub type Terms = Vec<(&'static str, f64)>;
+
+/// One model's side of the training loop.
+pub trait Stage {
+    /// The parameter layout (names, shapes, kinds).
+    fn table(&self) -> &ParamTable;
+    /// Fresh weights, deterministic in `seed`.
+    fn init_params(&self, seed: u64) -> Vec<f32>;
+    /// Useful floating-point operations of one micro-batch (forward and backward).
+    fn micro_flops(&self) -> f64;
+    /// Forward and backward on this rank's next micro-batch `micro` of update `t` (1-based):
+    /// adds `scale`·∇loss into `grads` and returns the loss (first) and its terms.
+    fn micro_step(
+        &mut self,
+        t: u64,
+        micro: usize,
+        params: &[f32],
+        grads: &mut [f32],
+        scale: f32,
+    ) -> Result<Terms>;
+    /// Values of the whole update (after every micro-batch), e.g. τ or codebook perplexity;
+    /// resets whatever [`Stage::micro_step`] accumulated for them.
+    fn update_metrics(&mut self, t: u64) -> Terms;
+    /// Throughputs of one update of `secs` seconds (`tokens_per_s`, `images_per_s`, …).
+    fn rates(&self, secs: f64) -> Terms;
+    /// Where the data stands after the last micro-batch.
+    fn cursor(&self) -> DataCursor;
+}
+
+/// Builds the stage of `cfg`'s model, its data opened for `rank` of `world_size` at `cursor`.
+pub fn open(
+    cfg: &RunConfig,
+    rank: usize,
+    world_size: usize,
+    cursor: DataCursor,
+) -> Result<Box<dyn Stage>> {
+    Ok(match cfg.model.dvae() {
+        Some(_) => Box::new(DvaeStage::new(cfg, rank, world_size, cursor)?),
+        None => Box::new(TransformerStage::new(cfg, rank, world_size, cursor)?),
+    })
+}
+
+/// The model definition of `cfg`, without data (for fresh weights and checkpoint layout).
+pub fn model_table(cfg: &RunConfig) -> Result<(ParamTable, Vec<f32>)> {
+    Ok(match cfg.model.dvae() {
+        Some(_) => {
+            let m = Dvae::new(dvae_dims_of(cfg)?)?;
+            (m.table().clone(), m.init_params(cfg.run.seed))
+        }
+        None => {
+            let m = Transformer::new(dims_of(cfg)?)?;
+            (m.table().clone(), m.init_params(cfg.run.seed))
+        }
+    })
+}
+
+/// Transformer sizes from the config (an error when the config's model is a dVAE).
+pub fn dims_of(cfg: &RunConfig) -> Result<TransformerDims> {
+    let m = cfg.transformer()?;
+    Ok(TransformerDims {
+        text_len: m.text_len,
+        text_vocab: m.text_vocab,
+        grid: m.grid,
+        image_vocab: m.image_vocab,
+        d_model: m.d_model,
+        heads: m.heads,
+        layers: m.layers,
+        conv_kernel: m.conv_kernel,
+    })
+}
+
+/// dVAE sizes from the config (an error when the config's model is a transformer).
+pub fn dvae_dims_of(cfg: &RunConfig) -> Result<DvaeDims> {
+    let d = cfg
+        .model
+        .dvae()
+        .with_context(|| format!("model.kind is {}, not dvae", cfg.model.kind()))?;
+    Ok(DvaeDims {
+        resolution: d.resolution,
+        n_hid: d.n_hid,
+        n_blk_per_group: d.n_blk_per_group,
+        vocab_size: d.vocab_size,
+        n_init: d.n_init,
+    })
+}
+
+/// Stage 2: the transformer on token sequences.
+pub struct TransformerStage {
+    model: Transformer,
+    acts: Activations,
+    data: DataStream,
+    batch: usize,
+}
+
+impl TransformerStage {
+    fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
+        let model = Transformer::new(dims_of(cfg)?)?;
+        let data = DataStream::open(cfg, rank, world_size, cursor, caption_encoder(cfg)?)
+            .context("opening the training data")?;
+        let batch = cfg.train.batch_size;
+        Ok(TransformerStage {
+            acts: Activations::new(&model, batch),
+            model,
+            data,
+            batch,
+        })
+    }
+}
+
+impl Stage for TransformerStage {
+    fn table(&self) -> &ParamTable {
+        self.model.table()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.model.init_params(seed)
+    }
+    fn micro_flops(&self) -> f64 {
+        self.model.train_flops(self.batch)
+    }
+    fn micro_step(
+        &mut self,
+        _t: u64,
+        _micro: usize,
+        params: &[f32],
+        grads: &mut [f32],
+        scale: f32,
+    ) -> Result<Terms> {
+        let batch = self.data.next_batch().context("reading the next batch")?;
+        let l = self.model.forward(
+            params,
+            &mut self.acts,
+            &batch.text,
+            &batch.image,
+            Some(scale),
+        )?;
+        self.model
+            .backward(params, grads, &mut self.acts, &batch.text, &batch.image)?;
+        self.data.recycle(batch);
+        Ok(vec![
+            ("loss", l.loss),
+            ("loss_text", l.text),
+            ("loss_image", l.image),
+        ])
+    }
+    fn update_metrics(&mut self, _t: u64) -> Terms {
+        Vec::new()
+    }
+    fn rates(&self, secs: f64) -> Terms {
+        let d = self.model.dims();
+        vec![
+            ("tokens_per_s", (self.batch * d.seq_len()) as f64 / secs),
+            (
+                "image_tokens_per_s",
+                (self.batch * d.image_tokens()) as f64 / secs,
+            ),
+        ]
+    }
+    fn cursor(&self) -> DataCursor {
+        self.data.cursor()
+    }
+}
+
+/// BPE dropout's caption encoder: the config's `tokenizer.json`, re-encoding each caption with
+/// dropout `data.bpe_dropout` from the loader's per-record random stream.
+struct BpeCaptions {
+    tok: crate::data::bpe::BpeTokenizer,
+    text_len: usize,
+    text_vocab: usize,
+    dropout: f32,
+}
+
+impl CaptionEncoder for BpeCaptions {
+    fn encode(
+        &self,
+        caption: &str,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> std::result::Result<Vec<u32>, crate::data::loader::EncodeError> {
+        Ok(crate::data::bpe::encode_caption(
+            &self.tok,
+            caption,
+            self.text_len,
+            self.text_vocab,
+            self.dropout,
+            rng,
+        )?)
+    }
+}
+
+/// The caption encoder a shard run needs: one when `data.bpe_dropout` > 0, else none (the
+/// stored text tokens are used as they are).
+fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
+    let DataSource::Shards(s) = &cfg.data else {
+        return Ok(None);
+    };
+    if s.bpe_dropout <= 0.0 {
+        return Ok(None);
+    }
+    let m = cfg.transformer()?;
+    let path = s
+        .tokenizer
+        .as_ref()
+        .context("data.tokenizer is required when data.bpe_dropout > 0")?;
+    let tok = crate::data::bpe::BpeTokenizer::load(path)?;
+    if tok.vocab_size() > m.text_vocab {
+        bail!(
+            "{}: the tokenizer has {} ids, more than model.text_vocab = {}",
+            path.display(),
+            tok.vocab_size(),
+            m.text_vocab
+        );
+    }
+    Ok(Some(Arc::new(BpeCaptions {
+        tok,
+        text_len: m.text_len,
+        text_vocab: m.text_vocab,
+        dropout: s.bpe_dropout as f32,
+    })))
+}
+
+/// Stage 1: the dVAE on image shards.
+pub struct DvaeStage {
+    model: Dvae,
+    acts: DvaeActs,
+    data: ImageStream,
+    noise: Vec<f32>,
+    relax: crate::config::RelaxationConfig,
+    seed: u64,
+    rank: usize,
+    world_size: usize,
+    batch: usize,
+    /// Argmax-code counts over the update's micro-batches (codebook perplexity).
+    code_counts: Vec<u64>,
+    /// Σ squared pixel error and pixel count over the update's micro-batches.
+    sq_err: f64,
+    pixels: u64,
+}
+
+/// Keeps the Gumbel noise's random stream apart from the other streams of the same seed.
+const GUMBEL_SALT: u64 = 0x6a3b_9e1f_57c2_0004;
+
+impl DvaeStage {
+    fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
+        let dims = dvae_dims_of(cfg)?;
+        let model = Dvae::new(dims)?;
+        let data = ImageStream::open(cfg, rank, world_size, cursor)
+            .context("opening the training images")?;
+        let batch = cfg.train.batch_size;
+        let g = dims.grid();
+        Ok(DvaeStage {
+            acts: model.new_acts(batch),
+            noise: vec![0.0; batch * dims.vocab_size * g * g],
+            code_counts: vec![0; dims.vocab_size],
+            model,
+            data,
+            relax: cfg.relaxation(),
+            seed: cfg.run.seed,
+            rank,
+            world_size,
+            batch,
+            sq_err: 0.0,
+            pixels: 0,
+        })
+    }
+
+    /// τ and β of update `t` (1-based): the schedules at the number of updates done before it,
+    /// so the first update uses the start values.
+    fn tau_beta(&self, t: u64) -> (f64, f64) {
+        let done = t.saturating_sub(1);
+        (self.relax.tau(done), self.relax.beta(done))
+    }
+}
+
+impl Stage for DvaeStage {
+    fn table(&self) -> &ParamTable {
+        self.model.table()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.model.init_params(seed)
+    }
+    fn micro_flops(&self) -> f64 {
+        self.model.train_flops(self.batch)
+    }
+    fn micro_step(
+        &mut self,
+        t: u64,
+        micro: usize,
+        params: &[f32],
+        grads: &mut [f32],
+        scale: f32,
+    ) -> Result<Terms> {
+        let batch = self.data.next_batch().context("reading the next batch")?;
+        let (tau, beta) = self.tau_beta(t);
+        // One stream per (update, micro-batch, rank): the same noise after a resume, different
+        // noise on every rank.
+        let stream = ((t << 16 | micro as u64) << 16) | self.rank as u64;
+        debug_assert!(self.world_size <= 1 << 16);
+        gumbel_noise(self.seed ^ GUMBEL_SALT, stream, &mut self.noise);
+        let l = self.model.forward(
+            params,
+            &mut self.acts,
+            &batch.pixels,
+            Some(&self.noise),
+            tau as f32,
+            beta as f32,
+        )?;
+        self.model.backward(params, grads, &mut self.acts, scale)?;
+        let d = self.model.dims();
+        let codes = argmax_codes(self.acts.logits(), d.vocab_size, d.grid() * d.grid())?;
+        for c in codes {
+            self.code_counts[c as usize] += 1;
+        }
+        self.sq_err += reconstruction_sq_err(self.acts.stats(), &batch.pixels, self.batch);
+        self.pixels += batch.pixels.len() as u64;
+        self.data.recycle(batch);
+        let d = self.model.dims();
+        let npx = (self.batch * 3 * d.resolution * d.resolution) as f64;
+        let positions = (self.batch * d.grid() * d.grid()) as f64;
+        Ok(vec![
+            ("loss", l.loss),
+            // Per sub-pixel and per grid position, so that runs of any size compare.
+            ("nll", l.nll / npx),
+            ("kl", l.kl / positions),
+        ])
+    }
+    fn update_metrics(&mut self, t: u64) -> Terms {
+        let (tau, beta) = self.tau_beta(t);
+        let mse = self.sq_err / self.pixels.max(1) as f64;
+        let ppl = perplexity(&self.code_counts);
+        self.code_counts.fill(0);
+        self.sq_err = 0.0;
+        self.pixels = 0;
+        vec![
+            ("tau", tau),
+            ("beta", beta),
+            ("codebook_perplexity", ppl),
+            ("recon_mse", mse),
+        ]
+    }
+    fn rates(&self, secs: f64) -> Terms {
+        vec![("images_per_s", self.batch as f64 / secs)]
+    }
+    fn cursor(&self) -> DataCursor {
+        self.data.cursor()
+    }
+}
+
+/// exp(entropy) of the code histogram: the number of codes in use, weighted by frequency
+/// (1 when one code takes every position, K when all are used equally).
+pub fn perplexity(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let h: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
+    h.exp()
+}
+
+/// Σ over pixels of (x̂ − x)², x̂ = [`unmap_pixel`]`(μ)` the reconstruction read from decoder
+/// `stats` [B, 6, H·W] (μ in channels 0..3), `images` [B, 3, H·W] in [0, 1].
+pub fn reconstruction_sq_err(stats: &[f32], images: &[f32], batch: usize) -> f64 {
+    let plane = images.len() / (3 * batch.max(1));
+    let mut sum = 0.0f64;
+    for (x_img, s_img) in images
+        .chunks_exact(3 * plane)
+        .zip(stats.chunks_exact(6 * plane))
+    {
+        for (&x, &mu) in x_img.iter().zip(&s_img[..3 * plane]) {
+            let d = (unmap_pixel(mu) - x) as f64;
+            sum += d * d;
+        }
+    }
+    sum
+}

@@ -1,0 +1,280 @@
+//! `trainer reconstruct` through the binary: the grid holds the originals exactly and the
+//! reconstructions that `Dvae::encode` + `decode_codes` give, the printed MSE is theirs, and bad
+//! input (images a dVAE cannot take, weights that do not match) fails before anything is written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use trainer::checkpoint::{self, entries, write_tensors, TensorFile, EMA_FILE, MODEL_FILE};
+use trainer::data::image_loader::hwc_to_chw;
+use trainer::data::image_shard::{ImageShard, ImageShardWriter};
+use trainer::model::dvae::{Dvae, DvaeDims};
+use trainer::reconstruct::pair_origin;
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the trainer binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const RES: usize = 64;
+
+fn dims() -> DvaeDims {
+    DvaeDims {
+        resolution: RES,
+        n_hid: 8,
+        n_blk_per_group: 1,
+        vocab_size: 32,
+        n_init: 8,
+    }
+}
+
+/// `n` images of `res`×`res`: colour gradients with a bright square at a different place in each.
+fn write_shard(path: &Path, n: usize, res: usize) {
+    let mut w = ImageShardWriter::create(path, res as u32, 4, 3).unwrap();
+    for i in 0..n {
+        let mut px = vec![0u8; res * res * 3];
+        for y in 0..res {
+            for x in 0..res {
+                let p = &mut px[(y * res + x) * 3..][..3];
+                p[0] = (x * 255 / res) as u8;
+                p[1] = (y * 255 / res) as u8;
+                p[2] = (i * 40 % 256) as u8;
+                let (cx, cy) = (i * 9 % res, i * 13 % res);
+                if x.abs_diff(cx) < res / 6 && y.abs_diff(cy) < res / 6 {
+                    p.copy_from_slice(&[250, 250, 250]);
+                }
+            }
+        }
+        w.push(&px, &format!("image {i}"), None).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn write_weights(path: &Path, seed: u64) -> (Dvae, Vec<f32>) {
+    let m = Dvae::new(dims()).unwrap();
+    let w = m.init_params(seed);
+    write_tensors(path, &entries(m.table(), "", &w)).unwrap();
+    (m, w)
+}
+
+/// The MSE that `trainer reconstruct` printed.
+fn printed_mse(o: &Output) -> f64 {
+    let s = String::from_utf8_lossy(&o.stdout);
+    let at = s.find("MSE ").unwrap_or_else(|| panic!("no MSE in {s}"));
+    s[at + 4..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn grid_holds_originals_and_reconstructions_and_mse_is_theirs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("images.tis");
+    write_shard(&shard, 6, RES);
+    let weights = tmp.path().join("dvae.safetensors");
+    let (m, w) = write_weights(&weights, 3);
+    let out = tmp.path().join("grid.png");
+    let (n, batch) = (5, 2);
+    let o = trainer(&[
+        "reconstruct",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--images",
+        shard.to_str().unwrap(),
+        "--count",
+        &n.to_string(),
+        "--batch",
+        &batch.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("reconstructed 5 images of 64×64"),
+        "{}",
+        text(&o)
+    );
+
+    // The same images through the library.
+    let s = ImageShard::open(&shard).unwrap();
+    let px = 3 * RES * RES;
+    let mut originals = vec![0.0f32; n * px];
+    for (i, dst) in originals.chunks_exact_mut(px).enumerate() {
+        hwc_to_chw(&s.record(i as u64).unwrap().pixels, dst);
+    }
+    let codes = m.encode(&w, &originals).unwrap();
+    let recon = m.decode_codes(&w, &codes).unwrap();
+    let mse = originals
+        .iter()
+        .zip(&recon)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum::<f64>()
+        / (n * px) as f64;
+    let got = printed_mse(&o);
+    assert!((got - mse).abs() <= 1e-6, "printed {got}, expected {mse}");
+    assert!(mse > 0.0);
+
+    // The grid: ⌈√5⌉ = 3 pairs per row, 2 rows, 8 px gaps, 2 px inside a pair.
+    let img = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (3 * (2 * 64 + 2) + 4 * 8, 2 * 64 + 3 * 8));
+    let to_u8 = |v: f32| (v * 255.0).round().clamp(0.0, 255.0) as u8;
+    for i in 0..n {
+        let [(ox, oy), (rx, ry)] = pair_origin(i, n, RES);
+        let stored = s.record(i as u64).unwrap().pixels;
+        for y in 0..RES {
+            for x in 0..RES {
+                let a = img.get_pixel(ox + x as u32, oy + y as u32).0;
+                assert_eq!(
+                    a[..],
+                    stored[(y * RES + x) * 3..][..3],
+                    "original {i} at {x},{y}"
+                );
+                let b = img.get_pixel(rx + x as u32, ry + y as u32).0;
+                let c = |ch: usize| to_u8(recon[i * px + ch * RES * RES + y * RES + x]);
+                assert_eq!(b, [c(0), c(1), c(2)], "reconstruction {i} at {x},{y}");
+            }
+        }
+    }
+    // Between the two halves of a pair, the background.
+    let [(ox, oy), _] = pair_origin(0, n, RES);
+    assert_eq!(img.get_pixel(ox + RES as u32, oy).0, [255, 255, 255]);
+}
+
+#[test]
+fn checkpoint_directories_and_ema_load_and_count_is_capped_by_the_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("images.tis");
+    write_shard(&shard, 3, RES);
+    let m = Dvae::new(dims()).unwrap();
+    let (w, ema) = (m.init_params(1), m.init_params(2));
+    let run = tmp.path().join("run");
+    let files = [
+        TensorFile {
+            file_name: MODEL_FILE,
+            tensors: entries(m.table(), "", &w),
+        },
+        TensorFile {
+            file_name: EMA_FILE,
+            tensors: entries(m.table(), "", &ema),
+        },
+    ];
+    let step = checkpoint::save(&run, 40, &files, &serde_json::json!({}), "", 2).unwrap();
+    let out = tmp.path().join("r.png");
+    let go = |weights: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "reconstruct",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--images",
+            shard.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        trainer(&args)
+    };
+    let o = go(&run, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = text(&o);
+    assert!(
+        s.contains("reconstructed 3 images") && s.contains("step_00000040"),
+        "{s}"
+    );
+    let model_mse = printed_mse(&o);
+    let o = go(&step, &["--ema"]);
+    assert!(
+        o.status.success() && text(&o).contains(EMA_FILE),
+        "{}",
+        text(&o)
+    );
+    assert_ne!(
+        printed_mse(&o),
+        model_mse,
+        "the EMA weights are other weights"
+    );
+}
+
+#[test]
+fn images_and_weights_that_do_not_fit_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("dvae.safetensors");
+    write_weights(&weights, 1);
+    let out = tmp.path().join("grid.png");
+    let run = |images: &PathBuf, weights: &PathBuf| {
+        trainer(&[
+            "reconstruct",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    // 60 px is no multiple of 8.
+    let odd = tmp.path().join("odd.tis");
+    write_shard(&odd, 2, 60);
+    let o = run(&odd, &weights);
+    let e = text(&o);
+    assert!(
+        !o.status.success()
+            && e.contains("odd.tis")
+            && e.contains("60×60")
+            && e.contains("divisible by 8"),
+        "{e}"
+    );
+    // Not an image shard.
+    let o = run(&weights, &weights);
+    assert!(
+        !o.status.success() && text(&o).contains("not an image shard"),
+        "{}",
+        text(&o)
+    );
+    // Weights with a tensor missing.
+    let good = tmp.path().join("good.tis");
+    write_shard(&good, 2, RES);
+    let m = Dvae::new(dims()).unwrap();
+    let w = m.init_params(1);
+    let mut t = entries(m.table(), "", &w);
+    t.retain(|e| e.name != "decoder.blocks.group_4.block_1.res_path.conv_2.w");
+    let broken = tmp.path().join("broken.safetensors");
+    write_tensors(&broken, &t).unwrap();
+    let o = run(&good, &broken);
+    let e = text(&o);
+    assert!(
+        !o.status.success()
+            && e.contains("broken.safetensors")
+            && e.contains("decoder.blocks.group_4.block_1.res_path.conv_2.w"),
+        "{e}"
+    );
+    // An output folder that does not exist.
+    let o = trainer(&[
+        "reconstruct",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--images",
+        good.to_str().unwrap(),
+        "--out",
+        tmp.path().join("no/such/dir/g.png").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("does not exist"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists(), "nothing is written on bad input");
+}
