@@ -10,7 +10,9 @@
 //!   with no restarts left;
 //! - SIGTERM to the launcher: every rank stops after the same update, rank 0 checkpoints, 143;
 //! - node 0's launcher killed: node 1's launcher loses the store and exits 4, no worker is left;
-//! - bad input: the master port taken, configs that differ between nodes.
+//! - bad input: the master port taken, configs that differ between nodes;
+//! - PowerSGD across processes: fewer bytes, and a gang restart that continues like the
+//!   uninterrupted run (to round-off: the checkpoint keeps the mean error over ranks).
 //!
 //! The trainer binary is built (or found up to date) by `cargo build` in this test's profile, so
 //! `cargo test -p launcher` never runs a stale trainer.
@@ -63,6 +65,18 @@ fn trainer() -> &'static Path {
 
 /// A tiny transformer run: `steps` updates of `batch` sequences per rank, short timeouts.
 fn write_config(dir: &Path, out: &Path, steps: u64, batch: usize, every: u64) -> PathBuf {
+    write_config_with(dir, out, steps, batch, every, "")
+}
+
+/// [`write_config`] with more sections appended.
+fn write_config_with(
+    dir: &Path,
+    out: &Path,
+    steps: u64,
+    batch: usize,
+    every: u64,
+    extra: &str,
+) -> PathBuf {
     let yaml = format!(
         "run:\n  name: dist\n  out_dir: {}\n  seed: 7\n  device: cpu\n\
          model:\n  text_len: 8\n  text_vocab: 40\n  grid: 4\n  image_vocab: 24\n  d_model: 32\n  heads: 2\n  layers: 4\n  conv_kernel: 3\n\
@@ -70,7 +84,7 @@ fn write_config(dir: &Path, out: &Path, steps: u64, batch: usize, every: u64) ->
          optim:\n  lr: 3.0e-3\n\
          train:\n  steps: {steps}\n  batch_size: {batch}\n  log_every: 1\n\
          checkpoint:\n  every: {every}\n  keep_last: 50\n\
-         distributed:\n  rendezvous_timeout_s: 60\n  collective_timeout_s: 60\n  heartbeat_interval_s: 0.1\n  heartbeat_timeout_s: 3\n  term_grace_s: 3\n",
+         distributed:\n  rendezvous_timeout_s: 60\n  collective_timeout_s: 60\n  heartbeat_interval_s: 0.1\n  heartbeat_timeout_s: 3\n  term_grace_s: 3\n{extra}",
         out.display()
     );
     let path = dir.join(format!(
@@ -566,4 +580,62 @@ fn when_node_0s_launcher_dies_no_worker_is_left_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// PowerSGD across processes: it sends fewer bytes than the plain all-reduce, and a worker killed
+/// mid-run restarts the gang from a checkpoint with the PowerSGD state. Not bit-exact at W > 1 by
+/// design (the checkpoint holds the mean error over ranks, docs/powersgd.md): 25 updates after
+/// the restore the weights are within 1e-3 of the uninterrupted run (measured 1.2e-4; plain W=2
+/// vs W=1 after 20 updates: 2.3e-5), and the mean loss of the last 20 updates within 0.1%.
+#[test]
+fn powersgd_across_processes_saves_bytes_and_survives_a_restart() {
+    const POWERSGD: &str = "compression:\n  kind: powersgd\n  rank: 2\n  min_compression_rate: 0\n";
+    const STEPS: u64 = 300;
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    let cfg = write_config_with(tmp.path(), &straight, STEPS, 4, 25, POWERSGD);
+    let o = launch(&cfg, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = |out: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let last = metrics(&straight).pop().unwrap();
+    let (sent, plain) = (
+        last["bytes_sent"].as_f64().unwrap(),
+        last["bytes_uncompressed"].as_f64().unwrap(),
+    );
+    assert!(sent < 0.5 * plain, "PowerSGD sent {sent} of {plain} bytes");
+
+    let cfg = write_config_with(tmp.path(), &killed, STEPS, 4, 25, POWERSGD);
+    let run = Running::start(&cfg, &["--procs-per-node", "2", "--max-restarts", "1"]);
+    wait_for_step(&killed, 40, Duration::from_secs(60));
+    let at_kill = logged_step(&killed);
+    signal(run.pid_of(1, 0).expect("rank 1's pid"), "-KILL");
+    let (code, log) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("starting generation 1"), "{log}");
+    // The first checkpoint after the one the gang restarted from (the newest at the kill).
+    let next = (at_kill / 25 + 1) * 25;
+    let d = max_abs_diff(&model_file(&straight, next), &model_file(&killed, next));
+    assert!(
+        d <= 1e-3,
+        "step {next}, 25 updates after the restore: max |Δw| = {d}"
+    );
+    let mean_loss = |out: &Path| -> f64 {
+        let m = metrics(out);
+        m[m.len() - 20..]
+            .iter()
+            .map(|x| x["loss"].as_f64().unwrap())
+            .sum::<f64>()
+            / 20.0
+    };
+    let (a, b) = (mean_loss(&straight), mean_loss(&killed));
+    assert!(
+        (a - b).abs() <= 1e-3 * a,
+        "mean loss of the last 20 updates: {a} vs {b}"
+    );
 }
