@@ -83,6 +83,9 @@ pub struct RunConfig {
     /// `kind: powersgd` with its settings (docs/powersgd.md).
     #[serde(default)]
     pub compression: crate::powersgd::PowerSgdConfig,
+    /// Multi-process runs: timeouts, heartbeats, workers per node on CPU machines.
+    #[serde(default)]
+    pub distributed: crate::dist::DistributedConfig,
 }
 
 /// The `run:` section.
@@ -1138,6 +1141,9 @@ impl RunConfig {
                 "checkpoint.keep_last must be ≥ 1".into(),
             );
         }
+        if let Err((field, message)) = self.distributed.validate() {
+            return invalid(&field, message);
+        }
         Ok(())
     }
 
@@ -1347,6 +1353,7 @@ fn check_path(path: &[String]) -> Result<(), String> {
         "model" => fields_of::<ModelConfig>(),
         "relaxation" => fields_of::<RelaxationConfig>(),
         "compression" => fields_of::<crate::powersgd::PowerSgdConfig>(),
+        "distributed" => fields_of::<crate::dist::DistributedConfig>(),
         "data" => fields_of::<DataSource>(),
         "optim" => fields_of::<OptimConfig>(),
         "schedule" => fields_of::<ScheduleConfig>(),

@@ -7,6 +7,8 @@
 //! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
 //! - [`data`]: training data (for now the synthetic generator).
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
+//! - [`dist`]: multi-process runs: torchrun's variables, the rendezvous store's protocol and
+//!   client, the TCP ring collectives, heartbeats.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
 //!   command line.
@@ -17,6 +19,7 @@ pub mod collectives;
 pub mod config;
 pub mod data;
 pub mod debug_state;
+pub mod dist;
 pub mod fsutil;
 pub mod model;
 pub mod optim;

@@ -10,7 +10,6 @@
 pub mod stages;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
-use crate::collectives::{Collectives, SingleProcess};
 use crate::config::{Device, RunConfig};
 use crate::data::DataCursor;
 use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams};
@@ -268,6 +267,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     check_device(cfg)?;
     // The model's definition alone (no data yet): the checkpoint layout and fresh weights.
     let (table, init) = stages::model_table(cfg)?;
+    // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
+    // Only rank 0 writes the run directory (config, metrics, checkpoints).
+    let mut comm = crate::dist::connect(cfg)?;
+    let rank0 = comm.rank() == 0;
     let out = &cfg.run.out_dir;
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
@@ -281,7 +284,9 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             load_state(&dir, &table, &mut rs)?;
             resumed_dir = Some(dir.clone());
             resumed_from = Some(rs.state.step);
-            truncate_metrics(&metrics_path, rs.state.step)?;
+            if rank0 {
+                truncate_metrics(&metrics_path, rs.state.step)?;
+            }
             tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
         }
     } else if checkpoint::latest_complete(out)?.is_some() {
@@ -290,18 +295,25 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             out.display()
         );
     }
+    // Every rank resumed from the same checkpoint (a run directory not shared between nodes
+    // would break this).
+    crate::dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
     // Only now, with the run accepted, does anything in the run directory change.
-    crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
-    if resumed_from.is_none() {
-        fs::write(&metrics_path, "")
-            .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics_file = None;
+    if rank0 {
+        crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
+        if resumed_from.is_none() {
+            fs::write(&metrics_path, "")
+                .with_context(|| format!("creating {}", metrics_path.display()))?;
+        }
+        metrics_file = Some(
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?,
+        );
     }
-    let mut metrics_file = fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
 
-    let mut comm = SingleProcess;
     let mut stage = stages::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
     let mut powersgd = match cfg.compression.kind {
         CompressionKind::None => None,
@@ -365,12 +377,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 acc.1 += v / accum as f64;
             }
         }
+        // The global batch's loss terms: the plateau schedule reads the loss, so every rank must
+        // see the same.
+        crate::dist::mean_over_ranks(&mut *comm, &mut terms)?;
         let loss = terms.first().map(|t| t.1).unwrap_or(f64::NAN);
         // Data-parallel seam: average the gradients of every rank, plainly or through PowerSGD
         // (whose non-finite steps come back as NaN, so that AdamW skips them).
         let bytes_plain = 4 * grads.len() as u64;
         let bytes_sent = match powersgd.as_mut() {
-            Some(p) => p.reduce(&mut grads, &mut comm)?.bytes_sent,
+            Some(p) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
             None => {
                 comm.all_reduce_sum(&mut grads)?;
                 if comm.world_size() > 1 {
@@ -421,8 +436,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         };
         let log_every = cfg.train.log_every.max(1);
         if t.is_multiple_of(log_every) || t == cfg.train.steps || t == 1 {
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
-                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&m)?)
+                    .with_context(|| format!("writing {}", metrics_path.display()))?;
+            }
             let shown: String = terms
                 .iter()
                 .skip(1)
@@ -439,15 +456,20 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
         last = Some(m);
         let every = cfg.checkpoint.every;
-        let stopping = stop.load(Ordering::Relaxed);
+        // A stop request that reached any rank stops every rank after this same update.
+        let stopping = crate::dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
             // The snapshot is collective (the mean error over ranks): every rank takes it.
             let snap = powersgd
                 .as_ref()
-                .map(|p| p.snapshot(&mut comm))
+                .map(|p| p.snapshot(&mut *comm))
                 .transpose()?;
-            let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
-            tracing::info!(dir = %dir.display(), "checkpoint");
+            if rank0 {
+                let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
+                tracing::info!(dir = %dir.display(), "checkpoint");
+            }
+            // No rank runs ahead of (or exits before) a half-written checkpoint.
+            comm.barrier()?;
         }
         if stopping && t < cfg.train.steps {
             tracing::warn!(step = t, "stop requested: checkpoint written, exiting");

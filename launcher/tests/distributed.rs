@@ -1,0 +1,641 @@
+//! Distributed training end to end: real `launcher` and `trainer` processes on localhost, the
+//! tiny synthetic-data transformer, the CPU ring.
+//!
+//! - 2 and 4 ranks match one process with the same global batch to float round-off;
+//! - a worker killed with SIGKILL: the gang restarts from the last complete checkpoint and the
+//!   final weights are byte-identical to an uninterrupted run of the same world size;
+//! - two launchers acting as two nodes train together (byte-identical to one node × 2 workers),
+//!   started by hand or by `--hostfile` (through a stand-in for ssh);
+//! - a stopped worker (SIGSTOP) is found by its missing heartbeats: restart, or a clear failure
+//!   with no restarts left;
+//! - SIGTERM to the launcher: every rank stops after the same update, rank 0 checkpoints, 143;
+//! - node 0's launcher killed: node 1's launcher loses the store and exits 4, no worker is left;
+//! - bad input: the master port taken, configs that differ between nodes;
+//! - PowerSGD across processes: fewer bytes, and a gang restart that continues like the
+//!   uninterrupted run (to round-off: the checkpoint keeps the mean error over ranks).
+//!
+//! The trainer binary is built (or found up to date) by `cargo build` in this test's profile, so
+//! `cargo test -p launcher` never runs a stale trainer.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The trainer binary of this checkout, built in the profile these tests were built in.
+fn trainer() -> &'static Path {
+    static TRAINER: OnceLock<PathBuf> = OnceLock::new();
+    TRAINER.get_or_init(|| {
+        let launcher = Path::new(env!("CARGO_BIN_EXE_launcher"));
+        let profile_dir = launcher.parent().expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "test",
+            Some(other) => other,
+            None => "test",
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "trainer",
+                "--bin",
+                "trainer",
+                "--profile",
+            ])
+            .arg(profile)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running cargo build for the trainer binary");
+        assert!(
+            out.status.success(),
+            "cargo build -p trainer failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let exe = launcher.with_file_name(format!("trainer{}", std::env::consts::EXE_SUFFIX));
+        assert!(exe.exists(), "{} was not built", exe.display());
+        exe
+    })
+}
+
+/// A tiny transformer run: `steps` updates of `batch` sequences per rank, short timeouts.
+fn write_config(dir: &Path, out: &Path, steps: u64, batch: usize, every: u64) -> PathBuf {
+    write_config_with(dir, out, steps, batch, every, "")
+}
+
+/// [`write_config`] with more sections appended.
+fn write_config_with(
+    dir: &Path,
+    out: &Path,
+    steps: u64,
+    batch: usize,
+    every: u64,
+    extra: &str,
+) -> PathBuf {
+    let yaml = format!(
+        "run:\n  name: dist\n  out_dir: {}\n  seed: 7\n  device: cpu\n\
+         model:\n  text_len: 8\n  text_vocab: 40\n  grid: 4\n  image_vocab: 24\n  d_model: 32\n  heads: 2\n  layers: 4\n  conv_kernel: 3\n\
+         data:\n  source: synthetic\n  min_caption_tokens: 3\n\
+         optim:\n  lr: 3.0e-3\n\
+         train:\n  steps: {steps}\n  batch_size: {batch}\n  log_every: 1\n\
+         checkpoint:\n  every: {every}\n  keep_last: 50\n\
+         distributed:\n  rendezvous_timeout_s: 60\n  collective_timeout_s: 60\n  heartbeat_interval_s: 0.1\n  heartbeat_timeout_s: 3\n  term_grace_s: 3\n{extra}",
+        out.display()
+    );
+    let path = dir.join(format!(
+        "{}.yaml",
+        out.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn launcher_cmd(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_launcher"));
+    cmd.args(args)
+        .arg(config)
+        .env("TESSERA_TRAINER", trainer())
+        .env("TESSERA_PEAK_GFLOPS", "1")
+        .env("RUST_LOG", "warn")
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+fn launch(config: &Path, args: &[&str]) -> Output {
+    launcher_cmd(config, args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A launcher running in the background, its stderr collected line by line.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(config: &Path, args: &[&str]) -> Running {
+        let mut child = launcher_cmd(config, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The pid the launcher announced for `rank` in `generation`.
+    fn pid_of(&self, rank: usize, generation: u64) -> Option<i32> {
+        let needle = format!("rank {rank}: pid ");
+        let suffix = format!("(generation {generation})");
+        self.lines.lock().unwrap().iter().find_map(|l| {
+            let rest = &l[l.find(&needle)? + needle.len()..];
+            rest.contains(&suffix)
+                .then(|| rest.split_whitespace().next()?.parse().ok())
+                .flatten()
+        })
+    }
+
+    fn wait(mut self, limit: Duration) -> (i32, String) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "the launcher did not finish within {limit:?}:\n{}",
+                    self.lines.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.reader.take().unwrap().join().unwrap();
+        let log = self.lines.lock().unwrap().join("\n");
+        (status.code().unwrap_or(-1), log)
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// The last step in rank 0's metrics.jsonl (0 before the first).
+fn logged_step(out: &Path) -> u64 {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            let last = t.lines().rev().find(|l| l.ends_with('}'))?.to_string();
+            serde_json::from_str::<serde_json::Value>(&last).ok()?["step"].as_u64()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_for_step(out: &Path, step: u64, limit: Duration) {
+    let started = Instant::now();
+    while logged_step(out) < step {
+        assert!(
+            started.elapsed() < limit,
+            "the run never reached step {step} (at {})",
+            logged_step(out)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn model_file(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("checkpoints/step_{step:08}/model.safetensors"))
+}
+
+/// The f32 tensors of a safetensors file, by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out: Vec<(String, Vec<f32>)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            let (s, e) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            let vals = data[s..e]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (k.clone(), vals)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Largest |a − b| over every weight.
+fn max_abs_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!(na, nb);
+            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// A TCP port free right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// After 20 AdamW updates at lr 3e-3 the weights of 2 and 4 ranks (global batch 8 split 4 + 4
+/// and 2 × 4) stay within 1e-4 of one process with batch 8: a thirtieth of one update's size,
+/// while 5 updates move them by more than 1e-2. (AdamW divides by √v, so gradients that are
+/// round-off apart can differ by a visible fraction of a step where v is tiny.)
+#[test]
+fn two_and_four_ranks_match_one_process_with_the_same_global_batch() {
+    const TOLERANCE: f32 = 1e-4;
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    let cfg = write_config(tmp.path(), &single, 20, 8, 5);
+    let o = Command::new(trainer())
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env("TESSERA_PEAK_GFLOPS", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let moved = max_abs_diff(&model_file(&single, 15), &model_file(&single, 20));
+    assert!(
+        moved > 100.0 * TOLERANCE,
+        "5 updates moved the weights by {moved}"
+    );
+
+    for (procs, batch) in [(2, 4), (4, 2)] {
+        let out = tmp.path().join(format!("ranks{procs}"));
+        let cfg = write_config(tmp.path(), &out, 20, batch, 5);
+        let o = launch(&cfg, &["--procs-per-node", &procs.to_string()]);
+        assert!(o.status.success(), "{}", text(&o));
+        let d = max_abs_diff(&model_file(&single, 20), &model_file(&out, 20));
+        eprintln!("{procs} ranks: max |Δw| = {d:e}");
+        assert!(
+            d <= TOLERANCE,
+            "{procs} ranks differ from one process by {d}"
+        );
+        // Only rank 0 wrote the metrics, one line per update; every rank left a log.
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 20);
+        for r in 0..procs {
+            assert!(out.join(format!("logs/rank_{r}.log")).exists());
+        }
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            stdout.contains(&format!("[rank {}] {{\"step\":20", procs - 1)),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_worker_restarts_the_gang_and_the_result_is_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    const STEPS: u64 = 400;
+    let cfg = write_config(tmp.path(), &straight, STEPS, 4, 25);
+    let o = launch(&cfg, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let cfg = write_config(tmp.path(), &killed, STEPS, 4, 25);
+    let run = Running::start(&cfg, &["--procs-per-node", "2", "--max-restarts", "2"]);
+    wait_for_step(&killed, 50, Duration::from_secs(60));
+    let pid = run.pid_of(1, 0).expect("rank 1's pid");
+    signal(pid, "-KILL");
+    let (code, log) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("rank 1 (pid") && log.contains("signal 9 (SIGKILL)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("restart 1 of 2: starting generation 1"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(model_file(&straight, STEPS)).unwrap(),
+        std::fs::read(model_file(&killed, STEPS)).unwrap(),
+        "the restarted run's final weights differ from the uninterrupted run's"
+    );
+    // The resumed run logged each update once, in order.
+    let steps: Vec<u64> = std::fs::read_to_string(killed.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+}
+
+#[test]
+fn two_launchers_as_two_nodes_train_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one_node, two_nodes) = (tmp.path().join("one"), tmp.path().join("two"));
+    let cfg = write_config(tmp.path(), &one_node, 30, 4, 10);
+    let o = launch(&cfg, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let cfg = write_config(tmp.path(), &two_nodes, 30, 4, 10);
+    let port = free_port().to_string();
+    let common = [
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--run-id",
+        "two-nodes",
+    ];
+    // Node 1 first: it waits for node 0's store.
+    let node1 = Running::start(&cfg, &[&common[..], &["--node-rank", "1"]].concat());
+    std::thread::sleep(Duration::from_millis(300));
+    let node0 = Running::start(&cfg, &[&common[..], &["--node-rank", "0"]].concat());
+    let (c0, log0) = node0.wait(Duration::from_secs(60));
+    let (c1, log1) = node1.wait(Duration::from_secs(60));
+    assert_eq!((c0, c1), (0, 0), "node 0:\n{log0}\nnode 1:\n{log1}");
+    assert!(
+        log0.contains("every node has joined: 2 × 1 workers"),
+        "{log0}"
+    );
+    // Same world size, same ring order: the same bytes as one node with two workers.
+    assert_eq!(
+        std::fs::read(model_file(&one_node, 30)).unwrap(),
+        std::fs::read(model_file(&two_nodes, 30)).unwrap()
+    );
+
+    // --hostfile: this launcher is node 0 and starts node 1's over "ssh" (here a stand-in that
+    // runs the command on this machine).
+    let by_hostfile = tmp.path().join("hostfile");
+    let cfg = write_config(tmp.path(), &by_hostfile, 30, 4, 10);
+    let ssh = tmp.path().join("fake-ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n# fake ssh HOST COMMAND: run COMMAND here\nshift\nexec sh -c \"$1\"\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&ssh).status().unwrap();
+    let hosts = tmp.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        "# two nodes\nlocalhost slots=1\nlocalhost slots=1\n",
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    let mut cmd = launcher_cmd(
+        &cfg,
+        &[
+            "--hostfile",
+            hosts.to_str().unwrap(),
+            "--master-port",
+            &port,
+        ],
+    );
+    let o = cmd.env("TESSERA_SSH", &ssh).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("[launcher node 1]"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(model_file(&one_node, 30)).unwrap(),
+        std::fs::read(model_file(&by_hostfile, 30)).unwrap()
+    );
+}
+
+#[test]
+fn a_stopped_worker_is_found_by_its_missing_heartbeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    // With a restart left: the gang restarts and finishes.
+    let out = tmp.path().join("restarts");
+    let cfg = write_config(tmp.path(), &out, 300, 4, 20);
+    let run = Running::start(&cfg, &["--procs-per-node", "2", "--max-restarts", "1"]);
+    wait_for_step(&out, 30, Duration::from_secs(60));
+    signal(run.pid_of(1, 0).expect("rank 1's pid"), "-STOP");
+    let (code, log) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("sent no heartbeat"), "{log}");
+    assert!(log.contains("starting generation 1"), "{log}");
+    assert!(model_file(&out, 300).exists());
+
+    // Without: the run fails, saying why.
+    let out = tmp.path().join("no-restarts");
+    let cfg = write_config(tmp.path(), &out, 100_000, 4, 0);
+    let run = Running::start(&cfg, &["--procs-per-node", "2"]);
+    wait_for_step(&out, 10, Duration::from_secs(60));
+    let stopped_at = Instant::now();
+    signal(run.pid_of(1, 0).expect("rank 1's pid"), "-STOP");
+    let (code, log) = run.wait(Duration::from_secs(60));
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains("run failed: rank 1 (pid") && log.contains("sent no heartbeat"),
+        "{log}"
+    );
+    assert!(
+        log.contains("no restarts left: 0 of --max-restarts 0 used"),
+        "{log}"
+    );
+    // Heartbeat timeout (3 s) + grace (3 s), with room for a loaded machine.
+    assert!(stopped_at.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_after_the_same_update() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 100_000, 4, 0);
+    let run = Running::start(&cfg, &["--procs-per-node", "3"]);
+    wait_for_step(&out, 10, Duration::from_secs(60));
+    signal(run.child.id() as i32, "-TERM");
+    let (code, log) = run.wait(Duration::from_secs(60));
+    assert_eq!(code, 143, "{log}");
+    // One complete checkpoint, at the last logged step; every rank exited 143 (stopped).
+    let done: Vec<PathBuf> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("DONE").exists())
+        .collect();
+    assert_eq!(done.len(), 1, "{done:?}");
+    let step = logged_step(&out);
+    assert!(
+        done[0].ends_with(format!("step_{step:08}")),
+        "{done:?} vs {step}"
+    );
+    for r in 0..3 {
+        assert!(
+            log.contains(&format!("rank {r} stopped (status 143)")),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn a_taken_master_port_and_configs_that_differ_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = launch(&cfg, &["--master-port", &port]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("already in use"), "{}", text(&o));
+
+    // Node 1 overrides the learning rate: the ranks' config hashes differ.
+    let port = free_port().to_string();
+    let common = [
+        "--nodes",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--run-id",
+        "mismatch",
+    ];
+    let node1 = Running::start(
+        &cfg,
+        &[&common[..], &["--node-rank", "1", "--set", "optim.lr=1e-3"]].concat(),
+    );
+    let node0 = Running::start(&cfg, &[&common[..], &["--node-rank", "0"]].concat());
+    let (c0, log0) = node0.wait(Duration::from_secs(60));
+    let (c1, log1) = node1.wait(Duration::from_secs(60));
+    assert_eq!((c0, c1), (3, 3), "node 0:\n{log0}\nnode 1:\n{log1}");
+    assert!(log0.contains("'s config (sha256"), "{log0}");
+    assert!(log1.contains("same --set overrides"), "{log1}");
+}
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn when_node_0s_launcher_dies_no_worker_is_left_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 100_000, 4, 0);
+    let port = free_port().to_string();
+    let common = [
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--run-id",
+        "orphans",
+    ];
+    let node0 = Running::start(&cfg, &[&common[..], &["--node-rank", "0"]].concat());
+    let node1 = Running::start(&cfg, &[&common[..], &["--node-rank", "1"]].concat());
+    wait_for_step(&out, 10, Duration::from_secs(60));
+    let workers = [node0.pid_of(0, 0).unwrap(), node1.pid_of(1, 0).unwrap()];
+    signal(node0.child.id() as i32, "-KILL");
+    let _ = node0.wait(Duration::from_secs(10));
+    // Node 1's launcher loses the store, stops its worker and says so.
+    let (code, log) = node1.wait(Duration::from_secs(60));
+    assert_eq!(code, 4, "{log}");
+    assert!(log.contains("lost the rendezvous store"), "{log}");
+    // Node 0's worker got SIGTERM when its launcher died; nothing is left running.
+    let started = Instant::now();
+    while !workers.iter().all(|p| gone(*p)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "workers {workers:?} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// PowerSGD across processes: it sends fewer bytes than the plain all-reduce, and a worker killed
+/// mid-run restarts the gang from a checkpoint with the PowerSGD state. Not bit-exact at W > 1 by
+/// design (the checkpoint holds the mean error over ranks, docs/powersgd.md): 25 updates after
+/// the restore the weights are within 1e-3 of the uninterrupted run (measured 1.2e-4; plain W=2
+/// vs W=1 after 20 updates: 2.3e-5), and the mean loss of the last 20 updates within 0.1%.
+#[test]
+fn powersgd_across_processes_saves_bytes_and_survives_a_restart() {
+    const POWERSGD: &str = "compression:\n  kind: powersgd\n  rank: 2\n  min_compression_rate: 0\n";
+    const STEPS: u64 = 300;
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    let cfg = write_config_with(tmp.path(), &straight, STEPS, 4, 25, POWERSGD);
+    let o = launch(&cfg, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = |out: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let last = metrics(&straight).pop().unwrap();
+    let (sent, plain) = (
+        last["bytes_sent"].as_f64().unwrap(),
+        last["bytes_uncompressed"].as_f64().unwrap(),
+    );
+    assert!(sent < 0.5 * plain, "PowerSGD sent {sent} of {plain} bytes");
+
+    let cfg = write_config_with(tmp.path(), &killed, STEPS, 4, 25, POWERSGD);
+    let run = Running::start(&cfg, &["--procs-per-node", "2", "--max-restarts", "1"]);
+    wait_for_step(&killed, 40, Duration::from_secs(60));
+    let at_kill = logged_step(&killed);
+    signal(run.pid_of(1, 0).expect("rank 1's pid"), "-KILL");
+    let (code, log) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("starting generation 1"), "{log}");
+    // The first checkpoint after the one the gang restarted from (the newest at the kill).
+    let next = (at_kill / 25 + 1) * 25;
+    let d = max_abs_diff(&model_file(&straight, next), &model_file(&killed, next));
+    assert!(
+        d <= 1e-3,
+        "step {next}, 25 updates after the restore: max |Δw| = {d}"
+    );
+    let mean_loss = |out: &Path| -> f64 {
+        let m = metrics(out);
+        m[m.len() - 20..]
+            .iter()
+            .map(|x| x["loss"].as_f64().unwrap())
+            .sum::<f64>()
+            / 20.0
+    };
+    let (a, b) = (mean_loss(&straight), mean_loss(&killed));
+    assert!(
+        (a - b).abs() <= 1e-3 * a,
+        "mean loss of the last 20 updates: {a} vs {b}"
+    );
+}

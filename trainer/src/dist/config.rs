@@ -1,0 +1,181 @@
+//! The `distributed:` section of a run config: timeouts of the rendezvous, the collectives and
+//! the supervision, and the number of workers per node on CPU machines. Every field has a
+//! default, so single-process configs leave the section out.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The `distributed:` section. Times are in seconds (fractions allowed).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedConfig {
+    /// Longest wait to form the gang: reaching the store, every node's launcher joining, every
+    /// rank registering, ring neighbours connecting. > 0. Default 300.
+    #[serde(default = "default_rendezvous_timeout")]
+    pub rendezvous_timeout_s: f64,
+    /// Longest wait of one collective (all-reduce, broadcast, barrier) or store get/barrier
+    /// after the rendezvous. Must cover the slowest step plus a checkpoint. > 0. Default 600.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
+    /// Interval of the heartbeats every worker (from a thread of its own) and every launcher send
+    /// to the store. > 0. Default 5.
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_s: f64,
+    /// A worker or launcher silent this long is declared dead and the gang is stopped.
+    /// ≥ 2 × `heartbeat_interval_s`. Default 60.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_s: f64,
+    /// Time a worker gets between SIGTERM (checkpoint and exit) and SIGKILL. ≥ 0. Default 60.
+    #[serde(default = "default_term_grace")]
+    pub term_grace_s: f64,
+    /// Workers per node when the run is on the CPU (`run.device: cpu`, or no GPU visible).
+    /// ≥ 1. Default 1.
+    #[serde(default = "default_cpu_procs_per_node")]
+    pub cpu_procs_per_node: usize,
+}
+
+fn default_rendezvous_timeout() -> f64 {
+    300.0
+}
+fn default_collective_timeout() -> f64 {
+    600.0
+}
+fn default_heartbeat_interval() -> f64 {
+    5.0
+}
+fn default_heartbeat_timeout() -> f64 {
+    60.0
+}
+fn default_term_grace() -> f64 {
+    60.0
+}
+fn default_cpu_procs_per_node() -> usize {
+    1
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            rendezvous_timeout_s: default_rendezvous_timeout(),
+            collective_timeout_s: default_collective_timeout(),
+            heartbeat_interval_s: default_heartbeat_interval(),
+            heartbeat_timeout_s: default_heartbeat_timeout(),
+            term_grace_s: default_term_grace(),
+            cpu_procs_per_node: default_cpu_procs_per_node(),
+        }
+    }
+}
+
+/// The longest time any of the settings may name (a week): beyond it `Duration` arithmetic is
+/// still exact, and a typo such as `1e30` is caught.
+const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
+impl DistributedConfig {
+    /// Checks ranges; the error is `(field, message)` with the field as `distributed.<field>`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |f: &str, m: String| Err((format!("distributed.{f}"), m));
+        for (f, v) in [
+            ("rendezvous_timeout_s", self.rendezvous_timeout_s),
+            ("collective_timeout_s", self.collective_timeout_s),
+            ("heartbeat_interval_s", self.heartbeat_interval_s),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
+                return err(
+                    f,
+                    format!("distributed.{f} = {v} must be in (0, {MAX_SECONDS}] seconds"),
+                );
+            }
+        }
+        if !(self.term_grace_s.is_finite() && (0.0..=MAX_SECONDS).contains(&self.term_grace_s)) {
+            return err(
+                "term_grace_s",
+                format!(
+                    "distributed.term_grace_s = {} must be in [0, {MAX_SECONDS}] seconds",
+                    self.term_grace_s
+                ),
+            );
+        }
+        if self.heartbeat_timeout_s < 2.0 * self.heartbeat_interval_s {
+            return err(
+                "heartbeat_timeout_s",
+                format!(
+                    "distributed.heartbeat_timeout_s = {} must be ≥ 2 × distributed.heartbeat_interval_s = {}",
+                    self.heartbeat_timeout_s,
+                    2.0 * self.heartbeat_interval_s
+                ),
+            );
+        }
+        if self.cpu_procs_per_node < 1 {
+            return err(
+                "cpu_procs_per_node",
+                "distributed.cpu_procs_per_node must be ≥ 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn rendezvous_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.rendezvous_timeout_s)
+    }
+    pub fn collective_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.collective_timeout_s)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.heartbeat_interval_s)
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.heartbeat_timeout_s)
+    }
+    pub fn term_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.term_grace_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_an_empty_section_gives_them() {
+        let d: DistributedConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(d, DistributedConfig::default());
+        d.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "rendezvous_timeout_s: 0",
+                "distributed.rendezvous_timeout_s",
+            ),
+            (
+                "collective_timeout_s: .nan",
+                "distributed.collective_timeout_s",
+            ),
+            (
+                "heartbeat_interval_s: -1",
+                "distributed.heartbeat_interval_s",
+            ),
+            (
+                "heartbeat_interval_s: 10\nheartbeat_timeout_s: 15",
+                "distributed.heartbeat_timeout_s",
+            ),
+            ("term_grace_s: -0.5", "distributed.term_grace_s"),
+            ("cpu_procs_per_node: 0", "distributed.cpu_procs_per_node"),
+            (
+                "rendezvous_timeout_s: 1.0e30",
+                "distributed.rendezvous_timeout_s",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let d: DistributedConfig = serde_yaml::from_str(yaml).unwrap();
+            let (f, m) = d.validate().unwrap_err();
+            assert_eq!(f, *field, "{yaml}: {m}");
+            assert!(m.contains(field), "{m}");
+        }
+        let e = serde_yaml::from_str::<DistributedConfig>("heartbeat_s: 1").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

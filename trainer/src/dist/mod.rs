@@ -1,0 +1,255 @@
+//! Data-parallel training across processes: how a worker joins a run and gets its
+//! [`Collectives`].
+//!
+//! - [`env`]: torchrun's variables (`RANK`, `WORLD_SIZE`, …) plus `TESSERA_RUN_ID`;
+//! - [`config`]: the `distributed:` section (timeouts, workers per node on CPU machines);
+//! - [`protocol`], [`client`]: the rendezvous store's frames and a blocking client (the store
+//!   itself runs in node 0's launcher);
+//! - [`ring`]: [`ring::TcpRing`], the CPU collectives (deterministic ring all-reduce);
+//! - [`heartbeat`]: the thread that keeps the store informed that a worker is alive.
+//!
+//! [`connect`] is all the training loop calls: with no `RANK`/`WORLD_SIZE` it returns
+//! [`SingleProcess`]; otherwise it registers with the store (every rank, same world size, same
+//! config hash: the rendezvous), starts the heartbeat thread and builds the ring.
+
+pub mod client;
+pub mod config;
+pub mod env;
+pub mod heartbeat;
+pub mod protocol;
+pub mod ring;
+
+use crate::collectives::{CollectiveError, Collectives, SingleProcess};
+use crate::config::RunConfig;
+use client::{Registration, StoreClient, StoreError};
+use env::{EnvError, WorkerEnv};
+use heartbeat::{Heartbeat, HeartbeatOptions};
+use ring::{Abort, AddressBook, RingOptions, TcpRing};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::DistributedConfig;
+
+/// Errors of joining a multi-process run.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error("rendezvous failed")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("starting the heartbeat thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("ranks disagree on {what}: rank {rank} has {mine}, rank 0 has {root}{hint}")]
+    Disagree {
+        what: String,
+        rank: usize,
+        mine: u64,
+        root: u64,
+        hint: &'static str,
+    },
+    #[error("ranks disagree on {what} (the differing ranks' logs say how)")]
+    DisagreeElsewhere { what: String },
+}
+
+/// The collectives of this process: [`SingleProcess`] without torchrun's variables, else a
+/// [`TcpRing`] joined through the store named by `MASTER_ADDR:MASTER_PORT`.
+pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
+    match WorkerEnv::from_env()? {
+        None => Ok(Box::new(SingleProcess)),
+        Some(env) => Ok(Box::new(join(&env, cfg)?)),
+    }
+}
+
+/// Rendezvous, heartbeats and ring for the worker `env` describes.
+pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
+    let d = &cfg.distributed;
+    let addr = env.store_addr();
+    let mut client = StoreClient::connect(&addr, &env.run_id, d.rendezvous_timeout())?;
+    let registration = Registration {
+        rank: env.rank,
+        world_size: env.world_size,
+        local_rank: env.local_rank,
+        generation: env.generation,
+        config_hash: cfg.hash(),
+        pid: std::process::id(),
+        host: hostname(),
+    };
+    tracing::info!(%env, "joining the run");
+    client.register(&registration, d.rendezvous_timeout())?;
+
+    let abort = Arc::new(Abort::default());
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let heartbeat = Heartbeat::start(
+        HeartbeatOptions {
+            store_addr: addr,
+            run_id: env.run_id.clone(),
+            generation: env.generation,
+            rank: env.rank,
+            interval: d.heartbeat_interval(),
+            lost_after: d.heartbeat_timeout(),
+        },
+        abort.clone(),
+        progress.clone(),
+    )?;
+    let opts = RingOptions {
+        run_id: env.run_id.clone(),
+        generation: env.generation,
+        bind_ip: client.local_ip().map_err(|e| CollectiveError::Failed {
+            op: "ring setup",
+            msg: format!("local address of the store connection: {e}"),
+        })?,
+        connect_timeout: d.rendezvous_timeout(),
+        op_timeout: d.collective_timeout(),
+    };
+    let mut book = StoreBook {
+        client: &mut client,
+        generation: env.generation,
+    };
+    let mut ring = TcpRing::connect(&mut book, env.rank, env.world_size, &opts, abort, progress)?;
+    ring.attach(Box::new(Departure {
+        client,
+        heartbeat: Some(heartbeat),
+        generation: env.generation,
+        rank: env.rank,
+    }));
+    tracing::info!(rank = env.rank, world = env.world_size, "ring ready");
+    Ok(ring)
+}
+
+/// Leaves the run when the ring is dropped: stops the heartbeat thread, then deregisters so the
+/// store stops expecting heartbeats from this rank.
+struct Departure {
+    client: StoreClient,
+    heartbeat: Option<Heartbeat>,
+    generation: u64,
+    rank: usize,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.heartbeat.take();
+        if let Err(e) = self.client.deregister(self.generation, self.rank) {
+            tracing::debug!("deregistering: {e}");
+        }
+    }
+}
+
+/// The store as the ring's [`AddressBook`], in this generation's key space.
+struct StoreBook<'a> {
+    client: &'a mut StoreClient,
+    generation: u64,
+}
+
+impl AddressBook for StoreBook<'_> {
+    fn publish(&mut self, key: &str, value: &str) -> Result<(), String> {
+        self.client
+            .set(self.generation, key, value)
+            .map_err(|e| e.to_string())
+    }
+    fn lookup(&mut self, key: &str, timeout: Duration) -> Result<String, String> {
+        self.client
+            .get(self.generation, key, timeout)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// True on every rank when `flag` is true on any rank (one all-reduce of one element). The
+/// training loop uses it so that a stop request that reached some ranks stops all of them after
+/// the same update.
+pub fn any_rank(comm: &mut dyn Collectives, flag: bool) -> Result<bool, CollectiveError> {
+    let mut v = [if flag { 1.0f32 } else { 0.0 }];
+    comm.all_reduce_sum(&mut v)?;
+    Ok(v[0] > 0.0)
+}
+
+/// Replaces each named value (loss terms) by its mean over ranks, identical on every rank; a
+/// no-op with one rank. The sum runs in f32 (in the ring's fixed order, so it is reproducible).
+pub fn mean_over_ranks(
+    comm: &mut dyn Collectives,
+    terms: &mut [(&'static str, f64)],
+) -> Result<(), CollectiveError> {
+    let w = comm.world_size();
+    if w == 1 {
+        return Ok(());
+    }
+    let mut buf: Vec<f32> = terms.iter().map(|t| t.1 as f32).collect();
+    comm.all_reduce_sum(&mut buf)?;
+    for (t, v) in terms.iter_mut().zip(buf) {
+        t.1 = v as f64 / w as f64;
+    }
+    Ok(())
+}
+
+/// Checks that every rank holds the same `value` (e.g. the step it resumed from); on a mismatch
+/// every rank fails, the differing ones saying what they have.
+pub fn same_on_every_rank(
+    comm: &mut dyn Collectives,
+    what: &str,
+    value: u64,
+) -> Result<(), DistError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    // Four 16-bit pieces: exact in f32.
+    let mut root: Vec<f32> = (0..4)
+        .map(|i| ((value >> (16 * i)) & 0xffff) as f32)
+        .collect();
+    comm.broadcast(&mut root, 0)?;
+    let root_value = root
+        .iter()
+        .enumerate()
+        .fold(0u64, |acc, (i, p)| acc | ((*p as u64) << (16 * i)));
+    let differs = root_value != value;
+    if any_rank(comm, differs)? {
+        if differs {
+            return Err(DistError::Disagree {
+                what: what.into(),
+                rank: comm.rank(),
+                mine: value,
+                root: root_value,
+                hint: "; run.out_dir must be one directory that every node sees",
+            });
+        }
+        return Err(DistError::DisagreeElsewhere { what: what.into() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::with_local_rings;
+
+    #[test]
+    fn any_rank_and_same_on_every_rank() {
+        let out = with_local_rings(3, Duration::from_secs(10), |rank, ring| {
+            let any = any_rank(ring, rank == 2).unwrap();
+            let none = any_rank(ring, false).unwrap();
+            let same = same_on_every_rank(ring, "resumed step", 1 << 40).map_err(|e| e.to_string());
+            let differ = same_on_every_rank(ring, "resumed step", if rank == 1 { 6 } else { 9 })
+                .map_err(|e| e.to_string());
+            (any, none, same, differ)
+        });
+        for (rank, (any, none, same, differ)) in out.iter().enumerate() {
+            assert!(*any && !*none);
+            assert!(same.is_ok());
+            let e = differ.as_ref().unwrap_err();
+            if rank == 1 {
+                assert!(e.contains("rank 1 has 6, rank 0 has 9"), "{e}");
+            } else {
+                assert!(e.contains("disagree on resumed step"), "{e}");
+            }
+        }
+    }
+}
