@@ -91,6 +91,15 @@ fn read_f32(
     Ok((t.shape().to_vec(), data))
 }
 
+/// One named output tensor.
+fn entry<'a>(name: &str, shape: Vec<usize>, data: &'a [f32]) -> TensorEntry<'a> {
+    TensorEntry {
+        name: name.into(),
+        shape,
+        data,
+    }
+}
+
 /// Runs the check of the config's model and writes `out`.
 pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
     check_device(cfg)?;
@@ -132,31 +141,11 @@ fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result
         [losses.kl as f32],
     );
     let mut tensors = vec![
-        TensorEntry {
-            name: "loss".into(),
-            shape: vec![1],
-            data: &l,
-        },
-        TensorEntry {
-            name: "nll".into(),
-            shape: vec![1],
-            data: &nll,
-        },
-        TensorEntry {
-            name: "kl".into(),
-            shape: vec![1],
-            data: &kl,
-        },
-        TensorEntry {
-            name: "encoder_logits".into(),
-            shape: vec![b, d.vocab_size, g, g],
-            data: acts.logits(),
-        },
-        TensorEntry {
-            name: "decoder_stats".into(),
-            shape: vec![b, 6, r, r],
-            data: acts.stats(),
-        },
+        entry("loss", vec![1], &l),
+        entry("nll", vec![1], &nll),
+        entry("kl", vec![1], &kl),
+        entry("encoder_logits", vec![b, d.vocab_size, g, g], acts.logits()),
+        entry("decoder_stats", vec![b, 6, r, r], acts.stats()),
     ];
     tensors.extend(checkpoint::entries(model.table(), "grad.", &grads));
     checkpoint::write_tensors(out, &tensors)?;
@@ -201,26 +190,10 @@ fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) ->
         [losses.image as f32],
     );
     let mut tensors = vec![
-        TensorEntry {
-            name: "loss".into(),
-            shape: vec![1],
-            data: &l,
-        },
-        TensorEntry {
-            name: "loss_text".into(),
-            shape: vec![1],
-            data: &lt,
-        },
-        TensorEntry {
-            name: "loss_image".into(),
-            shape: vec![1],
-            data: &li,
-        },
-        TensorEntry {
-            name: "logits".into(),
-            shape: vec![bt, d.seq_len(), d.vocab_total()],
-            data: &logits,
-        },
+        entry("loss", vec![1], &l),
+        entry("loss_text", vec![1], &lt),
+        entry("loss_image", vec![1], &li),
+        entry("logits", vec![bt, d.seq_len(), d.vocab_total()], &logits),
     ];
     tensors.extend(checkpoint::entries(model.table(), "grad.", &grads));
     checkpoint::write_tensors(out, &tensors)?;

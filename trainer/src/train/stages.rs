@@ -23,8 +23,6 @@ pub type Terms = Vec<(&'static str, f64)>;
 pub trait Stage {
     /// The parameter layout (names, shapes, kinds).
     fn table(&self) -> &ParamTable;
-    /// Fresh weights, deterministic in `seed`.
-    fn init_params(&self, seed: u64) -> Vec<f32>;
     /// Useful floating-point operations of one micro-batch (forward and backward).
     fn micro_flops(&self) -> f64;
     /// Forward and backward on this rank's next micro-batch `micro` of update `t` (1-based):
@@ -129,9 +127,6 @@ impl TransformerStage {
 impl Stage for TransformerStage {
     fn table(&self) -> &ParamTable {
         self.model.table()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.model.init_params(seed)
     }
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
@@ -292,9 +287,6 @@ impl DvaeStage {
 impl Stage for DvaeStage {
     fn table(&self) -> &ParamTable {
         self.model.table()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.model.init_params(seed)
     }
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
