@@ -108,6 +108,33 @@ pub enum DataError {
     RecordsChanged { saved: u64, now: u64 },
 }
 
+/// A resumed cursor `(epoch, position, records)` must count the records the shards hold now (a
+/// fresh one is all zeros).
+fn check_records(cursor: (u64, u64, u64), now: u64) -> Result<(), DataError> {
+    let (epoch, position, saved) = cursor;
+    if (epoch, position, saved) != (0, 0, 0) && saved != now {
+        return Err(DataError::RecordsChanged { saved, now });
+    }
+    Ok(())
+}
+
+/// The loader options of `cfg` for `rank` of `world_size` (no BPE dropout).
+fn loader_options(
+    cfg: &RunConfig,
+    rank: usize,
+    world_size: usize,
+    prefetch: usize,
+) -> LoaderOptions {
+    LoaderOptions {
+        seed: cfg.run.seed,
+        batch_size: cfg.train.batch_size,
+        rank,
+        world_size,
+        prefetch,
+        bpe_dropout: 0.0,
+    }
+}
+
 /// The batches of one rank of a run, from the source its config names.
 pub enum DataStream {
     Synthetic {
@@ -151,20 +178,10 @@ impl DataStream {
             ) => {
                 let layout = ShardLayout::from_model(cfg.transformer()?)?;
                 let set = ShardSet::open_patterns(&s.paths, &layout)?;
-                let fresh = (epoch, position, records) == (0, 0, 0);
-                if !fresh && records != set.len() {
-                    return Err(DataError::RecordsChanged {
-                        saved: records,
-                        now: set.len(),
-                    });
-                }
+                check_records((epoch, position, records), set.len())?;
                 let opts = LoaderOptions {
-                    seed: cfg.run.seed,
-                    batch_size,
-                    rank,
-                    world_size,
-                    prefetch: s.prefetch,
                     bpe_dropout: s.bpe_dropout as f32,
+                    ..loader_options(cfg, rank, world_size, s.prefetch)
                 };
                 let start = Cursor { epoch, position };
                 Ok(DataStream::Shards(Loader::new(
@@ -256,21 +273,8 @@ impl ImageStream {
             });
         };
         let set = image_loader::ImageShardSet::open_patterns(&s.paths, d.resolution as u32)?;
-        let fresh = (epoch, position, records) == (0, 0, 0);
-        if !fresh && records != set.len() {
-            return Err(DataError::RecordsChanged {
-                saved: records,
-                now: set.len(),
-            });
-        }
-        let opts = LoaderOptions {
-            seed: cfg.run.seed,
-            batch_size: cfg.train.batch_size,
-            rank,
-            world_size,
-            prefetch: s.prefetch,
-            bpe_dropout: 0.0,
-        };
+        check_records((epoch, position, records), set.len())?;
+        let opts = loader_options(cfg, rank, world_size, s.prefetch);
         let loader =
             image_loader::ImageLoader::images(Arc::new(set), opts, Cursor { epoch, position })?;
         Ok(ImageStream { loader })
