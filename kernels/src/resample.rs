@@ -18,18 +18,14 @@ fn check_even(op: &'static str, h: usize, w: usize) -> Result<()> {
     Ok(())
 }
 
-/// Index (0..4, row-major in the window) of the first maximum of the 2×2 window at (y, x).
+/// Index into `plane` (width `w`) of the first maximum, in row-major window order, of the 2×2
+/// window at output position (y, x).
 #[inline]
 fn argmax2x2(plane: &[f32], w: usize, y: usize, x: usize) -> usize {
-    let v = [
-        plane[2 * y * w + 2 * x],
-        plane[2 * y * w + 2 * x + 1],
-        plane[(2 * y + 1) * w + 2 * x],
-        plane[(2 * y + 1) * w + 2 * x + 1],
-    ];
-    let mut best = 0;
-    for i in 1..4 {
-        if v[i] > v[best] {
+    let top = 2 * y * w + 2 * x;
+    let mut best = top;
+    for i in [top + 1, top + w, top + w + 1] {
+        if plane[i] > plane[best] {
             best = i;
         }
     }
@@ -57,8 +53,7 @@ pub fn maxpool2_forward(
         .for_each(|(o, x)| {
             for y in 0..oh {
                 for xo in 0..ow {
-                    let i = argmax2x2(x, w, y, xo);
-                    o[y * ow + xo] = x[(2 * y + i / 2) * w + 2 * xo + i % 2];
+                    o[y * ow + xo] = x[argmax2x2(x, w, y, xo)];
                 }
             }
         });
@@ -89,8 +84,7 @@ pub fn maxpool2_backward(
             dx.fill(0.0);
             for y in 0..oh {
                 for xo in 0..ow {
-                    let i = argmax2x2(x, w, y, xo);
-                    dx[(2 * y + i / 2) * w + 2 * xo + i % 2] = dy[y * ow + xo];
+                    dx[argmax2x2(x, w, y, xo)] = dy[y * ow + xo];
                 }
             }
         });

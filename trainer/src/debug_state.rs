@@ -9,6 +9,7 @@ use crate::checkpoint::{self, TensorEntry};
 use crate::config::RunConfig;
 use crate::model::dvae::Dvae;
 use crate::model::transformer::{Activations, Transformer};
+use crate::params::ParamTable;
 use crate::train::{check_device, dims_of, dvae_dims_of};
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -100,6 +101,33 @@ fn entry<'a>(name: &str, shape: Vec<usize>, data: &'a [f32]) -> TensorEntry<'a> 
     }
 }
 
+/// The weights of `table` from `weights`, and the raw bytes of the batch file (parse them with
+/// `SafeTensors::deserialize`, which borrows them).
+fn load_inputs(table: &ParamTable, weights: &Path, batch: &Path) -> Result<(Vec<f32>, Vec<u8>)> {
+    let mut params = vec![0.0f32; table.numel()];
+    checkpoint::load_weights(weights, table, &mut params)?;
+    let bytes = std::fs::read(batch).with_context(|| format!("reading {}", batch.display()))?;
+    Ok((params, bytes))
+}
+
+/// The batch file parsed, or an error naming it.
+fn parse_batch<'a>(bytes: &'a [u8], batch: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", batch.display()))
+}
+
+/// Writes `tensors` then `grad.<name>` for every parameter of `table` to `out`.
+fn write_state<'a>(
+    out: &Path,
+    mut tensors: Vec<TensorEntry<'a>>,
+    table: &ParamTable,
+    grads: &'a [f32],
+) -> Result<()> {
+    tensors.extend(checkpoint::entries(table, "grad.", grads));
+    checkpoint::write_tensors(out, &tensors)?;
+    Ok(())
+}
+
 /// Runs the check of the config's model and writes `out`.
 pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
     check_device(cfg)?;
@@ -114,11 +142,8 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
 fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
     let model = Dvae::new(dvae_dims_of(cfg)?)?;
     let d = *model.dims();
-    let mut params = vec![0.0f32; model.table().numel()];
-    checkpoint::load_into(weights, model.table(), "", &mut params)?;
-    let bytes = std::fs::read(batch).with_context(|| format!("reading {}", batch.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", batch.display()))?;
+    let (params, bytes) = load_inputs(model.table(), weights, batch)?;
+    let st = parse_batch(&bytes, batch)?;
     let r = d.resolution;
     let (shape, images) = read_f32(&st, batch, "images", |s| {
         (s.len() != 4 || s[0] == 0 || s[1] != 3 || s[2] != r || s[3] != r)
@@ -140,15 +165,14 @@ fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result
         [losses.nll as f32],
         [losses.kl as f32],
     );
-    let mut tensors = vec![
+    let tensors = vec![
         entry("loss", vec![1], &l),
         entry("nll", vec![1], &nll),
         entry("kl", vec![1], &kl),
         entry("encoder_logits", vec![b, d.vocab_size, g, g], acts.logits()),
         entry("decoder_stats", vec![b, 6, r, r], acts.stats()),
     ];
-    tensors.extend(checkpoint::entries(model.table(), "grad.", &grads));
-    checkpoint::write_tensors(out, &tensors)?;
+    write_state(out, tensors, model.table(), &grads)?;
     tracing::info!(
         loss = losses.loss,
         nll = losses.nll,
@@ -163,11 +187,8 @@ fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result
 fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
     let model = Transformer::new(dims_of(cfg)?)?;
     let d = *model.dims();
-    let mut params = vec![0.0f32; model.table().numel()];
-    checkpoint::load_into(weights, model.table(), "", &mut params)?;
-    let bytes = std::fs::read(batch).with_context(|| format!("reading {}", batch.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", batch.display()))?;
+    let (params, bytes) = load_inputs(model.table(), weights, batch)?;
+    let st = parse_batch(&bytes, batch)?;
     let (bt, text) = read_ids(&st, batch, "text", d.text_len)?;
     let (bi, image) = read_ids(&st, batch, "image", d.image_tokens())?;
     if bt != bi || bt == 0 {
@@ -189,14 +210,13 @@ fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) ->
         [losses.text as f32],
         [losses.image as f32],
     );
-    let mut tensors = vec![
+    let tensors = vec![
         entry("loss", vec![1], &l),
         entry("loss_text", vec![1], &lt),
         entry("loss_image", vec![1], &li),
         entry("logits", vec![bt, d.seq_len(), d.vocab_total()], &logits),
     ];
-    tensors.extend(checkpoint::entries(model.table(), "grad.", &grads));
-    checkpoint::write_tensors(out, &tensors)?;
+    write_state(out, tensors, model.table(), &grads)?;
     tracing::info!(
         loss = losses.loss,
         loss_text = losses.text,

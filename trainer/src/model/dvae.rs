@@ -23,8 +23,8 @@ use kernels::resample::{
 mod infer;
 pub use crate::model::transformer::ModelError;
 pub use infer::{
-    argmax_codes, image_resolution, resolve_weights, tensor_shapes, unmap_pixel, DvaeWeights,
-    ImagesError, WeightsError,
+    argmax_codes, for_each_argmax, image_resolution, resolve_weights, tensor_shapes, unmap_pixel,
+    DvaeWeights, ImagesError, WeightsError,
 };
 type Result<T> = std::result::Result<T, ModelError>;
 

@@ -10,7 +10,7 @@
 use crate::config::{DataSource, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
-use crate::model::dvae::{argmax_codes, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
+use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
@@ -240,7 +240,6 @@ pub struct DvaeStage {
     relax: crate::config::RelaxationConfig,
     seed: u64,
     rank: usize,
-    world_size: usize,
     batch: usize,
     /// Argmax-code counts over the update's micro-batches (codebook perplexity).
     code_counts: Vec<u64>,
@@ -254,6 +253,11 @@ const GUMBEL_SALT: u64 = 0x6a3b_9e1f_57c2_0004;
 
 impl DvaeStage {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
+        // The noise stream packs (update, micro-batch, rank) into 64 bits, 16 bits for each of
+        // the last two.
+        if world_size > 1 << 16 || cfg.train.grad_accum > 1 << 16 {
+            bail!("the dVAE's noise streams allow at most 65536 ranks and 65536 micro-batches");
+        }
         let dims = dvae_dims_of(cfg)?;
         let model = Dvae::new(dims)?;
         let data = ImageStream::open(cfg, rank, world_size, cursor)
@@ -269,7 +273,6 @@ impl DvaeStage {
             relax: cfg.relaxation(),
             seed: cfg.run.seed,
             rank,
-            world_size,
             batch,
             sq_err: 0.0,
             pixels: 0,
@@ -304,7 +307,6 @@ impl Stage for DvaeStage {
         // One stream per (update, micro-batch, rank): the same noise after a resume, different
         // noise on every rank.
         let stream = ((t << 16 | micro as u64) << 16) | self.rank as u64;
-        debug_assert!(self.world_size <= 1 << 16);
         gumbel_noise(self.seed ^ GUMBEL_SALT, stream, &mut self.noise);
         let l = self.model.forward(
             params,
@@ -316,14 +318,18 @@ impl Stage for DvaeStage {
         )?;
         self.model.backward(params, grads, &mut self.acts, scale)?;
         let d = self.model.dims();
-        let codes = argmax_codes(self.acts.logits(), d.vocab_size, d.grid() * d.grid())?;
-        for c in codes {
-            self.code_counts[c as usize] += 1;
-        }
+        // A metric only: a non-finite logit ends the count (the update itself is then skipped
+        // by the optimizer's non-finite check), it does not fail the run.
+        let counts = &mut self.code_counts;
+        let _ = for_each_argmax(
+            self.acts.logits(),
+            d.vocab_size,
+            d.grid() * d.grid(),
+            |_, _, c| counts[c] += 1,
+        );
         self.sq_err += reconstruction_sq_err(self.acts.stats(), &batch.pixels, self.batch);
         self.pixels += batch.pixels.len() as u64;
         self.data.recycle(batch);
-        let d = self.model.dims();
         let npx = (self.batch * 3 * d.resolution * d.resolution) as f64;
         let positions = (self.batch * d.grid() * d.grid()) as f64;
         Ok(vec![

@@ -369,30 +369,47 @@ pub fn unmap_pixel(mu: f32) -> f32 {
     ((s - eps) / (1.0 - 2.0 * eps)).clamp(0.0, 1.0)
 }
 
-/// Per image and grid position of `logits` [B, K, P], the code with the largest logit (the first
-/// on a tie): codes [B, P]. A non-finite logit is an error naming image, position and code.
-pub fn argmax_codes(logits: &[f32], k: usize, positions: usize) -> Result<Vec<u32>> {
+/// Calls `f(image, position, code)` for every image and grid position of `logits` [B, K, P] with
+/// the code of the largest logit (the first on a tie); stops at the first non-finite logit and
+/// returns it as `Err((image, position, code, value))`.
+pub fn for_each_argmax(
+    logits: &[f32],
+    k: usize,
+    positions: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) -> std::result::Result<(), (usize, usize, usize, f32)> {
     let hw = positions;
-    let b = logits.len() / (k * hw).max(1);
-    let mut codes = vec![0u32; b * hw];
-    for bi in 0..b {
-        let l = &logits[bi * k * hw..][..k * hw];
-        for (pos, code) in codes[bi * hw..][..hw].iter_mut().enumerate() {
+    for (bi, l) in logits.chunks_exact((k * hw).max(1)).enumerate() {
+        for pos in 0..hw {
             let mut best = 0;
             for c in 0..k {
                 let v = l[c * hw + pos];
                 if !v.is_finite() {
-                    return Err(ModelError::Dims(format!(
-                        "the encoder's logit of code {c} at image {bi}, position {pos} is {v}"
-                    )));
+                    return Err((bi, pos, c, v));
                 }
                 if v > l[best * hw + pos] {
                     best = c;
                 }
             }
-            *code = best as u32;
+            f(bi, pos, best);
         }
     }
+    Ok(())
+}
+
+/// Per image and grid position of `logits` [B, K, P], the code with the largest logit (the first
+/// on a tie): codes [B, P]. A non-finite logit is an error naming image, position and code.
+pub fn argmax_codes(logits: &[f32], k: usize, positions: usize) -> Result<Vec<u32>> {
+    let b = logits.len() / (k * positions).max(1);
+    let mut codes = vec![0u32; b * positions];
+    for_each_argmax(logits, k, positions, |bi, pos, c| {
+        codes[bi * positions + pos] = c as u32
+    })
+    .map_err(|(bi, pos, c, v)| {
+        ModelError::Dims(format!(
+            "the encoder's logit of code {c} at image {bi}, position {pos} is {v}"
+        ))
+    })?;
     Ok(codes)
 }
 
