@@ -115,7 +115,7 @@ fn low_rank_powersgd_trains_within_margin_and_sends_fewer_bytes() {
     assert!(ll < lp * 1.10, "PowerSGD rank 2 loss {ll} vs plain {lp}");
     // The expected bytes: every tensor the plan compresses sends (rows + cols)·r values, the
     // rest (and one flag) plainly.
-    let (table, _) = trainer::train::stages::model_table(&cfg).unwrap();
+    let (table, _) = trainer::train::stages::model_table(&cfg, false).unwrap();
     let p = trainer::powersgd::PowerSgd::new(&table, &cfg.compression).unwrap();
     assert_eq!(sent, p.bytes_per_compressed_step() as f64);
     assert_eq!(full, p.bytes_uncompressed() as f64);

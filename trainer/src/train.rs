@@ -265,13 +265,16 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 /// update in flight, writes a checkpoint and returns early with `stopped` set.
 pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
-    // The model's definition alone (no data yet): the checkpoint layout and fresh weights.
-    let (table, init) = stages::model_table(cfg)?;
+    let out = &cfg.run.out_dir;
+    let latest = checkpoint::latest_complete(out)?;
+    // The model's definition alone (no data yet): the checkpoint layout, and fresh weights
+    // unless a checkpoint is about to replace them.
+    let (table, init) = stages::model_table(cfg, !(resume && latest.is_some()))?;
+    let init = init.unwrap_or_else(|| vec![0.0; table.numel()]);
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
     // Only rank 0 writes the run directory (config, metrics, checkpoints).
     let mut comm = crate::dist::connect(cfg)?;
     let rank0 = comm.rank() == 0;
-    let out = &cfg.run.out_dir;
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
 
@@ -279,7 +282,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let mut resumed_from = None;
     let mut resumed_dir = None;
     if resume {
-        if let Some(dir) = checkpoint::latest_complete(out)? {
+        if let Some(dir) = latest {
             check_same_model(&dir, cfg)?;
             load_state(&dir, &table, &mut rs)?;
             resumed_dir = Some(dir.clone());
@@ -289,7 +292,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             }
             tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
         }
-    } else if checkpoint::latest_complete(out)?.is_some() {
+    } else if latest.is_some() {
         bail!(
             "{} already holds checkpoints; resume (drop --no-resume) or choose another run.out_dir",
             out.display()

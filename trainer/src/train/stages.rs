@@ -57,16 +57,18 @@ pub fn open(
     })
 }
 
-/// The model definition of `cfg`, without data (for fresh weights and checkpoint layout).
-pub fn model_table(cfg: &RunConfig) -> Result<(ParamTable, Vec<f32>)> {
+/// The parameter layout of `cfg`'s model and, with `init`, its fresh weights from `run.seed`
+/// (a resumed run skips drawing weights it is about to overwrite).
+pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Vec<f32>>)> {
+    let seed = cfg.run.seed;
     Ok(match cfg.model.dvae() {
         Some(_) => {
             let m = Dvae::new(dvae_dims_of(cfg)?)?;
-            (m.table().clone(), m.init_params(cfg.run.seed))
+            (m.table().clone(), init.then(|| m.init_params(seed)))
         }
         None => {
             let m = Transformer::new(dims_of(cfg)?)?;
-            (m.table().clone(), m.init_params(cfg.run.seed))
+            (m.table().clone(), init.then(|| m.init_params(seed)))
         }
     })
 }
