@@ -3,7 +3,8 @@
 //! - [`plan`]: the command line, SLURM's variables and the run config, resolved into a [`plan::Plan`];
 //! - [`store`]: the rendezvous store that node 0's launcher hosts (tokio TCP server);
 //! - [`supervise`]: workers, log files, and the gang's stops and restarts; the exit statuses;
-//! - [`remote`]: with `--hostfile`, the other nodes' launchers started over ssh.
+//! - [`remote`]: with `--hostfile`, the other nodes' launchers started over ssh;
+//! - [`cuda`]: the CUDA and NCCL libraries of GPU workers.
 //!
 //! ```text
 //! launcher --procs-per-node 4 config.yaml                                   # one node
@@ -13,6 +14,7 @@
 //! launcher --hostfile hosts.txt config.yaml       # on the first host; ssh starts the others
 //! ```
 
+pub mod cuda;
 pub mod plan;
 pub mod remote;
 pub mod store;

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long)]
     pub nodes: Option<usize>,
     /// Worker processes per node (default: the CUDA_VISIBLE_DEVICES count for GPU runs, else
-    /// the config's distributed.cpu_procs_per_node).
+    /// the CUDA driver's device count, else the config's distributed.cpu_procs_per_node).
     #[arg(long)]
     pub procs_per_node: Option<usize>,
     /// This node's rank in [0, nodes) (default: SLURM_NODEID, else 0).
@@ -325,7 +325,9 @@ impl Plan {
         check_run_id(&run_id).map_err(|m| anyhow::anyhow!("--run-id: {m}"))?;
         let gpus = match cfg.run.device {
             Device::Cpu => None,
-            Device::Cuda | Device::Auto => visible_gpus(get),
+            Device::Cuda | Device::Auto => {
+                visible_gpus(get).or_else(trainer::cuda_libs::device_count)
+            }
         };
         let slots = hostfile.as_ref().and_then(|h| {
             let first = h[0].slots;

@@ -87,6 +87,10 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     let d = &plan.cfg.distributed;
     let signals = Arc::new(AtomicUsize::new(0));
     watch_signals(signals.clone())?;
+    let worker_env = crate::cuda::worker_env(plan)?;
+    if let Some(note) = &worker_env.note {
+        say(node, note);
+    }
 
     let server = if node == 0 {
         let ip = if plan.nodes == 1 {
@@ -179,7 +183,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     std::fs::create_dir_all(&logs)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", logs.display()))?;
 
-    let mut workers = spawn_workers(plan, port, generation, &logs)?;
+    let mut workers = spawn_workers(plan, port, generation, &logs, &worker_env.vars)?;
     let mut events: VecDeque<NodeEvent> = VecDeque::new();
     let mut interrupt_sent = false;
     let mut stop_started: Option<Instant> = None;
@@ -279,7 +283,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
                         v.restarts, v.max_restarts
                     ),
                 );
-                workers = spawn_workers(plan, port, generation, &logs)?;
+                workers = spawn_workers(plan, port, generation, &logs, &worker_env.vars)?;
             }
         }
         match &v.phase {
@@ -422,7 +426,13 @@ fn watch_signals(count: Arc<AtomicUsize>) -> Result<()> {
 }
 
 /// Starts this node's workers for `generation`.
-fn spawn_workers(plan: &Plan, port: u16, generation: u64, logs: &Path) -> Result<Vec<Worker>> {
+fn spawn_workers(
+    plan: &Plan,
+    port: u16,
+    generation: u64,
+    logs: &Path,
+    extra_env: &[(String, String)],
+) -> Result<Vec<Worker>> {
     let node = plan.node_rank;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -451,6 +461,7 @@ fn spawn_workers(plan: &Plan, port: u16, generation: u64, logs: &Path) -> Result
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", &rayon_threads);
         }
+        cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
         {
             use std::os::unix::process::CommandExt;
             // Workers get signals from the launcher only (not the terminal's Ctrl-C), and

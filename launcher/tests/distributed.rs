@@ -23,10 +23,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The trainer binary of this checkout, built in the profile these tests were built in.
+/// The trainer binary of this checkout, built in the profile these tests were built in; or
+/// `TESSERA_TRAINER` where that is set (a machine without cargo: scripts/gpu-check.sh).
 fn trainer() -> &'static Path {
     static TRAINER: OnceLock<PathBuf> = OnceLock::new();
     TRAINER.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TESSERA_TRAINER") {
+            return PathBuf::from(p);
+        }
         let launcher = Path::new(env!("CARGO_BIN_EXE_launcher"));
         let profile_dir = launcher.parent().expect("target/<profile>");
         let target_dir = profile_dir.parent().expect("target");
@@ -95,8 +99,15 @@ fn write_config_with(
     path
 }
 
+/// The launcher binary under test (`TESSERA_LAUNCHER` overrides, as `TESSERA_TRAINER` does).
+fn launcher_exe() -> PathBuf {
+    std::env::var_os("TESSERA_LAUNCHER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_launcher")))
+}
+
 fn launcher_cmd(config: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_launcher"));
+    let mut cmd = Command::new(launcher_exe());
     cmd.args(args)
         .arg(config)
         .env("TESSERA_TRAINER", trainer())
@@ -638,4 +649,99 @@ fn powersgd_across_processes_saves_bytes_and_survives_a_restart() {
         (a - b).abs() <= 1e-3 * a,
         "mean loss of the last 20 updates: {a} vs {b}"
     );
+}
+
+/// `launcher` with the environment of the host's CUDA setup removed.
+fn launcher_without_cuda_env(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = launcher_cmd(config, args);
+    for var in [
+        "LD_LIBRARY_PATH",
+        "VIRTUAL_ENV",
+        "CONDA_PREFIX",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "NCCL_HOME",
+        "TESSERA_CUDA_LIB_PATH",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("TESSERA_PYTHON", "/nonexistent/python3");
+    cmd
+}
+
+/// True when `lib` loads in this process or the library search finds it with `resolution`.
+fn usable(lib: &trainer::cuda_libs::Library, resolution: &trainer::cuda_libs::Resolution) -> bool {
+    trainer::cuda_libs::loadable(lib) || resolution.get(lib).is_some()
+}
+
+/// NCCL collectives on a machine where NCCL or the CUDA driver does not load: the launcher
+/// refuses before starting a worker, naming the library and the variable to set.
+#[test]
+fn nccl_without_its_libraries_stops_the_run_before_any_worker_starts() {
+    use trainer::cuda_libs::{Resolution, DRIVER, NCCL};
+    // What the launcher below finds: the system's directories only.
+    let system = Resolution::find(&|_| None, &[]);
+    if usable(&DRIVER, &system) && usable(&NCCL, &system) {
+        eprintln!("skipped: NCCL and the CUDA driver are installed system-wide on this machine");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nccl");
+    let cfg = write_config_with(tmp.path(), &out, 2, 2, 1, "  collectives: nccl\n");
+    let o = launcher_without_cuda_env(&cfg, &["--procs-per-node", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for want in [
+        "distributed.collectives = nccl needs NCCL and the CUDA driver",
+        "not found",
+        "TESSERA_CUDA_LIB_PATH",
+    ] {
+        assert!(err.contains(want), "{want:?} missing:\n{}", text(&o));
+    }
+    assert!(!out.join("logs/rank_0.log").exists(), "a worker started");
+}
+
+/// On a machine with GPUs and NCCL: the same run with NCCL and with the CPU ring, on one GPU
+/// per worker (2 workers where 2 GPUs are visible, else 1). One worker: byte-identical (a sum
+/// over one rank is exact on both); two: equal to round-off (NCCL sums in its own order).
+#[test]
+fn nccl_collectives_train_like_the_ring_on_gpus() {
+    use trainer::cuda_libs::{device_count, loadable, NCCL};
+    let gpus = device_count().unwrap_or(0);
+    if gpus == 0 || !loadable(&NCCL) {
+        eprintln!(
+            "skipped: needs a GPU and NCCL (found {gpus} GPUs, NCCL loadable: {})",
+            loadable(&NCCL)
+        );
+        return;
+    }
+    let procs = gpus.min(2).to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for kind in ["tcp", "nccl"] {
+        let out = tmp.path().join(kind);
+        let cfg = write_config_with(
+            tmp.path(),
+            &out,
+            6,
+            2,
+            6,
+            &format!("  collectives: {kind}\n"),
+        );
+        let o = launch(&cfg, &["--procs-per-node", &procs]);
+        assert!(o.status.success(), "{kind}: {}", text(&o));
+        outs.push(model_file(&out, 6));
+    }
+    let d = max_abs_diff(&outs[0], &outs[1]);
+    eprintln!("{procs} GPU worker(s): NCCL vs ring max |Δw| = {d:e}");
+    if procs == "1" {
+        assert_eq!(
+            std::fs::read(&outs[0]).unwrap(),
+            std::fs::read(&outs[1]).unwrap()
+        );
+    } else {
+        assert!(d <= 1e-5, "NCCL and the ring differ by {d}");
+    }
 }

@@ -9,6 +9,7 @@
 //! trainer init-weights --config configs/quickstart-cpu.yaml --out weights.safetensors
 //! trainer debug-state --config c.yaml --weights w.safetensors --batch b.safetensors --out state.safetensors
 //! trainer reconstruct --weights runs/dvae --images shards/images-00000.tis --count 16 --out recon.png
+//! trainer cuda-libs [--link-dir /tmp/tessera-libs]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,14 @@ pub enum Command {
         #[arg(long, value_name = "FILE", default_value = "reconstructions.png")]
         out: PathBuf,
     },
+    /// Shows where the CUDA libraries a GPU run loads (driver, NCCL, NVRTC, cuBLAS) are found
+    /// and whether this process can load them; with --link-dir, makes them loadable and prints
+    /// the LD_LIBRARY_PATH to start workers with (what `launcher` does by itself).
+    CudaLibs {
+        /// A directory for links under the names cudarc loads (created if needed).
+        #[arg(long, value_name = "DIR")]
+        link_dir: Option<PathBuf>,
+    },
 }
 
 impl Command {
@@ -107,7 +116,7 @@ impl Command {
             Command::Train { config, set, .. }
             | Command::DebugState { config, set, .. }
             | Command::InitWeights { config, set, .. } => Some((config, set)),
-            Command::Reconstruct { .. } => None,
+            Command::Reconstruct { .. } | Command::CudaLibs { .. } => None,
         }
     }
 

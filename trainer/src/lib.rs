@@ -8,7 +8,8 @@
 //! - [`data`]: training data (for now the synthetic generator).
 //! - [`collectives`]: the seam for data-parallel gradient reduction.
 //! - [`dist`]: multi-process runs: torchrun's variables, the rendezvous store's protocol and
-//!   client, the TCP ring collectives, heartbeats.
+//!   client, the TCP ring and NCCL collectives, heartbeats.
+//! - [`cuda_libs`]: finding the CUDA libraries `cudarc` loads (CUDA installs, NVIDIA's wheels).
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
 //!   command line.
@@ -17,6 +18,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod collectives;
 pub mod config;
+pub mod cuda_libs;
 pub mod data;
 pub mod debug_state;
 pub mod dist;

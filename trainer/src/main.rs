@@ -6,6 +6,7 @@
 //! trainer init-weights --config C --out W.safetensors
 //! trainer debug-state --config C --weights W.safetensors --batch B.safetensors --out O.safetensors
 //! trainer reconstruct --weights W --images SHARD.tis [--count N] [--out grid.png] [--ema]
+//! trainer cuda-libs [--link-dir DIR]
 //! ```
 
 use anyhow::{Context, Result};
@@ -88,6 +89,28 @@ fn run(cli: Cli) -> Result<()> {
                 out,
             })?;
             println!("{}", trainer::reconstruct::describe(&summary));
+            Ok(())
+        }
+        Command::CudaLibs { link_dir } => {
+            use trainer::cuda_libs::{self, Resolution};
+            let r = Resolution::from_env();
+            print!("{}", r.report());
+            println!("In this process (LD_LIBRARY_PATH and the system's search):");
+            for lib in cuda_libs::ALL {
+                let state = if cuda_libs::loadable(&lib) {
+                    "loadable in this process"
+                } else {
+                    "not loadable in this process"
+                };
+                println!("{:<16} {state}", lib.what);
+            }
+            if let Some(dir) = link_dir {
+                let existing = std::env::var("LD_LIBRARY_PATH").ok();
+                let path = r
+                    .library_path(&dir, existing.as_deref())
+                    .with_context(|| format!("making links in {}", dir.display()))?;
+                println!("export LD_LIBRARY_PATH={path}");
+            }
             Ok(())
         }
     }

@@ -1,7 +1,8 @@
 //! The `distributed:` section of a run config: timeouts of the rendezvous, the collectives and
-//! the supervision, and the number of workers per node on CPU machines. Every field has a
-//! default, so single-process configs leave the section out.
+//! the supervision, the collectives backend, and the number of workers per node on CPU machines.
+//! Every field has a default, so single-process configs leave the section out.
 
+use crate::config::Device;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -32,6 +33,28 @@ pub struct DistributedConfig {
     /// ≥ 1. Default 1.
     #[serde(default = "default_cpu_procs_per_node")]
     pub cpu_procs_per_node: usize,
+    /// Which collectives the workers use: `tcp` (the CPU ring), `nccl` (one GPU per worker,
+    /// `LOCAL_RANK` numbering the visible GPUs; the NCCL and CUDA driver libraries must load), or
+    /// `auto`: NCCL when the run is on CUDA, else the ring. Default `auto`.
+    #[serde(default)]
+    pub collectives: CollectivesKind,
+}
+
+/// `distributed.collectives`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectivesKind {
+    #[default]
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+/// The collectives a run ends up with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Tcp,
+    Nccl,
 }
 
 fn default_rendezvous_timeout() -> f64 {
@@ -62,6 +85,7 @@ impl Default for DistributedConfig {
             heartbeat_timeout_s: default_heartbeat_timeout(),
             term_grace_s: default_term_grace(),
             cpu_procs_per_node: default_cpu_procs_per_node(),
+            collectives: CollectivesKind::Auto,
         }
     }
 }
@@ -115,6 +139,15 @@ impl DistributedConfig {
         Ok(())
     }
 
+    /// The backend for a run on `device`. `auto` is the ring until the training step itself runs
+    /// on CUDA (`run.device: auto` resolves to the CPU in this release).
+    pub fn backend(&self, device: Device) -> Backend {
+        match (self.collectives, device) {
+            (CollectivesKind::Nccl, _) | (CollectivesKind::Auto, Device::Cuda) => Backend::Nccl,
+            _ => Backend::Tcp,
+        }
+    }
+
     pub fn rendezvous_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.rendezvous_timeout_s)
     }
@@ -135,6 +168,22 @@ impl DistributedConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_follows_the_setting_and_the_device() {
+        let with = |k| DistributedConfig {
+            collectives: k,
+            ..Default::default()
+        };
+        use CollectivesKind as K;
+        assert_eq!(with(K::Nccl).backend(Device::Cpu), Backend::Nccl);
+        assert_eq!(with(K::Tcp).backend(Device::Cuda), Backend::Tcp);
+        assert_eq!(with(K::Auto).backend(Device::Cuda), Backend::Nccl);
+        assert_eq!(with(K::Auto).backend(Device::Auto), Backend::Tcp);
+        assert_eq!(with(K::Auto).backend(Device::Cpu), Backend::Tcp);
+        let d: DistributedConfig = serde_yaml::from_str("collectives: nccl").unwrap();
+        assert_eq!(d.collectives, K::Nccl);
+    }
 
     #[test]
     fn defaults_are_valid_and_an_empty_section_gives_them() {
@@ -175,6 +224,8 @@ mod tests {
             assert_eq!(f, *field, "{yaml}: {m}");
             assert!(m.contains(field), "{m}");
         }
+        let e = serde_yaml::from_str::<DistributedConfig>("collectives: mpi").unwrap_err();
+        assert!(e.to_string().contains("unknown variant `mpi`"), "{e}");
         let e = serde_yaml::from_str::<DistributedConfig>("heartbeat_s: 1").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

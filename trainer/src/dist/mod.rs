@@ -6,16 +6,19 @@
 //! - [`protocol`], [`client`]: the rendezvous store's frames and a blocking client (the store
 //!   itself runs in node 0's launcher);
 //! - [`ring`]: [`ring::TcpRing`], the CPU collectives (deterministic ring all-reduce);
+//! - [`nccl`]: [`nccl::NcclComm`], NCCL through `cudarc` for GPU runs;
 //! - [`heartbeat`]: the thread that keeps the store informed that a worker is alive.
 //!
 //! [`connect`] is all the training loop calls: with no `RANK`/`WORLD_SIZE` it returns
 //! [`SingleProcess`]; otherwise it registers with the store (every rank, same world size, same
-//! config hash: the rendezvous), starts the heartbeat thread and builds the ring.
+//! config hash: the rendezvous), starts the heartbeat thread and builds the ring or joins the
+//! NCCL communicator (`distributed.collectives`).
 
 pub mod client;
 pub mod config;
 pub mod env;
 pub mod heartbeat;
+pub mod nccl;
 pub mod protocol;
 pub mod ring;
 
@@ -28,7 +31,7 @@ use ring::{Abort, AddressBook, RingOptions, TcpRing};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::DistributedConfig;
+pub use config::{Backend, CollectivesKind, DistributedConfig};
 
 /// Errors of joining a multi-process run.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub enum DistError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Nccl(#[from] nccl::NcclError),
     #[error("starting the heartbeat thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("ranks disagree on {what}: rank {rank} has {mine}, rank 0 has {root}{hint}")]
@@ -53,17 +58,29 @@ pub enum DistError {
     DisagreeElsewhere { what: String },
 }
 
-/// The collectives of this process: [`SingleProcess`] without torchrun's variables, else a
-/// [`TcpRing`] joined through the store named by `MASTER_ADDR:MASTER_PORT`.
+/// The collectives of this process: [`SingleProcess`] without torchrun's variables, else those
+/// `distributed.collectives` selects, joined through the store named by
+/// `MASTER_ADDR:MASTER_PORT`: a [`TcpRing`], or NCCL ([`nccl::NcclComm`]).
 pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
-    match WorkerEnv::from_env()? {
-        None => Ok(Box::new(SingleProcess)),
-        Some(env) => Ok(Box::new(join(&env, cfg)?)),
+    let Some(env) = WorkerEnv::from_env()? else {
+        return Ok(Box::new(SingleProcess));
+    };
+    match cfg.distributed.backend(cfg.run.device) {
+        Backend::Tcp => Ok(Box::new(join(&env, cfg)?)),
+        Backend::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
     }
 }
 
-/// Rendezvous, heartbeats and ring for the worker `env` describes.
-pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
+/// A worker registered with the store, its heartbeat running.
+struct Joined {
+    client: StoreClient,
+    heartbeat: Heartbeat,
+    abort: Arc<Abort>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Rendezvous (every rank, same world size, same config hash) and heartbeats.
+fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
     let d = &cfg.distributed;
     let addr = env.store_addr();
     let mut client = StoreClient::connect(&addr, &env.run_id, d.rendezvous_timeout())?;
@@ -93,6 +110,23 @@ pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
         abort.clone(),
         progress.clone(),
     )?;
+    Ok(Joined {
+        client,
+        heartbeat,
+        abort,
+        progress,
+    })
+}
+
+/// Rendezvous, heartbeats and ring for the worker `env` describes.
+pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
+    let d = &cfg.distributed;
+    let Joined {
+        mut client,
+        heartbeat,
+        abort,
+        progress,
+    } = rendezvous(env, cfg)?;
     let opts = RingOptions {
         run_id: env.run_id.clone(),
         generation: env.generation,
@@ -116,6 +150,57 @@ pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
     }));
     tracing::info!(rank = env.rank, world = env.world_size, "ring ready");
     Ok(ring)
+}
+
+/// Rendezvous, heartbeats and an NCCL communicator on the GPU numbered `LOCAL_RANK`; rank 0
+/// creates the unique id and publishes it through the store.
+pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, DistError> {
+    nccl::check_libraries()?;
+    let ctx = nccl::open_device(env.local_rank)?;
+    let d = &cfg.distributed;
+    let Joined {
+        mut client,
+        heartbeat,
+        abort,
+        progress: _,
+    } = rendezvous(env, cfg)?;
+    let id = if env.rank == 0 {
+        let id = cudarc::nccl::result::get_uniqueid().map_err(|e| nccl::NcclError::Nccl {
+            op: "ncclGetUniqueId",
+            msg: format!("{:?}", e.0),
+        })?;
+        client.set(
+            env.generation,
+            nccl::UNIQUE_ID_KEY,
+            &nccl::encode_unique_id(&id.internal),
+        )?;
+        id.internal
+    } else {
+        let text = client.get(env.generation, nccl::UNIQUE_ID_KEY, d.rendezvous_timeout())?;
+        nccl::decode_unique_id(&text).map_err(nccl::NcclError::UniqueId)?
+    };
+    tracing::info!(
+        rank = env.rank,
+        gpu = env.local_rank,
+        nccl = nccl::NcclComm::version().unwrap_or_default(),
+        "joining the NCCL communicator"
+    );
+    let mut comm = nccl::NcclComm::init(
+        ctx,
+        env.rank,
+        env.world_size,
+        id,
+        d.collective_timeout(),
+        abort,
+    )?;
+    comm.attach(Box::new(Departure {
+        client,
+        heartbeat: Some(heartbeat),
+        generation: env.generation,
+        rank: env.rank,
+    }));
+    tracing::info!(rank = env.rank, world = env.world_size, "NCCL ready");
+    Ok(comm)
 }
 
 /// Leaves the run when the ring is dropped: stops the heartbeat thread, then deregisters so the
