@@ -162,7 +162,7 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         mut client,
         heartbeat,
         abort,
-        progress: _,
+        progress,
     } = rendezvous(env, cfg)?;
     let id = if env.rank == 0 {
         let id = cudarc::nccl::result::get_uniqueid().map_err(|e| nccl::NcclError::Nccl {
@@ -192,6 +192,7 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         id,
         d.collective_timeout(),
         abort,
+        progress,
     )?;
     comm.attach(Box::new(Departure {
         client,

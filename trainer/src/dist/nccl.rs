@@ -21,6 +21,7 @@ use crate::cuda_libs;
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,8 @@ pub struct NcclComm {
     world_size: usize,
     op_timeout: Duration,
     abort: Arc<Abort>,
+    /// Completed operations, reported by the heartbeat thread.
+    progress: Arc<AtomicU64>,
     attached: Vec<Box<dyn Send>>,
 }
 
@@ -172,6 +175,7 @@ impl NcclComm {
         unique_id: [std::ffi::c_char; 128],
         op_timeout: Duration,
         abort: Arc<Abort>,
+        progress: Arc<AtomicU64>,
     ) -> Result<NcclComm, NcclError> {
         let ordinal = ctx.ordinal();
         let cuda = |e: cudarc::driver::DriverError| NcclError::Cuda {
@@ -203,6 +207,7 @@ impl NcclComm {
             world_size,
             op_timeout,
             abort,
+            progress,
             attached: Vec::new(),
         })
     }
@@ -334,7 +339,9 @@ impl NcclComm {
                 .map_err(|e| format!("copy from the GPU: {e}"))?;
             stream.synchronize().map_err(|e| e.to_string())
         })();
-        copied.map_err(|msg| self.fail(op, msg))
+        copied.map_err(|msg| self.fail(op, msg))?;
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
