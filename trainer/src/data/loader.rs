@@ -16,6 +16,10 @@
 //! order. [`Loader::cursor`] is the cursor after the last batch handed out (not after the batches
 //! prefetched), so a checkpoint that saves it resumes exactly where training stopped.
 //!
+//! Reading. For token shards the ids go from the memory map to the batch in one widening pass
+//! that also checks their ranges ([`TokenShard::read_tokens`]), and the records of the next
+//! batch are hinted into cache meanwhile; the caption is read only for BPE dropout.
+//!
 //! BPE dropout. With `bpe_dropout` > 0 each record's caption is re-encoded at load time through a
 //! [`CaptionEncoder`] instead of using the stored text tokens; the encoder's random stream is a
 //! pure function of (seed, epoch, global record index) ([`dropout_rng`]), so resume stays
@@ -35,6 +39,7 @@ use super::image_shard::ImageShardError;
 use super::token_shard::{
     check_tokens, RecordView, ShardError, ShardLayout, TokenShard, EXTENSION,
 };
+
 use super::Batch;
 
 /// Keeps the shuffle's random stream apart from the other streams of the same `run.seed`.
@@ -256,6 +261,11 @@ pub trait RecordSet: Send + Sync + 'static {
     /// A batch with no buffers yet, to be filled by [`RecordSet::fill`].
     fn empty_batch(&self) -> Self::Batch;
 
+    /// A hint that the records `indices` will be read next: a set whose records are scattered
+    /// in memory can start fetching them while the current batch is filled. Does nothing by
+    /// default.
+    fn prefetch(&self, _indices: &[u32]) {}
+
     /// Fills `batch` with the records `indices` (global, in row order) of `epoch`, reusing its
     /// buffers; every element is overwritten.
     fn fill(
@@ -294,6 +304,13 @@ impl RecordSet for ShardSet {
         }
     }
 
+    fn prefetch(&self, indices: &[u32]) {
+        for &g in indices {
+            let (k, local) = self.locate(g as u64);
+            self.shards[k].prefetch_tokens(local);
+        }
+    }
+
     fn fill(
         &self,
         state: &mut TokenState,
@@ -309,27 +326,29 @@ impl RecordSet for ShardSet {
         // Every entry is overwritten below; resizing only zero-fills a new buffer once.
         batch.text.resize(b * tt, 0);
         batch.image.resize(b * gi, 0);
-        for (row, &g) in indices.iter().enumerate() {
-            let (record, shard) = self.record(g as u64)?;
-            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
-            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
-            record.image.copy_into(image_row);
-            match (&state.encoder, opts.bpe_dropout > 0.0) {
-                (Some(encoder), true) => {
-                    let mut rng = dropout_rng(opts.seed, epoch, g as u64);
-                    let local = self.locate(g as u64).1;
-                    let encode_err = |message: String| LoaderError::Encode {
-                        path: shard.path().to_path_buf(),
-                        record: local,
-                        message,
-                    };
-                    let ids = encoder
-                        .encode(record.caption, &mut rng)
-                        .map_err(|e| encode_err(format!("{e}")))?;
-                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
-                    text_row.copy_from_slice(&ids);
-                }
-                _ => record.text.copy_into(text_row),
+        let rows = batch
+            .text
+            .chunks_exact_mut(tt)
+            .zip(batch.image.chunks_exact_mut(gi));
+        for (&g, (text_row, image_row)) in indices.iter().zip(rows) {
+            let (k, local) = self.locate(g as u64);
+            let shard = &self.shards[k];
+            // Ids widened and range-checked straight from the map into the batch; the caption
+            // is only read (and checked) when BPE dropout re-encodes it.
+            shard.read_tokens(local, text_row, image_row)?;
+            if let (Some(encoder), true) = (&state.encoder, opts.bpe_dropout > 0.0) {
+                let caption = shard.record(local)?.caption;
+                let mut rng = dropout_rng(opts.seed, epoch, g as u64);
+                let encode_err = |message: String| LoaderError::Encode {
+                    path: shard.path().to_path_buf(),
+                    record: local,
+                    message,
+                };
+                let ids = encoder
+                    .encode(caption, &mut rng)
+                    .map_err(|e| encode_err(format!("{e}")))?;
+                check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
+                text_row.copy_from_slice(&ids);
             }
         }
         Ok(())
@@ -522,6 +541,12 @@ impl<S: RecordSet> BatchReader<S> {
         self.indices(cursor);
         let b = self.opts.batch_size;
         let start = cursor.position as usize + self.opts.rank * b;
+        // The records of this rank's next batch (when it is in the same epoch) start coming in
+        // from memory while this one is filled: the epoch's order scatters them over the shards.
+        let ahead = start + self.opts.global_batch() as usize;
+        if let Some(next) = self.order.get(ahead..ahead + b) {
+            self.set.prefetch(next);
+        }
         let indices = &self.order[start..start + b];
         self.set
             .fill(&mut self.state, &self.opts, cursor.epoch, indices, batch)
@@ -676,7 +701,8 @@ mod tests {
         }
     }
 
-    /// Shards whose record with global index g has image tokens [g, g, g, g] and caption "r{g}".
+    /// Shards whose record with global index g has image tokens [g, g, g, g] (g mod 1000) and
+    /// caption "r{g}".
     fn write_shards(dir: &Path, sizes: &[u32]) -> Vec<PathBuf> {
         let mut g = 0;
         let mut paths = Vec::new();
@@ -684,7 +710,7 @@ mod tests {
             let path = dir.join(format!("s-{k:02}.tts"));
             let mut w = TokenShardWriter::create(&path, layout()).unwrap();
             for _ in 0..n {
-                w.push(&[g % 50, 51, 52], &[g; 4], &format!("r{g}"))
+                w.push(&[g % 50, 51, 52], &[g % 1000; 4], &format!("r{g}"))
                     .unwrap();
                 g += 1;
             }
@@ -801,6 +827,42 @@ mod tests {
         for b in &all[8..] {
             assert_eq!(&resumed.next_batch().unwrap(), b);
         }
+    }
+
+    /// Overwrites image id `j` of record `i` of a shard written by `write_shards` (2-byte ids).
+    fn corrupt_image_id(path: &Path, i: usize, j: usize, id: u16) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = 80 + i * layout().record_size() + (3 + j) * 2;
+        bytes[at..at + 2].copy_from_slice(&id.to_le_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_token_stops_the_loader_with_its_shard_and_record_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[5, 6]);
+        corrupt_image_id(&paths[1], 2, 1, 1000); // global record 7; Vi = 1000
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let order = epoch_permutation(11, 0, 11);
+        let bad = order.iter().position(|&g| g == 7).unwrap();
+        let mut l = Loader::new(set, opts(1, 0, 1), Cursor::default(), None).unwrap();
+        // The batches before the bad record arrive, in order.
+        for &g in &order[..bad] {
+            assert_eq!(ids(&l.next_batch().unwrap()), vec![g]);
+        }
+        let e = l.next_batch().unwrap_err().to_string();
+        assert!(
+            e.ends_with("s-01.tts, record 2: image token 1 is 1000, outside [0, Vi = 1000)"),
+            "{e}"
+        );
+        assert_eq!(
+            l.cursor(),
+            Cursor {
+                epoch: 0,
+                position: bad as u64
+            }
+        );
+        assert!(matches!(l.next_batch(), Err(LoaderError::Stopped)));
     }
 
     #[test]
