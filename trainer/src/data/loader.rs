@@ -596,8 +596,9 @@ type Message<B> = Result<Parcel<B>, LoaderError>;
 /// batch travels with the cursor after it, and [`Loader::next_batch`] hands out one batch at a
 /// time, so [`Loader::cursor`] names the next batch training takes however far the thread has
 /// read. Memory: at most (channel capacity + 2) parcels of batches exist at once (in the
-/// channel, being filled, being handed out, recycled): about 384 KiB for small batches,
-/// prefetch + 2 batches for large ones.
+/// channel, being filled, being handed out, recycled): with the default prefetch, at most
+/// 256 KiB + 2 parcels (≤ 384 KiB) for batches of up to 64 KiB, and prefetch + 2 batches (as
+/// without parcels) for batches over 128 KiB.
 pub struct Loader<S: RecordSet = ShardSet> {
     rx: Option<Receiver<Message<S::Batch>>>,
     /// The rest of the last parcel received, handed out one batch at a time.
