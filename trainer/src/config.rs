@@ -634,7 +634,8 @@ pub struct ImagesConfig {
     /// Image shard files or glob patterns (`data/images-*.tis`); each pattern must match at
     /// least one file. Required, non-empty.
     pub paths: Vec<String>,
-    /// Batches prepared ahead of the training step on a background thread. ≥ 1. Default 2.
+    /// Batches prepared ahead of the training step on a background thread, at least (small
+    /// batches are handed over in parcels of several, so more are). ≥ 1. Default 2.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
 }
@@ -647,7 +648,8 @@ pub struct ShardsConfig {
     /// directory. Each pattern must match at least one `.tts` file; matches are sorted and
     /// de-duplicated. Required, non-empty.
     pub paths: Vec<String>,
-    /// Batches prepared ahead of the training step on a background thread. ≥ 1. Default 2.
+    /// Batches prepared ahead of the training step on a background thread, at least (small
+    /// batches are handed over in parcels of several, so more are). ≥ 1. Default 2.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
     /// BPE dropout probability applied when re-encoding each caption at load time (the paper

@@ -16,6 +16,15 @@
 //! order. [`Loader::cursor`] is the cursor after the last batch handed out (not after the batches
 //! prefetched), so a checkpoint that saves it resumes exactly where training stopped.
 //!
+//! Reading. For token shards the ids go from the memory map to the batch in one widening pass
+//! that also checks their ranges ([`TokenShard::read_tokens`]), and the records of the next
+//! batch are hinted into cache meanwhile; the caption is read only for BPE dropout.
+//!
+//! Prefetch. The background thread fills batches into recycled buffers and hands them over in
+//! parcels of consecutive batches (about [`PARCEL_BYTES`] of buffers each), every batch paired
+//! with the cursor after it; [`Loader::next_batch`] still hands out one batch at a time, and the
+//! cursor it leaves names the next batch training takes, however far the thread has read.
+//!
 //! BPE dropout. With `bpe_dropout` > 0 each record's caption is re-encoded at load time through a
 //! [`CaptionEncoder`] instead of using the stored text tokens; the encoder's random stream is a
 //! pure function of (seed, epoch, global record index) ([`dropout_rng`]), so resume stays
@@ -35,6 +44,7 @@ use super::image_shard::ImageShardError;
 use super::token_shard::{
     check_tokens, RecordView, ShardError, ShardLayout, TokenShard, EXTENSION,
 };
+
 use super::Batch;
 
 /// Keeps the shuffle's random stream apart from the other streams of the same `run.seed`.
@@ -256,6 +266,15 @@ pub trait RecordSet: Send + Sync + 'static {
     /// A batch with no buffers yet, to be filled by [`RecordSet::fill`].
     fn empty_batch(&self) -> Self::Batch;
 
+    /// Bytes of the buffers of one batch of `batch_size` records: sizes the parcels in which
+    /// the prefetch thread hands batches over ([`PARCEL_BYTES`]).
+    fn batch_bytes(&self, batch_size: usize) -> usize;
+
+    /// A hint that the records `indices` will be read next: a set whose records are scattered
+    /// in memory can start fetching them while the current batch is filled. Does nothing by
+    /// default.
+    fn prefetch(&self, _indices: &[u32]) {}
+
     /// Fills `batch` with the records `indices` (global, in row order) of `epoch`, reusing its
     /// buffers; every element is overwritten.
     fn fill(
@@ -294,6 +313,18 @@ impl RecordSet for ShardSet {
         }
     }
 
+    fn batch_bytes(&self, batch_size: usize) -> usize {
+        let l = self.layout();
+        batch_size * (l.text_len + l.image_tokens) as usize * std::mem::size_of::<u32>()
+    }
+
+    fn prefetch(&self, indices: &[u32]) {
+        for &g in indices {
+            let (k, local) = self.locate(g as u64);
+            self.shards[k].prefetch_tokens(local);
+        }
+    }
+
     fn fill(
         &self,
         state: &mut TokenState,
@@ -309,27 +340,29 @@ impl RecordSet for ShardSet {
         // Every entry is overwritten below; resizing only zero-fills a new buffer once.
         batch.text.resize(b * tt, 0);
         batch.image.resize(b * gi, 0);
-        for (row, &g) in indices.iter().enumerate() {
-            let (record, shard) = self.record(g as u64)?;
-            let text_row = &mut batch.text[row * tt..(row + 1) * tt];
-            let image_row = &mut batch.image[row * gi..(row + 1) * gi];
-            record.image.copy_into(image_row);
-            match (&state.encoder, opts.bpe_dropout > 0.0) {
-                (Some(encoder), true) => {
-                    let mut rng = dropout_rng(opts.seed, epoch, g as u64);
-                    let local = self.locate(g as u64).1;
-                    let encode_err = |message: String| LoaderError::Encode {
-                        path: shard.path().to_path_buf(),
-                        record: local,
-                        message,
-                    };
-                    let ids = encoder
-                        .encode(record.caption, &mut rng)
-                        .map_err(|e| encode_err(format!("{e}")))?;
-                    check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
-                    text_row.copy_from_slice(&ids);
-                }
-                _ => record.text.copy_into(text_row),
+        let rows = batch
+            .text
+            .chunks_exact_mut(tt)
+            .zip(batch.image.chunks_exact_mut(gi));
+        for (&g, (text_row, image_row)) in indices.iter().zip(rows) {
+            let (k, local) = self.locate(g as u64);
+            let shard = &self.shards[k];
+            // Ids widened and range-checked straight from the map into the batch; the caption
+            // is only read (and checked) when BPE dropout re-encodes it.
+            shard.read_tokens(local, text_row, image_row)?;
+            if let (Some(encoder), true) = (&state.encoder, opts.bpe_dropout > 0.0) {
+                let caption = shard.record(local)?.caption;
+                let mut rng = dropout_rng(opts.seed, epoch, g as u64);
+                let encode_err = |message: String| LoaderError::Encode {
+                    path: shard.path().to_path_buf(),
+                    record: local,
+                    message,
+                };
+                let ids = encoder
+                    .encode(caption, &mut rng)
+                    .map_err(|e| encode_err(format!("{e}")))?;
+                check_tokens(&layout, &ids, image_row).map_err(encode_err)?;
+                text_row.copy_from_slice(&ids);
             }
         }
         Ok(())
@@ -386,7 +419,7 @@ pub struct LoaderOptions {
     pub batch_size: usize,
     pub rank: usize,
     pub world_size: usize,
-    /// Batches prepared ahead (the bounded channel's capacity). ≥ 1.
+    /// Batches prepared ahead, at least (whole parcels of them, [`PARCEL_BYTES`]). ≥ 1.
     pub prefetch: usize,
     /// BPE dropout probability; > 0 re-encodes captions through the [`CaptionEncoder`].
     pub bpe_dropout: f32,
@@ -522,18 +555,54 @@ impl<S: RecordSet> BatchReader<S> {
         self.indices(cursor);
         let b = self.opts.batch_size;
         let start = cursor.position as usize + self.opts.rank * b;
+        // The records of this rank's next batch (when it is in the same epoch) start coming in
+        // from memory while this one is filled: the epoch's order scatters them over the shards.
+        let ahead = start + self.opts.global_batch() as usize;
+        if let Some(next) = self.order.get(ahead..ahead + b) {
+            self.set.prefetch(next);
+        }
         let indices = &self.order[start..start + b];
         self.set
             .fill(&mut self.state, &self.opts, cursor.epoch, indices, batch)
     }
 }
 
-type Message<B> = Result<(B, Cursor), LoaderError>;
+/// The prefetch thread hands batches over in parcels of about this many bytes of batch buffers
+/// (at least one batch, at most [`MAX_PARCEL_BATCHES`]): one channel message, and at most one
+/// wake-up of a waiting thread, per parcel instead of per batch. Small batches (the paper's
+/// transformer: 2 records of 1,280 ids, 10 KiB) would otherwise spend more time being handed
+/// over than being read.
+pub const PARCEL_BYTES: usize = 64 << 10;
+/// The most batches in one parcel (bounds the latency of the first batch for tiny batches).
+pub const MAX_PARCEL_BATCHES: usize = 64;
+/// The channel holds at least this many bytes of parcels (and at least `prefetch` batches), so
+/// that the producer keeps working while the training thread is being woken; small enough that
+/// the batches in flight stay in a core's L2 cache. Large batches (images) are not affected:
+/// for them the channel holds `prefetch` batches, one a parcel.
+pub const AHEAD_BYTES: usize = 256 << 10;
+/// The most parcels [`AHEAD_BYTES`] asks the channel to hold (tiny batches).
+pub const MAX_AHEAD_PARCELS: usize = 8;
 
-/// Batches for one rank, prepared by a background thread `prefetch` batches ahead. Dropping the
-/// loader stops and joins the thread.
+/// Consecutive batches, each with the cursor of the batch after it, in order.
+type Parcel<B> = Vec<(B, Cursor)>;
+type Message<B> = Result<Parcel<B>, LoaderError>;
+
+/// Batches for one rank, prepared by a background thread at least `prefetch` batches ahead.
+/// Dropping the loader stops and joins the thread.
+///
+/// The thread hands batches over in parcels of `parcel_len` consecutive batches ([`PARCEL_BYTES`]);
+/// the channel holds max(⌈prefetch / parcel_len⌉, min([`AHEAD_BYTES`] / parcel bytes,
+/// [`MAX_AHEAD_PARCELS`])) parcels ([`Loader::read_ahead_limit`] bounds what is read ahead). Each
+/// batch travels with the cursor after it, and [`Loader::next_batch`] hands out one batch at a
+/// time, so [`Loader::cursor`] names the next batch training takes however far the thread has
+/// read. Memory: at most (channel capacity + 2) parcels of batches exist at once (in the
+/// channel, being filled, being handed out, recycled): with the default prefetch, at most
+/// 256 KiB + 2 parcels (≤ 384 KiB) for batches of up to 64 KiB, and prefetch + 2 batches (as
+/// without parcels) for batches over 128 KiB.
 pub struct Loader<S: RecordSet = ShardSet> {
     rx: Option<Receiver<Message<S::Batch>>>,
+    /// The rest of the last parcel received, handed out one batch at a time.
+    ready: std::vec::IntoIter<(S::Batch, Cursor)>,
     /// Spent batches going back to the producer, whose buffers it refills.
     recycle: Sender<S::Batch>,
     handle: Option<JoinHandle<()>>,
@@ -541,6 +610,9 @@ pub struct Loader<S: RecordSet = ShardSet> {
     cursor: Cursor,
     records: u64,
     global: u64,
+    parcel_len: usize,
+    /// The channel's capacity, in parcels.
+    parcels: usize,
 }
 
 impl Loader<ShardSet> {
@@ -563,8 +635,17 @@ impl<S: RecordSet> Loader<S> {
         let opts = reader.opts;
         let (records, global) = (reader.records(), opts.global_batch());
         let start = start.normalise(global, records);
-        let (tx, rx) = crossbeam_channel::bounded(opts.prefetch);
-        let (recycle, spent) = crossbeam_channel::bounded(opts.prefetch + 2);
+        let batch_bytes = reader.set.batch_bytes(opts.batch_size).max(1);
+        let parcel_len = (PARCEL_BYTES / batch_bytes).clamp(1, MAX_PARCEL_BATCHES);
+        // At least `prefetch` batches and about AHEAD_BYTES of them: while the training thread
+        // wakes up (tens of µs on a virtual machine) the producer keeps filling.
+        let parcels = opts
+            .prefetch
+            .div_ceil(parcel_len)
+            .max((AHEAD_BYTES / (parcel_len * batch_bytes)).min(MAX_AHEAD_PARCELS));
+        let (tx, rx) = crossbeam_channel::bounded(parcels);
+        // Room for every batch that can be in flight, so that none is dropped and reallocated.
+        let (recycle, spent) = crossbeam_channel::bounded((parcels + 2) * parcel_len);
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let handle = std::thread::Builder::new()
@@ -573,7 +654,7 @@ impl<S: RecordSet> Loader<S> {
                 produce(
                     &mut reader,
                     start,
-                    (global, records),
+                    (global, records, parcel_len),
                     (&tx, &spent),
                     &thread_stop,
                 )
@@ -581,25 +662,31 @@ impl<S: RecordSet> Loader<S> {
             .map_err(|_| LoaderError::Stopped)?;
         Ok(Loader {
             rx: Some(rx),
+            ready: Vec::new().into_iter(),
             recycle,
             handle: Some(handle),
             stop,
             cursor: start,
             records,
             global,
+            parcel_len,
+            parcels,
         })
     }
 
     /// The next batch of this rank; after it, [`Loader::cursor`] points past it.
     pub fn next_batch(&mut self) -> Result<S::Batch, LoaderError> {
-        let rx = self.rx.as_ref().ok_or(LoaderError::Stopped)?;
-        match rx.recv() {
-            Ok(Ok((batch, next))) => {
+        loop {
+            if let Some((batch, next)) = self.ready.next() {
                 self.cursor = next;
-                Ok(batch)
+                return Ok(batch);
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(LoaderError::Stopped),
+            let rx = self.rx.as_ref().ok_or(LoaderError::Stopped)?;
+            match rx.recv() {
+                Ok(Ok(parcel)) => self.ready = parcel.into_iter(),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(LoaderError::Stopped),
+            }
         }
     }
 
@@ -623,28 +710,45 @@ impl<S: RecordSet> Loader<S> {
     pub fn global_batch(&self) -> u64 {
         self.global
     }
+
+    /// Batches per parcel handed over by the prefetch thread.
+    pub fn parcel_len(&self) -> usize {
+        self.parcel_len
+    }
+
+    /// The most batches the thread can have read beyond the last one handed out: the parcels
+    /// in the channel, the one it is filling, and the rest of the one being handed out.
+    pub fn read_ahead_limit(&self) -> usize {
+        (self.parcels + 2) * self.parcel_len
+    }
 }
 
 fn produce<S: RecordSet>(
     reader: &mut BatchReader<S>,
     mut cursor: Cursor,
-    (global, records): (u64, u64),
+    (global, records, parcel_len): (u64, u64, usize),
     (tx, spent): (&Sender<Message<S::Batch>>, &Receiver<S::Batch>),
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let mut batch = spent
-            .try_recv()
-            .unwrap_or_else(|_| reader.set.empty_batch());
-        let message = reader
-            .read_into(cursor, &mut batch)
-            .map(|()| (batch, cursor.advance(global, records)));
-        let failed = message.is_err();
-        if let Ok((_, next)) = &message {
-            cursor = *next;
+        let mut parcel = Vec::with_capacity(parcel_len);
+        while parcel.len() < parcel_len {
+            let mut batch = spent
+                .try_recv()
+                .unwrap_or_else(|_| reader.set.empty_batch());
+            if let Err(e) = reader.read_into(cursor, &mut batch) {
+                // The batches before the failing one still reach training, then the error.
+                if !parcel.is_empty() {
+                    let _ = tx.send(Ok(parcel));
+                }
+                let _ = tx.send(Err(e));
+                return;
+            }
+            cursor = cursor.advance(global, records);
+            parcel.push((batch, cursor));
         }
         // A closed channel means the loader was dropped.
-        if tx.send(message).is_err() || failed {
+        if tx.send(Ok(parcel)).is_err() {
             return;
         }
     }
@@ -676,7 +780,8 @@ mod tests {
         }
     }
 
-    /// Shards whose record with global index g has image tokens [g, g, g, g] and caption "r{g}".
+    /// Shards whose record with global index g has image tokens [g, g, g, g] (g mod 1000) and
+    /// caption "r{g}".
     fn write_shards(dir: &Path, sizes: &[u32]) -> Vec<PathBuf> {
         let mut g = 0;
         let mut paths = Vec::new();
@@ -684,7 +789,7 @@ mod tests {
             let path = dir.join(format!("s-{k:02}.tts"));
             let mut w = TokenShardWriter::create(&path, layout()).unwrap();
             for _ in 0..n {
-                w.push(&[g % 50, 51, 52], &[g; 4], &format!("r{g}"))
+                w.push(&[g % 50, 51, 52], &[g % 1000; 4], &format!("r{g}"))
                     .unwrap();
                 g += 1;
             }
@@ -801,6 +906,97 @@ mod tests {
         for b in &all[8..] {
             assert_eq!(&resumed.next_batch().unwrap(), b);
         }
+    }
+
+    #[test]
+    fn cursor_after_read_ahead_of_several_batches_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[7, 6]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let mut straight =
+            Loader::new(set.clone(), opts(2, 0, 1), Cursor::default(), None).unwrap();
+        // Tiny batches: the thread reads a whole parcel (several epochs of 6 batches) ahead.
+        assert_eq!(straight.parcel_len(), MAX_PARCEL_BATCHES);
+        let all: Vec<Batch> = (0..40).map(|_| straight.next_batch().unwrap()).collect();
+        // Stop after every count of batches, inside a parcel and across epoch ends.
+        for taken in [1, 5, 6, 7, 23] {
+            let mut first =
+                Loader::new(set.clone(), opts(2, 0, 1), Cursor::default(), None).unwrap();
+            for b in &all[..taken] {
+                let got = first.next_batch().unwrap();
+                assert_eq!(&got, b);
+                first.recycle(got);
+            }
+            let expected = (0..taken).fold(Cursor::default(), |c, _| c.advance(2, 13));
+            assert_eq!(first.cursor(), expected, "after {taken} batches");
+            let saved = first.cursor();
+            drop(first);
+            let mut resumed = Loader::new(set.clone(), opts(2, 0, 1), saved, None).unwrap();
+            for (i, b) in all[taken..].iter().enumerate() {
+                assert_eq!(&resumed.next_batch().unwrap(), b, "batch {}", taken + i);
+            }
+        }
+    }
+
+    #[test]
+    fn parcels_hold_several_small_batches_and_one_large_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[1200, 1300]);
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        assert_eq!(set.batch_bytes(1), 7 * 4);
+        // 28 bytes a batch: as many batches as a parcel may hold, and the most parcels.
+        let l = Loader::new(set.clone(), opts(1, 0, 1), Cursor::default(), None).unwrap();
+        assert_eq!(l.parcel_len(), MAX_PARCEL_BATCHES);
+        assert_eq!(
+            l.read_ahead_limit(),
+            (MAX_AHEAD_PARCELS + 2) * MAX_PARCEL_BATCHES
+        );
+        // 1,200 records a rank, 33,600 bytes a batch: one batch a parcel, 7 parcels ahead.
+        let mut l = Loader::new(set.clone(), opts(1200, 0, 2), Cursor::default(), None).unwrap();
+        assert_eq!((l.parcel_len(), l.read_ahead_limit()), (1, 7 + 2));
+        let mut r = BatchReader::new(set, opts(1200, 0, 2), None).unwrap();
+        let mut cursor = Cursor::default();
+        for _ in 0..3 {
+            assert_eq!(l.next_batch().unwrap(), r.read(cursor).unwrap());
+            cursor = cursor.advance(2400, 2500);
+            assert_eq!(l.cursor(), cursor);
+        }
+    }
+
+    /// Overwrites image id `j` of record `i` of a shard written by `write_shards` (2-byte ids).
+    fn corrupt_image_id(path: &Path, i: usize, j: usize, id: u16) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = 80 + i * layout().record_size() + (3 + j) * 2;
+        bytes[at..at + 2].copy_from_slice(&id.to_le_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_token_stops_the_loader_with_its_shard_and_record_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[5, 6]);
+        corrupt_image_id(&paths[1], 2, 1, 1000); // global record 7; Vi = 1000
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let order = epoch_permutation(11, 0, 11);
+        let bad = order.iter().position(|&g| g == 7).unwrap();
+        let mut l = Loader::new(set, opts(1, 0, 1), Cursor::default(), None).unwrap();
+        // The batches before the bad record arrive, in order, although read in the same parcel.
+        for &g in &order[..bad] {
+            assert_eq!(ids(&l.next_batch().unwrap()), vec![g]);
+        }
+        let e = l.next_batch().unwrap_err().to_string();
+        assert!(
+            e.ends_with("s-01.tts, record 2: image token 1 is 1000, outside [0, Vi = 1000)"),
+            "{e}"
+        );
+        assert_eq!(
+            l.cursor(),
+            Cursor {
+                epoch: 0,
+                position: bad as u64
+            }
+        );
+        assert!(matches!(l.next_batch(), Err(LoaderError::Stopped)));
     }
 
     #[test]
