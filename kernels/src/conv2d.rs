@@ -20,6 +20,7 @@
 
 use crate::error::{check_len, KernelError, Result};
 use crate::linear::{matmul_serial, MatRef};
+use crate::simd::{sum8, Isa};
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -70,36 +71,144 @@ impl Conv2dDims {
 const IMAGES_PER_GROUP: usize = 2;
 
 thread_local! {
-    /// This thread's scratch buffer for [`with_workspace`].
+    /// This thread's column / row buffer, see [`with_workspace`].
     static WORKSPACE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The calling thread's per-group weight-gradient partials, see [`with_partials`].
+    static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` elements of this thread's workspace (contents left from earlier calls). A
-/// nested call on the same thread gets a fresh buffer, never an alias.
-fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = WORKSPACE.take();
+/// Runs `f` on `len` elements of the buffer in `cell` (contents left from earlier calls). A nested
+/// call on the same thread gets a fresh buffer, never an alias.
+fn with_buffer<R>(
+    cell: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = cell.take();
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let r = f(&mut buf[..len]);
-    WORKSPACE.set(buf);
+    cell.set(buf);
     r
 }
 
-/// Writes `xt` [P, C], the pixel-major (NHWC) copy of one image `x` [C, P]. Transposed in
-/// 16 × 16 tiles so that both sides stay in cache.
+/// A per-thread scratch buffer for im2col / im2row, reused across calls.
+fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&WORKSPACE, len, f)
+}
+
+/// A second per-thread buffer, for what the caller of a parallel loop keeps across it.
+fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&PARTIALS, len, f)
+}
+
+/// Writes `xt` [P, C], the pixel-major (NHWC) copy of one image `x` [C, P]: 8 × 8 blocks with AVX
+/// shuffles where the CPU has them, the rest element by element.
 fn to_pixel_major(xt: &mut [f32], x: &[f32], c: usize, p: usize) {
-    const TILE: usize = 16;
-    for p0 in (0..p).step_by(TILE) {
-        let pn = TILE.min(p - p0);
-        for c0 in (0..c).step_by(TILE) {
-            for ci in c0..(c0 + TILE).min(c) {
-                for (j, &v) in x[ci * p + p0..][..pn].iter().enumerate() {
-                    xt[(p0 + j) * c + ci] = v;
-                }
+    assert!(xt.len() >= c * p && x.len() >= c * p);
+    let (c8, p8) = (c / 8 * 8, p / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    let blocked = if Isa::best() != Isa::Generic {
+        for c0 in (0..c8).step_by(8) {
+            for p0 in (0..p8).step_by(8) {
+                // SAFETY: AVX2 is available (Isa::best); rows c0..c0+8 of `x` hold columns
+                // p0..p0+8 and rows p0..p0+8 of `xt` hold columns c0..c0+8 (c8 ≤ c, p8 ≤ p and
+                // both buffers hold c·p elements, asserted above).
+                unsafe {
+                    transpose8x8(
+                        x.as_ptr().add(c0 * p + p0),
+                        p,
+                        xt.as_mut_ptr().add(p0 * c + c0),
+                        c,
+                    )
+                };
             }
         }
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocked = false;
+    let transpose = |xt: &mut [f32], cs: std::ops::Range<usize>, ps: std::ops::Range<usize>| {
+        for ci in cs {
+            for pi in ps.clone() {
+                xt[pi * c + ci] = x[ci * p + pi];
+            }
+        }
+    };
+    if blocked {
+        transpose(xt, c8..c, 0..p);
+        transpose(xt, 0..c8, p8..p);
+    } else {
+        transpose(xt, 0..c, 0..p);
     }
+}
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for i, j < 8.
+///
+/// # Safety
+/// AVX2 must be available; `src` must hold 8 rows of 8 floats `src_stride` apart and `dst` 8
+/// rows of 8 floats `dst_stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    // No closures here: they would not inherit the target feature.
+    let r0 = _mm256_loadu_ps(src);
+    let r1 = _mm256_loadu_ps(src.add(src_stride));
+    let r2 = _mm256_loadu_ps(src.add(2 * src_stride));
+    let r3 = _mm256_loadu_ps(src.add(3 * src_stride));
+    let r4 = _mm256_loadu_ps(src.add(4 * src_stride));
+    let r5 = _mm256_loadu_ps(src.add(5 * src_stride));
+    let r6 = _mm256_loadu_ps(src.add(6 * src_stride));
+    let r7 = _mm256_loadu_ps(src.add(7 * src_stride));
+    // Rows interleaved in pairs: t0 = (r0[0], r1[0], r0[1], r1[1] | r0[4], r1[4], r0[5], r1[5]).
+    let t0 = _mm256_unpacklo_ps(r0, r1);
+    let t1 = _mm256_unpackhi_ps(r0, r1);
+    let t2 = _mm256_unpacklo_ps(r2, r3);
+    let t3 = _mm256_unpackhi_ps(r2, r3);
+    let t4 = _mm256_unpacklo_ps(r4, r5);
+    let t5 = _mm256_unpackhi_ps(r4, r5);
+    let t6 = _mm256_unpacklo_ps(r6, r7);
+    let t7 = _mm256_unpackhi_ps(r6, r7);
+    // Then in fours: s0 = (r0[0], r1[0], r2[0], r3[0] | the same for column 4).
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    // Low halves are columns 0..4, high halves columns 4..8.
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(s0, s4));
+    _mm256_storeu_ps(dst.add(dst_stride), _mm256_permute2f128_ps::<0x20>(s1, s5));
+    _mm256_storeu_ps(
+        dst.add(2 * dst_stride),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+    );
+    _mm256_storeu_ps(
+        dst.add(3 * dst_stride),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+    );
+    _mm256_storeu_ps(
+        dst.add(4 * dst_stride),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+    );
+    _mm256_storeu_ps(
+        dst.add(5 * dst_stride),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+    );
+    _mm256_storeu_ps(
+        dst.add(6 * dst_stride),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+    );
+    _mm256_storeu_ps(
+        dst.add(7 * dst_stride),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    );
 }
 
 /// Writes `rows` [H·W, k·k·Ci] for one pixel-major image `xt` [H·W, Ci]: row y·W + x holds the
@@ -264,55 +373,62 @@ pub fn conv2d_backward(
                 })
             })?;
     }
-    // Weight and bias gradients: one partial sum per fixed group of images, then reduced in order.
-    // The partial weight gradients are in (co, kh, kw, ci) order, the order of `rows`.
-    let (k, kk) = (d.kernel, d.kernel * d.kernel);
-    let group_in = IMAGES_PER_GROUP * d.c_in * hw;
-    let group_out = IMAGES_PER_GROUP * d.c_out * hw;
+    // Weight and bias gradients: one partial sum per fixed group of images, then reduced in group
+    // order. A partial weight gradient is in (co, kh, kw, ci) order, the order of `rows`.
+    let (k, kk, wlen) = (d.kernel, d.kernel * d.kernel, d.weight_len());
+    let groups = d.batch.div_ceil(IMAGES_PER_GROUP);
     let im2row_len = if k == 1 { 0 } else { hw * rows };
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = inp
-        .par_chunks(group_in)
-        .zip(dout.par_chunks(group_out))
-        .map(|(xs, dys)| -> Result<(Vec<f32>, Vec<f32>)> {
-            let mut dw = vec![0.0f32; d.weight_len()];
-            let mut db = vec![0.0f32; d.c_out];
-            with_workspace(hw * d.c_in + im2row_len, |ws| -> Result<()> {
-                let (xt, patches) = ws.split_at_mut(hw * d.c_in);
-                for (x, dy) in xs
-                    .chunks_exact(d.c_in * hw)
-                    .zip(dys.chunks_exact(d.c_out * hw))
-                {
-                    to_pixel_major(xt, x, d.c_in, hw);
-                    let rows_mat = if k == 1 {
-                        MatRef::new(xt, hw, d.c_in)
-                    } else {
-                        im2row(patches, xt, d);
-                        MatRef::new(patches, hw, rows)
-                    };
-                    matmul_serial(&mut dw, MatRef::new(dy, d.c_out, hw), rows_mat, true)?;
-                    for (b, plane) in db.iter_mut().zip(dy.chunks_exact(hw)) {
-                        *b += plane.iter().sum::<f32>();
+    with_partials(groups * (wlen + d.c_out), |partials| -> Result<()> {
+        let (pw, pb) = partials.split_at_mut(groups * wlen);
+        pw.par_chunks_mut(wlen)
+            .zip(pb.par_chunks_mut(d.c_out))
+            .zip(inp.par_chunks(IMAGES_PER_GROUP * d.c_in * hw))
+            .zip(dout.par_chunks(IMAGES_PER_GROUP * d.c_out * hw))
+            .try_for_each(|(((dw, db), xs), dys)| {
+                with_workspace(hw * d.c_in + im2row_len, |ws| -> Result<()> {
+                    let (xt, patches) = ws.split_at_mut(hw * d.c_in);
+                    let images = xs
+                        .chunks_exact(d.c_in * hw)
+                        .zip(dys.chunks_exact(d.c_out * hw));
+                    for (i, (x, dy)) in images.enumerate() {
+                        to_pixel_major(xt, x, d.c_in, hw);
+                        let patch_mat = if k == 1 {
+                            MatRef::new(xt, hw, d.c_in)
+                        } else {
+                            im2row(patches, xt, d);
+                            MatRef::new(patches, hw, rows)
+                        };
+                        let dym = MatRef::new(dy, d.c_out, hw);
+                        matmul_serial(dw, dym, patch_mat, i > 0)?;
+                        for (b, plane) in db.iter_mut().zip(dy.chunks_exact(hw)) {
+                            *b = if i > 0 { *b + sum8(plane) } else { sum8(plane) };
+                        }
+                    }
+                    Ok(())
+                })
+            })?;
+        // dweight[co, ci, kh, kw] += dw_g[co, kh, kw, ci] for each group g in order, output
+        // channels in parallel.
+        dweight
+            .par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(co, dst)| {
+                for dw in pw.chunks_exact(wlen) {
+                    let src = &dw[co * rows..][..rows];
+                    for (ci, dst) in dst.chunks_exact_mut(kk).enumerate() {
+                        for (khw, a) in dst.iter_mut().enumerate() {
+                            *a += src[khw * d.c_in + ci];
+                        }
                     }
                 }
-                Ok(())
-            })?;
-            Ok((dw, db))
-        })
-        .collect::<Result<_>>()?;
-    for (dw, db) in partials {
-        // dweight[co, ci, kh, kw] += dw[co, kh, kw, ci].
-        for (dst, src) in dweight.chunks_exact_mut(rows).zip(dw.chunks_exact(rows)) {
-            for (ci, dst) in dst.chunks_exact_mut(kk).enumerate() {
-                for (khw, a) in dst.iter_mut().enumerate() {
-                    *a += src[khw * d.c_in + ci];
-                }
+            });
+        for db in pb.chunks_exact(d.c_out) {
+            for (a, v) in dbias.iter_mut().zip(db) {
+                *a += v;
             }
         }
-        for (a, v) in dbias.iter_mut().zip(db) {
-            *a += v;
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -470,6 +586,24 @@ mod tests {
             }
             let got: Vec<f64> = dw.iter().map(|&v| v as f64).collect();
             assert_close(&format!("dweight k={k}"), &got, &want, 1e-4, 1e-4);
+        }
+    }
+
+    #[test]
+    fn pixel_major_is_the_transpose() {
+        for (c, p) in [(3, 5), (8, 8), (11, 21), (16, 64), (24, 9)] {
+            let x = rand_vec(c * p, 1.0, 11);
+            let mut xt = vec![f32::NAN; c * p];
+            to_pixel_major(&mut xt, &x, c, p);
+            for ci in 0..c {
+                for pi in 0..p {
+                    assert_eq!(
+                        xt[pi * c + ci],
+                        x[ci * p + pi],
+                        "c={c} p={p} at ({ci}, {pi})"
+                    );
+                }
+            }
         }
     }
 
