@@ -287,10 +287,12 @@ fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
                     }
                     let src = &row[y * w..][..w];
                     let dst = &mut plane[sy as usize * w..][..w];
+                    // dst[x + ddx] += src[x] where 0 ≤ x + ddx < w.
                     let lo = (-ddx).max(0) as usize;
-                    let hi = (w as isize - ddx.max(0)) as usize;
-                    for x in lo..hi.max(lo) {
-                        dst[(x as isize + ddx) as usize] += src[x];
+                    let hi = (w as isize - ddx.max(0)).max(lo as isize) as usize;
+                    let dst = &mut dst[(lo as isize + ddx) as usize..(hi as isize + ddx) as usize];
+                    for (d, &s) in dst.iter_mut().zip(&src[lo..hi]) {
+                        *d += s;
                     }
                 }
             }
