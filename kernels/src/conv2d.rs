@@ -300,6 +300,7 @@ fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
     }
 }
 
+/// `out = weight ⋆ inp + bias` (overwritten).
 pub fn conv2d_forward(
     out: &mut [f32],
     inp: &[f32],
@@ -307,12 +308,35 @@ pub fn conv2d_forward(
     bias: &[f32],
     d: &Conv2dDims,
 ) -> Result<()> {
-    const OP: &str = "conv2d_forward";
-    d.check(OP)?;
-    check_len(OP, "inp", inp.len(), d.in_len())?;
-    check_len(OP, "out", out.len(), d.out_len())?;
-    check_len(OP, "weight", weight.len(), d.weight_len())?;
-    check_len(OP, "bias", bias.len(), d.c_out)?;
+    forward_impl("conv2d_forward", out, inp, weight, bias, d, false)
+}
+
+/// `out = relu(conv(inp))`: [`conv2d_forward`] followed by a ReLU, applied image by image while the
+/// output is still in cache.
+pub fn conv2d_relu_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    d: &Conv2dDims,
+) -> Result<()> {
+    forward_impl("conv2d_relu_forward", out, inp, weight, bias, d, true)
+}
+
+fn forward_impl(
+    op: &'static str,
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    d: &Conv2dDims,
+    relu: bool,
+) -> Result<()> {
+    d.check(op)?;
+    check_len(op, "inp", inp.len(), d.in_len())?;
+    check_len(op, "out", out.len(), d.out_len())?;
+    check_len(op, "weight", weight.len(), d.weight_len())?;
+    check_len(op, "bias", bias.len(), d.c_out)?;
     let (hw, rows) = (d.pixels(), d.col_rows());
     if d.batch == 0 || hw == 0 || d.c_out == 0 {
         return Ok(());
@@ -325,12 +349,19 @@ pub fn conv2d_forward(
                 plane.fill(bias[co]);
             }
             if d.kernel == 1 {
-                return matmul_serial(y, wmat, MatRef::new(x, d.c_in, hw), true);
+                matmul_serial(y, wmat, MatRef::new(x, d.c_in, hw), true)?;
+            } else {
+                with_workspace(rows * hw, |col| {
+                    im2col(col, x, d);
+                    matmul_serial(y, wmat, MatRef::new(col, rows, hw), true)
+                })?;
             }
-            with_workspace(rows * hw, |col| {
-                im2col(col, x, d);
-                matmul_serial(y, wmat, MatRef::new(col, rows, hw), true)
-            })
+            if relu {
+                for v in y.iter_mut() {
+                    *v = v.max(0.0);
+                }
+            }
+            Ok(())
         })
 }
 
@@ -345,13 +376,62 @@ pub fn conv2d_backward(
     weight: &[f32],
     d: &Conv2dDims,
 ) -> Result<()> {
-    const OP: &str = "conv2d_backward";
-    d.check(OP)?;
-    check_len(OP, "inp", inp.len(), d.in_len())?;
-    check_len(OP, "dout", dout.len(), d.out_len())?;
-    check_len(OP, "weight", weight.len(), d.weight_len())?;
-    check_len(OP, "dweight", dweight.len(), d.weight_len())?;
-    check_len(OP, "dbias", dbias.len(), d.c_out)?;
+    backward_impl(
+        "conv2d_backward",
+        dinp,
+        dweight,
+        dbias,
+        dout,
+        inp,
+        weight,
+        d,
+        false,
+    )
+}
+
+/// [`conv2d_backward`] for a convolution whose input `inp` is the output of a ReLU: `dinp` is the
+/// gradient with respect to the ReLU's input, `(weightᵀ ⋆ dout) · [inp > 0]`, masked image by
+/// image while it is still in cache.
+pub fn conv2d_backward_through_relu(
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    d: &Conv2dDims,
+) -> Result<()> {
+    backward_impl(
+        "conv2d_backward_through_relu",
+        dinp,
+        dweight,
+        dbias,
+        dout,
+        inp,
+        weight,
+        d,
+        true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
+    op: &'static str,
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    d: &Conv2dDims,
+    relu: bool,
+) -> Result<()> {
+    d.check(op)?;
+    check_len(op, "inp", inp.len(), d.in_len())?;
+    check_len(op, "dout", dout.len(), d.out_len())?;
+    check_len(op, "weight", weight.len(), d.weight_len())?;
+    check_len(op, "dweight", dweight.len(), d.weight_len())?;
+    check_len(op, "dbias", dbias.len(), d.c_out)?;
     let (hw, rows) = (d.pixels(), d.col_rows());
     if d.batch == 0 || hw == 0 {
         return Ok(());
@@ -359,20 +439,28 @@ pub fn conv2d_backward(
     let wmat = MatRef::new(weight, d.c_out, rows);
     // Input gradient, image by image in parallel.
     if let Some(dinp) = dinp {
-        check_len(OP, "dinp", dinp.len(), d.in_len())?;
+        check_len(op, "dinp", dinp.len(), d.in_len())?;
         dinp.par_chunks_mut(d.c_in * hw)
             .zip(dout.par_chunks(d.c_out * hw))
-            .try_for_each(|(dx, dy)| {
+            .zip(inp.par_chunks(d.c_in * hw))
+            .try_for_each(|((dx, dy), x)| {
                 let dy = MatRef::new(dy, d.c_out, hw);
                 if d.kernel == 1 {
-                    return matmul_serial(dx, wmat.t(), dy, false);
+                    matmul_serial(dx, wmat.t(), dy, false)?;
+                } else {
+                    with_workspace(rows * hw, |dcol| {
+                        matmul_serial(dcol, wmat.t(), dy, false)?;
+                        dx.fill(0.0);
+                        col2im_add(dx, dcol, d);
+                        Ok(())
+                    })?;
                 }
-                with_workspace(rows * hw, |dcol| {
-                    matmul_serial(dcol, wmat.t(), dy, false)?;
-                    dx.fill(0.0);
-                    col2im_add(dx, dcol, d);
-                    Ok(())
-                })
+                if relu {
+                    for (g, &v) in dx.iter_mut().zip(x) {
+                        *g = if v > 0.0 { *g } else { 0.0 };
+                    }
+                }
+                Ok(())
             })?;
     }
     // Weight and bias gradients: one partial sum per fixed group of images, then reduced in group
@@ -606,6 +694,47 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fused_relu_variants_equal_the_separate_ops() {
+        for k in [1, 3] {
+            let d = dims(k, 3);
+            // A ReLU output as the input: about half zeros.
+            let x: Vec<f32> = rand_vec(d.in_len(), 1.0, 12)
+                .iter()
+                .map(|v| v.max(0.0))
+                .collect();
+            let w = rand_vec(d.weight_len(), 1.0, 13);
+            let b = rand_vec(d.c_out, 1.0, 14);
+            let (mut y, mut y_fused) = (vec![0.0; d.out_len()], vec![0.0; d.out_len()]);
+            conv2d_forward(&mut y, &x, &w, &b, &d).unwrap();
+            conv2d_relu_forward(&mut y_fused, &x, &w, &b, &d).unwrap();
+            let relu_y: Vec<f32> = y.iter().map(|v| v.max(0.0)).collect();
+            assert_eq!(y_fused, relu_y, "forward k={k}");
+
+            let dy = rand_vec(d.out_len(), 1.0, 15);
+            let (mut dx, mut dw, mut db) = (
+                vec![0.0; d.in_len()],
+                vec![0.0; d.weight_len()],
+                vec![0.0; d.c_out],
+            );
+            conv2d_backward(Some(&mut dx), &mut dw, &mut db, &dy, &x, &w, &d).unwrap();
+            let (mut dx_f, mut dw_f, mut db_f) = (
+                vec![0.0; d.in_len()],
+                vec![0.0; d.weight_len()],
+                vec![0.0; d.c_out],
+            );
+            conv2d_backward_through_relu(Some(&mut dx_f), &mut dw_f, &mut db_f, &dy, &x, &w, &d)
+                .unwrap();
+            let masked: Vec<f32> = dx
+                .iter()
+                .zip(&x)
+                .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 })
+                .collect();
+            assert_eq!(dx_f, masked, "dinp k={k}");
+            assert_eq!((dw_f, db_f), (dw, db), "dweight, dbias k={k}");
         }
     }
 

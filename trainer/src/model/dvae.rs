@@ -14,8 +14,10 @@
 
 use crate::model::scale_add;
 use crate::params::{pair_mut, ParamKind, ParamTable};
-use kernels::conv2d::{conv2d_backward, conv2d_forward, Conv2dDims};
-use kernels::relu::{relu_backward, relu_forward};
+use kernels::conv2d::{
+    conv2d_backward, conv2d_backward_through_relu, conv2d_forward, conv2d_relu_forward, Conv2dDims,
+};
+use kernels::relu::relu_forward;
 use kernels::resample::{
     maxpool2_backward, maxpool2_forward, upsample2_backward, upsample2_forward,
 };
@@ -314,15 +316,13 @@ impl Net {
                 for k in 0..3 {
                     let cp = &blk.convs[k];
                     let (src, dst) = relus.split_at_mut(k + 1);
-                    let out = grow(scratch, dst[0].len());
-                    conv2d_forward(
-                        out,
+                    conv2d_relu_forward(
+                        &mut dst[0],
                         &src[k],
                         p[cp.w],
                         p[cp.b],
                         &Self::dims(b, cp, shape.side),
                     )?;
-                    relu_forward(&mut dst[0], out)?;
                 }
                 let cp = &blk.convs[3];
                 conv2d_forward(
@@ -390,9 +390,8 @@ impl Net {
                 Stage::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
                 Stage::ReluConv(cp) => {
                     let (dw, db) = pair_mut(g, cp.w, cp.b);
-                    let dr = &mut acts.scratch[0][..x.len()];
-                    conv2d_backward(
-                        Some(&mut dr[..]),
+                    conv2d_backward_through_relu(
+                        Some(dx),
                         dw,
                         db,
                         dy,
@@ -400,13 +399,13 @@ impl Net {
                         p[cp.w],
                         &Self::dims(b, cp, shape.side),
                     )?;
-                    relu_backward(dx, dr, &relus[0])?;
                 }
                 Stage::Block(blk) => {
                     let gain = self.post_gain;
                     let [s0, s1] = &mut acts.scratch[..] else {
                         unreachable!("two scratch buffers")
                     };
+                    let (mut s0, mut s1) = (s0, s1);
                     // Residual path: d(conv_4 output) = gain · dy.
                     for (a, &v) in s0.iter_mut().zip(dy) {
                         *a = v * gain;
@@ -416,7 +415,9 @@ impl Net {
                         let cp = &blk.convs[k];
                         let (dw, db) = pair_mut(g, cp.w, cp.b);
                         let n = relus[k].len();
-                        conv2d_backward(
+                        // Through conv_{k+1} and the ReLU that produced relus[k] (for k = 0, the
+                        // block input's).
+                        conv2d_backward_through_relu(
                             Some(&mut s1[..n]),
                             dw,
                             db,
@@ -425,8 +426,7 @@ impl Net {
                             p[cp.w],
                             &Self::dims(b, cp, shape.side),
                         )?;
-                        // Through the ReLU that produced relus[k] (for k = 0, the block input's).
-                        relu_backward(&mut s0[..n], &s1[..n], &relus[k])?;
+                        std::mem::swap(&mut s0, &mut s1);
                         cur = n;
                     }
                     // s0 now holds the residual path's input gradient; add the identity path's.
