@@ -306,6 +306,21 @@ fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
     }
 }
 
+/// Writes `wflip` [Ci, Co, k, k] with `wflip[ci, co, kh, kw] = weight[co, ci, k−1−kh, k−1−kw]`:
+/// the kernel of the convolution that maps an output gradient to the input gradient.
+fn flip_kernel(wflip: &mut [f32], weight: &[f32], d: &Conv2dDims) {
+    let k = d.kernel;
+    let kk = k * k;
+    for (ci, dst) in wflip.chunks_exact_mut(d.c_out * kk).enumerate() {
+        for (co, dst) in dst.chunks_exact_mut(kk).enumerate() {
+            let src = &weight[(co * d.c_in + ci) * kk..][..kk];
+            for (i, v) in dst.iter_mut().enumerate() {
+                *v = src[kk - 1 - i];
+            }
+        }
+    }
+}
+
 /// `out = weight ⋆ inp + bias` (overwritten).
 pub fn conv2d_forward(
     out: &mut [f32],
@@ -446,28 +461,50 @@ fn backward_impl(
     // Input gradient, image by image in parallel.
     if let Some(dinp) = dinp {
         check_len(op, "dinp", dinp.len(), d.in_len())?;
-        dinp.par_chunks_mut(d.c_in * hw)
-            .zip(dout.par_chunks(d.c_out * hw))
-            .zip(inp.par_chunks(d.c_in * hw))
-            .try_for_each(|((dx, dy), x)| {
-                let dy = MatRef::new(dy, d.c_out, hw);
-                if d.kernel == 1 {
-                    matmul_serial(dx, wmat.t(), dy, false)?;
-                } else {
-                    with_workspace(rows * hw, |dcol| {
-                        matmul_serial(dcol, wmat.t(), dy, false)?;
-                        dx.fill(0.0);
-                        col2im_add(dx, dcol, d);
-                        Ok(())
-                    })?;
-                }
-                if relu {
-                    for (g, &v) in dx.iter_mut().zip(x) {
-                        *g = if v > 0.0 { *g } else { 0.0 };
+        // With no more output than input channels, the input gradient is a "same" convolution of
+        // dout with the flipped, transposed kernel (`wflip` [Ci, Co, k, k]): im2col of dout, at
+        // Co·k·k rows, and a GEMM that writes dinp directly. Otherwise `dcol` [Ci·k·k, H·W] and
+        // col2im, which has fewer rows to write then.
+        let as_conv = d.kernel > 1 && d.c_out <= d.c_in;
+        let td = Conv2dDims {
+            c_in: d.c_out,
+            c_out: d.c_in,
+            ..*d
+        };
+        let wflip_len = if as_conv { d.weight_len() } else { 0 };
+        with_partials(wflip_len, |wflip| -> Result<()> {
+            if as_conv {
+                flip_kernel(wflip, weight, d);
+            }
+            let wflip = MatRef::new(wflip, d.c_in, td.col_rows());
+            dinp.par_chunks_mut(d.c_in * hw)
+                .zip(dout.par_chunks(d.c_out * hw))
+                .zip(inp.par_chunks(d.c_in * hw))
+                .try_for_each(|((dx, dy), x)| {
+                    let dym = MatRef::new(dy, d.c_out, hw);
+                    if d.kernel == 1 {
+                        matmul_serial(dx, wmat.t(), dym, false)?;
+                    } else if as_conv {
+                        with_workspace(td.col_rows() * hw, |col| {
+                            im2col(col, dy, &td);
+                            matmul_serial(dx, wflip, MatRef::new(col, td.col_rows(), hw), false)
+                        })?;
+                    } else {
+                        with_workspace(rows * hw, |dcol| {
+                            matmul_serial(dcol, wmat.t(), dym, false)?;
+                            dx.fill(0.0);
+                            col2im_add(dx, dcol, d);
+                            Ok(())
+                        })?;
                     }
-                }
-                Ok(())
-            })?;
+                    if relu {
+                        for (g, &v) in dx.iter_mut().zip(x) {
+                            *g = if v > 0.0 { *g } else { 0.0 };
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
     }
     // Weight and bias gradients: one partial sum per fixed group of images, then reduced in group
     // order. A partial weight gradient is in (co, kh, kw, ci) order, the order of `rows`.
@@ -597,8 +634,14 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for k in [1, 3, 7] {
-            let d = dims(k, 3);
+        // More output than input channels (the input gradient through col2im), and no more (as a
+        // convolution with the flipped kernel).
+        for (k, c_in, c_out) in [(1, 3, 4), (3, 3, 4), (7, 3, 4), (3, 5, 2), (5, 4, 4)] {
+            let d = Conv2dDims {
+                c_in,
+                c_out,
+                ..dims(k, 3)
+            };
             let mut x = rand_vec(d.in_len(), 1.0, 4);
             let mut w = rand_vec(d.weight_len(), 1.0, 5);
             let mut b = rand_vec(d.c_out, 1.0, 6);
@@ -618,7 +661,13 @@ mod tests {
                 .map(|i| numeric_grad(&mut x, i, eps, |x| loss(x, &w0, &b0)))
                 .collect();
             let got: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
-            assert_close(&format!("dinp k={k}"), &got, &num, 2e-3, 2e-3);
+            assert_close(
+                &format!("dinp k={k} {c_in}→{c_out}"),
+                &got,
+                &num,
+                2e-3,
+                2e-3,
+            );
             let num: Vec<f64> = (0..w.len())
                 .map(|i| 0.5 + numeric_grad(&mut w, i, eps, |w| loss(&x0, w, &b0)))
                 .collect();
@@ -705,8 +754,12 @@ mod tests {
 
     #[test]
     fn fused_relu_variants_equal_the_separate_ops() {
-        for k in [1, 3] {
-            let d = dims(k, 3);
+        for (k, c_in, c_out) in [(1, 3, 4), (3, 3, 4), (3, 5, 2)] {
+            let d = Conv2dDims {
+                c_in,
+                c_out,
+                ..dims(k, 3)
+            };
             // A ReLU output as the input: about half zeros.
             let x: Vec<f32> = rand_vec(d.in_len(), 1.0, 12)
                 .iter()
