@@ -488,16 +488,30 @@ fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
     }
 }
 
-/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`; returns
-/// Σ_k q_k log q_k (the negative entropy), in f64.
-fn log_q(logits: &[f32], k: usize, hw: usize, bi: usize, pos: usize, lq: &mut [f64]) -> f64 {
+/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`, and q itself
+/// into `q` (one exponential per code); returns Σ_k q_k log q_k (the negative entropy), in f64.
+fn log_q(
+    logits: &[f32],
+    k: usize,
+    hw: usize,
+    bi: usize,
+    pos: usize,
+    lq: &mut [f64],
+    q: &mut [f64],
+) -> f64 {
     let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
     let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
-    let lz = (0..k).map(|c| (l(c) - max).exp()).sum::<f64>().ln();
+    let mut z = 0.0;
+    for (c, e) in q.iter_mut().enumerate() {
+        *e = (l(c) - max).exp();
+        z += *e;
+    }
+    let lz = z.ln();
     let mut neg_entropy = 0.0;
-    for (c, out) in lq.iter_mut().enumerate() {
+    for (c, (out, q)) in lq.iter_mut().zip(q.iter_mut()).enumerate() {
         *out = l(c) - max - lz;
-        neg_entropy += out.exp() * *out;
+        *q /= z;
+        neg_entropy += *q * *out;
     }
     neg_entropy
 }
@@ -797,9 +811,11 @@ impl Dvae {
         let per_image: Vec<f64> = (0..acts.batch)
             .into_par_iter()
             .map(|bi| {
-                let mut lq = vec![0.0f64; k];
+                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
                 (0..hw)
-                    .map(|pos| log_q(&acts.enc.output, k, hw, bi, pos, &mut lq) + (k as f64).ln())
+                    .map(|pos| {
+                        log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q) + (k as f64).ln()
+                    })
                     .sum::<f64>()
             })
             .collect();
@@ -856,7 +872,7 @@ impl Dvae {
             .par_chunks_mut(k * hw)
             .enumerate()
             .for_each(|(bi, dlogits)| {
-                let mut lq = vec![0.0f64; k];
+                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
                 let (y, dy) = (
                     &acts.y[bi * k * hw..][..k * hw],
                     &dy[bi * k * hw..][..k * hw],
@@ -864,10 +880,10 @@ impl Dvae {
                 for pos in 0..hw {
                     let at = |c: usize| c * hw + pos;
                     let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
-                    let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq);
+                    let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q);
                     for c in 0..k {
                         let relax = y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau;
-                        let dkl = lq[c].exp() * (lq[c] - neg_entropy);
+                        let dkl = q[c] * (lq[c] - neg_entropy);
                         dlogits[at(c)] = (relax + s * beta * dkl) as f32;
                     }
                 }
