@@ -5,8 +5,10 @@
 //! `out` [B, Co, H, W].
 //!
 //! CPU path: per image, im2col (`col` [Ci·k·k, H·W]; skipped when k = 1) and one GEMM,
-//! `out_b = weight[Co, Ci·k·k] · col + bias`; images run in parallel. Backward, per image:
-//! `dcol = weightᵀ · dout_b` then col2im into `dinp` (overwritten), `dbias += Σ_pixels dout_b`,
+//! `out_b = weight[Co, Ci·k·k] · col + bias`; images run in parallel. Backward, per image: the
+//! input gradient (overwritten) as the "same" convolution of `dout_b` with the flipped kernel
+//! (`wflip` [Ci, Co, k, k], im2col of `dout_b`) when Co ≤ Ci, else `dcol = weightᵀ · dout_b` and
+//! col2im (whichever writes fewer column rows); `dbias += Σ_pixels dout_b`;
 //! and `dweight += dout_b · rows` with the patches laid out pixel-major, `rows` [H·W, k·k·Ci]
 //! (im2row of the image in NHWC order; the weight gradient comes out in (co, kh, kw, ci) order and
 //! is permuted when added to `dweight`). Pixel-major rows matter for speed: the GEMM wants its
