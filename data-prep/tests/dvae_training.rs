@@ -151,6 +151,8 @@ checkpoint:
     }
     // Measured: recon_mse 0.13 → 0.019–0.021, perplexity 1.3–1.4 → 2.6–2.7 with the AVX-512 and
     // AVX2 GEMM kernels (the synthetic images are mostly flat backgrounds, so few codes suffice).
+    // After the faster convolution (other summation orders in the weight and input gradients and
+    // the loss; round-off only): recon_mse 0.1305 → 0.0203, perplexity 1.34 → 3.82 (AVX-512).
     assert!(
         mse1 < 0.05 && mse1 < 0.4 * mse0,
         "mean recon_mse of the last 40 updates {mse1:.4} (first 20: {mse0:.4})"

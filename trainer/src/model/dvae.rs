@@ -14,11 +14,14 @@
 
 use crate::model::scale_add;
 use crate::params::{pair_mut, ParamKind, ParamTable};
-use kernels::conv2d::{conv2d_backward, conv2d_forward, Conv2dDims};
-use kernels::relu::{relu_backward, relu_forward};
+use kernels::conv2d::{
+    conv2d_backward, conv2d_backward_through_relu, conv2d_forward, conv2d_relu_forward, Conv2dDims,
+};
+use kernels::relu::relu_forward;
 use kernels::resample::{
     maxpool2_backward, maxpool2_forward, upsample2_backward, upsample2_forward,
 };
+use rayon::prelude::*;
 
 mod infer;
 pub use crate::model::transformer::ModelError;
@@ -225,6 +228,14 @@ impl Net {
 
     fn new_acts(&self, batch: usize) -> NetActs {
         let len = |s: &Shape| batch * s.c * s.side * s.side;
+        // Gradient buffers: large enough for any stage's input or output gradient.
+        let max_len = self
+            .stages
+            .iter()
+            .map(|(_, s)| len(s))
+            .chain([len(&self.out)])
+            .max()
+            .unwrap_or(0);
         NetActs {
             batch,
             inputs: self.stages.iter().map(|(_, s)| vec![0.0; len(s)]).collect(),
@@ -238,6 +249,7 @@ impl Net {
                 .collect(),
             output: vec![0.0; len(&self.out)],
             scratch: vec![Vec::new(); 2],
+            grads: [vec![0.0; max_len], vec![0.0; max_len]],
         }
     }
 
@@ -304,15 +316,13 @@ impl Net {
                 for k in 0..3 {
                     let cp = &blk.convs[k];
                     let (src, dst) = relus.split_at_mut(k + 1);
-                    scratch.resize(dst[0].len(), 0.0);
-                    conv2d_forward(
-                        scratch,
+                    conv2d_relu_forward(
+                        &mut dst[0],
                         &src[k],
                         p[cp.w],
                         p[cp.b],
                         &Self::dims(b, cp, shape.side),
                     )?;
-                    relu_forward(&mut dst[0], scratch)?;
                 }
                 let cp = &blk.convs[3];
                 conv2d_forward(
@@ -325,15 +335,9 @@ impl Net {
                 let g = self.post_gain;
                 match &blk.id_path {
                     Some(ip) => {
-                        scratch.resize(y.len(), 0.0);
-                        conv2d_forward(
-                            scratch,
-                            x,
-                            p[ip.w],
-                            p[ip.b],
-                            &Self::dims(b, ip, shape.side),
-                        )?;
-                        scale_add(y, g, scratch);
+                        let id = grow(scratch, y.len());
+                        conv2d_forward(id, x, p[ip.w], p[ip.b], &Self::dims(b, ip, shape.side))?;
+                        scale_add(y, g, id);
                     }
                     None => scale_add(y, g, x),
                 }
@@ -342,7 +346,7 @@ impl Net {
         Ok(())
     }
 
-    /// Backward from `dout` (the gradient of `acts.output`); returns the input gradient in
+    /// Backward from `dout` (the gradient of `acts.output`); writes the input gradient into
     /// `dinput` when asked. Parameter gradients accumulate into `g`.
     fn backward(
         &self,
@@ -350,17 +354,25 @@ impl Net {
         g: &mut [&mut [f32]],
         acts: &mut NetActs,
         dout: &[f32],
-        dinput: Option<&mut Vec<f32>>,
+        mut dinput: Option<&mut [f32]>,
     ) -> Result<()> {
         let b = acts.batch;
-        let mut dy: Vec<f32> = dout.to_vec();
-        let mut dx: Vec<f32> = Vec::new();
+        let [mut dy_buf, mut dx_buf] = std::mem::take(&mut acts.grads);
+        let max_len = dy_buf.len();
+        for s in acts.scratch.iter_mut() {
+            if s.len() < max_len {
+                s.resize(max_len, 0.0);
+            }
+        }
+        let mut dy_len = dout.len();
+        dy_buf[..dy_len].copy_from_slice(dout);
         for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
             let x = &acts.inputs[i];
             let relus = &acts.relus[i];
             let planes = b * shape.c;
             let need_dx = i > 0 || dinput.is_some();
-            dx.resize(x.len(), 0.0);
+            let dy = &dy_buf[..dy_len];
+            let dx = &mut dx_buf[..x.len()];
             match stage {
                 Stage::Conv(cp) => {
                     let (dw, db) = pair_mut(g, cp.w, cp.b);
@@ -368,57 +380,54 @@ impl Net {
                         need_dx.then_some(&mut dx[..]),
                         dw,
                         db,
-                        &dy,
+                        dy,
                         x,
                         p[cp.w],
                         &Self::dims(b, cp, shape.side),
                     )?;
                 }
-                Stage::MaxPool => {
-                    maxpool2_backward(&mut dx, &dy, x, planes, shape.side, shape.side)?
-                }
-                Stage::Upsample => {
-                    upsample2_backward(&mut dx, &dy, planes, shape.side, shape.side)?
-                }
+                Stage::MaxPool => maxpool2_backward(dx, dy, x, planes, shape.side, shape.side)?,
+                Stage::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
                 Stage::ReluConv(cp) => {
                     let (dw, db) = pair_mut(g, cp.w, cp.b);
-                    let dr = &mut acts.scratch[0];
-                    dr.resize(x.len(), 0.0);
-                    conv2d_backward(
-                        Some(&mut dr[..]),
+                    conv2d_backward_through_relu(
+                        Some(dx),
                         dw,
                         db,
-                        &dy,
+                        dy,
                         &relus[0],
                         p[cp.w],
                         &Self::dims(b, cp, shape.side),
                     )?;
-                    relu_backward(&mut dx, dr, &relus[0])?;
                 }
                 Stage::Block(blk) => {
                     let gain = self.post_gain;
                     let [s0, s1] = &mut acts.scratch[..] else {
                         unreachable!("two scratch buffers")
                     };
+                    let (mut s0, mut s1) = (s0, s1);
                     // Residual path: d(conv_4 output) = gain · dy.
-                    s0.clear();
-                    s0.extend(dy.iter().map(|v| v * gain));
+                    for (a, &v) in s0.iter_mut().zip(dy) {
+                        *a = v * gain;
+                    }
+                    let mut cur = dy.len();
                     for k in (0..4).rev() {
                         let cp = &blk.convs[k];
                         let (dw, db) = pair_mut(g, cp.w, cp.b);
-                        s1.resize(relus[k].len(), 0.0);
-                        conv2d_backward(
-                            Some(&mut s1[..]),
+                        let n = relus[k].len();
+                        // Through conv_{k+1} and the ReLU that produced relus[k] (for k = 0, the
+                        // block input's).
+                        conv2d_backward_through_relu(
+                            Some(&mut s1[..n]),
                             dw,
                             db,
-                            s0,
+                            &s0[..cur],
                             &relus[k],
                             p[cp.w],
                             &Self::dims(b, cp, shape.side),
                         )?;
-                        // Through the ReLU that produced relus[k] (for k = 0, the block input's).
-                        s0.resize(relus[k].len(), 0.0);
-                        relu_backward(s0, s1, &relus[k])?;
+                        std::mem::swap(&mut s0, &mut s1);
+                        cur = n;
                     }
                     // s0 now holds the residual path's input gradient; add the identity path's.
                     match &blk.id_path {
@@ -428,30 +437,41 @@ impl Net {
                                 Some(&mut dx[..]),
                                 dw,
                                 db,
-                                &dy,
+                                dy,
                                 x,
                                 p[ip.w],
                                 &Self::dims(b, ip, shape.side),
                             )?;
-                            scale_add(&mut dx, 1.0, s0);
+                            scale_add(dx, 1.0, &s0[..cur]);
                         }
                         None => {
-                            dx.copy_from_slice(&dy);
-                            scale_add(&mut dx, 1.0, s0);
+                            dx.copy_from_slice(dy);
+                            scale_add(dx, 1.0, &s0[..cur]);
                         }
                     }
                 }
             }
             if i == 0 {
-                if let Some(d) = dinput {
-                    std::mem::swap(d, &mut dx);
+                if let Some(d) = dinput.take() {
+                    d.copy_from_slice(dx);
                 }
                 break;
             }
-            std::mem::swap(&mut dy, &mut dx);
+            std::mem::swap(&mut dy_buf, &mut dx_buf);
+            dy_len = x.len();
         }
+        acts.grads = [dy_buf, dx_buf];
         Ok(())
     }
+}
+
+/// The first `len` elements of `buf`, growing it when shorter (never shrinking it, so that a
+/// buffer reused across stages and steps is zero-filled and faulted in only once).
+fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 /// The lengths of the ReLU outputs a stage keeps (blocks: the inputs of conv_1..conv_4; the
@@ -468,16 +488,30 @@ fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
     }
 }
 
-/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`; returns
-/// Σ_k q_k log q_k (the negative entropy), in f64.
-fn log_q(logits: &[f32], k: usize, hw: usize, bi: usize, pos: usize, lq: &mut [f64]) -> f64 {
+/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`, and q itself
+/// into `q` (one exponential per code); returns Σ_k q_k log q_k (the negative entropy), in f64.
+fn log_q(
+    logits: &[f32],
+    k: usize,
+    hw: usize,
+    bi: usize,
+    pos: usize,
+    lq: &mut [f64],
+    q: &mut [f64],
+) -> f64 {
     let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
     let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
-    let lz = (0..k).map(|c| (l(c) - max).exp()).sum::<f64>().ln();
+    let mut z = 0.0;
+    for (c, e) in q.iter_mut().enumerate() {
+        *e = (l(c) - max).exp();
+        z += *e;
+    }
+    let lz = z.ln();
     let mut neg_entropy = 0.0;
-    for (c, out) in lq.iter_mut().enumerate() {
+    for (c, (out, q)) in lq.iter_mut().zip(q.iter_mut()).enumerate() {
         *out = l(c) - max - lz;
-        neg_entropy += out.exp() * *out;
+        *q /= z;
+        neg_entropy += *q * *out;
     }
     neg_entropy
 }
@@ -498,6 +532,9 @@ struct NetActs {
     relus: Vec<Vec<Vec<f32>>>,
     output: Vec<f32>,
     scratch: Vec<Vec<f32>>,
+    /// The backward pass's output and input gradients of a stage, each as long as the largest
+    /// activation (kept between steps: no allocation or page faults per step).
+    grads: [Vec<f32>; 2],
 }
 
 /// The dVAE definition: sizes, parameter layout and the two networks. Holds no weights.
@@ -534,6 +571,10 @@ pub struct DvaeActs {
     y: Vec<f32>,
     tau: f32,
     beta: f32,
+    /// Backward-pass buffers kept between steps: d loss / d stats, / d y, / d logits.
+    dstats: Vec<f32>,
+    dy: Vec<f32>,
+    dlogits: Vec<f32>,
 }
 
 impl DvaeActs {
@@ -622,6 +663,9 @@ impl Dvae {
             y: vec![0.0; codes],
             tau: 1.0,
             beta: 0.0,
+            dstats: Vec::new(),
+            dy: Vec::new(),
+            dlogits: Vec::new(),
         }
     }
 
@@ -698,22 +742,28 @@ impl Dvae {
                 )));
             }
         }
-        for bi in 0..b {
-            for pos in 0..hw {
-                let at = |c: usize| bi * k * hw + c * hw + pos;
-                let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
-                let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0.0f64;
-                for c in 0..k {
-                    let e = ((s(c) - max) as f64).exp();
-                    acts.y[at(c)] = e as f32;
-                    z += e;
+        // Images in parallel; the same arithmetic per position as one loop would do.
+        acts.y
+            .par_chunks_mut(k * hw)
+            .enumerate()
+            .for_each(|(bi, y)| {
+                let logits = &logits[bi * k * hw..][..k * hw];
+                let noise = noise.map(|g| &g[bi * k * hw..][..k * hw]);
+                for pos in 0..hw {
+                    let at = |c: usize| c * hw + pos;
+                    let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
+                    let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0.0f64;
+                    for c in 0..k {
+                        let e = ((s(c) - max) as f64).exp();
+                        y[at(c)] = e as f32;
+                        z += e;
+                    }
+                    for c in 0..k {
+                        y[at(c)] = (y[at(c)] as f64 / z) as f32;
+                    }
                 }
-                for c in 0..k {
-                    acts.y[at(c)] = (acts.y[at(c)] as f64 / z) as f32;
-                }
-            }
-        }
+            });
         acts.dec.inputs[0].copy_from_slice(&acts.y);
         self.decoder.forward(&p, &mut acts.dec)?;
         acts.tau = tau;
@@ -726,40 +776,50 @@ impl Dvae {
         })
     }
 
-    /// Σ log(2b) + log(x'(1−x')) + |logit(x') − μ| / b over pixels and channels.
+    /// Σ log(2b) + log(x'(1−x')) + |logit(x') − μ| / b over pixels and channels: one partial sum
+    /// per image (images in parallel), added in image order.
     fn nll(&self, acts: &DvaeActs) -> f64 {
         let px = self.dims.resolution * self.dims.resolution;
-        let mut total = 0.0f64;
-        for bi in 0..acts.batch {
-            for ch in 0..3 {
-                let xs = &acts.images[(bi * 3 + ch) * px..][..px];
-                let mu = &acts.dec.output[(bi * 6 + ch) * px..][..px];
-                let lnb = &acts.dec.output[(bi * 6 + 3 + ch) * px..][..px];
-                for i in 0..px {
-                    let x = squash(xs[i]);
-                    let t = (x / (1.0 - x)).ln();
-                    let (m, lb) = (mu[i] as f64, lnb[i] as f64);
-                    total += std::f64::consts::LN_2
-                        + lb
-                        + (x * (1.0 - x)).ln()
-                        + (t - m).abs() * (-lb).exp();
+        let per_image: Vec<f64> = (0..acts.batch)
+            .into_par_iter()
+            .map(|bi| {
+                let mut total = 0.0f64;
+                for ch in 0..3 {
+                    let xs = &acts.images[(bi * 3 + ch) * px..][..px];
+                    let mu = &acts.dec.output[(bi * 6 + ch) * px..][..px];
+                    let lnb = &acts.dec.output[(bi * 6 + 3 + ch) * px..][..px];
+                    for i in 0..px {
+                        let x = squash(xs[i]);
+                        let t = (x / (1.0 - x)).ln();
+                        let (m, lb) = (mu[i] as f64, lnb[i] as f64);
+                        total += std::f64::consts::LN_2
+                            + lb
+                            + (x * (1.0 - x)).ln()
+                            + (t - m).abs() * (-lb).exp();
+                    }
                 }
-            }
-        }
-        total
+                total
+            })
+            .collect();
+        per_image.iter().sum()
     }
 
-    /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise).
+    /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise): one partial sum per
+    /// image (images in parallel), added in image order.
     fn kl(&self, acts: &DvaeActs) -> f64 {
         let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
-        let mut lq = vec![0.0f64; k];
-        let mut total = 0.0;
-        for bi in 0..acts.batch {
-            for pos in 0..hw {
-                total += log_q(&acts.enc.output, k, hw, bi, pos, &mut lq) + (k as f64).ln();
-            }
-        }
-        total
+        let per_image: Vec<f64> = (0..acts.batch)
+            .into_par_iter()
+            .map(|bi| {
+                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+                (0..hw)
+                    .map(|pos| {
+                        log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q) + (k as f64).ln()
+                    })
+                    .sum::<f64>()
+            })
+            .collect();
+        per_image.iter().sum()
     }
 
     /// The backward pass after [`Self::forward`]: accumulates (`+=`) the gradient of
@@ -778,49 +838,59 @@ impl Dvae {
         let p = self.table.split(params);
         let mut g = self.table.split_mut(grads);
         let s = scale as f64 / npx;
-        // d loss / d stats.
-        let mut dstats = vec![0.0f32; acts.dec.output.len()];
-        for bi in 0..b {
-            for ch in 0..3 {
-                let xs = &acts.images[(bi * 3 + ch) * px..][..px];
-                let base_mu = (bi * 6 + ch) * px;
-                let base_lb = (bi * 6 + 3 + ch) * px;
-                for i in 0..px {
-                    let x = squash(xs[i]);
-                    let t = (x / (1.0 - x)).ln();
-                    let m = acts.dec.output[base_mu + i] as f64;
-                    let inv_b = (-(acts.dec.output[base_lb + i] as f64)).exp();
-                    let r = t - m;
-                    dstats[base_mu + i] = (s * -r.signum() * inv_b) as f32;
-                    dstats[base_lb + i] = (s * (1.0 - r.abs() * inv_b)) as f32;
+        // d loss / d stats, images in parallel.
+        let mut dstats = std::mem::take(&mut acts.dstats);
+        dstats.resize(acts.dec.output.len(), 0.0);
+        dstats
+            .par_chunks_mut(6 * px)
+            .enumerate()
+            .for_each(|(bi, dstats)| {
+                for ch in 0..3 {
+                    let xs = &acts.images[(bi * 3 + ch) * px..][..px];
+                    let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
+                    for i in 0..px {
+                        let x = squash(xs[i]);
+                        let t = (x / (1.0 - x)).ln();
+                        let m = stats[ch * px + i] as f64;
+                        let inv_b = (-(stats[(3 + ch) * px + i] as f64)).exp();
+                        let r = t - m;
+                        dstats[ch * px + i] = (s * -r.signum() * inv_b) as f32;
+                        dstats[(3 + ch) * px + i] = (s * (1.0 - r.abs() * inv_b)) as f32;
+                    }
                 }
-            }
-        }
-        let mut dy = Vec::new();
+            });
+        let mut dy = std::mem::take(&mut acts.dy);
+        dy.resize(acts.y.len(), 0.0);
         self.decoder
             .backward(&p, &mut g, &mut acts.dec, &dstats, Some(&mut dy))?;
-        // Through y = softmax((l + g)/τ) and the KL term, into d logits.
+        // Through y = softmax((l + g)/τ) and the KL term, into d logits; images in parallel.
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
-        let mut dlogits = vec![0.0f32; acts.enc.output.len()];
+        let mut dlogits = std::mem::take(&mut acts.dlogits);
+        dlogits.resize(acts.enc.output.len(), 0.0);
         let (tau, beta) = (acts.tau as f64, acts.beta as f64);
-        let mut lq = vec![0.0f64; k];
-        for bi in 0..b {
-            for pos in 0..hw {
-                let at = |c: usize| bi * k * hw + c * hw + pos;
-                let ydy: f64 = (0..k)
-                    .map(|c| acts.y[at(c)] as f64 * dy[at(c)] as f64)
-                    .sum();
-                let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq);
-                for c in 0..k {
-                    let y = acts.y[at(c)] as f64;
-                    let relax = y * (dy[at(c)] as f64 - ydy) / tau;
-                    let dkl = lq[c].exp() * (lq[c] - neg_entropy);
-                    dlogits[at(c)] = (relax + s * beta * dkl) as f32;
+        dlogits
+            .par_chunks_mut(k * hw)
+            .enumerate()
+            .for_each(|(bi, dlogits)| {
+                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+                let (y, dy) = (
+                    &acts.y[bi * k * hw..][..k * hw],
+                    &dy[bi * k * hw..][..k * hw],
+                );
+                for pos in 0..hw {
+                    let at = |c: usize| c * hw + pos;
+                    let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
+                    let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q);
+                    for c in 0..k {
+                        let relax = y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau;
+                        let dkl = q[c] * (lq[c] - neg_entropy);
+                        dlogits[at(c)] = (relax + s * beta * dkl) as f32;
+                    }
                 }
-            }
-        }
+            });
         self.encoder
             .backward(&p, &mut g, &mut acts.enc, &dlogits, None)?;
+        (acts.dstats, acts.dy, acts.dlogits) = (dstats, dy, dlogits);
         Ok(())
     }
 }
