@@ -654,15 +654,7 @@ fn powersgd_across_processes_saves_bytes_and_survives_a_restart() {
 /// `launcher` with the environment of the host's CUDA setup removed.
 fn launcher_without_cuda_env(config: &Path, args: &[&str]) -> Command {
     let mut cmd = launcher_cmd(config, args);
-    for var in [
-        "LD_LIBRARY_PATH",
-        "VIRTUAL_ENV",
-        "CONDA_PREFIX",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "NCCL_HOME",
-        "TESSERA_CUDA_LIB_PATH",
-    ] {
+    for var in trainer::cuda_libs::SEARCH_VARS {
         cmd.env_remove(var);
     }
     cmd.env("TESSERA_PYTHON", "/nonexistent/python3");

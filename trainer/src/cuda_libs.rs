@@ -86,6 +86,20 @@ pub const ALL: [Library; 5] = [DRIVER, NCCL, NVRTC, CUBLAS, CUBLASLT];
 /// The variable whose directories are searched before anything else.
 pub const PATH_VAR: &str = "TESSERA_CUDA_LIB_PATH";
 
+/// Every variable the search reads (tests clear them to search a machine's system directories
+/// only; `TESSERA_PYTHON` is pointed at nothing instead).
+pub const SEARCH_VARS: [&str; 9] = [
+    PATH_VAR,
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "CUDA_ROOT",
+    "CUDA_TOOLKIT_ROOT_DIR",
+    "NCCL_HOME",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+];
+
 /// File names `cudarc` tries for `lib`, in its order, each once.
 pub fn cudarc_names(lib: &Library) -> Vec<String> {
     let mut names = cudarc::get_lib_name_candidates(lib.key);

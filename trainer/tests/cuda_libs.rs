@@ -16,19 +16,10 @@ use std::process::{Command, Output};
 fn trainer() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
     // Nothing of the host's own CUDA setup may leak in.
-    for var in [
-        "LD_LIBRARY_PATH",
-        "VIRTUAL_ENV",
-        "CONDA_PREFIX",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "CUDA_ROOT",
-        "CUDA_TOOLKIT_ROOT_DIR",
-        "NCCL_HOME",
-        "TESSERA_CUDA_LIB_PATH",
-        "RANK",
-        "WORLD_SIZE",
-    ] {
+    for var in trainer::cuda_libs::SEARCH_VARS
+        .iter()
+        .chain(&["RANK", "WORLD_SIZE"])
+    {
         cmd.env_remove(var);
     }
     cmd.env("TESSERA_PYTHON", "/nonexistent/python3")

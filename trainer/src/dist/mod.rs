@@ -142,12 +142,7 @@ pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
         generation: env.generation,
     };
     let mut ring = TcpRing::connect(&mut book, env.rank, env.world_size, &opts, abort, progress)?;
-    ring.attach(Box::new(Departure {
-        client,
-        heartbeat: Some(heartbeat),
-        generation: env.generation,
-        rank: env.rank,
-    }));
+    ring.attach(Box::new(Departure::new(client, heartbeat, env)));
     tracing::info!(rank = env.rank, world = env.world_size, "ring ready");
     Ok(ring)
 }
@@ -194,12 +189,7 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         abort,
         progress,
     )?;
-    comm.attach(Box::new(Departure {
-        client,
-        heartbeat: Some(heartbeat),
-        generation: env.generation,
-        rank: env.rank,
-    }));
+    comm.attach(Box::new(Departure::new(client, heartbeat, env)));
     tracing::info!(rank = env.rank, world = env.world_size, "NCCL ready");
     Ok(comm)
 }
@@ -211,6 +201,17 @@ struct Departure {
     heartbeat: Option<Heartbeat>,
     generation: u64,
     rank: usize,
+}
+
+impl Departure {
+    fn new(client: StoreClient, heartbeat: Heartbeat, env: &WorkerEnv) -> Departure {
+        Departure {
+            client,
+            heartbeat: Some(heartbeat),
+            generation: env.generation,
+            rank: env.rank,
+        }
+    }
 }
 
 impl Drop for Departure {
