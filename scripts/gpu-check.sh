@@ -2,7 +2,7 @@
 # The GPU checks, in two halves, for a machine with a GPU but no Rust toolchain (the device
 # machine of docs/benchmarks.md):
 #
-#   scripts/gpu-check.sh prepare   # here: builds the binaries into gpu-bin/ (git-ignored)
+#   scripts/gpu-check.sh prepare   # here: builds the binaries into gpu-bin/ (git-ignored, stripped)
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
 #
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
@@ -22,7 +22,10 @@ prepare)
         exe=$(ls -t target/release/deps/${t}-* | grep -v '\.d$' | head -1)
         cp "$exe" "gpu-bin/test-$t"
     done
+    # Without debug info the four fit the device tool's 64 MiB carry limit.
+    strip gpu-bin/*
     ls -l gpu-bin
+    du -sh gpu-bin
     ;;
 run)
     test -x gpu-bin/trainer || { echo "gpu-bin/ is missing: run '$0 prepare' first and carry it"; exit 2; }
