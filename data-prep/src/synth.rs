@@ -59,13 +59,8 @@ pub const SIZES: [(&str, f32); 3] = [("small", 0.09), ("medium", 0.14), ("large"
 /// Errors of `data-prep synth`; each names the file or the parameter.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] trainer::fsutil::FsError),
     #[error("cannot encode {path} as PNG: {source}")]
     Png {
         path: PathBuf,
@@ -81,12 +76,8 @@ pub enum SynthError {
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
-    let path = path.to_path_buf();
-    move |source| SynthError::Io {
-        action,
-        path,
-        source,
-    }
+    let fs_err = trainer::fsutil::fs_err(action, path);
+    move |source| SynthError::Io(fs_err(source))
 }
 
 /// One drawn shape, as recorded in the sample's `.json`.
@@ -336,11 +327,7 @@ pub fn encode_png(pixels: &[u8], res: u32, path: &Path) -> Result<Vec<u8>, Synth
 
 /// Writes `bytes` to `path` through `<path>.tmp` and a rename (no partial file under the name).
 fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), SynthError> {
-    trainer::fsutil::write_atomic(path, bytes, sync).map_err(|e| SynthError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
+    trainer::fsutil::write_atomic(path, bytes, sync).map_err(SynthError::Io)
 }
 
 /// What `synth` was asked for.

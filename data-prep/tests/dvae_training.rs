@@ -224,7 +224,7 @@ checkpoint:
         .unwrap_err()
     );
     assert!(
-        e.contains("images-00000.tis") && e.contains("32") && e.contains("64"),
+        e.contains("images-00000.tis") && e.contains("resolution is 32×32, expected 64×64"),
         "{e}"
     );
     assert!(trainer::checkpoint::latest_complete(&out)

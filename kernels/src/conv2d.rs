@@ -264,7 +264,7 @@ fn im2col(col: &mut [f32], x: &[f32], d: &Conv2dDims) {
                     let src = &plane[sy as usize * w..][..w];
                     // dst[x] = src[x + dx] where 0 ≤ x + dx < w, else 0.
                     let lo = (-dx).max(0) as usize;
-                    let hi = (w as isize - dx.max(0)) as usize;
+                    let hi = (w as isize - dx.max(0)).max(0) as usize;
                     dst[..lo.min(w)].fill(0.0);
                     if hi > lo {
                         dst[lo..hi].copy_from_slice(
@@ -628,6 +628,31 @@ mod tests {
                 &format!("conv k={k}"),
                 &got,
                 &naive(&x, &w, &b, &d),
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+
+    /// Images narrower and shorter than half the kernel: every tap of a row may fall outside.
+    #[test]
+    fn forward_matches_the_definition_on_images_smaller_than_the_kernel() {
+        for (h, w) in [(1, 1), (1, 2), (2, 1), (3, 2)] {
+            let d = Conv2dDims {
+                height: h,
+                width: w,
+                ..dims(7, 2)
+            };
+            let x = rand_vec(d.in_len(), 1.0, 4);
+            let wt = rand_vec(d.weight_len(), 1.0, 5);
+            let b = rand_vec(d.c_out, 1.0, 6);
+            let mut y = vec![0.0; d.out_len()];
+            conv2d_forward(&mut y, &x, &wt, &b, &d).unwrap();
+            let got: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &format!("conv {h}×{w}"),
+                &got,
+                &naive(&x, &wt, &b, &d),
                 1e-4,
                 1e-4,
             );

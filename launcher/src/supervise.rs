@@ -61,11 +61,14 @@ struct Worker {
 }
 
 impl Worker {
+    /// Signals the worker's whole process group (it leads its own: `process_group(0)`), so
+    /// that nothing it started survives holding the log pipes open.
     fn signal(&self, sig: i32) {
         if self.exited.is_none() {
-            // SAFETY: kill(2) on the pid of a child not yet reaped (so not reused).
+            // SAFETY: kill(2) on the group of a child not yet reaped (so its pid, the group id,
+            // is not reused).
             unsafe {
-                libc::kill(self.child.id() as libc::pid_t, sig);
+                libc::kill(-(self.child.id() as libc::pid_t), sig);
             }
         }
     }

@@ -51,6 +51,10 @@ fn full_rank_powersgd_matches_plain_training_to_round_off() {
     trainer::train::run(&config(&full, 10, c), true).unwrap();
     let (a, b) = (weights(&plain, 10), weights(&full, 10));
     assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().chain(&b).all(|v| v.is_finite()),
+        "non-finite weights"
+    );
     let max = a
         .iter()
         .zip(&b)

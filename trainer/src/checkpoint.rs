@@ -57,13 +57,8 @@ const TMP_PREFIX: &str = ".tmp-";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// A file-system operation failed.
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsutil::FsError),
     /// The checkpoint directory for this step exists already; nothing was written.
     #[error("checkpoint {path} already exists; refusing to overwrite it")]
     Exists { path: PathBuf },
@@ -220,11 +215,11 @@ pub fn save(
     }
     if let Err(e) = fs::rename(&tmp, &final_dir) {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(CheckpointError::Io {
+        return Err(CheckpointError::Io(crate::fsutil::FsError {
             action: "rename checkpoint into place at",
             path: final_dir,
             source: e,
-        });
+        }));
     }
     sync_dir(&root)?;
     prune(out_dir, keep_last, step)?;
@@ -368,11 +363,11 @@ pub fn list_complete(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointEr
         Ok(read) => read,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            return Err(CheckpointError::Io {
+            return Err(CheckpointError::Io(crate::fsutil::FsError {
                 action: "list",
                 path: root,
                 source: e,
-            })
+            }))
         }
     };
     let mut found = Vec::new();
@@ -426,11 +421,11 @@ fn remove_stale_tmp(root: &Path) -> Result<(), CheckpointError> {
         Ok(read) => read,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => {
-            return Err(CheckpointError::Io {
+            return Err(CheckpointError::Io(crate::fsutil::FsError {
                 action: "list",
                 path: root.to_path_buf(),
                 source: e,
-            })
+            }))
         }
     };
     let me = std::process::id();
@@ -474,11 +469,11 @@ pub struct CheckpointDir {
 /// Opens a checkpoint directory for loading; refuses a directory without `DONE`.
 pub fn load_checked(dir: &Path) -> Result<CheckpointDir, CheckpointError> {
     if !dir.is_dir() {
-        return Err(CheckpointError::Io {
+        return Err(CheckpointError::Io(crate::fsutil::FsError {
             action: "open checkpoint directory",
             path: dir.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-        });
+        }));
     }
     if !dir.join(DONE_FILE).is_file() {
         return Err(CheckpointError::Incomplete {
@@ -622,15 +617,9 @@ pub fn load_weights(
     load_into(path, table, "", buf)
 }
 
-fn io<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
-    move |source| CheckpointError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let fs_err = crate::fsutil::fs_err(action, path);
+    move |source| CheckpointError::Io(fs_err(source))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -641,11 +630,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Fsyncs a directory, so that the entries created or renamed in it are durable.
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    crate::fsutil::sync_dir(dir).map_err(|e| CheckpointError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
+    crate::fsutil::sync_dir(dir).map_err(CheckpointError::Io)
 }
 
 #[cfg(test)]

@@ -352,7 +352,7 @@ pub struct PowerSgd {
     uncompressed_len: usize,
     buckets: Vec<Bucket>,
     /// Error buffers of the compressed tensors, concatenated in table order (empty without
-    /// error feedback, where M is staged in `m_scratch` instead).
+    /// error feedback, where M is the gradient itself).
     error: Vec<f32>,
     /// Q of every compressed tensor (long × rank, row-major), concatenated.
     q: Vec<f32>,
@@ -364,7 +364,6 @@ pub struct PowerSgd {
     ubuf: Vec<f32>,
     pbuf: Vec<f32>,
     qbuf: Vec<f32>,
-    m_scratch: Vec<f32>,
     orth_work: Vec<f64>,
 }
 
@@ -459,7 +458,6 @@ impl PowerSgd {
         }
         let max_p = buckets.iter().map(|b| b.p_len).max().unwrap_or(0);
         let max_q = buckets.iter().map(|b| b.q_len).max().unwrap_or(0);
-        let max_m = compressed.iter().map(|t| t.numel()).max().unwrap_or(0);
         Ok(PowerSgd {
             cfg: cfg.clone(),
             numel: table.numel(),
@@ -475,7 +473,6 @@ impl PowerSgd {
             ubuf: vec![0.0; uncompressed_len + 1],
             pbuf: vec![0.0; max_p],
             qbuf: vec![0.0; max_q],
-            m_scratch: vec![0.0; if cfg.error_feedback { 0 } else { max_m }],
             orth_work: Vec::new(),
         })
     }
@@ -583,7 +580,6 @@ impl PowerSgd {
             ubuf,
             pbuf,
             qbuf,
-            m_scratch,
             orth_work,
             ..
         } = self;
@@ -638,7 +634,7 @@ impl PowerSgd {
             let pb = &mut pbuf[..bucket.p_len];
             for &ci in &bucket.tensors {
                 let t = &compressed[ci];
-                let m = stage_m(t, cfg.error_feedback, error, m_scratch, grads);
+                let m = stage_m(t, cfg.error_feedback, error, grads);
                 let qt = &mut q[t.q_range()];
                 if cfg.warm_start {
                     // Q is always finite: only finite Q' are kept.
@@ -659,7 +655,7 @@ impl PowerSgd {
                     orthonormalize(p, t.short(), t.rank, eps, orth_work);
                 }
                 p_ok.push(ok);
-                let m = stage_m(t, cfg.error_feedback, error, m_scratch, grads);
+                let m = stage_m(t, cfg.error_feedback, error, grads);
                 let p = MatRef::new(&pb[t.p_range()], t.short(), t.rank);
                 matmul(&mut qb[t.qn_range()], t.oriented(m).t(), p, false)?;
             }
@@ -796,20 +792,18 @@ fn param_range(t: &CompressedTensor) -> Range<usize> {
 }
 
 /// The M of tensor `t`: its error buffer (error feedback on, where M was formed), or its
-/// gradient staged in `scratch` (off: the decompressed result overwrites the gradient).
+/// gradient (off). A bucket's gradients are overwritten only by its own decompression, after
+/// both of its products have read M.
 fn stage_m<'a>(
     t: &CompressedTensor,
     feedback: bool,
     error: &'a [f32],
-    scratch: &'a mut [f32],
-    grads: &[f32],
+    grads: &'a [f32],
 ) -> &'a [f32] {
     if feedback {
         &error[t.error_range()]
     } else {
-        let s = &mut scratch[..t.numel()];
-        s.copy_from_slice(&grads[param_range(t)]);
-        s
+        &grads[param_range(t)]
     }
 }
 

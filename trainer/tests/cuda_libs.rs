@@ -146,7 +146,7 @@ fn write_config(dir: &Path) -> PathBuf {
          model:\n  text_len: 8\n  text_vocab: 40\n  grid: 4\n  image_vocab: 24\n  d_model: 32\n  heads: 2\n  layers: 2\n\
          data:\n  source: synthetic\n  min_caption_tokens: 3\n\
          train:\n  steps: 2\n  batch_size: 2\n\
-         distributed:\n  collectives: nccl\n  rendezvous_timeout_s: 5\n",
+         distributed:\n  collectives: nccl\n  rendezvous_timeout_s: 60\n",
         dir.join("run").display()
     );
     let path = dir.join("nccl.yaml");
@@ -187,7 +187,7 @@ fn a_worker_asked_for_nccl_without_the_libraries_names_what_is_missing() {
         assert!(err.contains(want), "{want:?} missing:\n{}", text(&o));
     }
     assert!(
-        started.elapsed().as_secs() < 5,
+        started.elapsed().as_secs() < 30,
         "it waited for the store: {}",
         text(&o)
     );

@@ -194,6 +194,10 @@ fn close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     let mut max_abs = 0.0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         max_abs = max_abs.max((g - w).abs());
+        assert!(
+            g.is_finite() && w.is_finite(),
+            "{name}[{i}]: Tessera {g} vs dall_e {w}"
+        );
         let err = (g - w).abs() - rtol * w.abs();
         if err > worst.0 {
             worst = (err, i);

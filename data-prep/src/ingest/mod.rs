@@ -37,13 +37,8 @@ use stats::{Counts, Reason};
 /// Errors of `data-prep ingest` that stop the run (bad inputs are counted, not raised).
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] trainer::fsutil::FsError),
     #[error(transparent)]
     Shard(#[from] ImageShardError),
     #[error("{path}: {reason}")]
@@ -98,11 +93,7 @@ pub enum IngestError {
 impl From<crate::markers::MarkerError> for IngestError {
     fn from(e: crate::markers::MarkerError) -> Self {
         match e {
-            crate::markers::MarkerError::Fs(e) => IngestError::Io {
-                action: e.action,
-                path: e.path,
-                source: e.source,
-            },
+            crate::markers::MarkerError::Fs(e) => IngestError::Io(e),
             crate::markers::MarkerError::Format { path, message } => IngestError::Format {
                 path,
                 reason: format!("unreadable done marker: {message}"),
@@ -271,11 +262,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
     let Source {
         total, mut items, ..
     } = sources::open(&a.input, format)?;
-    fs::create_dir_all(&a.out).map_err(|source| IngestError::Io {
-        action: "create directory",
-        path: a.out.clone(),
-        source,
-    })?;
+    fs::create_dir_all(&a.out).map_err(trainer::fsutil::fs_err("create directory", &a.out))?;
     let bar = crate::markers::progress("ingest", total, "inputs", !a.quiet);
     let mut seen_hashes: HashSet<u128> = HashSet::new();
     let mut totals = Counts::new();

@@ -105,12 +105,8 @@ pub struct Source {
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
-    let path = path.to_path_buf();
-    move |source| IngestError::Io {
-        action,
-        path,
-        source,
-    }
+    let fs_err = trainer::fsutil::fs_err(action, path);
+    move |source| IngestError::Io(fs_err(source))
 }
 
 fn ext_lower(p: &Path) -> String {
@@ -464,11 +460,11 @@ fn jsonl(input: &Path) -> Result<Source, IngestError> {
             Ok(0) => return None,
             Ok(_) => {}
             Err(source) => {
-                return Some(Err(IngestError::Io {
+                return Some(Err(IngestError::Io(trainer::fsutil::FsError {
                     action: "read",
                     path: path.clone(),
                     source,
-                }))
+                })))
             }
         }
         line_no += 1;

@@ -35,11 +35,7 @@ pub struct Marker {
 
 /// Writes `bytes` to `path` via `<path>.tmp`, fsync and rename, then fsyncs the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IngestError> {
-    trainer::fsutil::write_atomic(path, bytes, true).map_err(|e| IngestError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
+    trainer::fsutil::write_atomic(path, bytes, true).map_err(IngestError::Io)
 }
 
 /// The finished shard of `group`, if its marker and shard are complete and were written with

@@ -58,13 +58,8 @@ const NO_META: u32 = u32::MAX;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageShardError {
     /// A file-system operation failed.
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsutil::FsError),
     /// The file is shorter than its header or index says it must be.
     #[error("{path}: truncated image shard ({found} bytes, expected {expected})")]
     Truncated {
@@ -147,12 +142,8 @@ pub enum ImageShardError {
 type Result<T> = std::result::Result<T, ImageShardError>;
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageShardError {
-    let path = path.to_path_buf();
-    move |source| ImageShardError::Io {
-        action,
-        path,
-        source,
-    }
+    let fs_err = crate::fsutil::fs_err(action, path);
+    move |source| ImageShardError::Io(fs_err(source))
 }
 
 /// One record: `pixels` is `[H, W, 3]` RGB u8, row-major.
@@ -507,11 +498,7 @@ impl Drop for ImageShardWriter {
 
 /// fsyncs the directory holding `path` so that a rename into it is durable.
 pub fn sync_parent(path: &Path) -> Result<()> {
-    crate::fsutil::sync_parent(path).map_err(|e| ImageShardError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
+    crate::fsutil::sync_parent(path).map_err(ImageShardError::Io)
 }
 
 /// Byte ranges of one record inside a decompressed chunk: caption start and end, metadata range.

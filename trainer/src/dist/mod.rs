@@ -160,16 +160,13 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         progress,
     } = rendezvous(env, cfg)?;
     let id = if env.rank == 0 {
-        let id = cudarc::nccl::result::get_uniqueid().map_err(|e| nccl::NcclError::Nccl {
-            op: "ncclGetUniqueId",
-            msg: format!("{:?}", e.0),
-        })?;
+        let id = nccl::new_unique_id()?;
         client.set(
             env.generation,
             nccl::UNIQUE_ID_KEY,
-            &nccl::encode_unique_id(&id.internal),
+            &nccl::encode_unique_id(&id),
         )?;
-        id.internal
+        id
     } else {
         let text = client.get(env.generation, nccl::UNIQUE_ID_KEY, d.rendezvous_timeout())?;
         nccl::decode_unique_id(&text).map_err(nccl::NcclError::UniqueId)?

@@ -50,6 +50,16 @@ pub enum NcclError {
     UniqueId(String),
 }
 
+/// A fresh unique id (rank 0 creates it; the others read it from the store).
+pub fn new_unique_id() -> Result<[std::ffi::c_char; 128], NcclError> {
+    nccl::get_uniqueid()
+        .map(|id| id.internal)
+        .map_err(|e| NcclError::Nccl {
+            op: "ncclGetUniqueId",
+            msg: nccl_msg(e),
+        })
+}
+
 /// Hex of the 128-byte unique id, as the store carries it.
 pub fn encode_unique_id(id: &[std::ffi::c_char; 128]) -> String {
     id.iter().map(|b| format!("{:02x}", *b as u8)).collect()

@@ -358,110 +358,112 @@ impl Net {
     ) -> Result<()> {
         let b = acts.batch;
         let [mut dy_buf, mut dx_buf] = std::mem::take(&mut acts.grads);
-        let max_len = dy_buf.len();
-        for s in acts.scratch.iter_mut() {
-            if s.len() < max_len {
-                s.resize(max_len, 0.0);
+        // The buffers go back into `acts` whether or not a kernel fails.
+        let result = (|| -> Result<()> {
+            let max_len = dy_buf.len();
+            for s in acts.scratch.iter_mut() {
+                grow(s, max_len);
             }
-        }
-        let mut dy_len = dout.len();
-        dy_buf[..dy_len].copy_from_slice(dout);
-        for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
-            let x = &acts.inputs[i];
-            let relus = &acts.relus[i];
-            let planes = b * shape.c;
-            let need_dx = i > 0 || dinput.is_some();
-            let dy = &dy_buf[..dy_len];
-            let dx = &mut dx_buf[..x.len()];
-            match stage {
-                Stage::Conv(cp) => {
-                    let (dw, db) = pair_mut(g, cp.w, cp.b);
-                    conv2d_backward(
-                        need_dx.then_some(&mut dx[..]),
-                        dw,
-                        db,
-                        dy,
-                        x,
-                        p[cp.w],
-                        &Self::dims(b, cp, shape.side),
-                    )?;
-                }
-                Stage::MaxPool => maxpool2_backward(dx, dy, x, planes, shape.side, shape.side)?,
-                Stage::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
-                Stage::ReluConv(cp) => {
-                    let (dw, db) = pair_mut(g, cp.w, cp.b);
-                    conv2d_backward_through_relu(
-                        Some(dx),
-                        dw,
-                        db,
-                        dy,
-                        &relus[0],
-                        p[cp.w],
-                        &Self::dims(b, cp, shape.side),
-                    )?;
-                }
-                Stage::Block(blk) => {
-                    let gain = self.post_gain;
-                    let [s0, s1] = &mut acts.scratch[..] else {
-                        unreachable!("two scratch buffers")
-                    };
-                    let (mut s0, mut s1) = (s0, s1);
-                    // Residual path: d(conv_4 output) = gain · dy.
-                    for (a, &v) in s0.iter_mut().zip(dy) {
-                        *a = v * gain;
-                    }
-                    let mut cur = dy.len();
-                    for k in (0..4).rev() {
-                        let cp = &blk.convs[k];
+            let mut dy_len = dout.len();
+            dy_buf[..dy_len].copy_from_slice(dout);
+            for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
+                let x = &acts.inputs[i];
+                let relus = &acts.relus[i];
+                let planes = b * shape.c;
+                let need_dx = i > 0 || dinput.is_some();
+                let dy = &dy_buf[..dy_len];
+                let dx = &mut dx_buf[..x.len()];
+                match stage {
+                    Stage::Conv(cp) => {
                         let (dw, db) = pair_mut(g, cp.w, cp.b);
-                        let n = relus[k].len();
-                        // Through conv_{k+1} and the ReLU that produced relus[k] (for k = 0, the
-                        // block input's).
-                        conv2d_backward_through_relu(
-                            Some(&mut s1[..n]),
+                        conv2d_backward(
+                            need_dx.then_some(&mut dx[..]),
                             dw,
                             db,
-                            &s0[..cur],
-                            &relus[k],
+                            dy,
+                            x,
                             p[cp.w],
                             &Self::dims(b, cp, shape.side),
                         )?;
-                        std::mem::swap(&mut s0, &mut s1);
-                        cur = n;
                     }
-                    // s0 now holds the residual path's input gradient; add the identity path's.
-                    match &blk.id_path {
-                        Some(ip) => {
-                            let (dw, db) = pair_mut(g, ip.w, ip.b);
-                            conv2d_backward(
-                                Some(&mut dx[..]),
+                    Stage::MaxPool => maxpool2_backward(dx, dy, x, planes, shape.side, shape.side)?,
+                    Stage::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
+                    Stage::ReluConv(cp) => {
+                        let (dw, db) = pair_mut(g, cp.w, cp.b);
+                        conv2d_backward_through_relu(
+                            Some(dx),
+                            dw,
+                            db,
+                            dy,
+                            &relus[0],
+                            p[cp.w],
+                            &Self::dims(b, cp, shape.side),
+                        )?;
+                    }
+                    Stage::Block(blk) => {
+                        let gain = self.post_gain;
+                        let [s0, s1] = &mut acts.scratch[..] else {
+                            unreachable!("two scratch buffers")
+                        };
+                        let (mut s0, mut s1) = (s0, s1);
+                        // Residual path: d(conv_4 output) = gain · dy.
+                        for (a, &v) in s0.iter_mut().zip(dy) {
+                            *a = v * gain;
+                        }
+                        let mut cur = dy.len();
+                        for k in (0..4).rev() {
+                            let cp = &blk.convs[k];
+                            let (dw, db) = pair_mut(g, cp.w, cp.b);
+                            let n = relus[k].len();
+                            // Through conv_{k+1} and the ReLU that produced relus[k] (for k = 0, the
+                            // block input's).
+                            conv2d_backward_through_relu(
+                                Some(&mut s1[..n]),
                                 dw,
                                 db,
-                                dy,
-                                x,
-                                p[ip.w],
-                                &Self::dims(b, ip, shape.side),
+                                &s0[..cur],
+                                &relus[k],
+                                p[cp.w],
+                                &Self::dims(b, cp, shape.side),
                             )?;
-                            scale_add(dx, 1.0, &s0[..cur]);
+                            std::mem::swap(&mut s0, &mut s1);
+                            cur = n;
                         }
-                        None => {
-                            dx.copy_from_slice(dy);
-                            scale_add(dx, 1.0, &s0[..cur]);
+                        // s0 now holds the residual path's input gradient; add the identity path's.
+                        match &blk.id_path {
+                            Some(ip) => {
+                                let (dw, db) = pair_mut(g, ip.w, ip.b);
+                                conv2d_backward(
+                                    Some(&mut dx[..]),
+                                    dw,
+                                    db,
+                                    dy,
+                                    x,
+                                    p[ip.w],
+                                    &Self::dims(b, ip, shape.side),
+                                )?;
+                                scale_add(dx, 1.0, &s0[..cur]);
+                            }
+                            None => {
+                                dx.copy_from_slice(dy);
+                                scale_add(dx, 1.0, &s0[..cur]);
+                            }
                         }
                     }
                 }
-            }
-            if i == 0 {
-                if let Some(d) = dinput.take() {
-                    d.copy_from_slice(dx);
+                if i == 0 {
+                    if let Some(d) = dinput.take() {
+                        d.copy_from_slice(dx);
+                    }
+                    break;
                 }
-                break;
+                std::mem::swap(&mut dy_buf, &mut dx_buf);
+                dy_len = x.len();
             }
-            std::mem::swap(&mut dy_buf, &mut dx_buf);
-            dy_len = x.len();
-        }
+            Ok(())
+        })();
         acts.grads = [dy_buf, dx_buf];
-        Ok(())
+        result
     }
 }
 

@@ -34,13 +34,8 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 /// the tensor where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsutil::FsError),
     #[error("{path}: not a safetensors file: {message}")]
     NotSafetensors { path: PathBuf, message: String },
     #[error("{path}: missing tensor '{name}' (needed to infer the dVAE's {what})")]
@@ -94,11 +89,11 @@ pub fn resolve_weights(source: &Path, ema: bool) -> WResult<PathBuf> {
         };
     }
     if !source.is_dir() {
-        return Err(WeightsError::Io {
+        return Err(WeightsError::Io(crate::fsutil::FsError {
             action: "open",
             path: source.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        });
+        }));
     }
     // A checkpoint directory, complete or not (an incomplete one is refused by name).
     if source.join(DONE_FILE).exists()
@@ -131,11 +126,8 @@ fn dir_name(p: &Path) -> String {
 /// read).
 pub fn tensor_shapes(path: &Path) -> WResult<HashMap<String, Vec<usize>>> {
     let io = |action| {
-        move |source| WeightsError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+        let fs_err = crate::fsutil::fs_err(action, path);
+        move |source| WeightsError::Io(fs_err(source))
     };
     let bad = |message: String| WeightsError::NotSafetensors {
         path: path.to_path_buf(),
