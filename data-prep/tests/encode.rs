@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::SystemTime;
 
 use rand::SeedableRng;
@@ -23,25 +23,8 @@ const K: usize = 32;
 const TEXT_LEN: usize = 12;
 const TEXT_VOCAB: usize = 512;
 
-fn data_prep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_data-prep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o)
-}
+mod support;
+use support::{data_prep, ok, text};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const CONFIG: &str = "\
 run:
@@ -26,20 +26,8 @@ train:
   batch_size: 2
 ";
 
-fn data_prep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_data-prep"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod support;
+use support::{data_prep, text};
 
 fn synth(cfg: &Path, out: &Path) -> Output {
     data_prep(&[

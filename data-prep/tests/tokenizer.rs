@@ -6,12 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn data_prep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_data-prep"))
-        .args(args)
-        .output()
-        .expect("running data-prep")
-}
+mod support;
+use support::data_prep;
 
 fn ok(out: Output) -> String {
     assert!(

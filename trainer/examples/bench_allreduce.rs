@@ -18,7 +18,15 @@ fn list(args: &[String], flag: &str, default: &[usize]) -> Vec<usize> {
     args.iter()
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .map(|v| {
+            v.split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{flag} {v}: {x:?} is not a whole number"))
+                })
+                .collect()
+        })
         .unwrap_or_else(|| default.to_vec())
 }
 

@@ -4,7 +4,7 @@
 //! cargo run --release -p trainer --example bench_powersgd [-- --steps N --ranks 1,4,8]
 //! ```
 //!
-//! Random gradients (a new draw every step), one rank (`SingleProcess`, so every all-reduce is
+//! Random gradients (three draws, taken in turn), one rank (`SingleProcess`, so every all-reduce is
 //! free and the time is the compression alone: error feedback, the P and Q products,
 //! orthonormalisation, decompression, gathers and scatters). Prints one JSON line per rank r:
 //! the median milliseconds per `reduce` over `--steps` (≥ 5) after two warm-up steps, and the

@@ -13,8 +13,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod support;
+
 fn trainer() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    let mut cmd = support::trainer_command();
     // Nothing of the host's own CUDA setup may leak in.
     for var in trainer::cuda_libs::SEARCH_VARS
         .iter()
@@ -22,8 +24,7 @@ fn trainer() -> Command {
     {
         cmd.env_remove(var);
     }
-    cmd.env("TESSERA_PYTHON", "/nonexistent/python3")
-        .env("RUST_LOG", "warn");
+    cmd.env("TESSERA_PYTHON", "/nonexistent/python3");
     cmd
 }
 

@@ -156,9 +156,8 @@ train: {{steps: 1, batch_size: 2}}
         ),
     )
     .unwrap();
-    let trainer = env!("CARGO_BIN_EXE_trainer");
     let run = |args: &[&Path]| {
-        let out = Command::new(trainer).args(args).output().unwrap();
+        let out = support::trainer_command().args(args).output().unwrap();
         assert!(
             out.status.success(),
             "trainer {args:?}: {}",
@@ -222,7 +221,7 @@ train: {{steps: 1, batch_size: 2}}
 
     // A batch of the wrong resolution is refused naming the tensor and the expected shape.
     write_tensors(&batch, &[entry("images", &[2, 3, 8, 8], &images[..384])]).unwrap();
-    let out = Command::new(trainer)
+    let out = support::trainer_command()
         .args(["debug-state".as_ref(), "--config".as_ref(), cfg.as_os_str()])
         .args(["--weights".as_ref(), w.as_os_str()])
         .args(["--batch".as_ref(), batch.as_os_str()])

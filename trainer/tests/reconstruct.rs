@@ -3,7 +3,7 @@
 //! input (images a dVAE cannot take, weights that do not match) fails before anything is written.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use trainer::checkpoint::{self, entries, write_tensors, TensorFile, EMA_FILE, MODEL_FILE};
 use trainer::data::image_loader::hwc_to_chw;
@@ -11,13 +11,8 @@ use trainer::data::image_shard::{ImageShard, ImageShardWriter};
 use trainer::model::dvae::{Dvae, DvaeDims};
 use trainer::reconstruct::pair_origin;
 
-fn trainer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the trainer binary runs")
-}
+mod support;
+use support::trainer;
 
 fn text(o: &Output) -> String {
     format!(

@@ -143,14 +143,17 @@ impl StoreClient {
         write_frame(&mut self.stream, &frame).map_err(io_err)?;
         let answer: Frame<Response> = read_frame(&mut self.stream).map_err(io_err)?;
         // A refusal is reported whatever run it names (a wrong run id is refused by the store's).
-        if let Response::Err(r) = answer.body {
-            return Err(StoreError::Refused {
-                addr: self.addr.clone(),
-                op,
-                kind: r.kind,
-                message: r.message,
-            });
-        }
+        let reply = match answer.body {
+            Response::Ok(reply) => reply,
+            Response::Err(r) => {
+                return Err(StoreError::Refused {
+                    addr: self.addr.clone(),
+                    op,
+                    kind: r.kind,
+                    message: r.message,
+                })
+            }
+        };
         if answer.run_id != self.run_id {
             return Err(StoreError::Unexpected {
                 addr: self.addr.clone(),
@@ -161,15 +164,7 @@ impl StoreClient {
                 ),
             });
         }
-        match answer.body {
-            Response::Ok(reply) => Ok(reply),
-            Response::Err(r) => Err(StoreError::Refused {
-                addr: self.addr.clone(),
-                op,
-                kind: r.kind,
-                message: r.message,
-            }),
-        }
+        Ok(reply)
     }
 
     fn unexpected(&self, op: &'static str, reply: Reply) -> StoreError {

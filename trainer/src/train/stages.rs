@@ -21,8 +21,6 @@ pub type Terms = Vec<(&'static str, f64)>;
 
 /// One model's side of the training loop.
 pub trait Stage {
-    /// The parameter layout (names, shapes, kinds).
-    fn table(&self) -> &ParamTable;
     /// Useful floating-point operations of one micro-batch (forward and backward).
     fn micro_flops(&self) -> f64;
     /// Forward and backward on this rank's next micro-batch `micro` of update `t` (1-based):
@@ -127,9 +125,6 @@ impl TransformerStage {
 }
 
 impl Stage for TransformerStage {
-    fn table(&self) -> &ParamTable {
-        self.model.table()
-    }
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
     }
@@ -290,9 +285,6 @@ impl DvaeStage {
 }
 
 impl Stage for DvaeStage {
-    fn table(&self) -> &ParamTable {
-        self.model.table()
-    }
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
     }

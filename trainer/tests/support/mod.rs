@@ -1,6 +1,23 @@
-//! What the integration tests that run the Python cross-checks share.
+//! What the integration tests share: running the `trainer` binary, and the Python cross-checks'
+//! readiness check. (Not every test file uses every helper.)
+#![allow(dead_code)]
 
-use std::process::Command;
+use std::process::{Command, Output};
+
+/// The `trainer` binary of this build, logging warnings only.
+pub fn trainer_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Runs `trainer ARGS` to its end.
+pub fn trainer(args: &[&str]) -> Output {
+    trainer_command()
+        .args(args)
+        .output()
+        .expect("the trainer binary runs")
+}
 
 /// Whether `python3` can import numpy and safetensors (tools/requirements.txt). When it cannot:
 /// under CI (`CI` set) this panics, since CI installs them; elsewhere it prints why `check` is
