@@ -1,9 +1,14 @@
 //! Tessera's op library.
 //!
 //! One module per kernel family. Each family has a plain Rust CPU reference (f32, readable first,
-//! multi-threaded where it matters) and, beside it, room for the CUDA launcher that a later issue
-//! adds: the CPU functions already take what a launcher takes (flat row-major buffers plus explicit
-//! dimensions) and check their preconditions, returning [`KernelError`] instead of panicking.
+//! multi-threaded where it matters); families ported to CUDA also have CUDA C source under
+//! `kernels/cuda/`, a launcher in [`gpu`] and an op trait on the [`device`] seam that both
+//! implement ([`layernorm::LayerNormOps`] first). The CUDA source runs on a GPU through NVRTC
+//! ([`gpu::Cuda`]) and, in CI, on the CPU through an emulator ([`gpu::Emu`]); parity tests hold
+//! every device to the reference. Every function checks its preconditions and returns
+//! [`KernelError`] instead of panicking.
+//!
+//! [`cuda_libs`] finds the CUDA libraries (driver, NCCL, NVRTC, cuBLAS) where users have them.
 //!
 //! Dimension letters, used throughout: `B` batch, `T` sequence, `C` channels (`d_model`), `OC`
 //! output channels, `H` heads, `HS` head size, `V` vocabulary.
@@ -14,6 +19,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod conv2d;
+pub mod cuda_libs;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod error;

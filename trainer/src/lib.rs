@@ -18,7 +18,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod collectives;
 pub mod config;
-pub mod cuda_libs;
+pub use kernels::cuda_libs;
 pub mod data;
 pub mod debug_state;
 pub mod dist;
