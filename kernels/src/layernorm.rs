@@ -8,9 +8,105 @@
 //! gradient is one more term of the residual gradient (llm.c's exception to "activation gradients
 //! are overwritten"). Statistics are accumulated in f64 on CPU so the reference is exact to f32.
 
-use crate::error::{check_len, Result};
+use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::error::{check_len, KernelError, Result};
 use crate::linear::column_sums_add;
 use rayon::prelude::*;
+
+/// Fused residual-add + layernorm on a [`Device`] (the CUDA kernels: `kernels/cuda/layernorm.cu`).
+pub trait LayerNormOps: Device {
+    /// `x_out = x + delta` when `delta` is given (then `x_out` is required), and
+    /// `y = layernorm(x_out or x)` stored as `O` (f32, or f16 for the matmul that follows), with
+    /// `mean`, `rstd` per row. Shapes as the module doc says.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward<O: Elem>(
+        &self,
+        x_out: Option<&mut Self::Buf<f32>>,
+        y: &mut Self::Buf<O>,
+        mean: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<f32>,
+        x: &Self::Buf<f32>,
+        delta: Option<&Self::Buf<f32>>,
+        weight: &Self::Buf<f32>,
+        bias: &Self::Buf<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`LayerNormOps::layernorm_forward`] given `dout` as `G` (f32 or f16):
+    /// `dinp += …`, `dweight += …`, `dbias += …`; `inp` is the normalised input (`x_out` when
+    /// the forward pass added a delta).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward<G: Elem>(
+        &self,
+        dinp: &mut Self::Buf<f32>,
+        dweight: &mut Self::Buf<f32>,
+        dbias: &mut Self::Buf<f32>,
+        dout: &Self::Buf<G>,
+        inp: &Self::Buf<f32>,
+        weight: &Self::Buf<f32>,
+        mean: &Self::Buf<f32>,
+        rstd: &Self::Buf<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+}
+
+impl LayerNormOps for Cpu {
+    fn layernorm_forward<O: Elem>(
+        &self,
+        x_out: Option<&mut Vec<f32>>,
+        y: &mut Vec<O>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        delta: Option<&Vec<f32>>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_forward";
+        check_len(OP, "y", y.len(), n * c)?;
+        let mut out = vec![0.0f32; n * c];
+        match (delta, x_out) {
+            (Some(d), Some(xo)) => {
+                check_len(OP, "x", x.len(), n * c)?;
+                check_len(OP, "delta", d.len(), n * c)?;
+                check_len(OP, "x_out", xo.len(), n * c)?;
+                for ((o, &a), &b) in xo.iter_mut().zip(x.iter()).zip(d.iter()) {
+                    *o = a + b;
+                }
+                layernorm_forward(&mut out, mean, rstd, xo, weight, bias, n, c)?;
+            }
+            (None, _) => layernorm_forward(&mut out, mean, rstd, x, weight, bias, n, c)?,
+            (Some(_), None) => {
+                return Err(KernelError::Shape {
+                    op: OP,
+                    what: "a residual delta needs an x_out buffer for x + delta".into(),
+                })
+            }
+        }
+        *y = narrow(&out);
+        Ok(())
+    }
+
+    fn layernorm_backward<G: Elem>(
+        &self,
+        dinp: &mut Vec<f32>,
+        dweight: &mut Vec<f32>,
+        dbias: &mut Vec<f32>,
+        dout: &Vec<G>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        layernorm_backward(dinp, dweight, dbias, &widen(dout), inp, weight, mean, rstd, n, c)
+    }
+}
 
 pub const LN_EPS: f32 = 1e-5;
 

@@ -1,0 +1,121 @@
+//! The device seam: where buffers live and who runs the ops.
+//!
+//! A [`Device`] owns buffers of [`Elem`]s (its associated type [`Device::Buf`]) and copies them
+//! to and from the host. The ops are small traits per kernel family on top of it (burn's shape),
+//! for example [`crate::layernorm::LayerNormOps`]; each family implements them for
+//!
+//! - [`Cpu`]: host vectors and the readable Rust references of this crate (unchanged in
+//!   behaviour: the CPU training path calls the same functions);
+//! - [`crate::gpu::Gpu`] over a [`crate::gpu::Runtime`]: the CUDA C kernels of `kernels/cuda/`,
+//!   run either on a GPU through cudarc ([`crate::gpu::Cuda`]) or on the CPU through the emulator
+//!   ([`crate::gpu::Emu`], host buffers; what CI runs).
+//!
+//! Parity tests hold them together: the same inputs through [`Cpu`] and through
+//! `Gpu<Emu>` (in CI) or `Gpu<Cuda>` (on a GPU) agree to stated tolerances.
+
+use crate::error::Result;
+use half::f16;
+
+/// An element type of device buffers: its name in kernel names (`layernorm_forward_f16`).
+pub trait Elem:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
+{
+    const DTYPE: &'static str;
+    /// The value's bits, zero-extended: how a scalar kernel argument is passed.
+    fn arg_bits(self) -> u64;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const DTYPE: &'static str = "f32";
+    fn arg_bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for f16 {
+    const DTYPE: &'static str = "f16";
+    fn arg_bits(self) -> u64 {
+        self.to_bits() as u64
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Elem for u32 {
+    const DTYPE: &'static str = "u32";
+    fn arg_bits(self) -> u64 {
+        self as u64
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as u32
+    }
+}
+
+/// Buffers and copies; the ops are the family traits built on it.
+pub trait Device {
+    /// A buffer of `T` on this device.
+    type Buf<T: Elem>;
+    /// For messages: "cpu", "emulated CUDA (forward schedule)", "CUDA device 0 (NVIDIA H100…)".
+    fn name(&self) -> String;
+    /// A buffer of `len` zeros.
+    fn zeros<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    /// Waits for the work queued on the buffer and copies it to the host.
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+}
+
+/// The CPU: host vectors, the reference implementations.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Device for Cpu {
+    type Buf<T: Elem> = Vec<T>;
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+    fn zeros<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+}
+
+/// Host values as f32 (the references compute in f32).
+pub fn widen<T: Elem>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// f32 values stored as `T` (rounded to nearest even for f16).
+pub fn narrow<T: Elem>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}

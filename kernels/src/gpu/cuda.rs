@@ -1,0 +1,185 @@
+//! The CUDA runtime: one GPU through cudarc, kernels compiled by NVRTC for its architecture,
+//! modules loaded once per `.cu` file and kept, one stream.
+//!
+//! Buffers are cudarc's `CudaSlice`s; a launch queues on the stream and returns, and
+//! [`Runtime::download`] waits for the stream. Allocation failures name the buffer and its size.
+
+use super::nvrtc::Nvrtc;
+use super::{Args, LaunchCfg, Runtime};
+use crate::cuda_libs;
+use crate::device::Elem;
+use crate::error::{KernelError, Result};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// One CUDA device and a stream on it.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    name: String,
+    nvrtc: &'static Nvrtc,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("name", &self.name)
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda(format!("{what}: {e:?}"))
+}
+
+impl Cuda {
+    /// Opens device `ordinal`: checks the driver and NVRTC first, with errors that name what is
+    /// missing and how to install it.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        if !cuda_libs::loadable(&cuda_libs::DRIVER) {
+            return Err(KernelError::Cuda(format!(
+                "the CUDA driver (libcuda.so.1) does not load: no GPU driver on this machine, or \
+                 not on the loader's path (see `trainer cuda-libs`). Searched: {}",
+                cuda_libs::Resolution::from_env()
+                    .require(&cuda_libs::DRIVER)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "found, but it does not load".into())
+            )));
+        }
+        let nvrtc = Nvrtc::load()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("cuInit / device", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| driver_err("compute capability", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "?".into());
+        let stream = ctx.default_stream();
+        Ok(Cuda {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            name: format!("CUDA device {ordinal} ({name})"),
+            nvrtc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `sm_90` for an H100.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for everything queued.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("stream synchronize", e))
+    }
+
+    fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let file = super::kernel_file(name).ok_or_else(|| KernelError::Launch {
+            kernel: name,
+            message: "no such kernel in kernels/cuda".into(),
+        })?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = super::SOURCES
+                        .iter()
+                        .find(|(f, _)| *f == file)
+                        .map(|(_, s)| *s)
+                        .expect("every kernel's file is in SOURCES");
+                    let compiled = self.nvrtc.compile(file, src, &self.arch, &[])?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+                        .map_err(|e| driver_err(&format!("loading kernels/cuda/{file}"), e))?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module
+            .load_function(name)
+            .map_err(|e| driver_err(&format!("kernel {name} in kernels/cuda/{file}"), e))?;
+        self.functions.lock().unwrap().insert(name, f.clone());
+        Ok(f)
+    }
+}
+
+impl Runtime for Cuda {
+    type Buf<T: Elem> = CudaSlice<T>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn zeros<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(len).map_err(|e| KernelError::Alloc {
+            device: self.name.clone(),
+            what: format!("{len} × {}", T::DTYPE),
+            bytes: len * std::mem::size_of::<T>(),
+            message: format!("{e:?}"),
+        })
+    }
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(|e| KernelError::Alloc {
+            device: self.name.clone(),
+            what: format!("upload of {} × {}", host.len(), T::DTYPE),
+            bytes: std::mem::size_of_val(host),
+            message: format!("{e:?}"),
+        })
+    }
+    fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(buf)
+            .map_err(|e| driver_err("download", e))
+    }
+    fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+    fn addr<T: Elem>(&self, buf: &CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr(&self.stream);
+        ptr
+    }
+    fn addr_mut<T: Elem>(&self, buf: &mut CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+        ptr
+    }
+
+    unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()> {
+        let f = self.function(name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for slot in args.slots() {
+            b.arg(slot);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+            block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+            shared_mem_bytes: cfg.shared_bytes,
+        };
+        // SAFETY: the caller's contract (arguments match the kernel, addresses are live).
+        unsafe { b.launch(cfg) }.map_err(|e| KernelError::Launch {
+            kernel: name,
+            message: format!("{e:?}"),
+        })?;
+        Ok(())
+    }
+}
