@@ -48,18 +48,17 @@ fn main() {
         );
         for name in &names {
             writeln!(wrapper, "TS_EMU_ENTRY({name})").unwrap();
-            writeln!(externs, "    fn emu_entry_{name}(params: *mut *mut c_void);").unwrap();
+            writeln!(
+                externs,
+                "    fn emu_entry_{name}(params: *mut *mut c_void);"
+            )
+            .unwrap();
             writeln!(entries, "    (\"{name}\", {file:?}, emu_entry_{name}),").unwrap();
         }
         let wrapper_path = out.join(format!("emu_{stem}.cpp"));
         std::fs::write(&wrapper_path, wrapper).unwrap();
         build.file(&wrapper_path);
-        writeln!(
-            files,
-            "    ({file:?}, include_str!({:?})),",
-            path_str(src)
-        )
-        .unwrap();
+        writeln!(files, "    ({file:?}, include_str!({:?})),", path_str(src)).unwrap();
     }
     build.compile("tessera_cuda_emu");
 
@@ -89,12 +88,6 @@ fn kernel_names(text: &str) -> Vec<String> {
     const MARK: &str = "extern \"C\" __global__ void ";
     text.lines()
         .filter_map(|l| l.trim_start().strip_prefix(MARK))
-        .map(|rest| {
-            rest.split('(')
-                .next()
-                .unwrap()
-                .trim()
-                .to_string()
-        })
+        .map(|rest| rest.split('(').next().unwrap().trim().to_string())
         .collect()
 }

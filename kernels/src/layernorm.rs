@@ -104,7 +104,18 @@ impl LayerNormOps for Cpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        layernorm_backward(dinp, dweight, dbias, &widen(dout), inp, weight, mean, rstd, n, c)
+        layernorm_backward(
+            dinp,
+            dweight,
+            dbias,
+            &widen(dout),
+            inp,
+            weight,
+            mean,
+            rstd,
+            n,
+            c,
+        )
     }
 }
 

@@ -19,9 +19,9 @@
 pub mod adamw;
 pub mod attention;
 pub mod conv2d;
+pub mod cross_entropy;
 pub mod cuda_libs;
 pub mod device;
-pub mod cross_entropy;
 pub mod embedding;
 pub mod error;
 pub mod gelu;

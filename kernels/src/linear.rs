@@ -7,9 +7,81 @@
 //!
 //! Backward: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`, `dbias += Σ_rows dout`.
 
+use crate::device::{widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+/// Dense matrix products on a [`Device`]: the CPU's `gemm` crate, cuBLAS on a GPU (inputs f32
+/// or f16, fp32 accumulation), the CPU GEMM again under the emulator.
+pub trait MatmulOps: Device {
+    /// `c[m, n] = op(a) · op(b)` (or `+=` when `accumulate`), all contiguous row-major:
+    /// `op(a)` is [m, k] (`a` stored [m, k], or [k, m] when `a_t`), `op(b)` is [k, n] (`b`
+    /// stored [k, n], or [n, k] when `b_t`). `c` is f32; `a` and `b` are both `I` (f32 or f16).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul<I: Elem>(
+        &self,
+        c: &mut Self::Buf<f32>,
+        a: &Self::Buf<I>,
+        a_t: bool,
+        b: &Self::Buf<I>,
+        b_t: bool,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()>;
+}
+
+/// The shapes [`MatmulOps::matmul`] requires, checked before anything runs.
+pub fn check_matmul(
+    op: &'static str,
+    (c_len, a_len, b_len): (usize, usize, usize),
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    check_len(op, "c", c_len, m * n)?;
+    check_len(op, "a", a_len, m * k)?;
+    check_len(op, "b", b_len, k * n)
+}
+
+/// [`MatmulOps::matmul`] on host vectors through the CPU GEMM (f16 inputs widened first).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_host<I: Elem>(
+    c: &mut [f32],
+    a: &[I],
+    a_t: bool,
+    b: &[I],
+    b_t: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    check_matmul("matmul", (c.len(), a.len(), b.len()), (m, n, k))?;
+    let (a, b) = (widen(a), widen(b));
+    let av = if a_t {
+        MatRef::new(&a, k, m).t()
+    } else {
+        MatRef::new(&a, m, k)
+    };
+    let bv = if b_t {
+        MatRef::new(&b, n, k).t()
+    } else {
+        MatRef::new(&b, k, n)
+    };
+    matmul(c, av, bv, accumulate)
+}
+
+impl MatmulOps for Cpu {
+    fn matmul<I: Elem>(
+        &self,
+        c: &mut Vec<f32>,
+        a: &Vec<I>,
+        a_t: bool,
+        b: &Vec<I>,
+        b_t: bool,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        matmul_host(c, a, a_t, b, b_t, dims, accumulate)
+    }
+}
 
 /// A row-major matrix view with arbitrary strides, so that transposes cost nothing.
 #[derive(Clone, Copy, Debug)]

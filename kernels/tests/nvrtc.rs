@@ -65,7 +65,10 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                     problems.push(format!("{arch} {}: register spills ({r:?})", r.kernel));
                 }
                 if r.shared_bytes > STATIC_SHARED_LIMIT {
-                    problems.push(format!("{arch} {}: {} B static shared memory", r.kernel, r.shared_bytes));
+                    problems.push(format!(
+                        "{arch} {}: {} B static shared memory",
+                        r.kernel, r.shared_bytes
+                    ));
                 }
                 seen.push(r.kernel);
             }
@@ -88,7 +91,9 @@ fn a_compile_error_names_the_file_and_shows_the_log() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("kernels/cuda/broken.cu") && err.contains("sm_90") && err.contains("undeclared"),
+        err.contains("kernels/cuda/broken.cu")
+            && err.contains("sm_90")
+            && err.contains("undeclared"),
         "{err}"
     );
 }

@@ -9,12 +9,13 @@ use super::{Args, LaunchCfg, Runtime};
 use crate::cuda_libs;
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
+use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// One CUDA device and a stream on it.
 pub struct Cuda {
@@ -25,6 +26,8 @@ pub struct Cuda {
     nvrtc: &'static Nvrtc,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// cuBLAS on the stream, opened at the first product.
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -70,7 +73,29 @@ impl Cuda {
             nvrtc,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
         })
+    }
+
+    fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                let res = cuda_libs::Resolution::from_env();
+                // cuBLAS needs cuBLASLt; both are opened by path where the search found them.
+                super::preload(&cuda_libs::CUBLASLT, &res);
+                super::preload(&cuda_libs::CUBLAS, &res);
+                if !cuda_libs::loadable(&cuda_libs::CUBLAS) && res.get(&cuda_libs::CUBLAS).is_none()
+                {
+                    return Err(res
+                        .require(&cuda_libs::CUBLAS)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default());
+                }
+                CudaBlas::new(self.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
+            })
+            .as_ref()
+            .map_err(|e| KernelError::Cuda(e.clone()))
     }
 
     /// `sm_90` for an H100.
@@ -132,20 +157,24 @@ impl Runtime for Cuda {
         self.name.clone()
     }
     fn zeros<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros(len).map_err(|e| KernelError::Alloc {
-            device: self.name.clone(),
-            what: format!("{len} × {}", T::DTYPE),
-            bytes: len * std::mem::size_of::<T>(),
-            message: format!("{e:?}"),
-        })
+        self.stream
+            .alloc_zeros(len)
+            .map_err(|e| KernelError::Alloc {
+                device: self.name.clone(),
+                what: format!("{len} × {}", T::DTYPE),
+                bytes: len * std::mem::size_of::<T>(),
+                message: format!("{e:?}"),
+            })
     }
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(|e| KernelError::Alloc {
-            device: self.name.clone(),
-            what: format!("upload of {} × {}", host.len(), T::DTYPE),
-            bytes: std::mem::size_of_val(host),
-            message: format!("{e:?}"),
-        })
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| KernelError::Alloc {
+                device: self.name.clone(),
+                what: format!("upload of {} × {}", host.len(), T::DTYPE),
+                bytes: std::mem::size_of_val(host),
+                message: format!("{e:?}"),
+            })
     }
     fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream
@@ -162,6 +191,68 @@ impl Runtime for Cuda {
     fn addr_mut<T: Elem>(&self, buf: &mut CudaSlice<T>) -> u64 {
         let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
         ptr
+    }
+
+    fn gemm<T: Elem>(
+        &self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<T>,
+        a_t: bool,
+        b: &CudaSlice<T>,
+        b_t: bool,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let blas = self.blas()?;
+        let dtype = match T::DTYPE {
+            "f16" => blas::cudaDataType_t::CUDA_R_16F,
+            _ => blas::cudaDataType_t::CUDA_R_32F,
+        };
+        // Row-major C[m, n] is column-major Cᵀ[n, m] = op(b)ᵀ · op(a)ᵀ: cuBLAS's first operand is
+        // `b` (column-major [n, k] as stored when not transposed) and its second is `a`.
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let ldb = if b_t { k } else { n };
+        let lda = if a_t { m } else { k };
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let (pa, pb, pc) = (self.addr(a), self.addr(b), self.addr_mut(c));
+        // SAFETY: the shapes were checked by the caller against the buffers' lengths; the
+        // pointers are live device buffers on this stream; alpha and beta are host scalars.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                op(b_t),
+                op(a_t),
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                pb as *const std::ffi::c_void,
+                dtype,
+                ldb as i32,
+                pa as *const std::ffi::c_void,
+                dtype,
+                lda as i32,
+                (&beta as *const f32).cast(),
+                pc as *mut std::ffi::c_void,
+                blas::cudaDataType_t::CUDA_R_32F,
+                n as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Launch {
+            kernel: "matmul (cublasGemmEx)",
+            message: format!("{e:?} for m={m} n={n} k={k}"),
+        })
     }
 
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()> {

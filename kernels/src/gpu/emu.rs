@@ -81,8 +81,23 @@ impl Runtime for Emu {
         buf.as_mut_ptr() as u64
     }
 
+    fn gemm<I: Elem>(
+        &self,
+        c: &mut Vec<f32>,
+        a: &Vec<I>,
+        a_t: bool,
+        b: &Vec<I>,
+        b_t: bool,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        crate::linear::matmul_host(c, a, a_t, b, b_t, dims, accumulate)
+    }
+
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()> {
-        let Some(&(_, _, entry)) = super::table::EMU_KERNELS.iter().find(|(n, _, _)| *n == name)
+        let Some(&(_, _, entry)) = super::table::EMU_KERNELS
+            .iter()
+            .find(|(n, _, _)| *n == name)
         else {
             return Err(KernelError::Launch {
                 kernel: name,
@@ -172,13 +187,19 @@ mod tests {
             .into_iter()
             .filter(|&s| {
                 let got = block_sums("testing_block_sum_racy_f32", &x, s).unwrap();
-                got.iter()
-                    .zip(&want)
-                    .any(|(g, w)| !((*g as f64 - w).abs() < 1e-4))
+                got.iter().zip(&want).any(|(g, w)| {
+                    (*g as f64 - w).abs().partial_cmp(&1e-4) != Some(std::cmp::Ordering::Less)
+                })
             })
             .collect();
-        assert!(!caught.is_empty(), "no schedule exposed the missing barrier");
-        assert!(caught.contains(&Schedule::Forward), "caught only under {caught:?}");
+        assert!(
+            !caught.is_empty(),
+            "no schedule exposed the missing barrier"
+        );
+        assert!(
+            caught.contains(&Schedule::Forward),
+            "caught only under {caught:?}"
+        );
     }
 
     #[test]
@@ -187,9 +208,10 @@ mod tests {
         let mut out = vec![0.0f32; 128];
         let args = Args::new().ptr(emu.addr_mut(&mut out)).i32(100);
         // SAFETY: out holds 128 values.
-        let err = unsafe { emu.launch("testing_early_return_f32", LaunchCfg::linear(1, 128), &args) }
-            .unwrap_err()
-            .to_string();
+        let err =
+            unsafe { emu.launch("testing_early_return_f32", LaunchCfg::linear(1, 128), &args) }
+                .unwrap_err()
+                .to_string();
         assert!(
             err.contains("testing_early_return_f32")
                 && err.contains("returned while others wait at __syncthreads"),

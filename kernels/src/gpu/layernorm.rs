@@ -77,7 +77,13 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
             .i32(ci);
         let blocks = n.div_ceil(ROWS_PER_BLOCK) as u32;
         // SAFETY: the arguments are the kernel's, and every buffer was checked above.
-        unsafe { rt.launch(k, LaunchCfg::linear(blocks, 32 * ROWS_PER_BLOCK as u32), &args) }
+        unsafe {
+            rt.launch(
+                k,
+                LaunchCfg::linear(blocks, 32 * ROWS_PER_BLOCK as u32),
+                &args,
+            )
+        }
     }
 
     fn layernorm_backward<G: Elem>(
@@ -94,7 +100,10 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
         c: usize,
     ) -> Result<()> {
         let k = kernel_for::<G>("layernorm_backward_f32", "layernorm_backward_f16")?;
-        let kp = kernel_for::<G>("layernorm_param_partials_f32", "layernorm_param_partials_f16")?;
+        let kp = kernel_for::<G>(
+            "layernorm_param_partials_f32",
+            "layernorm_param_partials_f16",
+        )?;
         let rt = &self.0;
         for (name, len, want) in [
             ("dinp", rt.len(dinp), n * c),
@@ -123,7 +132,13 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
             .i32(ci);
         let blocks = n.div_ceil(ROWS_PER_BLOCK) as u32;
         // SAFETY: as in the forward pass.
-        unsafe { rt.launch(k, LaunchCfg::linear(blocks, 32 * ROWS_PER_BLOCK as u32), &args)? };
+        unsafe {
+            rt.launch(
+                k,
+                LaunchCfg::linear(blocks, 32 * ROWS_PER_BLOCK as u32),
+                &args,
+            )?
+        };
 
         let chunks = n.div_ceil(ROWS_PER_CHUNK);
         let mut pw = rt.zeros::<f32>(chunks * c)?;
@@ -185,7 +200,13 @@ mod tests {
 
     /// Forward (with a residual delta when `fused`) and backward on `dev`, output and gradient in
     /// `T`. The accumulating gradients start from non-zero values, so `+=` is checked too.
-    fn run<D: LayerNormOps, T: Elem>(dev: &D, n: usize, c: usize, fused: bool, seed: u64) -> Outputs {
+    fn run<D: LayerNormOps, T: Elem>(
+        dev: &D,
+        n: usize,
+        c: usize,
+        fused: bool,
+        seed: u64,
+    ) -> Outputs {
         let up = |v: &[f32]| dev.upload(v).unwrap();
         let x = up(&rand_vec(n * c, 2.0, seed));
         let delta = up(&rand_vec(n * c, 1.0, seed + 1));
@@ -195,7 +216,11 @@ mod tests {
         let mut y = dev.zeros::<T>(n * c).unwrap();
         let mut mean = dev.zeros::<f32>(n).unwrap();
         let mut rstd = dev.zeros::<f32>(n).unwrap();
-        let (xo, d) = if fused { (Some(&mut x_out), Some(&delta)) } else { (None, None) };
+        let (xo, d) = if fused {
+            (Some(&mut x_out), Some(&delta))
+        } else {
+            (None, None)
+        };
         dev.layernorm_forward(xo, &mut y, &mut mean, &mut rstd, &x, d, &w, &b, n, c)
             .unwrap();
         let dy = dev
@@ -205,8 +230,10 @@ mod tests {
         let mut dw = up(&rand_vec(c, 1.0, seed + 6));
         let mut db = up(&rand_vec(c, 1.0, seed + 7));
         let inp = if fused { &x_out } else { &x };
-        dev.layernorm_backward(&mut dinp, &mut dw, &mut db, &dy, inp, &w, &mean, &rstd, n, c)
-            .unwrap();
+        dev.layernorm_backward(
+            &mut dinp, &mut dw, &mut db, &dy, inp, &w, &mean, &rstd, n, c,
+        )
+        .unwrap();
         let down = |b: &D::Buf<f32>| dev.download(b).unwrap();
         Outputs {
             x_out: down(&x_out),
@@ -233,11 +260,27 @@ mod tests {
     fn parity<T: Elem>(y_tol: f32, g_tol: f32) {
         // Odd sizes: rows that do not fill a block, columns that do not fill a warp, more rows
         // than one partial chunk.
-        for &(n, c, fused) in &[(5, 40, true), (19, 33, false), (300, 7, true), (2, 96, true)] {
+        for &(n, c, fused) in &[
+            (5, 40, true),
+            (19, 33, false),
+            (300, 7, true),
+            (2, 96, true),
+        ] {
             let want = run::<_, T>(&Cpu, n, c, fused, 40 + n as u64);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), n, c, fused, 40 + n as u64);
-                let at = format!("{} n={n} c={c} fused={fused} {s:?}", T::DTYPE);
+            let emulated = Schedule::ALL.map(|s| {
+                (
+                    format!("{s:?}"),
+                    run::<_, T>(&Gpu(Emu::new(s)), n, c, fused, 40 + n as u64),
+                )
+            });
+            let gpu = crate::gpu::cuda_for_tests().map(|g| {
+                (
+                    "GPU".to_string(),
+                    run::<_, T>(g, n, c, fused, 40 + n as u64),
+                )
+            });
+            for (s, got) in emulated.into_iter().chain(gpu) {
+                let at = format!("{} n={n} c={c} fused={fused} {s}", T::DTYPE);
                 if fused {
                     close(&format!("x_out {at}"), &got.x_out, &want.x_out, 0.0, 0.0);
                 }
@@ -245,8 +288,20 @@ mod tests {
                 close(&format!("mean {at}"), &got.mean, &want.mean, 1e-5, 1e-5);
                 close(&format!("rstd {at}"), &got.rstd, &want.rstd, 1e-5, 1e-4);
                 close(&format!("dinp {at}"), &got.dinp, &want.dinp, g_tol, g_tol);
-                close(&format!("dweight {at}"), &got.dweight, &want.dweight, g_tol, g_tol);
-                close(&format!("dbias {at}"), &got.dbias, &want.dbias, g_tol, g_tol);
+                close(
+                    &format!("dweight {at}"),
+                    &got.dweight,
+                    &want.dweight,
+                    g_tol,
+                    g_tol,
+                );
+                close(
+                    &format!("dbias {at}"),
+                    &got.dbias,
+                    &want.dbias,
+                    g_tol,
+                    g_tol,
+                );
             }
         }
     }
@@ -275,7 +330,10 @@ mod tests {
             .layernorm_forward(None, &mut y, &mut m, &mut r, &x, None, &wb, &wb, n, c)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("layernorm_forward_f32") && err.contains("`y`"), "{err}");
+        assert!(
+            err.contains("layernorm_forward_f32") && err.contains("`y`"),
+            "{err}"
+        );
         let mut y = vec![0.0f32; n * c];
         let err = dev
             .layernorm_forward(None, &mut y, &mut m, &mut r, &x, Some(&x), &wb, &wb, n, c)

@@ -109,6 +109,50 @@ pub trait Runtime {
     /// point at a live buffer of this runtime at least as long as the kernel reads or writes.
     /// The family launchers check the shapes that make this so.
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()>;
+    /// The dense product of [`crate::linear::MatmulOps::matmul`] (shapes already checked):
+    /// cuBLAS on a GPU, the CPU GEMM in the emulator.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<I: Elem>(
+        &self,
+        c: &mut Self::Buf<f32>,
+        a: &Self::Buf<I>,
+        a_t: bool,
+        b: &Self::Buf<I>,
+        b_t: bool,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()>;
+}
+
+impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
+    fn matmul<I: Elem>(
+        &self,
+        c: &mut R::Buf<f32>,
+        a: &R::Buf<I>,
+        a_t: bool,
+        b: &R::Buf<I>,
+        b_t: bool,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let op = match I::DTYPE {
+            "f32" => "matmul_f32",
+            "f16" => "matmul_f16",
+            other => {
+                return Err(KernelError::Shape {
+                    op: "matmul",
+                    what: format!("element type {other} (f32 or f16 only)"),
+                })
+            }
+        };
+        let rt = &self.0;
+        crate::linear::check_matmul(op, (rt.len(c), rt.len(a), rt.len(b)), dims)?;
+        let (m, n, k) = dims;
+        for (what, v) in [("m", m), ("n", n), ("k", k)] {
+            as_i32(op, what, v)?;
+        }
+        rt.gemm(c, a, a_t, b, b_t, dims, accumulate)
+    }
 }
 
 /// The [`Device`] over a [`Runtime`]: CUDA kernels on a GPU or in the emulator.
@@ -134,6 +178,22 @@ impl<R: Runtime> Device for Gpu<R> {
     }
 }
 
+/// Opens the file the library search found for `lib` by its path, with RTLD_GLOBAL, and keeps it
+/// open: `cudarc` opens libraries by name only, and the dynamic loader hands it this one for its
+/// soname. Returns the path opened, or `None` when the search found nothing (the library may
+/// still load by name through the loader's own search).
+pub(crate) fn preload(
+    lib: &crate::cuda_libs::Library,
+    res: &crate::cuda_libs::Resolution,
+) -> Option<std::path::PathBuf> {
+    let found = res.get(lib)?;
+    let path = found.path();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: CUDA's libraries have benign initialisers; the handle is leaked on purpose.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    (!h.is_null()).then_some(path)
+}
+
 /// Checks that a device buffer holds exactly `want` elements.
 pub(crate) fn check_buf<R: Runtime, T: Elem>(
     rt: &R,
@@ -151,4 +211,109 @@ pub(crate) fn as_i32(kernel: &'static str, what: &str, n: usize) -> Result<i32> 
         op: kernel,
         what: format!("{what} = {n} exceeds the kernels' 32-bit index range"),
     })
+}
+
+/// The GPU that parity tests compare against the CPU reference, where one exists: `None` (and a
+/// line saying why the GPU half is skipped) without a driver or device, unless
+/// `TESSERA_REQUIRE_GPU=1` (the GPU check sets it), which turns a missing GPU into a failure.
+pub fn cuda_for_tests() -> Option<&'static Gpu<Cuda>> {
+    static DEVICE: std::sync::OnceLock<std::result::Result<Gpu<Cuda>, String>> =
+        std::sync::OnceLock::new();
+    let dev = DEVICE.get_or_init(|| {
+        if !crate::cuda_libs::loadable(&crate::cuda_libs::DRIVER) {
+            return Err("no CUDA driver on this machine".into());
+        }
+        Cuda::new(0).map(Gpu).map_err(|e| e.to_string())
+    });
+    match dev {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var("TESSERA_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("TESSERA_REQUIRE_GPU=1 but the GPU is not usable: {e}")
+        }
+        Err(e) => {
+            eprintln!("GPU half of the parity test skipped: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{narrow, widen};
+    use crate::linear::MatmulOps;
+    use crate::testutil::rand_vec;
+    use half::f16;
+
+    /// op(a)·op(b) in f64 from the stored (row-major) operands: an independent reference for
+    /// the transpose conventions of every backend.
+    fn naive(
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+        (m, n, k): (usize, usize, usize),
+    ) -> Vec<f64> {
+        let at = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] } as f64;
+        let bt = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] } as f64;
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn check_device<D: MatmulOps, I: Elem>(dev: &D, atol: f64, rtol: f64) {
+        let dims = (7, 5, 33);
+        let (m, n, k) = dims;
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Values exactly representable in f16, so both precisions see the same inputs.
+            let a: Vec<f32> = widen(&narrow::<f16>(&rand_vec(m * k, 1.0, 1)));
+            let b: Vec<f32> = widen(&narrow::<f16>(&rand_vec(k * n, 1.0, 2)));
+            let c0 = rand_vec(m * n, 1.0, 3);
+            let want0 = naive(&a, a_t, &b, b_t, dims);
+            for accumulate in [false, true] {
+                let mut c = dev.upload(&c0).unwrap();
+                let (ad, bd) = (
+                    dev.upload(&narrow::<I>(&a)).unwrap(),
+                    dev.upload(&narrow::<I>(&b)).unwrap(),
+                );
+                dev.matmul(&mut c, &ad, a_t, &bd, b_t, dims, accumulate)
+                    .unwrap();
+                let got = dev.download(&c).unwrap();
+                for (i, (&g, &w)) in got.iter().zip(&want0).enumerate() {
+                    let w = w + if accumulate { c0[i] as f64 } else { 0.0 };
+                    assert!(
+                        (g as f64 - w).abs() <= atol + rtol * w.abs(),
+                        "{} {} a_t={a_t} b_t={b_t} acc={accumulate} [{i}]: {g} vs {w}",
+                        dev.name(),
+                        I::DTYPE
+                    );
+                }
+            }
+        }
+        let mut c = dev.zeros::<f32>(m * n).unwrap();
+        let a = dev.zeros::<I>(m * k + 1).unwrap();
+        let b = dev.zeros::<I>(k * n).unwrap();
+        let err = dev
+            .matmul(&mut c, &a, false, &b, false, dims, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn matmul_follows_the_transpose_conventions_on_every_device() {
+        check_device::<_, f32>(&crate::device::Cpu, 1e-5, 1e-5);
+        for s in Schedule::ALL {
+            check_device::<_, f32>(&Gpu(Emu::new(s)), 1e-5, 1e-5);
+            check_device::<_, f16>(&Gpu(Emu::new(s)), 1e-5, 1e-5);
+        }
+        if let Some(gpu) = cuda_for_tests() {
+            // cuBLAS may use TF32 for f32 inputs only if asked; the default math mode does not.
+            check_device::<_, f32>(gpu, 1e-4, 1e-4);
+            check_device::<_, f16>(gpu, 1e-3, 1e-3);
+        }
+    }
 }

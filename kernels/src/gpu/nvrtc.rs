@@ -91,11 +91,9 @@ impl Nvrtc {
 
 fn load_uncached() -> std::result::Result<Nvrtc, String> {
     let res = Resolution::from_env();
-    let mut library = None;
+    // NVRTC opens its builtins library by name at compile time: open it first from the same
+    // directory, then NVRTC itself.
     if let Some(found) = res.get(&cuda_libs::NVRTC) {
-        let path = found.path();
-        // NVRTC opens its builtins library by name at compile time: open it first from the
-        // same directory, then NVRTC itself, both by path and kept for the process.
         if let Ok(entries) = std::fs::read_dir(&found.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -105,18 +103,12 @@ fn load_uncached() -> std::result::Result<Nvrtc, String> {
                 }
             }
         }
-        // SAFETY: as above.
-        if unsafe { dlopen_global(&path) } {
-            library = Some(path);
-        }
     }
+    let library = super::preload(&cuda_libs::NVRTC, &res);
     if !cuda_libs::loadable(&cuda_libs::NVRTC) && library.is_none() {
         return Err(match res.require(&cuda_libs::NVRTC) {
             Err(e) => e.to_string(),
-            Ok(f) => format!(
-                "NVRTC at {} does not load; {INSTALL}",
-                f.path().display()
-            ),
+            Ok(f) => format!("NVRTC at {} does not load; {INSTALL}", f.path().display()),
         });
     }
     // SAFETY: NVRTC is loaded (by path above, or through the loader's search).
@@ -190,7 +182,8 @@ fn compile_uncached(file: &str, src: &str, arch: &str, opts: &[String]) -> Resul
         arch: arch.to_string(),
         log: format!("{what}: {r:?}"),
     };
-    let c_src = CString::new(src).map_err(|_| KernelError::Cuda(format!("{file}: NUL in source")))?;
+    let c_src =
+        CString::new(src).map_err(|_| KernelError::Cuda(format!("{file}: NUL in source")))?;
     let c_name = CString::new(file).unwrap_or_default();
     let header = CString::new(super::COMMON_HEADER).expect("common.cuh has no NUL");
     let header_name = CString::new("common.cuh").unwrap();
