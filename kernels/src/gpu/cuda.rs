@@ -103,6 +103,21 @@ impl Cuda {
         &self.arch
     }
 
+    /// The memory's peak bandwidth in GB/s (2 transfers per clock × bus width), for
+    /// benchmarks to report the fraction they reach.
+    pub fn peak_bandwidth_gbs(&self) -> Option<f64> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let khz = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .ok()? as f64;
+        let bits = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            .ok()? as f64;
+        Some(2.0 * khz * 1e3 * bits / 8.0 / 1e9)
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
