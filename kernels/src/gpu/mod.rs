@@ -13,6 +13,7 @@
 pub mod adamw;
 pub mod cuda;
 pub mod emu;
+pub mod gelu;
 pub mod layernorm;
 pub mod nvrtc;
 
