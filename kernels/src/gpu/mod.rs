@@ -11,6 +11,7 @@
 //! before anything is launched, and returns [`KernelError`] naming the kernel and the shapes.
 
 pub mod adamw;
+pub mod bias;
 pub mod cuda;
 pub mod emu;
 pub mod gelu;
