@@ -13,6 +13,7 @@
 pub mod adamw;
 pub mod bias;
 pub mod cuda;
+pub mod embedding;
 pub mod emu;
 pub mod gelu;
 pub mod layernorm;
