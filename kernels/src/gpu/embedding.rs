@@ -85,11 +85,13 @@ impl<R: Runtime> EmbeddingOps for Gpu<R> {
         if rows == 0 || c == 0 {
             return Ok(());
         }
-        let (text_d, image_d) = (rt.upload(text)?, rt.upload(image)?);
+        // An empty id list (Tt = 0 or G = 0) is never read: a null pointer, no empty upload.
+        let ids = |v: &[u32]| (!v.is_empty()).then(|| rt.upload(v)).transpose();
+        let (text_d, image_d) = (ids(text)?, ids(image)?);
         let args = Args::new()
             .ptr(rt.addr_mut(out))
-            .ptr(rt.addr(&text_d))
-            .ptr(rt.addr(&image_d))
+            .ptr(text_d.as_ref().map_or(0, |b| rt.addr(b)))
+            .ptr(image_d.as_ref().map_or(0, |b| rt.addr(b)))
             .ptr(rt.addr(t.text_emb))
             .ptr(rt.addr(t.text_pos))
             .ptr(rt.addr(t.image_emb))
