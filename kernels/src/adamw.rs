@@ -8,9 +8,75 @@
 //! m ← β1·m + (1−β1)·g          v ← β2·v + (1−β2)·g²
 //! p ← p − lr · (m / (1−β1ᵗ)) / (sqrt(v / (1−β2ᵗ)) + ε)
 //! ```
+//!
+//! [`AdamWOps`] runs them on a [`Device`]: the functions below on [`Cpu`], the CUDA kernels of
+//! `kernels/cuda/adamw.cu` on a GPU, which also write an fp16 copy of the updated parameters
+//! (the matmuls' inputs) when given a buffer for it.
 
+use crate::device::{Cpu, Device};
 use crate::error::{check_len, Result};
+use half::f16;
 use rayon::prelude::*;
+
+/// The optimizer's kernels on a [`Device`] (CUDA: `kernels/cuda/adamw.cu`).
+pub trait AdamWOps: Device {
+    /// [`adamw_update`] of `params`, `m`, `v` in place; when `params_f16` is given it is
+    /// overwritten with the updated parameters rounded to f16 (nearest even).
+    fn adamw_update(
+        &self,
+        params: &mut Self::Buf<f32>,
+        params_f16: Option<&mut Self::Buf<f16>>,
+        grads: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+        h: AdamWStep,
+    ) -> Result<()>;
+
+    /// `out[0] += Σ x²`, summed in f64 in a fixed order (deterministic); `out` has one element
+    /// and stays on the device.
+    fn sum_squares(&self, out: &mut Self::Buf<f64>, x: &Self::Buf<f32>) -> Result<()>;
+
+    /// [`ema_update`]: `ema ← decay·ema + (1 − decay)·params`.
+    fn ema_update(
+        &self,
+        ema: &mut Self::Buf<f32>,
+        params: &Self::Buf<f32>,
+        decay: f32,
+    ) -> Result<()>;
+}
+
+impl AdamWOps for Cpu {
+    fn adamw_update(
+        &self,
+        params: &mut Vec<f32>,
+        params_f16: Option<&mut Vec<f16>>,
+        grads: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: AdamWStep,
+    ) -> Result<()> {
+        if let Some(p16) = &params_f16 {
+            check_len("adamw_update", "params_f16", p16.len(), params.len())?;
+        }
+        adamw_update(params, grads, m, v, h)?;
+        if let Some(p16) = params_f16 {
+            for (d, &p) in p16.iter_mut().zip(params.iter()) {
+                *d = f16::from_f32(p);
+            }
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, out: &mut Vec<f64>, x: &Vec<f32>) -> Result<()> {
+        check_len("sum_squares", "out", out.len(), 1)?;
+        out[0] += sum_squares(x);
+        Ok(())
+    }
+
+    fn ema_update(&self, ema: &mut Vec<f32>, params: &Vec<f32>, decay: f32) -> Result<()> {
+        ema_update(ema, params, decay)
+    }
+}
 
 /// Elements per parallel task (fixed: results never depend on scheduling).
 const CHUNK: usize = 1 << 14;
@@ -29,6 +95,16 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+impl AdamWStep {
+    /// The bias-corrected step size `lr / (1 − β1ᵗ)` and `sqrt(1 − β2ᵗ)`, computed in f64 and
+    /// rounded to f32 (the GPU launcher passes these same two scalars to its kernel).
+    pub fn bias_corrections(&self) -> (f32, f32) {
+        let bc1 = 1.0 - (self.beta1 as f64).powf(self.t as f64);
+        let bc2 = 1.0 - (self.beta2 as f64).powf(self.t as f64);
+        ((self.lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+    }
+}
+
 pub fn adamw_update(
     params: &mut [f32],
     grads: &[f32],
@@ -41,9 +117,7 @@ pub fn adamw_update(
     check_len(OP, "grads", grads.len(), n)?;
     check_len(OP, "m", m.len(), n)?;
     check_len(OP, "v", v.len(), n)?;
-    let bc1 = 1.0 - (h.beta1 as f64).powf(h.t as f64);
-    let bc2 = 1.0 - (h.beta2 as f64).powf(h.t as f64);
-    let (step, bc2_sqrt) = ((h.lr as f64 / bc1) as f32, bc2.sqrt() as f32);
+    let (step, bc2_sqrt) = h.bias_corrections();
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))

@@ -60,6 +60,19 @@ impl Elem for f16 {
     }
 }
 
+impl Elem for f64 {
+    const DTYPE: &'static str = "f64";
+    fn arg_bits(self) -> u64 {
+        self.to_bits()
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
 impl Elem for u32 {
     const DTYPE: &'static str = "u32";
     fn arg_bits(self) -> u64 {

@@ -8,9 +8,95 @@
 //! Shapes: `text` [B, Tt] with ids in [0, Vt + Tt) (caption tokens, then per-position padding
 //! ids), `image` [B, G²] with ids in [0, Vi), `out` [B, T, C] with T = Tt + G². Backward
 //! accumulates into the tables (parameter gradients) in a fixed order, so it is deterministic.
+//!
+//! [`EmbeddingOps`] runs them on a [`Device`]: the functions below on [`Cpu`], the kernels of
+//! `kernels/cuda/embedding.cu` on a GPU. Token ids are host data (the loader's batch): every
+//! device checks them with [`check_ids`] before anything runs; a GPU then copies them over.
 
+use crate::device::{Cpu, Device};
 use crate::error::{check_len, KernelError, Result};
 use rayon::prelude::*;
+
+/// The five embedding tables as buffers of device `D`.
+pub struct EmbedTableBufs<'a, D: Device + ?Sized> {
+    pub text_emb: &'a D::Buf<f32>,
+    pub text_pos: &'a D::Buf<f32>,
+    pub image_emb: &'a D::Buf<f32>,
+    pub image_row: &'a D::Buf<f32>,
+    pub image_col: &'a D::Buf<f32>,
+}
+
+/// The five table gradients as buffers of device `D` (accumulated into).
+pub struct EmbedGradBufs<'a, D: Device + ?Sized> {
+    pub text_emb: &'a mut D::Buf<f32>,
+    pub text_pos: &'a mut D::Buf<f32>,
+    pub image_emb: &'a mut D::Buf<f32>,
+    pub image_row: &'a mut D::Buf<f32>,
+    pub image_col: &'a mut D::Buf<f32>,
+}
+
+/// The input embeddings on a [`Device`] (CUDA: `kernels/cuda/embedding.cu`). `text` [B, Tt]
+/// and `image` [B, G²] are host ids; an id out of range is an error before anything runs.
+pub trait EmbeddingOps: Device {
+    /// [`embedding_forward`]: `out` [B, T, C] overwritten.
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf<f32>,
+        text: &[u32],
+        image: &[u32],
+        tables: EmbedTableBufs<'_, Self>,
+        d: &EmbedDims,
+    ) -> Result<()>;
+
+    /// [`embedding_backward`]: `dout` [B, T, C] added into the table gradients, each row's
+    /// contributions in (batch row, position) order.
+    fn embedding_backward(
+        &self,
+        grads: EmbedGradBufs<'_, Self>,
+        dout: &Self::Buf<f32>,
+        text: &[u32],
+        image: &[u32],
+        d: &EmbedDims,
+    ) -> Result<()>;
+}
+
+impl EmbeddingOps for Cpu {
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f32>,
+        text: &[u32],
+        image: &[u32],
+        t: EmbedTableBufs<'_, Self>,
+        d: &EmbedDims,
+    ) -> Result<()> {
+        let tables = EmbedTables {
+            text_emb: t.text_emb,
+            text_pos: t.text_pos,
+            image_emb: t.image_emb,
+            image_row: t.image_row,
+            image_col: t.image_col,
+        };
+        embedding_forward(out, text, image, tables, d)
+    }
+
+    fn embedding_backward(
+        &self,
+        g: EmbedGradBufs<'_, Self>,
+        dout: &Vec<f32>,
+        text: &[u32],
+        image: &[u32],
+        d: &EmbedDims,
+    ) -> Result<()> {
+        let grads = EmbedGrads {
+            text_emb: g.text_emb,
+            text_pos: g.text_pos,
+            image_emb: g.image_emb,
+            image_row: g.image_row,
+            image_col: g.image_col,
+        };
+        embedding_backward(grads, dout, text, image, d)
+    }
+}
 
 /// Sizes of the embedding problem.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +136,7 @@ pub struct EmbedGrads<'a> {
     pub image_col: &'a mut [f32],
 }
 
-fn check_tables(op: &'static str, d: &EmbedDims, lens: [usize; 5]) -> Result<()> {
+pub(crate) fn check_tables(op: &'static str, d: &EmbedDims, lens: [usize; 5]) -> Result<()> {
     let c = d.channels;
     check_len(op, "text_emb", lens[0], d.text_rows * c)?;
     check_len(op, "text_pos", lens[1], d.text_len * c)?;

@@ -1,7 +1,12 @@
 //! GELU, tanh form: `gelu(u) = 0.5·u·(1 + tanh(sqrt(2/π)·(u + 0.044715·u³)))`, element-wise.
 //! Backward overwrites `dinp` (an activation gradient). `tanh` is the branch-free
 //! [`crate::simd`] one (absolute error ≈ 2e-7), so the loops vectorise.
+//!
+//! [`GeluOps`] runs them on a [`Device`], in f32 or with f16 storage (the MLP's hidden
+//! activation on GPU, in the paper's scheme): on [`Cpu`] the functions below on the values
+//! widened to f32, the result rounded back; on a GPU the kernels of `kernels/cuda/gelu.cu`.
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, Result};
 use crate::simd::{fast_tanh, fmadd, Isa};
 use rayon::prelude::*;
@@ -10,6 +15,39 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const COEF: f32 = 0.044_715;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
+
+/// GELU on a [`Device`] (CUDA: `kernels/cuda/gelu.cu`). `T` is the storage type of input,
+/// output and gradients alike: f32, or f16 (fc1's f16 matmul output in, fc2's f16 matmul
+/// input out); arithmetic is f32 either way.
+pub trait GeluOps: Device {
+    /// `out = gelu(inp)` (overwritten).
+    fn gelu_forward<T: Elem>(&self, out: &mut Self::Buf<T>, inp: &Self::Buf<T>) -> Result<()>;
+    /// `dinp = dout · gelu'(inp)` (overwritten).
+    fn gelu_backward<T: Elem>(
+        &self,
+        dinp: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        inp: &Self::Buf<T>,
+    ) -> Result<()>;
+}
+
+impl GeluOps for Cpu {
+    fn gelu_forward<T: Elem>(&self, out: &mut Vec<T>, inp: &Vec<T>) -> Result<()> {
+        check_len("gelu_forward", "out", out.len(), inp.len())?;
+        let mut y = vec![0.0f32; inp.len()];
+        gelu_forward(&mut y, &widen(inp))?;
+        *out = narrow(&y);
+        Ok(())
+    }
+
+    fn gelu_backward<T: Elem>(&self, dinp: &mut Vec<T>, dout: &Vec<T>, inp: &Vec<T>) -> Result<()> {
+        check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
+        let mut dx = vec![0.0f32; inp.len()];
+        gelu_backward(&mut dx, &widen(dout), &widen(inp))?;
+        *dinp = narrow(&dx);
+        Ok(())
+    }
+}
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) -> Result<()> {
     check_len("gelu_forward", "out", out.len(), inp.len())?;

@@ -6,8 +6,12 @@
 //! CUDA launcher beside it will call cuBLASLt with the same arguments.
 //!
 //! Backward: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`, `dbias += Σ_rows dout`.
+//!
+//! [`BiasOps`] is the bias's part on a [`Device`], for a GPU whose matmul (cuBLAS) leaves it
+//! out: on [`Cpu`] the same arithmetic as [`linear_forward`] and [`column_sums_add`], on a GPU
+//! the kernels of `kernels/cuda/bias.cu`.
 
-use crate::device::{widen, Cpu, Device, Elem};
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -80,6 +84,62 @@ impl MatmulOps for Cpu {
         accumulate: bool,
     ) -> Result<()> {
         matmul_host(c, a, a_t, b, b_t, dims, accumulate)
+    }
+}
+
+/// A linear layer's bias on a [`Device`] (CUDA: `kernels/cuda/bias.cu`). `out`/`dout` are
+/// [n, oc] in their storage type `T` (f32, or f16 for an f16 matmul output); `bias`, `dbias`
+/// [oc] f32.
+pub trait BiasOps: Device {
+    /// `out[r, j] += bias[j]` for every row (computed in f32, stored as `T`).
+    fn bias_add<T: Elem>(
+        &self,
+        out: &mut Self::Buf<T>,
+        bias: &Self::Buf<f32>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// `dbias[j] += Σ_r dout[r, j]` (a parameter gradient: accumulated), in a fixed order.
+    fn bias_backward<T: Elem>(
+        &self,
+        dbias: &mut Self::Buf<f32>,
+        dout: &Self::Buf<T>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()>;
+}
+
+impl BiasOps for Cpu {
+    fn bias_add<T: Elem>(
+        &self,
+        out: &mut Vec<T>,
+        bias: &Vec<f32>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        check_len("bias_add", "out", out.len(), n * oc)?;
+        check_len("bias_add", "bias", bias.len(), oc)?;
+        let mut y = widen(out);
+        for row in y.chunks_exact_mut(oc.max(1)) {
+            for (o, &b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+        *out = narrow(&y);
+        Ok(())
+    }
+
+    fn bias_backward<T: Elem>(
+        &self,
+        dbias: &mut Vec<f32>,
+        dout: &Vec<T>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        check_len("bias_backward", "dout", dout.len(), n * oc)?;
+        check_len("bias_backward", "dbias", dbias.len(), oc)?;
+        column_sums_add(dbias, &widen(dout), n, oc);
+        Ok(())
     }
 }
 

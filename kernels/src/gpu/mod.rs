@@ -10,8 +10,12 @@
 //! family's launcher (`gpu::layernorm`, …) is written once against [`Runtime`], checks shapes
 //! before anything is launched, and returns [`KernelError`] naming the kernel and the shapes.
 
+pub mod adamw;
+pub mod bias;
 pub mod cuda;
+pub mod embedding;
 pub mod emu;
+pub mod gelu;
 pub mod layernorm;
 pub mod nvrtc;
 

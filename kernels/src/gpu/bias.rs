@@ -1,0 +1,185 @@
+//! Launchers of `kernels/cuda/bias.cu`: a linear layer's bias add and its deterministic
+//! gradient (column sums), for [`Gpu`] over either runtime.
+
+use super::{as_i32, Args, Gpu, LaunchCfg, Runtime};
+use crate::device::Elem;
+use crate::error::{check_len, KernelError, Result};
+use crate::linear::BiasOps;
+
+const THREADS: usize = 256;
+/// Most blocks of the bias add (grid-stride loop beyond).
+const MAX_BLOCKS: usize = 16_384;
+/// Rows per chunk of the column-sum partials.
+const ROWS_PER_CHUNK: usize = 64;
+
+fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
+    match T::DTYPE {
+        "f32" => Ok(f32_name),
+        "f16" => Ok(f16_name),
+        other => Err(KernelError::Shape {
+            op: f32_name,
+            what: format!("element type {other} (f32 or f16 only)"),
+        }),
+    }
+}
+
+impl<R: Runtime> BiasOps for Gpu<R> {
+    fn bias_add<T: Elem>(
+        &self,
+        out: &mut R::Buf<T>,
+        bias: &R::Buf<f32>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let k = kernel_for::<T>("bias_add_f32", "bias_add_f16")?;
+        let rt = &self.0;
+        check_len(k, "out", rt.len(out), n * oc)?;
+        check_len(k, "bias", rt.len(bias), oc)?;
+        let (ni, oci) = (as_i32(k, "n", n)?, as_i32(k, "oc", oc)?);
+        as_i32(k, "n·oc", n * oc)?;
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
+        let args = Args::new()
+            .ptr(rt.addr_mut(out))
+            .ptr(rt.addr(bias))
+            .i32(ni)
+            .i32(oci);
+        let blocks = (n * oc).div_ceil(THREADS).min(MAX_BLOCKS) as u32;
+        // SAFETY: the arguments are the kernel's; out is [n, oc], bias [oc] (checked).
+        unsafe { rt.launch(k, LaunchCfg::linear(blocks, THREADS as u32), &args) }
+    }
+
+    fn bias_backward<T: Elem>(
+        &self,
+        dbias: &mut R::Buf<f32>,
+        dout: &R::Buf<T>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let k = kernel_for::<T>("bias_column_partials_f32", "bias_column_partials_f16")?;
+        let rt = &self.0;
+        check_len(k, "dout", rt.len(dout), n * oc)?;
+        check_len(k, "dbias", rt.len(dbias), oc)?;
+        let (ni, oci) = (as_i32(k, "n", n)?, as_i32(k, "oc", oc)?);
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
+        let chunks = n.div_ceil(ROWS_PER_CHUNK);
+        let mut partials = rt.zeros::<f32>(chunks * oc)?;
+        let col_blocks = oc.div_ceil(THREADS) as u32;
+        let args = Args::new()
+            .ptr(rt.addr_mut(&mut partials))
+            .ptr(rt.addr(dout))
+            .i32(ni)
+            .i32(oci)
+            .i32(ROWS_PER_CHUNK as i32);
+        let cfg = LaunchCfg {
+            grid: [col_blocks, chunks as u32, 1],
+            block: [THREADS as u32, 1, 1],
+            shared_bytes: 0,
+        };
+        // SAFETY: partials are [chunks, oc], dout [n, oc] (checked).
+        unsafe { rt.launch(k, cfg, &args)? };
+        let args = Args::new()
+            .ptr(rt.addr_mut(dbias))
+            .ptr(rt.addr(&partials))
+            .i32(chunks as i32)
+            .i32(oci);
+        // SAFETY: as above; dbias is [oc].
+        unsafe {
+            rt.launch(
+                "bias_column_reduce_f32",
+                LaunchCfg::linear(col_blocks, THREADS as u32),
+                &args,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{narrow, widen, Cpu};
+    use crate::gpu::{Emu, Schedule};
+    use crate::testutil::rand_vec;
+    use half::f16;
+
+    #[track_caller]
+    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= atol + rtol * w.abs(),
+                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
+            );
+        }
+    }
+
+    /// The bias added to a non-zero `out`, and its gradient accumulated into a non-zero
+    /// `dbias`.
+    fn run<D: BiasOps, T: Elem>(dev: &D, n: usize, oc: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let mut out = dev
+            .upload(&narrow::<T>(&rand_vec(n * oc, 2.0, seed)))
+            .unwrap();
+        let bias = dev.upload(&rand_vec(oc, 1.0, seed + 1)).unwrap();
+        let dout = dev
+            .upload(&narrow::<T>(&rand_vec(n * oc, 1.0, seed + 2)))
+            .unwrap();
+        let mut dbias = dev.upload(&rand_vec(oc, 1.0, seed + 3)).unwrap();
+        dev.bias_add(&mut out, &bias, n, oc).unwrap();
+        dev.bias_backward(&mut dbias, &dout, n, oc).unwrap();
+        (
+            widen(&dev.download(&out).unwrap()),
+            dev.download(&dbias).unwrap(),
+        )
+    }
+
+    fn parity<T: Elem>() {
+        // Odd sizes: columns that do not fill a warp or a block, rows over several chunks.
+        for &(n, oc) in &[(1usize, 1usize), (7, 33), (150, 5), (3, 300)] {
+            let want = run::<_, T>(&Cpu, n, oc, 11 + n as u64);
+            for s in Schedule::ALL {
+                let got = run::<_, T>(&Gpu(Emu::new(s)), n, oc, 11 + n as u64);
+                let at = format!("{} n={n} oc={oc} {s:?}", T::DTYPE);
+                // One f32 addition, then the same rounding to T on both sides: exact.
+                close(&format!("out {at}"), &got.0, &want.0, 0.0, 0.0);
+                // f32 sums of n ≤ 150 values in [−1, 1) in chunks of 64 rows here, of 64 on
+                // the CPU too but added to the accumulator in another order: a few ulps of
+                // the running sum (≤ 150 · 2⁻²⁴ absolute).
+                close(&format!("dbias {at}"), &got.1, &want.1, 1e-5, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_bias_kernels_match_the_cpu_reference_in_f32() {
+        parity::<f32>();
+    }
+
+    #[test]
+    fn emulated_bias_kernels_match_the_cpu_reference_in_f16() {
+        parity::<f16>();
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_before_any_launch() {
+        let dev = Gpu(Emu::new(Schedule::Forward));
+        let err = dev
+            .bias_add(&mut vec![0.0f32; 11], &vec![0.0f32; 4], 3, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bias_add_f32") && err.contains("`out`"),
+            "{err}"
+        );
+        let err = dev
+            .bias_backward(&mut vec![0.0f32; 3], &vec![f16::ZERO; 12], 3, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bias_column_partials_f16") && err.contains("`dbias`"),
+            "{err}"
+        );
+    }
+}

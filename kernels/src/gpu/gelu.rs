@@ -1,0 +1,164 @@
+//! Launchers of `kernels/cuda/gelu.cu`: GELU forward and backward in f32 or f16 storage, for
+//! [`Gpu`] over either runtime.
+
+use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use crate::device::Elem;
+use crate::error::{KernelError, Result};
+use crate::gelu::GeluOps;
+
+const THREADS: usize = 256;
+/// Most blocks (grid-stride loops beyond).
+const MAX_BLOCKS: usize = 16_384;
+
+fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
+    match T::DTYPE {
+        "f32" => Ok(f32_name),
+        "f16" => Ok(f16_name),
+        other => Err(KernelError::Shape {
+            op: f32_name,
+            what: format!("element type {other} (f32 or f16 only)"),
+        }),
+    }
+}
+
+fn elementwise(n: usize) -> LaunchCfg {
+    LaunchCfg::linear(n.div_ceil(THREADS).min(MAX_BLOCKS) as u32, THREADS as u32)
+}
+
+impl<R: Runtime> GeluOps for Gpu<R> {
+    fn gelu_forward<T: Elem>(&self, out: &mut R::Buf<T>, inp: &R::Buf<T>) -> Result<()> {
+        let k = kernel_for::<T>("gelu_forward_f32", "gelu_forward_f16")?;
+        let rt = &self.0;
+        let n = rt.len(inp);
+        check_buf(rt, k, "out", out, n)?;
+        let ni = as_i32(k, "n", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::new().ptr(rt.addr_mut(out)).ptr(rt.addr(inp)).i32(ni);
+        // SAFETY: the arguments are the kernel's; both buffers hold n elements of T.
+        unsafe { rt.launch(k, elementwise(n), &args) }
+    }
+
+    fn gelu_backward<T: Elem>(
+        &self,
+        dinp: &mut R::Buf<T>,
+        dout: &R::Buf<T>,
+        inp: &R::Buf<T>,
+    ) -> Result<()> {
+        let k = kernel_for::<T>("gelu_backward_f32", "gelu_backward_f16")?;
+        let rt = &self.0;
+        let n = rt.len(inp);
+        check_buf(rt, k, "dinp", dinp, n)?;
+        check_buf(rt, k, "dout", dout, n)?;
+        let ni = as_i32(k, "n", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::new()
+            .ptr(rt.addr_mut(dinp))
+            .ptr(rt.addr(dout))
+            .ptr(rt.addr(inp))
+            .i32(ni);
+        // SAFETY: the arguments are the kernel's; all three buffers hold n elements of T.
+        unsafe { rt.launch(k, elementwise(n), &args) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{narrow, widen, Cpu};
+    use crate::gpu::{Emu, Schedule};
+    use crate::testutil::rand_vec;
+    use half::f16;
+
+    #[track_caller]
+    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= atol + rtol * w.abs(),
+                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
+            );
+        }
+    }
+
+    /// Forward and backward on `dev` in storage type `T`; outputs start as garbage (non-zero),
+    /// so an element left unwritten shows.
+    fn run<D: GeluOps, T: Elem>(dev: &D, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let x = dev.upload(&narrow::<T>(&rand_vec(n, 5.0, seed))).unwrap();
+        let dy = dev
+            .upload(&narrow::<T>(&rand_vec(n, 1.0, seed + 1)))
+            .unwrap();
+        let mut y = dev
+            .upload(&narrow::<T>(&rand_vec(n, 9.0, seed + 2)))
+            .unwrap();
+        let mut dx = dev
+            .upload(&narrow::<T>(&rand_vec(n, 9.0, seed + 3)))
+            .unwrap();
+        dev.gelu_forward(&mut y, &x).unwrap();
+        dev.gelu_backward(&mut dx, &dy, &x).unwrap();
+        (
+            widen(&dev.download(&y).unwrap()),
+            widen(&dev.download(&dx).unwrap()),
+        )
+    }
+
+    fn parity<T: Elem>(atol: f32, rtol: f32) {
+        for &n in &[1usize, 255, 1000, 4099] {
+            let want = run::<_, T>(&Cpu, n, 3 + n as u64);
+            for s in Schedule::ALL {
+                let got = run::<_, T>(&Gpu(Emu::new(s)), n, 3 + n as u64);
+                let at = format!("{} n={n} {s:?}", T::DTYPE);
+                close(&format!("gelu {at}"), &got.0, &want.0, atol, rtol);
+                close(&format!("dgelu {at}"), &got.1, &want.1, atol, rtol);
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_gelu_matches_the_cpu_reference_in_f32() {
+        // The reference's tanh is a polynomial one (absolute error ≈ 2e-7), the kernel's is
+        // tanhf: the difference, times |u|·(1 + 0.13·u²) ≤ 20 for |u| ≤ 5 in the derivative,
+        // stays under 5e-6.
+        parity::<f32>(5e-6, 1e-5);
+    }
+
+    #[test]
+    fn emulated_gelu_matches_the_cpu_reference_in_f16() {
+        // Both sides round f32 values that differ as above to f16: one f16 step (2⁻¹⁰
+        // relative; 6e-8 among subnormals) at most.
+        parity::<f16>(5e-6, 1e-3);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_before_any_launch() {
+        let dev = Gpu(Emu::new(Schedule::Forward));
+        let err = dev
+            .gelu_forward(&mut vec![0.0f32; 3], &vec![0.0f32; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gelu_forward_f32") && err.contains("`out`"),
+            "{err}"
+        );
+        let err = dev
+            .gelu_backward(
+                &mut vec![f16::ZERO; 4],
+                &vec![f16::ZERO; 5],
+                &vec![f16::ZERO; 4],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gelu_backward_f16") && err.contains("`dout`"),
+            "{err}"
+        );
+        let err = dev
+            .gelu_forward(&mut vec![0u32; 4], &vec![0u32; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("u32"), "{err}");
+    }
+}
