@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod emu;
 pub mod layernorm;
 pub mod nvrtc;
+pub mod resample;
 
 pub use cuda::Cuda;
 pub use emu::{Emu, Schedule};
