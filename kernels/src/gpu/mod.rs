@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod emu;
 pub mod layernorm;
 pub mod nvrtc;
+pub mod relu;
 pub mod resample;
 
 pub use cuda::Cuda;
