@@ -295,9 +295,14 @@ fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
                     }
                     let src = &row[y * w..][..w];
                     let dst = &mut plane[sy as usize * w..][..w];
-                    // dst[x + ddx] += src[x] where 0 ≤ x + ddx < w.
-                    let lo = (-ddx).max(0) as usize;
-                    let hi = (w as isize - ddx.max(0)).max(lo as isize) as usize;
+                    // dst[x + ddx] += src[x] for lo ≤ x < hi: where 0 ≤ x < w and 0 ≤ x + ddx < w
+                    // (none when the image is narrower than the shift).
+                    let lo = (-ddx).max(0);
+                    let hi = (w as isize).min(w as isize - ddx);
+                    if hi <= lo {
+                        continue;
+                    }
+                    let (lo, hi) = (lo as usize, hi as usize);
                     let dst = &mut dst[(lo as isize + ddx) as usize..(hi as isize + ddx) as usize];
                     for (d, &s) in dst.iter_mut().zip(&src[lo..hi]) {
                         *d += s;
@@ -656,6 +661,44 @@ mod tests {
                 1e-4,
                 1e-4,
             );
+        }
+    }
+
+    /// col2im on images narrower and shorter than half the kernel used to slice past the row
+    /// (a panic); it must add each column entry where its tap falls inside the image.
+    #[test]
+    fn col2im_on_images_smaller_than_the_kernel_matches_the_definition() {
+        for (h, w, k) in [(1, 1, 7), (1, 2, 7), (2, 1, 7), (3, 2, 5), (5, 6, 3)] {
+            let d = Conv2dDims {
+                height: h,
+                width: w,
+                ..dims(k, 1)
+            };
+            let col = rand_vec(d.col_rows() * h * w, 1.0, 16);
+            let mut dx = rand_vec(d.c_in * h * w, 1.0, 17);
+            let mut want: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+            let p = (k / 2) as isize;
+            for ci in 0..d.c_in {
+                for kh in 0..k {
+                    for kw in 0..k {
+                        for y in 0..h {
+                            for x in 0..w {
+                                let (sy, sx) =
+                                    (y as isize + kh as isize - p, x as isize + kw as isize - p);
+                                if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                                    continue;
+                                }
+                                let row = (ci * k + kh) * k + kw;
+                                want[(ci * h + sy as usize) * w + sx as usize] +=
+                                    col[row * h * w + y * w + x] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            col2im_add(&mut dx, &col, &d);
+            let got: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("col2im {h}×{w} k={k}"), &got, &want, 1e-5, 1e-5);
         }
     }
 
