@@ -21,6 +21,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod cuda_libs;
 pub mod device;
+pub mod dvae;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod error;

@@ -12,6 +12,7 @@
 
 pub mod conv2d;
 pub mod cuda;
+pub mod dvae;
 pub mod emu;
 pub mod layernorm;
 pub mod nvrtc;
