@@ -1,5 +1,6 @@
-// The dVAE's loss pieces (MODEL-SPEC.md §2): the Gumbel-softmax relaxation of the encoder's logits
-// and the logit-Laplace negative log-likelihood of the decoder's statistics, with gradients. The
+// The dVAE's loss pieces (MODEL-SPEC.md §2): the Gumbel-softmax relaxation of the encoder's logits,
+// the logit-Laplace negative log-likelihood of the decoder's statistics and the KL divergence of
+// the codes from the uniform prior (dvae_kl_f32, at the end), with gradients. The
 // CPU reference is kernels/src/dvae.rs (the trainer's arithmetic); the launchers are in
 // kernels/src/gpu/dvae.rs. All buffers f32.
 //
@@ -150,4 +151,64 @@ extern "C" __global__ void dvae_laplace_reduce_f32(float* out, const float* part
     red[threadIdx.x] = s;
     ll_block_sum(red);
     if (threadIdx.x == 0) ll_store_pair(out, red[0]);
+}
+
+// KL(q ‖ uniform) of q = softmax(logits) over K (no noise), per position Σ_K q·log q + log K:
+// dlogits += coef · q·(log q − Σ_K q·log q) when dlogits is given (ACCUMULATES: it is the second
+// term of the logits' gradient, after the relaxation's), and the KL summed over the block's 32
+// positions as a (hi, lo) pair at partials[2·(b·gridDim.x + bx)] (reduced by
+// dvae_laplace_reduce_f32). Element arithmetic in f32; the per-position KL and its block sum in
+// f64. Block and grid as the softmax kernels.
+extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const float* logits,
+                                       float coef, int k, int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    TS_SHARED(double, kl, GS_LANES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float m = __int_as_float(0xff800000);  // −∞
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    float mx = red[lane];
+    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
+    __syncthreads();
+    float z = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
+    }
+    red[threadIdx.x] = z;
+    __syncthreads();
+    float zt = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
+    float lz = logf(zt);
+    __syncthreads();
+    float ne = 0.0f;  // Σ q·log q over this slice
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            float lq = logits[base + (long)c * hw] - mx - lz;
+            ne += expf(lq) * lq;
+        }
+    }
+    red[threadIdx.x] = ne;
+    __syncthreads();
+    float neg_entropy = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) neg_entropy += red[s * GS_LANES + lane];
+    if (live && dlogits) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            float lq = logits[i] - mx - lz;
+            dlogits[i] += coef * expf(lq) * (lq - neg_entropy);
+        }
+    }
+    if (slice == 0) kl[lane] = live ? (double)neg_entropy + log((double)k) : 0.0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int j = 0; j < GS_LANES; ++j) s += kl[j];
+        ll_store_pair(partials + 2 * ((long)blockIdx.y * gridDim.x + blockIdx.x), s);
+    }
 }

@@ -1,11 +1,12 @@
 //! The dVAE's loss pieces (MODEL-SPEC.md §2), apart from the model: the Gumbel-softmax relaxation
-//! of the encoder's logits and the logit-Laplace negative log-likelihood of the decoder's
-//! statistics, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
+//! of the encoder's logits, the logit-Laplace negative log-likelihood of the decoder's statistics
+//! and the KL divergence of the codes from the uniform prior, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
 //! the readable reference of the CUDA kernels in `kernels/cuda/dvae.cu`.
 //!
 //! Shapes: `logits`, `noise`, `y`, `dy`, `dlogits` [B, K, hw] (hw grid positions; the softmax
 //! runs over K at each (image, position)); `images` [B, 3, px] in [0, 1]; `stats`, `dstats`
-//! [B, 6, px] (μ for the three channels, then ln b). Gradients are overwritten (`=`).
+//! [B, 6, px] (μ for the three channels, then ln b). Gradients are overwritten (`=`), except the
+//! KL term's, which is added to the relaxation's.
 
 use crate::device::{Cpu, Device};
 use crate::error::{check_len, KernelError, Result};
@@ -52,6 +53,18 @@ pub trait DvaeLossOps: Device {
         batch: usize,
         px: usize,
     ) -> Result<f64>;
+    /// Σ over positions of KL(softmax(logits) ‖ uniform) ([`kl_uniform`]; waits for the device),
+    /// and, when `dlogits` is given, `dlogits += coef ·` its gradient ([`kl_uniform_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn kl_uniform(
+        &self,
+        dlogits: Option<&mut Self::Buf<f32>>,
+        logits: &Self::Buf<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<f64>;
 }
 
 impl DvaeLossOps for Cpu {
@@ -93,6 +106,21 @@ impl DvaeLossOps for Cpu {
             logit_laplace_backward(d, stats, images, scale, batch, px)?;
         }
         Ok(nll)
+    }
+    fn kl_uniform(
+        &self,
+        dlogits: Option<&mut Vec<f32>>,
+        logits: &Vec<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<f64> {
+        let kl = kl_uniform(logits, batch, k, hw)?;
+        if let Some(d) = dlogits {
+            kl_uniform_backward(d, logits, coef, batch, k, hw)?;
+        }
+        Ok(kl)
     }
 }
 
@@ -167,6 +195,74 @@ pub fn gumbel_softmax_backward(
             let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
             for c in 0..k {
                 dlogits[at(c)] = (y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau as f64) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// log q = log_softmax over K of the logits at (`bi`, `pos`) into `lq`, q into `q`; returns
+/// Σ_K q·log q (the negative entropy). In f64, as the trainer's `log_q`.
+fn log_q(
+    logits: &[f32],
+    k: usize,
+    hw: usize,
+    bi: usize,
+    pos: usize,
+    lq: &mut [f64],
+    q: &mut [f64],
+) -> f64 {
+    let l = |c: usize| logits[(bi * k + c) * hw + pos] as f64;
+    let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
+    let mut z = 0.0;
+    for (c, e) in q.iter_mut().enumerate() {
+        *e = (l(c) - max).exp();
+        z += *e;
+    }
+    let lz = z.ln();
+    let mut neg_entropy = 0.0;
+    for (c, (out, q)) in lq.iter_mut().zip(q.iter_mut()).enumerate() {
+        *out = l(c) - max - lz;
+        *q /= z;
+        neg_entropy += *q * *out;
+    }
+    neg_entropy
+}
+
+/// Σ over images and positions of Σ_K q·log q + log K, q = softmax over K of `logits`
+/// [B, K, hw]: the KL divergence from the uniform prior, in f64.
+pub fn kl_uniform(logits: &[f32], batch: usize, k: usize, hw: usize) -> Result<f64> {
+    check_len("kl_uniform", "logits", logits.len(), batch * k * hw)?;
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    let mut total = 0.0;
+    for bi in 0..batch {
+        for pos in 0..hw {
+            total += log_q(logits, k, hw, bi, pos, &mut lq, &mut q) + (k as f64).ln();
+        }
+    }
+    Ok(total)
+}
+
+/// `dlogits` [B, K, hw] += `coef` · d[`kl_uniform`]/d logits = coef · q·(log q − Σ_K q·log q)
+/// (accumulated: the second term of the logits' gradient, after the relaxation's), in f64.
+pub fn kl_uniform_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    coef: f32,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    const OP: &str = "kl_uniform_backward";
+    check_len(OP, "logits", logits.len(), batch * k * hw)?;
+    check_len(OP, "dlogits", dlogits.len(), batch * k * hw)?;
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    for bi in 0..batch {
+        for pos in 0..hw {
+            let neg_entropy = log_q(logits, k, hw, bi, pos, &mut lq, &mut q);
+            for c in 0..k {
+                let d = &mut dlogits[(bi * k + c) * hw + pos];
+                *d = (*d as f64 + coef as f64 * q[c] * (lq[c] - neg_entropy)) as f32;
             }
         }
     }
@@ -272,6 +368,30 @@ mod tests {
             })
             .collect();
         let got: Vec<f64> = dl.iter().map(|&v| v as f64).collect();
+        assert_close("dlogits", &got, &num, 1e-3, 1e-3);
+    }
+
+    #[test]
+    fn kl_gradient_matches_finite_differences_and_is_zero_at_uniform() {
+        let (batch, k, hw) = (2, 6, 3);
+        assert!(
+            kl_uniform(&vec![0.5; batch * k * hw], batch, k, hw)
+                .unwrap()
+                .abs()
+                < 1e-12
+        );
+        let mut logits = rand_vec(batch * k * hw, 2.0, 6);
+        let mut d = vec![0.25; logits.len()];
+        kl_uniform_backward(&mut d, &logits, 0.5, batch, k, hw).unwrap();
+        let num: Vec<f64> = (0..logits.len())
+            .map(|i| {
+                0.25 + 0.5
+                    * numeric_grad(&mut logits, i, 1e-3, |l| {
+                        kl_uniform(l, batch, k, hw).unwrap()
+                    })
+            })
+            .collect();
+        let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
         assert_close("dlogits", &got, &num, 1e-3, 1e-3);
     }
 
