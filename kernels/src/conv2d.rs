@@ -26,6 +26,7 @@
 //! zeroing per call); every function writes each workspace element it reads. A future CUDA
 //! launcher takes the same arguments; the layouts here are the CPU path's business.
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::linear::{matmul_serial, MatRef};
 use crate::simd::{sum8, Isa};
@@ -45,7 +46,7 @@ pub struct Conv2dDims {
 }
 
 impl Conv2dDims {
-    fn check(&self, op: &'static str) -> Result<()> {
+    pub(crate) fn check(&self, op: &'static str) -> Result<()> {
         if self.kernel.is_multiple_of(2) {
             return Err(KernelError::Shape {
                 op,
@@ -54,10 +55,10 @@ impl Conv2dDims {
         }
         Ok(())
     }
-    fn pixels(&self) -> usize {
+    pub(crate) fn pixels(&self) -> usize {
         self.height * self.width
     }
-    fn col_rows(&self) -> usize {
+    pub(crate) fn col_rows(&self) -> usize {
         self.c_in * self.kernel * self.kernel
     }
     pub fn in_len(&self) -> usize {
@@ -72,6 +73,75 @@ impl Conv2dDims {
     /// Multiply-adds of the forward pass.
     pub fn macs(&self) -> usize {
         self.batch * self.pixels() * self.c_out * self.col_rows()
+    }
+}
+
+/// The convolution's data movement on a [`Device`] (the CUDA kernels: `kernels/cuda/conv2d.cu`);
+/// a convolution is then [`Im2colOps::im2col`] and a dense product per image. Every buffer in the
+/// storage type `T` (f32, or f16 for fp16 matmul inputs), arithmetic in f32; `d.c_out` is unused.
+pub trait Im2colOps: Device {
+    /// `col` [B, Ci·k·k, H·W] (overwritten) = the image-by-image [`im2col`] of `inp`
+    /// [B, Ci, H, W].
+    fn im2col<T: Elem>(
+        &self,
+        col: &mut Self::Buf<T>,
+        inp: &Self::Buf<T>,
+        d: &Conv2dDims,
+    ) -> Result<()>;
+    /// `dinp` [B, Ci, H, W] += the image-by-image [`col2im_add`] of `col` [B, Ci·k·k, H·W].
+    fn col2im_add<T: Elem>(
+        &self,
+        dinp: &mut Self::Buf<T>,
+        col: &Self::Buf<T>,
+        d: &Conv2dDims,
+    ) -> Result<()>;
+}
+
+/// Checks the sizes of an [`Im2colOps`] call: an odd kernel width, `x` [B, Ci, H, W] and `col`
+/// [B, Ci·k·k, H·W].
+pub(crate) fn check_im2col(
+    op: &'static str,
+    x_name: &'static str,
+    x_len: usize,
+    col_len: usize,
+    d: &Conv2dDims,
+) -> Result<()> {
+    d.check(op)?;
+    check_len(op, x_name, x_len, d.in_len())?;
+    check_len(op, "col", col_len, d.batch * d.col_rows() * d.pixels())
+}
+
+/// The references image by image, in f32; `T` buffers are widened and the results rounded back.
+impl Im2colOps for Cpu {
+    fn im2col<T: Elem>(&self, col: &mut Vec<T>, inp: &Vec<T>, d: &Conv2dDims) -> Result<()> {
+        check_im2col("im2col", "inp", inp.len(), col.len(), d)?;
+        let (x, per_col) = (widen(inp), d.col_rows() * d.pixels());
+        let mut c = vec![0.0; col.len()];
+        if per_col > 0 {
+            for (c, x) in c
+                .chunks_exact_mut(per_col)
+                .zip(x.chunks_exact(d.c_in * d.pixels()))
+            {
+                im2col(c, x, d);
+            }
+        }
+        *col = narrow(&c);
+        Ok(())
+    }
+    fn col2im_add<T: Elem>(&self, dinp: &mut Vec<T>, col: &Vec<T>, d: &Conv2dDims) -> Result<()> {
+        check_im2col("col2im_add", "dinp", dinp.len(), col.len(), d)?;
+        let (c, per_col) = (widen(col), d.col_rows() * d.pixels());
+        let mut dx = widen(dinp);
+        if per_col > 0 {
+            for (dx, c) in dx
+                .chunks_exact_mut(d.c_in * d.pixels())
+                .zip(c.chunks_exact(per_col))
+            {
+                col2im_add(dx, c, d);
+            }
+        }
+        *dinp = narrow(&dx);
+        Ok(())
     }
 }
 
@@ -244,8 +314,9 @@ fn im2row(rows: &mut [f32], xt: &[f32], d: &Conv2dDims) {
     }
 }
 
-/// Writes `col` [Ci·k·k, H·W] for one image `x` [Ci, H, W].
-fn im2col(col: &mut [f32], x: &[f32], d: &Conv2dDims) {
+/// Writes `col` [Ci·k·k, H·W] for one image `x` [Ci, H, W] (`d.batch` and `d.c_out` unused).
+/// Panics if a slice is shorter than that.
+pub fn im2col(col: &mut [f32], x: &[f32], d: &Conv2dDims) {
     let (h, w, k) = (d.height, d.width, d.kernel);
     let pad = (k / 2) as isize;
     for ci in 0..d.c_in {
@@ -278,8 +349,9 @@ fn im2col(col: &mut [f32], x: &[f32], d: &Conv2dDims) {
     }
 }
 
-/// Adds `col` [Ci·k·k, H·W] back into one image's gradient `dx` [Ci, H, W].
-fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
+/// Adds `col` [Ci·k·k, H·W] back into one image's gradient `dx` [Ci, H, W] (`d.batch`, `d.c_out`
+/// unused). Panics if a slice is shorter than that.
+pub fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
     let (h, w, k) = (d.height, d.width, d.kernel);
     let pad = (k / 2) as isize;
     for ci in 0..d.c_in {
@@ -295,9 +367,14 @@ fn col2im_add(dx: &mut [f32], col: &[f32], d: &Conv2dDims) {
                     }
                     let src = &row[y * w..][..w];
                     let dst = &mut plane[sy as usize * w..][..w];
-                    // dst[x + ddx] += src[x] where 0 ≤ x + ddx < w.
-                    let lo = (-ddx).max(0) as usize;
-                    let hi = (w as isize - ddx.max(0)).max(lo as isize) as usize;
+                    // dst[x + ddx] += src[x] for lo ≤ x < hi: where 0 ≤ x < w and 0 ≤ x + ddx < w
+                    // (none when the image is narrower than the shift).
+                    let lo = (-ddx).max(0);
+                    let hi = (w as isize).min(w as isize - ddx);
+                    if hi <= lo {
+                        continue;
+                    }
+                    let (lo, hi) = (lo as usize, hi as usize);
                     let dst = &mut dst[(lo as isize + ddx) as usize..(hi as isize + ddx) as usize];
                     for (d, &s) in dst.iter_mut().zip(&src[lo..hi]) {
                         *d += s;
@@ -656,6 +733,44 @@ mod tests {
                 1e-4,
                 1e-4,
             );
+        }
+    }
+
+    /// col2im on images narrower and shorter than half the kernel used to slice past the row
+    /// (a panic); it must add each column entry where its tap falls inside the image.
+    #[test]
+    fn col2im_on_images_smaller_than_the_kernel_matches_the_definition() {
+        for (h, w, k) in [(1, 1, 7), (1, 2, 7), (2, 1, 7), (3, 2, 5), (5, 6, 3)] {
+            let d = Conv2dDims {
+                height: h,
+                width: w,
+                ..dims(k, 1)
+            };
+            let col = rand_vec(d.col_rows() * h * w, 1.0, 16);
+            let mut dx = rand_vec(d.c_in * h * w, 1.0, 17);
+            let mut want: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+            let p = (k / 2) as isize;
+            for ci in 0..d.c_in {
+                for kh in 0..k {
+                    for kw in 0..k {
+                        for y in 0..h {
+                            for x in 0..w {
+                                let (sy, sx) =
+                                    (y as isize + kh as isize - p, x as isize + kw as isize - p);
+                                if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                                    continue;
+                                }
+                                let row = (ci * k + kh) * k + kw;
+                                want[(ci * h + sy as usize) * w + sx as usize] +=
+                                    col[row * h * w + y * w + x] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            col2im_add(&mut dx, &col, &d);
+            let got: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("col2im {h}×{w} k={k}"), &got, &want, 1e-5, 1e-5);
         }
     }
 

@@ -22,6 +22,7 @@ pub mod conv2d;
 pub mod cross_entropy;
 pub mod cuda_libs;
 pub mod device;
+pub mod dvae;
 pub mod embedding;
 pub mod error;
 pub mod gelu;

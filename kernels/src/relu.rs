@@ -1,8 +1,39 @@
 //! ReLU, element-wise. The backward pass overwrites `dinp` (an activation gradient); the
 //! derivative at exactly 0 is taken as 0, as PyTorch does.
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, Result};
 use rayon::prelude::*;
+
+/// ReLU on a [`Device`] (the CUDA kernels: `kernels/cuda/relu.cu`), every buffer in the storage
+/// type `T` (f32, or f16 for fp16 activations), arithmetic in f32.
+pub trait ReluOps: Device {
+    /// `out = max(inp, 0)`.
+    fn relu_forward<T: Elem>(&self, out: &mut Self::Buf<T>, inp: &Self::Buf<T>) -> Result<()>;
+    /// `dinp = dout · [inp > 0]` (overwritten).
+    fn relu_backward<T: Elem>(
+        &self,
+        dinp: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        inp: &Self::Buf<T>,
+    ) -> Result<()>;
+}
+
+/// The references in f32; `T` buffers are widened and the results rounded back to `T`.
+impl ReluOps for Cpu {
+    fn relu_forward<T: Elem>(&self, out: &mut Vec<T>, inp: &Vec<T>) -> Result<()> {
+        let mut o = vec![0.0; out.len()];
+        relu_forward(&mut o, &widen(inp))?;
+        *out = narrow(&o);
+        Ok(())
+    }
+    fn relu_backward<T: Elem>(&self, dinp: &mut Vec<T>, dout: &Vec<T>, inp: &Vec<T>) -> Result<()> {
+        let mut d = vec![0.0; dinp.len()];
+        relu_backward(&mut d, &widen(dout), &widen(inp))?;
+        *dinp = narrow(&d);
+        Ok(())
+    }
+}
 
 const CHUNK: usize = 1 << 14;
 

@@ -5,10 +5,112 @@
 //! Shapes: `planes` = B·C independent H×W planes. Pooling needs even H and W.
 //! Backward passes overwrite `dinp` (activation gradients).
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use rayon::prelude::*;
 
-fn check_even(op: &'static str, h: usize, w: usize) -> Result<()> {
+/// Max-pooling and nearest upsampling on a [`Device`] (the CUDA kernels:
+/// `kernels/cuda/resample.cu`), every buffer in the storage type `T` (f32, or f16 for fp16
+/// activations), arithmetic in f32. Shapes and semantics as the functions of this module.
+pub trait ResampleOps: Device {
+    /// `out` [planes, H/2, W/2] = max over each 2×2 window of `inp` [planes, H, W].
+    fn maxpool2_forward<T: Elem>(
+        &self,
+        out: &mut Self::Buf<T>,
+        inp: &Self::Buf<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()>;
+    /// `dinp` [planes, H, W] (overwritten): each `dout` value at its window's first maximum in
+    /// `inp` (the forward pass's input), zero elsewhere.
+    fn maxpool2_backward<T: Elem>(
+        &self,
+        dinp: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        inp: &Self::Buf<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()>;
+    /// `out` [planes, 2H, 2W]: each pixel of `inp` [planes, H, W] copied into a 2×2 square.
+    fn upsample2_forward<T: Elem>(
+        &self,
+        out: &mut Self::Buf<T>,
+        inp: &Self::Buf<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()>;
+    /// `dinp` [planes, H, W] (overwritten) = sum of `dout` [planes, 2H, 2W] over each square.
+    fn upsample2_backward<T: Elem>(
+        &self,
+        dinp: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()>;
+}
+
+/// The references in f32; `T` buffers are widened and the results rounded back to `T`.
+impl ResampleOps for Cpu {
+    fn maxpool2_forward<T: Elem>(
+        &self,
+        out: &mut Vec<T>,
+        inp: &Vec<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()> {
+        let mut o = vec![0.0; out.len()];
+        maxpool2_forward(&mut o, &widen(inp), planes, h, w)?;
+        *out = narrow(&o);
+        Ok(())
+    }
+    fn maxpool2_backward<T: Elem>(
+        &self,
+        dinp: &mut Vec<T>,
+        dout: &Vec<T>,
+        inp: &Vec<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()> {
+        let mut d = vec![0.0; dinp.len()];
+        maxpool2_backward(&mut d, &widen(dout), &widen(inp), planes, h, w)?;
+        *dinp = narrow(&d);
+        Ok(())
+    }
+    fn upsample2_forward<T: Elem>(
+        &self,
+        out: &mut Vec<T>,
+        inp: &Vec<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()> {
+        let mut o = vec![0.0; out.len()];
+        upsample2_forward(&mut o, &widen(inp), planes, h, w)?;
+        *out = narrow(&o);
+        Ok(())
+    }
+    fn upsample2_backward<T: Elem>(
+        &self,
+        dinp: &mut Vec<T>,
+        dout: &Vec<T>,
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<()> {
+        let mut d = vec![0.0; dinp.len()];
+        upsample2_backward(&mut d, &widen(dout), planes, h, w)?;
+        *dinp = narrow(&d);
+        Ok(())
+    }
+}
+
+pub(crate) fn check_even(op: &'static str, h: usize, w: usize) -> Result<()> {
     if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(KernelError::Shape {
             op,

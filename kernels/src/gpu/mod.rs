@@ -12,12 +12,16 @@
 
 pub mod adamw;
 pub mod bias;
+pub mod conv2d;
 pub mod cuda;
+pub mod dvae;
 pub mod embedding;
 pub mod emu;
 pub mod gelu;
 pub mod layernorm;
 pub mod nvrtc;
+pub mod relu;
+pub mod resample;
 
 pub use cuda::Cuda;
 pub use emu::{Emu, Schedule};

@@ -1,0 +1,214 @@
+// The dVAE's loss pieces (MODEL-SPEC.md §2): the Gumbel-softmax relaxation of the encoder's logits,
+// the logit-Laplace negative log-likelihood of the decoder's statistics and the KL divergence of
+// the codes from the uniform prior (dvae_kl_f32, at the end), with gradients. The
+// CPU reference is kernels/src/dvae.rs (the trainer's arithmetic); the launchers are in
+// kernels/src/gpu/dvae.rs. All buffers f32.
+//
+// Shapes: logits, noise, y, dy, dlogits [B, K, hw] (the softmax runs over K, stride hw, at each
+// (image, position)); images [B, 3, px] in [0, 1]; stats, dstats [B, 6, px] (μ, then ln b).
+//
+// Gumbel-softmax: y = softmax((logits + g)/τ) over K (noise g supplied, or null for none);
+// backward dlogits = y·(dy − Σ_K y·dy)/τ. Both overwrite (=). Block = 32 positions × 8 slices of
+// K: lane = position (coalesced along hw), each slice a strided share of K; the per-slice maxima
+// and sums are combined in shared memory in slice order (deterministic). Grid (⌈hw/32⌉, B).
+//
+// Logit-Laplace: dstats = scale · d nll / d stats (overwritten, optional); the nll sum in f64 (its
+// terms nearly cancel): per-block partials of 256 pixels reduced in a fixed tree order, stored as
+// f32 (hi, lo) pairs, then one block adds the partials in order (dvae_laplace_reduce_f32). The
+// per-pixel terms in f64, as the reference. No atomics anywhere.
+#include "common.cuh"
+
+#define GS_LANES 32
+#define GS_SLICES 8
+
+__device__ __forceinline__ float gs_score(const float* logits, const float* noise, long i,
+                                          float tau) {
+    return (logits[i] + (noise ? noise[i] : 0.0f)) / tau;
+}
+
+extern "C" __global__ void dvae_gumbel_softmax_forward_f32(float* y, const float* logits,
+                                                           const float* noise, float tau, int k,
+                                                           int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float m = __int_as_float(0xff800000);  // −∞
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            m = fmaxf(m, gs_score(logits, noise, base + (long)c * hw, tau));
+        }
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    float mx = red[lane];
+    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
+    __syncthreads();  // everyone has read the maxima before they are overwritten
+    float z = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            z += expf(gs_score(logits, noise, base + (long)c * hw, tau) - mx);
+        }
+    }
+    red[threadIdx.x] = z;
+    __syncthreads();
+    float zt = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            y[i] = expf(gs_score(logits, noise, i, tau) - mx) / zt;
+        }
+    }
+}
+
+extern "C" __global__ void dvae_gumbel_softmax_backward_f32(float* dlogits, const float* y,
+                                                            const float* dy, float tau, int k,
+                                                            int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float part = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            part += y[i] * dy[i];
+        }
+    }
+    red[threadIdx.x] = part;
+    __syncthreads();
+    float ydy = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) ydy += red[s * GS_LANES + lane];
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            dlogits[i] = y[i] * (dy[i] - ydy) / tau;
+        }
+    }
+}
+
+#define LL_THREADS 256
+#define LL_EPS 0.1
+
+// A double as two floats, hi + lo (about 48 bits of it): the partial sums travel in f32 buffers.
+__device__ __forceinline__ void ll_store_pair(float* p, double v) {
+    float hi = (float)v;
+    p[0] = hi;
+    p[1] = (float)(v - (double)hi);
+}
+
+// Sum of red[0..LL_THREADS) into red[0], in a fixed tree order; every thread must call it.
+__device__ __forceinline__ void ll_block_sum(double* red) {
+    for (int half = LL_THREADS / 2; half > 0; half /= 2) {
+        __syncthreads();
+        if ((int)threadIdx.x < half) red[threadIdx.x] += red[threadIdx.x + half];
+    }
+    __syncthreads();
+}
+
+// One thread per (image, pixel), its three channels; grid (⌈px/256⌉, B). partials [2·blocks]:
+// block (bx, b) writes its nll sum as a (hi, lo) pair at 2·(b·gridDim.x + bx).
+extern "C" __global__ void dvae_laplace_f32(float* dstats, float* partials, const float* stats,
+                                            const float* images, float scale, int px) {
+    TS_SHARED(double, red, LL_THREADS);
+    int i = blockIdx.x * LL_THREADS + threadIdx.x;
+    long b = blockIdx.y;
+    double total = 0.0;
+    if (i < px) {
+        for (int ch = 0; ch < 3; ++ch) {
+            double x = (1.0 - 2.0 * LL_EPS) * (double)images[(b * 3 + ch) * px + i] + LL_EPS;
+            double t = log(x / (1.0 - x));
+            long mu = (b * 6 + ch) * px + i, lnb = (b * 6 + 3 + ch) * px + i;
+            double m = stats[mu], lb = stats[lnb];
+            double inv_b = exp(-lb), r = t - m;
+            total += 0.69314718055994530942 + lb + log(x * (1.0 - x)) + fabs(r) * inv_b;
+            if (dstats) {
+                // Rust's signum: ±1 also at ±0, NaN stays NaN.
+                double sign = r != r ? r : copysign(1.0, r);
+                dstats[mu] = (float)((double)scale * -sign * inv_b);
+                dstats[lnb] = (float)((double)scale * (1.0 - fabs(r) * inv_b));
+            }
+        }
+    }
+    red[threadIdx.x] = total;
+    ll_block_sum(red);
+    if (threadIdx.x == 0) {
+        ll_store_pair(partials + 2 * ((long)blockIdx.y * gridDim.x + blockIdx.x), red[0]);
+    }
+}
+
+// out [2] = Σ of n (hi, lo) partial pairs, as a (hi, lo) pair; one block of 256 threads, each
+// adding a strided share in order, then the fixed tree.
+extern "C" __global__ void dvae_laplace_reduce_f32(float* out, const float* partials, int n) {
+    TS_SHARED(double, red, LL_THREADS);
+    double s = 0.0;
+    for (int j = threadIdx.x; j < n; j += LL_THREADS) {
+        s += (double)partials[2 * j] + (double)partials[2 * j + 1];
+    }
+    red[threadIdx.x] = s;
+    ll_block_sum(red);
+    if (threadIdx.x == 0) ll_store_pair(out, red[0]);
+}
+
+// KL(q ‖ uniform) of q = softmax(logits) over K (no noise), per position Σ_K q·log q + log K:
+// dlogits += coef · q·(log q − Σ_K q·log q) when dlogits is given (ACCUMULATES: it is the second
+// term of the logits' gradient, after the relaxation's), and the KL summed over the block's 32
+// positions as a (hi, lo) pair at partials[2·(b·gridDim.x + bx)] (reduced by
+// dvae_laplace_reduce_f32). Element arithmetic in f32; the per-position KL and its block sum in
+// f64. Block and grid as the softmax kernels.
+extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const float* logits,
+                                       float coef, int k, int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    TS_SHARED(double, kl, GS_LANES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float m = __int_as_float(0xff800000);  // −∞
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    float mx = red[lane];
+    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
+    __syncthreads();
+    float z = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
+    }
+    red[threadIdx.x] = z;
+    __syncthreads();
+    float zt = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
+    float lz = logf(zt);
+    __syncthreads();
+    float ne = 0.0f;  // Σ q·log q over this slice
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            float lq = logits[base + (long)c * hw] - mx - lz;
+            ne += expf(lq) * lq;
+        }
+    }
+    red[threadIdx.x] = ne;
+    __syncthreads();
+    float neg_entropy = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) neg_entropy += red[s * GS_LANES + lane];
+    if (live && dlogits) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            float lq = logits[i] - mx - lz;
+            dlogits[i] += coef * expf(lq) * (lq - neg_entropy);
+        }
+    }
+    if (slice == 0) kl[lane] = live ? (double)neg_entropy + log((double)k) : 0.0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int j = 0; j < GS_LANES; ++j) s += kl[j];
+        ll_store_pair(partials + 2 * ((long)blockIdx.y * gridDim.x + blockIdx.x), s);
+    }
+}

@@ -1,0 +1,419 @@
+//! The dVAE's loss pieces (MODEL-SPEC.md §2), apart from the model: the Gumbel-softmax relaxation
+//! of the encoder's logits, the logit-Laplace negative log-likelihood of the decoder's statistics
+//! and the KL divergence of the codes from the uniform prior, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
+//! the readable reference of the CUDA kernels in `kernels/cuda/dvae.cu`.
+//!
+//! Shapes: `logits`, `noise`, `y`, `dy`, `dlogits` [B, K, hw] (hw grid positions; the softmax
+//! runs over K at each (image, position)); `images` [B, 3, px] in [0, 1]; `stats`, `dstats`
+//! [B, 6, px] (μ for the three channels, then ln b). Gradients are overwritten (`=`), except the
+//! KL term's, which is added to the relaxation's.
+
+use crate::device::{Cpu, Device};
+use crate::error::{check_len, KernelError, Result};
+
+/// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
+pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
+
+/// The dVAE's loss pieces on a [`Device`] (the CUDA kernels: `kernels/cuda/dvae.cu`), f32
+/// buffers (logits and decoder statistics stay f32).
+pub trait DvaeLossOps: Device {
+    /// `y` = softmax over K of (`logits` + `noise`)/τ ([`gumbel_softmax_forward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gumbel_softmax_forward(
+        &self,
+        y: &mut Self::Buf<f32>,
+        logits: &Self::Buf<f32>,
+        noise: Option<&Self::Buf<f32>>,
+        tau: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<()>;
+    /// `dlogits` (overwritten) = y·(dy − Σ_K y·dy)/τ ([`gumbel_softmax_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn gumbel_softmax_backward(
+        &self,
+        dlogits: &mut Self::Buf<f32>,
+        y: &Self::Buf<f32>,
+        dy: &Self::Buf<f32>,
+        tau: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<()>;
+    /// Σ of the logit-Laplace negative log-likelihood ([`logit_laplace_nll`]; waits for the
+    /// device), and, when `dstats` is given, its gradient times `scale` there
+    /// ([`logit_laplace_backward`]).
+    fn logit_laplace(
+        &self,
+        dstats: Option<&mut Self::Buf<f32>>,
+        stats: &Self::Buf<f32>,
+        images: &Self::Buf<f32>,
+        scale: f32,
+        batch: usize,
+        px: usize,
+    ) -> Result<f64>;
+    /// Σ over positions of KL(softmax(logits) ‖ uniform) ([`kl_uniform`]; waits for the device),
+    /// and, when `dlogits` is given, `dlogits += coef ·` its gradient ([`kl_uniform_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn kl_uniform(
+        &self,
+        dlogits: Option<&mut Self::Buf<f32>>,
+        logits: &Self::Buf<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<f64>;
+}
+
+impl DvaeLossOps for Cpu {
+    fn gumbel_softmax_forward(
+        &self,
+        y: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        noise: Option<&Vec<f32>>,
+        tau: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<()> {
+        gumbel_softmax_forward(y, logits, noise.map(|g| &g[..]), tau, batch, k, hw)
+    }
+    fn gumbel_softmax_backward(
+        &self,
+        dlogits: &mut Vec<f32>,
+        y: &Vec<f32>,
+        dy: &Vec<f32>,
+        tau: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<()> {
+        gumbel_softmax_backward(dlogits, y, dy, tau, batch, k, hw)
+    }
+    fn logit_laplace(
+        &self,
+        dstats: Option<&mut Vec<f32>>,
+        stats: &Vec<f32>,
+        images: &Vec<f32>,
+        scale: f32,
+        batch: usize,
+        px: usize,
+    ) -> Result<f64> {
+        let nll = logit_laplace_nll(stats, images, batch, px)?;
+        if let Some(d) = dstats {
+            logit_laplace_backward(d, stats, images, scale, batch, px)?;
+        }
+        Ok(nll)
+    }
+    fn kl_uniform(
+        &self,
+        dlogits: Option<&mut Vec<f32>>,
+        logits: &Vec<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<f64> {
+        let kl = kl_uniform(logits, batch, k, hw)?;
+        if let Some(d) = dlogits {
+            kl_uniform_backward(d, logits, coef, batch, k, hw)?;
+        }
+        Ok(kl)
+    }
+}
+
+/// τ must be a positive number.
+pub(crate) fn check_tau(op: &'static str, tau: f32) -> Result<()> {
+    if tau.is_nan() || tau <= 0.0 {
+        return Err(KernelError::Shape {
+            op,
+            what: format!("tau = {tau} must be > 0"),
+        });
+    }
+    Ok(())
+}
+
+/// `y` [B, K, hw] = softmax over K of (`logits` + `noise`)/τ at every (image, position); no noise
+/// when `noise` is `None`. The exponentials and their sum in f64, as the trainer computes them.
+pub fn gumbel_softmax_forward(
+    y: &mut [f32],
+    logits: &[f32],
+    noise: Option<&[f32]>,
+    tau: f32,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    const OP: &str = "gumbel_softmax_forward";
+    check_tau(OP, tau)?;
+    check_len(OP, "logits", logits.len(), batch * k * hw)?;
+    check_len(OP, "y", y.len(), batch * k * hw)?;
+    if let Some(g) = noise {
+        check_len(OP, "noise", g.len(), batch * k * hw)?;
+    }
+    for bi in 0..batch {
+        for pos in 0..hw {
+            let at = |c: usize| (bi * k + c) * hw + pos;
+            let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
+            let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0.0f64;
+            for c in 0..k {
+                let e = ((s(c) - max) as f64).exp();
+                y[at(c)] = e as f32;
+                z += e;
+            }
+            for c in 0..k {
+                y[at(c)] = (y[at(c)] as f64 / z) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dlogits` [B, K, hw] (overwritten) = y·(dy − Σ_K y·dy)/τ: the gradient through
+/// [`gumbel_softmax_forward`] given its output `y` and the gradient `dy` of `y`, in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn gumbel_softmax_backward(
+    dlogits: &mut [f32],
+    y: &[f32],
+    dy: &[f32],
+    tau: f32,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    const OP: &str = "gumbel_softmax_backward";
+    check_tau(OP, tau)?;
+    for (name, len) in [("dlogits", dlogits.len()), ("y", y.len()), ("dy", dy.len())] {
+        check_len(OP, name, len, batch * k * hw)?;
+    }
+    for bi in 0..batch {
+        for pos in 0..hw {
+            let at = |c: usize| (bi * k + c) * hw + pos;
+            let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
+            for c in 0..k {
+                dlogits[at(c)] = (y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau as f64) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// log q = log_softmax over K of the logits at (`bi`, `pos`) into `lq`, q into `q`; returns
+/// Σ_K q·log q (the negative entropy). In f64, as the trainer's `log_q`.
+fn log_q(
+    logits: &[f32],
+    k: usize,
+    hw: usize,
+    bi: usize,
+    pos: usize,
+    lq: &mut [f64],
+    q: &mut [f64],
+) -> f64 {
+    let l = |c: usize| logits[(bi * k + c) * hw + pos] as f64;
+    let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
+    let mut z = 0.0;
+    for (c, e) in q.iter_mut().enumerate() {
+        *e = (l(c) - max).exp();
+        z += *e;
+    }
+    let lz = z.ln();
+    let mut neg_entropy = 0.0;
+    for (c, (out, q)) in lq.iter_mut().zip(q.iter_mut()).enumerate() {
+        *out = l(c) - max - lz;
+        *q /= z;
+        neg_entropy += *q * *out;
+    }
+    neg_entropy
+}
+
+/// Σ over images and positions of Σ_K q·log q + log K, q = softmax over K of `logits`
+/// [B, K, hw]: the KL divergence from the uniform prior, in f64.
+pub fn kl_uniform(logits: &[f32], batch: usize, k: usize, hw: usize) -> Result<f64> {
+    check_len("kl_uniform", "logits", logits.len(), batch * k * hw)?;
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    let mut total = 0.0;
+    for bi in 0..batch {
+        for pos in 0..hw {
+            total += log_q(logits, k, hw, bi, pos, &mut lq, &mut q) + (k as f64).ln();
+        }
+    }
+    Ok(total)
+}
+
+/// `dlogits` [B, K, hw] += `coef` · d[`kl_uniform`]/d logits = coef · q·(log q − Σ_K q·log q)
+/// (accumulated: the second term of the logits' gradient, after the relaxation's), in f64.
+pub fn kl_uniform_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    coef: f32,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    const OP: &str = "kl_uniform_backward";
+    check_len(OP, "logits", logits.len(), batch * k * hw)?;
+    check_len(OP, "dlogits", dlogits.len(), batch * k * hw)?;
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    for bi in 0..batch {
+        for pos in 0..hw {
+            let neg_entropy = log_q(logits, k, hw, bi, pos, &mut lq, &mut q);
+            for c in 0..k {
+                let d = &mut dlogits[(bi * k + c) * hw + pos];
+                *d = (*d as f64 + coef as f64 * q[c] * (lq[c] - neg_entropy)) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// x' = (1 − 2ε)·x + ε in f64.
+fn squash(x: f32) -> f64 {
+    (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
+}
+
+fn check_laplace(
+    op: &'static str,
+    stats: usize,
+    images: usize,
+    batch: usize,
+    px: usize,
+) -> Result<()> {
+    check_len(op, "stats", stats, batch * 6 * px)?;
+    check_len(op, "images", images, batch * 3 * px)
+}
+
+/// Σ over images, channels and pixels of log(2b) + log(x'(1−x')) + |logit(x') − μ| / b, with μ
+/// and ln b from `stats` and x' the squashed pixel, in f64.
+pub fn logit_laplace_nll(stats: &[f32], images: &[f32], batch: usize, px: usize) -> Result<f64> {
+    check_laplace("logit_laplace_nll", stats.len(), images.len(), batch, px)?;
+    let mut total = 0.0f64;
+    for bi in 0..batch {
+        for ch in 0..3 {
+            for i in 0..px {
+                let x = squash(images[(bi * 3 + ch) * px + i]);
+                let t = (x / (1.0 - x)).ln();
+                let m = stats[(bi * 6 + ch) * px + i] as f64;
+                let lb = stats[(bi * 6 + 3 + ch) * px + i] as f64;
+                total += std::f64::consts::LN_2
+                    + lb
+                    + (x * (1.0 - x)).ln()
+                    + (t - m).abs() * (-lb).exp();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// `dstats` [B, 6, px] (overwritten) = `scale` · d[`logit_laplace_nll`]/d stats:
+/// −sign(logit(x') − μ)/b for μ, 1 − |logit(x') − μ|/b for ln b; in f64.
+pub fn logit_laplace_backward(
+    dstats: &mut [f32],
+    stats: &[f32],
+    images: &[f32],
+    scale: f32,
+    batch: usize,
+    px: usize,
+) -> Result<()> {
+    const OP: &str = "logit_laplace_backward";
+    check_laplace(OP, stats.len(), images.len(), batch, px)?;
+    check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
+    let s = scale as f64;
+    for bi in 0..batch {
+        for ch in 0..3 {
+            for i in 0..px {
+                let x = squash(images[(bi * 3 + ch) * px + i]);
+                let t = (x / (1.0 - x)).ln();
+                let (mu, lnb) = ((bi * 6 + ch) * px + i, (bi * 6 + 3 + ch) * px + i);
+                let inv_b = (-(stats[lnb] as f64)).exp();
+                let r = t - stats[mu] as f64;
+                dstats[mu] = (s * -r.signum() * inv_b) as f32;
+                dstats[lnb] = (s * (1.0 - r.abs() * inv_b)) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, numeric_grad, rand_vec};
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_gradients_match_finite_differences() {
+        let (batch, k, hw, tau) = (2, 5, 3, 0.5);
+        let mut logits = rand_vec(batch * k * hw, 2.0, 1);
+        let noise = rand_vec(batch * k * hw, 1.0, 2);
+        let mut y = vec![0.0; logits.len()];
+        gumbel_softmax_forward(&mut y, &logits, Some(&noise), tau, batch, k, hw).unwrap();
+        for bi in 0..batch {
+            for pos in 0..hw {
+                let s: f32 = (0..k).map(|c| y[(bi * k + c) * hw + pos]).sum();
+                assert!((s - 1.0).abs() < 1e-6, "Σ y = {s}");
+            }
+        }
+        let wy = rand_vec(y.len(), 1.0, 3);
+        let mut dl = vec![f32::NAN; y.len()];
+        gumbel_softmax_backward(&mut dl, &y, &wy, tau, batch, k, hw).unwrap();
+        let num: Vec<f64> = (0..logits.len())
+            .map(|i| {
+                numeric_grad(&mut logits, i, 1e-3, |l| {
+                    let mut y = vec![0.0; l.len()];
+                    gumbel_softmax_forward(&mut y, l, Some(&noise), tau, batch, k, hw).unwrap();
+                    crate::testutil::dot(&wy, &y)
+                })
+            })
+            .collect();
+        let got: Vec<f64> = dl.iter().map(|&v| v as f64).collect();
+        assert_close("dlogits", &got, &num, 1e-3, 1e-3);
+    }
+
+    #[test]
+    fn kl_gradient_matches_finite_differences_and_is_zero_at_uniform() {
+        let (batch, k, hw) = (2, 6, 3);
+        assert!(
+            kl_uniform(&vec![0.5; batch * k * hw], batch, k, hw)
+                .unwrap()
+                .abs()
+                < 1e-12
+        );
+        let mut logits = rand_vec(batch * k * hw, 2.0, 6);
+        let mut d = vec![0.25; logits.len()];
+        kl_uniform_backward(&mut d, &logits, 0.5, batch, k, hw).unwrap();
+        let num: Vec<f64> = (0..logits.len())
+            .map(|i| {
+                0.25 + 0.5
+                    * numeric_grad(&mut logits, i, 1e-3, |l| {
+                        kl_uniform(l, batch, k, hw).unwrap()
+                    })
+            })
+            .collect();
+        let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+        assert_close("dlogits", &got, &num, 1e-3, 1e-3);
+    }
+
+    #[test]
+    fn laplace_gradient_matches_finite_differences() {
+        let (batch, px) = (2, 5);
+        let images: Vec<f32> = rand_vec(batch * 3 * px, 0.5, 4)
+            .iter()
+            .map(|v| v + 0.5)
+            .collect();
+        let mut stats = rand_vec(batch * 6 * px, 1.0, 5);
+        let mut d = vec![f32::NAN; stats.len()];
+        logit_laplace_backward(&mut d, &stats, &images, 0.5, batch, px).unwrap();
+        let num: Vec<f64> = (0..stats.len())
+            .map(|i| {
+                numeric_grad(&mut stats, i, 1e-3, |s| {
+                    0.5 * logit_laplace_nll(s, &images, batch, px).unwrap()
+                })
+            })
+            .collect();
+        let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+        assert_close("dstats", &got, &num, 1e-3, 1e-3);
+        assert!(logit_laplace_nll(&stats[1..], &images, batch, px).is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! Launchers of `kernels/cuda/conv2d.cu`: im2col and col2im (accumulating) for the dVAE's
+//! convolutions, for [`Gpu`] over either runtime. The dense product between them is cuBLAS's.
+
+use super::resample::kernel_for;
+use super::{as_i32, Args, Gpu, LaunchCfg, Runtime};
+use crate::conv2d::{check_im2col, Conv2dDims, Im2colOps};
+use crate::device::Elem;
+use crate::error::{KernelError, Result};
+
+/// Threads per block: one per pixel of a column row.
+const THREADS: usize = 256;
+/// The largest grid y and z dimension.
+const GRID_YZ: usize = 65_535;
+
+/// The launch of `k` over `d` with `rows` rows per image (grid: pixel blocks × rows × images) and
+/// its arguments, after checking that the grid and the 32-bit in-image indices hold the shape.
+fn launch<R: Runtime>(
+    rt: &R,
+    k: &'static str,
+    out: u64,
+    inp: u64,
+    rows: usize,
+    d: &Conv2dDims,
+) -> Result<()> {
+    if rows > GRID_YZ || d.batch > GRID_YZ {
+        return Err(KernelError::Shape {
+            op: k,
+            what: format!(
+                "{rows} rows per image and {} images: each must be at most {GRID_YZ} (grid y, z)",
+                d.batch
+            ),
+        });
+    }
+    as_i32(k, "Ci·k·k·H·W", d.col_rows() * d.pixels())?;
+    let cfg = LaunchCfg {
+        grid: [
+            d.pixels().div_ceil(THREADS) as u32,
+            rows as u32,
+            d.batch as u32,
+        ],
+        block: [THREADS as u32, 1, 1],
+        shared_bytes: 0,
+    };
+    let args = Args::new()
+        .ptr(out)
+        .ptr(inp)
+        .i32(as_i32(k, "c_in", d.c_in)?)
+        .i32(as_i32(k, "h", d.height)?)
+        .i32(as_i32(k, "w", d.width)?)
+        .i32(as_i32(k, "k", d.kernel)?);
+    // SAFETY: the kernel's arguments; the caller checked both buffers against `d`.
+    unsafe { rt.launch(k, cfg, &args) }
+}
+
+impl<R: Runtime> Im2colOps for Gpu<R> {
+    fn im2col<T: Elem>(&self, col: &mut R::Buf<T>, inp: &R::Buf<T>, d: &Conv2dDims) -> Result<()> {
+        let k = kernel_for::<T>("conv2d_im2col_f32", "conv2d_im2col_f16")?;
+        let rt = &self.0;
+        check_im2col(k, "inp", rt.len(inp), rt.len(col), d)?;
+        if rt.len(col) == 0 {
+            return Ok(());
+        }
+        let (c, x) = (rt.addr_mut(col), rt.addr(inp));
+        launch(rt, k, c, x, d.col_rows(), d)
+    }
+
+    fn col2im_add<T: Elem>(
+        &self,
+        dinp: &mut R::Buf<T>,
+        col: &R::Buf<T>,
+        d: &Conv2dDims,
+    ) -> Result<()> {
+        let k = kernel_for::<T>("conv2d_col2im_add_f32", "conv2d_col2im_add_f16")?;
+        let rt = &self.0;
+        check_im2col(k, "dinp", rt.len(dinp), rt.len(col), d)?;
+        if rt.len(col) == 0 {
+            return Ok(());
+        }
+        let (dx, c) = (rt.addr_mut(dinp), rt.addr(col));
+        launch(rt, k, dx, c, d.c_in, d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{narrow, widen, Cpu};
+    use crate::gpu::{Emu, Schedule};
+    use crate::testutil::rand_vec;
+
+    /// im2col of a random image, and col2im of a random column buffer into a non-zero gradient
+    /// (so that `+=` is checked), on `dev`, as f32. The column buffer starts from garbage, so an
+    /// element im2col skips (a zero of the padding) shows.
+    fn run<D: Im2colOps, T: Elem>(dev: &D, d: &Conv2dDims) -> (Vec<f32>, Vec<f32>) {
+        let seed = (d.c_in * 1000 + d.height * 10 + d.width + d.kernel * 7) as u64;
+        let col_len = d.batch * d.col_rows() * d.pixels();
+        let up = |v: &[f32]| dev.upload(&narrow::<T>(v)).unwrap();
+        let x = up(&rand_vec(d.in_len(), 1.0, seed));
+        let mut col = up(&rand_vec(col_len, 9.0, seed + 1));
+        dev.im2col(&mut col, &x, d).unwrap();
+        let dcol = up(&rand_vec(col_len, 1.0, seed + 2));
+        let mut dx = up(&rand_vec(d.in_len(), 1.0, seed + 3));
+        dev.col2im_add(&mut dx, &dcol, d).unwrap();
+        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap());
+        (down(&col), down(&dx))
+    }
+
+    fn parity<T: Elem>() {
+        // Every kernel width of the dVAE; sizes that fill no block (H·W = 35, 300), images
+        // smaller than the kernel (every tap of a row outside), and a batch.
+        let cases = [
+            (2, 3, 5, 7, 3),
+            (1, 3, 12, 25, 7),
+            (3, 4, 2, 1, 7),
+            (2, 5, 3, 2, 5),
+            (1, 2, 20, 15, 1),
+        ];
+        for (batch, c_in, height, width, kernel) in cases {
+            let d = Conv2dDims {
+                batch,
+                c_in,
+                c_out: 1,
+                height,
+                width,
+                kernel,
+            };
+            let want = run::<_, T>(&Cpu, &d);
+            for s in Schedule::ALL {
+                let got = run::<_, T>(&Gpu(Emu::new(s)), &d);
+                // Exact: im2col copies, and col2im adds the same f32 values in the reference's
+                // order into the same starting value (then rounds once to T).
+                for (what, g, r) in [("col", &got.0, &want.0), ("dinp", &got.1, &want.1)] {
+                    assert_eq!(g.len(), r.len());
+                    for (i, (a, b)) in g.iter().zip(r.iter()).enumerate() {
+                        assert!(
+                            a.to_bits() == b.to_bits(),
+                            "{what} {} {d:?} {s:?} [{i}]: got {a}, reference {b}",
+                            T::DTYPE
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_kernels_match_the_cpu_reference_in_f32() {
+        parity::<f32>();
+    }
+
+    #[test]
+    fn emulated_kernels_match_the_cpu_reference_in_f16() {
+        parity::<half::f16>();
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_before_any_launch() {
+        let dev = Gpu(Emu::new(Schedule::Forward));
+        let d = Conv2dDims {
+            batch: 2,
+            c_in: 3,
+            c_out: 4,
+            height: 5,
+            width: 6,
+            kernel: 3,
+        };
+        let x = vec![0.0f32; d.in_len()];
+        let mut col = vec![0.0f32; d.batch * 27 * 30 - 1];
+        let err = dev.im2col(&mut col, &x, &d).unwrap_err().to_string();
+        assert!(
+            err.contains("conv2d_im2col_f32") && err.contains("`col`"),
+            "{err}"
+        );
+        let mut col = vec![0.0f32; d.batch * 27 * 30];
+        let even = Conv2dDims { kernel: 4, ..d };
+        let err = dev.im2col(&mut col, &x, &even).unwrap_err().to_string();
+        assert!(err.contains("odd"), "{err}");
+        let mut dx = vec![0.0f32; d.in_len() + 1];
+        let err = dev.col2im_add(&mut dx, &col, &d).unwrap_err().to_string();
+        assert!(
+            err.contains("conv2d_col2im_add_f32") && err.contains("`dinp`"),
+            "{err}"
+        );
+        let huge = Conv2dDims {
+            batch: 70_000,
+            c_in: 1,
+            height: 1,
+            width: 1,
+            kernel: 1,
+            ..d
+        };
+        let (x, mut col) = (vec![0.0f32; 70_000], vec![0.0f32; 70_000]);
+        let err = dev.im2col(&mut col, &x, &huge).unwrap_err().to_string();
+        assert!(err.contains("65535"), "{err}");
+    }
+}
