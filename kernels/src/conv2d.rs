@@ -112,6 +112,65 @@ pub(crate) fn check_im2col(
 }
 
 /// The references image by image, in f32; `T` buffers are widened and the results rounded back.
+/// The convolution on a [`Device`]: [`conv2d_forward`] and [`conv2d_backward`] on the CPU; on a
+/// GPU, [`Im2colOps`] and batched dense products (cuBLAS), with the bias as a rank-1 product.
+pub trait Conv2dOps: Device {
+    /// `out` [B, Co, H, W] (overwritten) = conv(`inp`, `weight`) + `bias`.
+    fn conv2d_forward(
+        &self,
+        out: &mut Self::Buf<f32>,
+        inp: &Self::Buf<f32>,
+        weight: &Self::Buf<f32>,
+        bias: &Self::Buf<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()>;
+    /// `dinp` (overwritten, when given), `dweight += …`, `dbias += …`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&mut Self::Buf<f32>>,
+        dweight: &mut Self::Buf<f32>,
+        dbias: &mut Self::Buf<f32>,
+        dout: &Self::Buf<f32>,
+        inp: &Self::Buf<f32>,
+        weight: &Self::Buf<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()>;
+}
+
+impl Conv2dOps for Cpu {
+    fn conv2d_forward(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()> {
+        conv2d_forward(out, inp, weight, bias, d)
+    }
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&mut Vec<f32>>,
+        dweight: &mut Vec<f32>,
+        dbias: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()> {
+        conv2d_backward(
+            dinp.map(|v| v.as_mut_slice()),
+            dweight,
+            dbias,
+            dout,
+            inp,
+            weight,
+            d,
+        )
+    }
+}
+
 impl Im2colOps for Cpu {
     fn im2col<T: Elem>(&self, col: &mut Vec<T>, inp: &Vec<T>, d: &Conv2dDims) -> Result<()> {
         check_im2col("im2col", "inp", inp.len(), col.len(), d)?;

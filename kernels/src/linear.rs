@@ -16,12 +16,94 @@ use crate::error::{check_len, KernelError, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// One dense product, or a batch of them, over contiguous row-major operands that may start at
+/// an offset into their buffers: product i computes
+/// `c[i] = op(a[i]) · op(b[i])` (or `+=` when `accumulate`), where operand x[i] starts at element
+/// `offsets.x + i·strides.x`; `op(a)` is [m, k] (stored [m, k], or [k, m] when `a_t`), `op(b)`
+/// is [k, n] (stored [k, n], or [n, k] when `b_t`), `c[i]` is [m, n]. A stride of 0 shares an
+/// input across the batch (a convolution's weight); `c`'s products must not overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmSpec {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_t: bool,
+    pub b_t: bool,
+    pub accumulate: bool,
+    pub batch: usize,
+    /// Element offsets of the first product's a, b and c.
+    pub offsets: [usize; 3],
+    /// Element distances between consecutive products' a, b and c.
+    pub strides: [usize; 3],
+}
+
+impl GemmSpec {
+    /// One product of whole buffers.
+    pub fn new(m: usize, n: usize, k: usize) -> GemmSpec {
+        GemmSpec {
+            m,
+            n,
+            k,
+            a_t: false,
+            b_t: false,
+            accumulate: false,
+            batch: 1,
+            offsets: [0; 3],
+            strides: [0; 3],
+        }
+    }
+
+    /// Checks that every product lies inside its buffer and that `c`'s products do not overlap.
+    pub fn check(
+        &self,
+        op: &'static str,
+        (a_len, b_len, c_len): (usize, usize, usize),
+    ) -> Result<()> {
+        let sizes = [self.m * self.k, self.k * self.n, self.m * self.n];
+        for (i, (name, len)) in [("a", a_len), ("b", b_len), ("c", c_len)]
+            .into_iter()
+            .enumerate()
+        {
+            if self.batch == 0 || sizes[i] == 0 {
+                continue;
+            }
+            let end = self.offsets[i] + (self.batch - 1) * self.strides[i] + sizes[i];
+            if end > len {
+                return Err(KernelError::Shape {
+                    op,
+                    what: format!(
+                        "buffer `{name}` has {len} elements; the products ({self:?}) reach {end}"
+                    ),
+                });
+            }
+        }
+        if self.batch > 1 && self.strides[2] < sizes[2] {
+            return Err(KernelError::Shape {
+                op,
+                what: format!(
+                    "c's products overlap: stride {} < m·n = {}",
+                    self.strides[2], sizes[2]
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Dense matrix products on a [`Device`]: the CPU's `gemm` crate, cuBLAS on a GPU (inputs f32
 /// or f16, fp32 accumulation), the CPU GEMM again under the emulator.
 pub trait MatmulOps: Device {
-    /// `c[m, n] = op(a) · op(b)` (or `+=` when `accumulate`), all contiguous row-major:
-    /// `op(a)` is [m, k] (`a` stored [m, k], or [k, m] when `a_t`), `op(b)` is [k, n] (`b`
-    /// stored [k, n], or [n, k] when `b_t`). `c` is f32; `a` and `b` are both `I` (f32 or f16).
+    /// The products `spec` describes (see [`GemmSpec`]); `c` is f32, `a` and `b` are both `I`
+    /// (f32 or f16).
+    fn gemm<I: Elem>(
+        &self,
+        c: &mut Self::Buf<f32>,
+        a: &Self::Buf<I>,
+        b: &Self::Buf<I>,
+        spec: &GemmSpec,
+    ) -> Result<()>;
+
+    /// `c[m, n] = op(a) · op(b)` (or `+=` when `accumulate`) of whole buffers.
     #[allow(clippy::too_many_arguments)]
     fn matmul<I: Elem>(
         &self,
@@ -30,9 +112,18 @@ pub trait MatmulOps: Device {
         a_t: bool,
         b: &Self::Buf<I>,
         b_t: bool,
-        dims: (usize, usize, usize),
+        (m, n, k): (usize, usize, usize),
         accumulate: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check_matmul("matmul", (self.len(c), self.len(a), self.len(b)), (m, n, k))?;
+        let spec = GemmSpec {
+            a_t,
+            b_t,
+            accumulate,
+            ..GemmSpec::new(m, n, k)
+        };
+        self.gemm(c, a, b, &spec)
+    }
 }
 
 /// The shapes [`MatmulOps::matmul`] requires, checked before anything runs.
@@ -46,44 +137,38 @@ pub fn check_matmul(
     check_len(op, "b", b_len, k * n)
 }
 
-/// [`MatmulOps::matmul`] on host vectors through the CPU GEMM (f16 inputs widened first).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_host<I: Elem>(
-    c: &mut [f32],
-    a: &[I],
-    a_t: bool,
-    b: &[I],
-    b_t: bool,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-) -> Result<()> {
-    check_matmul("matmul", (c.len(), a.len(), b.len()), (m, n, k))?;
+/// [`MatmulOps::gemm`] on host vectors through the CPU GEMM (f16 inputs widened first).
+pub fn gemm_host<I: Elem>(c: &mut [f32], a: &[I], b: &[I], spec: &GemmSpec) -> Result<()> {
+    spec.check("matmul", (a.len(), b.len(), c.len()))?;
+    let GemmSpec { m, n, k, .. } = *spec;
     let (a, b) = (widen(a), widen(b));
-    let av = if a_t {
-        MatRef::new(&a, k, m).t()
-    } else {
-        MatRef::new(&a, m, k)
-    };
-    let bv = if b_t {
-        MatRef::new(&b, n, k).t()
-    } else {
-        MatRef::new(&b, k, n)
-    };
-    matmul(c, av, bv, accumulate)
+    for i in 0..spec.batch {
+        let [oa, ob, oc] = [0, 1, 2].map(|j| spec.offsets[j] + i * spec.strides[j]);
+        let (a, b) = (&a[oa..oa + m * k], &b[ob..ob + k * n]);
+        let av = if spec.a_t {
+            MatRef::new(a, k, m).t()
+        } else {
+            MatRef::new(a, m, k)
+        };
+        let bv = if spec.b_t {
+            MatRef::new(b, n, k).t()
+        } else {
+            MatRef::new(b, k, n)
+        };
+        matmul(&mut c[oc..oc + m * n], av, bv, spec.accumulate)?;
+    }
+    Ok(())
 }
 
 impl MatmulOps for Cpu {
-    fn matmul<I: Elem>(
+    fn gemm<I: Elem>(
         &self,
         c: &mut Vec<f32>,
         a: &Vec<I>,
-        a_t: bool,
         b: &Vec<I>,
-        b_t: bool,
-        dims: (usize, usize, usize),
-        accumulate: bool,
+        spec: &GemmSpec,
     ) -> Result<()> {
-        matmul_host(c, a, a_t, b, b_t, dims, accumulate)
+        gemm_host(c, a, b, spec)
     }
 }
 

@@ -6,6 +6,7 @@ use super::{as_i32, Args, Gpu, LaunchCfg, Runtime};
 use crate::conv2d::{check_im2col, Conv2dDims, Im2colOps};
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
+use crate::linear::{GemmSpec, MatmulOps};
 
 /// Threads per block: one per pixel of a column row.
 const THREADS: usize = 256;
@@ -78,6 +79,117 @@ impl<R: Runtime> Im2colOps for Gpu<R> {
         }
         let (dx, c) = (rt.addr_mut(dinp), rt.addr(col));
         launch(rt, k, dx, c, d.c_in, d)
+    }
+}
+
+impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
+    fn conv2d_forward(
+        &self,
+        out: &mut R::Buf<f32>,
+        inp: &R::Buf<f32>,
+        weight: &R::Buf<f32>,
+        bias: &R::Buf<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_forward";
+        let rt = &self.0;
+        d.check(OP)?;
+        for (name, len, want) in [
+            ("inp", rt.len(inp), d.in_len()),
+            ("out", rt.len(out), d.out_len()),
+            ("weight", rt.len(weight), d.weight_len()),
+            ("bias", rt.len(bias), d.c_out),
+        ] {
+            crate::error::check_len(OP, name, len, want)?;
+        }
+        let (hw, rows) = (d.pixels(), d.col_rows());
+        if d.batch == 0 || hw == 0 {
+            return Ok(());
+        }
+        let mut col = rt.zeros::<f32>(d.batch * rows * hw)?;
+        self.im2col(&mut col, inp, d)?;
+        // out[b] = weight [Co, Ci·k·k] · col[b] [Ci·k·k, HW], every image in one batched call.
+        let spec = GemmSpec {
+            batch: d.batch,
+            strides: [0, rows * hw, d.c_out * hw],
+            ..GemmSpec::new(d.c_out, hw, rows)
+        };
+        self.gemm(out, weight, &col, &spec)?;
+        // + bias: the rank-1 product bias [Co, 1] · ones [1, HW], accumulated into every image.
+        let ones = rt.upload(&vec![1.0f32; hw])?;
+        let spec = GemmSpec {
+            accumulate: true,
+            batch: d.batch,
+            strides: [0, rows * hw, d.c_out * hw],
+            ..GemmSpec::new(d.c_out, hw, 1)
+        };
+        self.gemm(out, bias, &ones, &spec)
+    }
+
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&mut R::Buf<f32>>,
+        dweight: &mut R::Buf<f32>,
+        dbias: &mut R::Buf<f32>,
+        dout: &R::Buf<f32>,
+        inp: &R::Buf<f32>,
+        weight: &R::Buf<f32>,
+        d: &Conv2dDims,
+    ) -> Result<()> {
+        const OP: &str = "conv2d_backward";
+        let rt = &self.0;
+        d.check(OP)?;
+        for (name, len, want) in [
+            ("inp", rt.len(inp), d.in_len()),
+            ("dout", rt.len(dout), d.out_len()),
+            ("weight", rt.len(weight), d.weight_len()),
+            ("dweight", rt.len(dweight), d.weight_len()),
+            ("dbias", rt.len(dbias), d.c_out),
+        ] {
+            crate::error::check_len(OP, name, len, want)?;
+        }
+        if let Some(dx) = &dinp {
+            crate::error::check_len(OP, "dinp", rt.len(dx), d.in_len())?;
+        }
+        let (hw, rows) = (d.pixels(), d.col_rows());
+        if d.batch == 0 || hw == 0 {
+            return Ok(());
+        }
+        let mut col = rt.zeros::<f32>(d.batch * rows * hw)?;
+        self.im2col(&mut col, inp, d)?;
+        let ones = rt.upload(&vec![1.0f32; hw])?;
+        // dweight += dout[b] [Co, HW] · col[b]ᵀ and dbias += dout[b] · ones, image by image in
+        // order (one accumulator, so the products cannot be one batched call).
+        for b in 0..d.batch {
+            let spec = GemmSpec {
+                b_t: true,
+                accumulate: true,
+                offsets: [b * d.c_out * hw, b * rows * hw, 0],
+                ..GemmSpec::new(d.c_out, rows, hw)
+            };
+            self.gemm(dweight, dout, &col, &spec)?;
+            let spec = GemmSpec {
+                accumulate: true,
+                offsets: [b * d.c_out * hw, 0, 0],
+                ..GemmSpec::new(d.c_out, 1, hw)
+            };
+            self.gemm(dbias, dout, &ones, &spec)?;
+        }
+        if let Some(dinp) = dinp {
+            // dcol[b] = weightᵀ [Ci·k·k, Co] · dout[b] [Co, HW] (batched), then col2im into a
+            // zeroed dinp.
+            let spec = GemmSpec {
+                a_t: true,
+                batch: d.batch,
+                strides: [0, d.c_out * hw, rows * hw],
+                ..GemmSpec::new(rows, hw, d.c_out)
+            };
+            self.gemm(&mut col, weight, dout, &spec)?;
+            let zeros = rt.zeros::<f32>(d.in_len())?;
+            *dinp = zeros;
+            self.col2im_add(dinp, &col, d)?;
+        }
+        Ok(())
     }
 }
 
@@ -192,5 +304,73 @@ mod tests {
         let (x, mut col) = (vec![0.0f32; 70_000], vec![0.0f32; 70_000]);
         let err = dev.im2col(&mut col, &x, &huge).unwrap_err().to_string();
         assert!(err.contains("65535"), "{err}");
+    }
+
+    /// Forward and backward of a convolution on `dev`: (out, dinp, dweight, dbias), with
+    /// dweight and dbias starting from non-zero values (they accumulate) and dinp from garbage
+    /// (it is overwritten).
+    fn conv_run<D: crate::conv2d::Conv2dOps>(dev: &D, d: &Conv2dDims, seed: u64) -> [Vec<f32>; 4] {
+        let up = |v: Vec<f32>| dev.upload(&v).unwrap();
+        let inp = up(rand_vec(d.in_len(), 1.0, seed));
+        let w = up(rand_vec(d.weight_len(), 0.5, seed + 1));
+        let b = up(rand_vec(d.c_out, 1.0, seed + 2));
+        let mut out = up(rand_vec(d.out_len(), 9.0, seed + 3));
+        dev.conv2d_forward(&mut out, &inp, &w, &b, d).unwrap();
+        let dout = up(rand_vec(d.out_len(), 1.0, seed + 4));
+        let mut dinp = up(rand_vec(d.in_len(), 9.0, seed + 5));
+        let mut dw = up(rand_vec(d.weight_len(), 1.0, seed + 6));
+        let mut db = up(rand_vec(d.c_out, 1.0, seed + 7));
+        dev.conv2d_backward(Some(&mut dinp), &mut dw, &mut db, &dout, &inp, &w, d)
+            .unwrap();
+        [&out, &dinp, &dw, &db].map(|x| dev.download(x).unwrap())
+    }
+
+    #[test]
+    fn convolution_through_im2col_and_batched_products_matches_the_cpu_reference() {
+        for (i, &(batch, c_in, c_out, height, width, kernel)) in [
+            (2, 3, 5, 5, 3, 3), // Co > Ci: the CPU's col2im path
+            (3, 4, 2, 4, 6, 3), // Co ≤ Ci: the CPU's flipped-kernel path
+            (2, 3, 4, 3, 2, 1), // 1×1
+            (1, 2, 3, 2, 2, 7), // an image narrower than half the kernel
+        ]
+        .iter()
+        .enumerate()
+        {
+            let d = Conv2dDims {
+                batch,
+                c_in,
+                c_out,
+                height,
+                width,
+                kernel,
+            };
+            let want = conv_run(&Cpu, &d, 60 + i as u64);
+            let got = conv_run(&Gpu(Emu::new(Schedule::Forward)), &d, 60 + i as u64);
+            for (name, (g, w)) in ["out", "dinp", "dweight", "dbias"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                for (j, (&g, &w)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                        "{d:?} {name}[{j}]: got {g}, reference {w}"
+                    );
+                }
+            }
+        }
+        let d = Conv2dDims {
+            batch: 1,
+            c_in: 1,
+            c_out: 1,
+            height: 2,
+            width: 2,
+            kernel: 3,
+        };
+        let dev = Gpu(Emu::new(Schedule::Forward));
+        let (mut out, inp, w) = (vec![0.0f32; 4], vec![0.0f32; 4], vec![0.0f32; 8]);
+        let err =
+            crate::conv2d::Conv2dOps::conv2d_forward(&dev, &mut out, &inp, &w, &vec![0.0], &d)
+                .unwrap_err();
+        assert!(err.to_string().contains("`weight`"), "{err}");
     }
 }

@@ -212,13 +212,13 @@ impl Runtime for Cuda {
         &self,
         c: &mut CudaSlice<f32>,
         a: &CudaSlice<T>,
-        a_t: bool,
         b: &CudaSlice<T>,
-        b_t: bool,
-        (m, n, k): (usize, usize, usize),
-        accumulate: bool,
+        spec: &crate::linear::GemmSpec,
     ) -> Result<()> {
-        if m == 0 || n == 0 {
+        let crate::linear::GemmSpec {
+            m, n, k, a_t, b_t, ..
+        } = *spec;
+        if m == 0 || n == 0 || spec.batch == 0 {
             return Ok(());
         }
         let blas = self.blas()?;
@@ -237,12 +237,15 @@ impl Runtime for Cuda {
         };
         let ldb = if b_t { k } else { n };
         let lda = if a_t { m } else { k };
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        let (pa, pb, pc) = (self.addr(a), self.addr(b), self.addr_mut(c));
-        // SAFETY: the shapes were checked by the caller against the buffers' lengths; the
-        // pointers are live device buffers on this stream; alpha and beta are host scalars.
+        let (alpha, beta) = (1.0f32, if spec.accumulate { 1.0f32 } else { 0.0 });
+        let size = std::mem::size_of::<T>() as u64;
+        let pa = self.addr(a) + spec.offsets[0] as u64 * size;
+        let pb = self.addr(b) + spec.offsets[1] as u64 * size;
+        let pc = self.addr_mut(c) + spec.offsets[2] as u64 * 4;
+        // SAFETY: `spec` was checked against the buffers' lengths by the caller; the pointers
+        // are live device buffers on this stream; alpha and beta are host scalars.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
+            cudarc::cublas::result::gemm_strided_batched_ex(
                 *blas.handle(),
                 op(b_t),
                 op(a_t),
@@ -253,20 +256,24 @@ impl Runtime for Cuda {
                 pb as *const std::ffi::c_void,
                 dtype,
                 ldb as i32,
+                spec.strides[1] as i64,
                 pa as *const std::ffi::c_void,
                 dtype,
                 lda as i32,
+                spec.strides[0] as i64,
                 (&beta as *const f32).cast(),
                 pc as *mut std::ffi::c_void,
                 blas::cudaDataType_t::CUDA_R_32F,
                 n as i32,
+                spec.strides[2] as i64,
+                spec.batch as i32,
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
         .map_err(|e| KernelError::Launch {
-            kernel: "matmul (cublasGemmEx)",
-            message: format!("{e:?} for m={m} n={n} k={k}"),
+            kernel: "matmul (cublasGemmStridedBatchedEx)",
+            message: format!("{e:?} for {spec:?}"),
         })
     }
 

@@ -85,13 +85,10 @@ impl Runtime for Emu {
         &self,
         c: &mut Vec<f32>,
         a: &Vec<I>,
-        a_t: bool,
         b: &Vec<I>,
-        b_t: bool,
-        dims: (usize, usize, usize),
-        accumulate: bool,
+        spec: &crate::linear::GemmSpec,
     ) -> Result<()> {
-        crate::linear::matmul_host(c, a, a_t, b, b_t, dims, accumulate)
+        crate::linear::gemm_host(c, a, b, spec)
     }
 
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()> {

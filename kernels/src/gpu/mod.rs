@@ -117,31 +117,24 @@ pub trait Runtime {
     /// point at a live buffer of this runtime at least as long as the kernel reads or writes.
     /// The family launchers check the shapes that make this so.
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()>;
-    /// The dense product of [`crate::linear::MatmulOps::matmul`] (shapes already checked):
-    /// cuBLAS on a GPU, the CPU GEMM in the emulator.
-    #[allow(clippy::too_many_arguments)]
+    /// The dense products of [`crate::linear::MatmulOps::gemm`] (`spec` already checked
+    /// against the buffers): cuBLAS on a GPU, the CPU GEMM in the emulator.
     fn gemm<I: Elem>(
         &self,
         c: &mut Self::Buf<f32>,
         a: &Self::Buf<I>,
-        a_t: bool,
         b: &Self::Buf<I>,
-        b_t: bool,
-        dims: (usize, usize, usize),
-        accumulate: bool,
+        spec: &crate::linear::GemmSpec,
     ) -> Result<()>;
 }
 
 impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
-    fn matmul<I: Elem>(
+    fn gemm<I: Elem>(
         &self,
         c: &mut R::Buf<f32>,
         a: &R::Buf<I>,
-        a_t: bool,
         b: &R::Buf<I>,
-        b_t: bool,
-        dims: (usize, usize, usize),
-        accumulate: bool,
+        spec: &crate::linear::GemmSpec,
     ) -> Result<()> {
         let op = match I::DTYPE {
             "f32" => "matmul_f32",
@@ -154,12 +147,16 @@ impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
             }
         };
         let rt = &self.0;
-        crate::linear::check_matmul(op, (rt.len(c), rt.len(a), rt.len(b)), dims)?;
-        let (m, n, k) = dims;
-        for (what, v) in [("m", m), ("n", n), ("k", k)] {
+        spec.check(op, (rt.len(a), rt.len(b), rt.len(c)))?;
+        for (what, v) in [
+            ("m", spec.m),
+            ("n", spec.n),
+            ("k", spec.k),
+            ("batch", spec.batch),
+        ] {
             as_i32(op, what, v)?;
         }
-        rt.gemm(c, a, a_t, b, b_t, dims, accumulate)
+        rt.gemm(c, a, b, spec)
     }
 }
 
