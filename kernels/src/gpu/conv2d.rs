@@ -120,7 +120,7 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
         let spec = GemmSpec {
             accumulate: true,
             batch: d.batch,
-            strides: [0, rows * hw, d.c_out * hw],
+            strides: [0, 0, d.c_out * hw],
             ..GemmSpec::new(d.c_out, hw, 1)
         };
         self.gemm(out, bias, &ones, &spec)
@@ -237,8 +237,8 @@ mod tests {
                 kernel,
             };
             let want = run::<_, T>(&Cpu, &d);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), &d);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run::<_, T>(dev, &d);
                 // Exact: im2col copies, and col2im adds the same f32 values in the reference's
                 // order into the same starting value (then rounds once to T).
                 for (what, g, r) in [("col", &got.0, &want.0), ("dinp", &got.1, &want.1)] {
@@ -251,7 +251,7 @@ mod tests {
                         );
                     }
                 }
-            }
+            });
         }
     }
 
