@@ -188,8 +188,8 @@ mod tests {
         // Odd sizes: a partial block, one element, several blocks.
         for &n in &[1usize, 300, 2049] {
             let want = run(&Cpu, n, 7 + n as u64);
-            for s in Schedule::ALL {
-                let got = run(&Gpu(Emu::new(s)), n, 7 + n as u64);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run(dev, n, 7 + n as u64);
                 let at = format!("n={n} {s:?}");
                 // The same f32 operations in the same order; on a GPU, NVRTC contracts a·b + c
                 // into fused multiply-adds (one rounding fewer): a few ulps, the step's
@@ -203,7 +203,7 @@ mod tests {
                 // The fp16 copy is the final parameters rounded (the third update wrote it).
                 let rounded: Vec<f32> = got[0].iter().map(|&p| f16::from_f32(p).to_f32()).collect();
                 assert_eq!(got[1], rounded, "params_f16 {at}");
-            }
+            });
         }
     }
 

@@ -139,8 +139,8 @@ mod tests {
         // Odd sizes: columns that do not fill a warp or a block, rows over several chunks.
         for &(n, oc) in &[(1usize, 1usize), (7, 33), (150, 5), (3, 300)] {
             let want = run::<_, T>(&Cpu, n, oc, 11 + n as u64);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), n, oc, 11 + n as u64);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run::<_, T>(dev, n, oc, 11 + n as u64);
                 let at = format!("{} n={n} oc={oc} {s:?}", T::DTYPE);
                 // One f32 addition, then the same rounding to T on both sides: exact.
                 close(&format!("out {at}"), &got.0, &want.0, 0.0, 0.0);
@@ -148,7 +148,7 @@ mod tests {
                 // the CPU too but added to the accumulator in another order: a few ulps of
                 // the running sum (≤ 150 · 2⁻²⁴ absolute).
                 close(&format!("dbias {at}"), &got.1, &want.1, 1e-5, 1e-5);
-            }
+            });
         }
     }
 

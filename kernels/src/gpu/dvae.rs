@@ -247,8 +247,8 @@ mod tests {
             ((1, 300, 3, 0.0625), true),
         ] {
             let want = run_softmax(&Cpu, case, noisy);
-            for s in Schedule::ALL {
-                let got = run_softmax(&Gpu(Emu::new(s)), case, noisy);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run_softmax(dev, case, noisy);
                 let at = format!("{case:?} noise={noisy} {s:?}");
                 // y: f32 exponentials and an f32 sum of ≤ K/8 terms per slice against f64 ones:
                 // a few ulps of y, relative.
@@ -256,7 +256,7 @@ mod tests {
                 // dlogits: y·(dy − Σ y·dy)/τ with Σ y·dy in f32 against f64; the difference of
                 // two O(1) values loses up to ~1e-6 absolute, then /τ (≤ 16).
                 close(&format!("dlogits {at}"), &got.1, &want.1, 2e-5, 1e-5);
-            }
+            });
         }
     }
 
@@ -289,8 +289,8 @@ mod tests {
         // Pixel counts that fill no block, more than one block per image, several images.
         for (batch, px) in [(1, 5), (2, 300), (3, 600)] {
             let want = run_laplace(&Cpu, batch, px);
-            for s in Schedule::ALL {
-                let got = run_laplace(&Gpu(Emu::new(s)), batch, px);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run_laplace(dev, batch, px);
                 let at = format!("batch={batch} px={px} {s:?}");
                 // The same f64 terms summed in another order, returned through an f32 pair
                 // (≈ 48 bits): 1e-9 relative to the sum of magnitudes (bounded by 10 per term).
@@ -305,7 +305,7 @@ mod tests {
                 // dstats: the same f64 arithmetic (log/exp may differ in the last f64 bit), then
                 // one rounding to f32.
                 close(&format!("dstats {at}"), &got.1, &want.1, 1e-7, 1e-6);
-            }
+            });
         }
     }
 
@@ -331,8 +331,8 @@ mod tests {
     fn emulated_kl_matches_the_cpu_reference() {
         for case in [(2, 13, 5), (1, 40, 37), (1, 300, 3)] {
             let want = run_kl(&Cpu, case);
-            for s in Schedule::ALL {
-                let got = run_kl(&Gpu(Emu::new(s)), case);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run_kl(dev, case);
                 let at = format!("{case:?} {s:?}");
                 // Per position Σ q·log q in f32 (≈ 1e-7 relative of log K ≤ 6) against f64.
                 let tol = 2e-6 * (case.0 * case.2) as f64;
@@ -344,7 +344,7 @@ mod tests {
                 );
                 // dlogits (started from values of order 1) += 0.3·q·(log q − Σ q log q) in f32.
                 close(&format!("dlogits {at}"), &got.1, &want.1, 2e-6, 1e-6);
-            }
+            });
         }
     }
 

@@ -257,8 +257,8 @@ mod tests {
             let text = ids(batch * text_len, d.text_rows, 30 + k as u64);
             let image = ids(batch * grid * grid, d.image_vocab, 40 + k as u64);
             let want = run(&Cpu, &d, &text, &image);
-            for s in Schedule::ALL {
-                let got = run(&Gpu(Emu::new(s)), &d, &text, &image);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run(dev, &d, &text, &image);
                 // The same f32 additions in the same order: exact.
                 let names = [
                     "out",
@@ -271,7 +271,7 @@ mod tests {
                 for ((name, g), w) in names.iter().zip(&got).zip(&want) {
                     assert_eq!(g, w, "{name}: {d:?} {s:?}");
                 }
-            }
+            });
         }
     }
 

@@ -108,12 +108,12 @@ mod tests {
     fn parity<T: Elem>(atol: f32, rtol: f32) {
         for &n in &[1usize, 255, 1000, 4099] {
             let want = run::<_, T>(&Cpu, n, 3 + n as u64);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), n, 3 + n as u64);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run::<_, T>(dev, n, 3 + n as u64);
                 let at = format!("{} n={n} {s:?}", T::DTYPE);
                 close(&format!("gelu {at}"), &got.0, &want.0, atol, rtol);
                 close(&format!("dgelu {at}"), &got.1, &want.1, atol, rtol);
-            }
+            });
         }
     }
 

@@ -242,6 +242,26 @@ pub fn cuda_for_tests() -> Option<&'static Gpu<Cuda>> {
     }
 }
 
+/// In a parity test: runs `$body` with `$dev` bound to the emulated device under each
+/// [`Schedule`], then to the GPU where one exists ([`cuda_for_tests`]), and `$label` (a
+/// `String`) naming which, for messages.
+#[cfg(test)]
+macro_rules! for_each_gpu {
+    ($label:ident, $dev:ident, $body:block) => {{
+        for s in $crate::gpu::Schedule::ALL {
+            let $label = format!("{s:?}");
+            let $dev = &$crate::gpu::Gpu($crate::gpu::Emu::new(s));
+            $body
+        }
+        if let Some($dev) = $crate::gpu::cuda_for_tests() {
+            let $label = "GPU".to_string();
+            $body
+        }
+    }};
+}
+#[cfg(test)]
+pub(crate) use for_each_gpu;
+
 #[cfg(test)]
 mod tests {
     use super::*;

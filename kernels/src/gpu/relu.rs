@@ -79,14 +79,14 @@ mod tests {
     fn parity<T: Elem>() {
         for n in [1, 31, 257, 1000] {
             let want = run::<_, T>(&Cpu, n);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), n);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run::<_, T>(dev, n);
                 // Exact: a selection, no arithmetic.
                 for (what, g, r) in [("y", &got.0, &want.0), ("dx", &got.1, &want.1)] {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(g), bits(r), "{what} {} n={n} {s:?}", T::DTYPE);
                 }
-            }
+            });
         }
     }
 

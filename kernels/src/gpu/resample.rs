@@ -198,8 +198,8 @@ mod tests {
         // Odd plane counts and sizes whose element counts fill no block evenly.
         for &(planes, h, w) in &[(3, 6, 10), (1, 2, 2), (7, 14, 4), (5, 34, 22)] {
             let want = run::<_, T>(&Cpu, planes, h, w);
-            for s in Schedule::ALL {
-                let got = run::<_, T>(&Gpu(Emu::new(s)), planes, h, w);
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run::<_, T>(dev, planes, h, w);
                 for (name, (g, r)) in ["maxpool", "dmaxpool", "upsample", "dupsample"]
                     .iter()
                     .zip(got.iter().zip(&want))
@@ -215,7 +215,7 @@ mod tests {
                         );
                     }
                 }
-            }
+            });
         }
     }
 
