@@ -31,8 +31,63 @@
 
 use rayon::prelude::*;
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::{fast_exp, fmadd, max8, sum8, Isa};
+
+/// Block-sparse attention on a [`Device`] (the CUDA kernels: `kernels/cuda/attention.cu`).
+///
+/// `qkv`, `out` (and in the backward pass `dout`, `dqkv`) are stored as `T`: f16 on the GPU, as
+/// the qkv and projection matmuls read and write them (DESIGN.md, Precision), or f32; `lse` is
+/// always f32 and all arithmetic is f32. Shapes and what is overwritten as the module doc says.
+pub trait AttentionOps: Device {
+    /// A [`BlockLayout`]'s tables where this device's kernels read them; built once per layout
+    /// with [`AttentionOps::attention_layout`], used by every call.
+    type Layout;
+
+    /// Uploads `layout`'s tables.
+    fn attention_layout(&self, layout: &BlockLayout) -> Result<Self::Layout>;
+
+    /// [`attention_forward`] on this device: `out` and `lse` are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward<T: Elem>(
+        &self,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        qkv: &Self::Buf<T>,
+        layout: &Self::Layout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()>;
+}
+
+impl AttentionOps for Cpu {
+    type Layout = BlockLayout;
+
+    fn attention_layout(&self, layout: &BlockLayout) -> Result<BlockLayout> {
+        Ok(layout.clone())
+    }
+
+    /// The f32 reference on the widened inputs, `out` rounded to `T`.
+    fn attention_forward<T: Elem>(
+        &self,
+        out: &mut Vec<T>,
+        lse: &mut Vec<f32>,
+        qkv: &Vec<T>,
+        layout: &BlockLayout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut o = vec![0.0f32; out.len()];
+        attention_forward(&mut o, lse, &widen(qkv), layout, b, t, nh, hs)?;
+        *out = narrow(&o);
+        Ok(())
+    }
+}
 
 /// Block size (positions per block) used when the caller has no reason to pick another. Measured
 /// with `examples/bench_attention.rs` at the tiny/small/paperseq shapes (one core, AVX-512): 32 was

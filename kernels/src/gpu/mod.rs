@@ -10,6 +10,7 @@
 //! family's launcher (`gpu::layernorm`, …) is written once against [`Runtime`], checks shapes
 //! before anything is launched, and returns [`KernelError`] naming the kernel and the shapes.
 
+pub mod attention;
 pub mod cuda;
 pub mod emu;
 pub mod layernorm;
