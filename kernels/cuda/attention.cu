@@ -24,8 +24,18 @@
 // rows w·RPW..(w+1)·RPW of the block (RPW = BLOCK / 4), lane j key j (and j + 32) for the
 // scores, head dims j (and j + 32) for the output.
 //
+// Backward (= overwrites every element of dqkv; flash-attention-2 with P recomputed from the
+// saved lse, D = rowsum(dO ∘ O)). Deterministic without atomics: two kernels, each output element
+// written by one block in a fixed order.
+//   attention_backward_dq_*:  grid (NB, NH, B), one block per query block: D for its rows (also
+//     written to d_buf [B, NH, T] for the next kernel), then dQ = scale · Σ_kb dS K;
+//   attention_backward_dkv_*: grid (NB, NH, B), one block per key block, over the transposed
+//     table: dV = Σ_qb Pᵀ dO, dK = Σ_qb dSᵀ (scale · Q). Launched after the first (reads D).
+// with dP = dO Vᵀ, dS = P ∘ (dP − D).
+//
 // Shared memory is dynamic, sized by the launcher (forward: q, k, v tiles and BLOCK × BLOCK
-// probabilities): tiles of BLOCK rows × HSP floats, HSP = HS rounded up to 32, plus 4, so that
+// probabilities; dq: four tiles and dS; dkv: four tiles, Pᵀ, dSᵀ and two BLOCK vectors): tiles
+// of BLOCK rows × HSP floats, HSP = HS rounded up to 32, plus 4, so that
 // lane-distinct rows read as float4 fall in distinct banks; the padding columns hold zeros.
 #include "common.cuh"
 
@@ -225,12 +235,318 @@ ATT_UNROLL
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward, part 1: dQ and D, one block per query block (the forward's thread layout).
+
+template <typename T, int BLOCK>
+__device__ void attention_backward_dq(T* __restrict__ dqkv, float* __restrict__ d_buf,
+                                      const T* __restrict__ dout, const T* __restrict__ qkv,
+                                      const T* __restrict__ out, const float* __restrict__ lse,
+                                      const unsigned* __restrict__ row_start,
+                                      const unsigned* __restrict__ row_block,
+                                      const unsigned* __restrict__ row_mask,
+                                      const unsigned* __restrict__ masks, int t, int nh, int hs) {
+    constexpr int RPW = BLOCK / ATT_WARPS;
+    constexpr int KPL = (BLOCK + 31) / 32;
+    const int hsp = att_hsp(hs);
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long c = (long)nh * hs, stride = 3 * c;
+    const T* q_src = qkv + (long)b * t * stride + (long)h * hs;
+    const T* k_src = q_src + c;
+    const T* v_src = q_src + 2 * c;
+    const long head_row0 = (long)b * t * c + (long)h * hs;  // out, dout: [B, T, C]
+    const long stat0 = ((long)b * nh + h) * t;              // lse, d_buf: [B, NH, T]
+    const int valid_rows = min(BLOCK, t - qb * BLOCK);
+
+    TS_DYNAMIC_SHARED(float, smem);
+    float* sq = smem;                 // [BLOCK][hsp], scaled
+    float* sdo = sq + BLOCK * hsp;    // [BLOCK][hsp]
+    float* sk = sdo + BLOCK * hsp;    // [BLOCK][hsp]
+    float* sv = sk + BLOCK * hsp;     // [BLOCK][hsp]
+    float* sds = sv + BLOCK * hsp;    // [BLOCK][BLOCK] dS, each warp its own rows
+
+    const float scale = 1.0f / sqrtf((float)hs);
+    att_load_tile<BLOCK>(sq, q_src, stride, qb * BLOCK, t, hs, hsp, scale);
+    att_load_tile<BLOCK>(sdo, dout + head_row0, c, qb * BLOCK, t, hs, hsp, 1.0f);
+
+    // D = rowsum(dO ∘ O) and the saved lse of this warp's rows (from global memory: no barrier).
+    float row_lse[RPW], row_d[RPW], acc[RPW][ATT_DPL];
+ATT_UNROLL
+    for (int i = 0; i < RPW; ++i) {
+        const int r = warp * RPW + i;
+        const long p = (long)qb * BLOCK + r;
+        float part = 0.0f;
+        if (r < valid_rows) {
+            for (int d = lane; d < hs; d += 32) {
+                const long at = head_row0 + p * c + d;
+                part += ts_load(dout, at) * ts_load(out, at);
+            }
+        }
+        row_d[i] = ts_warp_sum(part);
+        row_lse[i] = r < valid_rows ? lse[stat0 + p] : 0.0f;
+        if (r < valid_rows && lane == 0) d_buf[stat0 + p] = row_d[i];
+ATT_UNROLL
+        for (int dd = 0; dd < ATT_DPL; ++dd) acc[i][dd] = 0.0f;
+    }
+
+    const unsigned e0 = row_start[qb], e1 = row_start[qb + 1];
+    for (unsigned e = e0; e < e1; ++e) {
+        const int kb = row_block[e];
+        const unsigned moff = row_mask[e];
+        const int valid_keys = min(BLOCK, t - kb * BLOCK);
+        __syncthreads();  // the previous block's K and V are no longer read
+        att_load_tile<BLOCK>(sk, k_src, stride, kb * BLOCK, t, hs, hsp, 1.0f);
+        att_load_tile<BLOCK>(sv, v_src, stride, kb * BLOCK, t, hs, hsp, 1.0f);
+        __syncthreads();
+
+        // S = q·k and dP = dO·v for this warp's rows against the lane's keys.
+        float s[RPW][KPL], dp[RPW][KPL];
+ATT_UNROLL
+        for (int i = 0; i < RPW; ++i)
+ATT_UNROLL
+            for (int j = 0; j < KPL; ++j) s[i][j] = dp[i][j] = 0.0f;
+ATT_UNROLL
+        for (int j = 0; j < KPL; ++j) {
+            const int k = lane + 32 * j;
+            if (k < BLOCK) {
+                for (int d = 0; d < hsp; d += 4) {
+                    float4 kv = *reinterpret_cast<const float4*>(sk + k * hsp + d);
+                    float4 vv = *reinterpret_cast<const float4*>(sv + k * hsp + d);
+ATT_UNROLL
+                    for (int i = 0; i < RPW; ++i) {
+                        const int r = warp * RPW + i;
+                        float4 qv = *reinterpret_cast<const float4*>(sq + r * hsp + d);
+                        float4 gv = *reinterpret_cast<const float4*>(sdo + r * hsp + d);
+                        s[i][j] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                        dp[i][j] += gv.x * vv.x + gv.y * vv.y + gv.z * vv.z + gv.w * vv.w;
+                    }
+                }
+            }
+        }
+        // dS = P ∘ (dP − D), P = exp(S − lse) where allowed, else 0.
+ATT_UNROLL
+        for (int i = 0; i < RPW; ++i) {
+            const int r = warp * RPW + i;
+ATT_UNROLL
+            for (int j = 0; j < KPL; ++j) {
+                const int k = lane + 32 * j;
+                const bool ok = r < valid_rows && att_allowed(masks, moff, r, k, valid_keys);
+                const float p = ok ? __expf(s[i][j] - row_lse[i]) : 0.0f;
+                if (k < BLOCK) sds[r * BLOCK + k] = p * (dp[i][j] - row_d[i]);
+            }
+        }
+        __syncwarp(TS_FULL_MASK);  // the warp's dS rows are in sds
+
+        // acc += dS K for the lane's head dims.
+        for (int k = 0; k < BLOCK; k += 4) {
+ATT_UNROLL
+            for (int dd = 0; dd < ATT_DPL; ++dd) {
+                const int d = lane + 32 * dd;
+                if (d < hs) {
+                    const float k0 = sk[(k + 0) * hsp + d], k1 = sk[(k + 1) * hsp + d];
+                    const float k2 = sk[(k + 2) * hsp + d], k3 = sk[(k + 3) * hsp + d];
+ATT_UNROLL
+                    for (int i = 0; i < RPW; ++i) {
+                        const float* gr = sds + (warp * RPW + i) * BLOCK + k;
+                        float4 g = *reinterpret_cast<const float4*>(gr);
+                        acc[i][dd] += g.x * k0 + g.y * k1 + g.z * k2 + g.w * k3;
+                    }
+                }
+            }
+        }
+    }
+
+ATT_UNROLL
+    for (int i = 0; i < RPW; ++i) {
+        const int r = warp * RPW + i;
+        if (r < valid_rows) {
+            const long p = (long)qb * BLOCK + r;
+ATT_UNROLL
+            for (int dd = 0; dd < ATT_DPL; ++dd) {
+                const int d = lane + 32 * dd;
+                if (d < hs) {
+                    ts_store(dqkv, ((long)b * t + p) * stride + (long)h * hs + d,
+                             acc[i][dd] * scale);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, part 2: dK and dV, one block per key block over the transposed table. Warp w owns
+// keys w·KPW..(w+1)·KPW of the block, lane j query row j (and j + 32) for Sᵀ and dPᵀ, head
+// dims j (and j + 32) for dK and dV.
+
+template <typename T, int BLOCK>
+__device__ void attention_backward_dkv(T* __restrict__ dqkv, const T* __restrict__ dout,
+                                       const T* __restrict__ qkv, const float* __restrict__ lse,
+                                       const float* __restrict__ d_buf,
+                                       const unsigned* __restrict__ col_start,
+                                       const unsigned* __restrict__ col_block,
+                                       const unsigned* __restrict__ col_mask,
+                                       const unsigned* __restrict__ masks, int t, int nh,
+                                       int hs) {
+    constexpr int KPW = BLOCK / ATT_WARPS;  // keys per warp
+    constexpr int QPL = (BLOCK + 31) / 32;  // query rows per lane
+    const int hsp = att_hsp(hs);
+    const int kb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long c = (long)nh * hs, stride = 3 * c;
+    const T* q_src = qkv + (long)b * t * stride + (long)h * hs;
+    const T* k_src = q_src + c;
+    const T* v_src = q_src + 2 * c;
+    const T* do_src = dout + (long)b * t * c + (long)h * hs;
+    const long stat0 = ((long)b * nh + h) * t;
+    const int valid_keys = min(BLOCK, t - kb * BLOCK);
+
+    TS_DYNAMIC_SHARED(float, smem);
+    float* sk = smem;                   // [BLOCK][hsp]
+    float* sv = sk + BLOCK * hsp;       // [BLOCK][hsp]
+    float* sq = sv + BLOCK * hsp;       // [BLOCK][hsp], scaled
+    float* sdo = sq + BLOCK * hsp;      // [BLOCK][hsp]
+    float* spt = sdo + BLOCK * hsp;     // [BLOCK keys][BLOCK rows] Pᵀ, each warp its own keys
+    float* sdst = spt + BLOCK * BLOCK;  // [BLOCK keys][BLOCK rows] dSᵀ
+    float* slse = sdst + BLOCK * BLOCK; // [BLOCK]
+    float* sd = slse + BLOCK;           // [BLOCK]
+
+    const float scale = 1.0f / sqrtf((float)hs);
+    att_load_tile<BLOCK>(sk, k_src, stride, kb * BLOCK, t, hs, hsp, 1.0f);
+    att_load_tile<BLOCK>(sv, v_src, stride, kb * BLOCK, t, hs, hsp, 1.0f);
+
+    float dk[KPW][ATT_DPL], dv[KPW][ATT_DPL];
+ATT_UNROLL
+    for (int i = 0; i < KPW; ++i)
+ATT_UNROLL
+        for (int dd = 0; dd < ATT_DPL; ++dd) dk[i][dd] = dv[i][dd] = 0.0f;
+
+    const unsigned e0 = col_start[kb], e1 = col_start[kb + 1];
+    for (unsigned e = e0; e < e1; ++e) {
+        const int qb = col_block[e];
+        const unsigned moff = col_mask[e];
+        const int valid_rows = min(BLOCK, t - qb * BLOCK);
+        __syncthreads();  // the previous query block's tiles are no longer read
+        att_load_tile<BLOCK>(sq, q_src, stride, qb * BLOCK, t, hs, hsp, scale);
+        att_load_tile<BLOCK>(sdo, do_src, c, qb * BLOCK, t, hs, hsp, 1.0f);
+        for (int r = threadIdx.x; r < BLOCK; r += ATT_THREADS) {
+            const bool ok = r < valid_rows;
+            slse[r] = ok ? lse[stat0 + (long)qb * BLOCK + r] : 0.0f;
+            sd[r] = ok ? d_buf[stat0 + (long)qb * BLOCK + r] : 0.0f;
+        }
+        __syncthreads();
+
+        // Sᵀ = k·q and dPᵀ = v·dO for this warp's keys against the lane's query rows.
+        float s[KPW][QPL], dp[KPW][QPL];
+ATT_UNROLL
+        for (int i = 0; i < KPW; ++i)
+ATT_UNROLL
+            for (int j = 0; j < QPL; ++j) s[i][j] = dp[i][j] = 0.0f;
+ATT_UNROLL
+        for (int j = 0; j < QPL; ++j) {
+            const int r = lane + 32 * j;
+            if (r < BLOCK) {
+                for (int d = 0; d < hsp; d += 4) {
+                    float4 qv = *reinterpret_cast<const float4*>(sq + r * hsp + d);
+                    float4 gv = *reinterpret_cast<const float4*>(sdo + r * hsp + d);
+ATT_UNROLL
+                    for (int i = 0; i < KPW; ++i) {
+                        const int k = warp * KPW + i;
+                        float4 kv = *reinterpret_cast<const float4*>(sk + k * hsp + d);
+                        float4 vv = *reinterpret_cast<const float4*>(sv + k * hsp + d);
+                        s[i][j] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                        dp[i][j] += gv.x * vv.x + gv.y * vv.y + gv.z * vv.z + gv.w * vv.w;
+                    }
+                }
+            }
+        }
+ATT_UNROLL
+        for (int i = 0; i < KPW; ++i) {
+            const int k = warp * KPW + i;
+ATT_UNROLL
+            for (int j = 0; j < QPL; ++j) {
+                const int r = lane + 32 * j;
+                if (r < BLOCK) {
+                    const bool ok = r < valid_rows && att_allowed(masks, moff, r, k, valid_keys);
+                    const float p = ok ? __expf(s[i][j] - slse[r]) : 0.0f;
+                    spt[k * BLOCK + r] = p;
+                    sdst[k * BLOCK + r] = p * (dp[i][j] - sd[r]);
+                }
+            }
+        }
+        __syncwarp(TS_FULL_MASK);  // the warp's Pᵀ and dSᵀ rows are in shared memory
+
+        // dV += Pᵀ dO, dK += dSᵀ q (q already scaled) for the lane's head dims.
+        for (int r = 0; r < BLOCK; r += 4) {
+ATT_UNROLL
+            for (int dd = 0; dd < ATT_DPL; ++dd) {
+                const int d = lane + 32 * dd;
+                if (d < hs) {
+                    const float g0 = sdo[(r + 0) * hsp + d], g1 = sdo[(r + 1) * hsp + d];
+                    const float g2 = sdo[(r + 2) * hsp + d], g3 = sdo[(r + 3) * hsp + d];
+                    const float q0 = sq[(r + 0) * hsp + d], q1 = sq[(r + 1) * hsp + d];
+                    const float q2 = sq[(r + 2) * hsp + d], q3 = sq[(r + 3) * hsp + d];
+ATT_UNROLL
+                    for (int i = 0; i < KPW; ++i) {
+                        const int k = warp * KPW + i;
+                        float4 p = *reinterpret_cast<const float4*>(spt + k * BLOCK + r);
+                        float4 g = *reinterpret_cast<const float4*>(sdst + k * BLOCK + r);
+                        dv[i][dd] += p.x * g0 + p.y * g1 + p.z * g2 + p.w * g3;
+                        dk[i][dd] += g.x * q0 + g.y * q1 + g.z * q2 + g.w * q3;
+                    }
+                }
+            }
+        }
+    }
+
+ATT_UNROLL
+    for (int i = 0; i < KPW; ++i) {
+        const int k = warp * KPW + i;
+        if (k < valid_keys) {
+            const long at = ((long)b * t + (long)kb * BLOCK + k) * stride + (long)h * hs;
+ATT_UNROLL
+            for (int dd = 0; dd < ATT_DPL; ++dd) {
+                const int d = lane + 32 * dd;
+                if (d < hs) {
+                    ts_store(dqkv, at + c + d, dk[i][dd]);
+                    ts_store(dqkv, at + 2 * c + d, dv[i][dd]);
+                }
+            }
+        }
+    }
+}
+
 extern "C" __global__ void attention_forward_f32_b8(float* out, float* lse, const float* qkv,
                                                    const unsigned* row_start,
                                                    const unsigned* row_block,
                                                    const unsigned* row_mask,
                                                    const unsigned* masks, int t, int nh, int hs) {
     attention_forward<float, 8>(out, lse, qkv, row_start, row_block, row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dq_f32_b8(float* dqkv, float* d_buf,
+                                                       const float* dout,
+                                                       const float* qkv, const float* out,
+                                                       const float* lse,
+                                                       const unsigned* row_start,
+                                                       const unsigned* row_block,
+                                                       const unsigned* row_mask,
+                                                       const unsigned* masks, int t, int nh,
+                                                       int hs) {
+    attention_backward_dq<float, 8>(dqkv, d_buf, dout, qkv, out, lse, row_start, row_block,
+                                    row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dkv_f32_b8(float* dqkv, const float* dout,
+                                                        const float* qkv, const float* lse,
+                                                        const float* d_buf,
+                                                        const unsigned* col_start,
+                                                        const unsigned* col_block,
+                                                        const unsigned* col_mask,
+                                                        const unsigned* masks, int t, int nh,
+                                                        int hs) {
+    attention_backward_dkv<float, 8>(dqkv, dout, qkv, lse, d_buf, col_start, col_block, col_mask,
+                                     masks, t, nh, hs);
 }
 
 extern "C" __global__ void attention_forward_f32_b32(float* out, float* lse, const float* qkv,
@@ -241,6 +557,31 @@ extern "C" __global__ void attention_forward_f32_b32(float* out, float* lse, con
     attention_forward<float, 32>(out, lse, qkv, row_start, row_block, row_mask, masks, t, nh, hs);
 }
 
+extern "C" __global__ void attention_backward_dq_f32_b32(float* dqkv, float* d_buf,
+                                                       const float* dout,
+                                                       const float* qkv, const float* out,
+                                                       const float* lse,
+                                                       const unsigned* row_start,
+                                                       const unsigned* row_block,
+                                                       const unsigned* row_mask,
+                                                       const unsigned* masks, int t, int nh,
+                                                       int hs) {
+    attention_backward_dq<float, 32>(dqkv, d_buf, dout, qkv, out, lse, row_start, row_block,
+                                    row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dkv_f32_b32(float* dqkv, const float* dout,
+                                                        const float* qkv, const float* lse,
+                                                        const float* d_buf,
+                                                        const unsigned* col_start,
+                                                        const unsigned* col_block,
+                                                        const unsigned* col_mask,
+                                                        const unsigned* masks, int t, int nh,
+                                                        int hs) {
+    attention_backward_dkv<float, 32>(dqkv, dout, qkv, lse, d_buf, col_start, col_block, col_mask,
+                                     masks, t, nh, hs);
+}
+
 extern "C" __global__ void attention_forward_f16_b8(__half* out, float* lse, const __half* qkv,
                                                    const unsigned* row_start,
                                                    const unsigned* row_block,
@@ -249,10 +590,60 @@ extern "C" __global__ void attention_forward_f16_b8(__half* out, float* lse, con
     attention_forward<__half, 8>(out, lse, qkv, row_start, row_block, row_mask, masks, t, nh, hs);
 }
 
+extern "C" __global__ void attention_backward_dq_f16_b8(__half* dqkv, float* d_buf,
+                                                       const __half* dout,
+                                                       const __half* qkv, const __half* out,
+                                                       const float* lse,
+                                                       const unsigned* row_start,
+                                                       const unsigned* row_block,
+                                                       const unsigned* row_mask,
+                                                       const unsigned* masks, int t, int nh,
+                                                       int hs) {
+    attention_backward_dq<__half, 8>(dqkv, d_buf, dout, qkv, out, lse, row_start, row_block,
+                                    row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dkv_f16_b8(__half* dqkv, const __half* dout,
+                                                        const __half* qkv, const float* lse,
+                                                        const float* d_buf,
+                                                        const unsigned* col_start,
+                                                        const unsigned* col_block,
+                                                        const unsigned* col_mask,
+                                                        const unsigned* masks, int t, int nh,
+                                                        int hs) {
+    attention_backward_dkv<__half, 8>(dqkv, dout, qkv, lse, d_buf, col_start, col_block, col_mask,
+                                     masks, t, nh, hs);
+}
+
 extern "C" __global__ void attention_forward_f16_b32(__half* out, float* lse, const __half* qkv,
                                                    const unsigned* row_start,
                                                    const unsigned* row_block,
                                                    const unsigned* row_mask,
                                                    const unsigned* masks, int t, int nh, int hs) {
     attention_forward<__half, 32>(out, lse, qkv, row_start, row_block, row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dq_f16_b32(__half* dqkv, float* d_buf,
+                                                       const __half* dout,
+                                                       const __half* qkv, const __half* out,
+                                                       const float* lse,
+                                                       const unsigned* row_start,
+                                                       const unsigned* row_block,
+                                                       const unsigned* row_mask,
+                                                       const unsigned* masks, int t, int nh,
+                                                       int hs) {
+    attention_backward_dq<__half, 32>(dqkv, d_buf, dout, qkv, out, lse, row_start, row_block,
+                                    row_mask, masks, t, nh, hs);
+}
+
+extern "C" __global__ void attention_backward_dkv_f16_b32(__half* dqkv, const __half* dout,
+                                                        const __half* qkv, const float* lse,
+                                                        const float* d_buf,
+                                                        const unsigned* col_start,
+                                                        const unsigned* col_block,
+                                                        const unsigned* col_mask,
+                                                        const unsigned* masks, int t, int nh,
+                                                        int hs) {
+    attention_backward_dkv<__half, 32>(dqkv, dout, qkv, lse, d_buf, col_start, col_block, col_mask,
+                                     masks, t, nh, hs);
 }

@@ -61,6 +61,23 @@ pub trait AttentionOps: Device {
         nh: usize,
         hs: usize,
     ) -> Result<()>;
+
+    /// [`attention_backward`] on this device: `dqkv` is overwritten; `out` and `lse` are the
+    /// forward pass's.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward<T: Elem>(
+        &self,
+        dqkv: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        qkv: &Self::Buf<T>,
+        out: &Self::Buf<T>,
+        lse: &Self::Buf<f32>,
+        layout: &Self::Layout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()>;
 }
 
 impl AttentionOps for Cpu {
@@ -85,6 +102,27 @@ impl AttentionOps for Cpu {
         let mut o = vec![0.0f32; out.len()];
         attention_forward(&mut o, lse, &widen(qkv), layout, b, t, nh, hs)?;
         *out = narrow(&o);
+        Ok(())
+    }
+
+    /// The f32 reference on the widened inputs, `dqkv` rounded to `T`.
+    fn attention_backward<T: Elem>(
+        &self,
+        dqkv: &mut Vec<T>,
+        dout: &Vec<T>,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<f32>,
+        layout: &BlockLayout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut g = vec![0.0f32; dqkv.len()];
+        let (dout, qkv, out) = (widen(dout), widen(qkv), widen(out));
+        attention_backward(&mut g, &dout, &qkv, &out, lse, layout, b, t, nh, hs)?;
+        *dqkv = narrow(&g);
         Ok(())
     }
 }

@@ -1,11 +1,17 @@
-//! Launchers of `kernels/cuda/attention.cu`: block-sparse attention forward (and backward) for
+//! Launchers of `kernels/cuda/attention.cu`: block-sparse attention forward and backward for
 //! [`Gpu`] over either runtime.
+//!
+//! The backward pass is two launches, with no atomics (deterministic): `backward_dq` per query
+//! block (D = rowsum(dO ∘ O) into a scratch `[B, NH, T]` buffer, and dQ), then `backward_dkv`
+//! per key block over the transposed table (dK, dV). Every element of `dqkv` is written by
+//! exactly one block: every key block holds its diagonal pair, so it has at least one entry.
 //!
 //! The layout's tables are uploaded once per [`BlockLayout`] ([`GpuAttentionLayout`]), as `u32`
 //! arrays built from the very table the CPU reference walks, so both visit the same blocks with
 //! the same intra-block masks by construction.
 //!
-//! Kernels are compiled per element type and block size: `attention_forward_{f16,f32}_b{8,32}`.
+//! Kernels are compiled per element type and block size: `attention_{op}_{f16,f32}_b{8,32}` for
+//! op `forward`, `backward_dq`, `backward_dkv`.
 //! Block 32 is the one the GPU uses ([`GPU_BLOCK`]); block 8 exists so that the emulator tests
 //! exercise many blocks at small, fast shapes.
 
@@ -33,11 +39,8 @@ pub struct GpuAttentionLayout<R: Runtime> {
     row_start: R::Buf<u32>,
     row_block: R::Buf<u32>,
     row_mask: R::Buf<u32>,
-    #[allow(dead_code)] // the transposed table: read by the backward launcher
     col_start: R::Buf<u32>,
-    #[allow(dead_code)]
     col_block: R::Buf<u32>,
-    #[allow(dead_code)]
     col_mask: R::Buf<u32>,
     masks: R::Buf<u32>,
 }
@@ -125,6 +128,14 @@ fn kernel_name<T: Elem>(op: &'static str, block: usize) -> Result<&'static str> 
         ("forward", "f32", 32) => "attention_forward_f32_b32",
         ("forward", "f16", 8) => "attention_forward_f16_b8",
         ("forward", "f16", 32) => "attention_forward_f16_b32",
+        ("backward_dq", "f32", 8) => "attention_backward_dq_f32_b8",
+        ("backward_dq", "f32", 32) => "attention_backward_dq_f32_b32",
+        ("backward_dq", "f16", 8) => "attention_backward_dq_f16_b8",
+        ("backward_dq", "f16", 32) => "attention_backward_dq_f16_b32",
+        ("backward_dkv", "f32", 8) => "attention_backward_dkv_f32_b8",
+        ("backward_dkv", "f32", 32) => "attention_backward_dkv_f32_b32",
+        ("backward_dkv", "f16", 8) => "attention_backward_dkv_f16_b8",
+        ("backward_dkv", "f16", 32) => "attention_backward_dkv_f16_b32",
         (_, dtype, _) => {
             return Err(KernelError::Shape {
                 op: "attention",
@@ -266,6 +277,70 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         // dimensions, and the tables were built from this layout, whose T the dimensions match.
         unsafe { rt.launch(k, cfg, &args) }
     }
+
+    fn attention_backward<T: Elem>(
+        &self,
+        dqkv: &mut R::Buf<T>,
+        dout: &R::Buf<T>,
+        qkv: &R::Buf<T>,
+        out: &R::Buf<T>,
+        lse: &R::Buf<f32>,
+        layout: &GpuAttentionLayout<R>,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let block = layout.layout.block();
+        let kq = kernel_name::<T>("backward_dq", block)?;
+        let kkv = kernel_name::<T>("backward_dkv", block)?;
+        let d = check_dims(kq, &layout.layout, b, t, nh, hs)?;
+        let rt = &self.0;
+        check_buf(rt, kq, "dqkv", dqkv, d.qkv)?;
+        check_buf(rt, kq, "dout", dout, d.out)?;
+        check_buf(rt, kq, "qkv", qkv, d.qkv)?;
+        check_buf(rt, kq, "out", out, d.out)?;
+        check_buf(rt, kq, "lse", lse, d.lse)?;
+        let tile = block * hsp(hs);
+        let cfg_q = cfg(kq, d.grid, 4 * tile + block * block)?;
+        let cfg_kv = cfg(kkv, d.grid, 4 * tile + 2 * block * block + 2 * block)?;
+        if b == 0 {
+            return Ok(());
+        }
+        let mut d_buf = rt.zeros::<f32>(d.lse)?;
+        let args = Args::new()
+            .ptr(rt.addr_mut(dqkv))
+            .ptr(rt.addr_mut(&mut d_buf))
+            .ptr(rt.addr(dout))
+            .ptr(rt.addr(qkv))
+            .ptr(rt.addr(out))
+            .ptr(rt.addr(lse))
+            .ptr(rt.addr(&layout.row_start))
+            .ptr(rt.addr(&layout.row_block))
+            .ptr(rt.addr(&layout.row_mask))
+            .ptr(rt.addr(&layout.masks))
+            .i32(d.t)
+            .i32(d.nh)
+            .i32(d.hs);
+        // SAFETY: the arguments are the kernel's; every buffer was checked against the
+        // dimensions (d_buf has lse's shape), the tables match the layout whose T was checked.
+        unsafe { rt.launch(kq, cfg_q, &args)? };
+        let args = Args::new()
+            .ptr(rt.addr_mut(dqkv))
+            .ptr(rt.addr(dout))
+            .ptr(rt.addr(qkv))
+            .ptr(rt.addr(lse))
+            .ptr(rt.addr(&d_buf))
+            .ptr(rt.addr(&layout.col_start))
+            .ptr(rt.addr(&layout.col_block))
+            .ptr(rt.addr(&layout.col_mask))
+            .ptr(rt.addr(&layout.masks))
+            .i32(d.t)
+            .i32(d.nh)
+            .i32(d.hs);
+        // SAFETY: as above; this launch follows the first on the same stream (it reads d_buf).
+        unsafe { rt.launch(kkv, cfg_kv, &args) }
+    }
 }
 
 #[cfg(test)]
@@ -357,6 +432,65 @@ mod tests {
         forward_parity::<half::f16>(&SMALL, (1e-3, 2e-3), (2e-5, 2e-5));
     }
 
+    /// Backward through `Cpu` and `Gpu(Emu(s))` for every schedule, from the same inputs: `qkv`,
+    /// `dout`, and `out`, `lse` of the CPU forward (so that only the backward is compared).
+    fn backward_parity<T: Elem>(cases: &[Case], tol: (f32, f32)) {
+        for &(tt, g, block, b, nh, hs) in cases {
+            for kind in KINDS {
+                let layout = BlockLayout::new(tt, g, kind, block).unwrap();
+                let t = layout.seq_len();
+                let qkv: Vec<T> = narrow(&rand_vec(b * t * 3 * nh * hs, 2.0, 9 + t as u64));
+                let dout: Vec<T> = narrow(&rand_vec(b * t * nh * hs, 1.0, 10 + t as u64));
+                let cl = Cpu.attention_layout(&layout).unwrap();
+                let mut out = vec![T::default(); b * t * nh * hs];
+                let mut lse = vec![0.0f32; b * nh * t];
+                Cpu.attention_forward(&mut out, &mut lse, &qkv, &cl, b, t, nh, hs)
+                    .unwrap();
+                let mut want = vec![T::default(); b * t * 3 * nh * hs];
+                Cpu.attention_backward(&mut want, &dout, &qkv, &out, &lse, &cl, b, t, nh, hs)
+                    .unwrap();
+                let want = widen(&want);
+                for s in Schedule::ALL {
+                    let dev = Gpu(Emu::new(s));
+                    let l = dev.attention_layout(&layout).unwrap();
+                    // Filled with a value the kernels must overwrite everywhere.
+                    let mut dqkv = dev
+                        .upload(&vec![T::from_f32(7.0); b * t * 3 * nh * hs])
+                        .unwrap();
+                    let up = |v: &[T]| dev.upload(v).unwrap();
+                    let (dq, q, o) = (up(&dout), up(&qkv), up(&out));
+                    let lse = dev.upload(&lse).unwrap();
+                    dev.attention_backward(&mut dqkv, &dq, &q, &o, &lse, &l, b, t, nh, hs)
+                        .unwrap();
+                    let at = format!(
+                        "dqkv {} {kind:?} tt {tt} g {g} block {block} hs {hs} {s:?}",
+                        T::DTYPE
+                    );
+                    close(
+                        &at,
+                        &widen(&dev.download(&dqkv).unwrap()),
+                        &want,
+                        tol.0,
+                        tol.1,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_the_cpu_reference_in_f32() {
+        // Same f32 inputs; only the summation order differs (dS = P·(dP − D) cancels, so the
+        // absolute tolerance is a little wider than the forward's).
+        backward_parity::<f32>(&SMALL, (5e-5, 5e-5));
+    }
+
+    #[test]
+    fn backward_matches_the_cpu_reference_in_f16() {
+        // dqkv rounded to f16 on both sides: one f16 step (2⁻¹⁰ relative) plus the f32 round-off.
+        backward_parity::<half::f16>(&SMALL, (1e-4, 2e-3));
+    }
+
     #[test]
     fn bad_shapes_are_errors_before_any_launch() {
         let dev = Gpu(Emu::new(Schedule::Forward));
@@ -394,6 +528,54 @@ mod tests {
         assert!(e.contains("u32"), "{e}");
         // The right shapes run.
         dev.attention_forward(&mut out, &mut lse, &qkv, &l, b, t, nh, hs)
+            .unwrap();
+        let mut dqkv = vec![0.0f32; b * t * 3 * nh * hs];
+        let dout = out.clone();
+        let e = err(dev.attention_backward(
+            &mut dqkv[1..].to_vec(),
+            &dout,
+            &qkv,
+            &out,
+            &lse,
+            &l,
+            b,
+            t,
+            nh,
+            hs,
+        ));
+        assert!(
+            e.contains("attention_backward_dq_f32_b8") && e.contains("`dqkv`"),
+            "{e}"
+        );
+        let e = err(dev.attention_backward(
+            &mut dqkv,
+            &dout[1..].to_vec(),
+            &qkv,
+            &out,
+            &lse,
+            &l,
+            b,
+            t,
+            nh,
+            hs,
+        ));
+        assert!(e.contains("`dout`"), "{e}");
+        let e = err(dev.attention_backward(
+            &mut dqkv,
+            &dout,
+            &qkv,
+            &out[1..].to_vec(),
+            &lse,
+            &l,
+            b,
+            t,
+            nh,
+            hs,
+        ));
+        assert!(e.contains("`out`"), "{e}");
+        let e = err(dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &l, b, t, nh, 72));
+        assert!(e.contains("head size 72"), "{e}");
+        dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &l, b, t, nh, hs)
             .unwrap();
     }
 }
