@@ -491,6 +491,104 @@ mod tests {
         backward_parity::<half::f16>(&SMALL, (1e-4, 2e-3));
     }
 
+    /// The transposed table lists exactly the entries of the forward table, per key block in
+    /// increasing query block order, with the same masks.
+    #[test]
+    fn transposed_table_holds_the_same_entries() {
+        for kind in [
+            MaskKind::Row,
+            MaskKind::Column,
+            MaskKind::Conv { kernel: 5 },
+        ] {
+            let layout = BlockLayout::new(8, 6, kind, 8).unwrap();
+            let (rs, rb, rm, cs, cb, cm, masks) = tables(&layout).unwrap();
+            let nb = layout.num_blocks();
+            let mut forward = Vec::new();
+            for qb in 0..nb {
+                for e in rs[qb]..rs[qb + 1] {
+                    forward.push((rb[e as usize], qb as u32, rm[e as usize]));
+                }
+            }
+            let mut transposed = Vec::new();
+            for kb in 0..nb {
+                let qbs = &cb[cs[kb] as usize..cs[kb + 1] as usize];
+                assert!(
+                    qbs.windows(2).all(|w| w[0] < w[1]),
+                    "{kind:?} key block {kb}"
+                );
+                assert!(
+                    qbs.contains(&(kb as u32)),
+                    "{kind:?}: key block {kb} lacks its diagonal"
+                );
+                for e in cs[kb]..cs[kb + 1] {
+                    transposed.push((kb as u32, cb[e as usize], cm[e as usize]));
+                }
+            }
+            forward.sort_unstable();
+            assert_eq!(forward, transposed, "{kind:?}");
+            let words: Vec<u64> = masks
+                .chunks_exact(2)
+                .map(|w| u64::from(w[0]) | u64::from(w[1]) << 32)
+                .collect();
+            assert_eq!(words, layout.masks(), "{kind:?}");
+        }
+    }
+
+    /// The parity tests on a real GPU, at block 32 and the paper's T = 1280 with HS 64. Needs one
+    /// (`cargo test -p kernels --lib cuda_ -- --ignored`); fails without.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_matches_the_cpu_reference() {
+        use crate::gpu::Cuda;
+        let dev = Gpu(Cuda::new(0).expect("a CUDA GPU"));
+        let (b, nh, hs) = (2, 2, 64);
+        for kind in [
+            MaskKind::Row,
+            MaskKind::Column,
+            MaskKind::Conv { kernel: 11 },
+        ] {
+            for (tt, g) in [(256, 32), (8, 6)] {
+                let layout = BlockLayout::new(tt, g, kind, GPU_BLOCK).unwrap();
+                let t = layout.seq_len();
+                let qkv: Vec<half::f16> = narrow(&rand_vec(b * t * 3 * nh * hs, 2.0, 3));
+                let dout: Vec<half::f16> = narrow(&rand_vec(b * t * nh * hs, 1.0, 4));
+                let cl = Cpu.attention_layout(&layout).unwrap();
+                let mut out = vec![half::f16::ZERO; b * t * nh * hs];
+                let mut lse = vec![0.0f32; b * nh * t];
+                Cpu.attention_forward(&mut out, &mut lse, &qkv, &cl, b, t, nh, hs)
+                    .unwrap();
+                let mut dqkv = vec![half::f16::ZERO; b * t * 3 * nh * hs];
+                Cpu.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cl, b, t, nh, hs)
+                    .unwrap();
+
+                let l = dev.attention_layout(&layout).unwrap();
+                let (q, d) = (dev.upload(&qkv).unwrap(), dev.upload(&dout).unwrap());
+                let mut g_out = dev.zeros::<half::f16>(out.len()).unwrap();
+                let mut g_lse = dev.zeros::<f32>(lse.len()).unwrap();
+                dev.attention_forward(&mut g_out, &mut g_lse, &q, &l, b, t, nh, hs)
+                    .unwrap();
+                let at = format!("{kind:?} tt {tt} g {g}");
+                let got = widen(&dev.download(&g_out).unwrap());
+                close(&format!("out {at}"), &got, &widen(&out), 1e-3, 2e-3);
+                // __expf on the GPU is an approximation: a few f32 steps more than the CPU's.
+                close(
+                    &format!("lse {at}"),
+                    &dev.download(&g_lse).unwrap(),
+                    &lse,
+                    1e-4,
+                    1e-5,
+                );
+                // The backward from the CPU's forward outputs, as in the emulator tests.
+                let (o, ls) = (dev.upload(&out).unwrap(), dev.upload(&lse).unwrap());
+                let mut g_dqkv = dev.zeros::<half::f16>(dqkv.len()).unwrap();
+                dev.attention_backward(&mut g_dqkv, &d, &q, &o, &ls, &l, b, t, nh, hs)
+                    .unwrap();
+                let got = widen(&dev.download(&g_dqkv).unwrap());
+                close(&format!("dqkv {at}"), &got, &widen(&dqkv), 2e-4, 4e-3);
+            }
+        }
+    }
+
     #[test]
     fn bad_shapes_are_errors_before_any_launch() {
         let dev = Gpu(Emu::new(Schedule::Forward));
