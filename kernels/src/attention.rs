@@ -9,7 +9,10 @@
 //!   of key bits per query row). This is what a CUDA launcher uploads;
 //! - [`attention_forward`] / [`attention_backward`]: flash-attention-style CPU references that visit
 //!   only the non-zero blocks of the layout. No `T × T` matrix exists anywhere: forward saves the
-//!   per-row log-sum-exp, backward recomputes the probabilities from it.
+//!   per-row log-sum-exp, backward recomputes the probabilities from it;
+//! - [`AttentionOps`]: both on a [`Device`]; for [`Cpu`] these references (on widened inputs), for
+//!   `Gpu` the CUDA kernels of `kernels/cuda/attention.cu` (launchers in `gpu::attention`), which
+//!   read the same [`BlockLayout`] tables.
 //!
 //! Invariants the code cannot show:
 //! - scores are scaled by `1/sqrt(HS)` (applied to q once, when it is gathered);

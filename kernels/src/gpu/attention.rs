@@ -411,11 +411,13 @@ mod tests {
         }
     }
 
-    /// Block 8 cuts T = 8 + 36 = 44 into 6 blocks (the last partial), T = 5 + 16 = 21 into 3;
-    /// head sizes below one warp and between one and two.
-    const SMALL: [Case; 3] = [
+    /// Block 8 cuts T = 8 + 36 = 44 into 6 blocks (the last partial), T = 5 + 16 = 21 into 3,
+    /// T = 0 + 25 (no text) into 4; block 32 cuts T = 44 into 2. Head sizes below one warp,
+    /// between one and two, and odd (padding columns inside a float4).
+    const SMALL: [Case; 4] = [
         (8, 6, 8, 2, 2, 8),
         (5, 4, 8, 1, 2, 40),
+        (0, 5, 8, 1, 1, 5),
         (8, 6, 32, 1, 1, 16),
     ];
 
