@@ -35,8 +35,15 @@
 //
 // Shared memory is dynamic, sized by the launcher (forward: q, k, v tiles and BLOCK × BLOCK
 // probabilities; dq: four tiles and dS; dkv: four tiles, Pᵀ, dSᵀ and two BLOCK vectors): tiles
-// of BLOCK rows × HSP floats, HSP = HS rounded up to 32, plus 4, so that
-// lane-distinct rows read as float4 fall in distinct banks; the padding columns hold zeros.
+// of BLOCK rows × HSP floats, HSP = HS rounded up to 32, plus 4, so that lane-distinct rows
+// read as float4 fall in distinct banks; the padding columns hold zeros. At BLOCK 32, HS 64:
+// 30, 39 and 43 KiB.
+//
+// Exported: attention_{forward,backward_dq,backward_dkv}_{f16,f32}_b{8,32}. The GPU runs f16 at
+// block 32; block 8 keeps the emulator tests small while still cutting T into many blocks.
+// The products are SIMT f32 FMAs from shared memory (register tiles of BLOCK/4 rows × 1 key per
+// thread), not tensor cores: the emulator models no MMA, and these are the correctness-first
+// version. An mma.sync (m16n8k16, f16 in, f32 accumulate) path behind common.cuh is the next step.
 #include "common.cuh"
 
 // Full unrolling of the register-tile loops (the emulator's compiler does not know the pragma).
