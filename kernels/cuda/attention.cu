@@ -106,6 +106,18 @@ __device__ __forceinline__ float att_dot(const float* __restrict__ a, const floa
     return s;
 }
 
+// Four consecutive rows of a shared tile at the lane's head dims: out[dd] = rows 0..3 of column
+// lane + 32·dd (zeros for columns at or past hs).
+__device__ __forceinline__ void att_column4(float4 (&out)[ATT_DPL], const float* __restrict__ rows,
+                                            int hsp, int lane, int hs) {
+ATT_UNROLL
+    for (int dd = 0; dd < ATT_DPL; ++dd) {
+        const int d = lane + 32 * dd;
+        out[dd] = d < hs ? make_float4(rows[d], rows[hsp + d], rows[2 * hsp + d], rows[3 * hsp + d])
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -208,18 +220,14 @@ ATT_UNROLL
 
         // acc += P V for the lane's head dims.
         for (int k = 0; k < BLOCK; k += 4) {
+            float4 v[ATT_DPL];
+            att_column4(v, sv + k * hsp, hsp, lane, hs);
 ATT_UNROLL
-            for (int dd = 0; dd < ATT_DPL; ++dd) {
-                const int d = lane + 32 * dd;
-                if (d < hs) {
-                    const float v0 = sv[(k + 0) * hsp + d], v1 = sv[(k + 1) * hsp + d];
-                    const float v2 = sv[(k + 2) * hsp + d], v3 = sv[(k + 3) * hsp + d];
+            for (int i = 0; i < RPW; ++i) {
+                float4 p = *reinterpret_cast<const float4*>(sp + (warp * RPW + i) * BLOCK + k);
 ATT_UNROLL
-                    for (int i = 0; i < RPW; ++i) {
-                        const float* pr = sp + (warp * RPW + i) * BLOCK + k;
-                        float4 p = *reinterpret_cast<const float4*>(pr);
-                        acc[i][dd] += p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
-                    }
+                for (int dd = 0; dd < ATT_DPL; ++dd) {
+                    acc[i][dd] += p.x * v[dd].x + p.y * v[dd].y + p.z * v[dd].z + p.w * v[dd].w;
                 }
             }
         }
@@ -347,18 +355,14 @@ ATT_UNROLL
 
         // acc += dS K for the lane's head dims.
         for (int k = 0; k < BLOCK; k += 4) {
+            float4 kc[ATT_DPL];
+            att_column4(kc, sk + k * hsp, hsp, lane, hs);
 ATT_UNROLL
-            for (int dd = 0; dd < ATT_DPL; ++dd) {
-                const int d = lane + 32 * dd;
-                if (d < hs) {
-                    const float k0 = sk[(k + 0) * hsp + d], k1 = sk[(k + 1) * hsp + d];
-                    const float k2 = sk[(k + 2) * hsp + d], k3 = sk[(k + 3) * hsp + d];
+            for (int i = 0; i < RPW; ++i) {
+                float4 g = *reinterpret_cast<const float4*>(sds + (warp * RPW + i) * BLOCK + k);
 ATT_UNROLL
-                    for (int i = 0; i < RPW; ++i) {
-                        const float* gr = sds + (warp * RPW + i) * BLOCK + k;
-                        float4 g = *reinterpret_cast<const float4*>(gr);
-                        acc[i][dd] += g.x * k0 + g.y * k1 + g.z * k2 + g.w * k3;
-                    }
+                for (int dd = 0; dd < ATT_DPL; ++dd) {
+                    acc[i][dd] += g.x * kc[dd].x + g.y * kc[dd].y + g.z * kc[dd].z + g.w * kc[dd].w;
                 }
             }
         }
@@ -485,22 +489,18 @@ ATT_UNROLL
 
         // dV += Pᵀ dO, dK += dSᵀ q (q already scaled) for the lane's head dims.
         for (int r = 0; r < BLOCK; r += 4) {
+            float4 go[ATT_DPL], qc[ATT_DPL];
+            att_column4(go, sdo + r * hsp, hsp, lane, hs);
+            att_column4(qc, sq + r * hsp, hsp, lane, hs);
 ATT_UNROLL
-            for (int dd = 0; dd < ATT_DPL; ++dd) {
-                const int d = lane + 32 * dd;
-                if (d < hs) {
-                    const float g0 = sdo[(r + 0) * hsp + d], g1 = sdo[(r + 1) * hsp + d];
-                    const float g2 = sdo[(r + 2) * hsp + d], g3 = sdo[(r + 3) * hsp + d];
-                    const float q0 = sq[(r + 0) * hsp + d], q1 = sq[(r + 1) * hsp + d];
-                    const float q2 = sq[(r + 2) * hsp + d], q3 = sq[(r + 3) * hsp + d];
+            for (int i = 0; i < KPW; ++i) {
+                const int k = warp * KPW + i;
+                float4 p = *reinterpret_cast<const float4*>(spt + k * BLOCK + r);
+                float4 g = *reinterpret_cast<const float4*>(sdst + k * BLOCK + r);
 ATT_UNROLL
-                    for (int i = 0; i < KPW; ++i) {
-                        const int k = warp * KPW + i;
-                        float4 p = *reinterpret_cast<const float4*>(spt + k * BLOCK + r);
-                        float4 g = *reinterpret_cast<const float4*>(sdst + k * BLOCK + r);
-                        dv[i][dd] += p.x * g0 + p.y * g1 + p.z * g2 + p.w * g3;
-                        dk[i][dd] += g.x * q0 + g.y * q1 + g.z * q2 + g.w * q3;
-                    }
+                for (int dd = 0; dd < ATT_DPL; ++dd) {
+                    dv[i][dd] += p.x * go[dd].x + p.y * go[dd].y + p.z * go[dd].z + p.w * go[dd].w;
+                    dk[i][dd] += g.x * qc[dd].x + g.y * qc[dd].y + g.z * qc[dd].z + g.w * qc[dd].w;
                 }
             }
         }
