@@ -9,7 +9,10 @@
 //!   of key bits per query row). This is what a CUDA launcher uploads;
 //! - [`attention_forward`] / [`attention_backward`]: flash-attention-style CPU references that visit
 //!   only the non-zero blocks of the layout. No `T × T` matrix exists anywhere: forward saves the
-//!   per-row log-sum-exp, backward recomputes the probabilities from it.
+//!   per-row log-sum-exp, backward recomputes the probabilities from it;
+//! - [`AttentionOps`]: both on a [`Device`]; for [`Cpu`] these references (on widened inputs), for
+//!   `Gpu` the CUDA kernels of `kernels/cuda/attention.cu` (launchers in `gpu::attention`), which
+//!   read the same [`BlockLayout`] tables.
 //!
 //! Invariants the code cannot show:
 //! - scores are scaled by `1/sqrt(HS)` (applied to q once, when it is gathered);
@@ -31,8 +34,101 @@
 
 use rayon::prelude::*;
 
+use crate::device::{narrow, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::{fast_exp, fmadd, max8, sum8, Isa};
+
+/// Block-sparse attention on a [`Device`] (the CUDA kernels: `kernels/cuda/attention.cu`).
+///
+/// `qkv`, `out` (and in the backward pass `dout`, `dqkv`) are stored as `T`: f16 on the GPU, as
+/// the qkv and projection matmuls read and write them (DESIGN.md, Precision), or f32; `lse` is
+/// always f32 and all arithmetic is f32. Shapes and what is overwritten as the module doc says.
+pub trait AttentionOps: Device {
+    /// A [`BlockLayout`]'s tables where this device's kernels read them; built once per layout
+    /// with [`AttentionOps::attention_layout`], used by every call.
+    type Layout;
+
+    /// Uploads `layout`'s tables.
+    fn attention_layout(&self, layout: &BlockLayout) -> Result<Self::Layout>;
+
+    /// [`attention_forward`] on this device: `out` and `lse` are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward<T: Elem>(
+        &self,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
+        qkv: &Self::Buf<T>,
+        layout: &Self::Layout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()>;
+
+    /// [`attention_backward`] on this device: `dqkv` is overwritten; `out` and `lse` are the
+    /// forward pass's.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward<T: Elem>(
+        &self,
+        dqkv: &mut Self::Buf<T>,
+        dout: &Self::Buf<T>,
+        qkv: &Self::Buf<T>,
+        out: &Self::Buf<T>,
+        lse: &Self::Buf<f32>,
+        layout: &Self::Layout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()>;
+}
+
+impl AttentionOps for Cpu {
+    type Layout = BlockLayout;
+
+    fn attention_layout(&self, layout: &BlockLayout) -> Result<BlockLayout> {
+        Ok(layout.clone())
+    }
+
+    /// The f32 reference on the widened inputs, `out` rounded to `T`.
+    fn attention_forward<T: Elem>(
+        &self,
+        out: &mut Vec<T>,
+        lse: &mut Vec<f32>,
+        qkv: &Vec<T>,
+        layout: &BlockLayout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut o = vec![0.0f32; out.len()];
+        attention_forward(&mut o, lse, &widen(qkv), layout, b, t, nh, hs)?;
+        *out = narrow(&o);
+        Ok(())
+    }
+
+    /// The f32 reference on the widened inputs, `dqkv` rounded to `T`.
+    fn attention_backward<T: Elem>(
+        &self,
+        dqkv: &mut Vec<T>,
+        dout: &Vec<T>,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<f32>,
+        layout: &BlockLayout,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut g = vec![0.0f32; dqkv.len()];
+        let (dout, qkv, out) = (widen(dout), widen(qkv), widen(out));
+        attention_backward(&mut g, &dout, &qkv, &out, lse, layout, b, t, nh, hs)?;
+        *dqkv = narrow(&g);
+        Ok(())
+    }
+}
 
 /// Block size (positions per block) used when the caller has no reason to pick another. Measured
 /// with `examples/bench_attention.rs` at the tiny/small/paperseq shapes (one core, AVX-512): 32 was

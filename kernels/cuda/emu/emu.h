@@ -185,6 +185,16 @@ inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T>
 inline T max(T a, T b) { return a < b ? b : a; }
 
+// Vector types with CUDA's sizes and alignments (8 and 16 bytes), for vectorised loads.
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 // Half precision: `_Float16` (IEEE binary16; conversions round to nearest even).
 typedef _Float16 __half;
 inline __half __float2half(float x) { return static_cast<_Float16>(x); }

@@ -11,6 +11,7 @@
 //! before anything is launched, and returns [`KernelError`] naming the kernel and the shapes.
 
 pub mod adamw;
+pub mod attention;
 pub mod bias;
 pub mod conv2d;
 pub mod cuda;

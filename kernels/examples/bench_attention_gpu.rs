@@ -1,0 +1,127 @@
+//! Times the CUDA block-sparse attention kernels (`kernels/cuda/attention.cu`), forward and
+//! backward, at the paper's sequence (T = 1280: 256 text positions and a 32 × 32 image) with the
+//! paper's three layouts and head size 64, fp16 storage, one JSON line per layout:
+//!
+//! ```text
+//! cargo run --release -p kernels --example bench_attention_gpu [-- B NH]
+//! ```
+//!
+//! (`bench_attention` times the CPU reference.) Needs a GPU: without one it says so and exits 0.
+//! Times are medians of `RUNS` runs after `WARMUP` warm-up runs, each run synchronised. Effective
+//! TFLOP/s count useful work only, as `bench_attention` does: `4·HS` FLOPs per allowed pair forward
+//! (q·k and p·v), `8·HS` backward (the recomputation of P not counted), times `B·NH`.
+//!
+//! The issue's target compares forward + backward against dense masked attention through cuBLAS
+//! at the same shapes; that baseline is `dense_baseline_ms` below, still to be written.
+
+use std::time::Instant;
+
+use half::f16;
+use kernels::attention::{AttentionOps, BlockLayout, MaskKind};
+use kernels::device::{narrow, Device};
+use kernels::gpu::attention::GPU_BLOCK;
+use kernels::gpu::{Cuda, Gpu};
+
+const WARMUP: usize = 3;
+const RUNS: usize = 10;
+const TEXT_LEN: usize = 256;
+const GRID: usize = 32;
+const HS: usize = 64;
+
+/// Deterministic values in [-1, 1) without a random-number dependency.
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Median of `RUNS` timings of `f` (which must synchronise), in milliseconds.
+fn time_ms(mut f: impl FnMut() -> kernels::Result<()>) -> kernels::Result<f64> {
+    for _ in 0..WARMUP {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[RUNS / 2])
+}
+
+/// Dense masked attention (cuBLAS for `Q Kᵀ` and `P V`, a masked softmax, and the backward
+/// products) at the same shapes, forward + backward, in milliseconds: the issue's baseline.
+/// Not written yet; `None` prints no speed-up.
+fn dense_baseline_ms(_dev: &Gpu<Cuda>, _b: usize, _nh: usize, _kind: MaskKind) -> Option<f64> {
+    None
+}
+
+fn main() -> kernels::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("arguments: B NH (integers)"))
+        .collect();
+    let (b, nh) = match args[..] {
+        [] => (4, 16),
+        [b, nh] => (b, nh),
+        _ => panic!("arguments: B NH"),
+    };
+    let dev = match Cuda::new(0) {
+        Ok(c) => Gpu(c),
+        Err(e) => {
+            println!("bench_attention_gpu needs a GPU; skipped ({e})");
+            return Ok(());
+        }
+    };
+    let t = TEXT_LEN + GRID * GRID;
+    let c = nh * HS;
+    eprintln!(
+        "{}: B {b}, NH {nh}, HS {HS}, T {t}, block {GPU_BLOCK}",
+        dev.name()
+    );
+    let qkv = dev.upload(&narrow::<f16>(&pseudo_random(b * t * 3 * c, 1)))?;
+    let dout = dev.upload(&narrow::<f16>(&pseudo_random(b * t * c, 2)))?;
+    let mut out = dev.zeros::<f16>(b * t * c)?;
+    let mut lse = dev.zeros::<f32>(b * nh * t)?;
+    let mut dqkv = dev.zeros::<f16>(b * t * 3 * c)?;
+    for kind in [
+        MaskKind::Row,
+        MaskKind::Column,
+        MaskKind::Conv { kernel: 11 },
+    ] {
+        let host = BlockLayout::new(TEXT_LEN, GRID, kind, GPU_BLOCK)?;
+        let layout = dev.attention_layout(&host)?;
+        let fwd_ms = time_ms(|| {
+            dev.attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, HS)?;
+            dev.0.synchronize()
+        })?;
+        let bwd_ms = time_ms(|| {
+            dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, HS)?;
+            dev.0.synchronize()
+        })?;
+        let work = (host.allowed_pairs() * (b * nh * HS) as u64) as f64;
+        let total_ms = fwd_ms + bwd_ms;
+        let tflops = |flops: f64, ms: f64| flops / (ms * 1e9);
+        let dense = dense_baseline_ms(&dev, b, nh, kind)
+            .map(|d| format!(",\"dense_ms\":{d:.3},\"speedup\":{:.2}", d / total_ms))
+            .unwrap_or_default();
+        println!(
+            "{{\"kind\":\"{kind:?}\",\"block\":{GPU_BLOCK},\"T\":{t},\"B\":{b},\"NH\":{nh},\"HS\":{HS},\
+             \"allowed_pairs\":{},\"nonzero_blocks\":{},\"fwd_ms\":{fwd_ms:.3},\"bwd_ms\":{bwd_ms:.3},\
+             \"total_ms\":{total_ms:.3},\"fwd_tflops\":{:.2},\"bwd_tflops\":{:.2},\"total_tflops\":{:.2}{dense}}}",
+            host.allowed_pairs(),
+            host.nonzero_blocks(),
+            tflops(4.0 * work, fwd_ms),
+            tflops(8.0 * work, bwd_ms),
+            tflops(12.0 * work, total_ms),
+        );
+    }
+    Ok(())
+}
