@@ -26,6 +26,7 @@ pub mod embedding;
 pub mod error;
 pub mod gelu;
 pub mod gpu;
+pub mod gradscale;
 pub mod layernorm;
 pub mod linear;
 pub mod relu;

@@ -12,6 +12,7 @@
 
 pub mod cuda;
 pub mod emu;
+pub mod gradscale;
 pub mod layernorm;
 pub mod nvrtc;
 
