@@ -11,6 +11,7 @@
 //! before anything is launched, and returns [`KernelError`] naming the kernel and the shapes.
 
 pub mod cuda;
+pub mod cross_entropy;
 pub mod emu;
 pub mod gradscale;
 pub mod layernorm;
