@@ -29,6 +29,7 @@ pub mod gpu;
 pub mod gradscale;
 pub mod layernorm;
 pub mod linear;
+pub mod powersgd;
 pub mod relu;
 pub mod resample;
 pub(crate) mod simd;
