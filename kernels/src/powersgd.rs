@@ -5,6 +5,87 @@
 //! reflections, so its columns are orthonormal to round-off whatever the input: a zero,
 //! rank-deficient or nearly rank-deficient P gives no NaN and no short column (Gram–Schmidt's
 //! failure mode, which the paper found unstable).
+//!
+//! [`PowerSgdOps::orthonormalize_batch`] runs it on a [`Device`] over a batch of matrices in one
+//! flat buffer (the CUDA kernel: `kernels/cuda/powersgd.cu`, one block per matrix).
+
+use crate::device::{Cpu, Device, Elem};
+use crate::error::{KernelError, Result};
+
+/// One matrix of a batch: `s × r`, row-major, at `offset` in the flat buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrthMat {
+    pub offset: usize,
+    pub s: usize,
+    pub r: usize,
+}
+
+/// PowerSGD's helpers on a [`Device`].
+pub trait PowerSgdOps: Device {
+    /// [`orthonormalize`] of every matrix of `mats` in `p`, in place. The matrices must lie
+    /// inside `p` without overlapping, with `r ≤ s`; `p` must be finite.
+    fn orthonormalize_batch(
+        &self,
+        p: &mut Self::Buf<f32>,
+        mats: &[OrthMat],
+        eps: f64,
+    ) -> Result<()>;
+}
+
+/// Checks a batch: `r ≤ s`, every matrix inside `len` values, no two overlapping, ε finite.
+pub(crate) fn check_batch(op: &'static str, len: usize, mats: &[OrthMat], eps: f64) -> Result<()> {
+    let bad = |what: String| Err(KernelError::Shape { op, what });
+    if !(eps.is_finite() && eps >= 0.0) {
+        return bad(format!("epsilon {eps} is not a finite number ≥ 0"));
+    }
+    let mut spans = Vec::with_capacity(mats.len());
+    for (b, m) in mats.iter().enumerate() {
+        if m.r > m.s {
+            return bad(format!("matrix {b}: rank {} exceeds its {} rows", m.r, m.s));
+        }
+        let end = m.s.checked_mul(m.r).and_then(|n| n.checked_add(m.offset));
+        match end {
+            Some(end) if end <= len => spans.push((m.offset, end, b)),
+            _ => {
+                return bad(format!(
+                    "matrix {b} ({}×{} at {}) is not inside the buffer of {len}",
+                    m.s, m.r, m.offset
+                ))
+            }
+        }
+    }
+    spans.retain(|&(start, end, _)| start < end);
+    spans.sort_unstable();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return bad(format!("matrices {} and {} overlap", w[0].2, w[1].2));
+    }
+    Ok(())
+}
+
+impl PowerSgdOps for Cpu {
+    fn orthonormalize_batch(&self, p: &mut Vec<f32>, mats: &[OrthMat], eps: f64) -> Result<()> {
+        check_batch("orthonormalize_batch", p.len(), mats, eps)?;
+        let mut work = Vec::new();
+        for m in mats {
+            orthonormalize(&mut p[m.offset..][..m.s * m.r], m.s, m.r, eps, &mut work);
+        }
+        Ok(())
+    }
+}
+
+/// f64 device buffers: the orthonormalisation's scratch.
+impl Elem for f64 {
+    const DTYPE: &'static str = "f64";
+    fn arg_bits(self) -> u64 {
+        self.to_bits()
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+}
 
 /// Replaces the `s × r` row-major matrix `p` (`r ≤ s`) by the Q factor of the thin QR
 /// decomposition of `p + ε·‖p‖_F·I_{s×r}`, where `I_{s×r}` holds the `r × r` identity in its top

@@ -16,6 +16,7 @@ pub mod emu;
 pub mod gradscale;
 pub mod layernorm;
 pub mod nvrtc;
+pub mod powersgd;
 
 pub use cuda::Cuda;
 pub use emu::{Emu, Schedule};
@@ -85,6 +86,10 @@ impl Args {
     }
     pub fn f32(mut self, v: f32) -> Args {
         self.slots.push(v.to_bits() as u64);
+        self
+    }
+    pub fn f64(mut self, v: f64) -> Args {
+        self.slots.push(v.to_bits());
         self
     }
     pub fn slots(&self) -> &[u64] {
