@@ -51,11 +51,13 @@ __device__ void gradscale_scale(G* __restrict__ g, unsigned* __restrict__ flags,
     gs_raise(flags, block, bad);
 }
 
-extern "C" __global__ void gradscale_scale_f16(__half* g, unsigned* flags, const float* dresid, float scale, int n, int block) {
+extern "C" __global__ void gradscale_scale_f16(__half* g, unsigned* flags, const float* dresid,
+                                               float scale, int n, int block) {
     gradscale_scale(g, flags, dresid, scale, n, block);
 }
 
-extern "C" __global__ void gradscale_scale_f32(float* g, unsigned* flags, const float* dresid, float scale, int n, int block) {
+extern "C" __global__ void gradscale_scale_f32(float* g, unsigned* flags, const float* dresid,
+                                               float scale, int n, int block) {
     gradscale_scale(g, flags, dresid, scale, n, block);
 }
 
@@ -76,17 +78,22 @@ __device__ void gradscale_unscale_add(float* __restrict__ dresid, unsigned* __re
     gs_raise(flags, block, bad);
 }
 
-extern "C" __global__ void gradscale_unscale_add_f16(float* dresid, unsigned* flags, const __half* g, float scale, int n, int block) {
+extern "C" __global__ void gradscale_unscale_add_f16(float* dresid, unsigned* flags,
+                                                     const __half* g, float scale, int n,
+                                                     int block) {
     gradscale_unscale_add(dresid, flags, g, scale, n, block);
 }
 
-extern "C" __global__ void gradscale_unscale_add_f32(float* dresid, unsigned* flags, const float* g, float scale, int n, int block) {
+extern "C" __global__ void gradscale_unscale_add_f32(float* dresid, unsigned* flags, const float* g,
+                                                     float scale, int n, int block) {
     gradscale_unscale_add(dresid, flags, g, scale, n, block);
 }
 
 // flags[r] = 1 if grads[offsets[r] .. offsets[r] + lens[r]] holds a non-finite value; range r is
 // blockIdx.y, striped over the blockIdx.x blocks.
-extern "C" __global__ void gradscale_param_finite_f32(unsigned* flags, const float* grads, const unsigned* offsets, const unsigned* lens) {
+extern "C" __global__ void gradscale_param_finite_f32(unsigned* flags, const float* grads,
+                                                      const unsigned* offsets,
+                                                      const unsigned* lens) {
     int r = blockIdx.y;
     const float* p = grads + offsets[r];
     long len = lens[r];

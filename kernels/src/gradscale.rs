@@ -242,7 +242,7 @@ pub enum StepOutcome {
 
 impl GradScaler {
     /// Scales for `layers` layers (2·layers resblocks, [`GradScaler::attn`] and
-    /// [`GradScaler::mlp`] index them), each at M·2^13 with M = `replicas`.
+    /// [`GradScaler::mlp`] index them), each at M·2^13 with M = `replicas` (0 is taken as 1).
     pub fn new(layers: usize, replicas: u32) -> GradScaler {
         GradScaler {
             replicas: replicas.max(1),
