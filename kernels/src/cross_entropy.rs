@@ -6,9 +6,61 @@
 //! tensor is ever kept beside the logits (llm.c's fused classifier). `scale` carries the loss
 //! weighting (for the transformer: 1/8 over the text rows' count, 7/8 over the image rows').
 
+use crate::device::{Cpu, Device};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::{fast_exp, max8, Isa};
 use rayon::prelude::*;
+
+/// Fused softmax cross-entropy on a [`Device`] (the CUDA kernels: `kernels/cuda/cross_entropy.cu`),
+/// one vocabulary segment per call: logits [N, V], losses [N], targets [N].
+pub trait CrossEntropyOps: Device {
+    /// [`cross_entropy_fused`]: per-row losses, and the logits overwritten in place by
+    /// `scale · (softmax − onehot(target))`.
+    fn cross_entropy_fused(
+        &self,
+        logits: &mut Self::Buf<f32>,
+        losses: &mut Self::Buf<f32>,
+        targets: &Self::Buf<u32>,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()>;
+
+    /// [`cross_entropy_forward`]: per-row losses only.
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut Self::Buf<f32>,
+        logits: &Self::Buf<f32>,
+        targets: &Self::Buf<u32>,
+        n: usize,
+        v: usize,
+    ) -> Result<()>;
+}
+
+impl CrossEntropyOps for Cpu {
+    fn cross_entropy_fused(
+        &self,
+        logits: &mut Vec<f32>,
+        losses: &mut Vec<f32>,
+        targets: &Vec<u32>,
+        scale: f32,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        cross_entropy_fused(logits, losses, targets, scale, n, v)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        targets: &Vec<u32>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        cross_entropy_forward(losses, logits, targets, n, v)
+    }
+}
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 8;

@@ -14,13 +14,16 @@ pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod conv2d;
+pub mod cross_entropy;
 pub mod cuda;
 pub mod dvae;
 pub mod embedding;
 pub mod emu;
 pub mod gelu;
+pub mod gradscale;
 pub mod layernorm;
 pub mod nvrtc;
+pub mod powersgd;
 pub mod relu;
 pub mod resample;
 
@@ -92,6 +95,10 @@ impl Args {
     }
     pub fn f32(mut self, v: f32) -> Args {
         self.slots.push(v.to_bits() as u64);
+        self
+    }
+    pub fn f64(mut self, v: f64) -> Args {
+        self.slots.push(v.to_bits());
         self
     }
     pub fn slots(&self) -> &[u64] {
