@@ -31,7 +31,7 @@ use ring::{Abort, AddressBook, RingOptions, TcpRing};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{Backend, CollectivesKind, DistributedConfig};
+pub use config::{CollectivesKind, DistributedConfig, Transport};
 
 /// Errors of joining a multi-process run.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +65,9 @@ pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
     let Some(env) = WorkerEnv::from_env()? else {
         return Ok(Box::new(SingleProcess));
     };
-    match cfg.distributed.backend(cfg.run.device) {
-        Backend::Tcp => Ok(Box::new(join(&env, cfg)?)),
-        Backend::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
+    match cfg.distributed.transport(cfg.run.device) {
+        Transport::Tcp => Ok(Box::new(join(&env, cfg)?)),
+        Transport::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
     }
 }
 
