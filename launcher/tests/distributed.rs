@@ -680,7 +680,7 @@ fn nccl_without_its_libraries_stops_the_run_before_any_worker_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nccl");
     let cfg = write_config_with(tmp.path(), &out, 2, 2, 1, "  collectives: nccl\n");
-    let o = launcher_without_cuda_env(&cfg, &["--procs-per-node", "2"])
+    let o = launcher_without_cuda_env(&cfg, &["--procs-per-node", "1"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
