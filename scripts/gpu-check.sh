@@ -6,10 +6,28 @@
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
 #
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
-# that need a GPU (each skips with a reason where its GPU or library is missing): the NCCL
-# collectives against the CPU ring through the real launcher, and the library search.
+# that need a GPU, with TESSERA_REQUIRE_GPU=1 so that one whose GPU or NCCL is missing fails
+# instead of skipping: the NCCL collectives against the CPU ring through the real launcher (two
+# ranks on one GPU, and on two GPUs where there are two; a rank killed mid-run), with
+# NCCL_DEBUG=INFO; then the library search. NCCL from a wheel is found by this script first and
+# passed in TESSERA_CUDA_LIB_PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Directories that hold NCCL from NVIDIA's wheels (site-packages/nvidia/*/lib/libnccl.so.2):
+# those of `python3` (or $TESSERA_PYTHON, given two minutes to start), then the usual places.
+nccl_wheel_dirs() {
+    local sites
+    sites=$(timeout 120 "${TESSERA_PYTHON:-python3}" -c 'import sys; print("\n".join(sys.path))' 2>/dev/null || true)
+    for site in $sites ${VIRTUAL_ENV:+$VIRTUAL_ENV/lib/python3*/site-packages} \
+        "$HOME"/.local/lib/python3*/site-packages /usr/local/lib/python3*/dist-packages \
+        /usr/lib/python3/dist-packages; do
+        for lib in "$site"/nvidia/*/lib; do
+            if [ -e "$lib/libnccl.so.2" ]; then echo "$lib"; fi
+        done
+    done | awk '!seen[$0]++'
+}
+
 case "${1:-}" in
 prepare)
     cargo build --release -p trainer -p launcher
@@ -30,13 +48,25 @@ prepare)
 run)
     test -x gpu-bin/trainer || { echo "gpu-bin/ is missing: run '$0 prepare' first and carry it"; exit 2; }
     export TESSERA_TRAINER=$PWD/gpu-bin/trainer TESSERA_LAUNCHER=$PWD/gpu-bin/launcher
+    # A GPU test that cannot run here (no GPU, no NCCL) fails instead of skipping: a GPU is lent
+    # rarely and briefly, and a skip would pass with nothing learned.
+    export TESSERA_REQUIRE_GPU=1
+    # NCCL from a Python wheel, found here first (a cold python may take more than the library
+    # search's own bound to answer) and named first in the search.
+    nccl_dirs=$(nccl_wheel_dirs | paste -sd: -)
+    if [ -n "$nccl_dirs" ]; then
+        export TESSERA_CUDA_LIB_PATH=$nccl_dirs${TESSERA_CUDA_LIB_PATH:+:$TESSERA_CUDA_LIB_PATH}
+    fi
+    echo "TESSERA_CUDA_LIB_PATH=${TESSERA_CUDA_LIB_PATH:-<unset: no NCCL wheel found>}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
     echo "--- trainer cuda-libs"
     gpu-bin/trainer cuda-libs --link-dir "${TMPDIR:-/tmp}/tessera-gpu-check-libs"
+    status=0
     echo "--- launcher tests (NCCL)"
-    gpu-bin/test-distributed --nocapture --test-threads 1 nccl
+    NCCL_DEBUG=INFO gpu-bin/test-distributed --nocapture --test-threads 1 nccl || status=1
     echo "--- library search tests"
-    gpu-bin/test-cuda_libs --nocapture
+    gpu-bin/test-cuda_libs --nocapture || status=1
+    exit $status
     ;;
 *)
     echo "usage: $0 prepare|run" >&2

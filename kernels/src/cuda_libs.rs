@@ -83,6 +83,11 @@ pub const CUBLASLT: Library = Library {
 /// The libraries a GPU run may load, in the order reports list them.
 pub const ALL: [Library; 5] = [DRIVER, NCCL, NVRTC, CUBLAS, CUBLASLT];
 
+/// The longest wait for `python3` to list its `site-packages`: a cold interpreter on a
+/// freshly started machine can take seconds. Where even this is too short, name the wheel's
+/// directory in [`PATH_VAR`] (scripts/gpu-check.sh does).
+pub const PYTHON_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The variable whose directories are searched before anything else.
 pub const PATH_VAR: &str = "TESSERA_CUDA_LIB_PATH";
 
@@ -194,11 +199,11 @@ impl Resolution {
     }
 
     /// The process's environment, `python3` (or `$TESSERA_PYTHON`) asked for its
-    /// `site-packages` (2 s at most).
+    /// `site-packages` ([`PYTHON_TIMEOUT`] at most).
     pub fn from_env() -> Resolution {
         let get = |k: &str| std::env::var(k).ok();
         let python = get("TESSERA_PYTHON").unwrap_or_else(|| "python3".into());
-        Resolution::find(&get, &python_site_packages(&python, Duration::from_secs(2)))
+        Resolution::find(&get, &python_site_packages(&python, PYTHON_TIMEOUT))
     }
 
     pub fn get(&self, lib: &Library) -> Option<&Found> {
