@@ -6,14 +6,32 @@
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
 #
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
-# that need a GPU (each skips with a reason where its GPU or library is missing): the NCCL
-# collectives against the CPU ring through the real launcher, and the library search. Then the
-# kernels: NVRTC compiles every kernel for this GPU's architecture; every kernel's parity test
-# runs GPU vs CPU reference vs emulator (TESSERA_REQUIRE_GPU=1: a missing GPU fails instead of
-# skipping); compute-sanitizer's racecheck, synccheck and memcheck run the GPU parity tests; and
-# the kernel benchmarks print GB/s and TFLOP/s.
+# that need a GPU, with TESSERA_REQUIRE_GPU=1 so that one whose GPU or NCCL is missing fails
+# instead of skipping: the NCCL collectives against the CPU ring through the real launcher (two
+# ranks on one GPU, and on two GPUs where there are two; a rank killed mid-run), with
+# NCCL_DEBUG=INFO; then the library search. NCCL from a wheel is found by this script first and
+# passed in TESSERA_CUDA_LIB_PATH. Then the kernels (docs/kernels.md): NVRTC compiles every kernel
+# (ptxas report); every kernel's parity test runs GPU vs CPU reference vs emulator;
+# compute-sanitizer's racecheck, synccheck and memcheck run the small-shape GPU parity tests; and
+# the kernel benchmarks print GB/s, TFLOP/s and attention times. Every step runs; the script
+# exits non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Directories that hold NCCL from NVIDIA's wheels (site-packages/nvidia/*/lib/libnccl.so.2):
+# those of `python3` (or $TESSERA_PYTHON, given two minutes to start), then the usual places.
+nccl_wheel_dirs() {
+    local sites
+    sites=$(timeout 120 "${TESSERA_PYTHON:-python3}" -c 'import sys; print("\n".join(sys.path))' 2>/dev/null || true)
+    for site in $sites ${VIRTUAL_ENV:+$VIRTUAL_ENV/lib/python3*/site-packages} \
+        "$HOME"/.local/lib/python3*/site-packages /usr/local/lib/python3*/dist-packages \
+        /usr/lib/python3/dist-packages; do
+        for lib in "$site"/nvidia/*/lib; do
+            if [ -e "$lib/libnccl.so.2" ]; then echo "$lib"; fi
+        done
+    done | awk '!seen[$0]++'
+}
+
 case "${1:-}" in
 prepare)
     cargo build --release -p trainer -p launcher
@@ -23,7 +41,7 @@ prepare)
     cargo build --release -p kernels --examples
     rm -rf gpu-bin && mkdir gpu-bin
     cp target/release/trainer target/release/launcher gpu-bin/
-    cp target/release/examples/bench_gpu gpu-bin/
+    cp target/release/examples/bench_gpu target/release/examples/bench_attention_gpu gpu-bin/
     # The newest test executables (cargo names them <test>-<hash>).
     for t in distributed cuda_libs kernels nvrtc; do
         exe=$(ls -t target/release/deps/${t}-* | grep -v '\.d$' | head -1)
@@ -37,24 +55,38 @@ prepare)
 run)
     test -x gpu-bin/trainer || { echo "gpu-bin/ is missing: run '$0 prepare' first and carry it"; exit 2; }
     export TESSERA_TRAINER=$PWD/gpu-bin/trainer TESSERA_LAUNCHER=$PWD/gpu-bin/launcher
+    # A GPU test that cannot run here (no GPU, no NCCL) fails instead of skipping: a GPU is lent
+    # rarely and briefly, and a skip would pass with nothing learned.
+    export TESSERA_REQUIRE_GPU=1
+    # NCCL from a Python wheel, found here first (a cold python may take more than the library
+    # search's own bound to answer) and named first in the search.
+    nccl_dirs=$(nccl_wheel_dirs | paste -sd: -)
+    if [ -n "$nccl_dirs" ]; then
+        export TESSERA_CUDA_LIB_PATH=$nccl_dirs${TESSERA_CUDA_LIB_PATH:+:$TESSERA_CUDA_LIB_PATH}
+    fi
+    echo "TESSERA_CUDA_LIB_PATH=${TESSERA_CUDA_LIB_PATH:-<unset: no NCCL wheel found>}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
     echo "--- trainer cuda-libs"
     gpu-bin/trainer cuda-libs --link-dir "${TMPDIR:-/tmp}/tessera-gpu-check-libs"
+    status=0
     echo "--- launcher tests (NCCL)"
-    gpu-bin/test-distributed --nocapture --test-threads 1 nccl
+    NCCL_DEBUG=INFO gpu-bin/test-distributed --nocapture --test-threads 1 nccl || status=1
     echo "--- library search tests"
-    gpu-bin/test-cuda_libs --nocapture
+    gpu-bin/test-cuda_libs --nocapture || status=1
     echo "--- kernels: NVRTC compile for sm_80 and sm_90 (ptxas report)"
-    gpu-bin/test-nvrtc --nocapture
+    gpu-bin/test-nvrtc --nocapture || status=1
     echo "--- kernels: parity GPU vs CPU reference vs emulator"
-    TESSERA_REQUIRE_GPU=1 gpu-bin/test-kernels --test-threads 1 gpu::
+    gpu-bin/test-kernels --test-threads 8 gpu:: || status=1
     for tool in racecheck synccheck memcheck; do
-        echo "--- kernels: compute-sanitizer --tool $tool"
-        TESSERA_REQUIRE_GPU=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            gpu-bin/test-kernels --test-threads 1 gpu::
+        echo "--- kernels: compute-sanitizer --tool $tool (small shapes)"
+        compute-sanitizer --tool "$tool" --error-exitcode 1 \
+            gpu-bin/test-kernels --test-threads 8 gpu:: --skip cuda_matches_the_cpu_reference \
+            || status=1
     done
     echo "--- kernels: benchmarks"
-    gpu-bin/bench_gpu
+    gpu-bin/bench_gpu || status=1
+    gpu-bin/bench_attention_gpu || status=1
+    exit $status
     ;;
 *)
     echo "usage: $0 prepare|run" >&2

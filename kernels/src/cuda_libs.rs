@@ -83,6 +83,11 @@ pub const CUBLASLT: Library = Library {
 /// The libraries a GPU run may load, in the order reports list them.
 pub const ALL: [Library; 5] = [DRIVER, NCCL, NVRTC, CUBLAS, CUBLASLT];
 
+/// The longest wait for `python3` to list its `site-packages`: a cold interpreter on a
+/// freshly started machine can take seconds. Where even this is too short, name the wheel's
+/// directory in [`PATH_VAR`] (scripts/gpu-check.sh does).
+pub const PYTHON_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The variable whose directories are searched before anything else.
 pub const PATH_VAR: &str = "TESSERA_CUDA_LIB_PATH";
 
@@ -194,11 +199,11 @@ impl Resolution {
     }
 
     /// The process's environment, `python3` (or `$TESSERA_PYTHON`) asked for its
-    /// `site-packages` (2 s at most).
+    /// `site-packages` ([`PYTHON_TIMEOUT`] at most).
     pub fn from_env() -> Resolution {
         let get = |k: &str| std::env::var(k).ok();
         let python = get("TESSERA_PYTHON").unwrap_or_else(|| "python3".into());
-        Resolution::find(&get, &python_site_packages(&python, Duration::from_secs(2)))
+        Resolution::find(&get, &python_site_packages(&python, PYTHON_TIMEOUT))
     }
 
     pub fn get(&self, lib: &Library) -> Option<&Found> {
@@ -290,30 +295,27 @@ impl Resolution {
     }
 }
 
-/// The first directory holding a name `cudarc` tries, else the first holding a soname.
+/// The first directory, in search order, that holds any acceptable name of `lib`: a name
+/// `cudarc` tries (used as it is), else one of its sonames (to be linked under `cudarc`'s first
+/// name). Directory order wins over the kind of name, so a `libnccl.so.2` in a directory the user
+/// put first (`TESSERA_CUDA_LIB_PATH`) beats a `libnccl.so` found later.
 fn find_in(lib: &Library, dirs: &[SearchDir]) -> Option<Found> {
     let names = cudarc_names(lib);
-    for d in dirs {
+    dirs.iter().find_map(|d| {
+        let found = |file: &str, link_as: Option<String>| Found {
+            dir: d.dir.clone(),
+            file: file.to_string(),
+            source: d.source.clone(),
+            link_as,
+        };
         if let Some(n) = names.iter().find(|n| d.dir.join(n).is_file()) {
-            return Some(Found {
-                dir: d.dir.clone(),
-                file: n.clone(),
-                source: d.source.clone(),
-                link_as: None,
-            });
+            return Some(found(n, None));
         }
-    }
-    for d in dirs {
-        if let Some(n) = lib.sonames.iter().find(|n| d.dir.join(n).is_file()) {
-            return Some(Found {
-                dir: d.dir.clone(),
-                file: n.to_string(),
-                source: d.source.clone(),
-                link_as: names.first().cloned(),
-            });
-        }
-    }
-    None
+        lib.sonames
+            .iter()
+            .find(|n| d.dir.join(n).is_file())
+            .map(|n| found(n, names.first().cloned()))
+    })
 }
 
 /// The directories searched, in order, without duplicates and without ones that do not exist.
@@ -571,8 +573,8 @@ mod tests {
             t.path().join("b"),
             t.path().join("cuda"),
         );
-        // The development name in `b` beats the soname found earlier in `a`: a name cudarc tries
-        // needs no link.
+        // The soname in `a` (the user's TESSERA_CUDA_LIB_PATH) beats the development name found
+        // later in `b`: directory order decides, and a link makes the soname loadable.
         touch(&a.join("libnccl.so.2"));
         touch(&b.join("libnccl.so"));
         touch(&c.join("lib64/libnvrtc.so.12"));
@@ -594,11 +596,62 @@ mod tests {
         assert_eq!(sources, [PATH_VAR, "LD_LIBRARY_PATH", "$CUDA_HOME"]);
         let nccl = r.require(&NCCL).unwrap();
         assert_eq!(
-            (nccl.dir.as_path(), nccl.link_as.as_ref()),
-            (b.as_path(), None)
+            (nccl.dir.as_path(), nccl.file.as_str(), nccl.source.as_str()),
+            (a.as_path(), "libnccl.so.2", PATH_VAR)
         );
+        assert_eq!(nccl.link_as.as_deref(), Some("libnccl.so"));
+        // The workers' path puts the link (to a's library) before b, which also holds the name.
+        let links = t.path().join("links");
+        let path = r
+            .library_path(&links, Some(&b.display().to_string()))
+            .unwrap();
+        let parts: Vec<&str> = path.split(':').collect();
+        assert_eq!(parts[0], links.display().to_string(), "{path}");
+        assert_eq!(
+            std::fs::read_link(links.join("libnccl.so")).unwrap(),
+            a.join("libnccl.so.2")
+        );
+        let pos = |d: &Path| parts.iter().position(|p| *p == d.display().to_string());
+        assert!(pos(&a) < pos(&b), "{path}");
         assert_eq!(r.require(&NVRTC).unwrap().dir, c.join("lib64"));
         assert!(r.report().contains("NCCL"), "{}", r.report());
+    }
+
+    #[test]
+    fn the_first_directory_with_any_acceptable_name_wins_and_prefers_cudarcs_name() {
+        let t = tempfile::tempdir().unwrap();
+        let (early, late) = (t.path().join("early"), t.path().join("late"));
+        touch(&early.join("libnccl.so.2"));
+        touch(&late.join("libnccl.so"));
+        let ld = |dirs: &[&Path]| {
+            let v: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            env(&[("LD_LIBRARY_PATH", v.join(":"))])
+        };
+        let r = Resolution::find(&ld(&[&early, &late]), &[]);
+        let nccl = r.require(&NCCL).unwrap();
+        assert_eq!(
+            (nccl.dir.as_path(), nccl.file.as_str()),
+            (early.as_path(), "libnccl.so.2")
+        );
+        // In the other order the development name comes first and needs no link.
+        let r = Resolution::find(&ld(&[&late, &early]), &[]);
+        let nccl = r.require(&NCCL).unwrap();
+        assert_eq!(
+            (nccl.dir.as_path(), nccl.link_as.as_ref()),
+            (late.as_path(), None)
+        );
+        // One directory with both: cudarc's name, no link.
+        touch(&early.join("libnccl.so"));
+        let r = Resolution::find(&ld(&[&early, &late]), &[]);
+        let nccl = r.require(&NCCL).unwrap();
+        assert_eq!(
+            (
+                nccl.dir.as_path(),
+                nccl.file.as_str(),
+                nccl.link_as.as_ref()
+            ),
+            (early.as_path(), "libnccl.so", None)
+        );
     }
 
     #[test]

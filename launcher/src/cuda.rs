@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use trainer::cuda_libs::{self, Resolution};
-use trainer::dist::Backend;
+use trainer::dist::Transport;
 
 use crate::plan::Plan;
 
@@ -21,7 +21,7 @@ pub struct WorkerEnv {
 
 /// The environment the workers of `plan` need (nothing for CPU-ring runs).
 pub fn worker_env(plan: &Plan) -> Result<WorkerEnv> {
-    if plan.cfg.distributed.backend(plan.cfg.run.device) != Backend::Nccl {
+    if plan.cfg.distributed.transport(plan.cfg.run.device) != Transport::Nccl {
         return Ok(WorkerEnv::default());
     }
     let r = Resolution::from_env();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use trainer::config::{Device, RunConfig};
 use trainer::dist::env::{check_run_id, format_host_port};
+use trainer::dist::Transport;
 
 /// Launch a Tessera training run: one launcher per node, torchrun style.
 ///
@@ -22,8 +23,9 @@ pub struct Args {
     /// Number of nodes (default: SLURM_NNODES, else 1).
     #[arg(long)]
     pub nodes: Option<usize>,
-    /// Worker processes per node (default: the CUDA_VISIBLE_DEVICES count for GPU runs, else
-    /// the CUDA driver's device count, else the config's distributed.cpu_procs_per_node).
+    /// Worker processes per node (default for GPU and NCCL runs: the GPUs visible, the smaller of
+    /// the CUDA_VISIBLE_DEVICES count and the CUDA driver's; else the config's
+    /// distributed.cpu_procs_per_node).
     #[arg(long)]
     pub procs_per_node: Option<usize>,
     /// This node's rank in [0, nodes) (default: SLURM_NODEID, else 0).
@@ -237,10 +239,42 @@ fn expand_item(item: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Devices listed in CUDA_VISIBLE_DEVICES (`None` when unset).
-fn visible_gpus(get: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
-    let v = get("CUDA_VISIBLE_DEVICES")?;
-    Some(v.split(',').filter(|d| !d.trim().is_empty()).count())
+/// Devices listed in CUDA_VISIBLE_DEVICES (`None` when unset). Entries are device indices (≥ 0),
+/// `GPU-<uuid>` or `MIG-<uuid>` (also the older `MIG-GPU-<uuid>/<gi>/<ci>`), as CUDA takes them; any
+/// other entry is an error naming the variable and the entry, because CUDA would silently hide
+/// it and every device after it.
+fn visible_gpus(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<usize>> {
+    let Some(v) = get("CUDA_VISIBLE_DEVICES") else {
+        return Ok(None);
+    };
+    let mut n = 0;
+    for entry in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let uuid = |prefix: &str| {
+            entry.strip_prefix(prefix).is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || matches!(c, '-' | '/' | 'G' | 'P' | 'U'))
+            })
+        };
+        if !(entry.parse::<u32>().is_ok() || uuid("GPU-") || uuid("MIG-")) {
+            bail!(
+                "CUDA_VISIBLE_DEVICES = '{v}': entry '{entry}' is not a device index (0, 1, …),                  a GPU-<uuid> or a MIG-<uuid>; CUDA ignores it and every device after it. To                  hide every GPU set it to the empty string"
+            );
+        }
+        n += 1;
+    }
+    Ok(Some(n))
+}
+
+/// The GPUs one node's workers can each have: the smaller of those `CUDA_VISIBLE_DEVICES` lists
+/// and those the driver reports (`driver`, which applies the variable itself: a MIG list or a
+/// device that does not exist shows fewer); whichever of the two is known. `None`: neither.
+fn gpu_count(get: &dyn Fn(&str) -> Option<String>, driver: Option<usize>) -> Result<Option<usize>> {
+    Ok(match (visible_gpus(get)?, driver) {
+        (Some(v), Some(d)) => Some(v.min(d)),
+        (v, d) => v.or(d),
+    })
 }
 
 impl Plan {
@@ -323,11 +357,10 @@ impl Plan {
             ),
         };
         check_run_id(&run_id).map_err(|m| anyhow::anyhow!("--run-id: {m}"))?;
+        let nccl = cfg.distributed.transport(cfg.run.device) == Transport::Nccl;
         let gpus = match cfg.run.device {
-            Device::Cpu => None,
-            Device::Cuda | Device::Auto => {
-                visible_gpus(get).or_else(trainer::cuda_libs::device_count)
-            }
+            Device::Cpu if !nccl => None,
+            _ => gpu_count(get, trainer::cuda_libs::device_count())?,
         };
         let slots = hostfile.as_ref().and_then(|h| {
             let first = h[0].slots;
@@ -360,6 +393,16 @@ impl Plan {
         };
         if procs_per_node < 1 {
             bail!("--procs-per-node must be ≥ 1");
+        }
+        if let (true, Some(g)) = (nccl, gpus) {
+            if procs_per_node > g {
+                bail!(
+                    "{procs_per_node} workers per node, but NCCL collectives need one GPU per \
+                     worker and this node has {g} (CUDA_VISIBLE_DEVICES = {}); start at most {g} \
+                     (--procs-per-node), or run more nodes",
+                    get("CUDA_VISIBLE_DEVICES").unwrap_or_else(|| "<unset>".into())
+                );
+            }
         }
         let trainer = match get("TESSERA_TRAINER") {
             Some(p) => PathBuf::from(p),
@@ -485,10 +528,52 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("SLURM_NNODES"));
+    }
+
+    fn visible(v: &str) -> impl Fn(&str) -> Option<String> + '_ {
+        move |k: &str| (k == "CUDA_VISIBLE_DEVICES").then(|| v.to_string())
+    }
+
+    #[test]
+    fn gpu_count_is_the_smaller_of_the_visible_list_and_the_driver() {
+        let count = |v: Option<&str>, driver| match v {
+            Some(v) => gpu_count(&visible(v), driver).unwrap(),
+            None => gpu_count(&|_: &str| None, driver).unwrap(),
+        };
+        assert_eq!(count(Some("0,1,3"), Some(8)), Some(3));
+        // The driver sees fewer: devices that do not exist, or MIG instances it shows as one.
+        assert_eq!(count(Some("0,1,7"), Some(2)), Some(2));
         assert_eq!(
-            visible_gpus(&env(&[("CUDA_VISIBLE_DEVICES", "0,1,3")])),
-            Some(3)
+            count(
+                Some("MIG-4f3e1b8a-6c2d-5e9f-a1b2-c3d4e5f60718,MIG-GPU-4f3e1b8a-6c2d-5e9f-a1b2-c3d4e5f60718/1/0"),
+                Some(1)
+            ),
+            Some(1)
         );
-        assert_eq!(visible_gpus(&env(&[])), None);
+        assert_eq!(
+            count(Some("GPU-4f3e1b8a-6c2d-5e9f-a1b2-c3d4e5f60718, 1"), None),
+            Some(2)
+        );
+        assert_eq!(count(Some(""), Some(4)), Some(0));
+        assert_eq!(count(None, Some(4)), Some(4));
+        assert_eq!(count(None, None), None);
+    }
+
+    #[test]
+    fn an_invalid_cuda_visible_devices_entry_is_an_error_naming_it() {
+        for (v, entry) in [
+            ("0,abc", "abc"),
+            ("-1", "-1"),
+            ("0,-2", "-2"),
+            ("GPU-", "GPU-"),
+            ("MIG-zz", "MIG-zz"),
+            ("1.5", "1.5"),
+        ] {
+            let e = gpu_count(&visible(v), Some(8)).unwrap_err().to_string();
+            assert!(
+                e.contains("CUDA_VISIBLE_DEVICES") && e.contains(&format!("entry '{entry}'")),
+                "{v}: {e}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The `distributed:` section of a run config: timeouts of the rendezvous, the collectives and
-//! the supervision, the collectives backend, and the number of workers per node on CPU machines.
+//! the supervision, the collectives transport, and the number of workers per node on CPU
+//! machines.
 //! Every field has a default, so single-process configs leave the section out.
 
 use crate::config::Device;
@@ -50,10 +51,13 @@ pub enum CollectivesKind {
     Nccl,
 }
 
-/// The collectives a run ends up with.
+/// The transport a run's collectives end up with (what `distributed.collectives` resolves to).
+/// Not the compute backend: a run on the CPU may still use NCCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Transport {
+    /// The TCP ring between processes ([`crate::dist::ring::TcpRing`]).
     Tcp,
+    /// NCCL through `cudarc` ([`crate::dist::nccl::NcclComm`]).
     Nccl,
 }
 
@@ -139,12 +143,12 @@ impl DistributedConfig {
         Ok(())
     }
 
-    /// The backend for a run on `device`. `auto` is the ring until the training step itself runs
-    /// on CUDA (`run.device: auto` resolves to the CPU in this release).
-    pub fn backend(&self, device: Device) -> Backend {
+    /// The collectives transport for a run on `device`. `auto` is the ring until the training
+    /// step itself runs on CUDA (`run.device: auto` resolves to the CPU in this release).
+    pub fn transport(&self, device: Device) -> Transport {
         match (self.collectives, device) {
-            (CollectivesKind::Nccl, _) | (CollectivesKind::Auto, Device::Cuda) => Backend::Nccl,
-            _ => Backend::Tcp,
+            (CollectivesKind::Nccl, _) | (CollectivesKind::Auto, Device::Cuda) => Transport::Nccl,
+            _ => Transport::Tcp,
         }
     }
 
@@ -170,17 +174,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backend_follows_the_setting_and_the_device() {
+    fn transport_follows_the_setting_and_the_device() {
         let with = |k| DistributedConfig {
             collectives: k,
             ..Default::default()
         };
         use CollectivesKind as K;
-        assert_eq!(with(K::Nccl).backend(Device::Cpu), Backend::Nccl);
-        assert_eq!(with(K::Tcp).backend(Device::Cuda), Backend::Tcp);
-        assert_eq!(with(K::Auto).backend(Device::Cuda), Backend::Nccl);
-        assert_eq!(with(K::Auto).backend(Device::Auto), Backend::Tcp);
-        assert_eq!(with(K::Auto).backend(Device::Cpu), Backend::Tcp);
+        assert_eq!(with(K::Nccl).transport(Device::Cpu), Transport::Nccl);
+        assert_eq!(with(K::Tcp).transport(Device::Cuda), Transport::Tcp);
+        assert_eq!(with(K::Auto).transport(Device::Cuda), Transport::Nccl);
+        assert_eq!(with(K::Auto).transport(Device::Auto), Transport::Tcp);
+        assert_eq!(with(K::Auto).transport(Device::Cpu), Transport::Tcp);
         let d: DistributedConfig = serde_yaml::from_str("collectives: nccl").unwrap();
         assert_eq!(d.collectives, K::Nccl);
     }

@@ -31,7 +31,7 @@ use ring::{Abort, AddressBook, RingOptions, TcpRing};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{Backend, CollectivesKind, DistributedConfig};
+pub use config::{CollectivesKind, DistributedConfig, Transport};
 
 /// Errors of joining a multi-process run.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +65,9 @@ pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
     let Some(env) = WorkerEnv::from_env()? else {
         return Ok(Box::new(SingleProcess));
     };
-    match cfg.distributed.backend(cfg.run.device) {
-        Backend::Tcp => Ok(Box::new(join(&env, cfg)?)),
-        Backend::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
+    match cfg.distributed.transport(cfg.run.device) {
+        Transport::Tcp => Ok(Box::new(join(&env, cfg)?)),
+        Transport::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
     }
 }
 
@@ -150,6 +150,8 @@ pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
 /// Rendezvous, heartbeats and an NCCL communicator on the GPU numbered `LOCAL_RANK`; rank 0
 /// creates the unique id and publishes it through the store.
 pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, DistError> {
+    // Before the rendezvous, so that a refused setting costs no wait (init checks it again).
+    nccl::check_env(&|k| std::env::var(k).ok())?;
     nccl::check_libraries()?;
     let ctx = nccl::open_device(env.local_rank)?;
     let d = &cfg.distributed;
@@ -171,10 +173,15 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         let text = client.get(env.generation, nccl::UNIQUE_ID_KEY, d.rendezvous_timeout())?;
         nccl::decode_unique_id(&text).map_err(nccl::NcclError::UniqueId)?
     };
+    let nccl_vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("NCCL_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     tracing::info!(
         rank = env.rank,
         gpu = env.local_rank,
         nccl = nccl::NcclComm::version().unwrap_or_default(),
+        vars = nccl_vars.join(" "),
         "joining the NCCL communicator"
     );
     let mut comm = nccl::NcclComm::init(
@@ -182,6 +189,7 @@ pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, Dis
         env.rank,
         env.world_size,
         id,
+        d.rendezvous_timeout(),
         d.collective_timeout(),
         abort,
         progress,
