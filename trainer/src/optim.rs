@@ -283,34 +283,34 @@ mod tests {
         assert!(!r.applied && p == before && opt.t == 2);
     }
 
-    /// One AdamW update in f64 on the clipped gradient ĝ = g·min(1, c/‖g‖) (PyTorch's
-    /// `clip_grad_norm_` then `AdamW`), over moments `m`, `v` at update number `t`.
-    fn reference_step(
-        hp: AdamWParams,
-        decayed: &[bool],
-        p: &mut [f64],
-        m: &mut [f64],
-        v: &mut [f64],
-        g: &[f64],
-        lr: f64,
-        t: i32,
-    ) {
-        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let scale = (hp.grad_clip as f64 / norm).min(1.0);
-        let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
-        for i in 0..p.len() {
-            let g = g[i] * scale;
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let wd = if decayed[i] {
-                hp.weight_decay as f64
-            } else {
-                0.0
-            };
-            p[i] *= 1.0 - lr * wd;
-            let mhat = m[i] / (1.0 - b1.powi(t));
-            let vhat = v[i] / (1.0 - b2.powi(t));
-            p[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
+    /// Parameters and moments of an f64 AdamW, PyTorch's `clip_grad_norm_` then `AdamW`.
+    struct Reference {
+        p: Vec<f64>,
+        m: Vec<f64>,
+        v: Vec<f64>,
+    }
+
+    impl Reference {
+        /// One update on the clipped gradient ĝ = g·min(1, c/‖g‖), at update number `t`.
+        fn step(&mut self, hp: AdamWParams, decayed: &[bool], g: &[f64], lr: f64, t: i32) {
+            let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let scale = (hp.grad_clip as f64 / norm).min(1.0);
+            let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
+            let (p, m, v) = (&mut self.p, &mut self.m, &mut self.v);
+            for i in 0..p.len() {
+                let g = g[i] * scale;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let wd = if decayed[i] {
+                    hp.weight_decay as f64
+                } else {
+                    0.0
+                };
+                p[i] *= 1.0 - lr * wd;
+                let mhat = m[i] / (1.0 - b1.powi(t));
+                let vhat = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
+            }
         }
     }
 
@@ -329,11 +329,11 @@ mod tests {
         };
         let mut opt = AdamW::new(hp, 6);
         let mut p = vec![1.0f32, -0.5, 0.25, 2.0, 0.75, -1.0];
-        let (mut rp, mut rm, mut rv) = (
-            p.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-            vec![0.0f64; 6],
-            vec![0.0f64; 6],
-        );
+        let mut reference = Reference {
+            p: p.iter().map(|&x| x as f64).collect(),
+            m: vec![0.0; 6],
+            v: vec![0.0; 6],
+        };
         // Update 1 under the bound (‖g‖ = 0.5: left as it is), update 2 over it (‖g‖ = 10:
         // scaled to norm 1), update 3 exactly at it. Adam's first step is nearly scale-free, so
         // the moments are checked too: a missing clip leaves m and v 10× and 100× too large.
@@ -353,16 +353,12 @@ mod tests {
                 r.grad_norm
             );
             let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
-            reference_step(
-                hp,
-                &decayed,
-                &mut rp,
-                &mut rm,
-                &mut rv,
-                &g64,
-                0.1,
-                t as i32 + 1,
-            );
+            reference.step(hp, &decayed, &g64, 0.1, t as i32 + 1);
+            let Reference {
+                p: rp,
+                m: rm,
+                v: rv,
+            } = &reference;
             for i in 0..6 {
                 let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-6 + 1e-5 * b.abs();
                 assert!(
