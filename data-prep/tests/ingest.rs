@@ -399,3 +399,72 @@ fn empty_input_is_an_error() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no inputs found"));
 }
+
+/// A 32×40 PNG, a different asymmetric pattern per `seed` (red and blue grow along x, green
+/// along y), so that mixed-up, transposed or flipped pixels cannot pass for it.
+fn pattern(seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(32, 40, |x, y| {
+        image::Rgb([
+            (seed * 11 + x * 3) as u8,
+            (y * 5 + seed * 2) as u8,
+            ((x * 7) ^ (seed * 29)) as u8,
+        ])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[test]
+fn every_record_holds_the_pixels_of_the_source_its_caption_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (dir.path().join("grads"), dir.path().join("out"));
+    fs::create_dir_all(&data).unwrap();
+    let n = 20u32;
+    for i in 0..n {
+        fs::write(data.join(format!("{i:03}.png")), pattern(i)).unwrap();
+        fs::write(
+            data.join(format!("{i:03}.txt")),
+            format!("gradient picture number {i}"),
+        )
+        .unwrap();
+    }
+    // Several shards and chunks; each batch is decoded in parallel.
+    ok(&ingest(
+        &data,
+        &out,
+        &["--shard-size", "7", "--chunk-records", "3", "--batch", "8"],
+    ));
+    let recs = all_records(&out);
+    assert_eq!(recs.len(), n as usize, "{:#}", stats(&out));
+    for (k, (caption, pixels)) in recs.iter().enumerate() {
+        let i: u32 = caption
+            .strip_prefix("gradient picture number ")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("record {k}: caption {caption:?}"));
+        // The source decoded here: 32×40, so the centred 32×32 square (rows 4..36) shrinks by 2;
+        // each stored pixel is the mean of a 2×2 block.
+        let src = image::load_from_memory(&fs::read(data.join(format!("{i:03}.png"))).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(pixels.len(), 16 * 16 * 3);
+        for y in 0..16u32 {
+            for x in 0..16u32 {
+                for c in 0..3 {
+                    let mean = [(0, 0), (1, 0), (0, 1), (1, 1)]
+                        .iter()
+                        .map(|&(dx, dy)| src.get_pixel(2 * x + dx, 4 + 2 * y + dy)[c] as f64)
+                        .sum::<f64>()
+                        / 4.0;
+                    let got = pixels[((y * 16 + x) * 3) as usize + c] as f64;
+                    assert!(
+                        (got - mean).abs() <= 1.0,
+                        "record {k} ({caption:?}) pixel ({x}, {y}) channel {c}: {got}, \
+                         source {mean}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -105,3 +105,61 @@ fn resume_refuses_a_checkpoint_of_another_model() {
         "{err}"
     );
 }
+
+/// Every tensor of a safetensors file, by name, as f32s.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let data = st.tensor(&n).unwrap().data().to_vec();
+            let values = data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, values)
+        })
+        .collect()
+}
+
+#[test]
+fn ema_is_decay_times_ema_plus_the_rest_times_the_model_every_update() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // A short decay, so that one update moves the EMA well above round-off; a checkpoint after
+    // every update, all kept.
+    let d = 0.75f32;
+    let yaml = small_run_yaml(&out, 4, "checkpoint:\n  every: 1\n  keep_last: 10\n")
+        .replace("lr: 3.0e-3", &format!("lr: 3.0e-3\n  ema: {d}"));
+    let cfg = RunConfig::from_yaml_str(&yaml, "test config").unwrap();
+    trainer::train::run(&cfg, true).unwrap();
+    let read = |step, file| tensors(&step_dir(&out, step).join(file));
+    for t in 2..=4u64 {
+        let (prev, ema, model) = (
+            read(t - 1, "ema.safetensors"),
+            read(t, "ema.safetensors"),
+            read(t, "model.safetensors"),
+        );
+        assert_eq!(ema.len(), model.len());
+        let (mut moved, mut off_model) = (0.0f32, 0.0f32);
+        for (((name, e), (_, p)), (_, m)) in ema.iter().zip(&prev).zip(&model) {
+            for i in 0..e.len() {
+                let want = d * p[i] + (1.0 - d) * m[i];
+                let tol = 1e-7 + 1e-6 * want.abs();
+                assert!(
+                    (e[i] - want).abs() <= tol,
+                    "step {t} {name}[{i}]: ema {} but d·ema + (1−d)·model = {want}",
+                    e[i]
+                );
+                moved = moved.max((e[i] - p[i]).abs());
+                off_model = off_model.max((e[i] - m[i]).abs());
+            }
+        }
+        // The EMA moved this update, and is not the model itself.
+        assert!(moved > 1e-5, "step {t}: the EMA moved by only {moved}");
+        assert!(off_model > 1e-5, "step {t}: the EMA equals the model");
+    }
+}

@@ -270,7 +270,8 @@ mod tests {
         assert!(r.applied && r.grad_norm == 0.0);
         assert_eq!(&p[..4], &[0.95; 4]);
         assert_eq!(&p[4..], &[1.0; 2]);
-        // Norm 10 > clip 1: reported before clipping.
+        // Norm 10 > clip 1: reported before clipping (the clipped update itself is checked in
+        // `adamw_clips_by_global_norm_under_and_over_the_bound`).
         let r = opt
             .step(&table, &mut p, &[5.0, 5.0, 5.0, 5.0, 0.0, 0.0], 0.1)
             .unwrap();
@@ -280,5 +281,127 @@ mod tests {
             .step(&table, &mut p, &[f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0], 0.1)
             .unwrap();
         assert!(!r.applied && p == before && opt.t == 2);
+    }
+
+    /// Parameters and moments of an f64 AdamW, PyTorch's `clip_grad_norm_` then `AdamW`.
+    struct Reference {
+        p: Vec<f64>,
+        m: Vec<f64>,
+        v: Vec<f64>,
+    }
+
+    impl Reference {
+        /// One update on the clipped gradient ĝ = g·min(1, c/‖g‖), at update number `t`.
+        fn step(&mut self, hp: AdamWParams, decayed: &[bool], g: &[f64], lr: f64, t: i32) {
+            let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let scale = (hp.grad_clip as f64 / norm).min(1.0);
+            let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
+            let (p, m, v) = (&mut self.p, &mut self.m, &mut self.v);
+            for i in 0..p.len() {
+                let g = g[i] * scale;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let wd = if decayed[i] {
+                    hp.weight_decay as f64
+                } else {
+                    0.0
+                };
+                p[i] *= 1.0 - lr * wd;
+                let mhat = m[i] / (1.0 - b1.powi(t));
+                let vhat = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
+            }
+        }
+    }
+
+    #[test]
+    fn adamw_clips_by_global_norm_under_and_over_the_bound() {
+        let mut table = ParamTable::new();
+        table.push("w", &[2, 2], ParamKind::Matrix);
+        table.push("b", &[2], ParamKind::Bias);
+        let decayed = [true, true, true, true, false, false];
+        let hp = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.96,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            grad_clip: 1.0,
+        };
+        let mut opt = AdamW::new(hp, 6);
+        let mut p = vec![1.0f32, -0.5, 0.25, 2.0, 0.75, -1.0];
+        let mut reference = Reference {
+            p: p.iter().map(|&x| x as f64).collect(),
+            m: vec![0.0; 6],
+            v: vec![0.0; 6],
+        };
+        // Update 1 under the bound (‖g‖ = 0.5: left as it is), update 2 over it (‖g‖ = 10:
+        // scaled to norm 1), update 3 exactly at it. Adam's first step is nearly scale-free, so
+        // the moments are checked too: a missing clip leaves m and v 10× and 100× too large.
+        let steps: [[f32; 6]; 3] = [
+            [0.3, -0.1, 0.1, 0.1, 0.3, 0.2],
+            [6.0, 0.0, -4.0, 4.0, 4.0, -4.0],
+            [0.0, 0.6, 0.0, 0.0, -0.8, 0.0],
+        ];
+        let norms = [0.5, 10.0, 1.0];
+        for (t, (g, want_norm)) in steps.iter().zip(norms).enumerate() {
+            let r = opt.step(&table, &mut p, g, 0.1).unwrap();
+            assert!(r.applied);
+            assert!(
+                (r.grad_norm - want_norm).abs() < 1e-6,
+                "update {}: norm {}",
+                t + 1,
+                r.grad_norm
+            );
+            let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+            reference.step(hp, &decayed, &g64, 0.1, t as i32 + 1);
+            let Reference {
+                p: rp,
+                m: rm,
+                v: rv,
+            } = &reference;
+            for i in 0..6 {
+                let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-6 + 1e-5 * b.abs();
+                assert!(
+                    close(opt.m[i], rm[i]),
+                    "update {} m[{i}]: {} vs {}",
+                    t + 1,
+                    opt.m[i],
+                    rm[i]
+                );
+                assert!(
+                    close(opt.v[i], rv[i]),
+                    "update {} v[{i}]: {} vs {}",
+                    t + 1,
+                    opt.v[i],
+                    rv[i]
+                );
+                assert!(
+                    close(p[i], rp[i]),
+                    "update {} p[{i}]: {} vs {}",
+                    t + 1,
+                    p[i],
+                    rp[i]
+                );
+            }
+        }
+        // The clip matters for the parameters too: the same three gradients unclipped move
+        // them elsewhere (after update 2 the over-bound gradient dominates the moments).
+        let mut unclipped = AdamW::new(
+            AdamWParams {
+                grad_clip: 0.0,
+                ..hp
+            },
+            6,
+        );
+        let mut q = vec![1.0f32, -0.5, 0.25, 2.0, 0.75, -1.0];
+        for g in &steps {
+            unclipped.step(&table, &mut q, g, 0.1).unwrap();
+        }
+        let gap = p
+            .iter()
+            .zip(&q)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(gap > 1e-3, "clipping changed the parameters by only {gap}");
     }
 }

@@ -6,10 +6,15 @@
 //!   here from `dall_e`'s module structure (not from `Dvae::table`), keyed as
 //!   `tools/convert_openai_dvae.py` writes them; the sizes must be inferred, every tensor must
 //!   land where its name says, and encode / decode must run on it.
+//! - Always: a committed fixture (trainer/tests/fixtures/dall_e/, made by
+//!   tools/make_dall_e_fixture.sh): small random `dall_e` modules converted by
+//!   tools/convert_openai_dvae.py, and `dall_e`'s own logits, codes, decoder output and
+//!   reconstruction on two images; Tessera must reproduce them. So the converter check runs in
+//!   CI, which has no PyTorch.
 //! - When a Python with torch and `dall_e` is at hand (`TESSERA_TORCH_PYTHON`, else `python3`):
-//!   the converter's `--selftest` pickles small random `dall_e` modules, converts them, and
-//!   records `dall_e`'s own logits, codes, decoder output and reconstruction; Tessera must
-//!   reproduce them. Without torch this part is skipped with a note (CI does not install torch).
+//!   the same check on a fresh run of the converter's `--selftest` (which pickles the modules,
+//!   converts them and records `dall_e`'s outputs). Without torch this extra is skipped with a
+//!   note.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -213,34 +218,14 @@ fn close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     eprintln!("{name}: max |Δ| = {max_abs:.2e}");
 }
 
-#[test]
-fn converted_dall_e_modules_compute_what_dall_e_computes() {
-    let python = match torch_python() {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("skipped: the dall_e conversion check: {why}");
-            return;
-        }
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/convert_openai_dvae.py");
-    let o = Command::new(&python)
-        .arg(&script)
-        .args(["--selftest", "--out"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let bytes = std::fs::read(tmp.path().join("check.safetensors")).unwrap();
+/// Tessera on the converted weights `dir/dvae.safetensors` against `dall_e`'s outputs in
+/// `dir/check.safetensors`.
+fn compare_with_dall_e(dir: &Path) {
+    let bytes = std::fs::read(dir.join("check.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let shape = st.tensor("images").unwrap().shape().to_vec();
     let res = shape[2];
-    let weights = DvaeWeights::locate(&tmp.path().join("dvae.safetensors"), false, res).unwrap();
+    let weights = DvaeWeights::locate(&dir.join("dvae.safetensors"), false, res).unwrap();
     let (dvae, params) = weights.load().unwrap();
     let d = *dvae.dims();
     let images = read_f32(&st, "images");
@@ -275,4 +260,37 @@ fn converted_dall_e_modules_compute_what_dall_e_computes() {
     close("stats", &stats, &read_f32(&st, "stats"), 1e-4, 1e-4);
     let recon = dvae.decode_codes(&params, &want_codes).unwrap();
     close("recon", &recon, &read_f32(&st, "recon"), 1e-5, 0.0);
+}
+
+#[test]
+fn converted_dall_e_modules_compute_what_dall_e_computes() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dall_e");
+    compare_with_dall_e(&fixture);
+}
+
+/// The same check on a fresh run of the converter, where PyTorch and `dall_e` are installed.
+#[test]
+fn freshly_converted_dall_e_modules_compute_what_dall_e_computes() {
+    let python = match torch_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("skipped: the fresh dall_e conversion check (the fixture check ran): {why}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/convert_openai_dvae.py");
+    let o = Command::new(&python)
+        .arg(&script)
+        .args(["--selftest", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    compare_with_dall_e(tmp.path());
 }

@@ -1,5 +1,6 @@
 //! SIGTERM stops a run cleanly: the update in flight finishes, a complete checkpoint is written,
-//! the exit status is 143, and resuming from it gives the same bytes as never stopping.
+//! the exit status is 143, and resuming from it gives the same bytes as never stopping (and the
+//! second run did resume: it keeps the first run's metrics and says where it resumed).
 
 use std::fs;
 use std::path::Path;
@@ -64,15 +65,35 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
     };
     let k = state["step"].as_u64().unwrap();
     assert!((5..100000).contains(&k), "stopped at {k}");
+    // The interrupted run logged exactly the updates 1..=k.
+    let interrupted = fs::read_to_string(stopped.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps_of(&interrupted), (1..=k).collect::<Vec<_>>());
 
     // Resume to k + 4, and run k + 4 straight: identical weights.
     let target = format!("train.steps={}", k + 4);
     let o = Command::new(exe)
         .args(["train", "--config", cfg.to_str().unwrap(), "--set", &target])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // It resumed, and said from where: a run that silently started again would be as
+    // deterministic, but would rewrite lines 1..=k (their timings differ) and not log this.
+    let log = String::from_utf8_lossy(&o.stderr);
+    let dir_k = format!("step_{k:08}");
+    assert!(
+        log.lines().any(|l| l.contains("resumed")
+            && l.contains(&format!("step={k}"))
+            && l.contains(&dir_k)),
+        "no `resumed step={k}` line naming {dir_k} in the log:\n{log}"
+    );
+    let resumed = fs::read_to_string(stopped.join("metrics.jsonl")).unwrap();
+    assert!(
+        resumed.starts_with(&interrupted),
+        "the resumed run's metrics do not start with the interrupted run's lines"
+    );
+    assert_eq!(steps_of(&resumed), (1..=k + 4).collect::<Vec<_>>());
     let out_dir = format!("run.out_dir={}", straight.display());
     let o = Command::new(exe)
         .args([
@@ -94,4 +115,23 @@ fn sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
         fs::read(straight.join(&final_dir)).unwrap(),
         "stop at {k} + resume differs from a straight run"
     );
+    // And the losses logged along the way are the straight run's.
+    let straight_metrics = fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    assert_eq!(losses_of(&resumed), losses_of(&straight_metrics));
+}
+
+fn json_lines(text: &str) -> impl Iterator<Item = serde_json::Value> + '_ {
+    text.lines().map(|l| serde_json::from_str(l).unwrap())
+}
+
+fn steps_of(text: &str) -> Vec<u64> {
+    json_lines(text)
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+fn losses_of(text: &str) -> Vec<f64> {
+    json_lines(text)
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
 }

@@ -64,4 +64,57 @@ mod tests {
             );
         }
     }
+
+    /// An asymmetric gradient (red grows along x, green along y, blue along both at different
+    /// rates), so that a transposed, flipped or wrongly cropped resize cannot match.
+    fn gradient(w: u32, h: u32) -> Vec<u8> {
+        let mut img = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                img.extend_from_slice(&[(x * 20) as u8, (y * 21) as u8, (x * 7 + y * 3) as u8]);
+            }
+        }
+        img
+    }
+
+    /// The centred square of `rgb`, each `f × f` block averaged (an integer downscale).
+    fn block_means(rgb: &[u8], w: u32, h: u32, res: u32) -> Vec<f64> {
+        let side = w.min(h);
+        let (left, top, f) = ((w - side) / 2, (h - side) / 2, side / res);
+        let mut out = Vec::new();
+        for oy in 0..res {
+            for ox in 0..res {
+                for c in 0..3 {
+                    let mut sum = 0.0;
+                    for y in top + oy * f..top + (oy + 1) * f {
+                        for x in left + ox * f..left + (ox + 1) * f {
+                            sum += rgb[((y * w + x) * 3 + c) as usize] as f64;
+                        }
+                    }
+                    out.push(sum / (f * f) as f64);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn box_filter_keeps_orientation_on_an_asymmetric_gradient() {
+        // Landscape (crop in x), portrait (crop in y), and no crop; factors 2 and 3.
+        for (w, h, res) in [(12u32, 6u32, 3u32), (6, 12, 3), (12, 12, 4)] {
+            let img = gradient(w, h);
+            let out = resize_center_crop(&img, w, h, res).unwrap();
+            let want = block_means(&img, w, h, res);
+            assert_eq!(out.len(), want.len());
+            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                let (px, c) = (i / 3, i % 3);
+                assert!(
+                    (got as f64 - want).abs() <= 1.0,
+                    "{w}×{h} → {res}: pixel (x {}, y {}) channel {c}: {got}, want {want:.1}",
+                    px as u32 % res,
+                    px as u32 / res
+                );
+            }
+        }
+    }
 }
