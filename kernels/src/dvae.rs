@@ -202,8 +202,8 @@ pub fn gumbel_softmax_backward(
 }
 
 /// log q = log_softmax over K of the logits at (`bi`, `pos`) into `lq`, q into `q`; returns
-/// Σ_K q·log q (the negative entropy). In f64, as the trainer's `log_q`.
-fn log_q(
+/// Σ_K q·log q (the negative entropy), in f64 (the trainer's dVAE loss uses this function).
+pub fn log_q(
     logits: &[f32],
     k: usize,
     hw: usize,
@@ -270,7 +270,7 @@ pub fn kl_uniform_backward(
 }
 
 /// x' = (1 − 2ε)·x + ε in f64.
-fn squash(x: f32) -> f64 {
+pub fn squash(x: f32) -> f64 {
     (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
 }
 

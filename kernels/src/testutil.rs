@@ -37,3 +37,16 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
 pub fn dot(w: &[f32], y: &[f32]) -> f64 {
     w.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise for f32 results (a parity test's
+/// comparison), naming the first index that fails.
+#[track_caller]
+pub fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
+        );
+    }
+}

@@ -132,18 +132,7 @@ mod tests {
     use super::*;
     use crate::device::{widen, Cpu};
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
+    use crate::testutil::{close, rand_vec};
 
     /// Three AdamW updates (the second without the fp16 copy, so a stale copy stays from the
     /// first), then the EMA: params, the fp16 copy, m, v, ema.

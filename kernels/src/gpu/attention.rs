@@ -349,24 +349,13 @@ mod tests {
     use crate::attention::MaskKind;
     use crate::device::{narrow, widen, Cpu, Device};
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
+    use crate::testutil::{close, rand_vec};
 
     const KINDS: [MaskKind; 3] = [
         MaskKind::Row,
         MaskKind::Column,
         MaskKind::Conv { kernel: 3 },
     ];
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
 
     /// A case: (text_len, grid, block, batch, heads, head size).
     type Case = (usize, usize, usize, usize, usize, usize);

@@ -1,9 +1,9 @@
 //! Launchers of `kernels/cuda/bias.cu`: a linear layer's bias add and its deterministic
 //! gradient (column sums), for [`Gpu`] over either runtime.
 
-use super::{as_i32, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
-use crate::error::{check_len, KernelError, Result};
+use crate::error::{check_len, Result};
 use crate::linear::BiasOps;
 
 const THREADS: usize = 256;
@@ -11,17 +11,6 @@ const THREADS: usize = 256;
 const MAX_BLOCKS: usize = 16_384;
 /// Rows per chunk of the column-sum partials.
 const ROWS_PER_CHUNK: usize = 64;
-
-fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
-    match T::DTYPE {
-        "f32" => Ok(f32_name),
-        "f16" => Ok(f16_name),
-        other => Err(KernelError::Shape {
-            op: f32_name,
-            what: format!("element type {other} (f32 or f16 only)"),
-        }),
-    }
-}
 
 impl<R: Runtime> BiasOps for Gpu<R> {
     fn bias_add<T: Elem>(
@@ -102,19 +91,8 @@ mod tests {
     use super::*;
     use crate::device::{narrow, widen, Cpu};
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
+    use crate::testutil::{close, rand_vec};
     use half::f16;
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
 
     /// The bias added to a non-zero `out`, and its gradient accumulated into a non-zero
     /// `dbias`.

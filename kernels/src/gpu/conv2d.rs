@@ -1,8 +1,7 @@
 //! Launchers of `kernels/cuda/conv2d.cu`: im2col and col2im (accumulating) for the dVAE's
 //! convolutions, for [`Gpu`] over either runtime. The dense product between them is cuBLAS's.
 
-use super::resample::kernel_for;
-use super::{as_i32, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::conv2d::{check_im2col, Conv2dDims, Im2colOps};
 use crate::device::Elem;
 use crate::error::{KernelError, Result};

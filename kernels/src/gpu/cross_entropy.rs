@@ -91,18 +91,7 @@ mod tests {
     use super::*;
     use crate::device::Cpu;
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
+    use crate::testutil::{close, rand_vec};
 
     /// Logits of `n` rows over `v` with a spread of `spread`, row 0 shifted far up (a softmax that
     /// needs its maximum), targets spread over the vocabulary including both ends.

@@ -201,18 +201,7 @@ mod tests {
     use super::*;
     use crate::device::Cpu;
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
+    use crate::testutil::{close, rand_vec};
 
     /// y and dlogits on `dev`, the outputs started from garbage.
     fn run_softmax<D: DvaeLossOps>(

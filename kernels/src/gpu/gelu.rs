@@ -1,25 +1,14 @@
 //! Launchers of `kernels/cuda/gelu.cu`: GELU forward and backward in f32 or f16 storage, for
 //! [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
-use crate::error::{KernelError, Result};
+use crate::error::Result;
 use crate::gelu::GeluOps;
 
 const THREADS: usize = 256;
 /// Most blocks (grid-stride loops beyond).
 const MAX_BLOCKS: usize = 16_384;
-
-fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
-    match T::DTYPE {
-        "f32" => Ok(f32_name),
-        "f16" => Ok(f16_name),
-        other => Err(KernelError::Shape {
-            op: f32_name,
-            what: format!("element type {other} (f32 or f16 only)"),
-        }),
-    }
-}
 
 fn elementwise(n: usize) -> LaunchCfg {
     LaunchCfg::linear(n.div_ceil(THREADS).min(MAX_BLOCKS) as u32, THREADS as u32)
@@ -70,19 +59,8 @@ mod tests {
     use super::*;
     use crate::device::{narrow, widen, Cpu};
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
+    use crate::testutil::{close, rand_vec};
     use half::f16;
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
-        }
-    }
 
     /// Forward and backward on `dev` in storage type `T`; outputs start as garbage (non-zero),
     /// so an element left unwritten shows.

@@ -1,7 +1,7 @@
 //! Launchers of `kernels/cuda/gradscale.cu`: per-resblock gradient scaling (scale-and-cast,
 //! unscale-and-accumulate, parameter-gradient finiteness) for [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
 use crate::gradscale::{check_ranges, check_scale_args, GradScaleOps};
@@ -13,17 +13,6 @@ const THREADS: usize = 256;
 /// H100 (132 SMs × 8 blocks of 256 threads) several times. Tiny in tests, so that the emulator
 /// runs the grid-stride loops with odd sizes.
 const MAX_BLOCKS: usize = if cfg!(test) { 3 } else { 4096 };
-
-fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
-    match T::DTYPE {
-        "f32" => Ok(f32_name),
-        "f16" => Ok(f16_name),
-        other => Err(KernelError::Shape {
-            op: f32_name,
-            what: format!("element type {other} (f32 or f16 only)"),
-        }),
-    }
-}
 
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS).clamp(1, MAX_BLOCKS) as u32

@@ -1,7 +1,7 @@
 //! Launchers of `kernels/cuda/layernorm.cu`: fused residual-add + layernorm, forward and
 //! backward, for [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
 use crate::layernorm::LayerNormOps;
@@ -12,17 +12,6 @@ const ROWS_PER_BLOCK: usize = 8;
 const ROWS_PER_CHUNK: usize = 256;
 /// Threads per block of the column kernels.
 const COL_THREADS: usize = 256;
-
-fn kernel_for<T: Elem>(f32_name: &'static str, f16_name: &'static str) -> Result<&'static str> {
-    match T::DTYPE {
-        "f32" => Ok(f32_name),
-        "f16" => Ok(f16_name),
-        other => Err(KernelError::Shape {
-            op: f32_name,
-            what: format!("element type {other} (f32 or f16 only)"),
-        }),
-    }
-}
 
 impl<R: Runtime> LayerNormOps for Gpu<R> {
     fn layernorm_forward<O: Elem>(
@@ -184,7 +173,7 @@ mod tests {
     use super::*;
     use crate::device::{narrow, widen, Cpu};
     use crate::gpu::{Emu, Schedule};
-    use crate::testutil::rand_vec;
+    use crate::testutil::{close, rand_vec};
 
     /// Every output of one forward and backward pass, as f32.
     #[derive(Debug)]
@@ -243,17 +232,6 @@ mod tests {
             dinp: down(&dinp),
             dweight: down(&dw),
             dbias: down(&db),
-        }
-    }
-
-    #[track_caller]
-    fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= atol + rtol * w.abs(),
-                "{what}[{i}]: got {g}, reference {w} (atol {atol}, rtol {rtol})"
-            );
         }
     }
 

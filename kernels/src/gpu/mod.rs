@@ -207,6 +207,22 @@ pub(crate) fn preload(
     (!h.is_null()).then_some(path)
 }
 
+/// The f32 or f16 kernel of a pair, by the element type `T`; an error naming the kernel for any
+/// other type.
+pub(crate) fn kernel_for<T: Elem>(
+    f32_name: &'static str,
+    f16_name: &'static str,
+) -> Result<&'static str> {
+    match T::DTYPE {
+        "f32" => Ok(f32_name),
+        "f16" => Ok(f16_name),
+        other => Err(KernelError::Shape {
+            op: f32_name,
+            what: format!("element type {other} (f32 or f16 only)"),
+        }),
+    }
+}
+
 /// Checks that a device buffer holds exactly `want` elements.
 pub(crate) fn check_buf<R: Runtime, T: Elem>(
     rt: &R,

@@ -1,7 +1,8 @@
 //! Launchers of `kernels/cuda/relu.cu`: ReLU forward and backward, for [`Gpu`] over either
 //! runtime.
 
-use super::resample::{kernel_for, per_element};
+use super::kernel_for;
+use super::resample::per_element;
 use super::{as_i32, check_buf, Args, Gpu, Runtime};
 use crate::device::Elem;
 use crate::error::Result;

@@ -1,9 +1,9 @@
 //! Launchers of `kernels/cuda/resample.cu`: 2×2 max-pooling and nearest ×2 upsampling, forward
 //! and backward, for [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
-use crate::error::{KernelError, Result};
+use crate::error::Result;
 use crate::resample::{check_even, ResampleOps};
 
 /// Threads per block of the element-wise kernels (one thread per output element or window).
@@ -11,19 +11,6 @@ const THREADS: usize = 256;
 
 /// The kernel for element type `T`: `f32_name`, or `f16_name` for f16; other types are an error
 /// naming the kernel.
-pub(super) fn kernel_for<T: Elem>(
-    f32_name: &'static str,
-    f16_name: &'static str,
-) -> Result<&'static str> {
-    match T::DTYPE {
-        "f32" => Ok(f32_name),
-        "f16" => Ok(f16_name),
-        other => Err(KernelError::Shape {
-            op: f32_name,
-            what: format!("element type {other} (f32 or f16 only)"),
-        }),
-    }
-}
 
 /// One thread per element of `total` (the kernels index in 32 bits: `total` must fit an `int`).
 pub(super) fn per_element(k: &'static str, total: usize) -> Result<LaunchCfg> {

@@ -32,7 +32,8 @@ pub use infer::{
 type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
-pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
+pub use kernels::dvae::LOGIT_LAPLACE_EPS;
+use kernels::dvae::{log_q, squash};
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
 
@@ -488,40 +489,6 @@ fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
         Stage::ReluConv(_) => vec![px * s.c],
         _ => Vec::new(),
     }
-}
-
-/// log q = log_softmax over K of the logits [B, K, h, w] at (`bi`, `pos`), into `lq`, and q itself
-/// into `q` (one exponential per code); returns Σ_k q_k log q_k (the negative entropy), in f64.
-fn log_q(
-    logits: &[f32],
-    k: usize,
-    hw: usize,
-    bi: usize,
-    pos: usize,
-    lq: &mut [f64],
-    q: &mut [f64],
-) -> f64 {
-    let l = |c: usize| logits[bi * k * hw + c * hw + pos] as f64;
-    let max = (0..k).map(l).fold(f64::NEG_INFINITY, f64::max);
-    let mut z = 0.0;
-    for (c, e) in q.iter_mut().enumerate() {
-        *e = (l(c) - max).exp();
-        z += *e;
-    }
-    let lz = z.ln();
-    let mut neg_entropy = 0.0;
-    for (c, (out, q)) in lq.iter_mut().zip(q.iter_mut()).enumerate() {
-        *out = l(c) - max - lz;
-        *q /= z;
-        neg_entropy += *q * *out;
-    }
-    neg_entropy
-}
-
-/// x' = (1 − 2ε)·x + ε in f64, as the loss takes it (an f32 ε would shift every term alike, which
-/// adds up over a sum of thousands of nearly cancelling terms).
-fn squash(x: f32) -> f64 {
-    (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
 }
 
 /// Saved activations of one network for one batch size.
