@@ -9,9 +9,6 @@ use crate::resample::{check_even, ResampleOps};
 /// Threads per block of the element-wise kernels (one thread per output element or window).
 const THREADS: usize = 256;
 
-/// The kernel for element type `T`: `f32_name`, or `f16_name` for f16; other types are an error
-/// naming the kernel.
-
 /// One thread per element of `total` (the kernels index in 32 bits: `total` must fit an `int`).
 pub(super) fn per_element(k: &'static str, total: usize) -> Result<LaunchCfg> {
     as_i32(k, "the element count", total)?;
