@@ -551,6 +551,11 @@ impl DvaeActs {
     pub fn logits(&self) -> &[f32] {
         &self.enc.output
     }
+    /// The relaxed codes y = softmax((logits + g)/τ) [B, K, H/8, W/8] of the last forward pass
+    /// (what the decoder read).
+    pub fn relaxed(&self) -> &[f32] {
+        &self.y
+    }
     /// Decoder statistics [B, 6, H, W] (μ, then ln b) of the last forward pass.
     pub fn stats(&self) -> &[f32] {
         &self.dec.output

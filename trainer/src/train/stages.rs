@@ -389,3 +389,72 @@ pub fn reconstruction_sq_err(stats: &[f32], images: &[f32], batch: usize) -> f64
     }
     sum
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::image_shard::ImageShardWriter;
+
+    /// τ read back from what the forward pass computed, not from the schedule: at every grid
+    /// position y = softmax((logits + g)/τ), so for two codes a, b,
+    /// τ = ((l_a + g_a) − (l_b + g_b)) / ln(y_a / y_b). A τ that does not reach the forward pass
+    /// (a constant, another update's value) fails here while the logged column stays right.
+    #[test]
+    fn the_forward_pass_relaxes_with_the_scheduled_tau() {
+        let tmp = tempfile::tempdir().unwrap();
+        let res = 32usize;
+        let mut w =
+            ImageShardWriter::create(tmp.path().join("images.tis"), res as u32, 4, 3).unwrap();
+        for i in 0..4 {
+            let px: Vec<u8> = (0..res * res * 3)
+                .map(|j| ((i * 37 + j * 11) % 251) as u8)
+                .collect();
+            w.push(&px, &format!("image {i}"), None).unwrap();
+        }
+        w.finish().unwrap();
+        let yaml = format!(
+            "run: {{ name: t, out_dir: {out}, seed: 7 }}\n\
+             model: {{ kind: dvae, resolution: {res}, n_hid: 4, n_blk_per_group: 1, vocab_size: 16, n_init: 4 }}\n\
+             relaxation: {{ tau_start: 1.0, tau_end: 0.0625, tau_steps: 10, beta_start: 0.0, beta_end: 1.0, beta_steps: 10 }}\n\
+             data: {{ source: images, paths: [\"{dir}/*.tis\"] }}\n\
+             train: {{ steps: 20, batch_size: 2 }}\n",
+            out = tmp.path().join("run").display(),
+            dir = tmp.path().display(),
+        );
+        let cfg = RunConfig::from_yaml_str(&yaml, "test").unwrap();
+        let mut stage = DvaeStage::new(&cfg, 0, 1, DataCursor::start(&cfg)).unwrap();
+        let params = stage.model.init_params(3);
+        let mut grads = vec![0.0f32; params.len()];
+        let d = stage.model.dims();
+        let (k, hw) = (d.vocab_size, d.grid() * d.grid());
+        for t in [1u64, 4, 8, 11] {
+            stage.micro_step(t, 0, &params, &mut grads, 1.0).unwrap();
+            let want = stage.relax.tau(t - 1);
+            let (logits, y, g) = (stage.acts.logits(), stage.acts.relaxed(), &stage.noise);
+            let mut checked = 0;
+            for pos in [0, hw / 2, hw - 1] {
+                let at = |c: usize| c * hw + pos;
+                let s = |c: usize| logits[at(c)] as f64 + g[at(c)] as f64;
+                // The most and least likely codes: the widest, best-conditioned ratio.
+                let a = (0..k)
+                    .max_by(|&i, &j| y[at(i)].total_cmp(&y[at(j)]))
+                    .unwrap();
+                let b = (0..k)
+                    .min_by(|&i, &j| y[at(i)].total_cmp(&y[at(j)]))
+                    .unwrap();
+                let ratio = (y[at(a)] as f64 / y[at(b)] as f64).ln();
+                if ratio < 1e-3 || y[at(b)] < 1e-30 {
+                    continue;
+                }
+                let tau = (s(a) - s(b)) / ratio;
+                assert!(
+                    (tau - want).abs() <= 1e-3 * want,
+                    "update {t}, position {pos}: the forward pass relaxed with τ = {tau}, the \
+                     schedule says {want}"
+                );
+                checked += 1;
+            }
+            assert!(checked > 0, "update {t}: no position with a usable ratio");
+        }
+    }
+}
