@@ -34,7 +34,7 @@
 
 use rayon::prelude::*;
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::{fast_exp, fmadd, max8, sum8, Isa};
 
@@ -104,7 +104,7 @@ impl AttentionOps for Cpu {
     ) -> Result<()> {
         let mut o = vec![0.0f32; out.len()];
         attention_forward(&mut o, lse, &widen(qkv), layout, b, t, nh, hs)?;
-        *out = narrow(&o);
+        store(out, o);
         Ok(())
     }
 
@@ -125,7 +125,7 @@ impl AttentionOps for Cpu {
         let mut g = vec![0.0f32; dqkv.len()];
         let (dout, qkv, out) = (widen(dout), widen(qkv), widen(out));
         attention_backward(&mut g, &dout, &qkv, &out, lse, layout, b, t, nh, hs)?;
-        *dqkv = narrow(&g);
+        store(dqkv, g);
         Ok(())
     }
 }

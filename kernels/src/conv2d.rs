@@ -26,7 +26,7 @@
 //! zeroing per call); every function writes each workspace element it reads. A future CUDA
 //! launcher takes the same arguments; the layouts here are the CPU path's business.
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::linear::{matmul_serial, MatRef};
 use crate::simd::{sum8, Isa};
@@ -184,13 +184,13 @@ impl Im2colOps for Cpu {
                 im2col(c, x, d);
             }
         }
-        *col = narrow(&c);
+        store(col, c);
         Ok(())
     }
     fn col2im_add<T: Elem>(&self, dinp: &mut Vec<T>, col: &Vec<T>, d: &Conv2dDims) -> Result<()> {
         check_im2col("col2im_add", "dinp", dinp.len(), col.len(), d)?;
         let (c, per_col) = (widen(col), d.col_rows() * d.pixels());
-        let mut dx = widen(dinp);
+        let mut dx = widen(dinp).into_owned();
         if per_col > 0 {
             for (dx, c) in dx
                 .chunks_exact_mut(d.c_in * d.pixels())
@@ -199,7 +199,7 @@ impl Im2colOps for Cpu {
                 col2im_add(dx, c, d);
             }
         }
-        *dinp = narrow(&dx);
+        store(dinp, dx);
         Ok(())
     }
 }

@@ -123,9 +123,30 @@ impl Device for Cpu {
     }
 }
 
-/// Host values as f32 (the references compute in f32).
-pub fn widen<T: Elem>(v: &[T]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
+/// Host values as f32 (the references compute in f32): borrowed as they are when `T` is f32,
+/// converted otherwise.
+pub fn widen<T: Elem>(v: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (same type id), so the slice is a slice of f32.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast(), v.len())
+        })
+    } else {
+        std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect())
+    }
+}
+
+/// Stores f32 results in `dst` as `T`: moved in when `T` is f32, rounded (to nearest even for
+/// f16) otherwise.
+pub fn store<T: Elem>(dst: &mut Vec<T>, v: Vec<f32>) {
+    let any: Box<dyn std::any::Any> = Box::new(v);
+    match any.downcast::<Vec<T>>() {
+        Ok(same) => *dst = *same,
+        Err(any) => {
+            let v = any.downcast::<Vec<f32>>().expect("boxed a Vec<f32>");
+            *dst = narrow(&v);
+        }
+    }
 }
 
 /// f32 values stored as `T` (rounded to nearest even for f16).

@@ -6,7 +6,7 @@
 //! activation on GPU, in the paper's scheme): on [`Cpu`] the functions below on the values
 //! widened to f32, the result rounded back; on a GPU the kernels of `kernels/cuda/gelu.cu`.
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, Result};
 use crate::simd::{fast_tanh, fmadd, Isa};
 use rayon::prelude::*;
@@ -36,7 +36,7 @@ impl GeluOps for Cpu {
         check_len("gelu_forward", "out", out.len(), inp.len())?;
         let mut y = vec![0.0f32; inp.len()];
         gelu_forward(&mut y, &widen(inp))?;
-        *out = narrow(&y);
+        store(out, y);
         Ok(())
     }
 
@@ -44,7 +44,7 @@ impl GeluOps for Cpu {
         check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
         let mut dx = vec![0.0f32; inp.len()];
         gelu_backward(&mut dx, &widen(dout), &widen(inp))?;
-        *dinp = narrow(&dx);
+        store(dinp, dx);
         Ok(())
     }
 }

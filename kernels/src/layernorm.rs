@@ -8,7 +8,7 @@
 //! gradient is one more term of the residual gradient (llm.c's exception to "activation gradients
 //! are overwritten"). Statistics are accumulated in f64 on CPU so the reference is exact to f32.
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use crate::linear::column_sums_add;
 use rayon::prelude::*;
@@ -87,7 +87,7 @@ impl LayerNormOps for Cpu {
                 })
             }
         }
-        *y = narrow(&out);
+        store(y, out);
         Ok(())
     }
 

@@ -11,7 +11,7 @@
 //! out: on [`Cpu`] the same arithmetic as [`linear_forward`] and [`column_sums_add`], on a GPU
 //! the kernels of `kernels/cuda/bias.cu`.
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -204,13 +204,13 @@ impl BiasOps for Cpu {
     ) -> Result<()> {
         check_len("bias_add", "out", out.len(), n * oc)?;
         check_len("bias_add", "bias", bias.len(), oc)?;
-        let mut y = widen(out);
+        let mut y = widen(out).into_owned();
         for row in y.chunks_exact_mut(oc.max(1)) {
             for (o, &b) in row.iter_mut().zip(bias) {
                 *o += b;
             }
         }
-        *out = narrow(&y);
+        store(out, y);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! ReLU, element-wise. The backward pass overwrites `dinp` (an activation gradient); the
 //! derivative at exactly 0 is taken as 0, as PyTorch does.
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, Result};
 use rayon::prelude::*;
 
@@ -24,13 +24,13 @@ impl ReluOps for Cpu {
     fn relu_forward<T: Elem>(&self, out: &mut Vec<T>, inp: &Vec<T>) -> Result<()> {
         let mut o = vec![0.0; out.len()];
         relu_forward(&mut o, &widen(inp))?;
-        *out = narrow(&o);
+        store(out, o);
         Ok(())
     }
     fn relu_backward<T: Elem>(&self, dinp: &mut Vec<T>, dout: &Vec<T>, inp: &Vec<T>) -> Result<()> {
         let mut d = vec![0.0; dinp.len()];
         relu_backward(&mut d, &widen(dout), &widen(inp))?;
-        *dinp = narrow(&d);
+        store(dinp, d);
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! Shapes: `planes` = B·C independent H×W planes. Pooling needs even H and W.
 //! Backward passes overwrite `dinp` (activation gradients).
 
-use crate::device::{narrow, widen, Cpu, Device, Elem};
+use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, KernelError, Result};
 use rayon::prelude::*;
 
@@ -65,7 +65,7 @@ impl ResampleOps for Cpu {
     ) -> Result<()> {
         let mut o = vec![0.0; out.len()];
         maxpool2_forward(&mut o, &widen(inp), planes, h, w)?;
-        *out = narrow(&o);
+        store(out, o);
         Ok(())
     }
     fn maxpool2_backward<T: Elem>(
@@ -79,7 +79,7 @@ impl ResampleOps for Cpu {
     ) -> Result<()> {
         let mut d = vec![0.0; dinp.len()];
         maxpool2_backward(&mut d, &widen(dout), &widen(inp), planes, h, w)?;
-        *dinp = narrow(&d);
+        store(dinp, d);
         Ok(())
     }
     fn upsample2_forward<T: Elem>(
@@ -92,7 +92,7 @@ impl ResampleOps for Cpu {
     ) -> Result<()> {
         let mut o = vec![0.0; out.len()];
         upsample2_forward(&mut o, &widen(inp), planes, h, w)?;
-        *out = narrow(&o);
+        store(out, o);
         Ok(())
     }
     fn upsample2_backward<T: Elem>(
@@ -105,7 +105,7 @@ impl ResampleOps for Cpu {
     ) -> Result<()> {
         let mut d = vec![0.0; dinp.len()];
         upsample2_backward(&mut d, &widen(dout), planes, h, w)?;
-        *dinp = narrow(&d);
+        store(dinp, d);
         Ok(())
     }
 }

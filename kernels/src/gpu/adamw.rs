@@ -165,7 +165,7 @@ mod tests {
         let down = |b: &D::Buf<f32>| dev.download(b).unwrap();
         [
             down(&p),
-            widen(&dev.download(&p16).unwrap()),
+            widen(&dev.download(&p16).unwrap()).into_owned(),
             down(&m),
             down(&v),
             down(&ema),

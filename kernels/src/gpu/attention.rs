@@ -374,7 +374,7 @@ mod tests {
                     let mut lse = vec![7.0f32; b * nh * t];
                     Cpu.attention_forward(&mut out, &mut lse, &qkv, &l, b, t, nh, hs)
                         .unwrap();
-                    (widen(&out), lse)
+                    (widen(&out).into_owned(), lse)
                 };
                 crate::gpu::for_each_gpu!(s, dev, {
                     let l = dev.attention_layout(&layout).unwrap();
@@ -390,7 +390,7 @@ mod tests {
                         "{} {kind:?} tt {tt} g {g} block {block} hs {hs} {s:?}",
                         T::DTYPE
                     );
-                    let out = widen(&dev.download(&out).unwrap());
+                    let out = widen(&dev.download(&out).unwrap()).into_owned();
                     close(&format!("out {at}"), &out, &want.0, out_tol.0, out_tol.1);
                     let lse = dev.download(&lse).unwrap();
                     close(&format!("lse {at}"), &lse, &want.1, lse_tol.0, lse_tol.1);
@@ -557,7 +557,7 @@ mod tests {
                 dev.attention_forward(&mut g_out, &mut g_lse, &q, &l, b, t, nh, hs)
                     .unwrap();
                 let at = format!("{kind:?} tt {tt} g {g}");
-                let got = widen(&dev.download(&g_out).unwrap());
+                let got = widen(&dev.download(&g_out).unwrap()).into_owned();
                 close(&format!("out {at}"), &got, &widen(&out), 1e-3, 2e-3);
                 // __expf on the GPU is an approximation: a few f32 steps more than the CPU's.
                 close(
@@ -572,7 +572,7 @@ mod tests {
                 let mut g_dqkv = dev.zeros::<half::f16>(dqkv.len()).unwrap();
                 dev.attention_backward(&mut g_dqkv, &d, &q, &o, &ls, &l, b, t, nh, hs)
                     .unwrap();
-                let got = widen(&dev.download(&g_dqkv).unwrap());
+                let got = widen(&dev.download(&g_dqkv).unwrap()).into_owned();
                 close(&format!("dqkv {at}"), &got, &widen(&dqkv), 2e-4, 4e-3);
             }
         }

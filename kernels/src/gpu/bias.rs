@@ -108,7 +108,7 @@ mod tests {
         dev.bias_add(&mut out, &bias, n, oc).unwrap();
         dev.bias_backward(&mut dbias, &dout, n, oc).unwrap();
         (
-            widen(&dev.download(&out).unwrap()),
+            widen(&dev.download(&out).unwrap()).into_owned(),
             dev.download(&dbias).unwrap(),
         )
     }

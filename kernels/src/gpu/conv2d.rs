@@ -212,7 +212,7 @@ mod tests {
         let dcol = up(&rand_vec(col_len, 1.0, seed + 2));
         let mut dx = up(&rand_vec(d.in_len(), 1.0, seed + 3));
         dev.col2im_add(&mut dx, &dcol, d).unwrap();
-        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap());
+        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap()).into_owned();
         (down(&col), down(&dx))
     }
 

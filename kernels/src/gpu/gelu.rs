@@ -78,8 +78,8 @@ mod tests {
         dev.gelu_forward(&mut y, &x).unwrap();
         dev.gelu_backward(&mut dx, &dy, &x).unwrap();
         (
-            widen(&dev.download(&y).unwrap()),
-            widen(&dev.download(&dx).unwrap()),
+            widen(&dev.download(&y).unwrap()).into_owned(),
+            widen(&dev.download(&dx).unwrap()).into_owned(),
         )
     }
 

@@ -178,7 +178,7 @@ mod tests {
         dev.grad_unscale_add(&mut acc, &mut flags, 2, &out, scale)
             .unwrap();
         (
-            widen(&dev.download(&g).unwrap()),
+            widen(&dev.download(&g).unwrap()).into_owned(),
             dev.download(&acc).unwrap(),
             dev.download(&flags).unwrap(),
         )

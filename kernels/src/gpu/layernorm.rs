@@ -226,7 +226,7 @@ mod tests {
         let down = |b: &D::Buf<f32>| dev.download(b).unwrap();
         Outputs {
             x_out: down(&x_out),
-            y: widen(&dev.download(&y).unwrap()),
+            y: widen(&dev.download(&y).unwrap()).into_owned(),
             mean: down(&mean),
             rstd: down(&rstd),
             dinp: down(&dinp),

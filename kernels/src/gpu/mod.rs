@@ -319,8 +319,8 @@ mod tests {
         let (m, n, k) = dims;
         for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
             // Values exactly representable in f16, so both precisions see the same inputs.
-            let a: Vec<f32> = widen(&narrow::<f16>(&rand_vec(m * k, 1.0, 1)));
-            let b: Vec<f32> = widen(&narrow::<f16>(&rand_vec(k * n, 1.0, 2)));
+            let a: Vec<f32> = widen(&narrow::<f16>(&rand_vec(m * k, 1.0, 1))).into_owned();
+            let b: Vec<f32> = widen(&narrow::<f16>(&rand_vec(k * n, 1.0, 2))).into_owned();
             let c0 = rand_vec(m * n, 1.0, 3);
             let want0 = naive(&a, a_t, &b, b_t, dims);
             for accumulate in [false, true] {

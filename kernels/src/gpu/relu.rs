@@ -73,7 +73,7 @@ mod tests {
         let dy = up(&rand_vec(n, 1.0, 2));
         let mut dx = up(&rand_vec(n, 9.0, 3));
         dev.relu_backward(&mut dx, &dy, &x).unwrap();
-        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap());
+        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap()).into_owned();
         (down(&y), down(&dx))
     }
 

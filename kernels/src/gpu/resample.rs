@@ -159,7 +159,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let up = |v: &[f32]| dev.upload(&narrow::<T>(v)).unwrap();
-        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap());
+        let down = |b: &D::Buf<T>| widen(&dev.download(b).unwrap()).into_owned();
         let n = planes * h * w;
         let x = up(&coarse(rand_vec(n, 2.0, seed)));
         let mut pooled = up(&rand_vec(n / 4, 9.0, seed + 1));
