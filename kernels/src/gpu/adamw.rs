@@ -2,25 +2,17 @@
 //! norm (deterministic, f64, left on the device) and the weight EMA, for [`Gpu`] over either
 //! runtime.
 
-use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, elementwise, Args, Gpu, LaunchCfg, Runtime};
 use crate::adamw::{AdamWOps, AdamWStep};
 use crate::error::Result;
 use half::f16;
 
 /// Threads per block of every kernel here (`ADAMW_SUM_THREADS` in the source).
 const THREADS: usize = 256;
-/// Most blocks of the element-wise kernels (grid-stride loops beyond): 16 waves of 132 SMs'
-/// worth of 8 blocks is far past any occupancy limit, and keeps huge buffers in range.
-const MAX_BLOCKS: usize = 16_384;
 /// Elements each thread of the squared-norm partials adds, at least (sets the grid).
 const SUM_PER_THREAD: usize = 16;
 /// Most partials of the squared norm.
 const MAX_SUM_BLOCKS: usize = 1024;
-
-/// The element-wise kernels' launch shape for `n` elements.
-fn elementwise(n: usize) -> LaunchCfg {
-    LaunchCfg::linear(n.div_ceil(THREADS).min(MAX_BLOCKS) as u32, THREADS as u32)
-}
 
 /// Blocks of the squared-norm partials: a function of `n` only, so the summation order (and the
 /// result's bits) never depends on the device.

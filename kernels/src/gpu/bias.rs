@@ -1,14 +1,12 @@
 //! Launchers of `kernels/cuda/bias.cu`: a linear layer's bias add and its deterministic
 //! gradient (column sums), for [`Gpu`] over either runtime.
 
-use super::{as_i32, kernel_for, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, elementwise, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
 use crate::error::{check_len, Result};
 use crate::linear::BiasOps;
 
 const THREADS: usize = 256;
-/// Most blocks of the bias add (grid-stride loop beyond).
-const MAX_BLOCKS: usize = 16_384;
 /// Rows per chunk of the column-sum partials.
 const ROWS_PER_CHUNK: usize = 64;
 
@@ -34,9 +32,8 @@ impl<R: Runtime> BiasOps for Gpu<R> {
             .ptr(rt.addr(bias))
             .i32(ni)
             .i32(oci);
-        let blocks = (n * oc).div_ceil(THREADS).min(MAX_BLOCKS) as u32;
         // SAFETY: the arguments are the kernel's; out is [n, oc], bias [oc] (checked).
-        unsafe { rt.launch(k, LaunchCfg::linear(blocks, THREADS as u32), &args) }
+        unsafe { rt.launch(k, elementwise(n * oc), &args) }
     }
 
     fn bias_backward<T: Elem>(

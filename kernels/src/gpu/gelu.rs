@@ -1,18 +1,10 @@
 //! Launchers of `kernels/cuda/gelu.cu`: GELU forward and backward in f32 or f16 storage, for
 //! [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, elementwise, kernel_for, Args, Gpu, Runtime};
 use crate::device::Elem;
 use crate::error::Result;
 use crate::gelu::GeluOps;
-
-const THREADS: usize = 256;
-/// Most blocks (grid-stride loops beyond).
-const MAX_BLOCKS: usize = 16_384;
-
-fn elementwise(n: usize) -> LaunchCfg {
-    LaunchCfg::linear(n.div_ceil(THREADS).min(MAX_BLOCKS) as u32, THREADS as u32)
-}
 
 impl<R: Runtime> GeluOps for Gpu<R> {
     fn gelu_forward<T: Elem>(&self, out: &mut R::Buf<T>, inp: &R::Buf<T>) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Launchers of `kernels/cuda/gradscale.cu`: per-resblock gradient scaling (scale-and-cast,
 //! unscale-and-accumulate, parameter-gradient finiteness) for [`Gpu`] over either runtime.
 
-use super::{as_i32, check_buf, kernel_for, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, elementwise, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
 use crate::gradscale::{check_ranges, check_scale_args, GradScaleOps};
@@ -9,14 +9,8 @@ use std::ops::Range;
 
 /// Threads per block.
 const THREADS: usize = 256;
-/// Most blocks of one element-wise launch (the kernels stride over the rest): enough to fill an
-/// H100 (132 SMs × 8 blocks of 256 threads) several times. Tiny in tests, so that the emulator
-/// runs the grid-stride loops with odd sizes.
+/// Most blocks of the parameter-finiteness launch, spread over its ranges.
 const MAX_BLOCKS: usize = if cfg!(test) { 3 } else { 4096 };
-
-fn blocks_for(n: usize) -> u32 {
-    n.div_ceil(THREADS).clamp(1, MAX_BLOCKS) as u32
-}
 
 /// Flag `block` as the `int` the kernels take.
 fn block_arg(k: &'static str, block: usize) -> Result<i32> {
@@ -49,7 +43,7 @@ impl<R: Runtime> GradScaleOps for Gpu<R> {
             .i32(block_arg(k, block)?);
         // SAFETY: the arguments are the kernel's; g and dresid hold n elements, flags block + 1
         // or more.
-        unsafe { rt.launch(k, LaunchCfg::linear(blocks_for(n), THREADS as u32), &args) }
+        unsafe { rt.launch(k, elementwise(n), &args) }
     }
 
     fn grad_unscale_add<G: Elem>(
@@ -76,7 +70,7 @@ impl<R: Runtime> GradScaleOps for Gpu<R> {
             .i32(as_i32(k, "n", n)?)
             .i32(block_arg(k, block)?);
         // SAFETY: as in grad_scale.
-        unsafe { rt.launch(k, LaunchCfg::linear(blocks_for(n), THREADS as u32), &args) }
+        unsafe { rt.launch(k, elementwise(n), &args) }
     }
 
     fn grad_param_finite(

@@ -207,6 +207,22 @@ pub(crate) fn preload(
     (!h.is_null()).then_some(path)
 }
 
+/// Threads per block of the grid-stride element-wise kernels.
+pub(crate) const ELEMENTWISE_THREADS: usize = 256;
+/// Most blocks of one grid-stride element-wise launch (the kernels stride over the rest): many
+/// waves of an H100's 132 SMs × 8 blocks. Three in tests, so that the emulator runs every
+/// grid-stride loop more than once with odd sizes.
+const ELEMENTWISE_MAX_BLOCKS: usize = if cfg!(test) { 3 } else { 16_384 };
+
+/// The launch shape of a grid-stride element-wise kernel over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchCfg {
+    LaunchCfg::linear(
+        n.div_ceil(ELEMENTWISE_THREADS)
+            .clamp(1, ELEMENTWISE_MAX_BLOCKS) as u32,
+        ELEMENTWISE_THREADS as u32,
+    )
+}
+
 /// The f32 or f16 kernel of a pair, by the element type `T`; an error naming the kernel for any
 /// other type.
 pub(crate) fn kernel_for<T: Elem>(
