@@ -47,3 +47,11 @@ extern "C" __global__ void testing_shfl_xor_f32(float* out, const float* x, int 
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     out[i] = __shfl_xor_sync(TS_FULL_MASK, x[i], lanemask);
 }
+
+// out[i] = __shfl_xor_sync(x[i], lanemask, width): groups of `width` lanes that may read earlier
+// groups but get their own value back from a later one (CUDA's rule).
+extern "C" __global__ void testing_shfl_xor_width_f32(float* out, const float* x, int lanemask,
+                                                      int width) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    out[i] = __shfl_xor_sync(TS_FULL_MASK, x[i], lanemask, width);
+}

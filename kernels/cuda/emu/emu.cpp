@@ -152,8 +152,10 @@ bool release_warp(Launch& l, size_t w) {
         switch (f.op) {
             case WarpOp::ShflIdx: src = base + (f.arg & (width - 1)); break;
             case WarpOp::ShflXor: {
+                // CUDA: a lane may read an earlier group of `width` lanes; reading a later
+                // group gives the lane its own value.
                 int s = i ^ f.arg;
-                src = (s >= base + width || s < base) ? i : s;
+                src = s >= base + width ? i : s;
                 break;
             }
             case WarpOp::ShflUp: src = (i - base) >= f.arg ? i - f.arg : i; break;

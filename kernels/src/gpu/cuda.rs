@@ -235,8 +235,9 @@ impl Runtime for Cuda {
                 blas::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let ldb = if b_t { k } else { n };
-        let lda = if a_t { m } else { k };
+        // Leading dimensions of at least 1 (cuBLAS rejects 0 even when k = 0).
+        let ldb = if b_t { k } else { n }.max(1);
+        let lda = if a_t { m } else { k }.max(1);
         let (alpha, beta) = (1.0f32, if spec.accumulate { 1.0f32 } else { 0.0 });
         let size = std::mem::size_of::<T>() as u64;
         let pa = self.addr(a) + spec.offsets[0] as u64 * size;

@@ -242,6 +242,39 @@ mod tests {
                 }
             }
         }
+        // With a width below 32: a lane reads an earlier group of `width` lanes, and gets its own
+        // value back when the partner is in a later group.
+        for s in Schedule::ALL {
+            let emu = Emu::new(s);
+            for (mask, width) in [(8, 8), (4, 8), (16, 16), (3, 4)] {
+                let mut out = vec![0.0f32; 64];
+                let args = Args::new()
+                    .ptr(emu.addr_mut(&mut out))
+                    .ptr(emu.addr(&x))
+                    .i32(mask)
+                    .i32(width);
+                // SAFETY: 64 values out, 128 in.
+                unsafe {
+                    emu.launch(
+                        "testing_shfl_xor_width_f32",
+                        LaunchCfg::linear(1, 64),
+                        &args,
+                    )
+                }
+                .unwrap();
+                for (i, &v) in out.iter().enumerate() {
+                    let (lane, base) = (i % 32, i % 32 & !(width as usize - 1));
+                    let partner = lane ^ mask as usize;
+                    let src = if partner >= base + width as usize {
+                        lane
+                    } else {
+                        partner
+                    };
+                    let want = (i - lane + src) as f32;
+                    assert_eq!(v, want, "{s:?} mask {mask} width {width} lane {i}");
+                }
+            }
+        }
         // A block that is not a whole number of warps cannot shuffle.
         let emu = Emu::new(Schedule::Forward);
         let mut out = vec![0.0f32; 48];

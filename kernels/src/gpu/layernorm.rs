@@ -130,6 +130,12 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
         };
 
         let chunks = n.div_ceil(ROWS_PER_CHUNK);
+        if chunks > 65_535 {
+            return Err(KernelError::Shape {
+                op: kp,
+                what: format!("n = {n} rows: {chunks} row chunks exceed the grid's 65535 in y"),
+            });
+        }
         let mut pw = rt.zeros::<f32>(chunks * c)?;
         let mut pb = rt.zeros::<f32>(chunks * c)?;
         let col_blocks = c.div_ceil(COL_THREADS) as u32;

@@ -222,17 +222,20 @@ fn compile_uncached(file: &str, src: &str, arch: &str, opts: &[String]) -> Resul
     } else {
         let mut size = 0usize;
         // SAFETY: `prog` compiled; the buffer has the size NVRTC reported.
+        // (Errors are values here, not early returns: the program is destroyed below.)
         unsafe {
             let r = sys::nvrtcGetCUBINSize(prog, &mut size);
             if r != sys::nvrtcResult::NVRTC_SUCCESS {
-                return Err(err("nvrtcGetCUBINSize", r));
+                Err(err("nvrtcGetCUBINSize", r))
+            } else {
+                let mut cubin = vec![0u8; size];
+                let r = sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast());
+                if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(err("nvrtcGetCUBIN", r))
+                } else {
+                    Ok(Compiled { cubin, log })
+                }
             }
-            let mut cubin = vec![0u8; size];
-            let r = sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast());
-            if r != sys::nvrtcResult::NVRTC_SUCCESS {
-                return Err(err("nvrtcGetCUBIN", r));
-            }
-            Ok(Compiled { cubin, log })
         }
     };
     // SAFETY: destroys the program made above, once.
