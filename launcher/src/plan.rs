@@ -241,9 +241,10 @@ fn expand_item(item: &str) -> Result<Vec<String>> {
 
 /// Devices listed in CUDA_VISIBLE_DEVICES (`None` when unset). Entries are device indices (≥ 0),
 /// `GPU-<uuid>` or `MIG-<uuid>` (also the older `MIG-GPU-<uuid>/<gi>/<ci>`), as CUDA takes them; any
-/// other entry is an error naming the variable and the entry, because CUDA would silently hide
-/// it and every device after it.
-fn visible_gpus(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<usize>> {
+/// other entry ends the list, as it does for CUDA, which hides it and every device after it. When
+/// `strict` (NCCL runs, which need one GPU per worker) such an entry is an error naming the
+/// variable and the entry instead; a CPU run with `-1` or Slurm's `NoDevFiles` goes on.
+fn visible_gpus(get: &dyn Fn(&str) -> Option<String>, strict: bool) -> Result<Option<usize>> {
     let Some(v) = get("CUDA_VISIBLE_DEVICES") else {
         return Ok(None);
     };
@@ -258,8 +259,13 @@ fn visible_gpus(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<usize>> {
             })
         };
         if !(entry.parse::<u32>().is_ok() || uuid("GPU-") || uuid("MIG-")) {
+            if !strict {
+                break;
+            }
             bail!(
-                "CUDA_VISIBLE_DEVICES = '{v}': entry '{entry}' is not a device index (0, 1, …),                  a GPU-<uuid> or a MIG-<uuid>; CUDA ignores it and every device after it. To                  hide every GPU set it to the empty string"
+                "CUDA_VISIBLE_DEVICES = '{v}': entry '{entry}' is not a device index (0, 1, …), \
+                 a GPU-<uuid> or a MIG-<uuid>; CUDA ignores it and every device after it. To \
+                 hide every GPU set it to the empty string"
             );
         }
         n += 1;
@@ -270,8 +276,13 @@ fn visible_gpus(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<usize>> {
 /// The GPUs one node's workers can each have: the smaller of those `CUDA_VISIBLE_DEVICES` lists
 /// and those the driver reports (`driver`, which applies the variable itself: a MIG list or a
 /// device that does not exist shows fewer); whichever of the two is known. `None`: neither.
-fn gpu_count(get: &dyn Fn(&str) -> Option<String>, driver: Option<usize>) -> Result<Option<usize>> {
-    Ok(match (visible_gpus(get)?, driver) {
+/// `strict`: an invalid entry is an error (see [`visible_gpus`]).
+fn gpu_count(
+    get: &dyn Fn(&str) -> Option<String>,
+    driver: Option<usize>,
+    strict: bool,
+) -> Result<Option<usize>> {
+    Ok(match (visible_gpus(get, strict)?, driver) {
         (Some(v), Some(d)) => Some(v.min(d)),
         (v, d) => v.or(d),
     })
@@ -360,7 +371,7 @@ impl Plan {
         let nccl = cfg.distributed.transport(cfg.run.device) == Transport::Nccl;
         let gpus = match cfg.run.device {
             Device::Cpu if !nccl => None,
-            _ => gpu_count(get, trainer::cuda_libs::device_count())?,
+            _ => gpu_count(get, trainer::cuda_libs::device_count(), nccl)?,
         };
         let slots = hostfile.as_ref().and_then(|h| {
             let first = h[0].slots;
@@ -537,8 +548,8 @@ mod tests {
     #[test]
     fn gpu_count_is_the_smaller_of_the_visible_list_and_the_driver() {
         let count = |v: Option<&str>, driver| match v {
-            Some(v) => gpu_count(&visible(v), driver).unwrap(),
-            None => gpu_count(&|_: &str| None, driver).unwrap(),
+            Some(v) => gpu_count(&visible(v), driver, true).unwrap(),
+            None => gpu_count(&|_: &str| None, driver, true).unwrap(),
         };
         assert_eq!(count(Some("0,1,3"), Some(8)), Some(3));
         // The driver sees fewer: devices that do not exist, or MIG instances it shows as one.
@@ -569,10 +580,21 @@ mod tests {
             ("MIG-zz", "MIG-zz"),
             ("1.5", "1.5"),
         ] {
-            let e = gpu_count(&visible(v), Some(8)).unwrap_err().to_string();
+            let e = gpu_count(&visible(v), Some(8), true)
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains("CUDA_VISIBLE_DEVICES") && e.contains(&format!("entry '{entry}'")),
                 "{v}: {e}"
+            );
+        }
+        // Outside NCCL runs the list ends at the first invalid entry, as CUDA reads it: `-1`
+        // (hide every GPU) or Slurm's `NoDevFiles` do not stop a CPU-ring run.
+        for (v, n) in [("-1", 0), ("NoDevFiles", 0), ("0,abc,1", 1), ("2,3", 2)] {
+            assert_eq!(
+                gpu_count(&visible(v), Some(8), false).unwrap(),
+                Some(n),
+                "{v}"
             );
         }
     }
