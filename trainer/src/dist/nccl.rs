@@ -535,8 +535,9 @@ impl NcclComm {
             let (ptr, _record) = view.device_ptr_mut(&stream);
             launch(ptr, n, comm, stream.cu_stream())
         })();
+        // NCCL's own text is already in an NCCL error (`launched`); a CUDA copy error gets none.
         if let Err(msg) = enqueued {
-            return Err(self.fail(op, with_last_error(msg, comm)));
+            return Err(self.fail(op, msg));
         }
         let limits = Limits {
             timeout: self.op_timeout,
