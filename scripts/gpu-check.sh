@@ -67,8 +67,8 @@ run)
     echo "TESSERA_CUDA_LIB_PATH=${TESSERA_CUDA_LIB_PATH:-<unset: no NCCL wheel found>}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
     echo "--- trainer cuda-libs"
-    gpu-bin/trainer cuda-libs --link-dir "${TMPDIR:-/tmp}/tessera-gpu-check-libs"
     status=0
+    gpu-bin/trainer cuda-libs --link-dir "${TMPDIR:-/tmp}/tessera-gpu-check-libs" || status=1
     echo "--- launcher tests (NCCL)"
     NCCL_DEBUG=INFO gpu-bin/test-distributed --nocapture --test-threads 1 nccl || status=1
     echo "--- library search tests"

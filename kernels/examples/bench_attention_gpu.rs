@@ -6,7 +6,8 @@
 //! cargo run --release -p kernels --example bench_attention_gpu [-- B NH]
 //! ```
 //!
-//! (`bench_attention` times the CPU reference.) Needs a GPU: without one it says so and exits 0.
+//! (`bench_attention` times the CPU reference.) Needs a GPU: without one it says so and exits 0 (1 under
+//! `TESSERA_REQUIRE_GPU=1`).
 //! Times are medians of `RUNS` runs after `WARMUP` warm-up runs, each run synchronised. Effective
 //! TFLOP/s count useful work only, as `bench_attention` does: `4·HS` FLOPs per allowed pair forward
 //! (q·k and p·v), `8·HS` backward (the recomputation of P not counted), times `B·NH`.
@@ -77,7 +78,8 @@ fn main() -> kernels::Result<()> {
         Ok(c) => Gpu(c),
         Err(e) => {
             println!("bench_attention_gpu needs a GPU; skipped ({e})");
-            return Ok(());
+            // Under the GPU check a missing GPU is a failure, not a skip.
+            std::process::exit(if kernels::gpu::gpu_required() { 1 } else { 0 });
         }
     };
     let t = TEXT_LEN + GRID * GRID;

@@ -1,6 +1,7 @@
 //! Benchmarks of the CUDA kernels on a GPU, for scripts/gpu-check.sh: layernorm in GB/s against
 //! the card's peak memory bandwidth (target ≥ 80 % for the forward pass), and the dense product
-//! through cuBLAS in TFLOP/s. Without a GPU it says so and exits 0.
+//! through cuBLAS in TFLOP/s. Without a GPU it says so and exits 0 (1 under
+//! `TESSERA_REQUIRE_GPU=1`).
 //!
 //! `cargo run --release -p kernels --example bench_gpu`
 
@@ -34,7 +35,8 @@ fn main() {
         Ok(c) => Gpu(c),
         Err(e) => {
             println!("bench_gpu: needs a CUDA GPU ({e})");
-            return;
+            // Under the GPU check a missing GPU is a failure, not a skip.
+            std::process::exit(if kernels::gpu::gpu_required() { 1 } else { 0 });
         }
     };
     let peak = gpu.0.peak_bandwidth_gbs().unwrap_or(f64::NAN);

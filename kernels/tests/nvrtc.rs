@@ -16,8 +16,8 @@ const STATIC_SHARED_LIMIT: u32 = 48 * 1024;
 fn nvrtc() -> Option<&'static Nvrtc> {
     match Nvrtc::load() {
         Ok(n) => Some(n),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true and NVRTC is not usable: {e}")
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") || kernels::gpu::gpu_required() => {
+            panic!("CI=true or TESSERA_REQUIRE_GPU=1, and NVRTC is not usable: {e}")
         }
         Err(e) => {
             eprintln!("skipped: NVRTC is not usable here ({e})");

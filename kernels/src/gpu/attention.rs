@@ -552,8 +552,11 @@ mod tests {
 
                 let l = dev.attention_layout(&layout).unwrap();
                 let (q, d) = (dev.upload(&qkv).unwrap(), dev.upload(&dout).unwrap());
-                let mut g_out = dev.zeros::<half::f16>(out.len()).unwrap();
-                let mut g_lse = dev.zeros::<f32>(lse.len()).unwrap();
+                // Filled with a value the kernels must overwrite everywhere, as in the emulator
+                // tests (zeros would hide unwritten elements whose reference is near 0).
+                let sentinel = half::f16::from_f32(7.0);
+                let mut g_out = dev.upload(&vec![sentinel; out.len()]).unwrap();
+                let mut g_lse = dev.upload(&vec![7.0f32; lse.len()]).unwrap();
                 dev.attention_forward(&mut g_out, &mut g_lse, &q, &l, b, t, nh, hs)
                     .unwrap();
                 let at = format!("{kind:?} tt {tt} g {g}");
@@ -569,7 +572,7 @@ mod tests {
                 );
                 // The backward from the CPU's forward outputs, as in the emulator tests.
                 let (o, ls) = (dev.upload(&out).unwrap(), dev.upload(&lse).unwrap());
-                let mut g_dqkv = dev.zeros::<half::f16>(dqkv.len()).unwrap();
+                let mut g_dqkv = dev.upload(&vec![sentinel; dqkv.len()]).unwrap();
                 dev.attention_backward(&mut g_dqkv, &d, &q, &o, &ls, &l, b, t, nh, hs)
                     .unwrap();
                 let got = widen(&dev.download(&g_dqkv).unwrap()).into_owned();

@@ -258,6 +258,12 @@ pub(crate) fn as_i32(kernel: &'static str, what: &str, n: usize) -> Result<i32> 
     })
 }
 
+/// True when `TESSERA_REQUIRE_GPU=1` (the GPU check sets it): a test or benchmark that would
+/// skip for want of a GPU, NVRTC or CUDA header fails instead.
+pub fn gpu_required() -> bool {
+    std::env::var("TESSERA_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
 /// The GPU that parity tests compare against the CPU reference, where one exists: `None` (and a
 /// line saying why the GPU half is skipped) without a driver or device, unless
 /// `TESSERA_REQUIRE_GPU=1` (the GPU check sets it), which turns a missing GPU into a failure.
@@ -272,7 +278,7 @@ pub fn cuda_for_tests() -> Option<&'static Gpu<Cuda>> {
     });
     match dev {
         Ok(d) => Some(d),
-        Err(e) if std::env::var("TESSERA_REQUIRE_GPU").as_deref() == Ok("1") => {
+        Err(e) if gpu_required() => {
             panic!("TESSERA_REQUIRE_GPU=1 but the GPU is not usable: {e}")
         }
         Err(e) => {
