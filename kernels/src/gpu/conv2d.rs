@@ -344,16 +344,27 @@ mod tests {
                 kernel,
             };
             let want = conv_run(&Cpu, &d, 60 + i as u64);
-            let got = conv_run(&Gpu(Emu::new(Schedule::Forward)), &d, 60 + i as u64);
-            for (name, (g, w)) in ["out", "dinp", "dweight", "dbias"]
-                .iter()
-                .zip(got.iter().zip(&want))
-            {
-                for (j, (&g, &w)) in g.iter().zip(w).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 1e-4 + 1e-4 * w.abs(),
-                        "{d:?} {name}[{j}]: got {g}, reference {w}"
-                    );
+            // One schedule on the emulator (the products run on the CPU GEMM there), and cuBLAS's
+            // strided batched products on a GPU where there is one.
+            let emulated = Gpu(Emu::new(Schedule::Forward));
+            let mut runs = vec![(
+                "emulated".to_string(),
+                conv_run(&emulated, &d, 60 + i as u64),
+            )];
+            if let Some(g) = crate::gpu::cuda_for_tests() {
+                runs.push(("GPU".to_string(), conv_run(g, &d, 60 + i as u64)));
+            }
+            for (dev, got) in runs {
+                for (name, (g, w)) in ["out", "dinp", "dweight", "dbias"]
+                    .iter()
+                    .zip(got.iter().zip(&want))
+                {
+                    for (j, (&g, &w)) in g.iter().zip(w).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                            "{dev} {d:?} {name}[{j}]: got {g}, reference {w}"
+                        );
+                    }
                 }
             }
         }

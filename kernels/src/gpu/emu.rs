@@ -263,7 +263,7 @@ mod tests {
                 }
                 .unwrap();
                 for (i, &v) in out.iter().enumerate() {
-                    let (lane, base) = (i % 32, i % 32 & !(width as usize - 1));
+                    let (lane, base) = (i % 32, (i % 32) & !(width as usize - 1));
                     let partner = lane ^ mask as usize;
                     let src = if partner >= base + width as usize {
                         lane

@@ -200,10 +200,15 @@ mod tests {
         n: usize,
         c: usize,
         fused: bool,
+        offset: f32,
         seed: u64,
     ) -> Outputs {
         let up = |v: &[f32]| dev.upload(v).unwrap();
-        let x = up(&rand_vec(n * c, 2.0, seed));
+        let x: Vec<f32> = rand_vec(n * c, 2.0, seed)
+            .iter()
+            .map(|v| v + offset)
+            .collect();
+        let x = up(&x);
         let delta = up(&rand_vec(n * c, 1.0, seed + 1));
         let w = up(&rand_vec(c, 1.0, seed + 2));
         let b = up(&rand_vec(c, 1.0, seed + 3));
@@ -243,28 +248,30 @@ mod tests {
 
     fn parity<T: Elem>(y_tol: f32, g_tol: f32) {
         // Odd sizes: rows that do not fill a block, columns that do not fill a warp, more rows
-        // than one partial chunk.
-        for &(n, c, fused) in &[
-            (5, 40, true),
-            (19, 33, false),
-            (300, 7, true),
-            (2, 96, true),
+        // than one partial chunk; and a wide row far from zero (f32 warp sums of 1024 values
+        // around 100, where a one-pass variance or a sloppy reduction loses the spread).
+        for &(n, c, fused, offset) in &[
+            (5, 40, true, 0.0),
+            (19, 33, false, 0.0),
+            (300, 7, true, 0.0),
+            (2, 96, true, 0.0),
+            (9, 1024, true, 100.0),
         ] {
-            let want = run::<_, T>(&Cpu, n, c, fused, 40 + n as u64);
+            let want = run::<_, T>(&Cpu, n, c, fused, offset, 40 + n as u64);
             let emulated = Schedule::ALL.map(|s| {
                 (
                     format!("{s:?}"),
-                    run::<_, T>(&Gpu(Emu::new(s)), n, c, fused, 40 + n as u64),
+                    run::<_, T>(&Gpu(Emu::new(s)), n, c, fused, offset, 40 + n as u64),
                 )
             });
             let gpu = crate::gpu::cuda_for_tests().map(|g| {
                 (
                     "GPU".to_string(),
-                    run::<_, T>(g, n, c, fused, 40 + n as u64),
+                    run::<_, T>(g, n, c, fused, offset, 40 + n as u64),
                 )
             });
             for (s, got) in emulated.into_iter().chain(gpu) {
-                let at = format!("{} n={n} c={c} fused={fused} {s}", T::DTYPE);
+                let at = format!("{} n={n} c={c} fused={fused} offset={offset} {s}", T::DTYPE);
                 if fused {
                     close(&format!("x_out {at}"), &got.x_out, &want.x_out, 0.0, 0.0);
                 }

@@ -374,6 +374,63 @@ mod tests {
         assert!(err.to_string().contains("`a`"), "{err}");
     }
 
+    /// A batch with a shared (stride 0) transposed `a`, `b` at an offset with a gap between
+    /// products, accumulated into `c` at an offset with gaps that must stay untouched: what the
+    /// convolution asks of cuBLAS's strided batched product.
+    fn check_batched<D: MatmulOps>(dev: &D, tol: f32) {
+        let (m, n, k, batch) = (3, 4, 5, 3);
+        let spec = crate::linear::GemmSpec {
+            a_t: true,
+            accumulate: true,
+            batch,
+            offsets: [0, 1, 2],
+            strides: [0, k * n + 2, m * n + 1],
+            ..crate::linear::GemmSpec::new(m, n, k)
+        };
+        let a = rand_vec(k * m, 1.0, 21);
+        let b = rand_vec(1 + batch * (k * n + 2), 1.0, 22);
+        let c0 = rand_vec(2 + batch * (m * n + 1), 1.0, 23);
+        let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
+        for i in 0..batch {
+            let bo = 1 + i * (k * n + 2);
+            let prod = naive(&a, true, &b[bo..bo + k * n], false, (m, n, k));
+            let co = 2 + i * (m * n + 1);
+            for (w, p) in want[co..co + m * n].iter_mut().zip(prod) {
+                *w += p;
+            }
+        }
+        let mut c = dev.upload(&c0).unwrap();
+        let (ad, bd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+        dev.gemm(&mut c, &ad, &bd, &spec).unwrap();
+        let got = dev.download(&c).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= (tol * (1.0 + w.abs() as f32)) as f64,
+                "{} batched [{i}]: {g} vs {w}",
+                dev.name()
+            );
+        }
+        // c's products may not overlap.
+        let bad = crate::linear::GemmSpec {
+            strides: [0, k * n, m * n - 1],
+            ..spec
+        };
+        assert!(dev
+            .gemm(&mut c, &ad, &bd, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("overlap"));
+    }
+
+    #[test]
+    fn batched_products_at_offsets_and_strides_on_every_device() {
+        check_batched(&crate::device::Cpu, 1e-5);
+        check_batched(&Gpu(Emu::new(Schedule::Forward)), 1e-5);
+        if let Some(gpu) = cuda_for_tests() {
+            check_batched(gpu, 1e-4);
+        }
+    }
+
     #[test]
     fn matmul_follows_the_transpose_conventions_on_every_device() {
         check_device::<_, f32>(&crate::device::Cpu, 1e-5, 1e-5);
