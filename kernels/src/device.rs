@@ -15,6 +15,7 @@
 
 use crate::error::Result;
 use half::f16;
+use std::borrow::Cow;
 
 /// An element type of device buffers: its name in kernel names (`layernorm_forward_f16`).
 pub trait Elem:
@@ -28,16 +29,25 @@ pub trait Elem:
     + 'static
 {
     const DTYPE: &'static str;
-    /// The value's bits, zero-extended: how a scalar kernel argument is passed.
-    fn arg_bits(self) -> u64;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// Host values as f32 (the references compute in f32): converted here, borrowed for f32.
+    fn slice_to_f32(v: &[Self]) -> Cow<'_, [f32]> {
+        Cow::Owned(v.iter().map(|x| x.to_f32()).collect())
+    }
+    /// f32 results as `Self`: rounded here (to nearest even for f16), moved for f32.
+    fn vec_from_f32(v: Vec<f32>) -> Vec<Self> {
+        v.iter().map(|&x| Self::from_f32(x)).collect()
+    }
 }
 
 impl Elem for f32 {
     const DTYPE: &'static str = "f32";
-    fn arg_bits(self) -> u64 {
-        self.to_bits() as u64
+    fn slice_to_f32(v: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(v)
+    }
+    fn vec_from_f32(v: Vec<f32>) -> Vec<f32> {
+        v
     }
     fn to_f32(self) -> f32 {
         self
@@ -49,9 +59,6 @@ impl Elem for f32 {
 
 impl Elem for f16 {
     const DTYPE: &'static str = "f16";
-    fn arg_bits(self) -> u64 {
-        self.to_bits() as u64
-    }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
@@ -62,9 +69,6 @@ impl Elem for f16 {
 
 impl Elem for f64 {
     const DTYPE: &'static str = "f64";
-    fn arg_bits(self) -> u64 {
-        self.to_bits()
-    }
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -75,9 +79,6 @@ impl Elem for f64 {
 
 impl Elem for u32 {
     const DTYPE: &'static str = "u32";
-    fn arg_bits(self) -> u64 {
-        self as u64
-    }
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -125,28 +126,14 @@ impl Device for Cpu {
 
 /// Host values as f32 (the references compute in f32): borrowed as they are when `T` is f32,
 /// converted otherwise.
-pub fn widen<T: Elem>(v: &[T]) -> std::borrow::Cow<'_, [f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (same type id), so the slice is a slice of f32.
-        std::borrow::Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(v.as_ptr().cast(), v.len())
-        })
-    } else {
-        std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect())
-    }
+pub fn widen<T: Elem>(v: &[T]) -> Cow<'_, [f32]> {
+    T::slice_to_f32(v)
 }
 
 /// Stores f32 results in `dst` as `T`: moved in when `T` is f32, rounded (to nearest even for
 /// f16) otherwise.
 pub fn store<T: Elem>(dst: &mut Vec<T>, v: Vec<f32>) {
-    let any: Box<dyn std::any::Any> = Box::new(v);
-    match any.downcast::<Vec<T>>() {
-        Ok(same) => *dst = *same,
-        Err(any) => {
-            let v = any.downcast::<Vec<f32>>().expect("boxed a Vec<f32>");
-            *dst = narrow(&v);
-        }
-    }
+    *dst = T::vec_from_f32(v);
 }
 
 /// f32 values stored as `T` (rounded to nearest even for f16).

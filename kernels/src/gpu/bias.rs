@@ -1,9 +1,9 @@
 //! Launchers of `kernels/cuda/bias.cu`: a linear layer's bias add and its deterministic
 //! gradient (column sums), for [`Gpu`] over either runtime.
 
-use super::{as_i32, elementwise, kernel_for, Args, Gpu, LaunchCfg, Runtime};
+use super::{as_i32, check_buf, elementwise, kernel_for, Args, Gpu, LaunchCfg, Runtime};
 use crate::device::Elem;
-use crate::error::{check_len, Result};
+use crate::error::Result;
 use crate::linear::BiasOps;
 
 const THREADS: usize = 256;
@@ -20,8 +20,8 @@ impl<R: Runtime> BiasOps for Gpu<R> {
     ) -> Result<()> {
         let k = kernel_for::<T>("bias_add_f32", "bias_add_f16")?;
         let rt = &self.0;
-        check_len(k, "out", rt.len(out), n * oc)?;
-        check_len(k, "bias", rt.len(bias), oc)?;
+        check_buf(rt, k, "out", out, n * oc)?;
+        check_buf(rt, k, "bias", bias, oc)?;
         let (ni, oci) = (as_i32(k, "n", n)?, as_i32(k, "oc", oc)?);
         as_i32(k, "n·oc", n * oc)?;
         if n == 0 || oc == 0 {
@@ -45,8 +45,8 @@ impl<R: Runtime> BiasOps for Gpu<R> {
     ) -> Result<()> {
         let k = kernel_for::<T>("bias_column_partials_f32", "bias_column_partials_f16")?;
         let rt = &self.0;
-        check_len(k, "dout", rt.len(dout), n * oc)?;
-        check_len(k, "dbias", rt.len(dbias), oc)?;
+        check_buf(rt, k, "dout", dout, n * oc)?;
+        check_buf(rt, k, "dbias", dbias, oc)?;
         let (ni, oci) = (as_i32(k, "n", n)?, as_i32(k, "oc", oc)?);
         if n == 0 || oc == 0 {
             return Ok(());

@@ -144,16 +144,7 @@ impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
         b: &R::Buf<I>,
         spec: &crate::linear::GemmSpec,
     ) -> Result<()> {
-        let op = match I::DTYPE {
-            "f32" => "matmul_f32",
-            "f16" => "matmul_f16",
-            other => {
-                return Err(KernelError::Shape {
-                    op: "matmul",
-                    what: format!("element type {other} (f32 or f16 only)"),
-                })
-            }
-        };
+        let op = kernel_for::<I>("matmul_f32", "matmul_f16")?;
         let rt = &self.0;
         spec.check(op, (rt.len(a), rt.len(b), rt.len(c)))?;
         for (what, v) in [
