@@ -130,7 +130,7 @@ impl<R: Runtime> GradScaleOps for Gpu<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{narrow, widen, Cpu};
+    use crate::device::{narrow, widen, Cpu, Device};
     use crate::gpu::{Emu, Schedule};
     use crate::testutil::rand_vec;
     use half::f16;
@@ -248,12 +248,12 @@ mod tests {
         let mut want = flags0.to_vec();
         Cpu.grad_param_finite(&mut want, &grads, &ranges).unwrap();
         assert_eq!(want, [0, 1, 0, 0, 1, 0, 1, 1]);
-        for s in Schedule::ALL {
-            let dev = Gpu(Emu::new(s));
-            let mut flags = flags0.to_vec();
-            dev.grad_param_finite(&mut flags, &grads, &ranges).unwrap();
-            assert_eq!(flags, want, "{s:?}");
-        }
+        crate::gpu::for_each_gpu!(s, dev, {
+            let mut flags = dev.upload(&flags0).unwrap();
+            let g = dev.upload(&grads).unwrap();
+            dev.grad_param_finite(&mut flags, &g, &ranges).unwrap();
+            assert_eq!(dev.download(&flags).unwrap(), want, "{s:?}");
+        });
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl<R: Runtime> PowerSgdOps for Gpu<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Cpu;
+    use crate::device::{Cpu, Device};
     use crate::gpu::{Emu, Schedule};
     use crate::testutil::rand_vec;
 
@@ -110,11 +110,10 @@ mod tests {
         for eps in [0.0, 1e-6, 0.05] {
             let mut want = p0.clone();
             Cpu.orthonormalize_batch(&mut want, &mats, eps).unwrap();
-            for s in Schedule::ALL {
-                let mut got = p0.clone();
-                Gpu(Emu::new(s))
-                    .orthonormalize_batch(&mut got, &mats, eps)
-                    .unwrap();
+            crate::gpu::for_each_gpu!(s, dev, {
+                let mut got = dev.upload(&p0).unwrap();
+                dev.orthonormalize_batch(&mut got, &mats, eps).unwrap();
+                let got = dev.download(&got).unwrap();
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     // Entries of orthonormal columns, |q| ≤ 1: the two f64 computations differ
                     // by f64 round-off (sums in another order), the f32 results by an ulp or so.
@@ -129,7 +128,7 @@ mod tests {
                         "{m:?} eps={eps} {s:?}"
                     );
                 }
-            }
+            });
         }
     }
 
@@ -148,11 +147,10 @@ mod tests {
         for eps in [0.0, 1e-6] {
             let mut want = p0.clone();
             Cpu.orthonormalize_batch(&mut want, &mats, eps).unwrap();
-            for s in Schedule::ALL {
-                let mut got = p0.clone();
-                Gpu(Emu::new(s))
-                    .orthonormalize_batch(&mut got, &mats, eps)
-                    .unwrap();
+            crate::gpu::for_each_gpu!(s, dev, {
+                let mut got = dev.upload(&p0).unwrap();
+                dev.orthonormalize_batch(&mut got, &mats, eps).unwrap();
+                let got = dev.download(&got).unwrap();
                 assert!(got.iter().all(|x| x.is_finite()), "eps={eps} {s:?}");
                 for m in &mats {
                     let err = orthonormality_error(&got, *m);
@@ -165,7 +163,7 @@ mod tests {
                     want[range],
                     "zero matrix eps={eps} {s:?}"
                 );
-            }
+            });
         }
     }
 
