@@ -105,15 +105,23 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
         if d.batch == 0 || hw == 0 {
             return Ok(());
         }
-        let mut col = rt.zeros::<f32>(d.batch * rows * hw)?;
-        self.im2col(&mut col, inp, d)?;
+        // For a 1×1 kernel the columns are the image itself.
+        let col_buf;
+        let col = if d.kernel == 1 {
+            inp
+        } else {
+            let mut c = rt.zeros::<f32>(d.batch * rows * hw)?;
+            self.im2col(&mut c, inp, d)?;
+            col_buf = c;
+            &col_buf
+        };
         // out[b] = weight [Co, Ci·k·k] · col[b] [Ci·k·k, HW], every image in one batched call.
         let spec = GemmSpec {
             batch: d.batch,
             strides: [0, rows * hw, d.c_out * hw],
             ..GemmSpec::new(d.c_out, hw, rows)
         };
-        self.gemm(out, weight, &col, &spec)?;
+        self.gemm(out, weight, col, &spec)?;
         // + bias: the rank-1 product bias [Co, 1] · ones [1, HW], accumulated into every image.
         let ones = rt.upload(&vec![1.0f32; hw])?;
         let spec = GemmSpec {
@@ -154,8 +162,14 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
         if d.batch == 0 || hw == 0 {
             return Ok(());
         }
-        let mut col = rt.zeros::<f32>(d.batch * rows * hw)?;
-        self.im2col(&mut col, inp, d)?;
+        // For a 1×1 kernel the columns are the image itself.
+        let mut col_buf = None;
+        if d.kernel > 1 {
+            let mut c = rt.zeros::<f32>(d.batch * rows * hw)?;
+            self.im2col(&mut c, inp, d)?;
+            col_buf = Some(c);
+        }
+        let col = col_buf.as_ref().unwrap_or(inp);
         let ones = rt.upload(&vec![1.0f32; hw])?;
         // dweight += dout[b] [Co, HW] · col[b]ᵀ and dbias += dout[b] · ones, image by image in
         // order (one accumulator, so the products cannot be one batched call).
@@ -166,7 +180,7 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
                 offsets: [b * d.c_out * hw, b * rows * hw, 0],
                 ..GemmSpec::new(d.c_out, rows, hw)
             };
-            self.gemm(dweight, dout, &col, &spec)?;
+            self.gemm(dweight, dout, col, &spec)?;
             let spec = GemmSpec {
                 accumulate: true,
                 offsets: [b * d.c_out * hw, 0, 0],
@@ -175,18 +189,22 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
             self.gemm(dbias, dout, &ones, &spec)?;
         }
         if let Some(dinp) = dinp {
-            // dcol[b] = weightᵀ [Ci·k·k, Co] · dout[b] [Co, HW] (batched), then col2im into a
-            // zeroed dinp.
+            // dcol[b] = weightᵀ [Ci·k·k, Co] · dout[b] [Co, HW] (batched); for a 1×1 kernel that
+            // is dinp itself (overwritten), otherwise col2im adds it into dinp zeroed in place.
             let spec = GemmSpec {
                 a_t: true,
                 batch: d.batch,
                 strides: [0, d.c_out * hw, rows * hw],
                 ..GemmSpec::new(rows, hw, d.c_out)
             };
-            self.gemm(&mut col, weight, dout, &spec)?;
-            let zeros = rt.zeros::<f32>(d.in_len())?;
-            *dinp = zeros;
-            self.col2im_add(dinp, &col, d)?;
+            match col_buf.as_mut() {
+                None => self.gemm(dinp, weight, dout, &spec)?,
+                Some(dcol) => {
+                    self.gemm(dcol, weight, dout, &spec)?;
+                    rt.fill_zero(dinp)?;
+                    self.col2im_add(dinp, dcol, d)?;
+                }
+            }
         }
         Ok(())
     }

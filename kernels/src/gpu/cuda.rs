@@ -199,6 +199,11 @@ impl Runtime for Cuda {
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
     }
+    fn fill_zero<T: Elem>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
+        self.stream
+            .memset_zeros(buf)
+            .map_err(|e| driver_err("memset", e))
+    }
     fn addr<T: Elem>(&self, buf: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr

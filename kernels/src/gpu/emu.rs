@@ -74,6 +74,10 @@ impl Runtime for Emu {
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
+    fn fill_zero<T: Elem>(&self, buf: &mut Vec<T>) -> Result<()> {
+        buf.fill(T::default());
+        Ok(())
+    }
     fn addr<T: Elem>(&self, buf: &Vec<T>) -> u64 {
         buf.as_ptr() as u64
     }

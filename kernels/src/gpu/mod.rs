@@ -114,6 +114,8 @@ pub trait Runtime {
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Sets every element of `buf` to zero, in place.
+    fn fill_zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
     /// The buffer's address, for a kernel that reads it.
     fn addr<T: Elem>(&self, buf: &Self::Buf<T>) -> u64;
     /// The buffer's address, for a kernel that writes it.
