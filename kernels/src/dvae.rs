@@ -103,7 +103,7 @@ impl DvaeLossOps for Cpu {
     ) -> Result<f64> {
         let nll = logit_laplace_nll(stats, images, batch, px)?;
         if let Some(d) = dstats {
-            logit_laplace_backward(d, stats, images, scale, batch, px)?;
+            logit_laplace_backward(d, stats, images, scale as f64, batch, px)?;
         }
         Ok(nll)
     }
@@ -174,11 +174,27 @@ pub fn gumbel_softmax_forward(
 
 /// `dlogits` [B, K, hw] (overwritten) = y·(dy − Σ_K y·dy)/τ: the gradient through
 /// [`gumbel_softmax_forward`] given its output `y` and the gradient `dy` of `y`, in f64.
-#[allow(clippy::too_many_arguments)]
 pub fn gumbel_softmax_backward(
     dlogits: &mut [f32],
     y: &[f32],
     dy: &[f32],
+    tau: f32,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    relaxation_backward(dlogits, y, dy, None, tau, batch, k, hw)
+}
+
+/// `dlogits` [B, K, hw] (overwritten) = y·(dy − Σ_K y·dy)/τ, plus, with `kl = Some((logits,
+/// coef))`, coef · q·(log q − Σ_K q·log q) (the KL term's gradient, q = softmax of `logits`):
+/// summed in f64 and rounded once. The trainer's dVAE backward pass is this function.
+#[allow(clippy::too_many_arguments)]
+pub fn relaxation_backward(
+    dlogits: &mut [f32],
+    y: &[f32],
+    dy: &[f32],
+    kl: Option<(&[f32], f64)>,
     tau: f32,
     batch: usize,
     k: usize,
@@ -189,12 +205,24 @@ pub fn gumbel_softmax_backward(
     for (name, len) in [("dlogits", dlogits.len()), ("y", y.len()), ("dy", dy.len())] {
         check_len(OP, name, len, batch * k * hw)?;
     }
+    if let Some((logits, _)) = kl {
+        check_len(OP, "logits", logits.len(), batch * k * hw)?;
+    }
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
     for bi in 0..batch {
         for pos in 0..hw {
             let at = |c: usize| (bi * k + c) * hw + pos;
             let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
+            let neg_entropy = match kl {
+                Some((logits, _)) => log_q(logits, k, hw, bi, pos, &mut lq, &mut q),
+                None => 0.0,
+            };
             for c in 0..k {
-                dlogits[at(c)] = (y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau as f64) as f32;
+                let relax = y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau as f64;
+                dlogits[at(c)] = match kl {
+                    Some((_, coef)) => (relax + coef * (q[c] * (lq[c] - neg_entropy))) as f32,
+                    None => relax as f32,
+                };
             }
         }
     }
@@ -313,14 +341,14 @@ pub fn logit_laplace_backward(
     dstats: &mut [f32],
     stats: &[f32],
     images: &[f32],
-    scale: f32,
+    scale: f64,
     batch: usize,
     px: usize,
 ) -> Result<()> {
     const OP: &str = "logit_laplace_backward";
     check_laplace(OP, stats.len(), images.len(), batch, px)?;
     check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
-    let s = scale as f64;
+    let s = scale;
     for bi in 0..batch {
         for ch in 0..3 {
             for i in 0..px {

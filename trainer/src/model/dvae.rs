@@ -33,7 +33,7 @@ type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
 pub use kernels::dvae::LOGIT_LAPLACE_EPS;
-use kernels::dvae::{log_q, squash};
+use kernels::dvae::{self as kernel_dvae, squash};
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
 
@@ -716,28 +716,15 @@ impl Dvae {
                 )));
             }
         }
-        // Images in parallel; the same arithmetic per position as one loop would do.
+        // Images in parallel (kernels::dvae's reference, image by image).
         acts.y
             .par_chunks_mut(k * hw)
             .enumerate()
-            .for_each(|(bi, y)| {
+            .try_for_each(|(bi, y)| {
                 let logits = &logits[bi * k * hw..][..k * hw];
                 let noise = noise.map(|g| &g[bi * k * hw..][..k * hw]);
-                for pos in 0..hw {
-                    let at = |c: usize| c * hw + pos;
-                    let s = |c: usize| (logits[at(c)] + noise.map_or(0.0, |g| g[at(c)])) / tau;
-                    let max = (0..k).map(s).fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0.0f64;
-                    for c in 0..k {
-                        let e = ((s(c) - max) as f64).exp();
-                        y[at(c)] = e as f32;
-                        z += e;
-                    }
-                    for c in 0..k {
-                        y[at(c)] = (y[at(c)] as f64 / z) as f32;
-                    }
-                }
-            });
+                kernel_dvae::gumbel_softmax_forward(y, logits, noise, tau, 1, k, hw)
+            })?;
         acts.dec.inputs[0].copy_from_slice(&acts.y);
         self.decoder.forward(&p, &mut acts.dec)?;
         acts.tau = tau;
@@ -751,46 +738,30 @@ impl Dvae {
     }
 
     /// Σ log(2b) + log(x'(1−x')) + |logit(x') − μ| / b over pixels and channels: one partial sum
-    /// per image (images in parallel), added in image order.
+    /// per image (images in parallel, kernels::dvae's reference), added in image order.
     fn nll(&self, acts: &DvaeActs) -> f64 {
         let px = self.dims.resolution * self.dims.resolution;
         let per_image: Vec<f64> = (0..acts.batch)
             .into_par_iter()
             .map(|bi| {
-                let mut total = 0.0f64;
-                for ch in 0..3 {
-                    let xs = &acts.images[(bi * 3 + ch) * px..][..px];
-                    let mu = &acts.dec.output[(bi * 6 + ch) * px..][..px];
-                    let lnb = &acts.dec.output[(bi * 6 + 3 + ch) * px..][..px];
-                    for i in 0..px {
-                        let x = squash(xs[i]);
-                        let t = (x / (1.0 - x)).ln();
-                        let (m, lb) = (mu[i] as f64, lnb[i] as f64);
-                        total += std::f64::consts::LN_2
-                            + lb
-                            + (x * (1.0 - x)).ln()
-                            + (t - m).abs() * (-lb).exp();
-                    }
-                }
-                total
+                let images = &acts.images[bi * 3 * px..][..3 * px];
+                let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
+                kernel_dvae::logit_laplace_nll(stats, images, 1, px)
+                    .expect("sizes of the model's own buffers")
             })
             .collect();
         per_image.iter().sum()
     }
 
     /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise): one partial sum per
-    /// image (images in parallel), added in image order.
+    /// image (images in parallel, kernels::dvae's reference), added in image order.
     fn kl(&self, acts: &DvaeActs) -> f64 {
         let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
         let per_image: Vec<f64> = (0..acts.batch)
             .into_par_iter()
             .map(|bi| {
-                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
-                (0..hw)
-                    .map(|pos| {
-                        log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q) + (k as f64).ln()
-                    })
-                    .sum::<f64>()
+                let logits = &acts.enc.output[bi * k * hw..][..k * hw];
+                kernel_dvae::kl_uniform(logits, 1, k, hw).expect("sizes of the model's own buffers")
             })
             .collect();
         per_image.iter().sum()
@@ -818,21 +789,11 @@ impl Dvae {
         dstats
             .par_chunks_mut(6 * px)
             .enumerate()
-            .for_each(|(bi, dstats)| {
-                for ch in 0..3 {
-                    let xs = &acts.images[(bi * 3 + ch) * px..][..px];
-                    let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
-                    for i in 0..px {
-                        let x = squash(xs[i]);
-                        let t = (x / (1.0 - x)).ln();
-                        let m = stats[ch * px + i] as f64;
-                        let inv_b = (-(stats[(3 + ch) * px + i] as f64)).exp();
-                        let r = t - m;
-                        dstats[ch * px + i] = (s * -r.signum() * inv_b) as f32;
-                        dstats[(3 + ch) * px + i] = (s * (1.0 - r.abs() * inv_b)) as f32;
-                    }
-                }
-            });
+            .try_for_each(|(bi, dstats)| {
+                let images = &acts.images[bi * 3 * px..][..3 * px];
+                let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
+                kernel_dvae::logit_laplace_backward(dstats, stats, images, s, 1, px)
+            })?;
         let mut dy = std::mem::take(&mut acts.dy);
         dy.resize(acts.y.len(), 0.0);
         self.decoder
@@ -841,27 +802,16 @@ impl Dvae {
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
         let mut dlogits = std::mem::take(&mut acts.dlogits);
         dlogits.resize(acts.enc.output.len(), 0.0);
-        let (tau, beta) = (acts.tau as f64, acts.beta as f64);
+        let beta = acts.beta as f64;
         dlogits
             .par_chunks_mut(k * hw)
             .enumerate()
-            .for_each(|(bi, dlogits)| {
-                let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
-                let (y, dy) = (
-                    &acts.y[bi * k * hw..][..k * hw],
-                    &dy[bi * k * hw..][..k * hw],
-                );
-                for pos in 0..hw {
-                    let at = |c: usize| c * hw + pos;
-                    let ydy: f64 = (0..k).map(|c| y[at(c)] as f64 * dy[at(c)] as f64).sum();
-                    let neg_entropy = log_q(&acts.enc.output, k, hw, bi, pos, &mut lq, &mut q);
-                    for c in 0..k {
-                        let relax = y[at(c)] as f64 * (dy[at(c)] as f64 - ydy) / tau;
-                        let dkl = q[c] * (lq[c] - neg_entropy);
-                        dlogits[at(c)] = (relax + s * beta * dkl) as f32;
-                    }
-                }
-            });
+            .try_for_each(|(bi, dlogits)| {
+                let r = bi * k * hw..(bi + 1) * k * hw;
+                let kl = Some((&acts.enc.output[r.clone()], s * beta));
+                let (y, dy) = (&acts.y[r.clone()], &dy[r]);
+                kernel_dvae::relaxation_backward(dlogits, y, dy, kl, acts.tau, 1, k, hw)
+            })?;
         self.encoder
             .backward(&p, &mut g, &mut acts.enc, &dlogits, None)?;
         (acts.dstats, acts.dy, acts.dlogits) = (dstats, dy, dlogits);
