@@ -79,7 +79,9 @@ inline T from_bits(uint64_t b) {
 #define __host__
 #define __forceinline__ inline
 #define __noinline__
-#define __restrict__ __restrict
+// Empty, not `__restrict`: the C++ compiler may keep a value read through a restrict pointer
+// across a fiber switch, where another thread of the block may have written it.
+#define __restrict__
 #define __launch_bounds__(...)
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
