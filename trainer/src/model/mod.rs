@@ -6,6 +6,7 @@
 
 pub mod dvae;
 pub mod init;
+pub mod mixed;
 pub mod transformer;
 
 /// `y = a·y + x`, element-wise: the residual additions of both models (a = 1 for a plain

@@ -9,14 +9,17 @@
 //! (Tt−1..T−1). The loss never needs the other logits, so training never computes them; the full
 //! logits tensor of MODEL-SPEC §4 comes from [`Transformer::full_logits`].
 
+use crate::model::mixed::{BlockScales, Precision, ScaleScratch};
 use crate::model::scale_add;
 use crate::params::{pair_mut, ParamKind, ParamTable};
 use kernels::attention::{self, BlockLayout, MaskKind};
 use kernels::cross_entropy::{cross_entropy_forward, cross_entropy_fused};
 use kernels::embedding::{self, EmbedDims, EmbedGrads, EmbedTables};
 use kernels::gelu::{gelu_backward, gelu_forward};
+use kernels::gradscale::GradScaler;
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
 use kernels::linear::{linear_backward, linear_forward};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Weight of the text loss; the image loss gets 1 − TEXT_LOSS_WEIGHT (the paper's 1/8 and 7/8).
@@ -106,6 +109,8 @@ pub struct Transformer {
     blocks: Vec<BlockParams>,
     /// One layout per layer (shared between layers of the same kind).
     layouts: Vec<Arc<BlockLayout>>,
+    /// What the activations and activation gradients are rounded to (docs: model/mixed.rs).
+    precision: Precision,
 }
 
 impl Transformer {
@@ -195,11 +200,38 @@ impl Transformer {
             globals,
             blocks,
             layouts,
+            precision: Precision::Fp32,
         })
+    }
+
+    /// The same model computing in `precision` (f32 by default).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn dims(&self) -> &TransformerDims {
         &self.dims
+    }
+
+    /// The parameters of each resblock, one range of the flat buffer per scale, in
+    /// [`GradScaler`]'s order: layer l's attention block (`ln_1` … `attn.proj`) at 2l, its MLP
+    /// block (`ln_2` … `mlp.proj`) at 2l + 1.
+    pub fn resblock_ranges(&self) -> Vec<Range<usize>> {
+        let r = |i: usize| self.table.spec(i).range();
+        self.blocks
+            .iter()
+            .flat_map(|bp| {
+                [
+                    r(bp.ln1_w).start..r(bp.attn_proj_b).end,
+                    r(bp.ln2_w).start..r(bp.mlp_proj_b).end,
+                ]
+            })
+            .collect()
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -292,6 +324,7 @@ impl Transformer {
                 n,
                 c,
             )?;
+            self.precision.round(&mut la.ln1);
             linear_forward(
                 &mut la.qkv,
                 &la.ln1,
@@ -301,6 +334,7 @@ impl Transformer {
                 c,
                 3 * c,
             )?;
+            self.precision.round(&mut la.qkv);
             attention::attention_forward(
                 &mut la.atty,
                 &mut la.lse,
@@ -311,6 +345,7 @@ impl Transformer {
                 d.heads,
                 d.head_size(),
             )?;
+            self.precision.round(&mut la.atty);
             linear_forward(
                 &mut la.x_mid,
                 &la.atty,
@@ -331,6 +366,7 @@ impl Transformer {
                 n,
                 c,
             )?;
+            self.precision.round(&mut la.ln2);
             linear_forward(
                 &mut la.fch,
                 &la.ln2,
@@ -340,7 +376,9 @@ impl Transformer {
                 c,
                 4 * c,
             )?;
+            self.precision.round(&mut la.fch);
             gelu_forward(&mut la.fch_gelu, &la.fch)?;
+            self.precision.round(&mut la.fch_gelu);
             linear_forward(
                 x_next,
                 &la.fch_gelu,
@@ -452,7 +490,45 @@ impl Transformer {
         text: &[u32],
         image: &[u32],
     ) -> Result<()> {
+        self.backward_impl(params, grads, acts, text, image, None)
+    }
+
+    /// [`Self::backward`] with per-resblock gradient scaling (model/mixed.rs): every resblock
+    /// works on its incoming gradient times its scale, rounded to the model's precision, and
+    /// raises its flag on a non-finite value. The resblocks' parameter gradients (the ranges of
+    /// [`Self::resblock_ranges`]) accumulate in scaled units: divide them once per step with
+    /// [`crate::model::mixed::unscale_param_grads`]. The other parameters' are in true units.
+    pub fn backward_scaled(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        text: &[u32],
+        image: &[u32],
+        scales: BlockScales,
+    ) -> Result<()> {
+        let want = 2 * self.dims.layers;
+        if scales.scales.len() != want || scales.flags.len() != want {
+            return Err(ModelError::Dims(format!(
+                "{} scales and {} flags for {want} resblocks",
+                scales.scales.len(),
+                scales.flags.len()
+            )));
+        }
+        self.backward_impl(params, grads, acts, text, image, Some(scales))
+    }
+
+    fn backward_impl(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        text: &[u32],
+        image: &[u32],
+        mut scaling: Option<BlockScales>,
+    ) -> Result<()> {
         let d = self.dims;
+        let prec = self.precision;
         let (b, t, c) = (acts.batch, d.seq_len(), d.d_model);
         let n = b * t;
         let (tt, gi) = (d.text_len, d.image_tokens());
@@ -516,19 +592,31 @@ impl Transformer {
         for (l, bp) in self.blocks.iter().enumerate().rev() {
             let la = &acts.layers[l];
             // x_next = x_mid + proj(gelu(fc(ln2(x_mid)))); dresidual holds d(x_next).
+            let i = GradScaler::mlp(l);
+            if let Some(sc) = &mut scaling {
+                s.scaled
+                    .scale_in(prec, &s.dresidual, sc.scales[i], &mut sc.flags[i])?;
+            }
+            let dout = if scaling.is_some() {
+                &s.scaled.block
+            } else {
+                &s.dresidual
+            };
             let (dw, db) = pair_mut(&mut gr, bp.mlp_proj_w, bp.mlp_proj_b);
             linear_backward(
                 Some(&mut s.dfch_gelu),
                 dw,
                 Some(db),
-                &s.dresidual,
+                dout,
                 &la.fch_gelu,
                 p[bp.mlp_proj_w],
                 n,
                 4 * c,
                 c,
             )?;
+            prec.round(&mut s.dfch_gelu);
             gelu_backward(&mut s.dfch, &s.dfch_gelu, &la.fch)?;
+            prec.round(&mut s.dfch);
             let (dw, db) = pair_mut(&mut gr, bp.fc_w, bp.fc_b);
             linear_backward(
                 Some(&mut s.dln),
@@ -541,9 +629,17 @@ impl Transformer {
                 c,
                 4 * c,
             )?;
+            prec.round(&mut s.dln);
             let (dw, db) = pair_mut(&mut gr, bp.ln2_w, bp.ln2_b);
+            let dinp = match scaling {
+                Some(_) => {
+                    s.scaled.block.fill(0.0);
+                    &mut s.scaled.block
+                }
+                None => &mut s.dresidual,
+            };
             layernorm_backward(
-                &mut s.dresidual,
+                dinp,
                 dw,
                 db,
                 &s.dln,
@@ -554,19 +650,34 @@ impl Transformer {
                 n,
                 c,
             )?;
+            if let Some(sc) = &mut scaling {
+                s.scaled
+                    .unscale_out(prec, &mut s.dresidual, sc.scales[i], &mut sc.flags[i])?;
+            }
             // x_mid = x + proj(attn(qkv(ln1(x)))); dresidual now holds d(x_mid).
+            let i = GradScaler::attn(l);
+            if let Some(sc) = &mut scaling {
+                s.scaled
+                    .scale_in(prec, &s.dresidual, sc.scales[i], &mut sc.flags[i])?;
+            }
+            let dout = if scaling.is_some() {
+                &s.scaled.block
+            } else {
+                &s.dresidual
+            };
             let (dw, db) = pair_mut(&mut gr, bp.attn_proj_w, bp.attn_proj_b);
             linear_backward(
                 Some(&mut s.datty),
                 dw,
                 Some(db),
-                &s.dresidual,
+                dout,
                 &la.atty,
                 p[bp.attn_proj_w],
                 n,
                 c,
                 c,
             )?;
+            prec.round(&mut s.datty);
             attention::attention_backward(
                 &mut s.dqkv,
                 &s.datty,
@@ -591,9 +702,17 @@ impl Transformer {
                 c,
                 3 * c,
             )?;
+            prec.round(&mut s.dln);
             let (dw, db) = pair_mut(&mut gr, bp.ln1_w, bp.ln1_b);
+            let dinp = match scaling {
+                Some(_) => {
+                    s.scaled.block.fill(0.0);
+                    &mut s.scaled.block
+                }
+                None => &mut s.dresidual,
+            };
             layernorm_backward(
-                &mut s.dresidual,
+                dinp,
                 dw,
                 db,
                 &s.dln,
@@ -604,6 +723,10 @@ impl Transformer {
                 n,
                 c,
             )?;
+            if let Some(sc) = &mut scaling {
+                s.scaled
+                    .unscale_out(prec, &mut s.dresidual, sc.scales[i], &mut sc.flags[i])?;
+            }
         }
         let [te, tp, ie, ir, ic] = five_mut(
             &mut gr,
@@ -725,6 +848,8 @@ struct Scratch {
     dfch_gelu: Vec<f32>,
     dtext_hidden: Vec<f32>,
     dimage_hidden: Vec<f32>,
+    /// The scaled backward pass's block gradients.
+    scaled: ScaleScratch,
 }
 
 /// Everything the forward pass keeps for the backward pass, for one batch size.
@@ -797,6 +922,7 @@ impl Activations {
                 dfch_gelu: z(n * 4 * c),
                 dtext_hidden: z(nt * c),
                 dimage_hidden: z(ni * c),
+                scaled: ScaleScratch::new(n * c),
             },
         }
     }
