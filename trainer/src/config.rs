@@ -18,6 +18,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use crate::model::mixed::Precision;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};
@@ -103,6 +104,10 @@ pub struct RunSection {
     /// Where to run. Default `auto` (CUDA when a GPU and the CUDA libraries are present, else CPU).
     #[serde(default)]
     pub device: Device,
+    /// `fp32` (default) or `fp16`: the paper's mixed precision with per-resblock gradient
+    /// scaling (docs/model.md §5). The transformer only.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The device a run uses.
@@ -948,6 +953,13 @@ impl RunConfig {
         }
         if r.out_dir.as_os_str().is_empty() {
             return invalid("run.out_dir", "run.out_dir must not be empty".into());
+        }
+        if r.precision == Precision::Fp16 && !matches!(self.model, ModelConfig::Transformer(_)) {
+            return invalid(
+                "run.precision",
+                "run.precision: fp16 applies to model.kind: transformer; the dVAE trains in fp32"
+                    .into(),
+            );
         }
 
         match &self.model {

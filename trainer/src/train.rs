@@ -10,15 +10,17 @@
 pub mod stages;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
-use crate::config::{Device, RunConfig};
+use crate::config::{Device, Precision, RunConfig};
 use crate::data::DataCursor;
-use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams};
+use crate::model::mixed::{unscale_param_grads, BlockScales};
+use crate::optim::{AdamW, AdamWParams, LrSchedule, ScheduleParams, StepReport};
 use crate::params::ParamTable;
 use crate::powersgd::{
     CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
 };
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
+use kernels::gradscale::{GradScaler, StepOutcome};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -46,6 +48,52 @@ pub struct TrainState {
     /// `powersgd.safetensors` beside this file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub powersgd_iterations: Option<u64>,
+    /// The per-resblock gradient scales of an fp16 run (`run.precision: fp16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<ScalerState>,
+}
+
+/// [`GradScaler`]'s state in `state.json`: scale i is `replicas · 2^(log2_milli[i] / 1000)`,
+/// `since_decrease[i]` updates since it last came down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScalerState {
+    pub replicas: u32,
+    pub log2_milli: Vec<i32>,
+    pub since_decrease: Vec<u32>,
+}
+
+impl ScalerState {
+    fn of(s: &GradScaler) -> Self {
+        ScalerState {
+            replicas: s.replicas(),
+            log2_milli: s.log2_milli().to_vec(),
+            since_decrease: s.since_decrease().to_vec(),
+        }
+    }
+}
+
+/// The fp16 run's scaler: the saved one, or a fresh one (M·2^13 each) for a run that starts in
+/// fp16 or resumes an fp32 checkpoint in fp16.
+fn grad_scaler(state: &TrainState, resblocks: usize, replicas: usize) -> Result<GradScaler> {
+    match &state.grad_scaler {
+        Some(s) if s.log2_milli.len() == resblocks => {
+            Ok(
+                GradScaler::from_state(s.replicas, s.log2_milli.clone(), s.since_decrease.clone())
+                    .context("state.json: grad_scaler")?,
+            )
+        }
+        Some(s) => bail!(
+            "state.json: grad_scaler has {} scales, the model has {resblocks} resblocks",
+            s.log2_milli.len()
+        ),
+        None => {
+            if state.step > 0 {
+                tracing::info!(step = state.step, "resuming an fp32 checkpoint in fp16");
+            }
+            let replicas = u32::try_from(replicas).context("world size")?;
+            Ok(GradScaler::new(resblocks / 2, replicas))
+        }
+    }
 }
 
 /// One line of `metrics.jsonl`: the fields every model has, then the model's own (the
@@ -149,6 +197,7 @@ fn fresh_state(cfg: &RunConfig, params: Vec<f32>) -> RunState {
             schedule: LrSchedule::new(&schedule_params(cfg)),
             skipped_updates: 0,
             powersgd_iterations: None,
+            grad_scaler: None,
         },
     }
 }
@@ -362,16 +411,36 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         grad_accum = accum,
         "training"
     );
+    // fp16: one gradient scale per resblock (docs/model.md §5), saved in state.json.
+    let resblocks = stage.resblock_ranges();
+    let mut scaler = match cfg.run.precision {
+        Precision::Fp16 => Some(grad_scaler(&rs.state, resblocks.len(), comm.world_size())?),
+        Precision::Fp32 => {
+            if rs.state.grad_scaler.take().is_some() {
+                tracing::info!(step = rs.state.step, "resuming an fp16 checkpoint in fp32");
+            }
+            None
+        }
+    };
     let mut last = None;
     while rs.state.step < cfg.train.steps {
         let started = Instant::now();
         let t = rs.state.step + 1;
         grads.fill(0.0);
+        let scales: Vec<f32> = match &scaler {
+            Some(s) => (0..s.len()).map(|i| s.scale(i)).collect(),
+            None => Vec::new(),
+        };
+        let mut flags = vec![0u32; scales.len()];
         // Loss terms, averaged over the micro-batches, in the order the model reports them.
         let mut terms: Vec<(&'static str, f64)> = Vec::new();
         for micro in 0..accum {
             let scale = 1.0 / accum as f32;
-            let got = stage.micro_step(t, micro, &rs.params, &mut grads, scale)?;
+            let scaling = scaler.is_some().then(|| BlockScales {
+                scales: &scales,
+                flags: &mut flags,
+            });
+            let got = stage.micro_step(t, micro, &rs.params, &mut grads, scale, scaling)?;
             rs.state.data = stage.cursor();
             if terms.is_empty() {
                 terms = got.iter().map(|&(k, _)| (k, 0.0)).collect();
@@ -386,10 +455,30 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let loss = terms.first().map(|t| t.1).unwrap_or(f64::NAN);
         // Data-parallel seam: average the gradients of every rank, plainly or through PowerSGD
         // (whose non-finite steps come back as NaN, so that AdamW skips them).
+        // fp16: each rank divides its resblocks' gradients by their scales before the reduction
+        // (the paper's pre-division); the flags of every rank decide, so all ranks skip together.
+        let outcome = match scaler.as_mut() {
+            Some(s) => {
+                unscale_param_grads(&mut grads, &resblocks, &scales, &mut flags)?;
+                let mut raised: Vec<f32> = flags.iter().map(|&f| f as f32).collect();
+                comm.all_reduce_sum(&mut raised)?;
+                let raised: Vec<u32> = raised.iter().map(|&f| u32::from(f != 0.0)).collect();
+                let outcome = s.update(&raised)?;
+                if outcome == StepOutcome::Skipped {
+                    let blocks: Vec<usize> =
+                        (0..raised.len()).filter(|&i| raised[i] != 0).collect();
+                    tracing::warn!(step = t, ?blocks, "fp16 gradient overflow in resblocks");
+                }
+                rs.state.grad_scaler = Some(ScalerState::of(s));
+                outcome
+            }
+            None => StepOutcome::Applied,
+        };
         let bytes_plain = 4 * grads.len() as u64;
-        let bytes_sent = match powersgd.as_mut() {
-            Some(p) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
-            None => {
+        let bytes_sent = match (outcome, powersgd.as_mut()) {
+            (StepOutcome::Skipped, _) => 0,
+            (_, Some(p)) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
+            (_, None) => {
                 comm.all_reduce_sum(&mut grads)?;
                 if comm.world_size() > 1 {
                     let inv = 1.0 / comm.world_size() as f32;
@@ -399,7 +488,13 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             }
         };
         let lr = rs.state.schedule.lr(&sched, t);
-        let report = rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?;
+        let report = match outcome {
+            StepOutcome::Applied => rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?,
+            StepOutcome::Skipped => StepReport {
+                grad_norm: f64::NAN,
+                applied: false,
+            },
+        };
         if report.applied {
             if let Some(ema) = rs.ema.as_mut() {
                 ema_update(ema, &rs.params, cfg.optim.ema as f32)?;
@@ -419,6 +514,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             .chain(&stage.update_metrics(t))
             .map(|&(k, v)| (k.to_string(), v))
             .collect();
+        if !scales.is_empty() {
+            // The scales this update used.
+            let mut sorted = scales.clone();
+            sorted.sort_by(f32::total_cmp);
+            values.insert("grad_scale_min".into(), sorted[0] as f64);
+            values.insert("grad_scale_median".into(), sorted[sorted.len() / 2] as f64);
+            values.insert("grad_scale_max".into(), sorted[sorted.len() - 1] as f64);
+            values.insert("skipped_updates".into(), rs.state.skipped_updates as f64);
+        }
         for (k, v) in stage.rates(secs) {
             values.insert(k.to_string(), v * accum as f64);
         }

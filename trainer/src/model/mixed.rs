@@ -15,10 +15,12 @@
 
 use half::f16;
 use kernels::gradscale::{param_finite_flags, scale_cast, unscale_add};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
-/// The numeric format of activations and activation gradients.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The numeric format of activations and activation gradients (`run.precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything in f32.
     #[default]

@@ -11,9 +11,11 @@ use crate::config::{DataSource, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
+use crate::model::mixed::BlockScales;
 use crate::model::transformer::{Activations, Transformer, TransformerDims};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Named values a micro-batch reports (loss terms, averaged over micro-batches by the loop).
@@ -32,7 +34,13 @@ pub trait Stage {
         params: &[f32],
         grads: &mut [f32],
         scale: f32,
+        scaling: Option<BlockScales>,
     ) -> Result<Terms>;
+    /// The parameter ranges of the resblocks that `scaling` scales, in its order (none for a
+    /// model without per-resblock scaling).
+    fn resblock_ranges(&self) -> Vec<Range<usize>> {
+        Vec::new()
+    }
     /// Values of the whole update (after every micro-batch), e.g. τ or codebook perplexity;
     /// resets whatever [`Stage::micro_step`] accumulated for them.
     fn update_metrics(&mut self, t: u64) -> Terms;
@@ -111,7 +119,7 @@ pub struct TransformerStage {
 
 impl TransformerStage {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
-        let model = Transformer::new(dims_of(cfg)?)?;
+        let model = Transformer::new(dims_of(cfg)?)?.with_precision(cfg.run.precision);
         let data = DataStream::open(cfg, rank, world_size, cursor, caption_encoder(cfg)?)
             .context("opening the training data")?;
         let batch = cfg.train.batch_size;
@@ -135,6 +143,7 @@ impl Stage for TransformerStage {
         params: &[f32],
         grads: &mut [f32],
         scale: f32,
+        scaling: Option<BlockScales>,
     ) -> Result<Terms> {
         let batch = self.data.next_batch().context("reading the next batch")?;
         let l = self.model.forward(
@@ -144,8 +153,16 @@ impl Stage for TransformerStage {
             &batch.image,
             Some(scale),
         )?;
-        self.model
-            .backward(params, grads, &mut self.acts, &batch.text, &batch.image)?;
+        let (text, image) = (&batch.text, &batch.image);
+        match scaling {
+            Some(sc) => {
+                self.model
+                    .backward_scaled(params, grads, &mut self.acts, text, image, sc)?
+            }
+            None => self
+                .model
+                .backward(params, grads, &mut self.acts, text, image)?,
+        }
         self.data.recycle(batch);
         Ok(vec![
             ("loss", l.loss),
@@ -155,6 +172,9 @@ impl Stage for TransformerStage {
     }
     fn update_metrics(&mut self, _t: u64) -> Terms {
         Vec::new()
+    }
+    fn resblock_ranges(&self) -> Vec<Range<usize>> {
+        self.model.resblock_ranges()
     }
     fn rates(&self, secs: f64) -> Terms {
         let d = self.model.dims();
@@ -295,6 +315,7 @@ impl Stage for DvaeStage {
         params: &[f32],
         grads: &mut [f32],
         scale: f32,
+        _scaling: Option<BlockScales>,
     ) -> Result<Terms> {
         let batch = self.data.next_batch().context("reading the next batch")?;
         let (tau, beta) = self.tau_beta(t);
@@ -428,7 +449,9 @@ mod tests {
         let d = stage.model.dims();
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
         for t in [1u64, 4, 8, 11] {
-            stage.micro_step(t, 0, &params, &mut grads, 1.0).unwrap();
+            stage
+                .micro_step(t, 0, &params, &mut grads, 1.0, None)
+                .unwrap();
             let want = stage.relax.tau(t - 1);
             let (logits, y, g) = (stage.acts.logits(), stage.acts.relaxed(), &stage.noise);
             let mut checked = 0;
