@@ -3,9 +3,9 @@
 //! softmax relaxation, logit-Laplace likelihood, KL to the uniform prior), with explicit forward
 //! and backward passes.
 //!
-//! Both networks are a sequence of [`Stage`]s (a convolution, a residual block, a pooling or an
+//! Both networks are a sequence of [`Layer`]s (a convolution, a residual block, a pooling or an
 //! upsampling, the ReLU + 1×1 output convolution) run by one small interpreter, [`Net`], which
-//! keeps each stage's input for the backward pass. Layout NCHW throughout.
+//! keeps each layer's input for the backward pass. Layout NCHW throughout.
 //!
 //! Residual block (`n_hid = n_out / 4`, `post_gain = 1 / (group_count · n_blk_per_group)²`):
 //! `out = id_path(x) + post_gain · conv_4(relu(conv_3(relu(conv_2(relu(conv_1(relu(x))))))))`,
@@ -91,26 +91,26 @@ struct BlockSpec {
 }
 
 #[derive(Clone, Debug)]
-enum Stage {
+enum Layer {
     Conv(ConvParams),
     Block(BlockSpec),
     MaxPool,
     Upsample,
-    /// ReLU then a convolution (the `output` stage).
+    /// ReLU then a convolution (the `output` layer).
     ReluConv(ConvParams),
 }
 
-/// Shape of a stage's input: channels and side.
+/// Shape of a layer's input: channels and side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Shape {
     c: usize,
     side: usize,
 }
 
-/// One network: its stages, each with its input shape.
+/// One network: its layers, each with its input shape.
 #[derive(Clone, Debug)]
 struct Net {
-    stages: Vec<(Stage, Shape)>,
+    layers: Vec<(Layer, Shape)>,
     out: Shape,
     post_gain: f32,
 }
@@ -164,64 +164,64 @@ fn push_block(
 
 impl Net {
     fn encoder(t: &mut ParamTable, d: &DvaeDims) -> Net {
-        let mut stages = Vec::new();
+        let mut layers = Vec::new();
         let mut shape = Shape {
             c: 3,
             side: d.resolution,
         };
         let conv = push_conv(t, "encoder.blocks.input", 3, d.n_hid, 7);
-        stages.push((Stage::Conv(conv), shape));
+        layers.push((Layer::Conv(conv), shape));
         shape.c = d.n_hid;
         for g in 1..=GROUP_COUNT {
             let width = d.n_hid << (g - 1);
             for i in 1..=d.n_blk_per_group {
                 let name = format!("encoder.blocks.group_{g}.block_{i}");
                 let block = push_block(t, &name, shape.c, width, [3, 3, 3, 1]);
-                stages.push((Stage::Block(block), shape));
+                layers.push((Layer::Block(block), shape));
                 shape.c = width;
             }
             if g < GROUP_COUNT {
-                stages.push((Stage::MaxPool, shape));
+                layers.push((Layer::MaxPool, shape));
                 shape.side /= 2;
             }
         }
         let out = push_conv(t, "encoder.blocks.output.conv", shape.c, d.vocab_size, 1);
-        stages.push((Stage::ReluConv(out), shape));
+        layers.push((Layer::ReluConv(out), shape));
         shape.c = d.vocab_size;
         Net {
-            stages,
+            layers,
             out: shape,
             post_gain: d.post_gain(),
         }
     }
 
     fn decoder(t: &mut ParamTable, d: &DvaeDims) -> Net {
-        let mut stages = Vec::new();
+        let mut layers = Vec::new();
         let mut shape = Shape {
             c: d.vocab_size,
             side: d.grid(),
         };
         let conv = push_conv(t, "decoder.blocks.input", d.vocab_size, d.n_init, 1);
-        stages.push((Stage::Conv(conv), shape));
+        layers.push((Layer::Conv(conv), shape));
         shape.c = d.n_init;
         for g in 1..=GROUP_COUNT {
             let width = d.n_hid << (GROUP_COUNT - g);
             for i in 1..=d.n_blk_per_group {
                 let name = format!("decoder.blocks.group_{g}.block_{i}");
                 let block = push_block(t, &name, shape.c, width, [1, 3, 3, 3]);
-                stages.push((Stage::Block(block), shape));
+                layers.push((Layer::Block(block), shape));
                 shape.c = width;
             }
             if g < GROUP_COUNT {
-                stages.push((Stage::Upsample, shape));
+                layers.push((Layer::Upsample, shape));
                 shape.side *= 2;
             }
         }
         let out = push_conv(t, "decoder.blocks.output.conv", shape.c, 6, 1);
-        stages.push((Stage::ReluConv(out), shape));
+        layers.push((Layer::ReluConv(out), shape));
         shape.c = 6;
         Net {
-            stages,
+            layers,
             out: shape,
             post_gain: d.post_gain(),
         }
@@ -229,9 +229,9 @@ impl Net {
 
     fn new_acts(&self, batch: usize) -> NetActs {
         let len = |s: &Shape| batch * s.c * s.side * s.side;
-        // Gradient buffers: large enough for any stage's input or output gradient.
+        // Gradient buffers: large enough for any layer's input or output gradient.
         let max_len = self
-            .stages
+            .layers
             .iter()
             .map(|(_, s)| len(s))
             .chain([len(&self.out)])
@@ -239,12 +239,12 @@ impl Net {
             .unwrap_or(0);
         NetActs {
             batch,
-            inputs: self.stages.iter().map(|(_, s)| vec![0.0; len(s)]).collect(),
+            inputs: self.layers.iter().map(|(_, s)| vec![0.0; len(s)]).collect(),
             relus: self
-                .stages
+                .layers
                 .iter()
-                .map(|(stage, s)| {
-                    let lens = relu_lens(stage, s, batch);
+                .map(|(layer, s)| {
+                    let lens = relu_lens(layer, s, batch);
                     lens.into_iter().map(|n| vec![0.0; n]).collect()
                 })
                 .collect(),
@@ -268,24 +268,24 @@ impl Net {
     /// Runs the network on `acts.inputs[0]` (already filled), writing `acts.output`.
     fn forward(&self, p: &[&[f32]], acts: &mut NetActs) -> Result<()> {
         let b = acts.batch;
-        for (i, (stage, shape)) in self.stages.iter().enumerate() {
+        for (i, (layer, shape)) in self.layers.iter().enumerate() {
             let (ins, rest) = acts.inputs.split_at_mut(i + 1);
             let y: &mut Vec<f32> = match rest.first_mut() {
                 Some(next) => next,
                 None => &mut acts.output,
             };
             let scratch = &mut acts.scratch[0];
-            self.stage_forward(stage, shape, b, p, &ins[i], y, &mut acts.relus[i], scratch)?;
+            self.layer_forward(layer, shape, b, p, &ins[i], y, &mut acts.relus[i], scratch)?;
         }
         Ok(())
     }
 
-    /// One stage on `x` (its input, shape `shape`), writing `y` (its output). `relus` are the
-    /// stage's ReLU outputs (of [`relu_lens`]), `scratch` any buffer.
+    /// One layer on `x` (its input, shape `shape`), writing `y` (its output). `relus` are the
+    /// layer's ReLU outputs (of [`relu_lens`]), `scratch` any buffer.
     #[allow(clippy::too_many_arguments)]
-    fn stage_forward(
+    fn layer_forward(
         &self,
-        stage: &Stage,
+        layer: &Layer,
         shape: &Shape,
         b: usize,
         p: &[&[f32]],
@@ -295,13 +295,13 @@ impl Net {
         scratch: &mut Vec<f32>,
     ) -> Result<()> {
         let planes = b * shape.c;
-        match stage {
-            Stage::Conv(cp) => {
+        match layer {
+            Layer::Conv(cp) => {
                 conv2d_forward(y, x, p[cp.w], p[cp.b], &Self::dims(b, cp, shape.side))?
             }
-            Stage::MaxPool => maxpool2_forward(y, x, planes, shape.side, shape.side)?,
-            Stage::Upsample => upsample2_forward(y, x, planes, shape.side, shape.side)?,
-            Stage::ReluConv(cp) => {
+            Layer::MaxPool => maxpool2_forward(y, x, planes, shape.side, shape.side)?,
+            Layer::Upsample => upsample2_forward(y, x, planes, shape.side, shape.side)?,
+            Layer::ReluConv(cp) => {
                 relu_forward(&mut relus[0], x)?;
                 conv2d_forward(
                     y,
@@ -311,7 +311,7 @@ impl Net {
                     &Self::dims(b, cp, shape.side),
                 )?;
             }
-            Stage::Block(blk) => {
+            Layer::Block(blk) => {
                 // Residual path into y, scaled, then the identity path added.
                 relu_forward(&mut relus[0], x)?;
                 for k in 0..3 {
@@ -367,15 +367,15 @@ impl Net {
             }
             let mut dy_len = dout.len();
             dy_buf[..dy_len].copy_from_slice(dout);
-            for (i, (stage, shape)) in self.stages.iter().enumerate().rev() {
+            for (i, (layer, shape)) in self.layers.iter().enumerate().rev() {
                 let x = &acts.inputs[i];
                 let relus = &acts.relus[i];
                 let planes = b * shape.c;
                 let need_dx = i > 0 || dinput.is_some();
                 let dy = &dy_buf[..dy_len];
                 let dx = &mut dx_buf[..x.len()];
-                match stage {
-                    Stage::Conv(cp) => {
+                match layer {
+                    Layer::Conv(cp) => {
                         let (dw, db) = pair_mut(g, cp.w, cp.b);
                         conv2d_backward(
                             need_dx.then_some(&mut dx[..]),
@@ -387,9 +387,9 @@ impl Net {
                             &Self::dims(b, cp, shape.side),
                         )?;
                     }
-                    Stage::MaxPool => maxpool2_backward(dx, dy, x, planes, shape.side, shape.side)?,
-                    Stage::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
-                    Stage::ReluConv(cp) => {
+                    Layer::MaxPool => maxpool2_backward(dx, dy, x, planes, shape.side, shape.side)?,
+                    Layer::Upsample => upsample2_backward(dx, dy, planes, shape.side, shape.side)?,
+                    Layer::ReluConv(cp) => {
                         let (dw, db) = pair_mut(g, cp.w, cp.b);
                         conv2d_backward_through_relu(
                             Some(dx),
@@ -401,7 +401,7 @@ impl Net {
                             &Self::dims(b, cp, shape.side),
                         )?;
                     }
-                    Stage::Block(blk) => {
+                    Layer::Block(blk) => {
                         let gain = self.post_gain;
                         let [s0, s1] = &mut acts.scratch[..] else {
                             unreachable!("two scratch buffers")
@@ -469,7 +469,7 @@ impl Net {
 }
 
 /// The first `len` elements of `buf`, growing it when shorter (never shrinking it, so that a
-/// buffer reused across stages and steps is zero-filled and faulted in only once).
+/// buffer reused across layers and steps is zero-filled and faulted in only once).
 fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
         buf.resize(len, 0.0);
@@ -477,16 +477,16 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-/// The lengths of the ReLU outputs a stage keeps (blocks: the inputs of conv_1..conv_4; the
-/// output stage: its ReLU), for `batch` images of input shape `s`.
-fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
+/// The lengths of the ReLU outputs a layer keeps (blocks: the inputs of conv_1..conv_4; the
+/// output layer: its ReLU), for `batch` images of input shape `s`.
+fn relu_lens(layer: &Layer, s: &Shape, batch: usize) -> Vec<usize> {
     let px = batch * s.side * s.side;
-    match stage {
-        Stage::Block(b) => {
+    match layer {
+        Layer::Block(b) => {
             let hid = b.convs[0].c_out;
             vec![px * s.c, px * hid, px * hid, px * hid]
         }
-        Stage::ReluConv(_) => vec![px * s.c],
+        Layer::ReluConv(_) => vec![px * s.c],
         _ => Vec::new(),
     }
 }
@@ -495,13 +495,13 @@ fn relu_lens(stage: &Stage, s: &Shape, batch: usize) -> Vec<usize> {
 #[derive(Debug)]
 struct NetActs {
     batch: usize,
-    /// inputs[i]: the input of stage i (inputs[0] is the network's input).
+    /// inputs[i]: the input of layer i (inputs[0] is the network's input).
     inputs: Vec<Vec<f32>>,
-    /// Per stage: the ReLU outputs it keeps (blocks: the inputs of conv_1..conv_4).
+    /// Per layer: the ReLU outputs it keeps (blocks: the inputs of conv_1..conv_4).
     relus: Vec<Vec<Vec<f32>>>,
     output: Vec<f32>,
     scratch: Vec<Vec<f32>>,
-    /// The backward pass's output and input gradients of a stage, each as long as the largest
+    /// The backward pass's output and input gradients of a layer, each as long as the largest
     /// activation (kept between steps: no allocation or page faults per step).
     grads: [Vec<f32>; 2],
 }
@@ -610,15 +610,15 @@ impl Dvae {
     pub fn train_flops(&self, batch: usize) -> f64 {
         let macs: usize = [&self.encoder, &self.decoder]
             .iter()
-            .flat_map(|net| net.stages.iter())
-            .map(|(stage, shape)| {
+            .flat_map(|net| net.layers.iter())
+            .map(|(layer, shape)| {
                 let conv = |cp: &ConvParams| Net::dims(batch, cp, shape.side).macs();
-                match stage {
-                    Stage::Conv(cp) | Stage::ReluConv(cp) => conv(cp),
-                    Stage::Block(b) => {
+                match layer {
+                    Layer::Conv(cp) | Layer::ReluConv(cp) => conv(cp),
+                    Layer::Block(b) => {
                         b.convs.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv)
                     }
-                    Stage::MaxPool | Stage::Upsample => 0,
+                    Layer::MaxPool | Layer::Upsample => 0,
                 }
             })
             .sum();

@@ -5,8 +5,8 @@
 //! - [`Dvae::decode_codes`]: codes → images, the decoder on one-hot codes, then
 //!   clamp((sigmoid(μ) − ε)/(1 − 2ε), 0, 1).
 //!
-//! Both run the networks stage by stage through the same [`Net::stage_forward`] as training, but
-//! keep only the current stage's input and output ([`Net::infer`]): a 256 px image through
+//! Both run the networks layer by layer through the same [`Net::layer_forward`] as training, but
+//! keep only the current layer's input and output ([`Net::infer`]): a 256 px image through
 //! OpenAI's encoder costs about 0.45 GB (activations and the convolutions' im2col buffers)
 //! instead of the 0.8 GB that a training forward keeps for the encoder's backward pass.
 //! The convolutions run the images of a batch in parallel (rayon), and each image's result does
@@ -314,36 +314,36 @@ pub fn image_resolution(shard: &ImageShard) -> std::result::Result<usize, Images
 }
 
 impl Net {
-    /// The shape of stage `i`'s output: the next stage's input, or the network's output.
+    /// The shape of layer `i`'s output: the next layer's input, or the network's output.
     fn output_shape(&self, i: usize) -> Shape {
-        self.stages.get(i + 1).map_or(self.out, |(_, s)| *s)
+        self.layers.get(i + 1).map_or(self.out, |(_, s)| *s)
     }
 
     /// The network's output on `input` ([`Net::forward`] without the saved activations: each
-    /// stage's input is dropped once its output exists). The buffers are reused from stage to
-    /// stage: fresh allocations of this size cost more in page faults than the ReLUs they hold.
+    /// layer's input is dropped once its output exists). The buffers are reused from layer to
+    /// layer: fresh allocations of this size cost more in page faults than the ReLUs they hold.
     fn infer(&self, p: &[&[f32]], input: Vec<f32>, batch: usize) -> Result<Vec<f32>> {
         let mut x = input;
         let mut y = Vec::new();
         let mut scratch = Vec::new();
         let mut relus: Vec<Vec<f32>> = Vec::new();
-        for (i, (stage, shape)) in self.stages.iter().enumerate() {
+        for (i, (layer, shape)) in self.layers.iter().enumerate() {
             let out = self.output_shape(i);
             fit(&mut y, batch * out.c * out.side * out.side);
-            let lens = relu_lens(stage, shape, batch);
+            let lens = relu_lens(layer, shape, batch);
             relus.resize_with(relus.len().max(lens.len()), Vec::new);
             for (buf, &n) in relus.iter_mut().zip(&lens) {
                 fit(buf, n);
             }
             let relus = &mut relus[..lens.len()];
-            self.stage_forward(stage, shape, batch, p, &x, &mut y, relus, &mut scratch)?;
+            self.layer_forward(layer, shape, batch, p, &x, &mut y, relus, &mut scratch)?;
             std::mem::swap(&mut x, &mut y);
         }
         Ok(x)
     }
 }
 
-/// Sets `buf`'s length to `n` (every stage overwrites its buffers whole), allocating anew rather
+/// Sets `buf`'s length to `n` (every layer overwrites its buffers whole), allocating anew rather
 /// than growing in place, which would copy the old contents.
 fn fit(buf: &mut Vec<f32>, n: usize) {
     if buf.capacity() < n {
