@@ -932,5 +932,7 @@ impl Activations {
     }
 }
 
+pub mod device;
+
 #[cfg(test)]
 mod tests;
