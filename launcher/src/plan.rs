@@ -370,7 +370,7 @@ impl Plan {
         check_run_id(&run_id).map_err(|m| anyhow::anyhow!("--run-id: {m}"))?;
         let nccl = cfg.distributed.transport(cfg.run.device) == Transport::Nccl;
         let gpus = match cfg.run.device {
-            Device::Cpu if !nccl => None,
+            Device::Cpu | Device::CudaEmu if !nccl => None,
             _ => gpu_count(get, trainer::cuda_libs::device_count(), nccl)?,
         };
         let slots = hostfile.as_ref().and_then(|h| {

@@ -118,6 +118,10 @@ pub enum Device {
     Cpu,
     /// The CUDA backend; an error at start-up if no GPU or CUDA library is found.
     Cuda,
+    /// The CUDA kernels on the CPU emulator (a test device: slow, for checking the device path
+    /// against the CPU where no GPU exists; docs/kernels.md).
+    #[serde(rename = "cuda-emu")]
+    CudaEmu,
     /// CUDA when available, else CPU.
     #[default]
     Auto,

@@ -146,13 +146,30 @@ pub fn peak_gflops() -> f64 {
 
 /// Refuses devices this build cannot run on, with what to do instead.
 pub fn check_device(cfg: &RunConfig) -> Result<()> {
-    match cfg.run.device {
-        Device::Cpu | Device::Auto => Ok(()),
-        Device::Cuda => bail!(
-            "run.device = cuda: this build has no CUDA backend yet (the CUDA kernels arrive in a \
-             later release); use --set run.device=cpu or run.device: auto"
-        ),
+    let device = match cfg.run.device {
+        Device::Cpu | Device::Auto => return Ok(()),
+        Device::Cuda => "cuda",
+        Device::CudaEmu => "cuda-emu",
+    };
+    if cfg.model.dvae().is_some() {
+        bail!("run.device = {device}: the dVAE trains on the CPU only for now (run.device: cpu)");
     }
+    if cfg.run.precision == Precision::Fp16 {
+        bail!(
+            "run.device = {device} with run.precision = fp16: the fp16 scheme runs on the CPU \
+             only for now (run.device: cpu, or run.precision: fp32)"
+        );
+    }
+    if cfg.run.device == Device::Cuda {
+        // Before any data is read: the driver, NVRTC and a device, or an error naming what is
+        // missing and where it was looked for.
+        let ordinal = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        kernels::gpu::Cuda::new(ordinal).context("run.device = cuda")?;
+    }
+    Ok(())
 }
 
 fn schedule_params(cfg: &RunConfig) -> ScheduleParams {

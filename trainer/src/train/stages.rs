@@ -7,14 +7,18 @@
 //! - [`DvaeStage`]: stage 1 on image shards: Gumbel noise seeded by (seed, update, micro-batch,
 //!   rank) so that a resumed run draws the same noise, τ and β from their cosine schedules.
 
-use crate::config::{DataSource, RunConfig};
+use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
 use crate::model::mixed::BlockScales;
-use crate::model::transformer::{Activations, Transformer, TransformerDims};
+use crate::model::transformer::device::{
+    DeviceActs, DeviceTensors, DeviceTransformer, TransformerDevice,
+};
+use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
+use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -112,9 +116,105 @@ pub fn dvae_dims_of(cfg: &RunConfig) -> Result<DvaeDims> {
 /// Stage 2: the transformer on token sequences.
 pub struct TransformerStage {
     model: Transformer,
-    acts: Activations,
+    compute: Compute,
     data: DataStream,
     batch: usize,
+}
+
+/// Where the transformer's passes run.
+enum Compute {
+    /// The host model (`run.device: cpu`).
+    Host(Box<Activations>),
+    /// A kernels device (`run.device: cuda` or `cuda-emu`).
+    Device(Box<dyn DeviceCompute>),
+}
+
+/// One micro-batch's passes on a device, for the host training loop: the weights are uploaded at
+/// the first micro-batch of an update and the micro-batch's gradient is added into the host's.
+/// (The optimizer, the reduction and the checkpoints stay on the host for now; the weights and
+/// gradients cross once per update and per micro-batch.)
+trait DeviceCompute {
+    #[allow(clippy::too_many_arguments)]
+    fn micro_step(
+        &mut self,
+        params: &[f32],
+        fresh_params: bool,
+        grads: &mut [f32],
+        text: &[u32],
+        image: &[u32],
+        scale: f32,
+    ) -> Result<Losses>;
+}
+
+struct OnDevice<D: TransformerDevice> {
+    dev: D,
+    model: DeviceTransformer<D>,
+    params: DeviceTensors<D>,
+    acts: DeviceActs<D>,
+}
+
+impl<D: TransformerDevice> OnDevice<D> {
+    fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
+        let dm = DeviceTransformer::new(model, &dev)?;
+        let params = DeviceTensors::zeros(&dev, model.table())?;
+        let acts = dm.new_acts(&dev, batch)?;
+        Ok(OnDevice {
+            model: dm,
+            params,
+            acts,
+            dev,
+        })
+    }
+}
+
+impl<D: TransformerDevice> DeviceCompute for OnDevice<D> {
+    fn micro_step(
+        &mut self,
+        params: &[f32],
+        fresh_params: bool,
+        grads: &mut [f32],
+        text: &[u32],
+        image: &[u32],
+        scale: f32,
+    ) -> Result<Losses> {
+        let (dev, table) = (&self.dev, self.model.model().table());
+        if fresh_params {
+            self.params = DeviceTensors::upload(dev, table, params)?;
+        }
+        let mut g = DeviceTensors::zeros(dev, table)?;
+        let l = self
+            .model
+            .forward(dev, &self.params, &mut self.acts, text, image, Some(scale))?;
+        self.model
+            .backward(dev, &self.params, &mut g, &mut self.acts, text, image)?;
+        for (acc, x) in grads.iter_mut().zip(g.download(dev, table)?) {
+            *acc += x;
+        }
+        Ok(l)
+    }
+}
+
+/// The device of `run.device` for the transformer's passes (`None`: the host model).
+fn device_compute(cfg: &RunConfig, model: &Transformer, batch: usize) -> Result<Compute> {
+    Ok(match cfg.run.device {
+        Device::Cpu | Device::Auto => Compute::Host(Box::new(Activations::new(model, batch))),
+        Device::CudaEmu => Compute::Device(Box::new(OnDevice::new(
+            Gpu(Emu::new(Schedule::Forward)),
+            model,
+            batch,
+        )?)),
+        Device::Cuda => {
+            // torchrun's LOCAL_RANK picks this process's GPU.
+            let ordinal = match std::env::var("LOCAL_RANK") {
+                Ok(v) => v
+                    .parse()
+                    .with_context(|| format!("LOCAL_RANK={v:?} is not a GPU index"))?,
+                Err(_) => 0,
+            };
+            let cuda = Cuda::new(ordinal).context("run.device: cuda")?;
+            Compute::Device(Box::new(OnDevice::new(Gpu(cuda), model, batch)?))
+        }
+    })
 }
 
 impl TransformerStage {
@@ -124,7 +224,7 @@ impl TransformerStage {
             .context("opening the training data")?;
         let batch = cfg.train.batch_size;
         Ok(TransformerStage {
-            acts: Activations::new(&model, batch),
+            compute: device_compute(cfg, &model, batch)?,
             model,
             data,
             batch,
@@ -139,30 +239,32 @@ impl Stage for TransformerStage {
     fn micro_step(
         &mut self,
         _t: u64,
-        _micro: usize,
+        micro: usize,
         params: &[f32],
         grads: &mut [f32],
         scale: f32,
         scaling: Option<BlockScales>,
     ) -> Result<Terms> {
         let batch = self.data.next_batch().context("reading the next batch")?;
-        let l = self.model.forward(
-            params,
-            &mut self.acts,
-            &batch.text,
-            &batch.image,
-            Some(scale),
-        )?;
         let (text, image) = (&batch.text, &batch.image);
-        match scaling {
-            Some(sc) => {
-                self.model
-                    .backward_scaled(params, grads, &mut self.acts, text, image, sc)?
+        let l = match &mut self.compute {
+            Compute::Host(acts) => {
+                let l = self.model.forward(params, acts, text, image, Some(scale))?;
+                match scaling {
+                    Some(sc) => self
+                        .model
+                        .backward_scaled(params, grads, acts, text, image, sc)?,
+                    None => self.model.backward(params, grads, acts, text, image)?,
+                }
+                l
             }
-            None => self
-                .model
-                .backward(params, grads, &mut self.acts, text, image)?,
-        }
+            Compute::Device(dev) => {
+                if scaling.is_some() {
+                    bail!("run.precision: fp16 runs on run.device: cpu only for now");
+                }
+                dev.micro_step(params, micro == 0, grads, text, image, scale)?
+            }
+        };
         self.data.recycle(batch);
         Ok(vec![
             ("loss", l.loss),

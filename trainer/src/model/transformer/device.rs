@@ -141,35 +141,33 @@ pub struct DeviceActs<D: Device> {
     dfch_gelu: D::Buf<f32>,
 }
 
-/// The transformer on device `D`: the model's definition and its attention layouts on `D`.
-pub struct DeviceTransformer<'a, D: TransformerDevice> {
-    model: &'a Transformer,
-    dev: &'a D,
+/// The transformer for device `D`: the model's definition and its attention layouts on `D`
+/// (every pass takes the device itself as its first argument).
+pub struct DeviceTransformer<D: TransformerDevice> {
+    model: Transformer,
     layouts: Vec<D::Layout>,
 }
 
-impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
-    pub fn new(model: &'a Transformer, dev: &'a D) -> Result<Self> {
+impl<D: TransformerDevice> DeviceTransformer<D> {
+    pub fn new(model: &Transformer, dev: &D) -> Result<Self> {
         let layouts = model
             .layouts
             .iter()
             .map(|l| dev.attention_layout(l))
             .collect::<kernels::Result<_>>()?;
         Ok(DeviceTransformer {
-            model,
-            dev,
+            model: model.clone(),
             layouts,
         })
     }
 
     pub fn model(&self) -> &Transformer {
-        self.model
+        &self.model
     }
 
     /// Activations for `batch` sequences.
-    pub fn new_acts(&self, batch: usize) -> Result<DeviceActs<D>> {
+    pub fn new_acts(&self, dev: &D, batch: usize) -> Result<DeviceActs<D>> {
         let d = self.model.dims;
-        let dev = self.dev;
         let (t, c) = (d.seq_len(), d.d_model);
         let n = batch * t;
         let z = |k: usize| dev.zeros::<f32>(k);
@@ -220,7 +218,7 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
     /// `y = x·Wᵀ + b` for `rows` rows: `x` [rows, k], `w` [out, k].
     #[allow(clippy::too_many_arguments)]
     fn linear(
-        &self,
+        dev: &D,
         y: &mut D::Buf<f32>,
         x: &D::Buf<f32>,
         w: &D::Buf<f32>,
@@ -229,16 +227,15 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
         k: usize,
         out: usize,
     ) -> Result<()> {
-        self.dev
-            .matmul(y, x, false, w, true, (rows, out, k), false)?;
-        self.dev.bias_add(y, b, rows, out)?;
+        dev.matmul(y, x, false, w, true, (rows, out, k), false)?;
+        dev.bias_add(y, b, rows, out)?;
         Ok(())
     }
 
     /// Backward of [`Self::linear`]: `dx = dy·W` (overwritten), `dW += dyᵀ·x`, `db += Σ dy`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
-        &self,
+        dev: &D,
         dx: &mut D::Buf<f32>,
         dw: &mut D::Buf<f32>,
         db: &mut D::Buf<f32>,
@@ -249,7 +246,6 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
         k: usize,
         out: usize,
     ) -> Result<()> {
-        let dev = self.dev;
         dev.matmul(dx, dy, false, w, false, (rows, k, out), false)?;
         dev.matmul(dw, dy, true, x, false, (out, k, rows), true)?;
         dev.bias_backward(db, dy, rows, out)?;
@@ -260,15 +256,15 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
     /// the segment logits become the loss gradient times `s`.
     pub fn forward(
         &self,
+        dev: &D,
         params: &DeviceTensors<D>,
         acts: &mut DeviceActs<D>,
         text: &[u32],
         image: &[u32],
         grad_scale: Option<f32>,
     ) -> Result<Losses> {
-        let m = self.model;
+        let m = &self.model;
         let d = m.dims;
-        let dev = self.dev;
         let (b, t, c) = (acts.batch, d.seq_len(), d.d_model);
         let n = b * t;
         if params.bufs.len() != m.table.len() {
@@ -324,7 +320,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
                     c,
                 )?,
             }
-            self.linear(
+            Self::linear(
+                dev,
                 &mut la.qkv,
                 &la.ln1,
                 &p[bp.qkv_w],
@@ -343,7 +340,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
                 d.heads,
                 d.head_size(),
             )?;
-            self.linear(
+            Self::linear(
+                dev,
                 &mut la.attn_out,
                 &la.atty,
                 &p[bp.attn_proj_w],
@@ -365,9 +363,19 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
                 n,
                 c,
             )?;
-            self.linear(&mut la.fch, &la.ln2, &p[bp.fc_w], &p[bp.fc_b], n, c, 4 * c)?;
+            Self::linear(
+                dev,
+                &mut la.fch,
+                &la.ln2,
+                &p[bp.fc_w],
+                &p[bp.fc_b],
+                n,
+                c,
+                4 * c,
+            )?;
             dev.gelu_forward(&mut la.fch_gelu, &la.fch)?;
-            self.linear(
+            Self::linear(
+                dev,
                 &mut la.mlp_out,
                 &la.fch_gelu,
                 &p[bp.mlp_proj_w],
@@ -472,15 +480,15 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
     /// The backward pass after `forward(.., Some(scale))`: accumulates into `grads`.
     pub fn backward(
         &self,
+        dev: &D,
         params: &DeviceTensors<D>,
         grads: &mut DeviceTensors<D>,
         acts: &mut DeviceActs<D>,
         text: &[u32],
         image: &[u32],
     ) -> Result<()> {
-        let m = self.model;
+        let m = &self.model;
         let d = m.dims;
-        let dev = self.dev;
         let (b, t, c) = (acts.batch, d.seq_len(), d.d_model);
         let n = b * t;
         let (tt, gi) = (d.text_len, d.image_tokens());
@@ -541,7 +549,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
             // MLP block; dresidual holds d(x_next).
             {
                 let (dw, db) = pair(gr, bp.mlp_proj_w, bp.mlp_proj_b);
-                self.linear_backward(
+                Self::linear_backward(
+                    dev,
                     &mut acts.dfch_gelu,
                     dw,
                     db,
@@ -556,7 +565,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
             dev.gelu_backward(&mut acts.dfch, &acts.dfch_gelu, &la.fch)?;
             {
                 let (dw, db) = pair(gr, bp.fc_w, bp.fc_b);
-                self.linear_backward(
+                Self::linear_backward(
+                    dev,
                     &mut acts.dln,
                     dw,
                     db,
@@ -586,7 +596,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
             // Attention block; dresidual holds d(x_mid).
             {
                 let (dw, db) = pair(gr, bp.attn_proj_w, bp.attn_proj_b);
-                self.linear_backward(
+                Self::linear_backward(
+                    dev,
                     &mut acts.datty,
                     dw,
                     db,
@@ -612,7 +623,8 @@ impl<'a, D: TransformerDevice> DeviceTransformer<'a, D> {
             )?;
             {
                 let (dw, db) = pair(gr, bp.qkv_w, bp.qkv_b);
-                self.linear_backward(
+                Self::linear_backward(
+                    dev,
                     &mut acts.dln,
                     dw,
                     db,

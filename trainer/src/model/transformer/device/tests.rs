@@ -63,15 +63,15 @@ fn device<D: TransformerDevice>(
     let dm = DeviceTransformer::new(m, dev).unwrap();
     let params = DeviceTensors::upload(dev, m.table(), w).unwrap();
     let mut grads = DeviceTensors::zeros(dev, m.table()).unwrap();
-    let mut acts = dm.new_acts(b).unwrap();
+    let mut acts = dm.new_acts(dev, b).unwrap();
     let mut losses = Vec::new();
     for (text, image) in batches {
         let scale = 1.0 / batches.len() as f32;
         losses.push(
-            dm.forward(&params, &mut acts, text, image, Some(scale))
+            dm.forward(dev, &params, &mut acts, text, image, Some(scale))
                 .unwrap(),
         );
-        dm.backward(&params, &mut grads, &mut acts, text, image)
+        dm.backward(dev, &params, &mut grads, &mut acts, text, image)
             .unwrap();
     }
     (losses, grads.download(dev, m.table()).unwrap())
