@@ -933,6 +933,7 @@ impl Activations {
 }
 
 pub mod device;
+pub mod sample;
 
 #[cfg(test)]
 mod tests;
