@@ -241,8 +241,7 @@ impl Runtime for Cuda {
             }
         };
         // Leading dimensions of at least 1 (cuBLAS rejects 0 even when k = 0).
-        let ldb = if b_t { k } else { n }.max(1);
-        let lda = if a_t { m } else { k }.max(1);
+        let [lda, ldb, ldc] = spec.leading_dims().map(|ld| ld.max(1));
         let (alpha, beta) = (1.0f32, if spec.accumulate { 1.0f32 } else { 0.0 });
         let size = std::mem::size_of::<T>() as u64;
         let pa = self.addr(a) + spec.offsets[0] as u64 * size;
@@ -270,7 +269,7 @@ impl Runtime for Cuda {
                 (&beta as *const f32).cast(),
                 pc as *mut std::ffi::c_void,
                 blas::cudaDataType_t::CUDA_R_32F,
-                n as i32,
+                ldc as i32,
                 spec.strides[2] as i64,
                 spec.batch as i32,
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,

@@ -154,6 +154,9 @@ impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
             ("n", spec.n),
             ("k", spec.k),
             ("batch", spec.batch),
+            ("lda", spec.leading_dims()[0]),
+            ("ldb", spec.leading_dims()[1]),
+            ("ldc", spec.leading_dims()[2]),
         ] {
             as_i32(op, what, v)?;
         }
@@ -413,6 +416,122 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("overlap"));
+    }
+
+    /// Products over one head at a time of an interleaved [t, 3, nh, hs] buffer (rows 3·nh·hs
+    /// apart), batched over heads: `q·kᵀ` into packed [nh, t, t], then that times `v` into an
+    /// [t, nh, hs] output whose heads sit side by side in every row (ldc = nh·hs), with a
+    /// column of gaps that must stay untouched (ldc one wider). What dense attention asks.
+    fn check_leading_dims<D: MatmulOps, I: Elem>(dev: &D, tol: f64) {
+        let (t, nh, hs) = (5, 3, 4);
+        let row = 3 * nh * hs;
+        let qkv: Vec<f32> = widen(&narrow::<f16>(&rand_vec(t * row, 1.0, 31))).into_owned();
+        let at = |p: usize, which: usize, h: usize, x: usize| {
+            qkv[p * row + which * nh * hs + h * hs + x] as f64
+        };
+        let mut want_s = vec![0.0f64; nh * t * t];
+        for h in 0..nh {
+            for p in 0..t {
+                for q in 0..t {
+                    want_s[(h * t + p) * t + q] =
+                        (0..hs).map(|x| at(p, 0, h, x) * at(q, 1, h, x)).sum();
+                }
+            }
+        }
+        let spec_s = crate::linear::GemmSpec {
+            b_t: true,
+            batch: nh,
+            offsets: [0, nh * hs, 0],
+            strides: [hs, hs, t * t],
+            ld: [row, row, 0],
+            ..crate::linear::GemmSpec::new(t, t, hs)
+        };
+        let d_qkv = dev.upload(&narrow::<I>(&qkv)).unwrap();
+        let mut s = dev.zeros::<f32>(nh * t * t).unwrap();
+        dev.gemm(&mut s, &d_qkv, &d_qkv, &spec_s).unwrap();
+        let got = dev.download(&s).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want_s).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{} q·kᵀ [{i}]: {g} vs {w}",
+                dev.name()
+            );
+        }
+        // o[p, h, :] += s[h, p, :] · v[:, h, :]; s as I (its values are exact in f16 only up to
+        // rounding, so round them first and use the rounded values in the reference too).
+        let s_in: Vec<f32> = widen(&narrow::<f16>(&got)).into_owned();
+        let ldc = nh * hs + 1;
+        let o0 = rand_vec(t * ldc, 1.0, 32);
+        let mut want_o: Vec<f64> = o0.iter().map(|&v| v as f64).collect();
+        for h in 0..nh {
+            for p in 0..t {
+                for x in 0..hs {
+                    want_o[p * ldc + h * hs + x] += (0..t)
+                        .map(|q| s_in[(h * t + p) * t + q] as f64 * at(q, 2, h, x))
+                        .sum::<f64>();
+                }
+            }
+        }
+        let spec_o = crate::linear::GemmSpec {
+            accumulate: true,
+            batch: nh,
+            offsets: [0, 2 * nh * hs, 0],
+            strides: [t * t, hs, hs],
+            ld: [0, row, ldc],
+            ..crate::linear::GemmSpec::new(t, hs, t)
+        };
+        let d_s = dev.upload(&narrow::<I>(&s_in)).unwrap();
+        let mut o = dev.upload(&o0).unwrap();
+        dev.gemm(&mut o, &d_s, &d_qkv, &spec_o).unwrap();
+        let got = dev.download(&o).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want_o).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{} s·v [{i}]: {g} vs {w}",
+                dev.name()
+            );
+        }
+        // Heads one column closer would overlap; a leading dimension below the row is refused.
+        let bad = crate::linear::GemmSpec {
+            strides: [t * t, hs, hs - 1],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlap"), "{e}");
+        let bad = crate::linear::GemmSpec {
+            ld: [0, hs - 1, ldc],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leading dimension of `b`"), "{e}");
+        let bad = crate::linear::GemmSpec {
+            offsets: [0, 2 * nh * hs + 1, 0],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`b`"), "{e}");
+    }
+
+    #[test]
+    fn leading_dimensions_on_every_device() {
+        check_leading_dims::<_, f32>(&crate::device::Cpu, 1e-5);
+        for s in Schedule::ALL {
+            check_leading_dims::<_, f32>(&Gpu(Emu::new(s)), 1e-5);
+            check_leading_dims::<_, f16>(&Gpu(Emu::new(s)), 1e-5);
+        }
+        if let Some(gpu) = cuda_for_tests() {
+            check_leading_dims::<_, f32>(gpu, 1e-4);
+            check_leading_dims::<_, f16>(gpu, 1e-3);
+        }
     }
 
     #[test]
