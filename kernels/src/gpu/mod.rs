@@ -22,6 +22,7 @@ pub mod emu;
 pub mod gelu;
 pub mod gradscale;
 pub mod layernorm;
+pub mod masked_softmax;
 pub mod nvrtc;
 pub mod powersgd;
 pub mod relu;
