@@ -12,6 +12,11 @@
 
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 #include <cuda_fp16.h>
+// Tensor cores (nvcuda::wmma) for the files that define TS_WMMA before including this header;
+// the emulation header always provides its version (layout-agnostic use only: see emu.h).
+#ifdef TS_WMMA
+#include <mma.h>
+#endif
 #define TS_SHARED(T, name, n) __shared__ T name[n]
 #define TS_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) unsigned char name##_bytes[]; \
     T* name = reinterpret_cast<T*>(name##_bytes)

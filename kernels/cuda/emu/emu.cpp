@@ -298,7 +298,12 @@ uint64_t warp_exchange(WarpOp op, uint64_t value, int arg, int width, unsigned m
     return f->result;
 }
 
-void* dynamic_shared() { return g_launch->dyn_shared.data(); }
+// 128-byte aligned, like the GPU's shared window (WMMA needs 32-byte aligned tiles): the vector
+// holds 128 bytes more than asked for.
+void* dynamic_shared() {
+    auto base = reinterpret_cast<uintptr_t>(g_launch->dyn_shared.data());
+    return reinterpret_cast<void*>((base + 127) & ~uintptr_t(127));
+}
 
 void* static_shared(const void* key, size_t bytes) {
     auto& buf = g_launch->static_shared[key];
@@ -352,7 +357,7 @@ int emu_launch(void (*entry)(void**), void** params, const unsigned grid[3],
     l.order.resize(threads);
     for (size_t i = 0; i < threads; ++i)
         l.order[i] = unsigned(schedule == 1 ? threads - 1 - i : i);
-    l.dyn_shared.assign(dyn_shared_bytes, 0xFF);
+    l.dyn_shared.assign(dyn_shared_bytes + 128, 0xFF);
     size_t blocks = size_t(grid[0]) * grid[1] * grid[2];
     std::vector<size_t> block_order(blocks);
     for (size_t i = 0; i < blocks; ++i) block_order[i] = schedule == 1 ? blocks - 1 - i : i;
