@@ -197,6 +197,11 @@ bool run_block(Launch& l) {
     }
     for (;;) {
         if (l.schedule == 2) shuffle_order(l);
+        // A warp whose last lane reaches its intrinsic is released at once, and the pass starts
+        // over, so that warp runs on before the threads after it in the order have run: warps
+        // progress independently, and a read of another warp's writes without a barrier between
+        // sees them missing.
+        bool restart = false;
         for (unsigned i : l.order) {
             Fiber& f = l.fibers[i];
             if (f.state != State::Runnable) continue;
@@ -204,7 +209,19 @@ bool run_block(Launch& l) {
             swapcontext(&l.scheduler, &f.ctx);
             l.current = nullptr;
             if (!l.error.empty()) return false;
+            if (f.state == State::AtWarp) {
+                const size_t w = i / 32;
+                bool all_warp = true;
+                for (size_t j = w * 32; j < std::min(n, w * 32 + 32); ++j)
+                    all_warp &= l.fibers[j].state == State::AtWarp;
+                if (all_warp) {
+                    if (!release_warp(l, w)) return false;
+                    restart = true;
+                    break;
+                }
+            }
         }
+        if (restart) continue;
         // Everyone is blocked or done: release complete warps first, then the block barrier.
         bool any_warp = false, released = false;
         for (size_t w = 0; w * 32 < n; ++w) {
@@ -312,6 +329,16 @@ void* static_shared(const void* key, size_t bytes) {
         buf.assign(bytes, 0xFF);
     }
     return buf.data();
+}
+
+void fail_launch(const char* what, const char* file, int line) {
+    Launch* l = g_launch;
+    Fiber* f = l->current;
+    f->file = file;
+    f->line = line;
+    l->error = std::string(what) + " at " + where(*f);
+    yield_to_scheduler();  // never resumed: the launch ends with the error
+    std::abort();
 }
 
 void fail(const char* what, const char* file, int line) {
