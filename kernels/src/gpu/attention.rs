@@ -143,6 +143,20 @@ fn wmma_forward_bytes(hs: usize) -> usize {
     4 * (b * (hs16 + 4) + b * (b + 4)) + 2 * (3 * b * (hs16 + 8) + b * (b + 8))
 }
 
+/// Bytes of dynamic shared memory of `attention_backward_dq_wmma_f16_b32`: S and dP (f32),
+/// q, dO, k, v and dS's high and low parts (f16).
+fn wmma_dq_bytes(hs: usize) -> usize {
+    let (b, hs16) = (TC_BLOCK, hs.div_ceil(16) * 16);
+    4 * (2 * b * (b + 4)) + 2 * (4 * b * (hs16 + 8) + 2 * b * (b + 8))
+}
+
+/// Bytes of dynamic shared memory of `attention_backward_dkv_wmma_f16_b32`: Sᵀ, dPᵀ, lse and D
+/// (f32), k, v, q, dO, and Pᵀ's and dSᵀ's high and low parts (f16).
+fn wmma_dkv_bytes(hs: usize) -> usize {
+    let (b, hs16) = (TC_BLOCK, hs.div_ceil(16) * 16);
+    4 * (2 * b * (b + 4) + 2 * b) + 2 * (4 * b * (hs16 + 8) + 4 * b * (b + 8))
+}
+
 /// The block size of the tensor-core kernels (`ATT_TC_BLOCK`).
 const TC_BLOCK: usize = 32;
 
@@ -155,6 +169,8 @@ fn kernel_name<T: Elem>(
 ) -> Result<&'static str> {
     let name = match (op, T::DTYPE, block) {
         ("forward", "f16", TC_BLOCK) if tensor_cores => "attention_forward_wmma_f16_b32",
+        ("backward_dq", "f16", TC_BLOCK) if tensor_cores => "attention_backward_dq_wmma_f16_b32",
+        ("backward_dkv", "f16", TC_BLOCK) if tensor_cores => "attention_backward_dkv_wmma_f16_b32",
         ("forward", "f32", 8) => "attention_forward_f32_b8",
         ("forward", "f32", 32) => "attention_forward_f32_b32",
         ("forward", "f16", 8) => "attention_forward_f16_b8",
@@ -339,8 +355,16 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         check_buf(rt, kq, "out", out, d.out)?;
         check_buf(rt, kq, "lse", lse, d.lse)?;
         let tile = block * hsp(hs);
-        let cfg_q = cfg(kq, d.grid, 4 * tile + block * block)?;
-        let cfg_kv = cfg(kkv, d.grid, 4 * tile + 2 * block * block + 2 * block)?;
+        let (floats_q, floats_kv) = if kq.contains("wmma") {
+            (wmma_dq_bytes(hs) / 4, wmma_dkv_bytes(hs) / 4)
+        } else {
+            (
+                4 * tile + block * block,
+                4 * tile + 2 * block * block + 2 * block,
+            )
+        };
+        let cfg_q = cfg(kq, d.grid, floats_q)?;
+        let cfg_kv = cfg(kkv, d.grid, floats_kv)?;
         if b == 0 {
             return Ok(());
         }
@@ -505,13 +529,31 @@ mod tests {
             kernel_name::<f16>("forward", 8, true).unwrap(),
             "attention_forward_f16_b8"
         );
-        // The tensor-core forward's shared memory at the largest head size fits without opting in.
-        assert!(wmma_forward_bytes(MAX_HS) <= SMEM_LIMIT);
+        assert_eq!(
+            kernel_name::<f16>("backward_dq", 32, true).unwrap(),
+            "attention_backward_dq_wmma_f16_b32"
+        );
+        assert_eq!(
+            kernel_name::<f16>("backward_dkv", 32, false).unwrap(),
+            "attention_backward_dkv_f16_b32"
+        );
+        // The tensor-core kernels' shared memory at the largest head size fits without opting in.
+        for bytes in [wmma_forward_bytes, wmma_dq_bytes, wmma_dkv_bytes] {
+            assert!(bytes(MAX_HS) <= SMEM_LIMIT);
+        }
+        assert_eq!(
+            (
+                wmma_forward_bytes(64),
+                wmma_dq_bytes(64),
+                wmma_dkv_bytes(64)
+            ),
+            (29_696, 32_768, 38_144)
+        );
     }
 
     /// Backward through `Cpu` and `Gpu(Emu(s))` for every schedule, from the same inputs: `qkv`,
     /// `dout`, and `out`, `lse` of the CPU forward (so that only the backward is compared).
-    fn backward_parity<T: Elem>(cases: &[Case], tol: (f32, f32)) {
+    fn backward_parity<T: Elem>(cases: &[Case], tensor_cores: bool, tol: (f32, f32)) {
         for &(tt, g, block, b, nh, hs) in cases {
             for kind in KINDS {
                 let layout = BlockLayout::new(tt, g, kind, block).unwrap();
@@ -528,7 +570,10 @@ mod tests {
                     .unwrap();
                 let want = widen(&want);
                 crate::gpu::for_each_gpu!(s, dev, {
-                    let l = dev.attention_layout(&layout).unwrap();
+                    let l = dev
+                        .attention_layout(&layout)
+                        .unwrap()
+                        .with_tensor_cores(tensor_cores);
                     // Filled with a value the kernels must overwrite everywhere.
                     let mut dqkv = dev
                         .upload(&vec![T::from_f32(7.0); b * t * 3 * nh * hs])
@@ -539,7 +584,8 @@ mod tests {
                     dev.attention_backward(&mut dqkv, &dq, &q, &o, &lse, &l, b, t, nh, hs)
                         .unwrap();
                     let at = format!(
-                        "dqkv {} {kind:?} tt {tt} g {g} block {block} hs {hs} {s:?}",
+                        "dqkv {} {kind:?} tt {tt} g {g} block {block} hs {hs} tensor cores \
+                         {tensor_cores} {s:?}",
                         T::DTYPE
                     );
                     close(
@@ -558,13 +604,23 @@ mod tests {
     fn backward_matches_the_cpu_reference_in_f32() {
         // Same f32 inputs; only the summation order differs (dS = P·(dP − D) cancels, so the
         // absolute tolerance is a little wider than the forward's).
-        backward_parity::<f32>(&SMALL, (5e-5, 5e-5));
+        backward_parity::<f32>(&SMALL, true, (5e-5, 5e-5));
     }
 
     #[test]
     fn backward_matches_the_cpu_reference_in_f16() {
         // dqkv rounded to f16 on both sides: one f16 step (2⁻¹⁰ relative) plus the f32 round-off.
-        backward_parity::<half::f16>(&SMALL, (1e-4, 2e-3));
+        backward_parity::<half::f16>(&SMALL, true, (1e-4, 2e-3));
+    }
+
+    #[test]
+    fn backward_on_tensor_cores_matches_the_cpu_reference_in_f16() {
+        backward_parity::<half::f16>(&BLOCK32, true, (1e-4, 2e-3));
+    }
+
+    #[test]
+    fn backward_simt_fallback_matches_the_cpu_reference_in_f16() {
+        backward_parity::<half::f16>(&BLOCK32, false, (1e-4, 2e-3));
     }
 
     /// The transposed table lists exactly the entries of the forward table, per key block in
