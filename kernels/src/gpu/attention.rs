@@ -368,7 +368,7 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         if b == 0 {
             return Ok(());
         }
-        let mut d_buf = rt.zeros::<f32>(d.lse)?;
+        let mut d_buf = rt.take_scratch::<f32>("attention.d", d.lse)?;
         let args = Args::new()
             .ptr(rt.addr_mut(dqkv))
             .ptr(rt.addr_mut(&mut d_buf))
@@ -400,7 +400,9 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
             .i32(d.nh)
             .i32(d.hs);
         // SAFETY: as above; this launch follows the first on the same stream (it reads d_buf).
-        unsafe { rt.launch(kkv, cfg_kv, &args) }
+        unsafe { rt.launch(kkv, cfg_kv, &args)? };
+        rt.put_scratch("attention.d", d_buf);
+        Ok(())
     }
 }
 

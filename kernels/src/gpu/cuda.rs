@@ -28,6 +28,8 @@ pub struct Cuda {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// cuBLAS on the stream, opened at the first product.
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    /// Launchers' scratch buffers between calls, by key ([`Runtime::take_scratch`]).
+    scratch: Mutex<HashMap<&'static str, Box<dyn std::any::Any + Send>>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -74,6 +76,7 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            scratch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -180,6 +183,25 @@ impl Runtime for Cuda {
                 bytes: len * std::mem::size_of::<T>(),
                 message: format!("{e:?}"),
             })
+    }
+    fn take_scratch<T: Elem>(&self, key: &'static str, len: usize) -> Result<CudaSlice<T>> {
+        let kept = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some(Ok(buf)) = kept.map(|b| b.downcast::<CudaSlice<T>>()) {
+            if buf.len() == len {
+                return Ok(*buf);
+            }
+        }
+        self.zeros(len)
+    }
+    fn put_scratch<T: Elem>(&self, key: &'static str, buf: CudaSlice<T>) {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Box::new(buf));
     }
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream

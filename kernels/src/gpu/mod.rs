@@ -128,6 +128,15 @@ pub trait Runtime {
     /// point at a live buffer of this runtime at least as long as the kernel reads or writes.
     /// The family launchers check the shapes that make this so.
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()>;
+    /// A scratch buffer of `len` elements for a launcher's intermediate results (partial sums,
+    /// columns), its contents undefined: the kernels write every element they read. On a GPU it
+    /// is the buffer the last call with this `key` gave back, when its type and length match,
+    /// else a new one (no allocation per call at a fixed shape); in the emulator a new one full
+    /// of NaNs (zeros for integers), so that a kernel reading scratch nobody wrote shows.
+    fn take_scratch<T: Elem>(&self, key: &'static str, len: usize) -> Result<Self::Buf<T>>;
+    /// Gives back a buffer of [`take_scratch`](Self::take_scratch) once the launches that use it
+    /// are queued (launches on the one stream run in order, so the next call may reuse it).
+    fn put_scratch<T: Elem>(&self, key: &'static str, buf: Self::Buf<T>);
     /// The dense products of [`crate::linear::MatmulOps::gemm`] (`spec` already checked
     /// against the buffers): cuBLAS on a GPU, the CPU GEMM in the emulator.
     fn gemm<I: Elem>(
@@ -520,6 +529,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`b`"), "{e}");
+    }
+
+    /// Scratch: poisoned in the emulator (a kernel reading what nobody wrote shows); on a GPU the
+    /// same buffer again for the same key, type and length, and a new one otherwise.
+    #[test]
+    fn scratch_is_poisoned_in_the_emulator_and_reused_on_a_gpu() {
+        let emu = Emu::new(Schedule::Forward);
+        let s = emu.take_scratch::<f32>("test.scratch", 5).unwrap();
+        assert!(s.len() == 5 && s.iter().all(|v| v.is_nan()), "{s:?}");
+        let h = emu.take_scratch::<f16>("test.scratch", 3).unwrap();
+        assert!(h.iter().all(|v| v.is_nan()), "{h:?}");
+        let Some(gpu) = cuda_for_tests() else {
+            return;
+        };
+        let rt = &gpu.0;
+        let a = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        let addr = rt.addr(&a);
+        rt.put_scratch("test.scratch", a);
+        let b = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        assert_eq!(rt.addr(&b), addr, "the kept buffer comes back");
+        rt.put_scratch("test.scratch", b);
+        let c = rt.take_scratch::<f32>("test.scratch", 101).unwrap();
+        assert_eq!(rt.len(&c), 101, "another length is another buffer");
+        let d = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        assert_eq!(rt.len(&d), 100);
     }
 
     #[test]
