@@ -6,8 +6,9 @@
 //! cargo run --release -p kernels --example bench_attention_gpu [-- B NH]
 //! ```
 //!
-//! (`bench_attention` times the CPU reference.) Needs a GPU: without one it says so and exits 0 (1 under
-//! `TESSERA_REQUIRE_GPU=1`).
+//! `fwd_ms`, `bwd_ms` are the launcher's kernels (tensor cores for f16 at block 32); `simt_*` the
+//! SIMT fallback at the same shapes. (`bench_attention` times the CPU reference.) Needs a GPU:
+//! without one it says so and exits 0 (1 under `TESSERA_REQUIRE_GPU=1`).
 //! Times are medians of `RUNS` runs after `WARMUP` warm-up runs, each run synchronised. Effective
 //! TFLOP/s count useful work only, as `bench_attention` does: `4·HS` FLOPs per allowed pair forward
 //! (q·k and p·v), `8·HS` backward (the recomputation of P not counted), times `B·NH`.
@@ -122,15 +123,21 @@ fn main() -> kernels::Result<()> {
         MaskKind::Conv { kernel: 11 },
     ] {
         let host = BlockLayout::new(TEXT_LEN, GRID, kind, GPU_BLOCK)?;
-        let layout = dev.attention_layout(&host)?;
-        let fwd_ms = time_ms(|| {
-            dev.attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, HS)?;
-            dev.0.synchronize()
-        })?;
-        let bwd_ms = time_ms(|| {
-            dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, HS)?;
-            dev.0.synchronize()
-        })?;
+        // Forward and backward times on tensor cores (the launcher's choice) and SIMT.
+        let mut times = [(0.0, 0.0); 2];
+        for (tc, slot) in [true, false].into_iter().zip(&mut times) {
+            let layout = dev.attention_layout(&host)?.with_tensor_cores(tc);
+            let fwd = time_ms(|| {
+                dev.attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, HS)?;
+                dev.0.synchronize()
+            })?;
+            let bwd = time_ms(|| {
+                dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, HS)?;
+                dev.0.synchronize()
+            })?;
+            *slot = (fwd, bwd);
+        }
+        let [(fwd_ms, bwd_ms), (simt_fwd, simt_bwd)] = times;
         let work = (host.allowed_pairs() * (b * nh * HS) as u64) as f64;
         let total_ms = fwd_ms + bwd_ms;
         let tflops = |flops: f64, ms: f64| flops / (ms * 1e9);
@@ -140,7 +147,7 @@ fn main() -> kernels::Result<()> {
             ",\"dense_fwd_ms\":{dense_fwd:.3},\"dense_bwd_ms\":{dense_bwd:.3},\
              \"dense_ms\":{dense_ms:.3},\"speedup\":{:.2},\"target_speedup\":3.0",
             dense_ms / total_ms
-        );
+        ) + &format!(",\"simt_fwd_ms\":{simt_fwd:.3},\"simt_bwd_ms\":{simt_bwd:.3}");
         println!(
             "{{\"kind\":\"{kind:?}\",\"block\":{GPU_BLOCK},\"T\":{t},\"B\":{b},\"NH\":{nh},\"HS\":{HS},\
              \"allowed_pairs\":{},\"nonzero_blocks\":{},\"fwd_ms\":{fwd_ms:.3},\"bwd_ms\":{bwd_ms:.3},\
