@@ -172,39 +172,50 @@ mod tests {
         parity::<half::f16>((1e-4, 2e-3));
     }
 
-    /// Dense masked attention (products through the device's GEMM, the masked softmax kernels)
-    /// computes what the block-sparse kernels compute: out and every gradient, for every layout
-    /// kind, on the emulator (and a GPU where one exists).
+    /// Dense masked attention on `dev` against the block-sparse attention on the same device.
+    fn dense_vs_sparse<D, T>(dev: &D, label: &str, layout: &BlockLayout, tol: (f32, f32))
+    where
+        D: AttentionOps + crate::linear::MatmulOps + MaskedSoftmaxOps,
+        T: Elem,
+    {
+        let (b, nh, hs) = (2, 2, 8);
+        let (t, c) = (layout.seq_len(), nh * hs);
+        let qkv: Vec<T> = narrow(&rand_vec(b * t * 3 * c, 2.0, 51));
+        let dout: Vec<T> = narrow(&rand_vec(b * t * c, 1.0, 52));
+        let at = format!("{} {:?} {label}", T::DTYPE, layout.kind());
+        let (q, d) = (dev.upload(&qkv).unwrap(), dev.upload(&dout).unwrap());
+        let l = dev.attention_layout(layout).unwrap();
+        let mut out = dev.zeros::<T>(b * t * c).unwrap();
+        let mut lse = dev.zeros::<f32>(b * nh * t).unwrap();
+        dev.attention_forward(&mut out, &mut lse, &q, &l, b, t, nh, hs)
+            .unwrap();
+        let mut dqkv = dev.zeros::<T>(b * t * 3 * c).unwrap();
+        dev.attention_backward(&mut dqkv, &d, &q, &out, &lse, &l, b, t, nh, hs)
+            .unwrap();
+        let mut dense = DenseAttention::<D, T>::new(dev, layout, b, nh, hs).unwrap();
+        // Filled with a value the pipeline must overwrite everywhere.
+        let mut d_out = dev.upload(&vec![7.0f32; b * t * c]).unwrap();
+        let mut d_dqkv = dev.upload(&vec![7.0f32; b * t * 3 * c]).unwrap();
+        dense.forward(dev, &mut d_out, &q).unwrap();
+        dense.backward(dev, &mut d_dqkv, &d, &q).unwrap();
+        let sparse_out = widen(&dev.download(&out).unwrap()).into_owned();
+        let got = dev.download(&d_out).unwrap();
+        close(&format!("out {at}"), &got, &sparse_out, tol.0, tol.1);
+        let sparse_dqkv = widen(&dev.download(&dqkv).unwrap()).into_owned();
+        let got = dev.download(&d_dqkv).unwrap();
+        close(&format!("dqkv {at}"), &got, &sparse_dqkv, tol.0, tol.1);
+    }
+
+    /// Dense masked attention (products through the device's GEMM, the masked softmax) computes
+    /// what block-sparse attention computes: out and every gradient, for every layout kind, on
+    /// the CPU (the readable references on both sides), the emulator under every schedule, and a
+    /// GPU where one exists.
     fn dense_matches_block_sparse<T: Elem>(tol: (f32, f32)) {
-        let (tt, g, block, b, nh, hs) = (5, 6, 8, 2, 2, 8);
         for kind in KINDS {
-            let layout = BlockLayout::new(tt, g, kind, block).unwrap();
-            let t = layout.seq_len();
-            let c = nh * hs;
-            let qkv: Vec<T> = narrow(&rand_vec(b * t * 3 * c, 2.0, 51));
-            let dout: Vec<T> = narrow(&rand_vec(b * t * c, 1.0, 52));
+            let layout = BlockLayout::new(5, 6, kind, 8).unwrap();
+            dense_vs_sparse::<_, T>(&Cpu, "Cpu", &layout, tol);
             crate::gpu::for_each_gpu!(label, dev, {
-                let at = format!("{} {kind:?} {label}", T::DTYPE);
-                let (q, d) = (dev.upload(&qkv).unwrap(), dev.upload(&dout).unwrap());
-                let l = dev.attention_layout(&layout).unwrap();
-                let mut out = dev.zeros::<T>(b * t * c).unwrap();
-                let mut lse = dev.zeros::<f32>(b * nh * t).unwrap();
-                dev.attention_forward(&mut out, &mut lse, &q, &l, b, t, nh, hs)
-                    .unwrap();
-                let mut dqkv = dev.zeros::<T>(b * t * 3 * c).unwrap();
-                dev.attention_backward(&mut dqkv, &d, &q, &out, &lse, &l, b, t, nh, hs)
-                    .unwrap();
-                let mut dense = DenseAttention::<_, T>::new(dev, &layout, b, nh, hs).unwrap();
-                let mut d_out = dev.upload(&vec![7.0f32; b * t * c]).unwrap();
-                let mut d_dqkv = dev.upload(&vec![7.0f32; b * t * 3 * c]).unwrap();
-                dense.forward(dev, &mut d_out, &q).unwrap();
-                dense.backward(dev, &mut d_dqkv, &d, &q).unwrap();
-                let sparse_out = widen(&dev.download(&out).unwrap()).into_owned();
-                let got = dev.download(&d_out).unwrap();
-                close(&format!("out {at}"), &got, &sparse_out, tol.0, tol.1);
-                let sparse_dqkv = widen(&dev.download(&dqkv).unwrap()).into_owned();
-                let got = dev.download(&d_dqkv).unwrap();
-                close(&format!("dqkv {at}"), &got, &sparse_dqkv, tol.0, tol.1);
+                dense_vs_sparse::<_, T>(dev, &label, &layout, tol);
             });
         }
     }
