@@ -5,15 +5,22 @@
 // Shared memory is declared through two macros, not `__shared__`, so that the emulator can give
 // every block fresh, poisoned memory:
 //   TS_SHARED(float, buf, 256);        // __shared__ float buf[256];
-//   TS_DYNAMIC_SHARED(float, smem);    // extern __shared__ float smem[];
+//   TS_DYNAMIC_SHARED(float, smem);    // extern __shared__ float smem[]; 128-byte aligned (the
+//                                      // emulator's too): WMMA tiles need 32
+
 // Warp-level code uses only the `*_sync` intrinsics with the full mask, and blocks whose size is
 // a multiple of 32.
 #pragma once
 
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 #include <cuda_fp16.h>
+// Tensor cores (nvcuda::wmma) for the files that define TS_WMMA before including this header;
+// the emulation header always provides its version (layout-agnostic use only: see emu.h).
+#ifdef TS_WMMA
+#include <mma.h>
+#endif
 #define TS_SHARED(T, name, n) __shared__ T name[n]
-#define TS_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+#define TS_DYNAMIC_SHARED(T, name) extern __shared__ __align__(128) unsigned char name##_bytes[]; \
     T* name = reinterpret_cast<T*>(name##_bytes)
 #else
 #include "emu/emu.h"

@@ -6,19 +6,22 @@
 //! cargo run --release -p kernels --example bench_attention_gpu [-- B NH]
 //! ```
 //!
-//! (`bench_attention` times the CPU reference.) Needs a GPU: without one it says so and exits 0 (1 under
-//! `TESSERA_REQUIRE_GPU=1`).
+//! `fwd_ms`, `bwd_ms` are the launcher's kernels (tensor cores for f16 at block 32); `simt_*` the
+//! SIMT fallback at the same shapes. (`bench_attention` times the CPU reference.) Needs a GPU:
+//! without one it says so and exits 0 (1 under `TESSERA_REQUIRE_GPU=1`).
 //! Times are medians of `RUNS` runs after `WARMUP` warm-up runs, each run synchronised. Effective
 //! TFLOP/s count useful work only, as `bench_attention` does: `4·HS` FLOPs per allowed pair forward
 //! (q·k and p·v), `8·HS` backward (the recomputation of P not counted), times `B·NH`.
 //!
 //! The issue's target compares forward + backward against dense masked attention through cuBLAS
-//! at the same shapes; that baseline is `dense_baseline_ms` below, still to be written.
+//! at the same shapes (`dense_baseline_ms` below; `speedup` = dense ÷ block-sparse, target ≥ 3).
 
 use std::time::Instant;
 
+use cudarc::driver::CudaSlice;
 use half::f16;
 use kernels::attention::{AttentionOps, BlockLayout, MaskKind};
+use kernels::dense_attention::DenseAttention;
 use kernels::device::{narrow, Device};
 use kernels::gpu::attention::GPU_BLOCK;
 use kernels::gpu::{Cuda, Gpu};
@@ -57,11 +60,32 @@ fn time_ms(mut f: impl FnMut() -> kernels::Result<()>) -> kernels::Result<f64> {
     Ok(times[RUNS / 2])
 }
 
-/// Dense masked attention (cuBLAS for `Q Kᵀ` and `P V`, a masked softmax, and the backward
-/// products) at the same shapes, forward + backward, in milliseconds: the issue's baseline.
-/// Not written yet; `None` prints no speed-up.
-fn dense_baseline_ms(_dev: &Gpu<Cuda>, _b: usize, _nh: usize, _kind: MaskKind) -> Option<f64> {
-    None
+/// Dense masked attention at the same shapes, forward + backward, in milliseconds: the issue's
+/// baseline. `kernels::dense_attention::DenseAttention`: cuBLAS for `S = Q Kᵀ`, `O = P V`,
+/// `dP = dO Vᵀ`, `dQ = dS K`, `dK = dSᵀ Q`, `dV = Pᵀ dO` (f16 inputs, f32 accumulation and
+/// outputs, heads read in place from the interleaved qkv), the masked softmax kernels between
+/// them. Also returns the forward and backward times separately.
+fn dense_baseline_ms(
+    dev: &Gpu<Cuda>,
+    layout: &BlockLayout,
+    qkv: &CudaSlice<f16>,
+    dout: &CudaSlice<f16>,
+    b: usize,
+    nh: usize,
+) -> kernels::Result<(f64, f64)> {
+    let t = layout.seq_len();
+    let mut dense = DenseAttention::<_, f16>::new(dev, layout, b, nh, HS)?;
+    let mut out = dev.zeros::<f32>(b * t * nh * HS)?;
+    let mut dqkv = dev.zeros::<f32>(b * t * 3 * nh * HS)?;
+    let fwd_ms = time_ms(|| {
+        dense.forward(dev, &mut out, qkv)?;
+        dev.0.synchronize()
+    })?;
+    let bwd_ms = time_ms(|| {
+        dense.backward(dev, &mut dqkv, dout, qkv)?;
+        dev.0.synchronize()
+    })?;
+    Ok((fwd_ms, bwd_ms))
 }
 
 fn main() -> kernels::Result<()> {
@@ -99,21 +123,31 @@ fn main() -> kernels::Result<()> {
         MaskKind::Conv { kernel: 11 },
     ] {
         let host = BlockLayout::new(TEXT_LEN, GRID, kind, GPU_BLOCK)?;
-        let layout = dev.attention_layout(&host)?;
-        let fwd_ms = time_ms(|| {
-            dev.attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, HS)?;
-            dev.0.synchronize()
-        })?;
-        let bwd_ms = time_ms(|| {
-            dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, HS)?;
-            dev.0.synchronize()
-        })?;
+        // Forward and backward times on tensor cores (the launcher's choice) and SIMT.
+        let mut times = [(0.0, 0.0); 2];
+        for (tc, slot) in [true, false].into_iter().zip(&mut times) {
+            let layout = dev.attention_layout(&host)?.with_tensor_cores(tc);
+            let fwd = time_ms(|| {
+                dev.attention_forward(&mut out, &mut lse, &qkv, &layout, b, t, nh, HS)?;
+                dev.0.synchronize()
+            })?;
+            let bwd = time_ms(|| {
+                dev.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &layout, b, t, nh, HS)?;
+                dev.0.synchronize()
+            })?;
+            *slot = (fwd, bwd);
+        }
+        let [(fwd_ms, bwd_ms), (simt_fwd, simt_bwd)] = times;
         let work = (host.allowed_pairs() * (b * nh * HS) as u64) as f64;
         let total_ms = fwd_ms + bwd_ms;
         let tflops = |flops: f64, ms: f64| flops / (ms * 1e9);
-        let dense = dense_baseline_ms(&dev, b, nh, kind)
-            .map(|d| format!(",\"dense_ms\":{d:.3},\"speedup\":{:.2}", d / total_ms))
-            .unwrap_or_default();
+        let (dense_fwd, dense_bwd) = dense_baseline_ms(&dev, &host, &qkv, &dout, b, nh)?;
+        let dense_ms = dense_fwd + dense_bwd;
+        let dense = format!(
+            ",\"dense_fwd_ms\":{dense_fwd:.3},\"dense_bwd_ms\":{dense_bwd:.3},\
+             \"dense_ms\":{dense_ms:.3},\"speedup\":{:.2},\"target_speedup\":3.0",
+            dense_ms / total_ms
+        ) + &format!(",\"simt_fwd_ms\":{simt_fwd:.3},\"simt_bwd_ms\":{simt_bwd:.3}");
         println!(
             "{{\"kind\":\"{kind:?}\",\"block\":{GPU_BLOCK},\"T\":{t},\"B\":{b},\"NH\":{nh},\"HS\":{HS},\
              \"allowed_pairs\":{},\"nonzero_blocks\":{},\"fwd_ms\":{fwd_ms:.3},\"bwd_ms\":{bwd_ms:.3},\

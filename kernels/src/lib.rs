@@ -21,6 +21,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod cuda_libs;
+pub mod dense_attention;
 pub mod device;
 pub mod dvae;
 pub mod embedding;

@@ -16,12 +16,15 @@ use crate::error::{check_len, KernelError, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// One dense product, or a batch of them, over contiguous row-major operands that may start at
-/// an offset into their buffers: product i computes
+/// One dense product, or a batch of them, over row-major operands that may start at an offset
+/// into their buffers and whose rows may be further apart than their length: product i computes
 /// `c[i] = op(a[i]) · op(b[i])` (or `+=` when `accumulate`), where operand x[i] starts at element
 /// `offsets.x + i·strides.x`; `op(a)` is [m, k] (stored [m, k], or [k, m] when `a_t`), `op(b)`
-/// is [k, n] (stored [k, n], or [n, k] when `b_t`), `c[i]` is [m, n]. A stride of 0 shares an
-/// input across the batch (a convolution's weight); `c`'s products must not overlap.
+/// is [k, n] (stored [k, n], or [n, k] when `b_t`), `c[i]` is [m, n]. Consecutive stored rows of
+/// x are `ld.x` elements apart (BLAS's leading dimension; 0 means packed: the stored row's
+/// length), so a product can read one head of an interleaved `qkv` [T, 3, NH, HS] (offset
+/// h·HS, ld 3·NH·HS). A stride of 0 shares an input across the batch (a convolution's weight);
+/// `c`'s products must not overlap (side by side within a row is fine: per-head outputs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmSpec {
     pub m: usize,
@@ -35,6 +38,8 @@ pub struct GemmSpec {
     pub offsets: [usize; 3],
     /// Element distances between consecutive products' a, b and c.
     pub strides: [usize; 3],
+    /// Element distances between consecutive stored rows of a, b and c; 0: packed.
+    pub ld: [usize; 3],
 }
 
 impl GemmSpec {
@@ -50,7 +55,40 @@ impl GemmSpec {
             batch: 1,
             offsets: [0; 3],
             strides: [0; 3],
+            ld: [0; 3],
         }
+    }
+
+    /// The stored (rows, columns) of a, b and c: op(a) is [m, k], so `a` is stored [m, k], or
+    /// [k, m] when `a_t`; likewise `b`; `c` is [m, n].
+    pub fn stored_shapes(&self) -> [(usize, usize); 3] {
+        let (m, n, k) = (self.m, self.n, self.k);
+        [
+            if self.a_t { (k, m) } else { (m, k) },
+            if self.b_t { (n, k) } else { (k, n) },
+            (m, n),
+        ]
+    }
+
+    /// The leading dimensions in effect (`ld`, with 0 replaced by the stored row's length).
+    pub fn leading_dims(&self) -> [usize; 3] {
+        let shapes = self.stored_shapes();
+        [0, 1, 2].map(|i| {
+            if self.ld[i] == 0 {
+                shapes[i].1
+            } else {
+                self.ld[i]
+            }
+        })
+    }
+
+    /// Elements from a product's first element to one past its last (0 when empty).
+    fn extents(&self) -> [usize; 3] {
+        let (shapes, ld) = (self.stored_shapes(), self.leading_dims());
+        [0, 1, 2].map(|i| match shapes[i] {
+            (0, _) | (_, 0) => 0,
+            (rows, cols) => (rows - 1) * ld[i] + cols,
+        })
     }
 
     /// Checks that every product lies inside its buffer and that `c`'s products do not overlap.
@@ -59,11 +97,21 @@ impl GemmSpec {
         op: &'static str,
         (a_len, b_len, c_len): (usize, usize, usize),
     ) -> Result<()> {
-        let sizes = [self.m * self.k, self.k * self.n, self.m * self.n];
+        let (shapes, ld, sizes) = (self.stored_shapes(), self.leading_dims(), self.extents());
         for (i, (name, len)) in [("a", a_len), ("b", b_len), ("c", c_len)]
             .into_iter()
             .enumerate()
         {
+            if ld[i] < shapes[i].1 {
+                return Err(KernelError::Shape {
+                    op,
+                    what: format!(
+                        "leading dimension of `{name}` {} is below its stored row length {} \
+                         ({self:?})",
+                        ld[i], shapes[i].1
+                    ),
+                });
+            }
             if self.batch == 0 || sizes[i] == 0 {
                 continue;
             }
@@ -77,12 +125,18 @@ impl GemmSpec {
                 });
             }
         }
-        if self.batch > 1 && self.strides[2] < sizes[2] {
+        // c's products are disjoint when each ends before the next begins, or when they sit side
+        // by side within every row (n ≤ stride and the last ends within the first's row).
+        let (stride, n) = (self.strides[2], self.n);
+        let apart = stride >= sizes[2];
+        let side_by_side = || stride >= n && (self.batch - 1) * stride + n <= ld[2];
+        if self.batch > 1 && sizes[2] > 0 && !apart && !side_by_side() {
             return Err(KernelError::Shape {
                 op,
                 what: format!(
-                    "c's products overlap: stride {} < m·n = {}",
-                    self.strides[2], sizes[2]
+                    "c's products overlap: stride {stride} with products of {} elements \
+                     (m {}, n {n}, ldc {})",
+                    sizes[2], self.m, ld[2]
                 ),
             });
         }
@@ -140,22 +194,26 @@ pub fn check_matmul(
 /// [`MatmulOps::gemm`] on host vectors through the CPU GEMM (f16 inputs widened first).
 pub fn gemm_host<I: Elem>(c: &mut [f32], a: &[I], b: &[I], spec: &GemmSpec) -> Result<()> {
     spec.check("matmul", (a.len(), b.len(), c.len()))?;
-    let GemmSpec { m, n, k, .. } = *spec;
+    let (shapes, ld, ext) = (spec.stored_shapes(), spec.leading_dims(), spec.extents());
+    if spec.m == 0 || spec.n == 0 {
+        return Ok(());
+    }
     let (a, b) = (widen(a), widen(b));
     for i in 0..spec.batch {
         let [oa, ob, oc] = [0, 1, 2].map(|j| spec.offsets[j] + i * spec.strides[j]);
-        let (a, b) = (&a[oa..oa + m * k], &b[ob..ob + k * n]);
-        let av = if spec.a_t {
-            MatRef::new(a, k, m).t()
-        } else {
-            MatRef::new(a, m, k)
-        };
-        let bv = if spec.b_t {
-            MatRef::new(b, n, k).t()
-        } else {
-            MatRef::new(b, k, n)
-        };
-        matmul(&mut c[oc..oc + m * n], av, bv, spec.accumulate)?;
+        let (ra, rb) = (&a[oa..oa + ext[0]], &b[ob..ob + ext[1]]);
+        let av = MatRef::strided(ra, shapes[0].0, shapes[0].1, ld[0]);
+        let bv = MatRef::strided(rb, shapes[1].0, shapes[1].1, ld[1]);
+        let av = if spec.a_t { av.t() } else { av };
+        let bv = if spec.b_t { bv.t() } else { bv };
+        matmul_impl(
+            &mut c[oc..oc + ext[2]],
+            ld[2],
+            av,
+            bv,
+            spec.accumulate,
+            true,
+        )?;
     }
     Ok(())
 }
@@ -252,6 +310,17 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// A row-major `rows × cols` matrix whose rows are `row_stride` elements apart.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
     /// The transpose, as a view of the same memory.
     pub fn t(self) -> Self {
         MatRef {
@@ -279,15 +348,24 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 /// `c = a · b` (`accumulate == false`) or `c += a · b`, with `c` contiguous row-major
 /// [a.rows, b.cols]. Multi-threaded when large; deterministic for a given thread count.
 pub fn matmul(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
-    matmul_impl(c, a, b, accumulate, true)
+    matmul_impl(c, b.cols, a, b, accumulate, true)
 }
 
 /// [`matmul`] on the calling thread only: for products inside a parallel loop.
 pub fn matmul_serial(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
-    matmul_impl(c, a, b, accumulate, false)
+    matmul_impl(c, b.cols, a, b, accumulate, false)
 }
 
-fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: bool) -> Result<()> {
+/// `c = a · b` or `c += a · b` with `c` row-major [a.rows, b.cols], rows `ldc` apart (`c` holds
+/// exactly the rows' extent; the elements between rows are left alone).
+fn matmul_impl(
+    c: &mut [f32],
+    ldc: usize,
+    a: MatRef,
+    b: MatRef,
+    accumulate: bool,
+    threads: bool,
+) -> Result<()> {
     const OP: &str = "matmul";
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
@@ -296,7 +374,18 @@ fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: b
             what: format!("inner dimensions differ: a is {m}×{k}, b is {}×{n}", b.rows),
         });
     }
-    check_len(OP, "c", c.len(), m * n)?;
+    let c_extent = if m == 0 || n == 0 {
+        0
+    } else {
+        (m - 1) * ldc + n
+    };
+    if ldc < n {
+        return Err(KernelError::Shape {
+            op: OP,
+            what: format!("c's row stride {ldc} is below its {n} columns"),
+        });
+    }
+    check_len(OP, "c", c.len(), c_extent)?;
     if a.data.len() < a.extent() || b.data.len() < b.extent() {
         return Err(KernelError::Shape {
             op: OP,
@@ -308,7 +397,9 @@ fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: b
     }
     if k == 0 {
         if !accumulate {
-            c.fill(0.0);
+            for row in c.chunks_mut(ldc) {
+                row[..n].fill(0.0);
+            }
         }
         return Ok(());
     }
@@ -321,13 +412,13 @@ fn matmul_impl(c: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, threads: b
     // faster as its transpose, cᵀ = bᵀ·aᵀ, which the microkernel tiles along the long side.
     let transpose = m < 32 && n >= 8 * m;
     let (mm, nn, c_cs, c_rs, lhs, rhs) = if transpose {
-        (n, m, n as isize, 1, b.t(), a.t())
+        (n, m, ldc as isize, 1, b.t(), a.t())
     } else {
-        (m, n, 1, n as isize, a, b)
+        (m, n, 1, ldc as isize, a, b)
     };
     // SAFETY: the extents of `a` and `b` were checked against their buffers above, `c` holds
-    // exactly m·n elements with row stride n (read through the transposed strides when
-    // `transpose`), and `c` cannot alias `a` or `b` (it is `&mut`).
+    // the extent of m rows of n elements with row stride ldc ≥ n (read through the transposed
+    // strides when `transpose`), and `c` cannot alias `a` or `b` (it is `&mut`).
     unsafe {
         gemm::gemm(
             mm,

@@ -197,6 +197,11 @@ bool run_block(Launch& l) {
     }
     for (;;) {
         if (l.schedule == 2) shuffle_order(l);
+        // A warp whose last lane reaches its intrinsic is released at once, and the pass starts
+        // over, so that warp runs on before the threads after it in the order have run: warps
+        // progress independently, and a read of another warp's writes without a barrier between
+        // sees them missing.
+        bool restart = false;
         for (unsigned i : l.order) {
             Fiber& f = l.fibers[i];
             if (f.state != State::Runnable) continue;
@@ -204,7 +209,19 @@ bool run_block(Launch& l) {
             swapcontext(&l.scheduler, &f.ctx);
             l.current = nullptr;
             if (!l.error.empty()) return false;
+            if (f.state == State::AtWarp) {
+                const size_t w = i / 32;
+                bool all_warp = true;
+                for (size_t j = w * 32; j < std::min(n, w * 32 + 32); ++j)
+                    all_warp &= l.fibers[j].state == State::AtWarp;
+                if (all_warp) {
+                    if (!release_warp(l, w)) return false;
+                    restart = true;
+                    break;
+                }
+            }
         }
+        if (restart) continue;
         // Everyone is blocked or done: release complete warps first, then the block barrier.
         bool any_warp = false, released = false;
         for (size_t w = 0; w * 32 < n; ++w) {
@@ -298,7 +315,12 @@ uint64_t warp_exchange(WarpOp op, uint64_t value, int arg, int width, unsigned m
     return f->result;
 }
 
-void* dynamic_shared() { return g_launch->dyn_shared.data(); }
+// 128-byte aligned, like the GPU's shared window (WMMA needs 32-byte aligned tiles): the vector
+// holds 128 bytes more than asked for.
+void* dynamic_shared() {
+    auto base = reinterpret_cast<uintptr_t>(g_launch->dyn_shared.data());
+    return reinterpret_cast<void*>((base + 127) & ~uintptr_t(127));
+}
 
 void* static_shared(const void* key, size_t bytes) {
     auto& buf = g_launch->static_shared[key];
@@ -307,6 +329,16 @@ void* static_shared(const void* key, size_t bytes) {
         buf.assign(bytes, 0xFF);
     }
     return buf.data();
+}
+
+void fail_launch(const char* what, const char* file, int line) {
+    Launch* l = g_launch;
+    Fiber* f = l->current;
+    f->file = file;
+    f->line = line;
+    l->error = std::string(what) + " at " + where(*f);
+    yield_to_scheduler();  // never resumed: the launch ends with the error
+    std::abort();
 }
 
 void fail(const char* what, const char* file, int line) {
@@ -352,7 +384,7 @@ int emu_launch(void (*entry)(void**), void** params, const unsigned grid[3],
     l.order.resize(threads);
     for (size_t i = 0; i < threads; ++i)
         l.order[i] = unsigned(schedule == 1 ? threads - 1 - i : i);
-    l.dyn_shared.assign(dyn_shared_bytes, 0xFF);
+    l.dyn_shared.assign(dyn_shared_bytes + 128, 0xFF);
     size_t blocks = size_t(grid[0]) * grid[1] * grid[2];
     std::vector<size_t> block_order(blocks);
     for (size_t i = 0; i < blocks; ++i) block_order[i] = schedule == 1 ? blocks - 1 - i : i;

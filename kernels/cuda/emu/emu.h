@@ -45,6 +45,8 @@ void syncthreads(const char* file, int line);
 void* dynamic_shared();
 void* static_shared(const void* key, size_t bytes);
 [[noreturn]] void fail(const char* what, const char* file, int line);
+// Ends the launch with an error naming `what` and the place (the kernel's thread stops here).
+[[noreturn]] void fail_launch(const char* what, const char* file, int line);
 
 enum class WarpOp : int { ShflIdx, ShflXor, ShflUp, ShflDown, Ballot, Any, All, Sync };
 // Deposits this lane's `value` for `op` (with `arg`: source lane, lane mask or delta; `width`:
@@ -208,3 +210,144 @@ inline bool __hisinf(__half x) { return std::isinf(float(x)); }
 inline bool __hisnan(__half x) { return std::isnan(float(x)); }
 inline unsigned short __half_as_ushort(__half x) { return emu::from_bits<unsigned short>(emu::to_bits(x)); }
 inline __half __ushort_as_half(unsigned short x) { return emu::from_bits<__half>(x); }
+
+// Tensor cores: CUDA's WMMA API (nvcuda::wmma, mma.h), m16n16k16 with f16 inputs and f32 (or
+// f16) accumulators, the subset the kernels use. On the GPU a fragment's elements are spread over
+// the warp's lanes in an unspecified layout; here every lane holds the whole tile, and the
+// fragment has no `x[]` or `num_elements`, so a kernel that touches elements (layout-dependent
+// code) does not compile for the emulator. Every operation is warp-collective, as on the GPU:
+// all 32 lanes must reach the same call (a warp synchronisation point, as `__syncwarp`), and
+// - load_matrix_sync reads the tile after all lanes arrived (what they wrote before is seen),
+//   checks the GPU's rules (a 32-byte aligned pointer; ldm a multiple of 8 elements for f16, of
+//   4 for f32) and aborts on a violation;
+// - store_matrix_sync checks that every lane holds the same tile, then each lane writes only its
+//   share (elements i with i mod 32 = lane), so a lane that reads the tile back without a
+//   __syncwarp sees another lane's share missing under some schedule, as it could on the GPU;
+// - mma_sync multiplies in f32 (f16 products are exact in f32) in k order.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+class fragment {
+    // The operand's logical shape: a is M × K, b is K × N, the accumulator M × N. Held as f32
+    // whatever T is (f16 values are exact in f32; an f16 accumulator rounds at every mma_sync),
+    // so that the products need no conversions.
+    static constexpr int kRows = std::is_same<Use, matrix_b>::value ? K : M;
+    static constexpr int kCols = std::is_same<Use, matrix_a>::value ? K : N;
+    float tile_[kRows * kCols];
+
+  public:
+    // For the emulation's functions only (kernels may not index fragments).
+    typedef T emu_type;
+    static constexpr int emu_rows() { return kRows; }
+    static constexpr int emu_cols() { return kCols; }
+    float* emu_tile() { return tile_; }
+    const float* emu_tile() const { return tile_; }
+};
+
+namespace detail {
+inline void sync(const char* file, int line) {
+    ::emu::warp_exchange(::emu::WarpOp::Sync, 0, 0, 32, 0xffffffffu, file, line);
+}
+
+template <typename T>
+inline void check_ptr(const T* p, unsigned ldm, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+        ::emu::fail_launch("wmma: tile pointer not 32-byte aligned", file, line);
+    if (ldm % (16 / sizeof(T)) != 0)
+        ::emu::fail_launch("wmma: ldm not a multiple of 16 bytes (8 f16 or 4 f32 elements)", file, line);
+}
+
+// A 64-bit FNV-1a hash of a tile's bytes: every lane must hold the same tile.
+inline uint64_t hash(const float* v, int n) {
+    uint64_t h = 1469598103934665603ull;
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(v);
+    for (size_t i = 0; i < sizeof(float) * n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+template <typename Frag, typename T>
+inline void load(Frag& f, const T* p, unsigned ldm, bool col, const char* file, int line) {
+    static_assert(std::is_same<typename Frag::emu_type, T>::value, "wmma: pointer type differs");
+    sync(file, line);
+    check_ptr(p, ldm, file, line);
+    float* t = f.emu_tile();
+    const int rows = Frag::emu_rows(), cols = Frag::emu_cols();
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j)
+            t[i * cols + j] = static_cast<float>(col ? p[i + (size_t)j * ldm] : p[(size_t)i * ldm + j]);
+}
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v, const char* file = __builtin_FILE(),
+                          int line = __builtin_LINE()) {
+    detail::sync(file, line);
+    float* t = f.emu_tile();
+    const float x = static_cast<float>(static_cast<T>(v));
+    for (int i = 0; i < f.emu_rows() * f.emu_cols(); ++i) t[i] = x;
+}
+
+// matrix_a / matrix_b: the layout is the fragment's type parameter.
+template <typename Use, int M, int N, int K, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads take a layout_t");
+    detail::load(f, p, ldm, std::is_same<L, col_major>::value, file, line);
+}
+
+// The accumulator: the memory layout is an argument.
+template <int M, int N, int K, typename T>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm,
+                             layout_t layout, const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {
+    detail::load(f, p, ldm, layout == mem_col_major, file, line);
+}
+
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
+                              layout_t layout, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+    const float* t = f.emu_tile();
+    const uint64_t mine = detail::hash(t, M * N);
+    const uint64_t lane0 =
+        ::emu::warp_exchange(::emu::WarpOp::ShflIdx, mine, 0, 32, 0xffffffffu, file, line);
+    if (mine != lane0) ::emu::fail_launch("wmma: lanes hold different accumulator tiles", file, line);
+    detail::check_ptr(p, ldm, file, line);
+    const int lane = static_cast<int>(threadIdx.x % 32);
+    for (int e = lane; e < M * N; e += 32) {
+        const int i = e / N, j = e % N;
+        p[layout == mem_col_major ? i + (size_t)j * ldm : (size_t)i * ldm + j] = static_cast<T>(t[e]);
+    }
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC>& d,
+                     const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b,
+                     const fragment<accumulator, M, N, K, TC>& c,
+                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    detail::sync(file, line);
+    const float* ta = a.emu_tile();
+    const float* tb = b.emu_tile();
+    float out[M * N];
+    for (int e = 0; e < M * N; ++e) out[e] = c.emu_tile()[e];
+    // Each element sums its k terms in k order (the j loop innermost only vectorises).
+    for (int i = 0; i < M; ++i)
+        for (int k = 0; k < K; ++k) {
+            const float x = ta[i * K + k];
+            for (int j = 0; j < N; ++j) out[i * N + j] += x * tb[k * N + j];
+        }
+    float* td = d.emu_tile();
+    for (int e = 0; e < M * N; ++e) td[e] = static_cast<float>(static_cast<TC>(out[e]));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -78,7 +78,7 @@ impl<R: Runtime> AdamWOps for Gpu<R> {
             return Ok(());
         }
         let blocks = sum_squares_blocks(n);
-        let mut partials = rt.zeros::<f64>(blocks)?;
+        let mut partials = rt.take_scratch::<f64>("adamw.sum_squares_partials", blocks)?;
         let args = Args::new()
             .ptr(rt.addr_mut(&mut partials))
             .ptr(rt.addr(x))
@@ -96,8 +96,10 @@ impl<R: Runtime> AdamWOps for Gpu<R> {
                 "adamw_sum_squares_reduce_f64",
                 LaunchCfg::linear(1, THREADS as u32),
                 &args,
-            )
-        }
+            )?
+        };
+        rt.put_scratch("adamw.sum_squares_partials", partials);
+        Ok(())
     }
 
     fn ema_update(&self, ema: &mut R::Buf<f32>, params: &R::Buf<f32>, decay: f32) -> Result<()> {

@@ -11,7 +11,9 @@
 //! the same intra-block masks by construction.
 //!
 //! Kernels are compiled per element type and block size: `attention_{op}_{f16,f32}_b{8,32}` for
-//! op `forward`, `backward_dq`, `backward_dkv`.
+//! op `forward`, `backward_dq`, `backward_dkv` (SIMT f32 arithmetic), and the tensor-core forward
+//! `attention_forward_wmma_f16_b32` (WMMA m16n16k16, f16 in, f32 accumulate), which f16 at block
+//! 32 uses unless the layout asks for SIMT ([`GpuAttentionLayout::with_tensor_cores`]).
 //! Block 32 is the one the GPU uses ([`GPU_BLOCK`]); block 8 exists so that the emulator tests
 //! exercise many blocks at small, fast shapes.
 
@@ -43,12 +45,25 @@ pub struct GpuAttentionLayout<R: Runtime> {
     col_block: R::Buf<u32>,
     col_mask: R::Buf<u32>,
     masks: R::Buf<u32>,
+    tensor_cores: bool,
 }
 
 impl<R: Runtime> GpuAttentionLayout<R> {
     /// The host layout these tables were built from.
     pub fn layout(&self) -> &BlockLayout {
         &self.layout
+    }
+
+    /// Whether f16 attention at block 32 runs its tensor-core kernels (the default) or the SIMT
+    /// ones (the fallback, and the f32 path's arithmetic).
+    pub fn with_tensor_cores(mut self, on: bool) -> Self {
+        self.tensor_cores = on;
+        self
+    }
+
+    /// See [`with_tensor_cores`](Self::with_tensor_cores).
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
 }
 
@@ -121,9 +136,41 @@ fn hsp(hs: usize) -> usize {
     hs.div_ceil(32) * 32 + 4
 }
 
-/// The kernel `attention_{op}_{dtype}_b{block}`.
-fn kernel_name<T: Elem>(op: &'static str, block: usize) -> Result<&'static str> {
+/// Bytes of dynamic shared memory of `attention_forward_wmma_f16_b32` (see its comment): the f32
+/// output and score tiles, the f16 q, k, v and probability tiles.
+fn wmma_forward_bytes(hs: usize) -> usize {
+    let (b, hs16) = (TC_BLOCK, hs.div_ceil(16) * 16);
+    4 * (b * (hs16 + 4) + b * (b + 4)) + 2 * (3 * b * (hs16 + 8) + b * (b + 8))
+}
+
+/// Bytes of dynamic shared memory of `attention_backward_dq_wmma_f16_b32`: S and dP (f32),
+/// q, dO, k, v and dS's high and low parts (f16).
+fn wmma_dq_bytes(hs: usize) -> usize {
+    let (b, hs16) = (TC_BLOCK, hs.div_ceil(16) * 16);
+    4 * (2 * b * (b + 4)) + 2 * (4 * b * (hs16 + 8) + 2 * b * (b + 8))
+}
+
+/// Bytes of dynamic shared memory of `attention_backward_dkv_wmma_f16_b32`: Sᵀ, dPᵀ, lse and D
+/// (f32), k, v, q, dO, and Pᵀ's and dSᵀ's high and low parts (f16).
+fn wmma_dkv_bytes(hs: usize) -> usize {
+    let (b, hs16) = (TC_BLOCK, hs.div_ceil(16) * 16);
+    4 * (2 * b * (b + 4) + 2 * b) + 2 * (4 * b * (hs16 + 8) + 4 * b * (b + 8))
+}
+
+/// The block size of the tensor-core kernels (`ATT_TC_BLOCK`).
+const TC_BLOCK: usize = 32;
+
+/// The kernel `attention_{op}_{dtype}_b{block}`, or its tensor-core variant where one exists and
+/// `tensor_cores`.
+fn kernel_name<T: Elem>(
+    op: &'static str,
+    block: usize,
+    tensor_cores: bool,
+) -> Result<&'static str> {
     let name = match (op, T::DTYPE, block) {
+        ("forward", "f16", TC_BLOCK) if tensor_cores => "attention_forward_wmma_f16_b32",
+        ("backward_dq", "f16", TC_BLOCK) if tensor_cores => "attention_backward_dq_wmma_f16_b32",
+        ("backward_dkv", "f16", TC_BLOCK) if tensor_cores => "attention_backward_dkv_wmma_f16_b32",
         ("forward", "f32", 8) => "attention_forward_f32_b8",
         ("forward", "f32", 32) => "attention_forward_f32_b32",
         ("forward", "f16", 8) => "attention_forward_f16_b8",
@@ -237,6 +284,7 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
             col_block: rt.upload(&cb)?,
             col_mask: rt.upload(&cm)?,
             masks: rt.upload(&masks)?,
+            tensor_cores: true,
         })
     }
 
@@ -252,13 +300,18 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         hs: usize,
     ) -> Result<()> {
         let block = layout.layout.block();
-        let k = kernel_name::<T>("forward", block)?;
+        let k = kernel_name::<T>("forward", block, layout.tensor_cores)?;
         let d = check_dims(k, &layout.layout, b, t, nh, hs)?;
         let rt = &self.0;
         check_buf(rt, k, "qkv", qkv, d.qkv)?;
         check_buf(rt, k, "out", out, d.out)?;
         check_buf(rt, k, "lse", lse, d.lse)?;
-        let cfg = cfg(k, d.grid, 3 * block * hsp(hs) + block * block)?;
+        let floats = if k.contains("wmma") {
+            wmma_forward_bytes(hs) / 4
+        } else {
+            3 * block * hsp(hs) + block * block
+        };
+        let cfg = cfg(k, d.grid, floats)?;
         if b == 0 {
             return Ok(());
         }
@@ -292,8 +345,8 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         hs: usize,
     ) -> Result<()> {
         let block = layout.layout.block();
-        let kq = kernel_name::<T>("backward_dq", block)?;
-        let kkv = kernel_name::<T>("backward_dkv", block)?;
+        let kq = kernel_name::<T>("backward_dq", block, layout.tensor_cores)?;
+        let kkv = kernel_name::<T>("backward_dkv", block, layout.tensor_cores)?;
         let d = check_dims(kq, &layout.layout, b, t, nh, hs)?;
         let rt = &self.0;
         check_buf(rt, kq, "dqkv", dqkv, d.qkv)?;
@@ -302,12 +355,20 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
         check_buf(rt, kq, "out", out, d.out)?;
         check_buf(rt, kq, "lse", lse, d.lse)?;
         let tile = block * hsp(hs);
-        let cfg_q = cfg(kq, d.grid, 4 * tile + block * block)?;
-        let cfg_kv = cfg(kkv, d.grid, 4 * tile + 2 * block * block + 2 * block)?;
+        let (floats_q, floats_kv) = if kq.contains("wmma") {
+            (wmma_dq_bytes(hs) / 4, wmma_dkv_bytes(hs) / 4)
+        } else {
+            (
+                4 * tile + block * block,
+                4 * tile + 2 * block * block + 2 * block,
+            )
+        };
+        let cfg_q = cfg(kq, d.grid, floats_q)?;
+        let cfg_kv = cfg(kkv, d.grid, floats_kv)?;
         if b == 0 {
             return Ok(());
         }
-        let mut d_buf = rt.zeros::<f32>(d.lse)?;
+        let mut d_buf = rt.take_scratch::<f32>("attention.d", d.lse)?;
         let args = Args::new()
             .ptr(rt.addr_mut(dqkv))
             .ptr(rt.addr_mut(&mut d_buf))
@@ -339,7 +400,9 @@ impl<R: Runtime> AttentionOps for Gpu<R> {
             .i32(d.nh)
             .i32(d.hs);
         // SAFETY: as above; this launch follows the first on the same stream (it reads d_buf).
-        unsafe { rt.launch(kkv, cfg_kv, &args) }
+        unsafe { rt.launch(kkv, cfg_kv, &args)? };
+        rt.put_scratch("attention.d", d_buf);
+        Ok(())
     }
 }
 
@@ -362,7 +425,12 @@ mod tests {
 
     /// Every layout kind at the case's geometry, forward through `Cpu` and `Gpu(Emu(s))` for every
     /// schedule, on the same `T`-rounded inputs.
-    fn forward_parity<T: Elem>(cases: &[Case], out_tol: (f32, f32), lse_tol: (f32, f32)) {
+    fn forward_parity<T: Elem>(
+        cases: &[Case],
+        tensor_cores: bool,
+        out_tol: (f32, f32),
+        lse_tol: (f32, f32),
+    ) {
         for &(tt, g, block, b, nh, hs) in cases {
             for kind in KINDS {
                 let layout = BlockLayout::new(tt, g, kind, block).unwrap();
@@ -377,7 +445,10 @@ mod tests {
                     (widen(&out).into_owned(), lse)
                 };
                 crate::gpu::for_each_gpu!(s, dev, {
-                    let l = dev.attention_layout(&layout).unwrap();
+                    let l = dev
+                        .attention_layout(&layout)
+                        .unwrap()
+                        .with_tensor_cores(tensor_cores);
                     // Filled with a value the kernel must overwrite everywhere.
                     let mut out = dev
                         .upload(&vec![T::from_f32(7.0); b * t * nh * hs])
@@ -387,7 +458,8 @@ mod tests {
                     dev.attention_forward(&mut out, &mut lse, &q, &l, b, t, nh, hs)
                         .unwrap();
                     let at = format!(
-                        "{} {kind:?} tt {tt} g {g} block {block} hs {hs} {s:?}",
+                        "{} {kind:?} tt {tt} g {g} block {block} hs {hs} tensor cores \
+                         {tensor_cores} {s:?}",
                         T::DTYPE
                     );
                     let out = widen(&dev.download(&out).unwrap()).into_owned();
@@ -412,19 +484,78 @@ mod tests {
     #[test]
     fn forward_matches_the_cpu_reference_in_f32() {
         // Same f32 inputs; only the summation order differs.
-        forward_parity::<f32>(&SMALL, (2e-5, 2e-5), (2e-5, 2e-5));
+        forward_parity::<f32>(&SMALL, true, (2e-5, 2e-5), (2e-5, 2e-5));
     }
 
     #[test]
     fn forward_matches_the_cpu_reference_in_f16() {
         // Both sides compute in f32 from the same f16 inputs and round `out` to f16: values
         // that differ by f32 round-off may round one f16 step (2⁻¹⁰ relative) apart.
-        forward_parity::<half::f16>(&SMALL, (1e-3, 2e-3), (2e-5, 2e-5));
+        forward_parity::<half::f16>(&SMALL, true, (1e-3, 2e-3), (2e-5, 2e-5));
+    }
+
+    /// Block 32 (the tensor-core kernels' block): T = 8 + 36 = 44 in 2 blocks, T = 0 + 81 in 3
+    /// (the last of 17 rows); head sizes 40 (padded to 48 for the 16-wide tiles) and 64.
+    const BLOCK32: [Case; 2] = [(8, 6, 32, 2, 2, 40), (0, 9, 32, 1, 1, 64)];
+
+    #[test]
+    fn forward_on_tensor_cores_matches_the_cpu_reference_in_f16() {
+        // P is rounded to f16 for the P·V product (the reference keeps it in f32): a few 2⁻¹¹
+        // relative steps more than the SIMT kernel's difference, within the same tolerance.
+        forward_parity::<half::f16>(&BLOCK32, true, (1e-3, 2e-3), (2e-5, 2e-5));
+    }
+
+    #[test]
+    fn forward_simt_fallback_matches_the_cpu_reference_in_f16() {
+        forward_parity::<half::f16>(&BLOCK32, false, (1e-3, 2e-3), (2e-5, 2e-5));
+    }
+
+    /// The launcher picks the tensor-core forward for f16 at block 32 only, and not when asked for
+    /// SIMT.
+    #[test]
+    fn tensor_core_kernels_are_chosen_for_f16_at_block_32() {
+        use half::f16;
+        assert_eq!(
+            kernel_name::<f16>("forward", 32, true).unwrap(),
+            "attention_forward_wmma_f16_b32"
+        );
+        assert_eq!(
+            kernel_name::<f16>("forward", 32, false).unwrap(),
+            "attention_forward_f16_b32"
+        );
+        assert_eq!(
+            kernel_name::<f32>("forward", 32, true).unwrap(),
+            "attention_forward_f32_b32"
+        );
+        assert_eq!(
+            kernel_name::<f16>("forward", 8, true).unwrap(),
+            "attention_forward_f16_b8"
+        );
+        assert_eq!(
+            kernel_name::<f16>("backward_dq", 32, true).unwrap(),
+            "attention_backward_dq_wmma_f16_b32"
+        );
+        assert_eq!(
+            kernel_name::<f16>("backward_dkv", 32, false).unwrap(),
+            "attention_backward_dkv_f16_b32"
+        );
+        // The tensor-core kernels' shared memory at the largest head size fits without opting in.
+        for bytes in [wmma_forward_bytes, wmma_dq_bytes, wmma_dkv_bytes] {
+            assert!(bytes(MAX_HS) <= SMEM_LIMIT);
+        }
+        assert_eq!(
+            (
+                wmma_forward_bytes(64),
+                wmma_dq_bytes(64),
+                wmma_dkv_bytes(64)
+            ),
+            (29_696, 32_768, 38_144)
+        );
     }
 
     /// Backward through `Cpu` and `Gpu(Emu(s))` for every schedule, from the same inputs: `qkv`,
     /// `dout`, and `out`, `lse` of the CPU forward (so that only the backward is compared).
-    fn backward_parity<T: Elem>(cases: &[Case], tol: (f32, f32)) {
+    fn backward_parity<T: Elem>(cases: &[Case], tensor_cores: bool, tol: (f32, f32)) {
         for &(tt, g, block, b, nh, hs) in cases {
             for kind in KINDS {
                 let layout = BlockLayout::new(tt, g, kind, block).unwrap();
@@ -441,7 +572,10 @@ mod tests {
                     .unwrap();
                 let want = widen(&want);
                 crate::gpu::for_each_gpu!(s, dev, {
-                    let l = dev.attention_layout(&layout).unwrap();
+                    let l = dev
+                        .attention_layout(&layout)
+                        .unwrap()
+                        .with_tensor_cores(tensor_cores);
                     // Filled with a value the kernels must overwrite everywhere.
                     let mut dqkv = dev
                         .upload(&vec![T::from_f32(7.0); b * t * 3 * nh * hs])
@@ -452,7 +586,8 @@ mod tests {
                     dev.attention_backward(&mut dqkv, &dq, &q, &o, &lse, &l, b, t, nh, hs)
                         .unwrap();
                     let at = format!(
-                        "dqkv {} {kind:?} tt {tt} g {g} block {block} hs {hs} {s:?}",
+                        "dqkv {} {kind:?} tt {tt} g {g} block {block} hs {hs} tensor cores \
+                         {tensor_cores} {s:?}",
                         T::DTYPE
                     );
                     close(
@@ -471,13 +606,23 @@ mod tests {
     fn backward_matches_the_cpu_reference_in_f32() {
         // Same f32 inputs; only the summation order differs (dS = P·(dP − D) cancels, so the
         // absolute tolerance is a little wider than the forward's).
-        backward_parity::<f32>(&SMALL, (5e-5, 5e-5));
+        backward_parity::<f32>(&SMALL, true, (5e-5, 5e-5));
     }
 
     #[test]
     fn backward_matches_the_cpu_reference_in_f16() {
         // dqkv rounded to f16 on both sides: one f16 step (2⁻¹⁰ relative) plus the f32 round-off.
-        backward_parity::<half::f16>(&SMALL, (1e-4, 2e-3));
+        backward_parity::<half::f16>(&SMALL, true, (1e-4, 2e-3));
+    }
+
+    #[test]
+    fn backward_on_tensor_cores_matches_the_cpu_reference_in_f16() {
+        backward_parity::<half::f16>(&BLOCK32, true, (1e-4, 2e-3));
+    }
+
+    #[test]
+    fn backward_simt_fallback_matches_the_cpu_reference_in_f16() {
+        backward_parity::<half::f16>(&BLOCK32, false, (1e-4, 2e-3));
     }
 
     /// The transposed table lists exactly the entries of the forward table, per key block in

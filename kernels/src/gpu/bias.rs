@@ -52,7 +52,7 @@ impl<R: Runtime> BiasOps for Gpu<R> {
             return Ok(());
         }
         let chunks = n.div_ceil(ROWS_PER_CHUNK);
-        let mut partials = rt.zeros::<f32>(chunks * oc)?;
+        let mut partials = rt.take_scratch::<f32>("bias.partials", chunks * oc)?;
         let col_blocks = oc.div_ceil(THREADS) as u32;
         let args = Args::new()
             .ptr(rt.addr_mut(&mut partials))
@@ -78,8 +78,10 @@ impl<R: Runtime> BiasOps for Gpu<R> {
                 "bias_column_reduce_f32",
                 LaunchCfg::linear(col_blocks, THREADS as u32),
                 &args,
-            )
-        }
+            )?
+        };
+        rt.put_scratch("bias.partials", partials);
+        Ok(())
     }
 }
 

@@ -106,15 +106,13 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
             return Ok(());
         }
         // For a 1×1 kernel the columns are the image itself.
-        let col_buf;
-        let col = if d.kernel == 1 {
-            inp
-        } else {
-            let mut c = rt.zeros::<f32>(d.batch * rows * hw)?;
+        let mut col_buf = None;
+        if d.kernel > 1 {
+            let mut c = rt.take_scratch::<f32>("conv2d.columns", d.batch * rows * hw)?;
             self.im2col(&mut c, inp, d)?;
-            col_buf = c;
-            &col_buf
-        };
+            col_buf = Some(c);
+        }
+        let col = col_buf.as_ref().unwrap_or(inp);
         // out[b] = weight [Co, Ci·k·k] · col[b] [Ci·k·k, HW], every image in one batched call.
         let spec = GemmSpec {
             batch: d.batch,
@@ -130,7 +128,11 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
             strides: [0, 0, d.c_out * hw],
             ..GemmSpec::new(d.c_out, hw, 1)
         };
-        self.gemm(out, bias, &ones, &spec)
+        self.gemm(out, bias, &ones, &spec)?;
+        if let Some(c) = col_buf {
+            rt.put_scratch("conv2d.columns", c);
+        }
+        Ok(())
     }
 
     fn conv2d_backward(
@@ -165,7 +167,7 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
         // For a 1×1 kernel the columns are the image itself.
         let mut col_buf = None;
         if d.kernel > 1 {
-            let mut c = rt.zeros::<f32>(d.batch * rows * hw)?;
+            let mut c = rt.take_scratch::<f32>("conv2d.columns", d.batch * rows * hw)?;
             self.im2col(&mut c, inp, d)?;
             col_buf = Some(c);
         }
@@ -205,6 +207,9 @@ impl<R: Runtime> crate::conv2d::Conv2dOps for Gpu<R> {
                     self.col2im_add(dinp, dcol, d)?;
                 }
             }
+        }
+        if let Some(c) = col_buf {
+            rt.put_scratch("conv2d.columns", c);
         }
         Ok(())
     }

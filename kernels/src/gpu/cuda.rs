@@ -28,6 +28,8 @@ pub struct Cuda {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// cuBLAS on the stream, opened at the first product.
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    /// Launchers' scratch buffers between calls, by key ([`Runtime::take_scratch`]).
+    scratch: Mutex<HashMap<&'static str, Box<dyn std::any::Any + Send>>>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -74,6 +76,7 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            scratch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -181,6 +184,25 @@ impl Runtime for Cuda {
                 message: format!("{e:?}"),
             })
     }
+    fn take_scratch<T: Elem>(&self, key: &'static str, len: usize) -> Result<CudaSlice<T>> {
+        let kept = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some(Ok(buf)) = kept.map(|b| b.downcast::<CudaSlice<T>>()) {
+            if buf.len() == len {
+                return Ok(*buf);
+            }
+        }
+        self.zeros(len)
+    }
+    fn put_scratch<T: Elem>(&self, key: &'static str, buf: CudaSlice<T>) {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Box::new(buf));
+    }
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(host)
@@ -241,8 +263,7 @@ impl Runtime for Cuda {
             }
         };
         // Leading dimensions of at least 1 (cuBLAS rejects 0 even when k = 0).
-        let ldb = if b_t { k } else { n }.max(1);
-        let lda = if a_t { m } else { k }.max(1);
+        let [lda, ldb, ldc] = spec.leading_dims().map(|ld| ld.max(1));
         let (alpha, beta) = (1.0f32, if spec.accumulate { 1.0f32 } else { 0.0 });
         let size = std::mem::size_of::<T>() as u64;
         let pa = self.addr(a) + spec.offsets[0] as u64 * size;
@@ -270,7 +291,7 @@ impl Runtime for Cuda {
                 (&beta as *const f32).cast(),
                 pc as *mut std::ffi::c_void,
                 blas::cudaDataType_t::CUDA_R_32F,
-                n as i32,
+                ldc as i32,
                 spec.strides[2] as i64,
                 spec.batch as i32,
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,

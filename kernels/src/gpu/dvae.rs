@@ -122,7 +122,7 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
         }
         let blocks_x = px.div_ceil(LL_THREADS);
         let blocks = blocks_x * batch;
-        let mut partials = rt.zeros::<f32>(2 * blocks)?;
+        let mut partials = rt.take_scratch::<f32>("dvae.partials", 2 * blocks)?;
         let args = Args::new()
             .ptr(dstats_addr)
             .ptr(rt.addr_mut(&mut partials))
@@ -138,7 +138,9 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
         // SAFETY: the kernel's arguments; stats and dstats hold B·6·px, images B·3·px, partials
         // two per block.
         unsafe { rt.launch(K, cfg, &args)? };
-        reduce_pairs(rt, &partials, blocks)
+        let sum = reduce_pairs(rt, &partials, blocks);
+        rt.put_scratch("dvae.partials", partials);
+        sum
     }
 
     fn kl_uniform(
@@ -166,7 +168,7 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
         }
         let cfg = softmax_cfg(batch, hw);
         let blocks = cfg.grid[0] as usize * batch;
-        let mut partials = rt.zeros::<f32>(2 * blocks)?;
+        let mut partials = rt.take_scratch::<f32>("dvae.partials", 2 * blocks)?;
         let args = Args::new()
             .ptr(dlogits_addr)
             .ptr(rt.addr_mut(&mut partials))
@@ -176,7 +178,9 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
             .i32(as_i32(K, "hw", hw)?);
         // SAFETY: the kernel's arguments; logits and dlogits hold B·K·hw, partials two per block.
         unsafe { rt.launch(K, cfg, &args)? };
-        reduce_pairs(rt, &partials, blocks)
+        let sum = reduce_pairs(rt, &partials, blocks);
+        rt.put_scratch("dvae.partials", partials);
+        sum
     }
 }
 
@@ -185,7 +189,7 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
 fn reduce_pairs<R: Runtime>(rt: &R, partials: &R::Buf<f32>, n: usize) -> Result<f64> {
     const K: &str = "dvae_laplace_reduce_f32";
     check_buf(rt, K, "partials", partials, 2 * n)?;
-    let mut out = rt.zeros::<f32>(2)?;
+    let mut out = rt.take_scratch::<f32>("dvae.pair", 2)?;
     let args = Args::new()
         .ptr(rt.addr_mut(&mut out))
         .ptr(rt.addr(partials))
@@ -193,6 +197,7 @@ fn reduce_pairs<R: Runtime>(rt: &R, partials: &R::Buf<f32>, n: usize) -> Result<
     // SAFETY: out holds one pair, partials n pairs (checked above).
     unsafe { rt.launch(K, LaunchCfg::linear(1, LL_THREADS as u32), &args)? };
     let pair = rt.download(&out)?;
+    rt.put_scratch("dvae.pair", out);
     Ok(pair[0] as f64 + pair[1] as f64)
 }
 

@@ -85,6 +85,11 @@ impl Runtime for Emu {
         buf.as_mut_ptr() as u64
     }
 
+    fn take_scratch<T: Elem>(&self, _key: &'static str, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::from_f32(f32::NAN); len])
+    }
+    fn put_scratch<T: Elem>(&self, _key: &'static str, _buf: Vec<T>) {}
+
     fn gemm<I: Elem>(
         &self,
         c: &mut Vec<f32>,
@@ -291,6 +296,88 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a multiple of 32"), "{err}");
+    }
+
+    /// Two warps exchange values through shared memory: right with a block barrier under every
+    /// schedule; with only `__syncwarp()` the forward schedule runs the first warp on as soon as
+    /// its lanes met, before the second warp wrote, and the read shows the poison.
+    #[test]
+    fn a_read_across_warps_without_a_block_barrier_is_caught() {
+        let run = |kernel: &'static str, s: Schedule| {
+            let emu = Emu::new(s);
+            let mut out = vec![0.0f32; 64];
+            let args = Args::new().ptr(emu.addr_mut(&mut out));
+            // SAFETY: 64 values out.
+            unsafe { emu.launch(kernel, LaunchCfg::linear(1, 64), &args) }.unwrap();
+            out
+        };
+        let want: Vec<f32> = (0..64).map(|t| ((t + 32) % 64) as f32).collect();
+        for s in Schedule::ALL {
+            assert_eq!(run("testing_cross_warp_f32", s), want, "{s:?}");
+        }
+        let racy = run("testing_cross_warp_racy_f32", Schedule::Forward);
+        assert!(racy[..32].iter().all(|v| v.is_nan()), "{racy:?}");
+    }
+
+    /// One m16n16k16 product through the emulated WMMA API, b row- and column-major, against
+    /// f64; and the GPU's alignment rule for tile pointers.
+    #[test]
+    fn wmma_product_matches_f64_and_checks_alignment() {
+        use half::f16;
+        let a: Vec<f16> = crate::device::narrow(&crate::testutil::rand_vec(256, 1.0, 61));
+        let b: Vec<f16> = crate::device::narrow(&crate::testutil::rand_vec(256, 1.0, 62));
+        let c0 = crate::testutil::rand_vec(256, 1.0, 63);
+        for s in Schedule::ALL {
+            let emu = Emu::new(s);
+            for col_major in [0, 1] {
+                let mut c = c0.clone();
+                let args = Args::new()
+                    .ptr(emu.addr_mut(&mut c))
+                    .ptr(emu.addr(&a))
+                    .ptr(emu.addr(&b))
+                    .i32(col_major)
+                    .i32(0);
+                let cfg = LaunchCfg {
+                    shared_bytes: 2560,
+                    ..LaunchCfg::linear(1, 32)
+                };
+                // SAFETY: 256 values each; the kernel's 2,560 bytes of shared memory.
+                unsafe { emu.launch("testing_wmma_f16", cfg, &args) }.unwrap();
+                for i in 0..16 {
+                    for j in 0..16 {
+                        let bkj = |k: usize| {
+                            let at = if col_major == 1 {
+                                k + 16 * j
+                            } else {
+                                16 * k + j
+                            };
+                            b[at].to_f64()
+                        };
+                        let want = c0[16 * i + j] as f64
+                            + (0..16)
+                                .map(|k| a[16 * i + k].to_f64() * bkj(k))
+                                .sum::<f64>();
+                        let got = c[16 * i + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{s:?} col_major {col_major} [{i}][{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+                // A tile 16 bytes off a 32-byte boundary is refused, as the GPU requires.
+                let args = Args::new()
+                    .ptr(emu.addr_mut(&mut c))
+                    .ptr(emu.addr(&a))
+                    .ptr(emu.addr(&b))
+                    .i32(col_major)
+                    .i32(8);
+                // SAFETY: as above; the offset tile still lies inside the shared memory.
+                let err = unsafe { emu.launch("testing_wmma_f16", cfg, &args) }
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("not 32-byte aligned"), "{err}");
+            }
+        }
     }
 
     #[test]

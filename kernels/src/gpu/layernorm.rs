@@ -136,8 +136,8 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
                 what: format!("n = {n} rows: {chunks} row chunks exceed the grid's 65535 in y"),
             });
         }
-        let mut pw = rt.zeros::<f32>(chunks * c)?;
-        let mut pb = rt.zeros::<f32>(chunks * c)?;
+        let mut pw = rt.take_scratch::<f32>("layernorm.dweight_partials", chunks * c)?;
+        let mut pb = rt.take_scratch::<f32>("layernorm.dbias_partials", chunks * c)?;
         let col_blocks = c.div_ceil(COL_THREADS) as u32;
         let args = Args::new()
             .ptr(rt.addr_mut(&mut pw))
@@ -169,8 +169,11 @@ impl<R: Runtime> LayerNormOps for Gpu<R> {
                 "layernorm_param_reduce_f32",
                 LaunchCfg::linear(col_blocks, COL_THREADS as u32),
                 &args,
-            )
-        }
+            )?
+        };
+        rt.put_scratch("layernorm.dweight_partials", pw);
+        rt.put_scratch("layernorm.dbias_partials", pb);
+        Ok(())
     }
 }
 

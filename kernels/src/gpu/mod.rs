@@ -22,6 +22,7 @@ pub mod emu;
 pub mod gelu;
 pub mod gradscale;
 pub mod layernorm;
+pub mod masked_softmax;
 pub mod nvrtc;
 pub mod powersgd;
 pub mod relu;
@@ -127,6 +128,15 @@ pub trait Runtime {
     /// point at a live buffer of this runtime at least as long as the kernel reads or writes.
     /// The family launchers check the shapes that make this so.
     unsafe fn launch(&self, name: &'static str, cfg: LaunchCfg, args: &Args) -> Result<()>;
+    /// A scratch buffer of `len` elements for a launcher's intermediate results (partial sums,
+    /// columns), its contents undefined: the kernels write every element they read. On a GPU it
+    /// is the buffer the last call with this `key` gave back, when its type and length match,
+    /// else a new one (no allocation per call at a fixed shape); in the emulator a new one full
+    /// of NaNs (zeros for integers), so that a kernel reading scratch nobody wrote shows.
+    fn take_scratch<T: Elem>(&self, key: &'static str, len: usize) -> Result<Self::Buf<T>>;
+    /// Gives back a buffer of [`take_scratch`](Self::take_scratch) once the launches that use it
+    /// are queued (launches on the one stream run in order, so the next call may reuse it).
+    fn put_scratch<T: Elem>(&self, key: &'static str, buf: Self::Buf<T>);
     /// The dense products of [`crate::linear::MatmulOps::gemm`] (`spec` already checked
     /// against the buffers): cuBLAS on a GPU, the CPU GEMM in the emulator.
     fn gemm<I: Elem>(
@@ -154,6 +164,9 @@ impl<R: Runtime> crate::linear::MatmulOps for Gpu<R> {
             ("n", spec.n),
             ("k", spec.k),
             ("batch", spec.batch),
+            ("lda", spec.leading_dims()[0]),
+            ("ldb", spec.leading_dims()[1]),
+            ("ldc", spec.leading_dims()[2]),
         ] {
             as_i32(op, what, v)?;
         }
@@ -413,6 +426,147 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("overlap"));
+    }
+
+    /// Products over one head at a time of an interleaved [t, 3, nh, hs] buffer (rows 3·nh·hs
+    /// apart), batched over heads: `q·kᵀ` into packed [nh, t, t], then that times `v` into an
+    /// [t, nh, hs] output whose heads sit side by side in every row (ldc = nh·hs), with a
+    /// column of gaps that must stay untouched (ldc one wider). What dense attention asks.
+    fn check_leading_dims<D: MatmulOps, I: Elem>(dev: &D, tol: f64) {
+        let (t, nh, hs) = (5, 3, 4);
+        let row = 3 * nh * hs;
+        let qkv: Vec<f32> = widen(&narrow::<f16>(&rand_vec(t * row, 1.0, 31))).into_owned();
+        let at = |p: usize, which: usize, h: usize, x: usize| {
+            qkv[p * row + which * nh * hs + h * hs + x] as f64
+        };
+        let mut want_s = vec![0.0f64; nh * t * t];
+        for h in 0..nh {
+            for p in 0..t {
+                for q in 0..t {
+                    want_s[(h * t + p) * t + q] =
+                        (0..hs).map(|x| at(p, 0, h, x) * at(q, 1, h, x)).sum();
+                }
+            }
+        }
+        let spec_s = crate::linear::GemmSpec {
+            b_t: true,
+            batch: nh,
+            offsets: [0, nh * hs, 0],
+            strides: [hs, hs, t * t],
+            ld: [row, row, 0],
+            ..crate::linear::GemmSpec::new(t, t, hs)
+        };
+        let d_qkv = dev.upload(&narrow::<I>(&qkv)).unwrap();
+        let mut s = dev.zeros::<f32>(nh * t * t).unwrap();
+        dev.gemm(&mut s, &d_qkv, &d_qkv, &spec_s).unwrap();
+        let got = dev.download(&s).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want_s).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{} q·kᵀ [{i}]: {g} vs {w}",
+                dev.name()
+            );
+        }
+        // o[p, h, :] += s[h, p, :] · v[:, h, :]; s as I (its values are exact in f16 only up to
+        // rounding, so round them first and use the rounded values in the reference too).
+        let s_in: Vec<f32> = widen(&narrow::<f16>(&got)).into_owned();
+        let ldc = nh * hs + 1;
+        let o0 = rand_vec(t * ldc, 1.0, 32);
+        let mut want_o: Vec<f64> = o0.iter().map(|&v| v as f64).collect();
+        for h in 0..nh {
+            for p in 0..t {
+                for x in 0..hs {
+                    want_o[p * ldc + h * hs + x] += (0..t)
+                        .map(|q| s_in[(h * t + p) * t + q] as f64 * at(q, 2, h, x))
+                        .sum::<f64>();
+                }
+            }
+        }
+        let spec_o = crate::linear::GemmSpec {
+            accumulate: true,
+            batch: nh,
+            offsets: [0, 2 * nh * hs, 0],
+            strides: [t * t, hs, hs],
+            ld: [0, row, ldc],
+            ..crate::linear::GemmSpec::new(t, hs, t)
+        };
+        let d_s = dev.upload(&narrow::<I>(&s_in)).unwrap();
+        let mut o = dev.upload(&o0).unwrap();
+        dev.gemm(&mut o, &d_s, &d_qkv, &spec_o).unwrap();
+        let got = dev.download(&o).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want_o).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "{} s·v [{i}]: {g} vs {w}",
+                dev.name()
+            );
+        }
+        // Heads one column closer would overlap; a leading dimension below the row is refused.
+        let bad = crate::linear::GemmSpec {
+            strides: [t * t, hs, hs - 1],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlap"), "{e}");
+        let bad = crate::linear::GemmSpec {
+            ld: [0, hs - 1, ldc],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leading dimension of `b`"), "{e}");
+        let bad = crate::linear::GemmSpec {
+            offsets: [0, 2 * nh * hs + 1, 0],
+            ..spec_o
+        };
+        let e = dev
+            .gemm(&mut o, &d_s, &d_qkv, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`b`"), "{e}");
+    }
+
+    /// Scratch: poisoned in the emulator (a kernel reading what nobody wrote shows); on a GPU the
+    /// same buffer again for the same key, type and length, and a new one otherwise.
+    #[test]
+    fn scratch_is_poisoned_in_the_emulator_and_reused_on_a_gpu() {
+        let emu = Emu::new(Schedule::Forward);
+        let s = emu.take_scratch::<f32>("test.scratch", 5).unwrap();
+        assert!(s.len() == 5 && s.iter().all(|v| v.is_nan()), "{s:?}");
+        let h = emu.take_scratch::<f16>("test.scratch", 3).unwrap();
+        assert!(h.iter().all(|v| v.is_nan()), "{h:?}");
+        let Some(gpu) = cuda_for_tests() else {
+            return;
+        };
+        let rt = &gpu.0;
+        let a = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        let addr = rt.addr(&a);
+        rt.put_scratch("test.scratch", a);
+        let b = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        assert_eq!(rt.addr(&b), addr, "the kept buffer comes back");
+        rt.put_scratch("test.scratch", b);
+        let c = rt.take_scratch::<f32>("test.scratch", 101).unwrap();
+        assert_eq!(rt.len(&c), 101, "another length is another buffer");
+        let d = rt.take_scratch::<f32>("test.scratch", 100).unwrap();
+        assert_eq!(rt.len(&d), 100);
+    }
+
+    #[test]
+    fn leading_dimensions_on_every_device() {
+        check_leading_dims::<_, f32>(&crate::device::Cpu, 1e-5);
+        for s in Schedule::ALL {
+            check_leading_dims::<_, f32>(&Gpu(Emu::new(s)), 1e-5);
+            check_leading_dims::<_, f16>(&Gpu(Emu::new(s)), 1e-5);
+        }
+        if let Some(gpu) = cuda_for_tests() {
+            check_leading_dims::<_, f32>(gpu, 1e-4);
+            check_leading_dims::<_, f16>(gpu, 1e-3);
+        }
     }
 
     #[test]
