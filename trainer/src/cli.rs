@@ -9,6 +9,7 @@
 //! trainer init-weights --config configs/quickstart-cpu.yaml --out weights.safetensors
 //! trainer debug-state --config c.yaml --weights w.safetensors --batch b.safetensors --out state.safetensors
 //! trainer reconstruct --weights runs/dvae --images shards/images-00000.tis --count 16 --out recon.png
+//! trainer sample --transformer runs/small --dvae runs/dvae --prompt 'a red circle' -n 4 --out samples
 //! trainer cuda-libs [--link-dir /tmp/tessera-libs]
 //! ```
 
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{ConfigError, RunConfig};
 
 /// Tessera's trainer: trains DALL·E-style text-to-image models.
-#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[derive(Parser, Debug, Clone, PartialEq)]
 #[command(name = "trainer", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
@@ -27,7 +28,7 @@ pub struct Cli {
 }
 
 /// The subcommands.
-#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum Command {
     /// Train the model named by the config (resumes from the newest complete checkpoint in
     /// run.out_dir).
@@ -98,6 +99,49 @@ pub enum Command {
         #[arg(long, value_name = "FILE", default_value = "reconstructions.png")]
         out: PathBuf,
     },
+    /// Draws pictures for captions: the transformer samples image tokens after each prompt and
+    /// the dVAE decodes them; writes one grid per prompt, each picture, and index.json.
+    Sample {
+        /// The transformer: a checkpoint directory or a run directory (its newest complete
+        /// checkpoint), whose config.yaml gives the sizes and the tokenizer.
+        #[arg(long, value_name = "DIR")]
+        transformer: PathBuf,
+        /// The dVAE: a safetensors file, a checkpoint directory or a run directory.
+        #[arg(long, value_name = "PATH")]
+        dvae: PathBuf,
+        /// Use model.safetensors even where the checkpoint has ema.safetensors.
+        #[arg(long)]
+        no_ema: bool,
+        /// The tokenizer.json for the prompts (default: the transformer run's data.tokenizer).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+        /// A caption (repeat for several).
+        #[arg(long, value_name = "TEXT")]
+        prompt: Vec<String>,
+        /// A file of captions, one per line (blank lines skipped).
+        #[arg(long, value_name = "FILE")]
+        prompts: Option<PathBuf>,
+        /// Pictures per prompt.
+        #[arg(short = 'n', long = "num", default_value_t = 4)]
+        n: usize,
+        /// Sequences drawn together.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Divides the logits (lower: safer choices).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Keep only the k most likely tokens at each step (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Keep the most likely tokens up to this total probability (1: all).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The output folder (created if missing).
+        #[arg(long, value_name = "DIR", default_value = "samples")]
+        out: PathBuf,
+    },
     /// Shows where the CUDA libraries a GPU run loads (driver, NCCL, NVRTC, cuBLAS) are found
     /// and whether this process can load them; with --link-dir, makes them loadable and prints
     /// the LD_LIBRARY_PATH to start workers with (what `launcher` does by itself).
@@ -116,7 +160,7 @@ impl Command {
             Command::Train { config, set, .. }
             | Command::DebugState { config, set, .. }
             | Command::InitWeights { config, set, .. } => Some((config, set)),
-            Command::Reconstruct { .. } | Command::CudaLibs { .. } => None,
+            Command::Reconstruct { .. } | Command::Sample { .. } | Command::CudaLibs { .. } => None,
         }
     }
 
@@ -227,6 +271,43 @@ mod tests {
         );
         assert!(cli.command.config_args().is_none());
         assert!(Cli::try_parse_from(["trainer", "reconstruct", "--images", "s.tis"]).is_err());
+    }
+
+    #[test]
+    fn sample_parses_prompts_and_settings() {
+        let cli = Cli::try_parse_from([
+            "trainer",
+            "sample",
+            "--transformer",
+            "runs/t",
+            "--dvae",
+            "d.safetensors",
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "-n",
+            "2",
+            "--top-k",
+            "5",
+        ])
+        .unwrap();
+        let Command::Sample {
+            prompt,
+            n,
+            top_k,
+            top_p,
+            temperature,
+            out,
+            ..
+        } = cli.command
+        else {
+            panic!("not sample: {:?}", cli.command);
+        };
+        assert_eq!(prompt, ["a red circle", "a blue square"]);
+        assert_eq!((n, top_k, top_p, temperature), (2, 5, 1.0, 1.0));
+        assert_eq!(out, PathBuf::from("samples"));
+        assert!(Cli::try_parse_from(["trainer", "sample", "--dvae", "d"]).is_err());
     }
 
     #[test]

@@ -28,4 +28,5 @@ pub mod optim;
 pub mod params;
 pub mod powersgd;
 pub mod reconstruct;
+pub mod sample;
 pub mod train;

@@ -91,6 +91,51 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", trainer::reconstruct::describe(&summary));
             Ok(())
         }
+        Command::Sample {
+            transformer,
+            dvae,
+            no_ema,
+            tokenizer,
+            prompt,
+            prompts,
+            n,
+            batch,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            out,
+        } => {
+            let mut all = prompt;
+            if let Some(file) = prompts {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading prompts from {}", file.display()))?;
+                all.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            let summary = trainer::sample::run(&trainer::sample::SampleOptions {
+                transformer,
+                dvae,
+                no_ema,
+                tokenizer,
+                prompts: all,
+                n,
+                batch,
+                sampling: trainer::model::transformer::sample::Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                out,
+            })?;
+            println!("{}", trainer::sample::describe(&summary));
+            Ok(())
+        }
         Command::CudaLibs { link_dir } => {
             use trainer::cuda_libs::{self, Resolution};
             let r = Resolution::from_env();

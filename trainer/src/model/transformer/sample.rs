@@ -376,12 +376,14 @@ impl<'a> KvSampler<'a> {
 }
 
 /// Draws the image tokens of `seqs` sequences, [S, G²], after their captions `text` ([S, Tt],
-/// padded with the per-position padding ids as training does).
+/// padded with the per-position padding ids as training does). Sequence i draws from stream
+/// `first + i` of `how.seed`: a sequence's tokens do not depend on the batch it is drawn in.
 pub fn sample_images(
     model: &Transformer,
     params: &[f32],
     text: &[u32],
     how: &Sampling,
+    first: u64,
 ) -> Result<Vec<u32>> {
     how.check()?;
     let d = model.dims;
@@ -404,7 +406,7 @@ pub fn sample_images(
     let mut rngs: Vec<ChaCha8Rng> = (0..s)
         .map(|si| {
             let mut r = ChaCha8Rng::seed_from_u64(how.seed);
-            r.set_stream(si as u64);
+            r.set_stream(first + si as u64);
             r
         })
         .collect();

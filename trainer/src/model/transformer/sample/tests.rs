@@ -129,19 +129,21 @@ fn samples_are_deterministic_per_seed_and_independent_of_the_batch() {
         seed: 5,
         ..Sampling::default()
     };
-    let all = sample_images(&m, &w, &text, &how).unwrap();
+    let all = sample_images(&m, &w, &text, &how, 0).unwrap();
     assert_eq!(all.len(), 3 * d.image_tokens());
     assert!(all.iter().all(|&x| (x as usize) < d.image_vocab));
-    assert_eq!(all, sample_images(&m, &w, &text, &how).unwrap());
-    let first = sample_images(&m, &w, &text[..d.text_len], &how).unwrap();
+    assert_eq!(all, sample_images(&m, &w, &text, &how, 0).unwrap());
+    let first = sample_images(&m, &w, &text[..d.text_len], &how, 0).unwrap();
     assert_eq!(first, all[..d.image_tokens()]);
+    let last = sample_images(&m, &w, &text[2 * d.text_len..], &how, 2).unwrap();
+    assert_eq!(last, all[2 * d.image_tokens()..]);
     let other = Sampling { seed: 6, ..how };
-    assert_ne!(all, sample_images(&m, &w, &text, &other).unwrap());
+    assert_ne!(all, sample_images(&m, &w, &text, &other, 0).unwrap());
     // Bad options and inputs are errors, not panics.
     let hot = Sampling {
         temperature: 0.0,
         ..how
     };
-    assert!(sample_images(&m, &w, &text, &hot).is_err());
-    assert!(sample_images(&m, &w, &text[..d.text_len - 1], &how).is_err());
+    assert!(sample_images(&m, &w, &text, &hot, 0).is_err());
+    assert!(sample_images(&m, &w, &text[..d.text_len - 1], &how, 0).is_err());
 }
