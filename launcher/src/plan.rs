@@ -16,6 +16,10 @@ use trainer::dist::Transport;
 /// lost); 2 bad command line or config, or the master port is taken; 3 the rendezvous refused
 /// the run (nodes, world sizes or configs disagree); 4 lost the rendezvous store (node 0's
 /// launcher); 143 stopped by SIGINT/SIGTERM after the workers checkpointed.
+///
+/// Every frame to the rendezvous store is authenticated with the run's secret: generated on one
+/// node; on several, every launcher needs the same TESSERA_STORE_SECRET_FILE (a file only you can
+/// read) or TESSERA_STORE_SECRET (docs/cluster.md).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
 pub struct Args {
@@ -26,7 +30,8 @@ pub struct Args {
     pub nodes: Option<usize>,
     /// Worker processes per node (default for GPU and NCCL runs: the GPUs visible, the smaller of
     /// the CUDA_VISIBLE_DEVICES count and the CUDA driver's; else the config's
-    /// distributed.cpu_procs_per_node).
+    /// distributed.cpu_procs_per_node). At most one per GPU for NCCL runs, 4 per CPU core for CPU
+    /// runs.
     #[arg(long)]
     pub procs_per_node: Option<usize>,
     /// This node's rank in [0, nodes) (default: SLURM_NODEID, else 0).
