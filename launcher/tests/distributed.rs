@@ -17,7 +17,8 @@
 //!   report a failure, interrupt nor write a key, and the secret shows in no command line or log;
 //!   several nodes without a private secret are refused;
 //! - bounds and signals: too many workers for the machine are refused before any starts; SIGTERM
-//!   while workers start or wait in the rendezvous stops them at once; a SIGKILLed launcher
+//!   while the launcher waits for the other nodes ends it, and while workers start or wait in
+//!   the rendezvous stops them at once; a SIGKILLed launcher
 //!   leaves no worker behind, even one waiting in the rendezvous.
 //!
 //! The trainer binary is built (or found up to date) by `cargo build` in this test's profile, so
@@ -1255,4 +1256,39 @@ fn a_sigkilled_launcher_leaves_no_worker_waiting_in_the_rendezvous() {
     let (code, log) = node0.wait(Duration::from_secs(120));
     assert_eq!(code, 1, "{log}");
     assert!(gone(workers[0]), "{log}");
+}
+
+/// SIGTERM while the launcher waits for the other nodes (node 1 never comes; the rendezvous
+/// timeout is 600 s): it exits 143 at once, before starting a worker.
+#[test]
+fn sigterm_while_waiting_for_the_other_nodes_ends_the_launcher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "rendezvous_timeout_s", "60", "600");
+    let port = free_port().to_string();
+    let run = Running::start(
+        &cfg,
+        &[
+            "--nodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--run-id",
+            "lonely",
+        ],
+    );
+    wait_for_line(&run, "rendezvous store on ", Duration::from_secs(60));
+    signal(run.child.id() as i32, "-TERM");
+    let (code, log) = run.wait(Duration::from_secs(60));
+    assert_eq!(code, 143, "{log}");
+    assert!(
+        log.contains("stopped by a signal before any worker started"),
+        "{log}"
+    );
+    assert!(!out.join("logs").exists(), "a worker started:\n{log}");
 }
