@@ -521,9 +521,10 @@ struct Spawner<'a> {
 }
 
 impl Spawner<'_> {
-    /// Starts local rank `local` of `generation`. Call it from the launcher's main thread only:
-    /// the parent-death signal fires when the thread that forked the worker exits, and the main
-    /// thread lives as long as the launcher.
+    /// Starts local rank `local` of `generation`. Called only from the thread that runs
+    /// [`supervise`]'s loop: the parent-death signal fires when the thread that forked the worker
+    /// exits, not the process, and that thread outlives every worker it starts (it stops and reaps
+    /// them before it returns; in the binary it is the main thread).
     fn spawn(&self, local: usize, generation: u64) -> Result<Worker> {
         let plan = self.plan;
         let node = plan.node_rank;
