@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! launcher --procs-per-node 4 config.yaml                                   # one node
+//! export TESSERA_STORE_SECRET_FILE=~/.tessera/r1.secret   # several nodes: the same private file
 //! launcher --nodes 2 --node-rank 0 --master-addr node01 --run-id r1 config.yaml  # on node01
 //! launcher --nodes 2 --node-rank 1 --master-addr node01 --run-id r1 config.yaml  # on node02
 //! srun --ntasks-per-node=1 launcher config.yaml                             # under SLURM

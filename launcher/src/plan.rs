@@ -6,6 +6,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::process::Command;
 use trainer::config::{Device, RunConfig};
+use trainer::dist::auth::{self, Secret};
 use trainer::dist::env::{check_run_id, format_host_port};
 use trainer::dist::Transport;
 
@@ -15,6 +16,10 @@ use trainer::dist::Transport;
 /// lost); 2 bad command line or config, or the master port is taken; 3 the rendezvous refused
 /// the run (nodes, world sizes or configs disagree); 4 lost the rendezvous store (node 0's
 /// launcher); 143 stopped by SIGINT/SIGTERM after the workers checkpointed.
+///
+/// Every frame to the rendezvous store is authenticated with the run's secret: generated on one
+/// node; on several, every launcher needs the same TESSERA_STORE_SECRET_FILE (a file only you can
+/// read) or TESSERA_STORE_SECRET (docs/cluster.md).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
 pub struct Args {
@@ -25,7 +30,8 @@ pub struct Args {
     pub nodes: Option<usize>,
     /// Worker processes per node (default for GPU and NCCL runs: the GPUs visible, the smaller of
     /// the CUDA_VISIBLE_DEVICES count and the CUDA driver's; else the config's
-    /// distributed.cpu_procs_per_node).
+    /// distributed.cpu_procs_per_node). At most one per GPU for NCCL runs, 4 per CPU core for CPU
+    /// runs.
     #[arg(long)]
     pub procs_per_node: Option<usize>,
     /// This node's rank in [0, nodes) (default: SLURM_NODEID, else 0).
@@ -53,6 +59,78 @@ pub struct Args {
     /// as node 0 and start the other hosts' launchers over ssh (`TESSERA_SSH` replaces `ssh`).
     #[arg(long, conflicts_with_all = ["nodes", "node_rank"])]
     pub hostfile: Option<PathBuf>,
+    /// Read the run's secret from the first line of stdin (how `--hostfile` passes it to the
+    /// other nodes' launchers over ssh).
+    #[arg(long, hide = true)]
+    pub store_secret_stdin: bool,
+}
+
+/// How many CPU-ring workers one node may run per core: a stated bound, so that a typo such as
+/// `--procs-per-node 100000` is an error before anything starts.
+pub const CPU_PROCS_PER_CORE: usize = 4;
+
+/// The file descriptors a launcher needs for one worker (its log and two pipes), and node 0's
+/// store for one rank (its connection and its heartbeat's) and one node, with a margin.
+const FDS_PER_WORKER: u64 = 3;
+const FDS_PER_RANK: u64 = 2;
+const FDS_PER_NODE: u64 = 2;
+const FDS_MARGIN: u64 = 64;
+
+/// The soft limit on this process's open files (`ulimit -n`), when known.
+fn open_files_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}
+
+/// Checks a layout against what this machine can run: CPU-ring workers at most
+/// [`CPU_PROCS_PER_CORE`] per core, and the open files the launcher (and on node 0 the store) will
+/// need within `ulimit -n`. `fd_limit`: the open-files limit, when known.
+pub fn check_capacity(
+    nodes: usize,
+    procs_per_node: usize,
+    node_rank: usize,
+    cpu_cores: Option<usize>,
+    fd_limit: Option<u64>,
+) -> Result<()> {
+    if let Some(cores) = cpu_cores {
+        let most = cores.saturating_mul(CPU_PROCS_PER_CORE);
+        if procs_per_node > most {
+            bail!(
+                "--procs-per-node {procs_per_node}: this machine has {cores} CPU cores and runs at \
+                 most {CPU_PROCS_PER_CORE} CPU workers per core ({most}); start fewer workers per \
+                 node, or more nodes"
+            );
+        }
+    }
+    let world = (nodes as u64).saturating_mul(procs_per_node as u64);
+    let mut need = (procs_per_node as u64)
+        .saturating_mul(FDS_PER_WORKER)
+        .saturating_add(FDS_MARGIN);
+    if node_rank == 0 {
+        need = need
+            .saturating_add(world.saturating_mul(FDS_PER_RANK))
+            .saturating_add((nodes as u64).saturating_mul(FDS_PER_NODE));
+    }
+    if let Some(limit) = fd_limit {
+        if need > limit {
+            bail!(
+                "--nodes {nodes} × --procs-per-node {procs_per_node} = {world} workers: this \
+                 launcher{} needs about {need} open files, and may open {limit} (ulimit -n); \
+                 raise the limit or start fewer workers",
+                if node_rank == 0 {
+                    " and the rendezvous store it hosts"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One line of a host file.
@@ -106,6 +184,8 @@ pub struct Plan {
     pub trainer: PathBuf,
     /// With `--hostfile`: the hosts of nodes 1.. whose launchers this one starts over ssh.
     pub remote_hosts: Vec<String>,
+    /// The run's secret (its `Debug` does not show it).
+    pub secret: Secret,
 }
 
 /// What SLURM tells a task about its allocation.
@@ -405,6 +485,11 @@ impl Plan {
         if procs_per_node < 1 {
             bail!("--procs-per-node must be ≥ 1");
         }
+        // CPU-ring workers share the cores; NCCL workers are bounded by the GPUs below.
+        let cores = (!nccl)
+            .then(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .flatten();
+        check_capacity(nodes, procs_per_node, node_rank, cores, open_files_limit())?;
         if let (true, Some(g)) = (nccl, gpus) {
             if procs_per_node > g {
                 bail!(
@@ -428,7 +513,31 @@ impl Plan {
                 trainer.display()
             );
         }
+        let secret = if args.store_secret_stdin {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("--store-secret-stdin: reading the secret from stdin")?;
+            Secret::from_text(line.as_bytes(), "--store-secret-stdin")?
+        } else {
+            match Secret::from_lookup(get)? {
+                Some(s) => s,
+                None if nodes == 1 || hostfile.is_some() => {
+                    Secret::generate().context("generating the run's secret")?
+                }
+                None => bail!(
+                    "a run on {nodes} nodes needs a secret shared by every node's launcher, which \
+                     authenticates every frame to the rendezvous store: set {} to a file only \
+                     you can read (`umask 077; openssl rand -hex 32 > ~/.tessera-secret`) or {} \
+                     to such a value, the same on every node (docs/cluster.md, \"The store's \
+                     secret\")",
+                    auth::SECRET_FILE_ENV,
+                    auth::SECRET_ENV
+                ),
+            }
+        };
         Ok(Plan {
+            secret,
             config_path: args.config,
             overrides: args.set,
             cfg,
@@ -539,6 +648,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("SLURM_NNODES"));
+    }
+
+    #[test]
+    fn procs_per_node_and_nodes_are_checked_against_the_machine() {
+        check_capacity(1, 8, 0, Some(2), Some(1024)).unwrap();
+        let e = check_capacity(1, 9, 0, Some(2), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--procs-per-node 9") && e.contains("2 CPU cores") && e.contains("(8)"),
+            "{e}"
+        );
+        let e = check_capacity(1, 100_000, 0, Some(64), Some(1 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 4 CPU workers per core (256)"), "{e}");
+        // The store on node 0 holds connections for every rank of every node.
+        let e = check_capacity(1000, 4, 0, Some(4), Some(1024))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--nodes 1000 × --procs-per-node 4 = 4000 workers")
+                && e.contains("rendezvous store")
+                && e.contains("may open 1024 (ulimit -n)"),
+            "{e}"
+        );
+        // Other nodes host no store.
+        check_capacity(1000, 4, 1, Some(4), Some(1024)).unwrap();
     }
 
     fn visible(v: &str) -> impl Fn(&str) -> Option<String> + '_ {

@@ -2,14 +2,16 @@
 //!
 //! Each remote launcher is `ssh <host> 'cd <cwd> && exec env VAR=… <this launcher> --nodes N
 //! --node-rank k --procs-per-node P --master-addr <first host> --master-port <port> --run-id <id>
-//! --max-restarts R [--set …] <config>'`: the same paths on every host (a shared filesystem, as
-//! `run.out_dir` needs anyway). `TESSERA_SSH` replaces `ssh -o BatchMode=yes` (split at
+//! --max-restarts R --store-secret-stdin [--set …] <config>'`: the same paths on every host (a
+//! shared filesystem, as `run.out_dir` needs anyway). The run's secret goes to the remote launcher
+//! on ssh's stdin, so it appears in no command line on either host. `TESSERA_SSH` replaces `ssh -o BatchMode=yes` (split at
 //! whitespace). The remote launchers' output is copied to this launcher's stdout and stderr (their
 //! lines already say their node and ranks). They learn the run's fate through the store like any
 //! launcher; an ssh that exits before its launcher joined ends the rendezvous at once.
 
 use crate::plan::Plan;
 use anyhow::{Context, Result};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,7 @@ pub fn remote_command(plan: &Plan, node_rank: usize, port: u16) -> Result<String
         words.push(flag.into());
         words.push(value);
     }
+    words.push("--store-secret-stdin".into());
     for s in &plan.overrides {
         words.push("--set".into());
         words.push(s.clone());
@@ -98,7 +101,7 @@ pub fn start(plan: &Plan, port: u16) -> Result<Vec<Remote>> {
             .args(ssh_args)
             .arg(host)
             .arg(&command)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -109,6 +112,17 @@ pub fn start(plan: &Plan, port: u16) -> Result<Vec<Remote>> {
             ssh.join(" "),
             child.id()
         );
+        // The secret, then end of input (the remote launcher reads one line).
+        if let Some(mut stdin) = child.stdin.take() {
+            let mut line = plan.secret.expose().to_vec();
+            line.push(b'\n');
+            if let Err(e) = stdin.write_all(&line) {
+                eprintln!(
+                    "[launcher node {}] passing the run's secret to node {node_rank} on {host}: {e}",
+                    plan.node_rank
+                );
+            }
+        }
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
             pumps.push(crate::supervise::pump_lines(

@@ -13,9 +13,14 @@
 //!   checked), a key-value space (ring addresses; later the NCCL unique id), named barriers,
 //!   heartbeats.
 //!
-//! Bad input is refused with a [`Refusal`] naming what was wrong: frames over the cap, malformed
-//! or carrying another run id get an answer and a closed connection (the run goes on: a stray
-//! client must not kill it); a duplicate rank, a world size or config that disagrees, or nodes
+//! Every connection opens with the handshake of [`trainer::dist::auth`] and every later frame
+//! must carry the tag of its connection's session, checked before the frame is parsed: a frame
+//! without the run's secret is refused, logged (with the peer's address, never a secret) and the
+//! connection closed, so it can neither register, report, interrupt nor write a key.
+//!
+//! Bad input is refused with a [`Refusal`] naming what was wrong: frames over the cap, malformed,
+//! unauthenticated or carrying another run id get an answer and a closed connection (the run goes
+//! on: a stray client must not kill it); a duplicate rank, a world size or config that disagrees, or nodes
 //! that disagree end the run as `Refused` (a restart would not fix them), and every waiting
 //! participant is told why. Every wait has a timeout that the request carries.
 
@@ -26,15 +31,18 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use trainer::dist::auth::{self, Role, Secret, Session};
 use trainer::dist::protocol::{
-    self, check_len, decode, encode, Frame, FrameError, GangView, NodeEvent, Phase, Refusal,
-    RefusalKind, Reply, Request, Response, StopCause,
+    self, check_len, decode, encode, split, to_json, Frame, FrameError, GangView, NodeEvent, Phase,
+    Refusal, RefusalKind, Reply, Request, Response, StopCause, NO_TAG,
 };
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
 pub struct StoreParams {
     pub run_id: String,
+    /// The run's secret: every frame but the handshake's must carry a tag made with it.
+    pub secret: Secret,
     /// A worker or launcher silent this long is declared dead.
     pub heartbeat_timeout: Duration,
     /// Every rank of a generation must register within this time of its start.
@@ -675,6 +683,10 @@ impl Shared {
 
     async fn handle(&self, req: Request) -> Result<Reply, Refusal> {
         match req {
+            Request::Hello { .. } => Err(refusal(
+                RefusalKind::BadRequest,
+                "hello a second time on one connection",
+            )),
             Request::Register {
                 rank,
                 world_size,
@@ -896,18 +908,76 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
+/// The store's answer to a connection's first frame: the challenge and the session, or a refusal.
+fn open_session(
+    frame: Result<Frame<Request>, FrameError>,
+    run_id: &str,
+    secret: &Secret,
+) -> Result<(Reply, Session), Refusal> {
+    let f = frame.map_err(|e| {
+        e.refusal()
+            .unwrap_or_else(|| refusal(RefusalKind::Malformed, e.to_string()))
+    })?;
+    if f.run_id != run_id {
+        return Err(refusal(
+            RefusalKind::WrongRunId,
+            format!(
+                "run id '{}' does not match this store's run '{run_id}'",
+                f.run_id
+            ),
+        ));
+    }
+    let Request::Hello { version, nonce } = f.body else {
+        return Err(refusal(
+            RefusalKind::Unauthenticated,
+            "a connection must open with hello (the handshake that authenticates it)",
+        ));
+    };
+    if version != auth::VERSION {
+        return Err(refusal(
+            RefusalKind::Unauthenticated,
+            format!(
+                "protocol version {version}, this store speaks {}; use the same Tessera build \
+                 on every node",
+                auth::VERSION
+            ),
+        ));
+    }
+    let theirs = auth::parse_nonce(&nonce).ok_or_else(|| {
+        refusal(
+            RefusalKind::Unauthenticated,
+            "the hello's nonce is not 32 bytes of hex",
+        )
+    })?;
+    let ours = auth::nonce().map_err(|e| refusal(RefusalKind::Malformed, e.to_string()))?;
+    let session = Session::new(secret, run_id, &theirs, &ours, Role::Store);
+    Ok((
+        Reply::Challenge {
+            nonce: auth::hex(&ours),
+        },
+        session,
+    ))
+}
+
 /// Reads requests and answers them until the client closes the connection or sends bad input.
 async fn serve_connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream) {
-    let run_id = shared.lock().params.run_id.clone();
+    let (run_id, secret) = {
+        let st = shared.lock();
+        (st.params.run_id.clone(), st.params.secret.clone())
+    };
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    let mut session: Option<Session> = None;
     loop {
         let mut prefix = [0u8; 4];
         if stream.read_exact(&mut prefix).await.is_err() {
             return;
         }
-        let frame = async {
+        let body = async {
             let len = check_len(prefix)?;
-            let mut json = vec![0u8; len];
-            match tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut json)).await
+            let mut body = vec![0u8; len];
+            match tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut body)).await
             {
                 Ok(r) => r?,
                 Err(_) => {
@@ -916,48 +986,72 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream
                     )))
                 }
             };
-            decode::<Request>(&json)
+            Ok(split(body))
         }
         .await;
-        let (answer, close) = match frame {
-            Err(FrameError::Io(_)) => return,
-            Err(e) => {
-                eprintln!("[store] refused a frame: {e}");
+        let (answer, close) = match (body, session.as_mut()) {
+            (Err(FrameError::Io(_)), _) => return,
+            (Err(e), _) => {
+                eprintln!("[store] refused a frame from {peer}: {e}");
                 (
-                    Response::Err(
-                        e.refusal()
-                            .unwrap_or_else(|| refusal(RefusalKind::Malformed, e.to_string())),
-                    ),
+                    Err(e
+                        .refusal()
+                        .unwrap_or_else(|| refusal(RefusalKind::Malformed, e.to_string()))),
                     true,
                 )
             }
-            Ok(f) if f.run_id != run_id => {
-                let message = format!(
-                    "run id '{}' does not match this store's run '{run_id}'",
-                    f.run_id
-                );
-                eprintln!("[store] refused a frame: {message}");
-                (
-                    Response::Err(refusal(RefusalKind::WrongRunId, message)),
-                    true,
-                )
-            }
-            Ok(f) => match shared.handle(f.body).await {
-                Ok(reply) => (Response::Ok(reply), false),
-                Err(r) => (Response::Err(r), false),
+            (Ok((_, json)), None) => match open_session(decode::<Request>(&json), &run_id, &secret)
+            {
+                Ok((challenge, s)) => {
+                    session = Some(s);
+                    // The challenge itself goes out untagged: the client has no key before it.
+                    if !send(&mut stream, &run_id, Ok(challenge), None).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(r) => {
+                    eprintln!("[store] refused a connection from {peer}: {}", r.message);
+                    (Err(r), true)
+                }
+            },
+            (Ok((tag, json)), Some(s)) => match s.open(&tag, &json) {
+                Err(bad) => {
+                    // Not parsed, not echoed: the frame is nobody's until its tag verifies.
+                    let message = format!(
+                        "{bad} (an outsider, or a launcher or worker given another {} or {})",
+                        auth::SECRET_FILE_ENV,
+                        auth::SECRET_ENV
+                    );
+                    eprintln!("[store] refused a frame from {peer}: {message}");
+                    (Err(refusal(RefusalKind::Unauthenticated, message)), true)
+                }
+                Ok(()) => match decode::<Request>(&json) {
+                    Err(e) => {
+                        eprintln!("[store] refused a frame from {peer}: {e}");
+                        (
+                            Err(e
+                                .refusal()
+                                .unwrap_or_else(|| refusal(RefusalKind::Malformed, e.to_string()))),
+                            true,
+                        )
+                    }
+                    Ok(f) if f.run_id != run_id => {
+                        let message = format!(
+                            "run id '{}' does not match this store's run '{run_id}'",
+                            f.run_id
+                        );
+                        eprintln!("[store] refused a frame from {peer}: {message}");
+                        (Err(refusal(RefusalKind::WrongRunId, message)), true)
+                    }
+                    Ok(f) => (shared.handle(f.body).await, false),
+                },
             },
         };
-        let bytes = match encode(&Frame {
-            run_id: run_id.clone(),
-            body: answer,
-        }) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("[store] cannot encode an answer: {e}");
-                return;
-            }
-        };
-        if stream.write_all(&bytes).await.is_err() {
+        // Answers inside a session are tagged; a refusal outside one (or of a frame whose tag
+        // did not verify) goes out untagged.
+        let tagged = if close { None } else { session.as_mut() };
+        if !send(&mut stream, &run_id, answer, tagged).await {
             return;
         }
         if close {
@@ -978,6 +1072,31 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: tokio::net::TcpStream
             return;
         }
     }
+}
+
+/// Writes one answer, tagged by `session` when there is one; false when the connection is gone.
+async fn send(
+    stream: &mut tokio::net::TcpStream,
+    run_id: &str,
+    answer: Result<Reply, Refusal>,
+    session: Option<&mut Session>,
+) -> bool {
+    let body = match answer {
+        Ok(reply) => Response::Ok(reply),
+        Err(r) => Response::Err(r),
+    };
+    let json = match to_json(&Frame {
+        run_id: run_id.to_string(),
+        body,
+    }) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("[store] cannot encode an answer: {e}");
+            return false;
+        }
+    };
+    let tag = session.map_or(NO_TAG, |s| s.seal(&json));
+    stream.write_all(&encode(&tag, &json)).await.is_ok()
 }
 
 #[cfg(test)]

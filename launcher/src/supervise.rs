@@ -6,6 +6,12 @@
 //! interrupt, "all my workers stopped", "all my workers finished") and reads back the gang's
 //! phase. That report is also the launcher's heartbeat. Stopping a worker is SIGTERM (the trainer
 //! checkpoints and exits), then SIGKILL after `distributed.term_grace_s`.
+//!
+//! Workers are started a few at a time inside that loop, so a stop signal, a worker that fails
+//! or a gang that stops ends the spawning at once; SIGINT/SIGTERM while waiting for the store or
+//! the other nodes ends the launcher before any worker starts. Each worker gets the run's secret
+//! in a file (mode 0600) of a private directory (mode 0700) that lives as long as the launcher,
+//! and asks for SIGTERM when its launcher dies (`PR_SET_PDEATHSIG`).
 
 use crate::plan::Plan;
 use crate::store::{StoreParams, StoreServer};
@@ -19,7 +25,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use trainer::dist::client::StoreClient;
+use trainer::dist::auth::{self, Credentials};
+use trainer::dist::client::{StoreClient, StoreError};
 use trainer::dist::protocol::{GangView, NodeEvent, Phase};
 
 /// The launcher's exit statuses (also in `launcher --help` and docs/cluster.md).
@@ -40,6 +47,8 @@ pub mod exit {
 }
 
 const POLL: Duration = Duration::from_millis(50);
+/// The longest the loop spends starting workers before it looks at signals and the store again.
+const SPAWN_SLICE: Duration = Duration::from_millis(50);
 
 /// How the launcher ended: an exit status and what to print.
 #[derive(Debug)]
@@ -106,6 +115,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
             addr,
             StoreParams {
                 run_id: plan.run_id.clone(),
+                secret: plan.secret.clone(),
                 heartbeat_timeout: d.heartbeat_timeout(),
                 rendezvous_timeout: d.rendezvous_timeout(),
             },
@@ -122,55 +132,60 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
         .unwrap_or(29500);
     let store_addr = plan.store_addr(port);
 
-    let mut client = match StoreClient::connect(&store_addr, &plan.run_id, d.rendezvous_timeout()) {
-        Ok(c) => c,
-        Err(e) => {
-            return Ok(Outcome {
-                code: exit::LOST_STORE,
-                message: e.to_string(),
-            })
-        }
+    let creds = Credentials {
+        run_id: plan.run_id.clone(),
+        secret: plan.secret.clone(),
     };
     // With --hostfile, node 0 starts the other nodes' launchers over ssh.
     let mut remotes = crate::remote::start(plan, port)?;
-    let joined = {
-        let (plan, c) = (plan.clone(), client);
-        let join = std::thread::spawn(move || {
-            let mut c = c;
-            let g = c.join_node(
-                plan.node_rank,
-                plan.nodes,
-                plan.procs_per_node,
-                plan.max_restarts,
-                plan.cfg.distributed.rendezvous_timeout(),
-            );
-            (c, g)
-        });
-        // While waiting for the other nodes, a remote launcher that dies (ssh failed) ends the
-        // wait at once.
-        loop {
-            if join.is_finished() {
-                break join
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the join thread panicked"))?;
-            }
-            if let Some(why) = crate::remote::failed(&mut remotes) {
-                crate::remote::stop(&mut remotes);
-                return Ok(Outcome {
-                    code: exit::REFUSED,
-                    message: why,
-                });
-            }
-            std::thread::sleep(POLL);
-        }
+    // Connecting and joining wait for the store and the other nodes: on a thread, so that a stop
+    // signal or a remote launcher that dies (ssh failed) ends the wait at once.
+    let join = {
+        let (plan, creds, store_addr) = (plan.clone(), creds.clone(), store_addr.clone());
+        std::thread::spawn(move || -> Result<(StoreClient, u64), (i32, StoreError)> {
+            let d = &plan.cfg.distributed;
+            let mut c = StoreClient::connect(&store_addr, &creds, d.rendezvous_timeout())
+                .map_err(|e| (exit::LOST_STORE, e))?;
+            let g = c
+                .join_node(
+                    plan.node_rank,
+                    plan.nodes,
+                    plan.procs_per_node,
+                    plan.max_restarts,
+                    d.rendezvous_timeout(),
+                )
+                .map_err(|e| (exit::REFUSED, e))?;
+            Ok((c, g))
+        })
     };
-    client = joined.0;
-    let mut generation = match joined.1 {
-        Ok(g) => g,
-        Err(e) => {
+    let joined = loop {
+        if join.is_finished() {
+            break join
+                .join()
+                .map_err(|_| anyhow::anyhow!("the join thread panicked"))?;
+        }
+        if signals.load(Ordering::SeqCst) > 0 {
+            crate::remote::stop(&mut remotes);
+            return Ok(Outcome {
+                code: exit::INTERRUPTED,
+                message: "stopped by a signal before any worker started".into(),
+            });
+        }
+        if let Some(why) = crate::remote::failed(&mut remotes) {
             crate::remote::stop(&mut remotes);
             return Ok(Outcome {
                 code: exit::REFUSED,
+                message: why,
+            });
+        }
+        std::thread::sleep(POLL);
+    };
+    let (mut client, mut generation) = match joined {
+        Ok(j) => j,
+        Err((code, e)) => {
+            crate::remote::stop(&mut remotes);
+            return Ok(Outcome {
+                code,
                 message: e.to_string(),
             });
         }
@@ -186,7 +201,27 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     std::fs::create_dir_all(&logs)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", logs.display()))?;
 
-    let mut workers = spawn_workers(plan, port, generation, &logs, &worker_env.vars)?;
+    // The secret for this node's workers, in a file only this user can read.
+    let private = private_dir()?;
+    let secret_file = plan
+        .secret
+        .write_private(private.path(), "store-secret")
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "writing the run's secret in {}: {e}",
+                private.path().display()
+            )
+        })?;
+    let spawner = Spawner {
+        plan,
+        port,
+        logs: &logs,
+        extra_env: &worker_env.vars,
+        secret_file: &secret_file,
+    };
+    let mut workers: Vec<Worker> = Vec::new();
+    // Local ranks of this generation still to start.
+    let mut pending = 0..plan.procs_per_node;
     let mut events: VecDeque<NodeEvent> = VecDeque::new();
     let mut interrupt_sent = false;
     let mut stop_started: Option<Instant> = None;
@@ -214,6 +249,37 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
             view.as_ref().map(|v| &v.phase),
             Some(Phase::Stopping { .. })
         ) || stop_started.is_some();
+        // Start workers for a slice of time, unless the gang is stopping or a stop was asked.
+        let failing = events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::WorkerFailed { .. }));
+        if !pending.is_empty() && (stopping || interrupt_sent || failing) {
+            say(
+                node,
+                &format!(
+                    "not starting local ranks {}..{}: the gang is stopping",
+                    pending.start, pending.end
+                ),
+            );
+            pending = 0..0;
+        }
+        let slice = Instant::now();
+        while !pending.is_empty() && slice.elapsed() < SPAWN_SLICE {
+            let local = pending.start;
+            pending.start += 1;
+            match spawner.spawn(local, generation) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    let reason = format!(
+                        "rank {} (node {node}) could not start: {e:#}",
+                        node * plan.procs_per_node + local
+                    );
+                    say(node, &reason);
+                    events.push_back(NodeEvent::WorkerFailed { reason });
+                    pending = 0..0;
+                }
+            }
+        }
         for w in workers.iter_mut().filter(|w| w.exited.is_none()) {
             if let Ok(Some(status)) = w.child.try_wait() {
                 w.exited = Some(status);
@@ -260,7 +326,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
                         ),
                     };
                 }
-                if let Ok(c) = StoreClient::connect(&store_addr, &plan.run_id, POLL) {
+                if let Ok(c) = StoreClient::connect(&store_addr, &creds, POLL) {
                     client = c;
                 }
                 continue;
@@ -286,12 +352,14 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
                         v.restarts, v.max_restarts
                     ),
                 );
-                workers = spawn_workers(plan, port, generation, &logs, &worker_env.vars)?;
+                pending = 0..plan.procs_per_node;
             }
         }
         match &v.phase {
             Phase::Running => {
                 if !reported_end
+                    && pending.is_empty()
+                    && workers.len() == plan.procs_per_node
                     && workers
                         .iter()
                         .all(|w| w.exited.is_some_and(|s| s.success()))
@@ -301,6 +369,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
                 }
             }
             Phase::Stopping { reason, .. } => {
+                pending = 0..0;
                 let started = *stop_started.get_or_insert_with(|| {
                     say(node, &format!("stopping the workers: {reason}"));
                     kill_all(&mut workers, libc::SIGTERM);
@@ -349,6 +418,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     }
     crate::remote::finish(&mut remotes, d.heartbeat_timeout() + d.term_grace());
     drop(server);
+    drop(private);
     Ok(outcome)
 }
 
@@ -428,21 +498,40 @@ fn watch_signals(count: Arc<AtomicUsize>) -> Result<()> {
     Ok(())
 }
 
-/// Starts this node's workers for `generation`.
-fn spawn_workers(
-    plan: &Plan,
+/// A directory only this user can enter (mode 0700), removed when dropped: under
+/// `XDG_RUNTIME_DIR` when that is set (a per-user tmpfs), else the system's temporary directory.
+fn private_dir() -> Result<tempfile::TempDir> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("tessera-launcher-")
+        .tempdir_in(&base)
+        .map_err(|e| anyhow::anyhow!("creating a private directory in {}: {e}", base.display()))
+}
+
+/// What starting a worker of this node needs.
+struct Spawner<'a> {
+    plan: &'a Plan,
     port: u16,
-    generation: u64,
-    logs: &Path,
-    extra_env: &[(String, String)],
-) -> Result<Vec<Worker>> {
-    let node = plan.node_rank;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let rayon_threads = (threads / plan.procs_per_node).max(1).to_string();
-    let mut workers = Vec::new();
-    for local in 0..plan.procs_per_node {
+    logs: &'a Path,
+    extra_env: &'a [(String, String)],
+    secret_file: &'a Path,
+}
+
+impl Spawner<'_> {
+    /// Starts local rank `local` of `generation`. Called only from the thread that runs
+    /// [`supervise`]'s loop: the parent-death signal fires when the thread that forked the worker
+    /// exits, not the process, and that thread outlives every worker it starts (it stops and reaps
+    /// them before it returns; in the binary it is the main thread).
+    fn spawn(&self, local: usize, generation: u64) -> Result<Worker> {
+        let plan = self.plan;
+        let node = plan.node_rank;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let rayon_threads = (threads / plan.procs_per_node).max(1).to_string();
         let rank = node * plan.procs_per_node + local;
         let mut cmd = Command::new(&plan.trainer);
         cmd.arg("train").arg("--config").arg(&plan.config_path);
@@ -455,31 +544,43 @@ fn spawn_workers(
             .env("LOCAL_WORLD_SIZE", plan.procs_per_node.to_string())
             .env("GROUP_RANK", node.to_string())
             .env("MASTER_ADDR", &plan.master_addr)
-            .env("MASTER_PORT", port.to_string())
+            .env("MASTER_PORT", self.port.to_string())
             .env("TESSERA_RUN_ID", &plan.run_id)
             .env("TESSERA_RESTART_COUNT", generation.to_string())
+            .env("TESSERA_LAUNCHER_PID", std::process::id().to_string())
+            // The secret travels in the file only, never in a worker's environment.
+            .env_remove(auth::SECRET_ENV)
+            .env(auth::SECRET_FILE_ENV, self.secret_file)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", &rayon_threads);
         }
-        cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         {
             use std::os::unix::process::CommandExt;
             // Workers get signals from the launcher only (not the terminal's Ctrl-C), and
             // SIGTERM if the launcher dies.
             cmd.process_group(0);
             #[cfg(target_os = "linux")]
-            // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    Ok(())
-                });
+            {
+                let launcher = std::process::id() as libc::pid_t;
+                // SAFETY: prctl and getppid are async-signal-safe; the closure allocates nothing.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                        // The launcher died between the fork and the prctl: the signal will
+                        // not come, so do not start.
+                        if libc::getppid() != launcher {
+                            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                        }
+                        Ok(())
+                    });
+                }
             }
         }
-        let log_path = logs.join(format!("rank_{rank}.log"));
+        let log_path = self.logs.join(format!("rank_{rank}.log"));
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -508,14 +609,13 @@ fn spawn_workers(
         if let Some(err) = child.stderr.take() {
             pumps.push(pump(err, rank, log.clone(), true));
         }
-        workers.push(Worker {
+        Ok(Worker {
             rank,
             child,
             exited: None,
             pumps,
-        });
+        })
     }
-    Ok(workers)
 }
 
 /// Copies a worker's stream line by line to its log file and, prefixed with its rank, to the

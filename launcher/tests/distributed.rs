@@ -12,7 +12,14 @@
 //! - node 0's launcher killed: node 1's launcher loses the store and exits 4, no worker is left;
 //! - bad input: the master port taken, configs that differ between nodes;
 //! - PowerSGD across processes: fewer bytes, and a gang restart that continues like the
-//!   uninterrupted run (to round-off: the checkpoint keeps the mean error over ranks).
+//!   uninterrupted run (to round-off: the checkpoint keeps the mean error over ranks);
+//! - the store's secret: an outsider with the run id but not the secret can neither register,
+//!   report a failure, interrupt nor write a key, and the secret shows in no command line or log;
+//!   several nodes without a private secret are refused;
+//! - bounds and signals: too many workers for the machine are refused before any starts; SIGTERM
+//!   while the launcher waits for the other nodes ends it, and while workers start or wait in
+//!   the rendezvous stops them at once; a SIGKILLed launcher
+//!   leaves no worker behind, even one waiting in the rendezvous.
 //!
 //! The trainer binary is built (or found up to date) by `cargo build` in this test's profile, so
 //! `cargo test -p launcher` never runs a stale trainer.
@@ -106,10 +113,16 @@ fn launcher_exe() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_launcher")))
 }
 
+/// The secret of the tests' runs on several nodes (one-node runs generate their own unless a test
+/// keeps this one).
+const TEST_SECRET: &str = "tessera-test-secret-0123456789abcdef0123456789abcdef";
+
 fn launcher_cmd(config: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(launcher_exe());
     cmd.args(args)
         .arg(config)
+        .env_remove("TESSERA_STORE_SECRET_FILE")
+        .env("TESSERA_STORE_SECRET", TEST_SECRET)
         .env("TESSERA_TRAINER", trainer())
         .env("TESSERA_PEAK_GFLOPS", "1")
         .env("RUST_LOG", "warn")
@@ -438,7 +451,12 @@ fn two_launchers_as_two_nodes_train_together() {
             &port,
         ],
     );
-    let o = cmd.env("TESSERA_SSH", &ssh).output().unwrap();
+    // No secret given: node 0 generates one and hands it to node 1 on ssh's stdin.
+    let o = cmd
+        .env("TESSERA_SSH", &ssh)
+        .env_remove("TESSERA_STORE_SECRET")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("[launcher node 1]"), "{}", text(&o));
     assert_eq!(
@@ -867,4 +885,410 @@ fn a_rank_killed_during_nccl_collectives_fails_its_peer_within_the_timeout() {
         !log0.contains("grace period over: SIGKILL"),
         "rank 0 had to be killed by its launcher:\n{both}"
     );
+}
+
+/// The first line of a running launcher's stderr containing `needle`, waiting for it.
+fn wait_for_line(run: &Running, needle: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some(l) = run
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+        {
+            return l.clone();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "no line with {needle:?}:\n{}",
+            run.lines.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The variable `var` of a process's environment, read from /proc.
+fn environ_of(pid: i32, var: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    raw.split(|b| *b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{var}=")).map(str::to_string)
+    })
+}
+
+/// Issue 12: one frame with the run id (printed by the launcher, and on one node
+/// `<start time>-<pid>`) used to register as rank 0, report a failed worker or interrupt the run.
+/// Without the secret each attempt is refused as unauthenticated and logged, and the run
+/// finishes normally; the secret that the launcher generated appears in no command line, no
+/// worker environment and no log.
+#[test]
+fn an_outsider_with_the_run_id_but_not_the_secret_cannot_touch_the_run() {
+    use trainer::dist::auth::{Credentials, Secret};
+    use trainer::dist::client::{Registration, StoreClient};
+    use trainer::dist::protocol::{NodeEvent, RefusalKind};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 200, 4, 100);
+    let mut cmd = launcher_cmd(&cfg, &["--procs-per-node", "2"]);
+    cmd.env_remove("TESSERA_STORE_SECRET");
+    let run = Running::spawn(cmd);
+    let limit = Duration::from_secs(60);
+    let line = wait_for_line(&run, "rendezvous store on ", limit);
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    let line = wait_for_line(&run, " node(s) × ", limit);
+    let run_id = line
+        .split("] run ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .unwrap()
+        .to_string();
+    // The secret the launcher gave its workers, read as this same user can.
+    let worker = loop {
+        if let Some(pid) = run.pid_of(0, 0) {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let file = environ_of(worker, "TESSERA_STORE_SECRET_FILE").expect("the worker's secret file");
+    assert_eq!(environ_of(worker, "TESSERA_STORE_SECRET"), None);
+    let secret = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(secret.len() >= 32, "{secret:?}");
+    for pid in [run.child.id() as i32, worker] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&secret));
+    }
+
+    let outsider = Credentials {
+        run_id: run_id.clone(),
+        secret: Secret::from_text(b"a-guess-that-is-not-the-secret-0123456789", "test").unwrap(),
+    };
+    let stranger = || StoreClient::connect(&addr, &outsider, Duration::from_secs(10)).unwrap();
+    let failure = Some(NodeEvent::WorkerFailed {
+        reason: "forged".into(),
+    });
+    let interrupt = Some(NodeEvent::Interrupted {
+        reason: "forged".into(),
+    });
+    let rank0 = Registration {
+        rank: 0,
+        world_size: 2,
+        local_rank: 0,
+        generation: 0,
+        config_hash: "0".repeat(64),
+        pid: 1,
+        host: "outsider".into(),
+    };
+    let errors = [
+        (
+            "register as rank 0",
+            stranger()
+                .register(&rank0, Duration::from_secs(10))
+                .unwrap_err(),
+        ),
+        (
+            "report a failed worker",
+            stranger().node_update(0, 0, failure).unwrap_err(),
+        ),
+        (
+            "interrupt the run",
+            stranger().node_update(0, 0, interrupt).unwrap_err(),
+        ),
+        (
+            "write a key",
+            stranger().set(0, "ring/addr/0", "127.0.0.1:1").unwrap_err(),
+        ),
+    ];
+    for (what, e) in &errors {
+        assert_eq!(
+            e.refusal_kind(),
+            Some(RefusalKind::Unauthenticated),
+            "{what}: {e}"
+        );
+    }
+    let (code, log) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    for r in 0..2 {
+        assert!(log.contains(&format!("rank {r} finished")), "{log}");
+    }
+    assert!(!log.contains("starting generation 1"), "{log}");
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("[store] refused a frame from 127.0.0.1:"))
+        .count();
+    assert_eq!(refused, 4, "{log}");
+    assert!(model_file(&out, 200).exists());
+    let mut logs = log;
+    for r in 0..2 {
+        logs += &std::fs::read_to_string(out.join(format!("logs/rank_{r}.log"))).unwrap();
+    }
+    assert!(!logs.contains(&secret), "the secret is in a log");
+    assert!(
+        !Path::new(&file).exists(),
+        "the secret file outlived the launcher"
+    );
+}
+
+#[test]
+fn several_nodes_need_a_private_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), &tmp.path().join("run"), 5, 4, 0);
+    let two = [
+        "--nodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "127.0.0.1",
+        "--run-id",
+        "r",
+    ];
+    let o = launcher_cmd(&cfg, &two)
+        .env_remove("TESSERA_STORE_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("needs a secret shared by every node")
+            && text(&o).contains("TESSERA_STORE_SECRET_FILE"),
+        "{}",
+        text(&o)
+    );
+    let file = tmp.path().join("secret");
+    std::fs::write(&file, format!("{TEST_SECRET}\n")).unwrap();
+    Command::new("chmod")
+        .arg("644")
+        .arg(&file)
+        .status()
+        .unwrap();
+    let o = launcher_cmd(&cfg, &two)
+        .env_remove("TESSERA_STORE_SECRET")
+        .env("TESSERA_STORE_SECRET_FILE", &file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{}: mode 0644", file.display())),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains(TEST_SECRET), "{}", text(&o));
+}
+
+/// The most CPU-ring workers this machine may run per node (the launcher's stated bound).
+fn most_cpu_workers() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Issue 12: `--procs-per-node 100000` spawned thousands of workers; now it is refused before any
+/// starts, naming the bound.
+#[test]
+fn more_workers_than_the_machine_can_run_are_refused_before_any_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    let too_many = (most_cpu_workers() + 1).to_string();
+    for procs in ["100000", too_many.as_str()] {
+        let o = launch(&cfg, &["--procs-per-node", procs]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(
+            text(&o).contains(&format!("--procs-per-node {procs}: this machine has"))
+                && text(&o).contains("at most 4 CPU workers per core"),
+            "{}",
+            text(&o)
+        );
+        assert!(!out.join("logs").exists(), "a worker started");
+    }
+}
+
+/// SIGTERM to a launcher while it starts as many workers as it may: it stops starting, its
+/// workers (starting, or waiting in the rendezvous) stop on SIGTERM without needing SIGKILL (the
+/// grace period is longer than the test waits), and it exits 143 with none left.
+#[test]
+fn sigterm_while_starting_many_workers_stops_them_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 100_000, 4, 0);
+    set_in_config(&cfg, "term_grace_s", "3", "600");
+    let procs = most_cpu_workers().to_string();
+    let run = Running::start(&cfg, &["--procs-per-node", &procs]);
+    wait_for_line(&run, "rank 0: pid ", Duration::from_secs(60));
+    signal(run.child.id() as i32, "-TERM");
+    let pids: Vec<i32> = {
+        let (code, log) = run.wait(Duration::from_secs(120));
+        assert_eq!(code, 143, "{log}");
+        assert!(!log.contains("grace period over"), "{log}");
+        log.lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(": pid ")? + 6..];
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect()
+    };
+    assert!(!pids.is_empty());
+    for p in pids {
+        assert!(gone(p), "worker {p} is still running");
+    }
+}
+
+/// A worker waiting in the rendezvous (its peer never comes; the rendezvous timeout is 60 s)
+/// exits at once with 143 on SIGTERM.
+#[test]
+fn a_worker_waiting_in_the_rendezvous_exits_on_sigterm() {
+    use launcher::store::{StoreParams, StoreServer};
+    use trainer::dist::auth::Secret;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    let secret = Secret::from_text(TEST_SECRET.as_bytes(), "test").unwrap();
+    let store = StoreServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        StoreParams {
+            run_id: "waiting".into(),
+            secret: secret.clone(),
+            heartbeat_timeout: Duration::from_secs(60),
+            rendezvous_timeout: Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let file = secret.write_private(tmp.path(), "secret").unwrap();
+    let mut worker = Command::new(trainer())
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", store.local_addr().port().to_string())
+        .env("TESSERA_RUN_ID", "waiting")
+        .env_remove("TESSERA_STORE_SECRET")
+        .env("TESSERA_STORE_SECRET_FILE", &file)
+        .env("RUST_LOG", "info")
+        .env("TESSERA_PEAK_GFLOPS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "joining the run" is logged just before the registration that waits for rank 1.
+    let mut stderr = BufReader::new(worker.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the worker ended first:\n{seen}"
+        );
+        seen += &line;
+        if line.contains("joining the run") {
+            break;
+        }
+    }
+    // Give the registration a moment to reach the store; either way SIGTERM must end the wait.
+    std::thread::sleep(Duration::from_millis(200));
+    signal(worker.id() as i32, "-TERM");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(45) {
+            let _ = worker.kill();
+            panic!("the worker ignored SIGTERM in the rendezvous:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(143), "{seen}");
+}
+
+/// Node 1's worker waits in the rendezvous for node 0's, which never registers (node 0's
+/// "trainer" only sleeps); SIGKILL to node 1's launcher ends that worker through its parent-death
+/// signal, long before the rendezvous timeout (600 s), while node 0's store is still up.
+#[test]
+fn a_sigkilled_launcher_leaves_no_worker_waiting_in_the_rendezvous() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "rendezvous_timeout_s", "60", "600");
+    let sleeper = tmp.path().join("sleeper");
+    std::fs::write(&sleeper, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&sleeper)
+        .status()
+        .unwrap();
+    let port = free_port().to_string();
+    let common = [
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--run-id",
+        "orphans-in-rendezvous",
+    ];
+    let mut cmd = launcher_cmd(&cfg, &[&common[..], &["--node-rank", "0"]].concat());
+    cmd.env("TESSERA_TRAINER", &sleeper);
+    let node0 = Running::spawn(cmd);
+    let mut cmd = launcher_cmd(&cfg, &[&common[..], &["--node-rank", "1"]].concat());
+    cmd.env("RUST_LOG", "info");
+    let node1 = Running::spawn(cmd);
+    wait_for_line(&node0, "rank 0: pid ", Duration::from_secs(60));
+    // Rank 1 logs this just before the registration that waits for rank 0.
+    wait_for_line(&node1, "joining the run", Duration::from_secs(60));
+    let workers = [node0.pid_of(0, 0).unwrap(), node1.pid_of(1, 0).unwrap()];
+    signal(node1.child.id() as i32, "-KILL");
+    let _ = node1.wait(Duration::from_secs(10));
+    let started = Instant::now();
+    while !gone(workers[1]) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "rank 1 (pid {}) outlived its launcher in the rendezvous",
+            workers[1]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node 0 finds node 1 lost, stops its worker and fails.
+    let (code, log) = node0.wait(Duration::from_secs(120));
+    assert_eq!(code, 1, "{log}");
+    assert!(gone(workers[0]), "{log}");
+}
+
+/// SIGTERM while the launcher waits for the other nodes (node 1 never comes; the rendezvous
+/// timeout is 600 s): it exits 143 at once, before starting a worker.
+#[test]
+fn sigterm_while_waiting_for_the_other_nodes_ends_the_launcher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "rendezvous_timeout_s", "60", "600");
+    let port = free_port().to_string();
+    let run = Running::start(
+        &cfg,
+        &[
+            "--nodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--run-id",
+            "lonely",
+        ],
+    );
+    wait_for_line(&run, "rendezvous store on ", Duration::from_secs(60));
+    signal(run.child.id() as i32, "-TERM");
+    let (code, log) = run.wait(Duration::from_secs(60));
+    assert_eq!(code, 143, "{log}");
+    assert!(
+        log.contains("stopped by a signal before any worker started"),
+        "{log}"
+    );
+    assert!(!out.join("logs").exists(), "a worker started:\n{log}");
 }

@@ -4,16 +4,30 @@
 use super::*;
 use std::io::{Read, Write};
 use std::thread;
+use trainer::dist::auth::Credentials;
 use trainer::dist::client::{Registration, StoreClient, StoreError};
-use trainer::dist::protocol::{read_frame, RefusalKind, MAX_FRAME};
+use trainer::dist::protocol::{read_frame, RefusalKind, MAX_FRAME, TAG_LEN};
 
 const RUN: &str = "run-1";
+const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
+
+fn secret() -> Secret {
+    Secret::from_text(SECRET.as_bytes(), "test").unwrap()
+}
+
+fn creds() -> Credentials {
+    Credentials {
+        run_id: RUN.into(),
+        secret: secret(),
+    }
+}
 
 fn start(heartbeat_timeout_ms: u64) -> StoreServer {
     StoreServer::start(
         "127.0.0.1:0".parse().unwrap(),
         StoreParams {
             run_id: RUN.into(),
+            secret: secret(),
             heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
             rendezvous_timeout: Duration::from_secs(20),
         },
@@ -22,7 +36,12 @@ fn start(heartbeat_timeout_ms: u64) -> StoreServer {
 }
 
 fn client(s: &StoreServer) -> StoreClient {
-    StoreClient::connect(&s.local_addr().to_string(), RUN, Duration::from_secs(5)).unwrap()
+    StoreClient::connect(
+        &s.local_addr().to_string(),
+        &creds(),
+        Duration::from_secs(5),
+    )
+    .unwrap()
 }
 
 fn reg(rank: usize, world_size: usize, hash: &str) -> Registration {
@@ -52,7 +71,7 @@ fn rendezvous_keys_and_barriers_work_for_three_ranks() {
         .map(|rank| {
             let addr = addr.clone();
             thread::spawn(move || {
-                let mut c = StoreClient::connect(&addr, RUN, T).unwrap();
+                let mut c = StoreClient::connect(&addr, &creds(), T).unwrap();
                 assert_eq!(c.register(&reg(rank, 3, "h"), T).unwrap(), 3);
                 c.set(0, &format!("addr/{rank}"), &format!("host:{rank}"))
                     .unwrap();
@@ -90,8 +109,13 @@ fn waits_end_with_a_timeout_naming_what_is_missing() {
 #[test]
 fn a_wrong_run_id_is_refused_and_the_run_goes_on() {
     let s = start(10_000);
-    let mut stranger = StoreClient::connect(&s.local_addr().to_string(), "other-run", T).unwrap();
-    let e = stranger.register(&reg(0, 1, "h"), T).unwrap_err();
+    let other = Credentials {
+        run_id: "other-run".into(),
+        secret: secret(),
+    };
+    let e = StoreClient::connect(&s.local_addr().to_string(), &other, T)
+        .err()
+        .expect("another run's hello is refused");
     assert_eq!(refusal_of(&e), RefusalKind::WrongRunId);
     assert!(
         e.to_string()
@@ -100,6 +124,169 @@ fn a_wrong_run_id_is_refused_and_the_run_goes_on() {
     );
     // The store still serves the real run.
     assert_eq!(client(&s).register(&reg(0, 1, "h"), T).unwrap(), 1);
+}
+
+/// An outsider who knows the run id but not the secret: everything it asks is refused as
+/// unauthenticated, and the run it tried to take over goes on as if it had not been there.
+#[test]
+fn without_the_secret_nothing_is_accepted_and_the_run_goes_on() {
+    let s = start(10_000);
+    let addr = s.local_addr().to_string();
+    let mut node = client(&s);
+    node.join_node(0, 1, 1, 0, T).unwrap();
+    let outsider = Credentials {
+        run_id: RUN.into(),
+        secret: Secret::from_text(b"not-the-secret-0123456789abcdef-012345", "test").unwrap(),
+    };
+    let stranger = || StoreClient::connect(&addr, &outsider, T).unwrap();
+    let attempts: Vec<(&str, StoreError)> = vec![
+        (
+            "register",
+            stranger().register(&reg(0, 1, "h"), T).unwrap_err(),
+        ),
+        (
+            "set",
+            stranger().set(0, "ring/addr/0", "evil:1").unwrap_err(),
+        ),
+        (
+            "worker failed",
+            stranger()
+                .node_update(
+                    0,
+                    0,
+                    Some(NodeEvent::WorkerFailed {
+                        reason: "forged".into(),
+                    }),
+                )
+                .unwrap_err(),
+        ),
+        (
+            "interrupt",
+            stranger()
+                .node_update(
+                    0,
+                    0,
+                    Some(NodeEvent::Interrupted {
+                        reason: "forged".into(),
+                    }),
+                )
+                .unwrap_err(),
+        ),
+        ("join", stranger().join_node(0, 1, 1, 0, T).unwrap_err()),
+    ];
+    for (what, e) in &attempts {
+        assert_eq!(refusal_of(e), RefusalKind::Unauthenticated, "{what}: {e}");
+        assert!(
+            e.to_string().contains("does not carry a valid tag"),
+            "{what}: {e}"
+        );
+        assert!(!e.to_string().contains(SECRET), "{what}: {e}");
+    }
+    // Nothing of it reached the gang: rank 0 registers, the key is unset, the gang runs.
+    let mut w = client(&s);
+    assert_eq!(w.register(&reg(0, 1, "h"), T).unwrap(), 1);
+    let e = w
+        .get(0, "ring/addr/0", Duration::from_millis(100))
+        .unwrap_err();
+    assert_eq!(refusal_of(&e), RefusalKind::Timeout);
+    let v = node.node_update(0, 0, None).unwrap();
+    assert_eq!((v.phase, v.restarts), (Phase::Running, 0));
+    let v = node.node_update(0, 0, Some(NodeEvent::Done)).unwrap();
+    assert_eq!(v.phase, Phase::Finished);
+}
+
+/// A connection by hand: hello, the store's nonce, the client's session.
+fn handshake(s: &StoreServer, secret: &Secret) -> (std::net::TcpStream, Session) {
+    let mut t = std::net::TcpStream::connect(s.local_addr()).unwrap();
+    t.set_read_timeout(Some(T)).unwrap();
+    let ours = [9u8; auth::NONCE_LEN];
+    let hello = Frame {
+        run_id: RUN.to_string(),
+        body: Request::Hello {
+            version: auth::VERSION,
+            nonce: auth::hex(&ours),
+        },
+    };
+    t.write_all(&encode(&NO_TAG, &to_json(&hello).unwrap()))
+        .unwrap();
+    let f: Frame<Response> = read_frame(&mut t).unwrap();
+    let Response::Ok(Reply::Challenge { nonce }) = f.body else {
+        panic!("{:?}", f.body)
+    };
+    let theirs = auth::parse_nonce(&nonce).unwrap();
+    let session = Session::new(secret, RUN, &ours, &theirs, Role::Client);
+    (t, session)
+}
+
+/// The bytes of a tagged request.
+fn sealed(session: &mut Session, body: Request) -> Vec<u8> {
+    let json = to_json(&Frame {
+        run_id: RUN.to_string(),
+        body,
+    })
+    .unwrap();
+    encode(&session.seal(&json), &json)
+}
+
+/// The answer to one frame.
+fn ask(t: &mut std::net::TcpStream, bytes: &[u8]) -> Response {
+    t.write_all(bytes).unwrap();
+    read_frame::<Response>(t).unwrap().body
+}
+
+fn refused_unauthenticated(r: Response) {
+    match r {
+        Response::Err(r) => assert_eq!(r.kind, RefusalKind::Unauthenticated, "{}", r.message),
+        other => panic!("accepted: {other:?}"),
+    }
+}
+
+/// Frames captured on one connection do not work on another, nor twice on their own; a request
+/// without the handshake, or with a tag of zeros, is refused.
+#[test]
+fn captured_and_untagged_frames_are_refused() {
+    let s = start(10_000);
+    let interrupt = Request::NodeUpdate {
+        node_rank: 0,
+        generation: 0,
+        event: Some(NodeEvent::Interrupted {
+            reason: "replayed".into(),
+        }),
+    };
+    let mut node = client(&s);
+    node.join_node(0, 1, 1, 0, T).unwrap();
+    // A legitimate frame, as a sniffer would capture it, sent on the connection it was made for.
+    let (mut a, mut session) = handshake(&s, &secret());
+    let get = sealed(
+        &mut session,
+        Request::Get {
+            generation: 0,
+            key: "k".into(),
+            timeout_ms: 10,
+        },
+    );
+    assert!(matches!(ask(&mut a, &get), Response::Err(r) if r.kind == RefusalKind::Timeout));
+    // The same bytes again on that connection: the sequence number moved on.
+    refused_unauthenticated(ask(&mut a, &get));
+    // A legitimately tagged interrupt from connection C, replayed on connection D.
+    let (_c, mut c_session) = handshake(&s, &secret());
+    let captured = sealed(&mut c_session, interrupt.clone());
+    let (mut d, _) = handshake(&s, &secret());
+    refused_unauthenticated(ask(&mut d, &captured));
+    // No handshake: a request first.
+    let mut t = std::net::TcpStream::connect(s.local_addr()).unwrap();
+    t.set_read_timeout(Some(T)).unwrap();
+    let json = to_json(&Frame {
+        run_id: RUN.to_string(),
+        body: interrupt.clone(),
+    })
+    .unwrap();
+    refused_unauthenticated(ask(&mut t, &encode(&NO_TAG, &json)));
+    // After a handshake, an untagged request.
+    let (mut e, _) = handshake(&s, &secret());
+    refused_unauthenticated(ask(&mut e, &encode(&NO_TAG, &json)));
+    // None of it interrupted the run.
+    assert_eq!(node.node_update(0, 0, None).unwrap().phase, Phase::Running);
 }
 
 /// Sends raw bytes, returns the store's answer.
@@ -132,14 +319,16 @@ fn oversized_and_malformed_frames_are_refused() {
         }
         other => panic!("{other:?}"),
     }
-    let mut junk = 9u32.to_be_bytes().to_vec();
+    let mut junk = (TAG_LEN as u32 + 9).to_be_bytes().to_vec();
+    junk.extend_from_slice(&NO_TAG);
     junk.extend_from_slice(b"not json!");
     match raw(&s, &junk) {
         Response::Err(r) => assert_eq!(r.kind, RefusalKind::Malformed, "{}", r.message),
         other => panic!("{other:?}"),
     }
     let body = br#"{"run_id":"run-1","body":{"launch_missiles":{}}}"#;
-    let mut unknown = (body.len() as u32).to_be_bytes().to_vec();
+    let mut unknown = ((TAG_LEN + body.len()) as u32).to_be_bytes().to_vec();
+    unknown.extend_from_slice(&NO_TAG);
     unknown.extend_from_slice(body);
     match raw(&s, &unknown) {
         Response::Err(r) => {
@@ -157,7 +346,7 @@ fn a_duplicate_rank_fails_the_rendezvous_for_everyone() {
     let waiting = {
         let addr = addr.clone();
         thread::spawn(move || {
-            let mut c = StoreClient::connect(&addr, RUN, T).unwrap();
+            let mut c = StoreClient::connect(&addr, &creds(), T).unwrap();
             c.register(&reg(1, 2, "h"), T).map_err(|e| e.to_string())
         })
     };
@@ -186,7 +375,7 @@ fn world_sizes_and_configs_that_disagree_are_refused() {
     let first = {
         let addr = addr.clone();
         thread::spawn(move || {
-            StoreClient::connect(&addr, RUN, T)
+            StoreClient::connect(&addr, &creds(), T)
                 .unwrap()
                 .register(&reg(0, 2, "h"), T)
                 .map_err(|e| e.to_string())
@@ -211,7 +400,7 @@ fn world_sizes_and_configs_that_disagree_are_refused() {
     let first = {
         let addr = addr.clone();
         thread::spawn(move || {
-            StoreClient::connect(&addr, RUN, T)
+            StoreClient::connect(&addr, &creds(), T)
                 .unwrap()
                 .register(&reg(0, 2, "aaaaaaaaaaaaaaaa"), T)
                 .map_err(|e| e.to_string())
@@ -236,7 +425,7 @@ fn nodes_that_disagree_or_repeat_are_refused() {
     let s = start(10_000);
     let addr = s.local_addr().to_string();
     let node0 = thread::spawn(move || {
-        StoreClient::connect(&addr, RUN, T)
+        StoreClient::connect(&addr, &creds(), T)
             .unwrap()
             .join_node(0, 2, 2, 1, T)
             .map_err(|e| e.to_string())
@@ -250,7 +439,7 @@ fn nodes_that_disagree_or_repeat_are_refused() {
     let s = start(10_000);
     let addr = s.local_addr().to_string();
     let node0 = thread::spawn(move || {
-        StoreClient::connect(&addr, RUN, T)
+        StoreClient::connect(&addr, &creds(), T)
             .unwrap()
             .join_node(0, 2, 1, 0, T)
             .map_err(|e| e.to_string())
@@ -269,6 +458,7 @@ fn the_port_already_taken_is_a_clear_error() {
         addr,
         StoreParams {
             run_id: RUN.into(),
+            secret: secret(),
             heartbeat_timeout: T,
             rendezvous_timeout: T,
         },
@@ -370,7 +560,7 @@ fn a_slow_rendezvous_is_not_a_missed_heartbeat() {
     let early_node = {
         let addr = addr.clone();
         thread::spawn(move || {
-            StoreClient::connect(&addr, RUN, T)
+            StoreClient::connect(&addr, &creds(), T)
                 .unwrap()
                 .join_node(0, 2, 2, 0, T)
         })
@@ -382,7 +572,7 @@ fn a_slow_rendezvous_is_not_a_missed_heartbeat() {
     let early_rank = {
         let addr = addr.clone();
         thread::spawn(move || {
-            StoreClient::connect(&addr, RUN, T)
+            StoreClient::connect(&addr, &creds(), T)
                 .unwrap()
                 .register(&reg(0, 4, "h"), T)
         })
@@ -391,7 +581,7 @@ fn a_slow_rendezvous_is_not_a_missed_heartbeat() {
         let addr = addr.clone();
         move || {
             // Both launchers keep reporting, as they do once joined.
-            let mut a = StoreClient::connect(&addr, RUN, T).unwrap();
+            let mut a = StoreClient::connect(&addr, &creds(), T).unwrap();
             for _ in 0..20 {
                 for node in 0..2 {
                     a.node_update(node, 0, None).unwrap();
@@ -406,7 +596,7 @@ fn a_slow_rendezvous_is_not_a_missed_heartbeat() {
         .map(|r| {
             let addr = addr.clone();
             thread::spawn(move || {
-                StoreClient::connect(&addr, RUN, T)
+                StoreClient::connect(&addr, &creds(), T)
                     .unwrap()
                     .register(&reg(r, 4, "h"), T)
             })

@@ -1,10 +1,13 @@
 //! A blocking client of the rendezvous store, used by workers (register, keys, heartbeats) and by
 //! launchers (join, node reports). One request, one response, on one TCP connection; every call
-//! has a socket timeout a little above the wait it asks the store for.
+//! has a socket timeout a little above the wait it asks the store for. A connection opens with
+//! the handshake of [`super::auth`]; every later frame is tagged with its session, and an answer
+//! whose tag does not verify is an error.
 
+use super::auth::{self, Credentials, Role, Session};
 use super::protocol::{
-    read_frame, write_frame, Frame, FrameError, GangView, NodeEvent, RefusalKind, Reply, Request,
-    Response,
+    decode, read_raw, to_json, write_raw, Frame, FrameError, GangView, NodeEvent, RefusalKind,
+    Reply, Request, Response, NO_TAG,
 };
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -38,6 +41,13 @@ pub enum StoreError {
         kind: RefusalKind,
         message: String,
     },
+    #[error(
+        "rendezvous store at {addr}, {op}: its answer is not authenticated with this run's \
+         secret (another run's store, or a different {}/{} on this node?)",
+        auth::SECRET_FILE_ENV,
+        auth::SECRET_ENV
+    )]
+    Unauthenticated { addr: String, op: &'static str },
     #[error("rendezvous store at {addr}, {op}: unexpected answer {answer}")]
     Unexpected {
         addr: String,
@@ -61,6 +71,7 @@ pub struct StoreClient {
     stream: TcpStream,
     addr: String,
     run_id: String,
+    session: Session,
 }
 
 /// What a worker tells the store when it registers.
@@ -80,20 +91,25 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl StoreClient {
-    /// Connects to `addr` (`host:port`), retrying every 100 ms until `timeout` has passed (node 0's
-    /// launcher may start after the others).
-    pub fn connect(addr: &str, run_id: &str, timeout: Duration) -> Result<StoreClient, StoreError> {
+    /// Connects to `addr` (`host:port`) and opens a session with `creds`, retrying every 100 ms
+    /// until `timeout` has passed (node 0's launcher may start after the others). A refusal of the
+    /// handshake (another run's store) is returned at once.
+    pub fn connect(
+        addr: &str,
+        creds: &Credentials,
+        timeout: Duration,
+    ) -> Result<StoreClient, StoreError> {
         let started = Instant::now();
         let deadline = started + timeout;
         loop {
             let last = match try_connect(addr, deadline) {
-                Ok(stream) => {
-                    return Ok(StoreClient {
-                        stream,
-                        addr: addr.to_string(),
-                        run_id: run_id.to_string(),
-                    })
-                }
+                Ok(stream) => match handshake(stream, addr, creds) {
+                    Ok(client) => return Ok(client),
+                    Err(e @ (StoreError::Refused { .. } | StoreError::Unexpected { .. })) => {
+                        return Err(e)
+                    }
+                    Err(e) => e.to_string(),
+                },
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
@@ -140,9 +156,22 @@ impl StoreClient {
             run_id: self.run_id.clone(),
             body,
         };
-        write_frame(&mut self.stream, &frame).map_err(io_err)?;
-        let answer: Frame<Response> = read_frame(&mut self.stream).map_err(io_err)?;
-        // A refusal is reported whatever run it names (a wrong run id is refused by the store's).
+        let json = to_json(&frame).map_err(io_err)?;
+        let tag = self.session.seal(&json);
+        write_raw(&mut self.stream, &tag, &json).map_err(io_err)?;
+        let (tag, json) = read_raw(&mut self.stream).map_err(io_err)?;
+        let verified = self.session.open(&tag, &json).is_ok();
+        let answer: Frame<Response> = decode(&json).map_err(io_err)?;
+        // A refusal is reported whatever run it names (a wrong run id is refused by the store's),
+        // and even untagged: the store refuses a frame it cannot authenticate without a tag, and a
+        // forged refusal can do no more than end this call, as a dropped connection would.
+        // Anything else must verify.
+        if !verified && !matches!(answer.body, Response::Err(_)) {
+            return Err(StoreError::Unauthenticated {
+                addr: self.addr.clone(),
+                op,
+            });
+        }
         let reply = match answer.body {
             Response::Ok(reply) => reply,
             Response::Err(r) => {
@@ -313,6 +342,64 @@ impl StoreClient {
             other => Err(self.unexpected("node update", other)),
         }
     }
+}
+
+/// The handshake: `hello` with our nonce, the store's nonce back, the session key.
+fn handshake(
+    mut stream: TcpStream,
+    addr: &str,
+    creds: &Credentials,
+) -> Result<StoreClient, StoreError> {
+    let op = "hello";
+    let io_err = |cause| StoreError::Io {
+        addr: addr.to_string(),
+        op,
+        cause,
+    };
+    stream
+        .set_read_timeout(Some(SLACK))
+        .map_err(|e| io_err(e.into()))?;
+    stream
+        .set_write_timeout(Some(SLACK))
+        .map_err(|e| io_err(e.into()))?;
+    let ours = auth::nonce().map_err(|e| io_err(e.into()))?;
+    let hello = Frame {
+        run_id: creds.run_id.clone(),
+        body: Request::Hello {
+            version: auth::VERSION,
+            nonce: auth::hex(&ours),
+        },
+    };
+    write_raw(&mut stream, &NO_TAG, &to_json(&hello).map_err(io_err)?).map_err(io_err)?;
+    let (_, json) = read_raw(&mut stream).map_err(io_err)?;
+    let answer: Frame<Response> = decode(&json).map_err(io_err)?;
+    let unexpected = |answer: String| StoreError::Unexpected {
+        addr: addr.to_string(),
+        op,
+        answer,
+    };
+    let theirs = match answer.body {
+        Response::Ok(Reply::Challenge { nonce }) => auth::parse_nonce(&nonce).ok_or_else(|| {
+            unexpected(format!(
+                "a challenge nonce '{nonce}' that is not 32 bytes of hex"
+            ))
+        })?,
+        Response::Ok(other) => return Err(unexpected(format!("{other:?}"))),
+        Response::Err(r) => {
+            return Err(StoreError::Refused {
+                addr: addr.to_string(),
+                op,
+                kind: r.kind,
+                message: r.message,
+            })
+        }
+    };
+    Ok(StoreClient {
+        stream,
+        addr: addr.to_string(),
+        run_id: creds.run_id.clone(),
+        session: Session::new(&creds.secret, &creds.run_id, &ours, &theirs, Role::Client),
+    })
 }
 
 fn try_connect(addr: &str, deadline: Instant) -> io::Result<TcpStream> {

@@ -10,10 +10,14 @@
 //! | `MASTER_PORT`       | its TCP port                                                |
 //! | `TESSERA_RUN_ID`    | the run id every frame to the store carries                 |
 //! | `TESSERA_RESTART_COUNT` | the gang's generation: 0, then +1 per restart (default 0) |
+//! | `TESSERA_STORE_SECRET_FILE` | a file (mode 0600) holding the run's secret, which authenticates every frame to the store |
+//! | `TESSERA_STORE_SECRET` | the secret itself, when no file is named |
+//! | `TESSERA_LAUNCHER_PID` | the launcher's pid: a worker whose launcher is gone does not join (optional) |
 //!
 //! `RANK` and `WORLD_SIZE` both absent means a plain single-process run; one without the other,
 //! or any of the others missing or malformed, is an error naming the variable.
 
+use super::auth::{self, Credentials, Secret};
 use std::fmt;
 
 /// The environment of one worker of a multi-process run.
@@ -28,6 +32,10 @@ pub struct WorkerEnv {
     pub run_id: String,
     /// The gang's generation (restarts so far).
     pub generation: u64,
+    /// The run's secret (its `Debug` does not show it).
+    pub secret: Secret,
+    /// The pid of the launcher that started this worker, when it says.
+    pub launcher_pid: Option<u32>,
 }
 
 /// A variable of [`WorkerEnv`] that is missing, unparsable or out of range.
@@ -57,8 +65,9 @@ impl WorkerEnv {
             let v = get(var).ok_or_else(|| EnvError {
                 var,
                 message: "not set (a multi-process worker needs RANK, WORLD_SIZE, LOCAL_RANK, \
-                          LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TESSERA_RUN_ID; \
-                          the launcher sets them all)"
+                          LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TESSERA_RUN_ID and \
+                          TESSERA_STORE_SECRET_FILE or TESSERA_STORE_SECRET; the launcher sets \
+                          them all)"
                     .into(),
             })?;
             let v = v.trim().to_string();
@@ -127,6 +136,31 @@ impl WorkerEnv {
                 message: format!("'{t}' is not a non-negative integer"),
             })?,
         };
+        let secret_var = if get(auth::SECRET_FILE_ENV).is_some() {
+            auth::SECRET_FILE_ENV
+        } else {
+            auth::SECRET_ENV
+        };
+        let secret = Secret::from_lookup(&get)
+            .map_err(|e| EnvError {
+                var: secret_var,
+                message: e.to_string(),
+            })?
+            .ok_or_else(|| EnvError {
+                var: auth::SECRET_FILE_ENV,
+                message: format!(
+                    "not set, nor {}: the rendezvous store authenticates every frame with the \
+                     run's secret (the launcher passes it; see docs/cluster.md)",
+                    auth::SECRET_ENV
+                ),
+            })?;
+        let launcher_pid = match get("TESSERA_LAUNCHER_PID") {
+            None => None,
+            Some(t) => Some(t.trim().parse::<u32>().map_err(|_| EnvError {
+                var: "TESSERA_LAUNCHER_PID",
+                message: format!("'{t}' is not a process id"),
+            })?),
+        };
         Ok(Some(WorkerEnv {
             rank,
             world_size,
@@ -136,7 +170,17 @@ impl WorkerEnv {
             master_port,
             run_id,
             generation,
+            secret,
+            launcher_pid,
         }))
+    }
+
+    /// The run id and secret every connection to the store needs.
+    pub fn credentials(&self) -> Credentials {
+        Credentials {
+            run_id: self.run_id.clone(),
+            secret: self.secret.clone(),
+        }
     }
 
     /// `host:port` of the store.
@@ -212,6 +256,7 @@ mod tests {
         ("MASTER_ADDR", "node01"),
         ("MASTER_PORT", "29500"),
         ("TESSERA_RUN_ID", "job-7"),
+        ("TESSERA_STORE_SECRET", "0123456789abcdef0123456789abcdef"),
     ];
 
     fn with(over: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
@@ -277,6 +322,21 @@ mod tests {
                 &with(&[("TESSERA_RESTART_COUNT", "x")]),
                 "TESSERA_RESTART_COUNT",
                 "'x'",
+            ),
+            (
+                &with(&[("TESSERA_STORE_SECRET", "")]),
+                "TESSERA_STORE_SECRET_FILE",
+                "not set, nor TESSERA_STORE_SECRET",
+            ),
+            (
+                &with(&[("TESSERA_STORE_SECRET", "too short")]),
+                "TESSERA_STORE_SECRET",
+                "fewer than the 32 required",
+            ),
+            (
+                &with(&[("TESSERA_STORE_SECRET_FILE", "/nonexistent/s")]),
+                "TESSERA_STORE_SECRET_FILE",
+                "set only one",
             ),
         ];
         for (pairs, var, text) in cases {

@@ -12,6 +12,7 @@
 //! and the launcher restarts the gang. A stopped process (SIGSTOP) stops this thread as well, and
 //! the store sees its heartbeats stop.
 
+use super::auth::Credentials;
 use super::client::StoreClient;
 use super::ring::Abort;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct HeartbeatOptions {
     pub store_addr: String,
-    pub run_id: String,
+    pub creds: Credentials,
     pub generation: u64,
     pub rank: usize,
     pub interval: Duration,
@@ -76,7 +77,7 @@ fn beat(
     let mut last_ok = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         if client.is_none() {
-            client = StoreClient::connect(&opts.store_addr, &opts.run_id, opts.interval).ok();
+            client = StoreClient::connect(&opts.store_addr, &opts.creds, opts.interval).ok();
         }
         if let Some(c) = client.as_mut() {
             match c.heartbeat(opts.generation, opts.rank, progress.load(Ordering::Relaxed)) {

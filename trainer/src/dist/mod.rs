@@ -1,7 +1,9 @@
 //! Data-parallel training across processes: how a worker joins a run and gets its
 //! [`Collectives`].
 //!
-//! - [`env`]: torchrun's variables (`RANK`, `WORLD_SIZE`, …) plus `TESSERA_RUN_ID`;
+//! - [`env`]: torchrun's variables (`RANK`, `WORLD_SIZE`, …) plus `TESSERA_RUN_ID` and the run's
+//!   secret;
+//! - [`auth`]: the secret and the HMAC that authenticates every frame to the store;
 //! - [`config`]: the `distributed:` section (timeouts, workers per node on CPU machines);
 //! - [`protocol`], [`client`]: the rendezvous store's frames and a blocking client (the store
 //!   itself runs in node 0's launcher);
@@ -12,8 +14,11 @@
 //! [`connect`] is all the training loop calls: with no `RANK`/`WORLD_SIZE` it returns
 //! [`SingleProcess`]; otherwise it registers with the store (every rank, same world size, same
 //! config hash: the rendezvous), starts the heartbeat thread and builds the ring or joins the
-//! NCCL communicator (`distributed.collectives`).
+//! NCCL communicator (`distributed.collectives`). Until it returns, SIGTERM and SIGINT end the
+//! worker at once with status 143 (there is nothing to checkpoint yet), so a worker waiting in
+//! the rendezvous does not outlive a launcher that stops it or dies.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod env;
@@ -56,6 +61,58 @@ pub enum DistError {
     },
     #[error("ranks disagree on {what} (the differing ranks' logs say how)")]
     DisagreeElsewhere { what: String },
+    #[error("the launcher that started this worker (pid {pid}) is gone; not joining the run")]
+    LauncherGone { pid: u32 },
+}
+
+/// Exit status of a worker stopped by SIGTERM/SIGINT while joining (128 + SIGTERM).
+pub const EXIT_STOPPED_WHILE_JOINING: i32 = 143;
+
+/// While it lives, SIGTERM and SIGINT end the process at once with
+/// [`EXIT_STOPPED_WHILE_JOINING`] (signal-hook's conditional shutdown; other handlers, such as
+/// the trainer's stop flag, still run first).
+struct StopWhileJoining {
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl StopWhileJoining {
+    fn arm() -> Result<StopWhileJoining, std::io::Error> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut ids = Vec::new();
+        for sig in [SIGTERM, SIGINT] {
+            ids.push(signal_hook::flag::register_conditional_shutdown(
+                sig,
+                EXIT_STOPPED_WHILE_JOINING,
+                armed.clone(),
+            )?);
+        }
+        Ok(StopWhileJoining { armed, ids })
+    }
+}
+
+impl Drop for StopWhileJoining {
+    fn drop(&mut self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+/// Fails when the launcher that started this worker has exited: the parent-death signal the
+/// launcher asked for can arrive before [`StopWhileJoining`] is armed, and then only set the
+/// trainer's stop flag.
+fn check_launcher(env: &WorkerEnv) -> Result<(), DistError> {
+    if let Some(pid) = env.launcher_pid {
+        // SAFETY: getppid cannot fail.
+        let parent = unsafe { libc::getppid() } as u32;
+        if parent != pid {
+            return Err(DistError::LauncherGone { pid });
+        }
+    }
+    Ok(())
 }
 
 /// The collectives of this process: [`SingleProcess`] without torchrun's variables, else those
@@ -65,6 +122,8 @@ pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
     let Some(env) = WorkerEnv::from_env()? else {
         return Ok(Box::new(SingleProcess));
     };
+    let _stop = StopWhileJoining::arm()?;
+    check_launcher(&env)?;
     match cfg.distributed.transport(cfg.run.device) {
         Transport::Tcp => Ok(Box::new(join(&env, cfg)?)),
         Transport::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
@@ -83,7 +142,7 @@ struct Joined {
 fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
     let d = &cfg.distributed;
     let addr = env.store_addr();
-    let mut client = StoreClient::connect(&addr, &env.run_id, d.rendezvous_timeout())?;
+    let mut client = StoreClient::connect(&addr, &env.credentials(), d.rendezvous_timeout())?;
     let registration = Registration {
         rank: env.rank,
         world_size: env.world_size,
@@ -101,7 +160,7 @@ fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
     let heartbeat = Heartbeat::start(
         HeartbeatOptions {
             store_addr: addr,
-            run_id: env.run_id.clone(),
+            creds: env.credentials(),
             generation: env.generation,
             rank: env.rank,
             interval: d.heartbeat_interval(),

@@ -1,11 +1,15 @@
 //! The rendezvous store's wire protocol, shared by the store (the launcher's `store` module),
 //! the workers and the launchers.
 //!
-//! A frame is a big-endian `u32` length followed by that many bytes of JSON, at most
-//! [`MAX_FRAME`] bytes. The JSON is a [`Frame`]: the run id and a body, a [`Request`] from a client
-//! or a [`Response`] from the store. The store answers every request with exactly one response on
-//! the same connection, in order. A frame that is too long, is not such JSON, or carries another
-//! run id is answered with a [`Refusal`] naming what was wrong, and the connection is closed.
+//! A frame is a big-endian `u32` length, then that many bytes: a 32-byte tag and JSON, at most
+//! [`MAX_FRAME`] bytes in all. The JSON is a [`Frame`]: the run id and a body, a [`Request`] from
+//! a client or a [`Response`] from the store. The tag authenticates the frame
+//! ([`super::auth::Session`]): a connection opens with [`Request::Hello`] and the store's
+//! [`Reply::Challenge`] (both untagged: zeros), and every later frame, both ways, carries the
+//! HMAC of its connection's session. The store answers every request with exactly one response
+//! on the same connection, in order. A frame that is too long, is not such JSON, carries another
+//! run id or a tag that does not verify is answered with a [`Refusal`] naming what was wrong, and
+//! the connection is closed.
 //!
 //! Every request that waits carries its own timeout (`timeout_ms`), set from the run config;
 //! the store never waits longer, and clients put a socket timeout a little above it.
@@ -13,8 +17,13 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-/// The hard cap on a frame's length in bytes (the length prefix excluded).
+pub use super::auth::TAG_LEN;
+
+/// The hard cap on a frame's length in bytes (the length prefix excluded, the tag included).
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// The tag of the handshake's frames, which no session covers yet.
+pub const NO_TAG: [u8; TAG_LEN] = [0; TAG_LEN];
 
 /// One message: the run id and a body.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -29,6 +38,9 @@ pub struct Frame<T> {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// The first frame of every connection: the protocol version and the client's nonce (hex),
+    /// answered with [`Reply::Challenge`].
+    Hello { version: u32, nonce: String },
     /// A worker joins the gang of `generation`; answered once every rank has registered (the
     /// rendezvous), or with a refusal.
     Register {
@@ -110,6 +122,11 @@ pub enum Response {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reply {
+    /// The store's nonce (hex), answering [`Request::Hello`]: the connection's session key is now
+    /// known to both ends.
+    Challenge {
+        nonce: String,
+    },
     /// The rendezvous is complete.
     Registered {
         world_size: usize,
@@ -143,6 +160,8 @@ pub struct Refusal {
 #[serde(rename_all = "snake_case")]
 pub enum RefusalKind {
     WrongRunId,
+    /// The frame's tag does not verify with the run's secret, or the handshake was wrong.
+    Unauthenticated,
     Oversized,
     Malformed,
     DuplicateRank,
@@ -249,19 +268,27 @@ impl FrameError {
     }
 }
 
-/// The length prefix and JSON of a frame.
-pub fn encode<T: Serialize>(frame: &Frame<T>) -> Result<Vec<u8>, FrameError> {
+/// The JSON of a frame, checked against the cap.
+pub fn to_json<T: Serialize>(frame: &Frame<T>) -> Result<Vec<u8>, FrameError> {
     let json = serde_json::to_vec(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if json.len() > MAX_FRAME {
-        return Err(FrameError::Oversized { len: json.len() });
+    if TAG_LEN + json.len() > MAX_FRAME {
+        return Err(FrameError::Oversized {
+            len: TAG_LEN + json.len(),
+        });
     }
-    let mut out = Vec::with_capacity(4 + json.len());
-    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    out.extend_from_slice(&json);
-    Ok(out)
+    Ok(json)
 }
 
-/// Checks a length prefix against the cap.
+/// The bytes on the wire: length prefix, tag, JSON.
+pub fn encode(tag: &[u8; TAG_LEN], json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + TAG_LEN + json.len());
+    out.extend_from_slice(&((TAG_LEN + json.len()) as u32).to_be_bytes());
+    out.extend_from_slice(tag);
+    out.extend_from_slice(json);
+    out
+}
+
+/// Checks a length prefix against the cap and the tag's length.
 pub fn check_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_FRAME {
@@ -270,7 +297,20 @@ pub fn check_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     if len == 0 {
         return Err(FrameError::Malformed("empty frame".into()));
     }
+    if len <= TAG_LEN {
+        return Err(FrameError::Malformed(format!(
+            "a frame of {len} bytes has no room for its {TAG_LEN}-byte tag and a body"
+        )));
+    }
     Ok(len)
+}
+
+/// Splits a frame's bytes (after the length prefix) into its tag and JSON.
+pub fn split(mut body: Vec<u8>) -> ([u8; TAG_LEN], Vec<u8>) {
+    let json = body.split_off(TAG_LEN.min(body.len()));
+    let mut tag = NO_TAG;
+    tag[..body.len()].copy_from_slice(&body);
+    (tag, json)
 }
 
 /// Parses a frame's JSON.
@@ -278,21 +318,26 @@ pub fn decode<T: DeserializeOwned>(json: &[u8]) -> Result<Frame<T>, FrameError> 
     serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
-/// Writes one frame.
-pub fn write_frame<T: Serialize>(w: &mut impl Write, frame: &Frame<T>) -> Result<(), FrameError> {
-    w.write_all(&encode(frame)?)?;
+/// Writes one frame with `tag`.
+pub fn write_raw(w: &mut impl Write, tag: &[u8; TAG_LEN], json: &[u8]) -> Result<(), FrameError> {
+    w.write_all(&encode(tag, json))?;
     w.flush()?;
     Ok(())
 }
 
-/// Reads one frame (blocking, subject to the stream's read timeout).
-pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Frame<T>, FrameError> {
+/// Reads one frame's tag and JSON (blocking, subject to the stream's read timeout).
+pub fn read_raw(r: &mut impl Read) -> Result<([u8; TAG_LEN], Vec<u8>), FrameError> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix)?;
     let len = check_len(prefix)?;
-    let mut json = vec![0u8; len];
-    r.read_exact(&mut json)?;
-    decode(&json)
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(split(body))
+}
+
+/// Reads one frame and parses it without looking at its tag (tests, and refusals).
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Frame<T>, FrameError> {
+    decode(&read_raw(r)?.1)
 }
 
 #[cfg(test)]
@@ -309,9 +354,10 @@ mod tests {
                 timeout_ms: 10,
             },
         };
-        let bytes = encode(&f).unwrap();
-        let back: Frame<Request> = read_frame(&mut &bytes[..]).unwrap();
-        assert_eq!(back, f);
+        let bytes = encode(&[7; TAG_LEN], &to_json(&f).unwrap());
+        let (tag, json) = read_raw(&mut &bytes[..]).unwrap();
+        assert_eq!(tag, [7; TAG_LEN]);
+        assert_eq!(decode::<Request>(&json).unwrap(), f);
 
         let big = Frame {
             run_id: "r1".into(),
@@ -321,7 +367,7 @@ mod tests {
                 value: "x".repeat(MAX_FRAME),
             },
         };
-        assert!(matches!(encode(&big), Err(FrameError::Oversized { .. })));
+        assert!(matches!(to_json(&big), Err(FrameError::Oversized { .. })));
         let mut huge = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         huge.extend_from_slice(b"{}");
         let e = read_frame::<Request>(&mut &huge[..]).unwrap_err();
@@ -330,7 +376,8 @@ mod tests {
 
     #[test]
     fn malformed_frames_say_what_is_wrong() {
-        let mut bad = 5u32.to_be_bytes().to_vec();
+        let mut bad = (TAG_LEN as u32 + 5).to_be_bytes().to_vec();
+        bad.extend_from_slice(&NO_TAG);
         bad.extend_from_slice(b"hello");
         let e = read_frame::<Request>(&mut &bad[..]).unwrap_err();
         assert!(matches!(e, FrameError::Malformed(_)), "{e}");
@@ -340,5 +387,7 @@ mod tests {
         assert!(e.to_string().contains("run_id"), "{e}");
         let e = read_frame::<Request>(&mut &[0u8, 0, 0, 0][..]).unwrap_err();
         assert!(e.to_string().contains("empty frame"), "{e}");
+        let e = read_frame::<Request>(&mut &[0u8, 0, 0, 9][..]).unwrap_err();
+        assert!(e.to_string().contains("no room for its 32-byte tag"), "{e}");
     }
 }
