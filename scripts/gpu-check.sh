@@ -5,6 +5,9 @@
 #   scripts/gpu-check.sh prepare   # here: builds the binaries into gpu-bin/ (git-ignored, stripped)
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
 #
+# It also runs the transformer's forward and backward passes on the GPU against the host model,
+# and 20 updates of `trainer train` with run.device cuda against cpu (losses within 1e-4).
+#
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
 # that need a GPU, with TESSERA_REQUIRE_GPU=1 so that one whose GPU or NCCL is missing fails
 # instead of skipping: the NCCL collectives against the CPU ring through the real launcher (two
@@ -40,7 +43,16 @@ prepare)
     cargo test --release -p trainer --test cuda_libs --no-run
     cargo test --release -p kernels --lib --test nvrtc --no-run
     cargo build --release -p kernels --examples
+    # The trainer's unit tests (the device transformer's parity test): their executable is
+    # named like the binary's, so cargo is asked for its path.
+    trainer_tests=$(cargo test --release -p trainer --lib --no-run --message-format=json |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])')
     rm -rf gpu-bin && mkdir gpu-bin
+    cp "$trainer_tests" gpu-bin/test-trainer
     cp target/release/trainer target/release/launcher gpu-bin/
     cp target/release/examples/bench_gpu target/release/examples/bench_attention_gpu gpu-bin/
     # The newest test executables (cargo names them <test>-<hash>).
@@ -84,6 +96,24 @@ run)
             gpu-bin/test-kernels --test-threads 8 gpu:: --skip cuda_matches_the_cpu_reference \
             || status=1
     done
+    echo "--- trainer: the transformer's passes on the GPU vs the host model"
+    gpu-bin/test-trainer --nocapture model::transformer::device || status=1
+    echo "--- trainer train: run.device cuda vs cpu, 20 updates of configs/small-cpu.yaml"
+    runs=${TMPDIR:-/tmp}/tessera-gpu-check-runs
+    rm -rf "$runs"
+    for dev in cpu cuda; do
+        gpu-bin/trainer train --config configs/small-cpu.yaml --set run.device=$dev \
+            --set train.steps=20 --set train.log_every=1 --set run.out_dir="$runs/$dev" >/dev/null || status=1
+    done
+    python3 - "$runs" <<'PY' || status=1
+import json, sys
+runs = sys.argv[1]
+loss = lambda d: [json.loads(l)["loss"] for l in open(f"{runs}/{d}/metrics.jsonl")]
+cpu, gpu = loss("cpu"), loss("cuda")
+worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
+print(f"updates {len(cpu)}/{len(gpu)}  first loss {cpu[0]:.6f}/{gpu[0]:.6f}  last {cpu[-1]:.6f}/{gpu[-1]:.6f}  largest relative difference {worst:.2e}")
+sys.exit(0 if len(cpu) == len(gpu) == 20 and worst < 1e-4 else 1)
+PY
     echo "--- kernels: benchmarks"
     gpu-bin/bench_gpu || status=1
     gpu-bin/bench_attention_gpu || status=1
