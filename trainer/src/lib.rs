@@ -10,6 +10,7 @@
 //! - [`dist`]: multi-process runs: torchrun's variables, the rendezvous store's protocol and
 //!   client, the TCP ring and NCCL collectives, heartbeats.
 //! - [`cuda_libs`]: finding the CUDA libraries `cudarc` loads (CUDA installs, NVIDIA's wheels).
+//! - [`memory`]: the memory a config needs, checked against the machine before a run starts.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
 //!   command line.
@@ -23,6 +24,7 @@ pub mod data;
 pub mod debug_state;
 pub mod dist;
 pub mod fsutil;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod params;
