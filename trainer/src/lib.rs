@@ -13,7 +13,7 @@
 //! - [`memory`]: the memory a config needs, checked against the machine before a run starts.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
-//!   command line.
+//!   command line; [`report`] how the binaries print an error.
 
 pub mod checkpoint;
 pub mod cli;
@@ -30,4 +30,5 @@ pub mod optim;
 pub mod params;
 pub mod powersgd;
 pub mod reconstruct;
+pub mod report;
 pub mod train;
