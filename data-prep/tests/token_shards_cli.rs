@@ -172,3 +172,19 @@ fn verify_catches_caption_ids_after_the_padding() {
         "{t}"
     );
 }
+
+/// `inspect` prints captions as JSON strings (quotes, newlines and control characters escaped
+/// as JSON, not as Rust's `{:?}`), so none of them reaches the terminal raw.
+#[test]
+fn inspect_prints_captions_as_json_strings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let caption = "say \"hi\"\n\u{1b}[31m";
+    let path = write_two(&tmp.path().join("c.tts"), [3, 11, 12, 13], caption);
+    let o = data_prep(&["inspect", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let json = serde_json::to_string(caption).unwrap();
+    assert_eq!(json, "\"say \\\"hi\\\"\\n\\u001b[31m\"");
+    assert!(t.contains(&format!("record 1: caption {json}\n")), "{t}");
+    assert!(!t.contains('\u{1b}'), "{t}");
+}
