@@ -17,7 +17,8 @@ Convert:
     python3 tools/convert_openai_dvae.py --encoder encoder.pkl --decoder decoder.pkl \\
         --out openai-dvae.safetensors
 
-What it writes: one safetensors file, every tensor float32 and contiguous, named `encoder.<key>`
+What it writes: one safetensors file (byte-identical for the same pickles: tensors in name order,
+the header's keys sorted), every tensor float32 and contiguous, named `encoder.<key>`
 and `decoder.<key>` for every key of the two modules' state dicts (`blocks.input.w`,
 `blocks.group_1.block_1.res_path.conv_1.w`, …, `blocks.output.conv.b`); metadata
 {"format": "pt", "source": "openai dall_e encoder.pkl + decoder.pkl", and the sizes}. OpenAI's
@@ -179,9 +180,40 @@ def convert(encoder, decoder, force_stub=False):
     return tensors
 
 
-def save(tensors, out):
-    from safetensors.torch import save_file
+def write_safetensors(arrays, out, metadata):
+    """Writes `arrays` (name -> float32 numpy array) as a safetensors file whose bytes depend on
+    nothing but the input: tensors in name order, the header's JSON with sorted keys and no
+    spaces (padded with spaces to a multiple of 8 bytes), no timestamps. (`safetensors.torch.
+    save_file` keeps the metadata in a hash map, whose order changes from run to run.) Written to
+    `<out>.tmp` and renamed."""
+    import json
+    import os
 
+    import numpy as np
+
+    header = {"__metadata__": dict(metadata)}
+    blobs = []
+    offset = 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype="<f4")
+        blob = a.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = Path(str(out) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+def save(tensors, out):
     n_hid, n_blk, k, n_init = infer_sizes(tensors)
     meta = {
         "format": "pt",
@@ -191,7 +223,7 @@ def save(tensors, out):
         "vocab_size": str(k),
         "n_init": str(n_init),
     }
-    save_file(dict(tensors), str(out), metadata=meta)
+    write_safetensors({n: t.numpy() for n, t in tensors.items()}, out, meta)
 
 
 def selftest(out_dir):
@@ -244,6 +276,9 @@ def selftest(out_dir):
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert infer_sizes(tensors) == (n_hid, n_blk, k, n_init)
     save(tensors, out_dir / "dvae.safetensors")
+    first = (out_dir / "dvae.safetensors").read_bytes()
+    save(tensors, out_dir / "dvae.safetensors")
+    assert (out_dir / "dvae.safetensors").read_bytes() == first, "the same input wrote different bytes"
 
     from safetensors.torch import load_file
 

@@ -86,7 +86,7 @@ enum Cmd {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", trainer::report::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -57,8 +57,8 @@ fn inspect_images(path: &Path, records: u64) -> Result<String> {
         let mean = r.pixels.iter().map(|&p| p as f64).sum::<f64>() / r.pixels.len().max(1) as f64;
         writeln!(
             out,
-            "record {i}: caption {:?}  mean pixel {mean:.1}  meta {}",
-            r.caption,
+            "record {i}: caption {}  mean pixel {mean:.1}  meta {}",
+            json_string(&r.caption),
             r.meta.as_deref().unwrap_or("-")
         )?;
     }
@@ -102,8 +102,8 @@ fn inspect_tokens(path: &Path, records: u64) -> Result<String> {
         let shown: Vec<String> = image.iter().take(16).map(u32::to_string).collect();
         writeln!(
             out,
-            "record {i}: caption {:?}\n  text ({used} tokens + {} padding): {:?}\n  image: [{}{}]",
-            r.caption,
+            "record {i}: caption {}\n  text ({used} tokens + {} padding): {:?}\n  image: [{}{}]",
+            json_string(r.caption),
             text.len() - used,
             &text[..used],
             shown.join(", "),
@@ -111,6 +111,12 @@ fn inspect_tokens(path: &Path, records: u64) -> Result<String> {
         )?;
     }
     Ok(out)
+}
+
+/// `text` as a JSON string literal: quotes, backslashes and control characters escaped as JSON
+/// (not Rust's `{:?}`), so a caption can be copied into any JSON tool.
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
 }
 
 /// Verifies every file fully (checksums, every record); returns the failures as (path, error).

@@ -1,10 +1,13 @@
 //! Image shards (`.tis`) end to end: bit-exact round trip, random access into a middle chunk,
-//! and every bad-input case (truncation, wrong magic/version, checksum mismatches, resolution).
+//! and every bad-input case (truncation, wrong magic/version, checksum mismatches, resolution, a
+//! chunk length no machine holds).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use trainer::data::image_shard::{ImageShard, ImageShardError, ImageShardWriter, HEADER_LEN};
+
+mod support;
 
 const RES: u32 = 16;
 
@@ -161,4 +164,72 @@ fn unfinished_writer_leaves_nothing_under_the_final_name() {
     assert!(!path.exists());
     drop(w);
     assert!(!path.exists());
+}
+
+/// Sets chunk `chunk`'s `raw_len` in the index of the shard at `path` and rewrites the index and
+/// header checksums, so that only the length itself is wrong.
+fn set_raw_len(path: &Path, chunk: usize, raw_len: u64) {
+    let mut b = fs::read(path).unwrap();
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let index = u64_at(&b, 40) as usize;
+    let at = index + 40 * chunk + 16;
+    b[at..at + 8].copy_from_slice(&raw_len.to_le_bytes());
+    let index_crc = crc32fast::hash(&b[index..]);
+    b[48..52].copy_from_slice(&index_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&b[..60]);
+    b[60..64].copy_from_slice(&header_crc.to_le_bytes());
+    fs::write(path, b).unwrap();
+}
+
+#[test]
+fn an_enormous_declared_chunk_length_is_an_error_not_an_abort() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_shard(dir.path());
+    let good = fs::read(&path).unwrap();
+
+    // Far beyond any machine: refused against the documented maximum, before any allocation.
+    set_raw_len(&path, 3, 1 << 60);
+    let s = ImageShard::open(&path).unwrap();
+    let e = s.verify().unwrap_err().to_string();
+    assert!(
+        e.contains("s.tis") && e.contains("chunk 3") && e.contains("exceeds"),
+        "{e}"
+    );
+    for args in [
+        vec!["verify", path.to_str().unwrap()],
+        vec!["inspect", path.to_str().unwrap(), "--records", "50"],
+    ] {
+        let o = support::data_prep(&args);
+        assert_eq!(o.status.signal(), None, "{args:?}: {}", support::text(&o));
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", support::text(&o));
+        let t = support::text(&o);
+        assert!(t.contains("chunk 3") && t.contains("raw length"), "{t}");
+    }
+
+    // Within the maximum but not what the zstd frame says it holds.
+    fs::write(&path, &good).unwrap();
+    let s = ImageShard::open(&path).unwrap();
+    let raw = s.chunks()[2].raw_len;
+    set_raw_len(&path, 2, raw + 1000);
+    let e = ImageShard::open(&path)
+        .unwrap()
+        .verify()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("chunk 2") && e.contains(&format!("its zstd frame holds {raw} bytes")),
+        "{e}"
+    );
+}
+
+#[test]
+fn captions_longer_than_the_field_limit_are_refused_by_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.tis");
+    let mut w = ImageShardWriter::create(&path, RES, 8, 3).unwrap();
+    let long = "x".repeat(trainer::data::image_shard::MAX_FIELD_LEN as usize + 1);
+    let e = w.push(&pixels(0), &long, None).unwrap_err().to_string();
+    assert!(e.contains("record 0") && e.contains("caption"), "{e}");
+    w.push(&pixels(0), "fits", Some(&long[1..])).unwrap();
 }

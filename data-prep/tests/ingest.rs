@@ -400,6 +400,23 @@ fn empty_input_is_an_error() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no inputs found"));
 }
 
+/// A caption limit the image shards cannot hold is refused before any input is read.
+#[test]
+fn a_caption_limit_beyond_what_a_shard_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let out = dir.path().join("out");
+    let o = ingest(&empty, &out, &["--max-caption-chars", "262145"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("max-caption-chars") && e.contains("262144"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
 /// A 32×40 PNG, a different asymmetric pattern per `seed` (red and blue grow along x, green
 /// along y), so that mixed-up, transposed or flipped pixels cannot pass for it.
 fn pattern(seed: u32) -> Vec<u8> {

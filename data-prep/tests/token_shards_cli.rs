@@ -138,3 +138,53 @@ fn synth_tokens_then_inspect_and_verify() {
     );
     assert_eq!(t.matches("ok ").count(), 2);
 }
+
+/// Two records of a small layout, the second with text ids `second` and caption `caption`.
+fn write_two(path: &Path, second: [u32; 4], caption: &str) -> std::path::PathBuf {
+    use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
+    let layout = ShardLayout {
+        text_len: 4,
+        text_vocab: 10,
+        image_tokens: 4,
+        image_vocab: 8,
+    };
+    let mut w = TokenShardWriter::create(path, layout).unwrap();
+    w.push(&[1, 2, 12, 13], &[0, 1, 2, 3], "one two").unwrap();
+    w.push(&second, &[4, 5, 6, 7], caption).unwrap();
+    w.finish().unwrap()
+}
+
+/// `verify` holds the text ids to the format's contract (the caption's ids, then only padding),
+/// which the per-id range rules alone let through.
+#[test]
+fn verify_catches_caption_ids_after_the_padding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = write_two(&tmp.path().join("good.tts"), [3, 11, 12, 13], "three");
+    // Position 1 holds its padding id, then position 2 a caption id again.
+    let bad = write_two(&tmp.path().join("bad.tts"), [3, 11, 4, 13], "three four");
+    let o = data_prep(&["verify", good.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("ok ") && t.contains("good.tts"), "{t}");
+    assert!(
+        t.contains("FAILED")
+            && t.contains("bad.tts, record 1: text token 2 is 4, a caption id after the padding"),
+        "{t}"
+    );
+}
+
+/// `inspect` prints captions as JSON strings (quotes, newlines and control characters escaped
+/// as JSON, not as Rust's `{:?}`), so none of them reaches the terminal raw.
+#[test]
+fn inspect_prints_captions_as_json_strings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let caption = "say \"hi\"\n\u{1b}[31m";
+    let path = write_two(&tmp.path().join("c.tts"), [3, 11, 12, 13], caption);
+    let o = data_prep(&["inspect", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let json = serde_json::to_string(caption).unwrap();
+    assert_eq!(json, "\"say \\\"hi\\\"\\n\\u001b[31m\"");
+    assert!(t.contains(&format!("record 1: caption {json}\n")), "{t}");
+    assert!(!t.contains('\u{1b}'), "{t}");
+}

@@ -8,7 +8,7 @@
 //! trainer train --config configs/quickstart-cpu.yaml --set optim.lr=1e-3
 //! trainer init-weights --config configs/quickstart-cpu.yaml --out weights.safetensors
 //! trainer debug-state --config c.yaml --weights w.safetensors --batch b.safetensors --out state.safetensors
-//! trainer reconstruct --weights runs/dvae --images shards/images-00000.tis --count 16 --out recon.png
+//! trainer reconstruct --weights runs/dvae --images 'shards/images-*.tis' --count 16 --out recon.png
 //! trainer sample --transformer runs/small --dvae runs/dvae --prompt 'a red circle' -n 4 --out samples
 //! trainer cuda-libs [--link-dir /tmp/tessera-libs]
 //! ```
@@ -85,9 +85,11 @@ pub enum Command {
         /// Read the checkpoint's weight EMA (ema.safetensors) instead of model.safetensors.
         #[arg(long)]
         ema: bool,
-        /// The image shard (.tis) whose first --count images are reconstructed.
-        #[arg(long, value_name = "SHARD")]
-        images: PathBuf,
+        /// Image shards (.tis) or glob patterns ('data/images-*.tis', quoted so that the shell
+        /// leaves it alone), one or more: the first --count images of the matches, in sorted
+        /// path order, are reconstructed.
+        #[arg(long, value_name = "SHARD", required = true, num_args = 1..)]
+        images: Vec<String>,
         /// Images to reconstruct.
         #[arg(long, default_value_t = 16)]
         count: usize,
@@ -263,7 +265,7 @@ mod tests {
             Command::Reconstruct {
                 weights: "runs/dvae".into(),
                 ema: false,
-                images: "s.tis".into(),
+                images: vec!["s.tis".to_string()],
                 count: 16,
                 batch: 2,
                 out: "reconstructions.png".into(),
@@ -271,6 +273,20 @@ mod tests {
         );
         assert!(cli.command.config_args().is_none());
         assert!(Cli::try_parse_from(["trainer", "reconstruct", "--images", "s.tis"]).is_err());
+        let several = Cli::try_parse_from([
+            "trainer",
+            "reconstruct",
+            "--weights",
+            "w",
+            "--images",
+            "a.tis",
+            "data/*.tis",
+        ])
+        .unwrap();
+        let Command::Reconstruct { images, .. } = several.command else {
+            panic!("not reconstruct");
+        };
+        assert_eq!(images, ["a.tis", "data/*.tis"]);
     }
 
     #[test]

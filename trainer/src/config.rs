@@ -521,6 +521,9 @@ struct DataSection {
     /// Shards: see [`ShardsConfig::tokenizer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tokenizer: Option<PathBuf>,
+    /// Shards: see [`ShardsConfig::verify`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify: Option<bool>,
 }
 
 impl TryFrom<DataSection> for DataSource {
@@ -542,6 +545,7 @@ impl TryFrom<DataSection> for DataSource {
                         ("prefetch", d.prefetch.is_some()),
                         ("bpe_dropout", d.bpe_dropout.is_some()),
                         ("tokenizer", d.tokenizer.is_some()),
+                        ("verify", d.verify.is_some()),
                     ],
                     "synthetic",
                 )?;
@@ -559,6 +563,7 @@ impl TryFrom<DataSection> for DataSource {
                         ("max_caption_tokens", d.max_caption_tokens.is_some()),
                         ("bpe_dropout", d.bpe_dropout.is_some()),
                         ("tokenizer", d.tokenizer.is_some()),
+                        ("verify", d.verify.is_some()),
                     ],
                     "images",
                 )?;
@@ -584,6 +589,7 @@ impl TryFrom<DataSection> for DataSource {
                     prefetch: d.prefetch.unwrap_or_else(default_prefetch),
                     bpe_dropout: d.bpe_dropout.unwrap_or(0.0),
                     tokenizer: d.tokenizer,
+                    verify: d.verify.unwrap_or_else(default_verify),
                 }))
             }
         }
@@ -600,6 +606,7 @@ impl From<DataSource> for DataSection {
             prefetch: None,
             bpe_dropout: None,
             tokenizer: None,
+            verify: None,
         };
         match d {
             DataSource::Synthetic(s) => DataSection {
@@ -613,6 +620,7 @@ impl From<DataSource> for DataSection {
                 prefetch: Some(s.prefetch),
                 bpe_dropout: Some(s.bpe_dropout),
                 tokenizer: s.tokenizer,
+                verify: Some(s.verify),
                 ..empty
             },
             DataSource::Images(s) => DataSection {
@@ -668,10 +676,20 @@ pub struct ShardsConfig {
     /// The `tokenizer.json` that re-encodes captions. Required when `bpe_dropout` > 0.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Check each shard's record and caption checksums the first time this rank reads it (on
+    /// a background thread; no record of a shard is trained on before its check passed). A
+    /// failure stops the run naming the shard. `false` skips the checksums for trusted data
+    /// (ids are range-checked as they are read either way). Default true.
+    #[serde(default = "default_verify")]
+    pub verify: bool,
 }
 
 fn default_prefetch() -> usize {
     2
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 /// Fields of `data: {source: synthetic}`.

@@ -10,9 +10,10 @@
 //! - [`dist`]: multi-process runs: torchrun's variables, the rendezvous store's protocol and
 //!   client, the TCP ring and NCCL collectives, heartbeats.
 //! - [`cuda_libs`]: finding the CUDA libraries `cudarc` loads (CUDA installs, NVIDIA's wheels).
+//! - [`memory`]: the memory a config needs, checked against the machine before a run starts.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
 //! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
-//!   command line.
+//!   command line; [`report`] how the binaries print an error.
 
 pub mod checkpoint;
 pub mod cli;
@@ -23,10 +24,12 @@ pub mod data;
 pub mod debug_state;
 pub mod dist;
 pub mod fsutil;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod powersgd;
 pub mod reconstruct;
+pub mod report;
 pub mod sample;
 pub mod train;

@@ -12,6 +12,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
+use std::io::IsTerminal;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use trainer::cli::{Cli, Command};
@@ -22,15 +23,17 @@ use trainer::config::RunConfig;
 const EXIT_STOPPED: i32 = 143;
 
 fn main() {
+    // Colours only on a terminal: a launcher's rank_N.log or a redirected stderr gets plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", trainer::report::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -1,4 +1,5 @@
-//! `trainer reconstruct`: the first N images of an image shard through a dVAE (encode → argmax
+//! `trainer reconstruct`: the first N images of image shards (paths or glob patterns, in sorted
+//! path order) through a dVAE (encode → argmax
 //! codes → decode, MODEL-SPEC §2) and back, written as one PNG grid of pairs, original on the
 //! left and reconstruction on the right, and measured: mean squared error in pixel space ([0, 1]
 //! per channel), its PSNR, and how many distinct codes the images used.
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use crate::data::image_loader::hwc_to_chw;
-use crate::data::image_shard::ImageShard;
+use crate::data::image_shard::{ImageShard, EXTENSION};
+use crate::data::loader::resolve_paths_with;
 use crate::model::dvae::{image_resolution, DvaeWeights};
 
 /// Pixels between an original and its reconstruction.
@@ -29,8 +31,8 @@ pub struct ReconstructOptions {
     pub weights: PathBuf,
     /// With a checkpoint or run directory: its `ema.safetensors` instead of `model.safetensors`.
     pub ema: bool,
-    /// The image shard (`.tis`).
-    pub images: PathBuf,
+    /// Image shards (`.tis`) or glob patterns; each must match at least one `.tis` file.
+    pub images: Vec<String>,
     /// Images to reconstruct (the shard's first; fewer if it holds fewer).
     pub count: usize,
     /// Images encoded and decoded together.
@@ -61,11 +63,26 @@ pub struct ReconstructSummary {
 pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
     ensure!(o.count >= 1, "--count must be at least 1");
     ensure!(o.batch >= 1, "--batch must be at least 1");
-    let shard = ImageShard::open(&o.images)
-        .with_context(|| format!("reading images from {}", o.images.display()))?;
-    let res = image_resolution(&shard)?;
-    let n = o.count.min(shard.len() as usize);
-    ensure!(n > 0, "{} holds no images", o.images.display());
+    let paths = image_paths(&o.images)?;
+    // The shards that hold the first --count images, all of the first one's resolution.
+    let mut shards = Vec::new();
+    let mut res = 0;
+    let mut n = 0;
+    for path in &paths {
+        if n >= o.count {
+            break;
+        }
+        let shard = ImageShard::open(path)
+            .with_context(|| format!("reading images from {}", path.display()))?;
+        if shards.is_empty() {
+            res = image_resolution(&shard)?;
+        } else {
+            shard.expect_resolution(res as u32)?;
+        }
+        n += (shard.len() as usize).min(o.count - n);
+        shards.push(shard);
+    }
+    ensure!(n > 0, "{} hold no images", o.images.join(" "));
     let dir = o.out.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = dir {
         ensure!(
@@ -81,9 +98,11 @@ pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
 
     let px = 3 * res * res;
     let mut originals = vec![0.0f32; n * px];
-    for (i, dst) in originals.chunks_exact_mut(px).enumerate() {
-        let r = shard.record(i as u64)?;
-        hwc_to_chw(&r.pixels, dst);
+    let records = shards
+        .iter()
+        .flat_map(|s| (0..s.len()).map(move |i| (s, i)));
+    for (dst, (shard, i)) in originals.chunks_exact_mut(px).zip(records) {
+        hwc_to_chw(&shard.record(i)?.pixels, dst);
     }
     let mut recon = Vec::with_capacity(n * px);
     let mut codes = Vec::with_capacity(n * d.grid() * d.grid());
@@ -114,6 +133,25 @@ pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
         distinct_codes: codes.len(),
         out: o.out.clone(),
     })
+}
+
+/// The files `patterns` name: an existing file as it is (whatever its name), anything else as
+/// a glob pattern that must match at least one `.tis` file; sorted, without duplicates.
+fn image_paths(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for p in patterns {
+        if Path::new(p).is_file() {
+            paths.push(PathBuf::from(p));
+        } else {
+            paths.extend(
+                resolve_paths_with(std::slice::from_ref(p), EXTENSION)
+                    .context("finding the --images shards")?,
+            );
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
 }
 
 /// A PNG of `n` pairs (original left, reconstruction right) of `[3, r, r]` images in [0, 1], in

@@ -331,6 +331,8 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 /// update in flight, writes a checkpoint and returns early with `stopped` set.
 pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
+    // Before anything the size of the model or batch is allocated.
+    crate::memory::check(cfg, crate::memory::ranks_on_this_node())?;
     let out = &cfg.run.out_dir;
     let latest = checkpoint::latest_complete(out)?;
     // The model's definition alone (no data yet): the checkpoint layout, and fresh weights

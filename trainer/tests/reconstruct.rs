@@ -2,6 +2,7 @@
 //! reconstructions that `Dvae::encode` + `decode_codes` give, the printed MSE is theirs, and bad
 //! input (images a dVAE cannot take, weights that do not match) fails before anything is written.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -272,4 +273,49 @@ fn images_and_weights_that_do_not_fit_fail_before_any_work() {
         text(&o)
     );
     assert!(!out.exists(), "nothing is written on bad input");
+}
+
+/// `--images` takes glob patterns and several paths (the dvae-cpu.yaml comment's form): the first
+/// `--count` images of the matches in sorted path order; the grid is the one a single shard of
+/// the same images gives.
+#[test]
+fn images_from_a_glob_span_shards_in_path_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("dvae.safetensors");
+    write_weights(&weights, 5);
+    let dir = tmp.path().join("shards");
+    fs::create_dir(&dir).unwrap();
+    // images-1.tis holds 2 images, images-0.tis 3: sorted, images 0..3 come first.
+    write_shard(&dir.join("images-0.tis"), 3, RES);
+    write_shard(&dir.join("images-1.tis"), 2, RES);
+    let pattern = format!("{}/images-*.tis", dir.display());
+    let run = |images: &[&str], out: &Path| {
+        let mut args = vec!["reconstruct", "--weights", weights.to_str().unwrap()];
+        args.push("--images");
+        args.extend_from_slice(images);
+        args.extend_from_slice(&["--count", "5", "--out", out.to_str().unwrap()]);
+        trainer(&args)
+    };
+    let a = tmp.path().join("a.png");
+    let o = run(&[&pattern], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("reconstructed 5 images"), "{}", text(&o));
+    // The same five images as two explicit paths, listed out of order.
+    let b = tmp.path().join("b.png");
+    let (p0, p1) = (dir.join("images-0.tis"), dir.join("images-1.tis"));
+    let o = run(&[p1.to_str().unwrap(), p0.to_str().unwrap()], &b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    // Image 3 is the first image of images-1.tis, not the 4th of a shard of 5.
+    let grid = image::open(&a).unwrap().to_rgb8();
+    let [(x0, y0), _] = pair_origin(3, 5, RES);
+    let first_of_second = ImageShard::open(&p1).unwrap().record(0).unwrap().pixels;
+    assert_eq!(grid.get_pixel(x0, y0).0, first_of_second[..3]);
+    // A pattern that matches nothing names itself.
+    let o = run(&[&format!("{}/none-*.tis", dir.display())], &b);
+    assert!(
+        !o.status.success() && text(&o).contains("none-*.tis"),
+        "{}",
+        text(&o)
+    );
 }

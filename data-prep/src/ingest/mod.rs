@@ -235,6 +235,17 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
         a.min_caption_chars,
         "must not exceed --max-caption-chars",
     )?;
+    // A character is at most 4 bytes of UTF-8; image shards hold captions of at most
+    // MAX_FIELD_LEN (1 MiB) bytes.
+    let max_chars = trainer::data::image_shard::MAX_FIELD_LEN as usize / 4;
+    debug_assert_eq!(max_chars, 262144);
+    check(
+        a.max_caption_chars <= max_chars,
+        "max-caption-chars",
+        a.max_caption_chars,
+        "must be at most 262144 (an image shard's caption is at most 1 MiB of UTF-8, up to 4 \
+         bytes a character)",
+    )?;
     let defaults: &[&str] = if a.no_default_patterns {
         &[]
     } else {

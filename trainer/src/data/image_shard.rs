@@ -50,6 +50,10 @@ pub const DEFAULT_CHUNK_RECORDS: u32 = 64;
 pub const DEFAULT_LEVEL: i32 = 3;
 /// Largest accepted resolution (a sanity bound against corrupt headers).
 pub const MAX_RESOLUTION: u32 = 16384;
+/// Longest caption, and longest metadata string, of one record in bytes (1 MiB). The writer
+/// refuses longer ones; a reader refuses a chunk whose declared decompressed length exceeds
+/// what its records can hold with fields this long ([`max_chunk_raw_len`]).
+pub const MAX_FIELD_LEN: u32 = 1 << 20;
 
 const NO_META: u32 = u32::MAX;
 
@@ -122,8 +126,8 @@ pub enum ImageShardError {
         expected: usize,
         found: usize,
     },
-    /// A caption or metadata string is too long for its u32 length prefix.
-    #[error("{path}: record {record}: {field} of {len} bytes is too long")]
+    /// A caption or metadata string is longer than [`MAX_FIELD_LEN`].
+    #[error("{path}: record {record}: {field} of {len} bytes is longer than the limit of {MAX_FIELD_LEN} bytes")]
     FieldTooLong {
         path: PathBuf,
         record: u64,
@@ -394,12 +398,12 @@ impl ImageShardWriter {
         };
         let cap_len = u32::try_from(caption.len())
             .ok()
-            .filter(|&n| n != NO_META)
+            .filter(|&n| n <= MAX_FIELD_LEN)
             .ok_or_else(|| too_long("caption", caption.len()))?;
         let meta_len = match meta {
             Some(m) => u32::try_from(m.len())
                 .ok()
-                .filter(|&n| n != NO_META)
+                .filter(|&n| n <= MAX_FIELD_LEN)
                 .ok_or_else(|| too_long("metadata", m.len()))?,
             None => NO_META,
         };
@@ -543,6 +547,14 @@ impl DecodedChunk {
     }
 }
 
+/// The most bytes a decompressed chunk of `records` records at `resolution` can hold: every
+/// record's pixels, its two length prefixes, and a caption and metadata of [`MAX_FIELD_LEN`]
+/// bytes each.
+pub fn max_chunk_raw_len(resolution: u32, records: u32) -> u64 {
+    let pixels = resolution as u64 * resolution as u64 * CHANNELS as u64;
+    (records as u64).saturating_mul(pixels + 8 + 2 * MAX_FIELD_LEN as u64)
+}
+
 /// A validated, open image shard. `record` is safe to call from several threads; it keeps the
 /// most recently decompressed chunk cached.
 pub struct ImageShard {
@@ -630,6 +642,15 @@ impl ImageShard {
                         "chunk {i}: offset {} / first record {} / {} records do not follow the \
                          previous chunk (expected offset {offset}, first record {record})",
                         e.offset, e.first_record, e.record_count
+                    ),
+                });
+            }
+            if e.record_count > header.chunk_records {
+                return Err(ImageShardError::Corrupt {
+                    path,
+                    message: format!(
+                        "chunk {i} holds {} records, more than the header's chunk_records {}",
+                        e.record_count, header.chunk_records
                     ),
                 });
             }
@@ -781,7 +802,9 @@ impl ImageShard {
             path: self.path.clone(),
             message: format!("chunk {chunk}: {message}"),
         };
-        // Bound the allocation by the record layout's minimum size check below, not blindly.
+        // The declared length is data: it is checked against what the records can hold and
+        // against the zstd frame's own header before anything that size is allocated, and the
+        // allocation itself is fallible.
         let min_len = e.record_count as u64 * (self.pixel_len() as u64 + 8);
         if e.raw_len < min_len {
             return Err(corrupt(format!(
@@ -789,13 +812,43 @@ impl ImageShard {
                 e.raw_len, e.record_count
             )));
         }
-        let raw = zstd::bulk::decompress(&compressed, e.raw_len as usize).map_err(|source| {
-            ImageShardError::Decompress {
+        let max_len = max_chunk_raw_len(self.header.resolution, e.record_count);
+        if e.raw_len > max_len {
+            return Err(corrupt(format!(
+                "raw length {} exceeds the {max_len} bytes its {} records can hold (pixels, and \
+                 captions and metadata of at most {MAX_FIELD_LEN} bytes each)",
+                e.raw_len, e.record_count
+            )));
+        }
+        match zstd::zstd_safe::get_frame_content_size(&compressed) {
+            Ok(Some(n)) if n != e.raw_len => {
+                return Err(corrupt(format!(
+                    "raw length {} in the index, but its zstd frame holds {n} bytes",
+                    e.raw_len
+                )))
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(corrupt(
+                    "the compressed bytes do not start with a zstd frame header".into(),
+                ))
+            }
+        }
+        let mut raw = Vec::new();
+        raw.try_reserve_exact(e.raw_len as usize).map_err(|_| {
+            corrupt(format!(
+                "cannot allocate its raw length of {} bytes",
+                e.raw_len
+            ))
+        })?;
+        // Decompresses into `raw`'s reserved capacity: at most raw_len bytes.
+        zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(&compressed, &mut raw))
+            .map_err(|source| ImageShardError::Decompress {
                 path: self.path.clone(),
                 chunk,
                 source,
-            }
-        })?;
+            })?;
         if raw.len() as u64 != e.raw_len {
             return Err(corrupt(format!(
                 "decompresses to {} bytes, index says {}",

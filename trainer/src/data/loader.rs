@@ -25,6 +25,17 @@
 //! with the cursor after it; [`Loader::next_batch`] still hands out one batch at a time, and the
 //! cursor it leaves names the next batch training takes, however far the thread has read.
 //!
+//! Verification. A [`ShardSet`] opened with [`ShardSet::verify_on_first_use`] (`data.verify`,
+//! the default) checks each shard's record and caption CRC-32s the first time this rank reads
+//! it: a thread of its own verifies the shards in path order from the moment the loader starts,
+//! and the thread that fills batches verifies a shard itself when it needs one that no thread
+//! has started on (or waits for the one that has). The guarantee: no batch holding a record of
+//! a shard is handed to training before that shard's checksums have passed; once a check fails,
+//! the next batch handed out is the error (naming the shard and the section whose checksum
+//! failed), whether or not it would have read that shard. The ids of every record are checked
+//! as they are read in any case, so `data.verify: false` (trusted data) only skips the
+//! checksums, which are what catch a flipped id that is still in range.
+//!
 //! BPE dropout. With `bpe_dropout` > 0 each record's caption is re-encoded at load time through a
 //! [`CaptionEncoder`] instead of using the stored text tokens; the encoder's random stream is a
 //! pure function of (seed, epoch, global record index) ([`dropout_rng`]), so resume stays
@@ -32,7 +43,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -75,6 +86,9 @@ pub enum LoaderError {
     Glob { pattern: String, message: String },
     #[error(transparent)]
     Shard(#[from] ShardError),
+    /// A shard failed the checksum check of its first use (shared by every batch that asks).
+    #[error(transparent)]
+    Unverified(Arc<ShardError>),
     #[error(transparent)]
     Image(#[from] ImageShardError),
     #[error(
@@ -161,6 +175,30 @@ pub struct ShardSet {
     /// `starts[k]` is the global index of shard k's first record; `starts[len]` the total.
     starts: Vec<u64>,
     layout: ShardLayout,
+    /// The shards' checksum checks, when verified on first use.
+    checks: Option<Checks>,
+}
+
+/// Where one shard's checksum check stands.
+#[derive(Debug, Clone)]
+enum Check {
+    Pending,
+    Running,
+    Passed,
+    Failed(Arc<ShardError>),
+}
+
+/// The checksum checks of a set's shards, shared by the verifying thread and the reader.
+#[derive(Debug)]
+struct Checks {
+    /// Per shard: passed (the reader's fast path, read without the lock).
+    passed: Vec<AtomicBool>,
+    state: Mutex<Vec<Check>>,
+    changed: Condvar,
+    /// Some check failed.
+    failed: AtomicBool,
+    /// The loader is going away: checks stop between pieces.
+    cancel: AtomicBool,
 }
 
 impl ShardSet {
@@ -183,7 +221,120 @@ impl ShardSet {
             shards,
             starts,
             layout: *expected,
+            checks: None,
         })
+    }
+
+    /// Checks every shard's record and caption checksums before the first of its records is
+    /// read (`data.verify`): see the module docs for the guarantee. A set is verified for the
+    /// one loader it is given to.
+    pub fn verify_on_first_use(mut self) -> ShardSet {
+        let n = self.shards.len();
+        self.checks = Some(Checks {
+            passed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            state: Mutex::new(vec![Check::Pending; n]),
+            changed: Condvar::new(),
+            failed: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        });
+        self
+    }
+
+    /// Whether shard `k`'s checksums have passed (always true without verification).
+    pub fn is_verified(&self, k: usize) -> bool {
+        self.checks
+            .as_ref()
+            .is_none_or(|c| c.passed[k].load(Ordering::Acquire))
+    }
+
+    /// Returns once shard `k`'s checksums have passed: checks them on this thread when no
+    /// thread has started on them, waits when one has. Errors when they fail (or the set is
+    /// being dropped).
+    fn ensure_verified(&self, k: usize) -> Result<(), LoaderError> {
+        let Some(c) = &self.checks else {
+            return Ok(());
+        };
+        if c.passed[k].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let lock = || c.state.lock().map_err(|_| LoaderError::Stopped);
+        let mut state = lock()?;
+        loop {
+            if c.cancel.load(Ordering::Relaxed) {
+                return Err(LoaderError::Stopped);
+            }
+            match &state[k] {
+                Check::Passed => return Ok(()),
+                Check::Failed(e) => return Err(LoaderError::Unverified(e.clone())),
+                Check::Running => {
+                    state = c.changed.wait(state).map_err(|_| LoaderError::Stopped)?;
+                }
+                Check::Pending => {
+                    state[k] = Check::Running;
+                    drop(state);
+                    self.run_check(c, k);
+                    state = lock()?;
+                }
+            }
+        }
+    }
+
+    /// Checks shard `k` (claimed as running by the caller) and records the outcome.
+    fn run_check(&self, c: &Checks, k: usize) {
+        let outcome = self.shards[k].verify_checksums_until(&|| c.cancel.load(Ordering::Relaxed));
+        let Ok(mut state) = c.state.lock() else {
+            return;
+        };
+        state[k] = match outcome {
+            Some(Ok(())) => {
+                c.passed[k].store(true, Ordering::Release);
+                Check::Passed
+            }
+            Some(Err(e)) => {
+                // Reported once, by the batch that stops training.
+                c.failed.store(true, Ordering::Release);
+                Check::Failed(Arc::new(e))
+            }
+            None => Check::Pending,
+        };
+        c.changed.notify_all();
+    }
+
+    /// The first failed check, if any has failed.
+    fn first_failure(&self) -> Option<Arc<ShardError>> {
+        let c = self.checks.as_ref()?;
+        if !c.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let state = c.state.lock().ok()?;
+        state.iter().find_map(|s| match s {
+            Check::Failed(e) => Some(e.clone()),
+            _ => None,
+        })
+    }
+
+    /// Checks every shard no thread has started on, in path order, until all are done, one
+    /// fails, or [`RecordSet::stop_background`] is called. Run by the loader's verifying thread.
+    pub fn verify_all(&self) {
+        let Some(c) = &self.checks else {
+            return;
+        };
+        for k in 0..self.shards.len() {
+            if c.cancel.load(Ordering::Relaxed) || c.failed.load(Ordering::Acquire) {
+                return;
+            }
+            let claimed = match c.state.lock() {
+                Ok(mut state) if matches!(state[k], Check::Pending) => {
+                    state[k] = Check::Running;
+                    true
+                }
+                Ok(_) => false,
+                Err(_) => return,
+            };
+            if claimed {
+                self.run_check(c, k);
+            }
+        }
     }
 
     /// Resolves `patterns` ([`resolve_paths`]) and opens the shards.
@@ -275,6 +426,16 @@ pub trait RecordSet: Send + Sync + 'static {
     /// default.
     fn prefetch(&self, _indices: &[u32]) {}
 
+    /// Work the loader runs on a thread of its own beside the one that fills batches (token
+    /// shards: their checksum checks), or `None` (the default).
+    fn background(self: Arc<Self>) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
+
+    /// Asks the work of [`RecordSet::background`], and any thread waiting on it, to stop soon:
+    /// the loader is being dropped.
+    fn stop_background(&self) {}
+
     /// Fills `batch` with the records `indices` (global, in row order) of `epoch`, reusing its
     /// buffers; every element is overwritten.
     fn fill(
@@ -325,6 +486,21 @@ impl RecordSet for ShardSet {
         }
     }
 
+    fn background(self: Arc<Self>) -> Option<Box<dyn FnOnce() + Send>> {
+        self.checks.as_ref()?;
+        Some(Box::new(move || self.verify_all()))
+    }
+
+    fn stop_background(&self) {
+        if let Some(c) = &self.checks {
+            c.cancel.store(true, Ordering::Relaxed);
+            // Under the lock, so that a thread between its check of `cancel` and its wait
+            // cannot miss the wake-up.
+            let _state = c.state.lock();
+            c.changed.notify_all();
+        }
+    }
+
     fn fill(
         &self,
         state: &mut TokenState,
@@ -333,6 +509,9 @@ impl RecordSet for ShardSet {
         indices: &[u32],
         batch: &mut Batch,
     ) -> Result<(), LoaderError> {
+        if let Some(e) = self.first_failure() {
+            return Err(LoaderError::Unverified(e));
+        }
         let layout = self.layout();
         let (tt, gi) = (layout.text_len as usize, layout.image_tokens as usize);
         let b = indices.len();
@@ -346,6 +525,7 @@ impl RecordSet for ShardSet {
             .zip(batch.image.chunks_exact_mut(gi));
         for (&g, (text_row, image_row)) in indices.iter().zip(rows) {
             let (k, local) = self.locate(g as u64);
+            self.ensure_verified(k)?;
             let shard = &self.shards[k];
             // Ids widened and range-checked straight from the map into the batch; the caption
             // is only read (and checked) when BPE dropout re-encodes it.
@@ -606,6 +786,9 @@ pub struct Loader<S: RecordSet = ShardSet> {
     /// Spent batches going back to the producer, whose buffers it refills.
     recycle: Sender<S::Batch>,
     handle: Option<JoinHandle<()>>,
+    /// The thread of [`RecordSet::background`], when the set has such work.
+    background: Option<JoinHandle<()>>,
+    set: Arc<S>,
     stop: Arc<AtomicBool>,
     cursor: Cursor,
     records: u64,
@@ -648,6 +831,16 @@ impl<S: RecordSet> Loader<S> {
         let (recycle, spent) = crossbeam_channel::bounded((parcels + 2) * parcel_len);
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
+        let set = reader.set.clone();
+        let background = match set.clone().background() {
+            Some(work) => Some(
+                std::thread::Builder::new()
+                    .name(format!("verify-rank{}", opts.rank))
+                    .spawn(work)
+                    .map_err(|_| LoaderError::Stopped)?,
+            ),
+            None => None,
+        };
         let handle = std::thread::Builder::new()
             .name(format!("loader-rank{}", opts.rank))
             .spawn(move || {
@@ -665,6 +858,8 @@ impl<S: RecordSet> Loader<S> {
             ready: Vec::new().into_iter(),
             recycle,
             handle: Some(handle),
+            background,
+            set,
             stop,
             cursor: start,
             records,
@@ -757,9 +952,13 @@ fn produce<S: RecordSet>(
 impl<S: RecordSet> Drop for Loader<S> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.set.stop_background();
         // Dropping the receiver wakes a producer blocked on a full channel.
         self.rx = None;
-        if let Some(h) = self.handle.take() {
+        for h in [self.handle.take(), self.background.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.join();
         }
     }
@@ -977,6 +1176,62 @@ mod tests {
             }
         );
         assert!(matches!(l.next_batch(), Err(LoaderError::Stopped)));
+    }
+
+    #[test]
+    fn a_flipped_valid_id_is_caught_by_the_first_use_check_before_its_shard_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_shards(dir.path(), &[5, 6]);
+        // Global record 7's first image id, 7, becomes 8: still in range.
+        corrupt_image_id(&paths[1], 2, 0, 8);
+        let order = epoch_permutation(11, 0, 11);
+
+        // Without the check the flipped id trains silently.
+        let set = Arc::new(ShardSet::open(&paths, &layout()).unwrap());
+        let mut l = Loader::new(set, opts(1, 0, 1), Cursor::default(), None).unwrap();
+        let seen: Vec<Vec<u32>> = (0..11).map(|_| ids(&l.next_batch().unwrap())).collect();
+        let at = order.iter().position(|&g| g == 7).unwrap();
+        assert_eq!(seen[at], [8]);
+
+        // With it, no record of the bad shard (global 5..11) is ever handed out, and the error
+        // names the shard and the section.
+        let set = ShardSet::open(&paths, &layout()).unwrap();
+        let set = Arc::new(set.verify_on_first_use());
+        let mut l = Loader::new(set.clone(), opts(1, 0, 1), Cursor::default(), None).unwrap();
+        let mut handed = Vec::new();
+        let e = loop {
+            match l.next_batch() {
+                Ok(b) => handed.extend(ids(&b)),
+                Err(e) => break e,
+            }
+            assert!(handed.len() <= 11, "no error within an epoch: {handed:?}");
+        };
+        assert!(handed.iter().all(|&g| g < 5), "{handed:?}");
+        assert_eq!(handed, order[..handed.len()]);
+        let e = e.to_string();
+        assert!(
+            e.contains("s-01.tts") && e.contains("records checksum mismatch"),
+            "{e}"
+        );
+        assert!(set.is_verified(0) || handed.is_empty());
+        assert!(!set.is_verified(1));
+        drop(l);
+
+        // Intact shards pass: every record comes through, each shard verified.
+        std::fs::create_dir(dir.path().join("good")).unwrap();
+        let good = write_shards(&dir.path().join("good"), &[5, 6]);
+        let set = Arc::new(
+            ShardSet::open(&good, &layout())
+                .unwrap()
+                .verify_on_first_use(),
+        );
+        let mut l = Loader::new(set.clone(), opts(1, 0, 1), Cursor::default(), None).unwrap();
+        let mut all: Vec<u32> = (0..11)
+            .flat_map(|_| ids(&l.next_batch().unwrap()))
+            .collect();
+        all.sort();
+        assert_eq!(all, (0..11).collect::<Vec<u32>>());
+        assert!(set.is_verified(0) && set.is_verified(1));
     }
 
     #[test]

@@ -177,7 +177,10 @@ impl DataStream {
                 },
             ) => {
                 let layout = ShardLayout::from_model(cfg.transformer()?)?;
-                let set = ShardSet::open_patterns(&s.paths, &layout)?;
+                let mut set = ShardSet::open_patterns(&s.paths, &layout)?;
+                if s.verify {
+                    set = set.verify_on_first_use();
+                }
                 check_records((epoch, position, records), set.len())?;
                 let opts = LoaderOptions {
                     bpe_dropout: s.bpe_dropout as f32,

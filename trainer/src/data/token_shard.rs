@@ -38,6 +38,9 @@ pub const HEADER_LEN: usize = 80;
 pub const RECORD_TRAILER_LEN: usize = 16;
 /// The file-name extension of token shards.
 pub const EXTENSION: &str = "tts";
+/// [`TokenShard::verify_checksums_until`] asks whether to stop after each piece of this many
+/// bytes (64 MiB: a few milliseconds of CRC-32).
+pub const CHECKSUM_PIECE: usize = 64 << 20;
 
 /// Everything that can go wrong reading or writing a token shard. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -609,9 +612,17 @@ impl TokenShard {
         let _ = ids;
     }
 
-    /// Reads the whole file: checks the record and caption checksums, then every record (caption
-    /// in range and UTF-8, token ids in range, padding ids at their own position).
-    pub fn verify(&self) -> Result<(), ShardError> {
+    /// Checks the record and caption checksums (reads both sections once).
+    pub fn verify_checksums(&self) -> Result<(), ShardError> {
+        self.verify_checksums_until(&|| false).unwrap_or(Ok(()))
+    }
+
+    /// [`TokenShard::verify_checksums`], giving up (`None`) as soon as `stop()` is true; it is
+    /// asked between pieces of [`CHECKSUM_PIECE`] bytes.
+    pub fn verify_checksums_until(
+        &self,
+        stop: &dyn Fn() -> bool,
+    ) -> Option<Result<(), ShardError>> {
         let h = &self.header;
         let records = &self.map[HEADER_LEN..h.captions_offset as usize];
         let captions = &self.map[h.captions_offset as usize..];
@@ -619,21 +630,38 @@ impl TokenShard {
             ("records", records, h.records_crc),
             ("captions", captions, h.captions_crc),
         ] {
-            let computed = crc32fast::hash(bytes);
+            let mut crc = crc32fast::Hasher::new();
+            for piece in bytes.chunks(CHECKSUM_PIECE) {
+                if stop() {
+                    return None;
+                }
+                crc.update(piece);
+            }
+            let computed = crc.finalize();
             if computed != stored {
-                return Err(ShardError::Checksum {
+                return Some(Err(ShardError::Checksum {
                     path: self.path.clone(),
                     section,
                     stored,
                     computed,
-                });
+                }));
             }
         }
+        Some(Ok(()))
+    }
+
+    /// Reads the whole file: checks the record and caption checksums, then every record (caption
+    /// in range and UTF-8, token ids in range, padding ids at their own position, and the
+    /// caption's ids first, then only padding: [`check_padding`]).
+    pub fn verify(&self) -> Result<(), ShardError> {
+        self.verify_checksums()?;
+        let h = &self.header;
         let mut text = vec![0u32; h.layout.text_len as usize];
         let mut image = vec![0u32; h.layout.image_tokens as usize];
         for i in 0..h.record_count {
             self.record(i)?;
             self.read_tokens(i, &mut text, &mut image)?;
+            check_padding(&h.layout, &text).map_err(|m| self.bad_record(i, m))?;
         }
         Ok(())
     }
@@ -774,6 +802,27 @@ pub fn check_tokens(layout: &ShardLayout, text: &[u32], image: &[u32]) -> Result
         ));
     }
     Ok(())
+}
+
+/// Checks that a record's text ids are the caption's ids (< Vt) followed only by padding: once
+/// a position p holds its padding id Vt + p, every later position q holds Vt + q. The ids must
+/// already have passed [`check_tokens`].
+pub fn check_padding(layout: &ShardLayout, text: &[u32]) -> Result<(), String> {
+    let vt = layout.text_vocab;
+    let Some(start) = text.iter().position(|&t| t >= vt) else {
+        return Ok(());
+    };
+    match text[start..].iter().position(|&t| t < vt) {
+        None => Ok(()),
+        Some(k) => {
+            let p = start + k;
+            Err(format!(
+                "text token {p} is {}, a caption id after the padding that starts at position \
+                 {start} (the caption's ids come first, then only padding ids Vt + p)",
+                text[p]
+            ))
+        }
+    }
 }
 
 /// The temporary name a shard is written under: `<path>.tmp`.
@@ -970,6 +1019,40 @@ mod tests {
 
     fn open_err(path: &Path) -> String {
         TokenShard::open(path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn verify_requires_the_caption_ids_then_only_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = layout(); // Tt 4, Vt 10
+        let path = dir.path().join("p.tts");
+        let mut w = TokenShardWriter::create(&path, l).unwrap();
+        // Fine: caption ids then padding; all padding; no padding.
+        w.push(&[3, 4, 12, 13], &[0; 9], "a b").unwrap();
+        w.push(&[10, 11, 12, 13], &[0; 9], "").unwrap();
+        w.push(&[1, 2, 3, 4], &[0; 9], "a b c d").unwrap();
+        w.finish().unwrap();
+        TokenShard::open(&path).unwrap().verify().unwrap();
+
+        // Each id is the padding of its own position (so the loader's range check passes), but
+        // a caption id follows the padding.
+        let mut w = TokenShardWriter::create(&path, l).unwrap();
+        w.push(&[3, 4, 12, 13], &[0; 9], "a b").unwrap();
+        w.push(&[5, 11, 6, 13], &[0; 9], "x y").unwrap();
+        w.finish().unwrap();
+        let s = TokenShard::open(&path).unwrap();
+        let (mut t, mut im) = (vec![0; 4], vec![0; 9]);
+        s.read_tokens(1, &mut t, &mut im).unwrap();
+        let e = s.verify().unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "p.tts, record 1: text token 2 is 6, a caption id after the padding that \
+                        starts at position 1"
+            ),
+            "{e}"
+        );
+        assert_eq!(check_padding(&l, &[10, 11, 12, 13]), Ok(()));
+        assert!(check_padding(&l, &[0, 11, 12, 3]).is_err());
     }
 
     #[test]

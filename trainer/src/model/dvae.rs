@@ -546,7 +546,28 @@ pub struct DvaeActs {
     dlogits: Vec<f32>,
 }
 
+impl NetActs {
+    /// f32 elements held by the buffers allocated up front (not the lazily sized scratch).
+    fn floats(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum::<usize>()
+            + self.relus.iter().flatten().map(Vec::len).sum::<usize>()
+            + self.output.len()
+            + self.grads.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
 impl DvaeActs {
+    /// f32 elements allocated by [`Dvae::new_acts`] (the convolutions' im2col scratch and the
+    /// backward buffers sized on first use are not included): what `crate::memory` estimates
+    /// from the config before anything is allocated.
+    pub fn floats(&self) -> usize {
+        self.enc.floats()
+            + self.dec.floats()
+            + self.x_mapped.len()
+            + self.images.len()
+            + self.y.len()
+    }
+
     /// Encoder logits [B, K, H/8, W/8] of the last forward pass.
     pub fn logits(&self) -> &[f32] {
         &self.enc.output

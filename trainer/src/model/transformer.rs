@@ -930,6 +930,57 @@ impl Activations {
     pub fn batch(&self) -> usize {
         self.batch
     }
+
+    /// Elements (4 bytes each: f32 activations, u32 targets) held by these buffers: what
+    /// `crate::memory` estimates from the config before anything is allocated.
+    pub fn floats(&self) -> usize {
+        let layer = |l: &LayerActs| {
+            [
+                &l.ln1,
+                &l.ln1_mean,
+                &l.ln1_rstd,
+                &l.qkv,
+                &l.atty,
+                &l.lse,
+                &l.x_mid,
+                &l.ln2,
+                &l.ln2_mean,
+                &l.ln2_rstd,
+                &l.fch,
+                &l.fch_gelu,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+        };
+        let s = &self.scratch;
+        self.residual.iter().map(Vec::len).sum::<usize>()
+            + self.layers.iter().map(layer).sum::<usize>()
+            + [
+                &self.lnf,
+                &self.lnf_mean,
+                &self.lnf_rstd,
+                &self.text_hidden,
+                &self.image_hidden,
+                &self.text_logits,
+                &self.image_logits,
+                &self.text_losses,
+                &self.image_losses,
+                &s.dresidual,
+                &s.dln,
+                &s.dqkv,
+                &s.datty,
+                &s.dfch,
+                &s.dfch_gelu,
+                &s.dtext_hidden,
+                &s.dimage_hidden,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+            + self.text_targets.len()
+            + self.image_targets.len()
+    }
 }
 
 pub mod device;

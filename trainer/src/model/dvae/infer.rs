@@ -240,6 +240,7 @@ impl DvaeDims {
             vocab_size,
             n_init,
         };
+        fits_in_file(path, dims)?;
         // The same checks as `Dvae::new`, with the file named.
         Dvae::new(dims).map_err(|source| WeightsError::Dims {
             path: path.to_path_buf(),
@@ -247,6 +248,35 @@ impl DvaeDims {
         })?;
         Ok(dims)
     }
+}
+
+/// Errors unless the file at `path` is large enough to hold a dVAE of `dims` as f32: the sizes
+/// come from the file's header, so they are checked before a model of them is built or its
+/// parameters allocated (the count saturates instead of overflowing).
+fn fits_in_file(path: &Path, dims: DvaeDims) -> WResult<()> {
+    let (params, _) = crate::memory::dvae_sizes(
+        &crate::config::DvaeConfig {
+            resolution: dims.resolution,
+            n_hid: dims.n_hid,
+            n_blk_per_group: dims.n_blk_per_group,
+            vocab_size: dims.vocab_size,
+            n_init: dims.n_init,
+        },
+        0,
+    );
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| WeightsError::Io(crate::fsutil::fs_err("stat", path)(e)))?
+        .len();
+    if params.saturating_mul(4) > file_len as u128 {
+        return Err(WeightsError::NotSafetensors {
+            path: path.to_path_buf(),
+            message: format!(
+                "its tensor shapes describe a dVAE of {params} parameters, more than its \
+                 {file_len} bytes can hold as f32"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A dVAE weights file, found and sized but not yet read: [`DvaeWeights::locate`] is cheap (it
@@ -271,6 +301,7 @@ impl DvaeWeights {
     /// unexpected one, a wrong shape or a dtype other than F32 is an error naming the file and
     /// the tensor ([`checkpoint::load_weights`]).
     pub fn load(&self) -> WResult<(Dvae, Vec<f32>)> {
+        fits_in_file(&self.path, self.dims)?;
         let model = Dvae::new(self.dims).map_err(|source| WeightsError::Dims {
             path: self.path.clone(),
             source,

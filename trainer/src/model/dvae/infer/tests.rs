@@ -391,3 +391,33 @@ fn non_finite_logits_are_an_error_not_a_code() {
         .to_string();
     assert!(e.contains("code 3") && e.contains("NaN"), "{e}");
 }
+
+/// A header whose shapes describe a dVAE far larger than the file is refused before the model
+/// is built or its parameters allocated (it used to abort the process).
+#[test]
+fn shapes_larger_than_the_file_are_refused_before_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("huge.safetensors");
+    let n_hid: u64 = 1 << 36;
+    let t = |shape: [u64; 4]| serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [0, 0]});
+    let header = serde_json::json!({
+        "encoder.blocks.input.w": t([n_hid, 3, 7, 7]),
+        "encoder.blocks.group_1.block_1.res_path.conv_1.w": t([n_hid / 4, n_hid, 3, 3]),
+        "encoder.blocks.output.conv.w": t([64, 8 * n_hid, 1, 1]),
+        "decoder.blocks.input.w": t([16, 64, 1, 1]),
+    })
+    .to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = DvaeWeights::locate(&path, false, 32)
+        .and_then(|w| w.load())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("huge.safetensors")
+            && e.contains("more than its")
+            && e.contains("bytes can hold"),
+        "{e}"
+    );
+}
