@@ -214,6 +214,22 @@ impl Transformer {
         self.precision
     }
 
+    /// The weights the products read: under fp16 a copy with the resblocks' four matrices
+    /// (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`) rounded to f16, as the GPU multiplies by
+    /// the fp16 copy of the fp32 master weights; under fp32 the weights themselves.
+    fn product_weights<'p>(&self, params: &'p [f32]) -> std::borrow::Cow<'p, [f32]> {
+        if self.precision == Precision::Fp32 {
+            return std::borrow::Cow::Borrowed(params);
+        }
+        let mut w = params.to_vec();
+        for bp in &self.blocks {
+            for i in [bp.qkv_w, bp.attn_proj_w, bp.fc_w, bp.mlp_proj_w] {
+                self.precision.round(&mut w[self.table.spec(i).range()]);
+            }
+        }
+        std::borrow::Cow::Owned(w)
+    }
+
     pub fn dims(&self) -> &TransformerDims {
         &self.dims
     }
@@ -294,7 +310,8 @@ impl Transformer {
                 self.table.numel()
             )));
         }
-        let p = self.table.split(params);
+        let params = self.product_weights(params);
+        let p = self.table.split(&params);
         let g = &self.globals;
         embedding::embedding_forward(
             &mut acts.residual[0],
@@ -529,6 +546,8 @@ impl Transformer {
     ) -> Result<()> {
         let d = self.dims;
         let prec = self.precision;
+        let params = self.product_weights(params);
+        let params = &params[..];
         let (b, t, c) = (acts.batch, d.seq_len(), d.d_model);
         let n = b * t;
         let (tt, gi) = (d.text_len, d.image_tokens());
