@@ -2,7 +2,8 @@
 //!
 //! - [`params`]: the flat parameter buffer and its table of named views.
 //! - [`config`]: typed YAML run configs, validation and `--set` overrides.
-//! - [`checkpoint`]: atomic, resumable checkpoint directories (safetensors + state.json + DONE).
+//! - [`checkpoint`]: atomic, resumable checkpoint directories (safetensors + state.json + DONE),
+//!   checksummed in a manifest and verified on load.
 //! - [`model`]: the models, written llm.c-style with explicit forward and backward passes.
 //! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
 //! - [`data`]: training data (for now the synthetic generator).
