@@ -18,6 +18,7 @@ use crate::params::ParamTable;
 use crate::powersgd::{
     CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
 };
+use crate::run_lock::RunLock;
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
 use serde::{Deserialize, Serialize};
@@ -236,6 +237,13 @@ pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<TrainSummary> {
     check_device(cfg)?;
     let out = &cfg.run.out_dir;
+    // One run per directory: rank 0 holds the lock until this process ends, before it reads or
+    // renames a checkpoint.
+    let _lock = if crate::dist::env::WorkerEnv::from_env()?.is_none_or(|e| e.rank == 0) {
+        Some(RunLock::acquire(out)?)
+    } else {
+        None
+    };
     // The model's definition alone (no data yet): the checkpoint layout.
     let (table, _) = stages::model_table(cfg, false)?;
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.

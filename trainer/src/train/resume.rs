@@ -13,7 +13,8 @@
 //! with damage (renamed `step_<step>.corrupt-<what>-<unix seconds>`, never deleted, a warning
 //! naming the failure), until one loads. It then broadcasts the step it chose; the other ranks
 //! open only that checkpoint, after every rename is done, so no rank reads a directory while it
-//! is being renamed, and every rank starts from the same step.
+//! is being renamed, and every rank starts from the same step. Rank 0 also holds the run
+//! directory's lock ([`crate::run_lock`]), so no other run renames or writes beside it.
 //!
 //! When checkpoints exist but none verifies, the run does not start over on top of them: it
 //! stops with the reasons, and keeps refusing a fresh start while `checkpoints/` holds
