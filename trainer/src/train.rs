@@ -226,8 +226,9 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .with_context(|| format!("rewriting {}", path.display()))
 }
 
-/// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
-/// `run.out_dir` when there is one.
+/// Runs `trainer train`. With `resume`, continues from the newest checkpoint in `run.out_dir`
+/// that verifies, when there is one ([`resume`]: damaged ones are set aside). Rank 0
+/// holds `run.out_dir`'s lock ([`crate::run_lock`]) while it runs.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     run_until(cfg, resume, &AtomicBool::new(false))
 }

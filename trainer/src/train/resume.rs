@@ -1,6 +1,6 @@
 //! Where a run starts: the newest checkpoint of `run.out_dir` that verifies, or a fresh start.
 //!
-//! Verifying a checkpoint ([`load_verified`]) means: every file read matches `manifest.json`
+//! Verifying a checkpoint (`load_verified`) means: every file read matches `manifest.json`
 //! (length and xxh3-128; a checkpoint written before manifests loads with a warning); the saved
 //! config describes the same model (else the run stops: that is the config's fault, not the
 //! checkpoint's); `state.json` is consistent ([`check_state`]: its step is the directory's, AdamW's
@@ -8,7 +8,7 @@
 //! [`BatchLedger`]'s batch arithmetic leads); weights, moments and EMA are finite and second
 //! moments are not negative.
 //!
-//! Rank 0 alone chooses ([`choose`]): it first sets aside every `step_*` directory without
+//! Rank 0 alone chooses (`choose`): it first sets aside every `step_*` directory without
 //! `DONE`, then tries the complete checkpoints newest first, setting aside each one that fails
 //! with damage (renamed `step_<step>.corrupt-<what>-<unix seconds>`, never deleted, a warning
 //! naming the failure), until one loads. It then broadcasts the step it chose; the other ranks
