@@ -624,4 +624,67 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("synthetic") && e.contains("shards"), "{e}");
     }
+
+    fn small_run(out: &Path) -> RunConfig {
+        let yaml = format!(
+            "run:\n  name: ranks\n  out_dir: {}\n  seed: 3\n  device: cpu\n\
+             model:\n  text_len: 6\n  text_vocab: 30\n  grid: 4\n  image_vocab: 20\n  d_model: 16\n  heads: 2\n  layers: 2\n\
+             data:\n  source: synthetic\n  min_caption_tokens: 2\n\
+             train:\n  steps: 4\n  batch_size: 2\n\
+             checkpoint:\n  every: 2\n  keep_last: 5\n",
+            out.display()
+        );
+        RunConfig::from_yaml_str(&yaml, "test config").unwrap()
+    }
+
+    fn flip_last_byte(path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Three ranks over a TCP ring: rank 0 alone verifies and sets aside, every rank loads the
+    /// step it chose; when rank 0 cannot choose, every rank fails.
+    #[test]
+    fn every_rank_loads_what_rank_0_chose_and_only_rank_0_sets_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("run");
+        let cfg = small_run(&out);
+        crate::train::run(&cfg, true).unwrap();
+        flip_last_byte(&checkpoint::step_dir(&out, 4).join(MODEL_FILE));
+        let (table, _) = super::super::stages::model_table(&cfg, false).unwrap();
+        let timeout = std::time::Duration::from_secs(60);
+        let got = crate::dist::ring::with_local_rings(3, timeout, |_, ring| {
+            choose(&cfg, &table, ring, true)
+                .map(|l| l.map(|l| (l.dir, l.rs.state.step, l.rs.params)))
+                .map_err(|e| format!("{e:#}"))
+        });
+        let step2 = checkpoint::step_dir(&out, 2);
+        let (_, _, params) = got[0].as_ref().unwrap().as_ref().unwrap();
+        for (rank, g) in got.iter().enumerate() {
+            let (dir, step, p) = g.as_ref().unwrap().as_ref().unwrap();
+            assert_eq!((dir, *step), (&step2, 2), "rank {rank}");
+            assert!(p == params, "rank {rank} loaded other weights");
+        }
+        assert_eq!(checkpoint::list_set_aside_corrupt(&out).unwrap().len(), 1);
+        assert_eq!(checkpoint::list_complete(&out).unwrap().len(), 1);
+
+        flip_last_byte(&step2.join(OPTIMIZER_FILE));
+        let got = crate::dist::ring::with_local_rings(3, timeout, |_, ring| {
+            choose(&cfg, &table, ring, true)
+                .map(|l| l.is_some())
+                .map_err(|e| format!("{e:#}"))
+        });
+        let e = got[0].as_ref().unwrap_err();
+        assert!(
+            e.contains("no checkpoint") && e.contains("optimizer.safetensors"),
+            "{e}"
+        );
+        for g in &got[1..] {
+            let e = g.as_ref().unwrap_err();
+            assert!(e.contains("rank 0 could not choose"), "{e}");
+        }
+        assert_eq!(checkpoint::list_set_aside_corrupt(&out).unwrap().len(), 2);
+    }
 }
