@@ -2,7 +2,9 @@
 //!
 //! - [`params`]: the flat parameter buffer and its table of named views.
 //! - [`config`]: typed YAML run configs, validation and `--set` overrides.
-//! - [`checkpoint`]: atomic, resumable checkpoint directories (safetensors + state.json + DONE).
+//! - [`checkpoint`]: atomic, resumable checkpoint directories (safetensors + state.json + DONE),
+//!   checksummed in a manifest and verified on load.
+//! - [`run_lock`]: one run per run directory (an advisory lock rank 0 holds).
 //! - [`model`]: the models, written llm.c-style with explicit forward and backward passes.
 //! - [`optim`]: AdamW, clipping, learning-rate schedules, weight EMA.
 //! - [`data`]: training data (for now the synthetic generator).
@@ -31,5 +33,6 @@ pub mod params;
 pub mod powersgd;
 pub mod reconstruct;
 pub mod report;
+pub mod run_lock;
 pub mod sample;
 pub mod train;

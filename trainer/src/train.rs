@@ -1,12 +1,13 @@
 //! The training loop of `trainer train`: build the model named by the config (the stage-2
 //! transformer or the stage-1 dVAE, each a [`stages::Stage`]), start fresh or resume from the
-//! newest complete checkpoint, then per update: accumulate gradients over micro-batches, clip,
-//! AdamW, EMA, schedule; log JSON lines; checkpoint.
+//! newest checkpoint that verifies ([`resume`]), then per update: accumulate gradients over
+//! micro-batches, clip, AdamW, EMA, schedule; log JSON lines; checkpoint.
 //!
 //! Resume is bit-exact: every piece of state that an update reads (weights, AdamW moments and
 //! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
+pub mod resume;
 pub mod stages;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
@@ -18,6 +19,7 @@ use crate::params::ParamTable;
 use crate::powersgd::{
     CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
 };
+use crate::run_lock::RunLock;
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
 use kernels::gradscale::{GradScaler, StepOutcome};
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+pub use resume::BatchLedger;
 pub use stages::{dims_of, dvae_dims_of};
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.
@@ -51,6 +54,10 @@ pub struct TrainState {
     /// The per-resblock gradient scales of an fp16 run (`run.precision: fp16`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_scaler: Option<ScalerState>,
+    /// The batch arithmetic that leads from the step to the data cursor (absent in checkpoints
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<BatchLedger>,
 }
 
 /// [`GradScaler`]'s state in `state.json`: scale i is `replicas · 2^(log2_milli[i] / 1000)`,
@@ -215,28 +222,9 @@ fn fresh_state(cfg: &RunConfig, params: Vec<f32>) -> RunState {
             skipped_updates: 0,
             powersgd_iterations: None,
             grad_scaler: None,
+            batches: None,
         },
     }
-}
-
-/// Loads a complete checkpoint directory into `rs` (shapes checked against the model).
-fn load_state(dir: &Path, table: &ParamTable, rs: &mut RunState) -> Result<()> {
-    checkpoint::load_checked(dir)?;
-    checkpoint::load_into(&dir.join(MODEL_FILE), table, "", &mut rs.params)?;
-    checkpoint::load_into(&dir.join(OPTIMIZER_FILE), table, "m.", &mut rs.adam.m)?;
-    checkpoint::load_into(&dir.join(OPTIMIZER_FILE), table, "v.", &mut rs.adam.v)?;
-    if let Some(ema) = rs.ema.as_mut() {
-        checkpoint::load_into(&dir.join(EMA_FILE), table, "", ema)?;
-    }
-    let state = checkpoint::read_state(dir)?;
-    rs.state = serde_json::from_value(state).with_context(|| {
-        format!(
-            "{}: state.json does not describe a training state",
-            dir.display()
-        )
-    })?;
-    rs.adam.t = rs.state.adam_t;
-    Ok(())
 }
 
 /// Writes a checkpoint of `rs` (and of PowerSGD's state, when compressing).
@@ -304,25 +292,9 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .with_context(|| format!("rewriting {}", path.display()))
 }
 
-/// Checks that a checkpoint was written by a run with the same model.
-fn check_same_model(dir: &Path, cfg: &RunConfig) -> Result<()> {
-    let path = dir.join("config.yaml");
-    let saved = crate::config::RunConfig::load(&path, &[])
-        .with_context(|| format!("reading the config saved with checkpoint {}", dir.display()))?;
-    if saved.model != cfg.model {
-        bail!(
-            "checkpoint {} was written for model {:?}, but the config asks for {:?}; \
-             use another run.out_dir or the checkpoint's model section",
-            dir.display(),
-            saved.model,
-            cfg.model
-        );
-    }
-    Ok(())
-}
-
-/// Runs `trainer train`. With `resume`, continues from the newest complete checkpoint in
-/// `run.out_dir` when there is one.
+/// Runs `trainer train`. With `resume`, continues from the newest checkpoint in `run.out_dir`
+/// that verifies, when there is one ([`resume`]: damaged ones are set aside). Rank 0
+/// holds `run.out_dir`'s lock ([`crate::run_lock`]) while it runs.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     run_until(cfg, resume, &AtomicBool::new(false))
 }
@@ -334,11 +306,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     // Before anything the size of the model or batch is allocated.
     crate::memory::check(cfg, crate::memory::ranks_on_this_node())?;
     let out = &cfg.run.out_dir;
-    let latest = checkpoint::latest_complete(out)?;
-    // The model's definition alone (no data yet): the checkpoint layout, and fresh weights
-    // unless a checkpoint is about to replace them.
-    let (table, init) = stages::model_table(cfg, !(resume && latest.is_some()))?;
-    let init = init.unwrap_or_else(|| vec![0.0; table.numel()]);
+    // One run per directory: rank 0 holds the lock until this process ends, before it reads or
+    // renames a checkpoint.
+    let _lock = if crate::dist::env::WorkerEnv::from_env()?.is_none_or(|e| e.rank == 0) {
+        Some(RunLock::acquire(out)?)
+    } else {
+        None
+    };
+    // The model's definition alone (no data yet): the checkpoint layout.
+    let (table, _) = stages::model_table(cfg, false)?;
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
     // Only rank 0 writes the run directory (config, metrics, checkpoints).
     let mut comm = crate::dist::connect(cfg)?;
@@ -346,26 +322,24 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
 
-    let mut rs = fresh_state(cfg, init);
     let mut resumed_from = None;
     let mut resumed_dir = None;
-    if resume {
-        if let Some(dir) = latest {
-            check_same_model(&dir, cfg)?;
-            load_state(&dir, &table, &mut rs)?;
-            resumed_dir = Some(dir.clone());
-            resumed_from = Some(rs.state.step);
+    let mut rs = match resume::choose(cfg, &table, &mut *comm, resume)? {
+        Some(loaded) => {
+            resumed_from = Some(loaded.rs.state.step);
             if rank0 {
-                truncate_metrics(&metrics_path, rs.state.step)?;
+                truncate_metrics(&metrics_path, loaded.rs.state.step)?;
             }
-            tracing::info!(step = rs.state.step, dir = %dir.display(), "resumed");
+            tracing::info!(step = loaded.rs.state.step, dir = %loaded.dir.display(), "resumed");
+            resumed_dir = Some(loaded.dir);
+            loaded.rs
         }
-    } else if latest.is_some() {
-        bail!(
-            "{} already holds checkpoints; resume (drop --no-resume) or choose another run.out_dir",
-            out.display()
-        );
-    }
+        // Fresh weights from run.seed.
+        None => match stages::model_table(cfg, true)? {
+            (_, Some(init)) => fresh_state(cfg, init),
+            _ => bail!("the model gave no initial weights"),
+        },
+    };
     // Every rank resumed from the same checkpoint (a run directory not shared between nodes
     // would break this).
     crate::dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
@@ -386,6 +360,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     }
 
     let mut stage = stages::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
+    resume::settle_ledger(&mut rs.state, cfg, comm.world_size(), stage.cursor());
     let mut powersgd = match cfg.compression.kind {
         CompressionKind::None => None,
         CompressionKind::Powersgd => {

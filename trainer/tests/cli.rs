@@ -106,15 +106,58 @@ fn corrupt_checkpoints_are_errors_and_existing_runs_are_not_overwritten() {
     );
     assert_eq!(fs::read(&model).unwrap(), saved);
 
-    // A truncated model file in the newest complete checkpoint: an error naming the file.
+    // A truncated model file in the newest complete checkpoint: set aside (renamed, not deleted)
+    // with a warning naming the file, and the run resumes from the checkpoint before it.
+    let checkpoints = tmp.path().join("run/checkpoints");
+    let older = checkpoints.join("step_00000001/model.safetensors");
+    let older_bytes = fs::read(&older).unwrap();
     fs::write(&model, &saved[..saved.len() / 2]).unwrap();
     let o = trainer(&["train", "--config", c, "--set", "train.steps=3"]);
     let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
     assert!(
-        !o.status.success() && e.contains("step_00000002") && e.contains("model.safetensors"),
+        e.contains("step_00000002") && e.contains("model.safetensors") && e.contains("set aside"),
         "{e}"
     );
-    assert!(!tmp.path().join("run/checkpoints/step_00000003").exists());
+    let aside = entries_starting(&checkpoints, "step_00000002.corrupt-checksum-");
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        fs::read(aside[0].join("model.safetensors")).unwrap(),
+        &saved[..saved.len() / 2]
+    );
+    assert_eq!(fs::read(&older).unwrap(), older_bytes);
+    assert!(checkpoints.join("step_00000003/DONE").is_file());
+
+    // Every checkpoint damaged: the run stops, naming them, rather than start over at step 0.
+    for step in 1..=3 {
+        let f = checkpoints.join(format!("step_{step:08}/state.json"));
+        fs::write(&f, b"{}").unwrap();
+    }
+    let metrics = fs::read(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let o = trainer(&["train", "--config", c, "--set", "train.steps=4"]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success()
+            && e.contains("no checkpoint")
+            && e.contains("step_00000001.corrupt-checksum-"),
+        "{e}"
+    );
+    assert_eq!(
+        fs::read(tmp.path().join("run/metrics.jsonl")).unwrap(),
+        metrics
+    );
+    assert!(entries_starting(&checkpoints, "step_00000004").is_empty());
+}
+
+/// The entries of `dir` whose names start with `prefix`.
+fn entries_starting(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(prefix))
+        .collect();
+    found.sort();
+    found
 }
 
 #[test]

@@ -101,11 +101,16 @@ pub fn resolve_weights(source: &Path, ema: bool) -> WResult<PathBuf> {
         || checkpoint::parse_step_dir_name(&dir_name(source)).is_some()
     {
         let dir = checkpoint::load_checked(source)?;
+        // Verified against the checkpoint's manifest before anything reads it.
+        dir.verify_file(file)?;
         return Ok(dir.path().join(file));
     }
     if checkpoint::checkpoints_dir(source).is_dir() {
         return match checkpoint::latest_complete(source)? {
-            Some(dir) => Ok(dir.join(file)),
+            Some(dir) => {
+                checkpoint::load_checked(&dir)?.verify_file(file)?;
+                Ok(dir.join(file))
+            }
             None => Err(WeightsError::NoCheckpoint {
                 path: source.to_path_buf(),
             }),

@@ -160,6 +160,19 @@ fn checkpoint_and_run_directories_resolve_to_their_weights() {
         e.contains("empty_run") && e.contains("no complete checkpoint"),
         "{e}"
     );
+    // A checkpoint whose weights changed after the save: refused, by its manifest's checksum.
+    let model = step9.join(MODEL_FILE);
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&model, &bytes).unwrap();
+    for src in [&run, &step9] {
+        let e = load(src, false).unwrap_err().to_string();
+        assert!(
+            e.contains("step_00000009") && e.contains(MODEL_FILE) && e.contains("checksum"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
