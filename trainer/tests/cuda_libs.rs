@@ -175,6 +175,9 @@ fn a_worker_asked_for_nccl_without_the_libraries_names_what_is_missing() {
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", "9")
         .env("TESSERA_RUN_ID", "nccl-test")
+        // The store's secret (docs/cluster.md), so that the worker gets as far as NCCL.
+        .env("TESSERA_STORE_SECRET", "5e".repeat(32))
+        .env_remove("TESSERA_STORE_SECRET_FILE")
         .output()
         .unwrap();
     assert!(!o.status.success(), "{}", text(&o));
