@@ -154,7 +154,7 @@ fn low_rank_powersgd_trains_within_margin_and_sends_fewer_bytes() {
     );
     // The expected bytes: every tensor the plan compresses sends (rows + cols)·r values, the
     // rest (and one flag) plainly.
-    let (table, _) = trainer::train::stages::model_table(&cfg, false).unwrap();
+    let (table, _) = trainer::train::objectives::model_table(&cfg, false).unwrap();
     let p = trainer::powersgd::PowerSgd::new(&table, &cfg.compression).unwrap();
     assert_eq!(sent, p.bytes_per_compressed_step() as f64);
     assert_eq!(full, p.bytes_uncompressed() as f64);

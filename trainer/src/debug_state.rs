@@ -229,7 +229,7 @@ fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) ->
 
 /// `trainer init-weights`: the config's model, freshly initialised from `run.seed`.
 pub fn init_weights(cfg: &RunConfig, out: &Path) -> Result<()> {
-    let (table, params) = crate::train::stages::model_table(cfg, true)?;
+    let (table, params) = crate::train::objectives::model_table(cfg, true)?;
     let params = params.expect("model_table(init = true) draws weights");
     checkpoint::write_tensors(out, &checkpoint::entries(&table, "", &params))?;
     Ok(())

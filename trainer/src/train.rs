@@ -1,5 +1,5 @@
 //! The training loop of `trainer train`: build the model named by the config (the stage-2
-//! transformer or the stage-1 dVAE, each a [`stages::Stage`]), start fresh or resume from the
+//! transformer or the stage-1 dVAE, each a [`objectives::Stage`]), start fresh or resume from the
 //! newest checkpoint that verifies ([`resume`]), then per update: accumulate gradients over
 //! micro-batches, clip, AdamW, EMA, schedule; log JSON lines; checkpoint.
 //!
@@ -7,8 +7,8 @@
 //! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
+pub mod objectives;
 pub mod resume;
-pub mod stages;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Device, Precision, RunConfig};
@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+pub use objectives::{dims_of, dvae_dims_of};
 pub use resume::BatchLedger;
-pub use stages::{dims_of, dvae_dims_of};
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -314,7 +314,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         None
     };
     // The model's definition alone (no data yet): the checkpoint layout.
-    let (table, _) = stages::model_table(cfg, false)?;
+    let (table, _) = objectives::model_table(cfg, false)?;
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
     // Only rank 0 writes the run directory (config, metrics, checkpoints).
     let mut comm = crate::dist::connect(cfg)?;
@@ -335,7 +335,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             loaded.rs
         }
         // Fresh weights from run.seed.
-        None => match stages::model_table(cfg, true)? {
+        None => match objectives::model_table(cfg, true)? {
             (_, Some(init)) => fresh_state(cfg, init),
             _ => bail!("the model gave no initial weights"),
         },
@@ -359,8 +359,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         );
     }
 
-    let mut stage = stages::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
-    resume::settle_ledger(&mut rs.state, cfg, comm.world_size(), stage.cursor());
+    let mut objective = objectives::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
+    resume::settle_ledger(&mut rs.state, cfg, comm.world_size(), objective.cursor());
     let mut powersgd = match cfg.compression.kind {
         CompressionKind::None => None,
         CompressionKind::Powersgd => {
@@ -391,7 +391,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let sched = schedule_params(cfg);
     let accum = cfg.train.grad_accum;
     let mut grads = vec![0.0f32; table.numel()];
-    let step_flops = stage.micro_flops() * accum as f64;
+    let step_flops = objective.micro_flops() * accum as f64;
     let peak_gflops = peak_gflops();
     tracing::info!(
         peak_gflops = format_args!("{peak_gflops:.1}"),
@@ -406,7 +406,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         "training"
     );
     // fp16: one gradient scale per resblock (docs/model.md §5), saved in state.json.
-    let resblocks = stage.resblock_ranges();
+    let resblocks = objective.resblock_ranges();
     let mut scaler = match cfg.run.precision {
         Precision::Fp16 => Some(grad_scaler(&rs.state, resblocks.len(), comm.world_size())?),
         Precision::Fp32 => {
@@ -434,8 +434,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 scales: &scales,
                 flags: &mut flags,
             });
-            let got = stage.micro_step(t, micro, &rs.params, &mut grads, scale, scaling)?;
-            rs.state.data = stage.cursor();
+            let got = objective.micro_step(t, micro, &rs.params, &mut grads, scale, scaling)?;
+            rs.state.data = objective.cursor();
             if terms.is_empty() {
                 terms = got.iter().map(|&(k, _)| (k, 0.0)).collect();
             }
@@ -505,7 +505,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let mut values: BTreeMap<String, f64> = terms
             .iter()
             .skip(1)
-            .chain(&stage.update_metrics(t))
+            .chain(&objective.update_metrics(t))
             .map(|&(k, v)| (k.to_string(), v))
             .collect();
         if !scales.is_empty() {
@@ -517,7 +517,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             values.insert("grad_scale_max".into(), sorted[sorted.len() - 1] as f64);
             values.insert("skipped_updates".into(), rs.state.skipped_updates as f64);
         }
-        for (k, v) in stage.rates(secs) {
+        for (k, v) in objective.rates(secs) {
             values.insert(k.to_string(), v * accum as f64);
         }
         if comm.world_size() > 1 || powersgd.is_some() {

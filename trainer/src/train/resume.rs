@@ -653,7 +653,7 @@ mod tests {
         let cfg = small_run(&out);
         crate::train::run(&cfg, true).unwrap();
         flip_last_byte(&checkpoint::step_dir(&out, 4).join(MODEL_FILE));
-        let (table, _) = super::super::stages::model_table(&cfg, false).unwrap();
+        let (table, _) = super::super::objectives::model_table(&cfg, false).unwrap();
         let timeout = std::time::Duration::from_secs(60);
         let got = crate::dist::ring::with_local_rings(3, timeout, |_, ring| {
             choose(&cfg, &table, ring, true)

@@ -1,10 +1,10 @@
-//! The two models' sides of the training loop. A [`Stage`] owns a model definition and its
+//! The two models' sides of the training loop. An [`Objective`] owns a model definition and its
 //! data stream and runs one micro-batch (forward + backward); the loop in `train.rs` does the
 //! rest (accumulation, reduction, AdamW, EMA, schedule, metrics, checkpoints) the same way for
 //! both.
 //!
-//! - [`TransformerStage`]: stage 2 on token sequences (synthetic or token shards).
-//! - [`DvaeStage`]: stage 1 on image shards: Gumbel noise seeded by (seed, update, micro-batch,
+//! - [`TransformerObjective`]: stage 2 on token sequences (synthetic or token shards).
+//! - [`DvaeObjective`]: stage 1 on image shards: Gumbel noise seeded by (seed, update, micro-batch,
 //!   rank) so that a resumed run draws the same noise, τ and β from their cosine schedules.
 
 use crate::config::{DataSource, Device, RunConfig};
@@ -26,7 +26,7 @@ use std::sync::Arc;
 pub type Terms = Vec<(&'static str, f64)>;
 
 /// One model's side of the training loop.
-pub trait Stage {
+pub trait Objective {
     /// Useful floating-point operations of one micro-batch (forward and backward).
     fn micro_flops(&self) -> f64;
     /// Forward and backward on this rank's next micro-batch `micro` of update `t` (1-based):
@@ -46,7 +46,7 @@ pub trait Stage {
         Vec::new()
     }
     /// Values of the whole update (after every micro-batch), e.g. τ or codebook perplexity;
-    /// resets whatever [`Stage::micro_step`] accumulated for them.
+    /// resets whatever [`Objective::micro_step`] accumulated for them.
     fn update_metrics(&mut self, t: u64) -> Terms;
     /// Throughputs of one update of `secs` seconds (`tokens_per_s`, `images_per_s`, …).
     fn rates(&self, secs: f64) -> Terms;
@@ -54,16 +54,16 @@ pub trait Stage {
     fn cursor(&self) -> DataCursor;
 }
 
-/// Builds the stage of `cfg`'s model, its data opened for `rank` of `world_size` at `cursor`.
+/// Builds the objective of `cfg`'s model, its data opened for `rank` of `world_size` at `cursor`.
 pub fn open(
     cfg: &RunConfig,
     rank: usize,
     world_size: usize,
     cursor: DataCursor,
-) -> Result<Box<dyn Stage>> {
+) -> Result<Box<dyn Objective>> {
     Ok(match cfg.model.dvae() {
-        Some(_) => Box::new(DvaeStage::new(cfg, rank, world_size, cursor)?),
-        None => Box::new(TransformerStage::new(cfg, rank, world_size, cursor)?),
+        Some(_) => Box::new(DvaeObjective::new(cfg, rank, world_size, cursor)?),
+        None => Box::new(TransformerObjective::new(cfg, rank, world_size, cursor)?),
     })
 }
 
@@ -114,7 +114,7 @@ pub fn dvae_dims_of(cfg: &RunConfig) -> Result<DvaeDims> {
 }
 
 /// Stage 2: the transformer on token sequences.
-pub struct TransformerStage {
+pub struct TransformerObjective {
     model: Transformer,
     compute: Compute,
     data: DataStream,
@@ -217,13 +217,13 @@ fn device_compute(cfg: &RunConfig, model: &Transformer, batch: usize) -> Result<
     })
 }
 
-impl TransformerStage {
+impl TransformerObjective {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
         let model = Transformer::new(dims_of(cfg)?)?.with_precision(cfg.run.precision);
         let data = DataStream::open(cfg, rank, world_size, cursor, caption_encoder(cfg)?)
             .context("opening the training data")?;
         let batch = cfg.train.batch_size;
-        Ok(TransformerStage {
+        Ok(TransformerObjective {
             compute: device_compute(cfg, &model, batch)?,
             model,
             data,
@@ -232,7 +232,7 @@ impl TransformerStage {
     }
 }
 
-impl Stage for TransformerStage {
+impl Objective for TransformerObjective {
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
     }
@@ -351,7 +351,7 @@ fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
 }
 
 /// Stage 1: the dVAE on image shards.
-pub struct DvaeStage {
+pub struct DvaeObjective {
     model: Dvae,
     acts: DvaeActs,
     data: ImageStream,
@@ -370,7 +370,7 @@ pub struct DvaeStage {
 /// Keeps the Gumbel noise's random stream apart from the other streams of the same seed.
 const GUMBEL_SALT: u64 = 0x6a3b_9e1f_57c2_0004;
 
-impl DvaeStage {
+impl DvaeObjective {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
         // The noise stream packs (update, micro-batch, rank) into 64 bits, 16 bits for each of
         // the last two.
@@ -383,7 +383,7 @@ impl DvaeStage {
             .context("opening the training images")?;
         let batch = cfg.train.batch_size;
         let g = dims.grid();
-        Ok(DvaeStage {
+        Ok(DvaeObjective {
             acts: model.new_acts(batch),
             noise: vec![0.0; batch * dims.vocab_size * g * g],
             code_counts: vec![0; dims.vocab_size],
@@ -406,7 +406,7 @@ impl DvaeStage {
     }
 }
 
-impl Stage for DvaeStage {
+impl Objective for DvaeObjective {
     fn micro_flops(&self) -> f64 {
         self.model.train_flops(self.batch)
     }
@@ -545,17 +545,21 @@ mod tests {
             dir = tmp.path().display(),
         );
         let cfg = RunConfig::from_yaml_str(&yaml, "test").unwrap();
-        let mut stage = DvaeStage::new(&cfg, 0, 1, DataCursor::start(&cfg)).unwrap();
-        let params = stage.model.init_params(3);
+        let mut objective = DvaeObjective::new(&cfg, 0, 1, DataCursor::start(&cfg)).unwrap();
+        let params = objective.model.init_params(3);
         let mut grads = vec![0.0f32; params.len()];
-        let d = stage.model.dims();
+        let d = objective.model.dims();
         let (k, hw) = (d.vocab_size, d.grid() * d.grid());
         for t in [1u64, 4, 8, 11] {
-            stage
+            objective
                 .micro_step(t, 0, &params, &mut grads, 1.0, None)
                 .unwrap();
-            let want = stage.relax.tau(t - 1);
-            let (logits, y, g) = (stage.acts.logits(), stage.acts.relaxed(), &stage.noise);
+            let want = objective.relax.tau(t - 1);
+            let (logits, y, g) = (
+                objective.acts.logits(),
+                objective.acts.relaxed(),
+                &objective.noise,
+            );
             let mut checked = 0;
             for pos in [0, hw / 2, hw - 1] {
                 let at = |c: usize| c * hw + pos;
