@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch eager baseline for Tessera's stage-2 transformer training step (CPU).
 
-A plain PyTorch implementation of the model of MODEL-SPEC.md §1, written the way a PyTorch user
+A plain PyTorch implementation of the model of docs/model.md §1, written the way a PyTorch user
 would: nn.Embedding tables, pre-LN blocks with a fused qkv nn.Linear, DENSE attention with one
 precomputed boolean T×T mask per layer (row / column / conv layouts), a 4d GELU(tanh) MLP, ln_f
 and a bias-free head over all positions. The loss is 1/8 · CE(text) + 7/8 · CE(image) as in the
@@ -48,7 +48,7 @@ def layout_of(layer: int, layers: int) -> str:
 
 
 def allowed_mask(kind: str, Tt: int, G: int, kernel: int = CONV_KERNEL) -> torch.Tensor:
-    """Boolean [T, T], True where query p may attend key q (MODEL-SPEC.md §1, Masks)."""
+    """Boolean [T, T], True where query p may attend key q (docs/model.md §1, Masks)."""
     T = Tt + G * G
     p = torch.arange(T).view(T, 1)
     q = torch.arange(T).view(1, T)

@@ -4,7 +4,7 @@ with OpenAI's own `dall_e.Encoder` / `dall_e.Decoder` modules, eager mode, fp32,
 
 Same work as the Rust benchmark: 64×64 images, n_hid 64, n_blk_per_group 1, K 512, decoder n_init
 64, batch 8; Gumbel noise, softmax((logits + g)/τ), decoder, logit-Laplace NLL (ε = 0.1) + β·KL to
-the uniform prior (MODEL-SPEC §2), backward, AdamW. Prints one JSON line like the Rust benchmark.
+the uniform prior (docs/model.md §2), backward, AdamW. Prints one JSON line like the Rust benchmark.
 
 Needs torch and the `dall_e` package (`pip install torch DALL-E`); not part of the test
 requirements. Run it back to back with the Rust benchmark on a quiet machine:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Re-save OpenAI's released DALL·E dVAE (encoder.pkl + decoder.pkl) as one safetensors file that
-Tessera loads unchanged (MODEL-SPEC.md §2; docs/dvae-weights.md).
+Tessera loads unchanged (docs/model.md §2; docs/dvae-weights.md).
 
 Download the two pickles (OpenAI's CDN; the URLs that `dall_e`'s README loads):
 
@@ -23,7 +23,7 @@ and `decoder.<key>` for every key of the two modules' state dicts (`blocks.input
 `blocks.group_1.block_1.res_path.conv_1.w`, …, `blocks.output.conv.b`); metadata
 {"format": "pt", "source": "openai dall_e encoder.pkl + decoder.pkl", and the sizes}. OpenAI's
 release has n_hid 256, n_blk_per_group 2, vocab_size 8192, decoder n_init 128: 150 tensors, 97.6 M
-parameters (encoder 53.8 M, decoder 43.8 M), a 390 MB file. Before writing, the names and shapes are checked against MODEL-SPEC §2's layout for
+parameters (encoder 53.8 M, decoder 43.8 M), a 390 MB file. Before writing, the names and shapes are checked against docs/model.md §2's layout for
 the sizes read from the tensors, and the script exits 1 naming any difference. Then:
 
     trainer reconstruct --weights openai-dvae.safetensors --images shards/images-00000.tis
@@ -116,7 +116,7 @@ def named_tensors(module, prefix=""):
 
 
 def expected_layout(n_hid, n_blk, k, n_init):
-    """MODEL-SPEC §2's names and shapes for these sizes (dall_e's Encoder and Decoder)."""
+    """docs/model.md §2's names and shapes for these sizes (dall_e's Encoder and Decoder)."""
     out = OrderedDict()
 
     def conv(name, c_in, c_out, kw):
@@ -161,7 +161,7 @@ def infer_sizes(tensors):
 
 
 def convert(encoder, decoder, force_stub=False):
-    """name → float32 tensor, MODEL-SPEC names, from the two pickles; checked against the layout."""
+    """name → float32 tensor, docs/model.md names, from the two pickles; checked against the layout."""
     tensors = OrderedDict()
     for prefix, path in (("encoder.", encoder), ("decoder.", decoder)):
         module = load_pickled_module(path, force_stub)
@@ -176,7 +176,7 @@ def convert(encoder, decoder, force_stub=False):
         if n in tensors and tuple(tensors[n].shape) != s
     ]
     if problems:
-        raise SystemExit("the pickles do not hold MODEL-SPEC §2's layout:\n  " + "\n  ".join(problems))
+        raise SystemExit("the pickles do not hold docs/model.md §2's layout:\n  " + "\n  ".join(problems))
     return tensors
 
 

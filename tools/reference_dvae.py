@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Independent NumPy (float64) reference of the stage-1 dVAE of MODEL-SPEC.md §2.
+"""Independent NumPy (float64) reference of the stage-1 dVAE of docs/model.md §2.
 
 Written from the spec and OpenAI's released `dall_e` Encoder/Decoder architecture, not from
 Tessera's Rust code. Given the weights, the inputs (`images` [B,3,H,W] in [0,1], `tau` [1],
 `beta` [1], optionally Gumbel `noise` [B,K,H/8,W/8], zero when absent) and Tessera's outputs
 (`logits`, `stats`, `loss`, `nll`, `kl`, `grad.<name>`; or the `trainer debug-state` file of
-MODEL-SPEC §4, whose `encoder_logits` and `decoder_stats` stand for `logits` and `stats`), it
+docs/model.md §4, whose `encoder_logits` and `decoder_stats` stand for `logits` and `stats`), it
 recomputes the forward pass and the loss and compares, then checks sampled gradient entries (and
 one random direction) against float64 central differences of the loss.
 
@@ -160,7 +160,7 @@ def main():
     w32 = load_file(args.weights)
     inp = load_file(args.inputs)
     out = load_file(args.outputs)
-    # The debug-state file (MODEL-SPEC §4) names the two forward tensors differently.
+    # The debug-state file (docs/model.md §4) names the two forward tensors differently.
     for short, long in [("logits", "encoder_logits"), ("stats", "decoder_stats")]:
         if short not in out and long in out:
             out[short] = out[long]

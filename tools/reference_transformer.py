@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Independent NumPy reference of Tessera's stage-2 transformer (MODEL-SPEC.md §1), used for the
-cross-implementation check of MODEL-SPEC.md §4.
+"""Independent NumPy reference of Tessera's stage-2 transformer (docs/model.md §1), used for the
+cross-implementation check of docs/model.md §4.
 
 It reads weights, a batch and the debug-state file that `trainer debug-state` wrote for them,
 recomputes the losses and logits in float64 straight from the spec's text, checks every
@@ -80,7 +80,7 @@ class Model:
         self.masks = {kind: self._mask(kind) for kind in ("row", "column", "conv")}
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter name of MODEL-SPEC §1 with its shape."""
+        """Every parameter name of docs/model.md §1 with its shape."""
         d, G = self.d, self.grid
         shapes = {
             "text_emb.weight": (self.text_rows, d),
@@ -265,7 +265,7 @@ def sample_entries(m: Model, P, text, image, n: int, rng) -> list[tuple[str, tup
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", required=True, help="weights (safetensors, MODEL-SPEC §1 names)")
+    ap.add_argument("--weights", required=True, help="weights (safetensors, docs/model.md §1 names)")
     ap.add_argument("--batch", required=True, help="batch: `text` [B,Tt], `image` [B,G²]")
     ap.add_argument("--debug-state", required=True, help="what `trainer debug-state` wrote")
     ap.add_argument("--heads", type=int, required=True)

@@ -2,7 +2,7 @@
 //! token shards (`.tts`), the stage-2 transformer's training data.
 //!
 //! Each record becomes the caption's BPE ids, truncated to `text_len` and padded with the
-//! per-position ids `text_vocab + p` (MODEL-SPEC §1, [`encode_caption`] with no dropout), and the
+//! per-position ids `text_vocab + p` (docs/model.md §1, [`encode_caption`] with no dropout), and the
 //! image's dVAE codes: the argmax of the encoder's logits, no noise ([`Dvae::encode`]), in raster
 //! order. The token shards' layout (text_len, text_vocab, grid², image_vocab = the dVAE's K) is
 //! what a stage-2 config with those sizes reads (`data.source: shards` refuses any other).

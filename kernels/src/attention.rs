@@ -1,4 +1,4 @@
-//! Block-sparse causal attention for the stage-2 transformer (MODEL-SPEC.md §1).
+//! Block-sparse causal attention for the stage-2 transformer (docs/model.md §1).
 //!
 //! Provides:
 //! - [`MaskKind`] and [`layer_mask_kind`]: the three DALL·E mask families (row, column, conv) and

@@ -1,5 +1,5 @@
 //! 2-D convolution, stride 1, "same" padding (k−1)/2 for odd kernel widths k: the convolutions of
-//! OpenAI's dVAE (MODEL-SPEC.md §2), with PyTorch's `nn.Conv2d` semantics (cross-correlation).
+//! OpenAI's dVAE (docs/model.md §2), with PyTorch's `nn.Conv2d` semantics (cross-correlation).
 //!
 //! Shapes (NCHW, row-major): `inp` [B, Ci, H, W], `weight` [Co, Ci, k, k], `bias` [Co],
 //! `out` [B, Co, H, W].

@@ -1,4 +1,4 @@
-//! The dVAE's loss pieces (MODEL-SPEC.md §2), apart from the model: the Gumbel-softmax relaxation
+//! The dVAE's loss pieces (docs/model.md §2), apart from the model: the Gumbel-softmax relaxation
 //! of the encoder's logits, the logit-Laplace negative log-likelihood of the decoder's statistics
 //! and the KL divergence of the codes from the uniform prior, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
 //! the readable reference of the CUDA kernels in `kernels/cuda/dvae.cu`.

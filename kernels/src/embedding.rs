@@ -1,4 +1,4 @@
-//! The stage-2 transformer's input embeddings (MODEL-SPEC.md §1):
+//! The stage-2 transformer's input embeddings (docs/model.md §1):
 //!
 //! ```text
 //! x[b, p]            = text_emb[text[b, p]] + text_pos[p]                        p < Tt

@@ -3,7 +3,7 @@
 //! A checkpoint is a directory `<out_dir>/checkpoints/step_<8-digit step>/` holding
 //!
 //! - one or more safetensors files (`model.safetensors`: fp32 master weights named per
-//!   MODEL-SPEC.md; `optimizer.safetensors`: AdamW moments under the prefixes `m.` and `v.`;
+//!   docs/model.md; `optimizer.safetensors`: AdamW moments under the prefixes `m.` and `v.`;
 //!   `ema.safetensors`: the weight EMA under the model's names),
 //! - `state.json` (step, data cursor, RNG, gradient scales, …: whatever the caller passes),
 //! - `config.yaml` (the resolved run config),

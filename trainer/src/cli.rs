@@ -44,7 +44,7 @@ pub enum Command {
         no_resume: bool,
     },
     /// One forward and backward pass with given weights and batch; writes every result
-    /// (MODEL-SPEC §4).
+    /// (docs/model.md §4).
     DebugState {
         /// The run config (YAML); its model section must match the weights.
         #[arg(long, value_name = "FILE")]
@@ -52,10 +52,10 @@ pub enum Command {
         /// Override a config field, e.g. --set model.layers=2 (repeatable, applied in order).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// The weights (safetensors, parameter names per MODEL-SPEC).
+        /// The weights (safetensors, parameter names per docs/model.md).
         #[arg(long, value_name = "FILE")]
         weights: PathBuf,
-        /// The batch of inputs (safetensors, MODEL-SPEC §4).
+        /// The batch of inputs (safetensors, docs/model.md §4).
         #[arg(long, value_name = "FILE")]
         batch: PathBuf,
         /// Where to write the results (safetensors).

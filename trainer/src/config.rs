@@ -60,7 +60,7 @@ pub enum ConfigError {
 pub struct RunConfig {
     /// Name, output directory, seed and device.
     pub run: RunSection,
-    /// The model to train: the stage-2 transformer (MODEL-SPEC.md §1, `kind: transformer`, the
+    /// The model to train: the stage-2 transformer (docs/model.md §1, `kind: transformer`, the
     /// default) or the stage-1 dVAE (§2, `kind: dvae`).
     pub model: ModelConfig,
     /// Where training batches come from.
@@ -76,7 +76,7 @@ pub struct RunConfig {
     /// How often to checkpoint and how many checkpoints to keep.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
-    /// The dVAE's temperature and KL-weight schedules (MODEL-SPEC §2). Only for `model.kind:
+    /// The dVAE's temperature and KL-weight schedules (docs/model.md §2). Only for `model.kind:
     /// dvae`; absent means the paper's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relaxation: Option<RelaxationConfig>,
@@ -127,7 +127,7 @@ pub enum Device {
     Auto,
 }
 
-/// Sizes of the stage-2 transformer (MODEL-SPEC.md §1). Every field but `conv_kernel` is required.
+/// Sizes of the stage-2 transformer (docs/model.md §1). Every field but `conv_kernel` is required.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransformerConfig {
@@ -178,9 +178,9 @@ impl TransformerConfig {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(try_from = "ModelSection", into = "ModelSection")]
 pub enum ModelConfig {
-    /// The stage-2 sparse transformer (MODEL-SPEC.md §1).
+    /// The stage-2 sparse transformer (docs/model.md §1).
     Transformer(TransformerConfig),
-    /// The stage-1 discrete VAE (MODEL-SPEC.md §2).
+    /// The stage-1 discrete VAE (docs/model.md §2).
     Dvae(DvaeConfig),
 }
 
@@ -238,7 +238,7 @@ impl ModelConfig {
     }
 }
 
-/// Sizes of the stage-1 dVAE (MODEL-SPEC.md §2), with OpenAI's hyper-parameter names.
+/// Sizes of the stage-1 dVAE (docs/model.md §2), with OpenAI's hyper-parameter names.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DvaeConfig {
@@ -389,7 +389,7 @@ impl From<ModelConfig> for ModelSection {
 
 /// The `relaxation:` section (dVAE only): the Gumbel-softmax temperature τ and the KL weight β,
 /// each a cosine from its start to its end value over its number of updates, then constant
-/// (MODEL-SPEC §2). Defaults are the paper's.
+/// (docs/model.md §2). Defaults are the paper's.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RelaxationConfig {
@@ -442,7 +442,7 @@ impl Default for RelaxationConfig {
     }
 }
 
-/// cosine(a → b over n) at update t: b + (a − b)·(1 + cos(π·min(t, n)/n))/2 (MODEL-SPEC §2).
+/// cosine(a → b over n) at update t: b + (a − b)·(1 + cos(π·min(t, n)/n))/2 (docs/model.md §2).
 pub fn cosine_anneal(a: f64, b: f64, n: u64, t: u64) -> f64 {
     let x = t.min(n) as f64 / n.max(1) as f64;
     b + (a - b) * (1.0 + (std::f64::consts::PI * x).cos()) / 2.0

@@ -1,4 +1,4 @@
-//! `trainer debug-state` (MODEL-SPEC.md §4): one forward and backward pass of the configured
+//! `trainer debug-state` (docs/model.md §4): one forward and backward pass of the configured
 //! model with given weights and batch, writing every result an outside implementation needs to
 //! compare against. The transformer: the three losses, the full logits and one gradient per
 //! parameter. The dVAE: encoder logits, decoder statistics (decoder applied to softmax(logits/τ),

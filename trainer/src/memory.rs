@@ -259,7 +259,7 @@ fn sat(v: usize) -> Sat {
     Sat(v as u128)
 }
 
-/// P of the transformer (MODEL-SPEC §1): embeddings (Vt+Tt)·C + Tt·C + Vi·C + 2G·C, per layer
+/// P of the transformer (docs/model.md §1): embeddings (Vt+Tt)·C + Tt·C + Vi·C + 2G·C, per layer
 /// 12C² + 13C, ln_f 2C, head (Vt+Tt+Vi)·C.
 pub fn transformer_params(m: &TransformerConfig) -> u128 {
     let [tt, vt, g, vi, c, l] = [
@@ -312,7 +312,7 @@ pub fn transformer_acts(m: &TransformerConfig, batch: u128) -> u128 {
 }
 
 /// P of the dVAE and the elements of `Dvae::new_acts(batch)` plus its Gumbel noise, from the
-/// architecture of MODEL-SPEC §2 (the stages `Net::encoder` and `Net::decoder` build): each
+/// architecture of docs/model.md §2 (the stages `Net::encoder` and `Net::decoder` build): each
 /// stage keeps its input, a residual block the inputs of its four convolutions (after ReLU),
 /// the output stage its ReLU'd input; each network its output and two gradient buffers as long
 /// as its largest activation.

@@ -1,6 +1,6 @@
 //! `trainer reconstruct`: the first N images of image shards (paths or glob patterns, in sorted
 //! path order) through a dVAE (encode → argmax
-//! codes → decode, MODEL-SPEC §2) and back, written as one PNG grid of pairs, original on the
+//! codes → decode, docs/model.md §2) and back, written as one PNG grid of pairs, original on the
 //! left and reconstruction on the right, and measured: mean squared error in pixel space ([0, 1]
 //! per channel), its PSNR, and how many distinct codes the images used.
 //!

@@ -1,4 +1,4 @@
-//! The cross-implementation check of the stage-1 dVAE (MODEL-SPEC.md §2): one forward and backward
+//! The cross-implementation check of the stage-1 dVAE (docs/model.md §2): one forward and backward
 //! pass of `Dvae` on a tiny model, against the independent NumPy reference
 //! `tools/reference_dvae.py` (logits, decoder stats, loss terms and sampled gradient entries).
 //!
@@ -134,7 +134,7 @@ fn dvae_matches_numpy_reference_two_blocks_per_group() {
 }
 
 /// `trainer init-weights` and `trainer debug-state` for a `model.kind: dvae` config, end to end
-/// through the binary (MODEL-SPEC §4: batch keys `images`, `tau`, `beta`; outputs
+/// through the binary (docs/model.md §4: batch keys `images`, `tau`, `beta`; outputs
 /// `encoder_logits`, `decoder_stats` without Gumbel noise, `loss`, `grad.<name>`), against the
 /// same NumPy reference.
 #[test]

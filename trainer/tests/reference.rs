@@ -1,4 +1,4 @@
-//! The cross-implementation check of MODEL-SPEC.md §4: `trainer debug-state` on a small model
+//! The cross-implementation check of docs/model.md §4: `trainer debug-state` on a small model
 //! against the independent NumPy reference `tools/reference_transformer.py`, and debug-state's
 //! refusal of malformed batch files.
 //!

@@ -7,7 +7,7 @@
 //! front of the text, every byte mapped to one printable character), a BPE model over those
 //! characters with no unknown token (all 256 byte characters are in the vocabulary) and no special
 //! tokens, and the `ByteLevel` decoder. The transformer pads with per-position ids `Vt + p`
-//! (MODEL-SPEC §1), outside the BPE vocabulary, so the tokenizer needs no pad or end token.
+//! (docs/model.md §1), outside the BPE vocabulary, so the tokenizer needs no pad or end token.
 //!
 //! BPE dropout (Provilkov et al. 2020) is done here, not by `tokenizers`, whose BPE `dropout`
 //! draws from an unseeded thread RNG and would break bit-exact resume. [`BpeTokenizer::encode_with_dropout`]
@@ -523,7 +523,7 @@ struct Scratch {
     skipped: Vec<Reverse<(u32, usize)>>,
 }
 
-/// The `text_len` ids of one caption for the transformer (MODEL-SPEC §1): its BPE ids (with
+/// The `text_len` ids of one caption for the transformer (docs/model.md §1): its BPE ids (with
 /// dropout `dropout` drawn from `rng`; none at 0), truncated to `text_len`, then the padding id
 /// `text_vocab + p` at every position p after the caption. Errors if the tokenizer's ids do not
 /// fit below `text_vocab`.

@@ -1,4 +1,4 @@
-//! The stage-1 discrete VAE of MODEL-SPEC.md §2: OpenAI's released encoder and decoder
+//! The stage-1 discrete VAE of docs/model.md §2: OpenAI's released encoder and decoder
 //! (`dall_e.Encoder`, `dall_e.Decoder`), their parameter names, and the training loss (Gumbel-
 //! softmax relaxation, logit-Laplace likelihood, KL to the uniform prior), with explicit forward
 //! and backward passes.

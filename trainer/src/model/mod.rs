@@ -1,8 +1,8 @@
 //! The models, written llm.c-style: a parameter table over one flat buffer, an activation
 //! struct, and explicit `forward` / `backward` passes that call the ops of the `kernels` crate.
 //!
-//! - [`transformer`]: the stage-2 sparse transformer of MODEL-SPEC.md §1;
-//! - [`dvae`]: the stage-1 discrete VAE of MODEL-SPEC.md §2.
+//! - [`transformer`]: the stage-2 sparse transformer of docs/model.md §1;
+//! - [`dvae`]: the stage-1 discrete VAE of docs/model.md §2.
 
 pub mod dvae;
 pub mod init;

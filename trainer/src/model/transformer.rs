@@ -1,13 +1,13 @@
-//! The stage-2 sparse transformer of MODEL-SPEC.md §1, with explicit forward and backward passes.
+//! The stage-2 sparse transformer of docs/model.md §1, with explicit forward and backward passes.
 //!
 //! Dimension letters: B batch, T = Tt + G² sequence, C = d_model, NH heads, HS = C/NH, L layers.
-//! Parameters live in one flat buffer laid out by [`Transformer::table`] (MODEL-SPEC names, in the
+//! Parameters live in one flat buffer laid out by [`Transformer::table`] (docs/model.md names, in the
 //! spec's order); activations in [`Activations`], sized for one batch size.
 //!
 //! The output head is applied per vocabulary segment: the text rows of `head.weight` only to the
 //! positions that predict text (0..Tt−1), the image rows only to those that predict image tokens
 //! (Tt−1..T−1). The loss never needs the other logits, so training never computes them; the full
-//! logits tensor of MODEL-SPEC §4 comes from [`Transformer::full_logits`].
+//! logits tensor of docs/model.md §4 comes from [`Transformer::full_logits`].
 
 use crate::model::mixed::{BlockScales, Precision, ScaleScratch};
 use crate::model::scale_add;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 /// Weight of the text loss; the image loss gets 1 − TEXT_LOSS_WEIGHT (the paper's 1/8 and 7/8).
 pub const TEXT_LOSS_WEIGHT: f32 = 1.0 / 8.0;
 
-/// The sizes that define the model (MODEL-SPEC.md §1).
+/// The sizes that define the model (docs/model.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransformerDims {
     pub text_len: usize,
@@ -773,7 +773,7 @@ impl Transformer {
         Ok(())
     }
 
-    /// The full logits [B, T, Vt+Tt+Vi] of MODEL-SPEC §4, from the activations of the last
+    /// The full logits [B, T, Vt+Tt+Vi] of docs/model.md §4, from the activations of the last
     /// `forward` (any grad_scale: only `lnf` is read).
     pub fn full_logits(&self, params: &[f32], acts: &Activations) -> Result<Vec<f32>> {
         let d = self.dims;

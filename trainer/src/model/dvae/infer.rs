@@ -1,5 +1,5 @@
 //! Inference with a trained dVAE (Tessera's or OpenAI's released one): finding and checking its
-//! weights, and the two maps stage 2 needs (MODEL-SPEC §2):
+//! weights, and the two maps stage 2 needs (docs/model.md §2):
 //!
 //! - [`Dvae::encode`]: images → codes, the argmax over K of the encoder's logits (no noise);
 //! - [`Dvae::decode_codes`]: codes → images, the decoder on one-hot codes, then
@@ -389,7 +389,7 @@ fn fit(buf: &mut Vec<f32>, n: usize) {
     }
 }
 
-/// A reconstructed pixel in [0, 1] from the decoder's μ (logit space): MODEL-SPEC §2's
+/// A reconstructed pixel in [0, 1] from the decoder's μ (logit space): docs/model.md §2's
 /// clamp((sigmoid(μ) − ε)/(1 − 2ε), 0, 1).
 pub fn unmap_pixel(mu: f32) -> f32 {
     let eps = super::LOGIT_LAPLACE_EPS as f32;
@@ -500,7 +500,7 @@ impl Dvae {
     }
 
     /// The images [B, 3, H, W] in [0, 1] that `codes` [B, H/8, W/8] decode to: the decoder on
-    /// their one-hot, then [`unmap_pixel`] of μ (MODEL-SPEC §2's reconstruction).
+    /// their one-hot, then [`unmap_pixel`] of μ (docs/model.md §2's reconstruction).
     pub fn decode_codes(&self, params: &[f32], codes: &[u32]) -> Result<Vec<f32>> {
         let stats = self.decoder_stats(params, codes)?;
         let px = 3 * self.dims.resolution * self.dims.resolution;

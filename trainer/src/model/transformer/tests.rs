@@ -1,4 +1,4 @@
-//! Whole-model checks: an independent f64 reading of MODEL-SPEC §1 (dense attention masked by
+//! Whole-model checks: an independent f64 reading of docs/model.md §1 (dense attention masked by
 //! the brute-force rule) against the block-sparse forward, and finite differences of the loss
 //! against the backward pass for every parameter.
 
@@ -47,7 +47,7 @@ fn weights(m: &Transformer, seed: u64) -> Vec<f32> {
     w
 }
 
-/// MODEL-SPEC §1 read literally, in f64: returns (loss, text loss, image loss, logits [B,T,V]).
+/// docs/model.md §1 read literally, in f64: returns (loss, text loss, image loss, logits [B,T,V]).
 fn reference(
     m: &Transformer,
     w: &[f32],
