@@ -31,8 +31,9 @@
 //! and the thread that fills batches verifies a shard itself when it needs one that no thread
 //! has started on (or waits for the one that has). The guarantee: no batch holding a record of
 //! a shard is handed to training before that shard's checksums have passed; once a check fails,
-//! the next batch handed out is the error (naming the shard and the section whose checksum
-//! failed), whether or not it would have read that shard. The ids of every record are checked
+//! no further batch is prepared, and after the batches already prepared (from shards that
+//! passed) training receives the error, naming the shard and the section whose checksum failed,
+//! whether or not the shard's records were next. The ids of every record are checked
 //! as they are read in any case, so `data.verify: false` (trusted data) only skips the
 //! checksums, which are what catch a flipped id that is still in range.
 //!
