@@ -103,6 +103,22 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     if let Some(note) = &worker_env.note {
         say(node, note);
     }
+    // One run per run.out_dir: node 0's launcher holds the lock for the whole run, restarts
+    // included (its rank 0 then leaves it alone: TESSERA_RUN_LOCK_HELD). A second run on the
+    // directory is refused here, before anything starts, instead of failing as a worker would
+    // and using up the restarts.
+    let _run_lock = match node {
+        0 => match trainer::run_lock::RunLock::acquire(&plan.cfg.run.out_dir) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                return Ok(Outcome {
+                    code: exit::REFUSED,
+                    message: e.to_string(),
+                })
+            }
+        },
+        _ => None,
+    };
 
     let server = if node == 0 {
         let ip = if plan.nodes == 1 {
@@ -548,6 +564,10 @@ impl Spawner<'_> {
             .env("TESSERA_RUN_ID", &plan.run_id)
             .env("TESSERA_RESTART_COUNT", generation.to_string())
             .env("TESSERA_LAUNCHER_PID", std::process::id().to_string())
+            .env(
+                trainer::run_lock::HELD_ENV,
+                if node == 0 { "1" } else { "0" },
+            )
             // The secret travels in the file only, never in a worker's environment.
             .env_remove(auth::SECRET_ENV)
             .env(auth::SECRET_FILE_ENV, self.secret_file)

@@ -1292,3 +1292,35 @@ fn sigterm_while_waiting_for_the_other_nodes_ends_the_launcher() {
     );
     assert!(!out.join("logs").exists(), "a worker started:\n{log}");
 }
+
+#[test]
+fn a_run_directory_in_use_is_refused_before_any_worker_starts_and_the_launchers_own_lock_lets_its_ranks_train(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("busy");
+    let config = write_config(tmp.path(), &out, 2, 4, 0);
+    // The trainer is built first, so that no build runs while this process holds the lock.
+    trainer();
+    // Another run (this test process) holds the directory.
+    let held = trainer::run_lock::RunLock::acquire(&out).unwrap();
+    let started = Instant::now();
+    let o = launch(&config, &["--procs-per-node", "2", "--max-restarts", "3"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let pid = format!("pid {}", std::process::id());
+    assert!(
+        text(&o).contains(&pid) && text(&o).contains("in use"),
+        "{}",
+        text(&o)
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{}", text(&o));
+    assert!(
+        !out.join("metrics.jsonl").exists(),
+        "no worker ran: {}",
+        text(&o)
+    );
+    // Freed: the launcher holds the lock itself, and its rank 0 trains under it.
+    drop(held);
+    let o = launch(&config, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("metrics.jsonl").exists());
+}

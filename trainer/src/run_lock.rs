@@ -20,6 +20,16 @@ use std::path::{Path, PathBuf};
 /// Name of the lock file inside `run.out_dir`.
 pub const LOCK_FILE: &str = "run.lock";
 
+/// Set to `1` by the launcher in its workers' environment when the launcher itself holds the
+/// lock (node 0's launcher does, for the whole run): rank 0 then does not take it.
+pub const HELD_ENV: &str = "TESSERA_RUN_LOCK_HELD";
+
+/// Whether this process must take the lock: rank 0 (or a process outside a multi-process run),
+/// unless its launcher holds it.
+pub fn this_process_locks(rank: Option<usize>) -> bool {
+    rank.is_none_or(|r| r == 0) && std::env::var(HELD_ENV).as_deref() != Ok("1")
+}
+
 /// Errors of taking the run directory's lock.
 #[derive(Debug, thiserror::Error)]
 pub enum RunLockError {

@@ -308,7 +308,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let out = &cfg.run.out_dir;
     // One run per directory: rank 0 holds the lock until this process ends, before it reads or
     // renames a checkpoint.
-    let _lock = if crate::dist::env::WorkerEnv::from_env()?.is_none_or(|e| e.rank == 0) {
+    let rank = crate::dist::env::WorkerEnv::from_env()?.map(|e| e.rank);
+    let _lock = if crate::run_lock::this_process_locks(rank) {
         Some(RunLock::acquire(out)?)
     } else {
         None
