@@ -89,7 +89,7 @@ pub fn run(plan: &Plan) -> Outcome {
         Ok(o) => o,
         Err(e) => Outcome {
             code: exit::USAGE,
-            message: format!("{e:#}"),
+            message: trainer::report::error_chain(&e),
         },
     }
 }
