@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use crate::model::mixed::Precision;
+use crate::model::transformer::TransformerDims;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};
@@ -1225,35 +1226,23 @@ impl RunConfig {
 /// Range checks of `model:` for a transformer: `Err((field, message))`.
 #[allow(clippy::manual_is_multiple_of)]
 fn validate_transformer(m: &TransformerConfig) -> Result<(), (String, String)> {
-    for (field, value, min) in [
-        ("model.text_len", m.text_len, 1),
-        ("model.text_vocab", m.text_vocab, 2),
-        ("model.grid", m.grid, 1),
-        ("model.image_vocab", m.image_vocab, 2),
-        ("model.d_model", m.d_model, 1),
-        ("model.heads", m.heads, 1),
-        ("model.layers", m.layers, 1),
-    ] {
-        if value < min {
-            return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
+    // The model's own check, so that the config accepts exactly what the model can build.
+    TransformerDims::from(m).check("model.")
+}
+
+impl From<&TransformerConfig> for TransformerDims {
+    fn from(m: &TransformerConfig) -> Self {
+        TransformerDims {
+            text_len: m.text_len,
+            text_vocab: m.text_vocab,
+            grid: m.grid,
+            image_vocab: m.image_vocab,
+            d_model: m.d_model,
+            heads: m.heads,
+            layers: m.layers,
+            conv_kernel: m.conv_kernel,
         }
     }
-    if m.d_model % m.heads != 0 {
-        return Err((
-            "model.d_model".into(),
-            format!(
-                "model.d_model = {} must be divisible by model.heads = {}",
-                m.d_model, m.heads
-            ),
-        ));
-    }
-    if m.conv_kernel % 2 == 0 {
-        return Err((
-            "model.conv_kernel".into(),
-            format!("model.conv_kernel = {} must be odd and ≥ 1", m.conv_kernel),
-        ));
-    }
-    Ok(())
 }
 
 /// Range checks of `model:` for a dVAE.
@@ -1741,6 +1730,20 @@ train:
             let e = load_err(&FULL.replace(from, to), &[]);
             assert_eq!(e, format!("test.yaml: {expected}"));
         }
+    }
+
+    #[test]
+    fn the_config_accepts_exactly_the_transformer_sizes_the_model_builds() {
+        // One check for both (TransformerDims::check): a one-token caption leaves the text loss
+        // nothing to score, and the config said so too late (the model refused it at start-up).
+        let e = load_err(&FULL.replace("text_len: 8", "text_len: 1"), &[]);
+        assert_eq!(e, "test.yaml: model.text_len = 1 must be ≥ 2");
+        let two = FULL
+            .replace("text_len: 8", "text_len: 2")
+            .replace("max_caption_tokens: 6", "max_caption_tokens: 2");
+        let c = RunConfig::from_yaml_str(&two, "t").unwrap();
+        let dims = crate::train::dims_of(&c).unwrap();
+        crate::model::transformer::Transformer::new(dims).unwrap();
     }
 
     #[test]

@@ -39,6 +39,46 @@ pub struct TransformerDims {
 }
 
 impl TransformerDims {
+    /// The one range check of the sizes (the config's `model:` section and [`Transformer::new`]
+    /// both use it): the field at fault, with what is wrong, every field named with `prefix`
+    /// (`"model."` for the config).
+    pub fn check(&self, prefix: &str) -> std::result::Result<(), (String, String)> {
+        // Tt ≥ 2: the text loss scores positions 0 … Tt−2.
+        for (field, value, min) in [
+            ("text_len", self.text_len, 2),
+            ("text_vocab", self.text_vocab, 2),
+            ("grid", self.grid, 1),
+            ("image_vocab", self.image_vocab, 2),
+            ("d_model", self.d_model, 1),
+            ("heads", self.heads, 1),
+            ("layers", self.layers, 1),
+        ] {
+            if value < min {
+                let field = format!("{prefix}{field}");
+                return Err((field.clone(), format!("{field} = {value} must be ≥ {min}")));
+            }
+        }
+        if !self.d_model.is_multiple_of(self.heads) {
+            return Err((
+                format!("{prefix}d_model"),
+                format!(
+                    "{prefix}d_model = {} must be divisible by {prefix}heads = {}",
+                    self.d_model, self.heads
+                ),
+            ));
+        }
+        if self.conv_kernel.is_multiple_of(2) {
+            return Err((
+                format!("{prefix}conv_kernel"),
+                format!(
+                    "{prefix}conv_kernel = {} must be odd and ≥ 1",
+                    self.conv_kernel
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// T = Tt + G².
     pub fn seq_len(&self) -> usize {
         self.text_len + self.image_tokens()
@@ -116,24 +156,8 @@ pub struct Transformer {
 impl Transformer {
     pub fn new(dims: TransformerDims) -> Result<Self> {
         let d = dims;
-        let bad = |s: String| Err(ModelError::Dims(s));
-        if d.text_len < 2 {
-            return bad(format!("text_len = {} must be ≥ 2", d.text_len));
-        }
-        if d.grid < 1 || d.layers < 1 || d.heads < 1 || d.text_vocab < 1 || d.image_vocab < 1 {
-            return bad(format!(
-                "grid, layers, heads and vocabularies must be ≥ 1: {d:?}"
-            ));
-        }
-        if !d.d_model.is_multiple_of(d.heads) {
-            return bad(format!(
-                "d_model = {} is not divisible by heads = {}",
-                d.d_model, d.heads
-            ));
-        }
-        if d.conv_kernel.is_multiple_of(2) {
-            return bad(format!("conv_kernel = {} must be odd", d.conv_kernel));
-        }
+        d.check("")
+            .map_err(|(_, message)| ModelError::Dims(message))?;
         let c = d.d_model;
         let mut t = ParamTable::new();
         let globals_head = (

@@ -85,17 +85,7 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
 
 /// Transformer sizes from the config (an error when the config's model is a dVAE).
 pub fn dims_of(cfg: &RunConfig) -> Result<TransformerDims> {
-    let m = cfg.transformer()?;
-    Ok(TransformerDims {
-        text_len: m.text_len,
-        text_vocab: m.text_vocab,
-        grid: m.grid,
-        image_vocab: m.image_vocab,
-        d_model: m.d_model,
-        heads: m.heads,
-        layers: m.layers,
-        conv_kernel: m.conv_kernel,
-    })
+    Ok(TransformerDims::from(cfg.transformer()?))
 }
 
 /// dVAE sizes from the config (an error when the config's model is a transformer).
