@@ -1,5 +1,6 @@
 //! Cross-crate integration tests of Tessera. The tests live under `tests/tests/`; this library
-//! holds what they share: small run configs written the way a user writes them.
+//! holds what they share: small run configs written the way a user writes them, and reading
+//! a checkpoint's tensors back.
 
 use std::path::Path;
 
@@ -33,4 +34,23 @@ train:
 {extra}",
         out = out_dir.display()
     )
+}
+
+/// Every tensor of a safetensors file (f32, little-endian), sorted by name.
+pub fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let data = st.tensor(&n).unwrap().data().to_vec();
+            let values = data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, values)
+        })
+        .collect()
 }

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::Path;
-use tessera_tests::small_run_yaml;
+use tessera_tests::{small_run_yaml, tensors};
 use trainer::config::RunConfig;
 
 fn config(out: &Path, steps: u64, device: &str) -> RunConfig {
@@ -54,6 +54,26 @@ fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
         );
     }
     assert!(a[9] < a[0], "the run trained: {a:?}");
+    // The weights trained on the device reach the checkpoint (downloaded for it), as the CPU's.
+    let model = |out: &Path, step: u64| {
+        tensors(&out.join(format!("checkpoints/step_{step:08}/model.safetensors")))
+    };
+    let (w_cpu, w_emu, w_five) = (model(&cpu, 10), model(&emu, 10), model(&emu, 5));
+    for ((name, x), (_, y)) in w_cpu.iter().zip(&w_emu) {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 1e-5,
+            "{name}: emulated GPU and CPU weights differ by {worst}"
+        );
+    }
+    assert_ne!(
+        w_emu, w_five,
+        "the device's updates reached the checkpoints"
+    );
 
     trainer::train::run(&config(&resumed, 5, "cuda-emu"), true).unwrap();
     let r = trainer::train::run(&config(&resumed, 10, "cuda-emu"), true).unwrap();

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::Path;
-use tessera_tests::small_run_yaml;
+use tessera_tests::{small_run_yaml, tensors};
 use trainer::config::RunConfig;
 
 const CHECKPOINT: &str = "checkpoint:\n  every: 3\n  keep_last: 5\n";
@@ -359,23 +359,6 @@ fn resume_refuses_a_checkpoint_of_another_model() {
 }
 
 /// Every tensor of a safetensors file, by name, as f32s.
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let data = st.tensor(&n).unwrap().data().to_vec();
-            let values = data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (n, values)
-        })
-        .collect()
-}
 
 #[test]
 fn ema_is_decay_times_ema_plus_the_rest_times_the_model_every_update() {

@@ -362,6 +362,12 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
 
     let mut objective = objectives::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
     resume::settle_ledger(&mut rs.state, cfg, comm.world_size(), objective.cursor());
+    // A device-resident model takes the (fresh or resumed) state once; the host copies are
+    // refreshed from it for each checkpoint.
+    if let Some(d) = objective.device_state() {
+        d.load(&rs.params, &rs.adam.m, &rs.adam.v, rs.ema.as_deref())?;
+    }
+    let resident = objective.device_state().is_some();
     let mut powersgd = match cfg.compression.kind {
         CompressionKind::None => None,
         CompressionKind::Powersgd => {
@@ -470,8 +476,14 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             None => StepOutcome::Applied,
         };
         let bytes_plain = 4 * grads.len() as u64;
+        // A device-resident gradient comes to the host only to be reduced over ranks.
+        let host_reduction = comm.world_size() > 1 || powersgd.is_some();
+        if let (Some(d), true) = (objective.device_state(), host_reduction) {
+            d.grads_to_host(&mut grads)?;
+        }
         let bytes_sent = match (outcome, powersgd.as_mut()) {
             (StepOutcome::Skipped, _) => 0,
+            (_, None) if resident && !host_reduction => 0,
             (_, Some(p)) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
             (_, None) => {
                 comm.all_reduce_sum(&mut grads)?;
@@ -482,17 +494,31 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 bytes_plain
             }
         };
+        if let (Some(d), true) = (objective.device_state(), host_reduction) {
+            d.grads_from_host(&grads)?;
+        }
         let lr = rs.state.schedule.lr(&sched, t);
-        let report = match outcome {
-            StepOutcome::Applied => rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?,
-            StepOutcome::Skipped => StepReport {
+        let report = match (outcome, objective.device_state()) {
+            (StepOutcome::Applied, None) => {
+                rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?
+            }
+            (StepOutcome::Applied, Some(d)) => {
+                let r = d.adam_step(&rs.adam.hp, lr as f32, rs.adam.t + 1)?;
+                if r.applied {
+                    rs.adam.t += 1;
+                }
+                r
+            }
+            (StepOutcome::Skipped, _) => StepReport {
                 grad_norm: f64::NAN,
                 applied: false,
             },
         };
         if report.applied {
-            if let Some(ema) = rs.ema.as_mut() {
-                ema_update(ema, &rs.params, cfg.optim.ema as f32)?;
+            match (rs.ema.as_mut(), objective.device_state()) {
+                (Some(_), Some(d)) => d.ema_update(cfg.optim.ema as f32)?,
+                (Some(ema), None) => ema_update(ema, &rs.params, cfg.optim.ema as f32)?,
+                (None, _) => {}
             }
         } else {
             rs.state.skipped_updates += 1;
@@ -566,6 +592,14 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 .as_ref()
                 .map(|p| p.snapshot(&mut *comm))
                 .transpose()?;
+            if let Some(d) = objective.device_state() {
+                d.store(
+                    &mut rs.params,
+                    &mut rs.adam.m,
+                    &mut rs.adam.v,
+                    rs.ema.as_deref_mut(),
+                )?;
+            }
             if rank0 {
                 let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
                 tracing::info!(dir = %dir.display(), "checkpoint");

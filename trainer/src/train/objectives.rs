@@ -16,8 +16,10 @@ use crate::model::transformer::device::{
     DeviceActs, DeviceTensors, DeviceTransformer, TransformerDevice,
 };
 use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
+use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
+use kernels::adamw::{AdamWOps, AdamWStep};
 use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
 use std::ops::Range;
 use std::sync::Arc;
@@ -44,6 +46,12 @@ pub trait Objective {
     /// model without per-resblock scaling).
     fn resblock_ranges(&self) -> Vec<Range<usize>> {
         Vec::new()
+    }
+    /// The training state on a device, when the model trains there (the loop then leaves the
+    /// host's weights, moments and EMA alone between [`DeviceState::load`] and
+    /// [`DeviceState::store`], and `micro_step` ignores its `params` and `grads`).
+    fn device_state(&mut self) -> Option<&mut dyn DeviceState> {
+        None
     }
     /// Values of the whole update (after every micro-batch), e.g. τ or codebook perplexity;
     /// resets whatever [`Objective::micro_step`] accumulated for them.
@@ -119,68 +127,206 @@ enum Compute {
     Device(Box<dyn DeviceCompute>),
 }
 
-/// One micro-batch's passes on a device, for the host training loop: the weights are uploaded at
-/// the first micro-batch of an update and the micro-batch's gradient is added into the host's.
-/// (The optimizer, the reduction and the checkpoints stay on the host for now; the weights and
-/// gradients cross once per update and per micro-batch.)
-trait DeviceCompute {
-    #[allow(clippy::too_many_arguments)]
+/// A transformer whose training state lives on a device (`run.device: cuda` or `cuda-emu`):
+/// weights, gradients, AdamW's moments and the EMA. The loop uploads the host state once
+/// ([`DeviceState::load`]) and downloads it for checkpoints ([`DeviceState::store`]); the
+/// gradients cross to the host only for a reduction over several ranks or through PowerSGD.
+pub trait DeviceState {
+    /// Uploads the weights, moments and EMA (at the start and after a resume).
+    fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()>;
+    /// Downloads them (for a checkpoint).
+    fn store(
+        &self,
+        params: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ema: Option<&mut [f32]>,
+    ) -> Result<()>;
+    /// The update's accumulated gradient, to the host (flat, by the table) and back.
+    fn grads_to_host(&self, out: &mut [f32]) -> Result<()>;
+    fn grads_from_host(&mut self, grads: &[f32]) -> Result<()>;
+    /// [`crate::optim::AdamW::step`] on the device: global-norm clipping, a non-finite norm
+    /// skips the update; `t` is the update number if it is applied.
+    fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport>;
+    /// `ema ← decay·ema + (1 − decay)·params`.
+    fn ema_update(&mut self, decay: f32) -> Result<()>;
+}
+
+/// One micro-batch's passes on the device state: gradients zeroed at micro-batch 0 and
+/// accumulated after.
+trait DeviceCompute: DeviceState {
     fn micro_step(
         &mut self,
-        params: &[f32],
-        fresh_params: bool,
-        grads: &mut [f32],
+        micro: usize,
         text: &[u32],
         image: &[u32],
         scale: f32,
     ) -> Result<Losses>;
+    fn state(&mut self) -> &mut dyn DeviceState;
 }
 
-struct OnDevice<D: TransformerDevice> {
+struct OnDevice<D: TransformerDevice + AdamWOps> {
     dev: D,
     model: DeviceTransformer<D>,
-    params: DeviceTensors<D>,
     acts: DeviceActs<D>,
+    params: DeviceTensors<D>,
+    grads: DeviceTensors<D>,
+    m: DeviceTensors<D>,
+    v: DeviceTensors<D>,
+    ema: Option<DeviceTensors<D>>,
 }
 
-impl<D: TransformerDevice> OnDevice<D> {
+impl<D: TransformerDevice + AdamWOps> OnDevice<D> {
     fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
         let dm = DeviceTransformer::new(model, &dev)?;
-        let params = DeviceTensors::zeros(&dev, model.table())?;
-        let acts = dm.new_acts(&dev, batch)?;
+        let table = model.table();
         Ok(OnDevice {
+            acts: dm.new_acts(&dev, batch)?,
+            params: DeviceTensors::zeros(&dev, table)?,
+            grads: DeviceTensors::zeros(&dev, table)?,
+            m: DeviceTensors::zeros(&dev, table)?,
+            v: DeviceTensors::zeros(&dev, table)?,
+            ema: None,
             model: dm,
-            params,
-            acts,
             dev,
         })
     }
+
+    fn table(&self) -> &ParamTable {
+        self.model.model().table()
+    }
 }
 
-impl<D: TransformerDevice> DeviceCompute for OnDevice<D> {
+impl<D: TransformerDevice + AdamWOps> DeviceState for OnDevice<D> {
+    fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
+        let (dev, table) = (&self.dev, self.model.model().table());
+        self.params = DeviceTensors::upload(dev, table, params)?;
+        self.m = DeviceTensors::upload(dev, table, m)?;
+        self.v = DeviceTensors::upload(dev, table, v)?;
+        self.ema = ema
+            .map(|e| DeviceTensors::upload(dev, table, e))
+            .transpose()?;
+        Ok(())
+    }
+
+    fn store(
+        &self,
+        params: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ema: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (dev, table) = (&self.dev, self.table());
+        params.copy_from_slice(&self.params.download(dev, table)?);
+        m.copy_from_slice(&self.m.download(dev, table)?);
+        v.copy_from_slice(&self.v.download(dev, table)?);
+        if let (Some(host), Some(buf)) = (ema, &self.ema) {
+            host.copy_from_slice(&buf.download(dev, table)?);
+        }
+        Ok(())
+    }
+
+    fn grads_to_host(&self, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.grads.download(&self.dev, self.table())?);
+        Ok(())
+    }
+
+    fn grads_from_host(&mut self, grads: &[f32]) -> Result<()> {
+        let (dev, table) = (&self.dev, self.model.model().table());
+        self.grads = DeviceTensors::upload(dev, table, grads)?;
+        Ok(())
+    }
+
+    fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport> {
+        let dev = &self.dev;
+        let mut sq = 0.0f64;
+        for g in &self.grads.bufs {
+            let mut out = dev.zeros::<f64>(1)?;
+            dev.sum_squares(&mut out, g)?;
+            sq += dev.download(&out)?[0];
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Ok(StepReport {
+                grad_norm: norm,
+                applied: false,
+            });
+        }
+        let clip = hp.grad_clip as f64;
+        let grad_scale = if clip > 0.0 && norm > clip {
+            (clip / norm) as f32
+        } else {
+            1.0
+        };
+        let specs = self.model.model().table().specs();
+        for (i, spec) in specs.iter().enumerate() {
+            let step = AdamWStep {
+                lr,
+                beta1: hp.beta1,
+                beta2: hp.beta2,
+                eps: hp.eps,
+                weight_decay: if spec.kind.decayed() {
+                    hp.weight_decay
+                } else {
+                    0.0
+                },
+                t,
+                grad_scale,
+            };
+            dev.adamw_update(
+                &mut self.params.bufs[i],
+                None,
+                &self.grads.bufs[i],
+                &mut self.m.bufs[i],
+                &mut self.v.bufs[i],
+                step,
+            )?;
+        }
+        Ok(StepReport {
+            grad_norm: norm,
+            applied: true,
+        })
+    }
+
+    fn ema_update(&mut self, decay: f32) -> Result<()> {
+        let Some(ema) = self.ema.as_mut() else {
+            bail!("the run keeps no EMA (optim.ema: 0)");
+        };
+        for (e, p) in ema.bufs.iter_mut().zip(&self.params.bufs) {
+            self.dev.ema_update(e, p, decay)?;
+        }
+        Ok(())
+    }
+}
+
+impl<D: TransformerDevice + AdamWOps> DeviceCompute for OnDevice<D> {
     fn micro_step(
         &mut self,
-        params: &[f32],
-        fresh_params: bool,
-        grads: &mut [f32],
+        micro: usize,
         text: &[u32],
         image: &[u32],
         scale: f32,
     ) -> Result<Losses> {
-        let (dev, table) = (&self.dev, self.model.model().table());
-        if fresh_params {
-            self.params = DeviceTensors::upload(dev, table, params)?;
+        if micro == 0 {
+            self.grads = DeviceTensors::zeros(&self.dev, self.model.model().table())?;
         }
-        let mut g = DeviceTensors::zeros(dev, table)?;
+        let dev = &self.dev;
         let l = self
             .model
             .forward(dev, &self.params, &mut self.acts, text, image, Some(scale))?;
-        self.model
-            .backward(dev, &self.params, &mut g, &mut self.acts, text, image)?;
-        for (acc, x) in grads.iter_mut().zip(g.download(dev, table)?) {
-            *acc += x;
-        }
+        self.model.backward(
+            dev,
+            &self.params,
+            &mut self.grads,
+            &mut self.acts,
+            text,
+            image,
+        )?;
         Ok(l)
+    }
+
+    fn state(&mut self) -> &mut dyn DeviceState {
+        self
     }
 }
 
@@ -252,7 +398,7 @@ impl Objective for TransformerObjective {
                 if scaling.is_some() {
                     bail!("run.precision: fp16 runs on run.device: cpu only for now");
                 }
-                dev.micro_step(params, micro == 0, grads, text, image, scale)?
+                dev.micro_step(micro, text, image, scale)?
             }
         };
         self.data.recycle(batch);
@@ -267,6 +413,12 @@ impl Objective for TransformerObjective {
     }
     fn resblock_ranges(&self) -> Vec<Range<usize>> {
         self.model.resblock_ranges()
+    }
+    fn device_state(&mut self) -> Option<&mut dyn DeviceState> {
+        match &mut self.compute {
+            Compute::Device(d) => Some(d.state()),
+            Compute::Host(_) => None,
+        }
     }
     fn rates(&self, secs: f64) -> Terms {
         let d = self.model.dims();
