@@ -1324,3 +1324,38 @@ fn a_run_directory_in_use_is_refused_before_any_worker_starts_and_the_launchers_
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.join("metrics.jsonl").exists());
 }
+
+/// Two ranks training on the emulated GPU (`run.device: cuda-emu`: weights, gradients and
+/// AdamW on the device, the gradient reduced over the CPU ring between them) match one CPU
+/// process with the same global batch, as the CPU ranks do.
+#[test]
+fn two_ranks_on_the_emulated_gpu_match_one_cpu_process() {
+    const TOLERANCE: f32 = 1e-4;
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single-cpu");
+    let cfg = write_config(tmp.path(), &single, 6, 4, 3);
+    let o = Command::new(trainer())
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env("TESSERA_PEAK_GFLOPS", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = tmp.path().join("ranks-emu");
+    let cfg = write_config(tmp.path(), &out, 6, 2, 3);
+    let yaml = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("device: cpu", "device: cuda-emu");
+    std::fs::write(&cfg, yaml).unwrap();
+    let o = launch(&cfg, &["--procs-per-node", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let moved = max_abs_diff(&model_file(&single, 3), &model_file(&single, 6));
+    assert!(
+        moved > 50.0 * TOLERANCE,
+        "3 updates moved the weights by {moved}"
+    );
+    let d = max_abs_diff(&model_file(&single, 6), &model_file(&out, 6));
+    eprintln!("2 ranks on the emulated GPU: max |Δw| = {d:e}");
+    assert!(d <= TOLERANCE, "they differ from one CPU process by {d}");
+}
