@@ -41,13 +41,24 @@ fn fp16_tracks_fp32_and_reports_its_scales() {
     trainer::train::run(&config(&b, 12, "fp16"), true).unwrap();
     let (m32, m16) = (metrics(&a), metrics(&b));
     assert_eq!((m32.len(), m16.len()), (12, 12));
+    let rel = |x: &serde_json::Value, y: &serde_json::Value| {
+        let (a, b) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        (a - b).abs() / a
+    };
+    let worst = m32
+        .iter()
+        .zip(&m16)
+        .map(|(x, y)| rel(x, y))
+        .fold(0.0, f64::max);
+    eprintln!("largest relative loss difference, fp16 vs fp32: {worst:.2e}");
     for (t, (x, y)) in m32.iter().zip(&m16).enumerate() {
         let (l32, l16) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
-        // f16 keeps 11 significant bits (relative rounding 2^-12 ≈ 2.4e-4 per value); the
-        // rounded activations and gradients of 4 layers, compounded over 12 AdamW updates,
-        // stay well inside 1 % of the loss. A run that did not round would match to 1e-7.
+        // f16 keeps 11 significant bits (relative rounding 2^-12 ≈ 2.4e-4 per value). The
+        // loss averages many rounded values, so its error stays near one rounding unit (1.5e-4
+        // measured over these 12 updates); 2e-3 is 8 units, room for the drift of 12 AdamW
+        // updates. A run that did not round would match to 1e-7 (checked below).
         assert!(
-            (l16 - l32).abs() < 1e-2 * l32,
+            (l16 - l32).abs() < 2e-3 * l32,
             "step {}: fp16 loss {l16} vs fp32 {l32}",
             t + 1
         );
