@@ -31,6 +31,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod powersgd;
+pub mod progress;
 pub mod reconstruct;
 pub mod report;
 pub mod run_lock;

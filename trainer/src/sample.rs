@@ -149,6 +149,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     let (tt, gi) = (d.text_len, d.image_tokens());
     let px = 3 * resolution * resolution;
     let mut pixels = Vec::with_capacity(seqs * px);
+    let bar = crate::progress::bar(seqs as u64, "sample");
     for first in (0..seqs).step_by(o.batch) {
         let last = (first + o.batch).min(seqs);
         let codes = sample_images(
@@ -160,7 +161,9 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         )?;
         debug_assert_eq!(codes.len(), (last - first) * gi);
         pixels.extend(dvae.decode_codes(&dvae_params, &codes)?);
+        bar.inc((last - first) as u64);
     }
+    bar.finish_and_clear();
 
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("creating the output folder {}", o.out.display()))?;

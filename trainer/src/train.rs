@@ -424,6 +424,12 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
     };
     let mut last = None;
+    // Rank 0's bar on a terminal (updates, rate, ETA); other ranks and log files see none.
+    let bar = match rank0 {
+        true => crate::progress::bar(cfg.train.steps, "train"),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    bar.set_position(rs.state.step);
     while rs.state.step < cfg.train.steps {
         let started = Instant::now();
         let t = rs.state.step + 1;
@@ -573,15 +579,19 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 .skip(1)
                 .map(|(k, v)| format!(" {k}={v:.4}"))
                 .collect();
-            tracing::info!(
-                step = t,
-                loss = format_args!("{loss:.4}{shown}"),
-                lr = format_args!("{lr:.3e}"),
-                grad_norm = format_args!("{:.3}", report.grad_norm),
-                ms = format_args!("{:.1}", m.step_ms),
-                "step"
-            );
+            bar.set_message(format!("loss {loss:.4}"));
+            bar.suspend(|| {
+                tracing::info!(
+                    step = t,
+                    loss = format_args!("{loss:.4}{shown}"),
+                    lr = format_args!("{lr:.3e}"),
+                    grad_norm = format_args!("{:.3}", report.grad_norm),
+                    ms = format_args!("{:.1}", m.step_ms),
+                    "step"
+                )
+            });
         }
+        bar.set_position(t);
         last = Some(m);
         let every = cfg.checkpoint.every;
         // A stop request that reached any rank stops every rank after this same update.
@@ -602,7 +612,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             }
             if rank0 {
                 let dir = save_state(cfg, &table, &rs, snap.as_ref())?;
-                tracing::info!(dir = %dir.display(), "checkpoint");
+                bar.suspend(|| tracing::info!(dir = %dir.display(), "checkpoint"));
             }
             // No rank runs ahead of (or exits before) a half-written checkpoint.
             comm.barrier()?;
@@ -618,6 +628,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             });
         }
     }
+    bar.finish_and_clear();
     Ok(TrainSummary {
         final_step: rs.state.step,
         resumed_from,
