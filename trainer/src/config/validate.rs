@@ -1,0 +1,308 @@
+//! [`RunConfig::validate`]: every range and cross-section rule of a config, naming the field.
+
+use super::*;
+
+impl RunConfig {
+    /// Checks every range and cross-field rule; the error names the field and the allowed range.
+    /// (The error's `source_name` is `config`; [`RunConfig::load`] replaces it with the path.)
+    // `is_multiple_of` is newer than the workspace's rust-version (1.85).
+    #[allow(clippy::manual_is_multiple_of)]
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| {
+            Err(ConfigError::Invalid {
+                source_name: "config".to_string(),
+                field: field.to_string(),
+                message,
+            })
+        };
+        let r = &self.run;
+        if r.name.trim().is_empty() {
+            return invalid("run.name", "run.name must not be empty".into());
+        }
+        if r.out_dir.as_os_str().is_empty() {
+            return invalid("run.out_dir", "run.out_dir must not be empty".into());
+        }
+        if r.precision == Precision::Fp16 && !matches!(self.model, ModelConfig::Transformer(_)) {
+            return invalid(
+                "run.precision",
+                "run.precision: fp16 applies to model.kind: transformer; the dVAE trains in fp32"
+                    .into(),
+            );
+        }
+
+        match &self.model {
+            ModelConfig::Transformer(m) => {
+                validate_transformer(m).or_else(|(f, msg)| invalid(&f, msg))?;
+                if self.relaxation.is_some() {
+                    return invalid(
+                        "relaxation",
+                        "the relaxation section applies to model.kind: dvae only".into(),
+                    );
+                }
+                match &self.data {
+                    DataSource::Synthetic(s) => {
+                        let max = s.max_caption_tokens(m.text_len);
+                        if max > m.text_len {
+                            return invalid(
+                                "data.max_caption_tokens",
+                                format!(
+                                    "data.max_caption_tokens = {max} must be ≤ model.text_len = {}",
+                                    m.text_len
+                                ),
+                            );
+                        }
+                        if s.min_caption_tokens > max {
+                            return invalid(
+                                "data.min_caption_tokens",
+                                format!(
+                                    "data.min_caption_tokens = {} must be ≤ data.max_caption_tokens = {max}",
+                                    s.min_caption_tokens
+                                ),
+                            );
+                        }
+                    }
+                    DataSource::Shards(_) => {}
+                    DataSource::Images(_) => {
+                        return invalid(
+                            "data.source",
+                            "data.source: images feeds model.kind: dvae; the transformer reads \
+                             data.source: shards (token shards, made by `data-prep encode`) or \
+                             synthetic"
+                                .into(),
+                        )
+                    }
+                }
+            }
+            ModelConfig::Dvae(d) => {
+                validate_dvae(d).or_else(|(f, msg)| invalid(&f, msg))?;
+                if let Some(r) = &self.relaxation {
+                    validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                }
+                if !matches!(self.data, DataSource::Images(_)) {
+                    return invalid(
+                        "data.source",
+                        format!(
+                            "model.kind: dvae trains on image shards: data.source must be images, \
+                             not {}",
+                            self.data.kind()
+                        ),
+                    );
+                }
+            }
+        }
+        match &self.data {
+            DataSource::Synthetic(_) => {}
+            DataSource::Shards(s) => {
+                if s.paths.is_empty() || s.paths.iter().any(|p| p.trim().is_empty()) {
+                    return invalid(
+                        "data.paths",
+                        "data.paths must list at least one shard file or glob pattern, none empty"
+                            .into(),
+                    );
+                }
+                if s.prefetch < 1 {
+                    return invalid("data.prefetch", "data.prefetch must be ≥ 1".into());
+                }
+                if !(0.0..1.0).contains(&s.bpe_dropout) {
+                    return invalid(
+                        "data.bpe_dropout",
+                        format!("data.bpe_dropout = {} must be in [0, 1)", s.bpe_dropout),
+                    );
+                }
+                if s.bpe_dropout > 0.0 && s.tokenizer.is_none() {
+                    return invalid(
+                        "data.tokenizer",
+                        format!(
+                            "data.tokenizer (a tokenizer.json) is required when data.bpe_dropout = {} > 0",
+                            s.bpe_dropout
+                        ),
+                    );
+                }
+            }
+            DataSource::Images(s) => {
+                if s.paths.is_empty() || s.paths.iter().any(|p| p.trim().is_empty()) {
+                    return invalid(
+                        "data.paths",
+                        "data.paths must list at least one image shard file or glob pattern, \
+                         none empty"
+                            .into(),
+                    );
+                }
+                if s.prefetch < 1 {
+                    return invalid("data.prefetch", "data.prefetch must be ≥ 1".into());
+                }
+            }
+        }
+
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return invalid("optim.lr", format!("optim.lr = {} must be > 0", o.lr));
+        }
+        for (field, value) in [
+            ("optim.beta1", o.beta1),
+            ("optim.beta2", o.beta2),
+            ("optim.ema", o.ema),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return invalid(field, format!("{field} = {value} must be in [0, 1)"));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return invalid("optim.eps", format!("optim.eps = {} must be > 0", o.eps));
+        }
+        for (field, value) in [
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.grad_clip", o.grad_clip),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return invalid(field, format!("{field} = {value} must be ≥ 0"));
+            }
+        }
+
+        let s = &self.schedule;
+        if s.plateau_patience < 1 {
+            return invalid(
+                "schedule.plateau_patience",
+                "schedule.plateau_patience must be ≥ 1".into(),
+            );
+        }
+        if s.plateau_window < 1 {
+            return invalid(
+                "schedule.plateau_window",
+                "schedule.plateau_window must be ≥ 1".into(),
+            );
+        }
+        if !(s.plateau_factor > 0.0 && s.plateau_factor < 1.0) {
+            return invalid(
+                "schedule.plateau_factor",
+                format!(
+                    "schedule.plateau_factor = {} must be in (0, 1)",
+                    s.plateau_factor
+                ),
+            );
+        }
+        if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            return invalid(
+                "schedule.min_lr",
+                format!(
+                    "schedule.min_lr = {} must be in [0, optim.lr = {}]",
+                    s.min_lr, o.lr
+                ),
+            );
+        }
+        if s.total_steps == Some(0) {
+            return invalid(
+                "schedule.total_steps",
+                "schedule.total_steps must be ≥ 1 or null".into(),
+            );
+        }
+
+        let t = &self.train;
+        if t.steps < 1 {
+            return invalid("train.steps", "train.steps must be ≥ 1".into());
+        }
+        if t.batch_size < 1 {
+            return invalid("train.batch_size", "train.batch_size must be ≥ 1".into());
+        }
+        if t.grad_accum < 1 {
+            return invalid("train.grad_accum", "train.grad_accum must be ≥ 1".into());
+        }
+        if t.log_every < 1 {
+            return invalid("train.log_every", "train.log_every must be ≥ 1".into());
+        }
+
+        if let Err(crate::powersgd::PowerSgdError::Config { field, message }) =
+            self.compression.validate()
+        {
+            return invalid(field, message);
+        }
+
+        if self.checkpoint.keep_last < 1 {
+            return invalid(
+                "checkpoint.keep_last",
+                "checkpoint.keep_last must be ≥ 1".into(),
+            );
+        }
+        if let Err((field, message)) = self.distributed.validate() {
+            return invalid(&field, message);
+        }
+        Ok(())
+    }
+}
+
+/// Range checks of `model:` for a transformer: `Err((field, message))`.
+#[allow(clippy::manual_is_multiple_of)]
+fn validate_transformer(m: &TransformerConfig) -> Result<(), (String, String)> {
+    // The model's own check, so that the config accepts exactly what the model can build.
+    TransformerDims::from(m).check("model.")
+}
+
+impl From<&TransformerConfig> for TransformerDims {
+    fn from(m: &TransformerConfig) -> Self {
+        TransformerDims {
+            text_len: m.text_len,
+            text_vocab: m.text_vocab,
+            grid: m.grid,
+            image_vocab: m.image_vocab,
+            d_model: m.d_model,
+            heads: m.heads,
+            layers: m.layers,
+            conv_kernel: m.conv_kernel,
+        }
+    }
+}
+
+/// Range checks of `model:` for a dVAE.
+#[allow(clippy::manual_is_multiple_of)]
+fn validate_dvae(d: &DvaeConfig) -> Result<(), (String, String)> {
+    if d.resolution < 8 || d.resolution % 8 != 0 {
+        return Err((
+            "model.resolution".into(),
+            format!(
+                "model.resolution = {} must be a positive multiple of 8 (the encoder pools three \
+                 times)",
+                d.resolution
+            ),
+        ));
+    }
+    for (field, value, min) in [
+        ("model.n_hid", d.n_hid, 1),
+        ("model.n_blk_per_group", d.n_blk_per_group, 1),
+        ("model.vocab_size", d.vocab_size, 2),
+        ("model.n_init", d.n_init, 1),
+    ] {
+        if value < min {
+            return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
+        }
+    }
+    Ok(())
+}
+
+/// Range checks of `relaxation:`.
+fn validate_relaxation(r: &RelaxationConfig) -> Result<(), (String, String)> {
+    for (field, value) in [
+        ("relaxation.tau_start", r.tau_start),
+        ("relaxation.tau_end", r.tau_end),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err((field.into(), format!("{field} = {value} must be > 0")));
+        }
+    }
+    for (field, value) in [
+        ("relaxation.beta_start", r.beta_start),
+        ("relaxation.beta_end", r.beta_end),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err((field.into(), format!("{field} = {value} must be ≥ 0")));
+        }
+    }
+    for (field, value) in [
+        ("relaxation.tau_steps", r.tau_steps),
+        ("relaxation.beta_steps", r.beta_steps),
+    ] {
+        if value < 1 {
+            return Err((field.into(), format!("{field} must be ≥ 1")));
+        }
+    }
+    Ok(())
+}
