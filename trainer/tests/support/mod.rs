@@ -2,6 +2,8 @@
 //! readiness check. (Not every test file uses every helper.)
 #![allow(dead_code)]
 
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// The `trainer` binary of this build, logging warnings only.
@@ -43,4 +45,53 @@ pub fn python_ready(check: &str) -> bool {
     }
     eprintln!("skipped: {check}: {why}");
     false
+}
+
+/// A one-layer transformer run writing to `out`, its `data:` section given (indented lines).
+pub fn small_run_config(out: &Path, data: &str) -> String {
+    format!(
+        "run:\n  name: bounds\n  out_dir: {}\n  seed: 2\n  device: cpu\n\
+         model:\n  text_len: 6\n  text_vocab: 30\n  grid: 4\n  image_vocab: 20\n  d_model: 16\n  heads: 2\n  layers: 1\n  conv_kernel: 3\n\
+         data:\n{data}\
+         train:\n  steps: 2\n  batch_size: 2\n  log_every: 1\n\
+         checkpoint:\n  every: 0\n",
+        out.display()
+    )
+}
+
+/// Runs `trainer ARGS` with info logs, the memory check on and no launcher's rank count: how a
+/// user's one-process run starts.
+pub fn trainer_logged(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .env_remove("TESSERA_SKIP_MEMORY_CHECK")
+        .env_remove("LOCAL_WORLD_SIZE")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+/// stdout then stderr, for failure messages.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Exit status 1 with an error, not a signal (an abort is SIGABRT, no exit code).
+pub fn assert_error_exit(o: &Output, what: &str) {
+    assert_eq!(
+        o.status.signal(),
+        None,
+        "{what}: killed by a signal: {}",
+        output_text(o)
+    );
+    assert_eq!(o.status.code(), Some(1), "{what}: {}", output_text(o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("error: "),
+        "{what}: {}",
+        output_text(o)
+    );
 }
