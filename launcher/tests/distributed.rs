@@ -130,6 +130,18 @@ fn launcher_cmd(config: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// One process of `trainer train` on `config`, without the launcher, to its successful end.
+fn train_alone(config: &Path) {
+    let o = Command::new(trainer())
+        .args(["train", "--config"])
+        .arg(config)
+        .env("TESSERA_PEAK_GFLOPS", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 fn launch(config: &Path, args: &[&str]) -> Output {
     launcher_cmd(config, args).output().unwrap()
 }
@@ -304,14 +316,7 @@ fn two_and_four_ranks_match_one_process_with_the_same_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let single = tmp.path().join("single");
     let cfg = write_config(tmp.path(), &single, 20, 8, 5);
-    let o = Command::new(trainer())
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .env("TESSERA_PEAK_GFLOPS", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    train_alone(&cfg);
     let moved = max_abs_diff(&model_file(&single, 15), &model_file(&single, 20));
     assert!(
         moved > 100.0 * TOLERANCE,
@@ -1334,14 +1339,7 @@ fn two_ranks_on_the_emulated_gpu_match_one_cpu_process() {
     let tmp = tempfile::tempdir().unwrap();
     let single = tmp.path().join("single-cpu");
     let cfg = write_config(tmp.path(), &single, 6, 4, 3);
-    let o = Command::new(trainer())
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .env("TESSERA_PEAK_GFLOPS", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    train_alone(&cfg);
     let out = tmp.path().join("ranks-emu");
     let cfg = write_config(tmp.path(), &out, 6, 2, 3);
     let yaml = std::fs::read_to_string(&cfg)
