@@ -99,6 +99,8 @@ pub trait Device {
     /// Waits for the work queued on the buffer and copies it to the host.
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Sets every element of `buf` to zero in place (no new allocation).
+    fn fill_zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
 }
 
 /// The CPU: host vectors, the reference implementations.
@@ -118,6 +120,10 @@ impl Device for Cpu {
     }
     fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         Ok(buf.clone())
+    }
+    fn fill_zero<T: Elem>(&self, buf: &mut Vec<T>) -> Result<()> {
+        buf.fill(T::default());
+        Ok(())
     }
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
         buf.len()

@@ -195,6 +195,9 @@ impl<R: Runtime> Device for Gpu<R> {
     fn len<T: Elem>(&self, buf: &R::Buf<T>) -> usize {
         self.0.len(buf)
     }
+    fn fill_zero<T: Elem>(&self, buf: &mut R::Buf<T>) -> Result<()> {
+        self.0.fill_zero(buf)
+    }
 }
 
 /// Opens the file the library search found for `lib` by its path, with RTLD_GLOBAL, and keeps it

@@ -174,6 +174,8 @@ struct OnDevice<D: TransformerDevice + AdamWOps> {
     m: DeviceTensors<D>,
     v: DeviceTensors<D>,
     ema: Option<DeviceTensors<D>>,
+    /// The squared gradient norm, one f64.
+    norm_sq: D::Buf<f64>,
 }
 
 impl<D: TransformerDevice + AdamWOps> OnDevice<D> {
@@ -187,6 +189,7 @@ impl<D: TransformerDevice + AdamWOps> OnDevice<D> {
             m: DeviceTensors::zeros(&dev, table)?,
             v: DeviceTensors::zeros(&dev, table)?,
             ema: None,
+            norm_sq: dev.zeros(1)?,
             model: dm,
             dev,
         })
@@ -239,13 +242,12 @@ impl<D: TransformerDevice + AdamWOps> DeviceState for OnDevice<D> {
 
     fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport> {
         let dev = &self.dev;
-        let mut sq = 0.0f64;
+        // Σ g² over every tensor into one device scalar (`sum_squares` adds), read back once.
+        dev.fill_zero(&mut self.norm_sq)?;
         for g in &self.grads.bufs {
-            let mut out = dev.zeros::<f64>(1)?;
-            dev.sum_squares(&mut out, g)?;
-            sq += dev.download(&out)?[0];
+            dev.sum_squares(&mut self.norm_sq, g)?;
         }
-        let norm = sq.sqrt();
+        let norm = dev.download(&self.norm_sq)?[0].sqrt();
         if !norm.is_finite() {
             return Ok(StepReport {
                 grad_norm: norm,
@@ -308,7 +310,9 @@ impl<D: TransformerDevice + AdamWOps> DeviceCompute for OnDevice<D> {
         scale: f32,
     ) -> Result<Losses> {
         if micro == 0 {
-            self.grads = DeviceTensors::zeros(&self.dev, self.model.model().table())?;
+            for g in &mut self.grads.bufs {
+                self.dev.fill_zero(g)?;
+            }
         }
         let dev = &self.dev;
         let l = self

@@ -133,6 +133,7 @@ pub struct DeviceActs<D: Device> {
     text_losses: D::Buf<f32>,
     image_losses: D::Buf<f32>,
     // Backward scratch.
+    dresidual: D::Buf<f32>,
     dlnf: D::Buf<f32>,
     dln: D::Buf<f32>,
     dqkv: D::Buf<f32>,
@@ -206,6 +207,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             text_losses: z(nt)?,
             image_losses: z(ni)?,
             // Rows T−1 of every sample are never written: they stay zero.
+            dresidual: z(n * c)?,
             dlnf: z(n * c)?,
             dln: z(n * c)?,
             dqkv: z(n * 3 * c)?,
@@ -528,11 +530,12 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             };
             dev.gemm(&mut gr[g.head], &acts.image_logits, &acts.lnf, &image_dw)?;
         }
-        let mut dresidual = dev.zeros::<f32>(n * c)?;
+        // Accumulated into by every layer normalisation below: zeroed in place, not reallocated.
+        dev.fill_zero(&mut acts.dresidual)?;
         {
             let (dw, db) = pair(gr, g.lnf_w, g.lnf_b);
             dev.layernorm_backward(
-                &mut dresidual,
+                &mut acts.dresidual,
                 dw,
                 db,
                 &acts.dlnf,
@@ -554,7 +557,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                     &mut acts.dfch_gelu,
                     dw,
                     db,
-                    &dresidual,
+                    &acts.dresidual,
                     &la.fch_gelu,
                     &p[bp.mlp_proj_w],
                     n,
@@ -581,7 +584,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             {
                 let (dw, db) = pair(gr, bp.ln2_w, bp.ln2_b);
                 dev.layernorm_backward(
-                    &mut dresidual,
+                    &mut acts.dresidual,
                     dw,
                     db,
                     &acts.dln,
@@ -601,7 +604,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                     &mut acts.datty,
                     dw,
                     db,
-                    &dresidual,
+                    &acts.dresidual,
                     &la.atty,
                     &p[bp.attn_proj_w],
                     n,
@@ -638,7 +641,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             }
             let (dw, db) = pair(gr, bp.ln1_w, bp.ln1_b);
             dev.layernorm_backward(
-                &mut dresidual,
+                &mut acts.dresidual,
                 dw,
                 db,
                 &acts.dln,
@@ -667,7 +670,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                 image_row: ir,
                 image_col: ic,
             },
-            &dresidual,
+            &acts.dresidual,
             text,
             image,
             &m.embed_dims(b),
