@@ -27,8 +27,5 @@ mod tests {
         use std::io::IsTerminal;
         let bar = super::bar(10, "train");
         assert_eq!(bar.is_hidden(), !std::io::stderr().is_terminal());
-        // Hidden or not, the bar counts: the position is what the ETA is computed from.
-        bar.inc(3);
-        assert_eq!(bar.position(), 3);
     }
 }

@@ -300,9 +300,10 @@ impl<'a> KvSampler<'a> {
                     let out = &mut self.att[si * c + h * hs..][..hs];
                     out.fill(0.0);
                     for (&sc, &key) in scores.iter().zip(allowed) {
+                        let weight = sc / total;
                         let v = &values[(si * t + key) * c + h * hs..][..hs];
                         for (o, &v) in out.iter_mut().zip(v) {
-                            *o += sc / total * v;
+                            *o += weight * v;
                         }
                     }
                 }
