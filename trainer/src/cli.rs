@@ -144,6 +144,19 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = "samples")]
         out: PathBuf,
     },
+    /// Draws a run's loss curves and learning rate (from its metrics.jsonl) as a PNG.
+    Plot {
+        /// The run directory (run.out_dir).
+        #[arg(value_name = "RUN_DIR")]
+        run_dir: PathBuf,
+        /// The PNG to write (default: RUN_DIR/plot.png).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 1200)]
+        width: u32,
+        #[arg(long, default_value_t = 800)]
+        height: u32,
+    },
     /// Shows where the CUDA libraries a GPU run loads (driver, NCCL, NVRTC, cuBLAS) are found
     /// and whether this process can load them; with --link-dir, makes them loadable and prints
     /// the LD_LIBRARY_PATH to start workers with (what `launcher` does by itself).
@@ -162,7 +175,10 @@ impl Command {
             Command::Train { config, set, .. }
             | Command::DebugState { config, set, .. }
             | Command::InitWeights { config, set, .. } => Some((config, set)),
-            Command::Reconstruct { .. } | Command::Sample { .. } | Command::CudaLibs { .. } => None,
+            Command::Reconstruct { .. }
+            | Command::Sample { .. }
+            | Command::Plot { .. }
+            | Command::CudaLibs { .. } => None,
         }
     }
 

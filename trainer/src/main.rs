@@ -139,6 +139,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", trainer::sample::describe(&summary));
             Ok(())
         }
+        Command::Plot {
+            run_dir,
+            out,
+            width,
+            height,
+        } => {
+            let out = out.unwrap_or_else(|| run_dir.join("plot.png"));
+            trainer::plot::plot(&run_dir, &out, width, height)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::CudaLibs { link_dir } => {
             use trainer::cuda_libs::{self, Resolution};
             let r = Resolution::from_env();

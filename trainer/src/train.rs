@@ -1,7 +1,8 @@
 //! The training loop of `trainer train`: build the model named by the config (the stage-2
-//! transformer or the stage-1 dVAE, each a [`objectives::Stage`]), start fresh or resume from the
+//! transformer or the stage-1 dVAE, each an [`objectives::Objective`]), start fresh or resume from the
 //! newest checkpoint that verifies ([`resume`]), then per update: accumulate gradients over
-//! micro-batches, clip, AdamW, EMA, schedule; log JSON lines; checkpoint.
+//! micro-batches, clip, AdamW, EMA, schedule; log JSON lines (`metrics.jsonl`) and the same
+//! numbers as TensorBoard events ([`crate::tensorboard`]); checkpoint.
 //!
 //! Resume is bit-exact: every piece of state that an update reads (weights, AdamW moments and
 //! update count, EMA, schedule state, data cursor) is saved exactly, and every reduction is done
@@ -20,6 +21,7 @@ use crate::powersgd::{
     CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
 };
 use crate::run_lock::RunLock;
+use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use kernels::adamw::ema_update;
 use kernels::gradscale::{GradScaler, StepOutcome};
@@ -127,6 +129,22 @@ impl Metrics {
     /// A model-specific value by name (`loss_text`, `recon_mse`, …).
     pub fn get(&self, name: &str) -> Option<f64> {
         self.values.get(name).copied()
+    }
+
+    /// Every number of the line under its `metrics.jsonl` name (`skipped` as 0 or 1), as
+    /// TensorBoard's scalars.
+    pub fn scalars(&self) -> impl Iterator<Item = (&str, f64)> {
+        [
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("grad_norm", self.grad_norm),
+            ("skipped", f64::from(u8::from(self.skipped))),
+            ("step_ms", self.step_ms),
+            ("gflops_per_s", self.gflops_per_s),
+            ("mfu", self.mfu),
+        ]
+        .into_iter()
+        .chain(self.values.iter().map(|(k, &v)| (k.as_str(), v)))
     }
 }
 
@@ -346,6 +364,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     crate::dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
     // Only now, with the run accepted, does anything in the run directory change.
     let mut metrics_file = None;
+    let mut events = None;
     if rank0 {
         crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
         if resumed_from.is_none() {
@@ -358,6 +377,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
                 .open(&metrics_path)
                 .with_context(|| format!("opening {}", metrics_path.display()))?,
         );
+        events = Some(EventWriter::create(out, resumed_from)?);
     }
 
     let mut objective = objectives::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
@@ -573,6 +593,9 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             if let Some(f) = metrics_file.as_mut() {
                 writeln!(f, "{}", serde_json::to_string(&m)?)
                     .with_context(|| format!("writing {}", metrics_path.display()))?;
+            }
+            if let Some(ev) = events.as_mut() {
+                ev.scalars(t, m.scalars())?;
             }
             let shown: String = terms
                 .iter()

@@ -25,13 +25,19 @@ pub fn trainer(args: &[&str]) -> Output {
 /// under CI (`CI` set) this panics, since CI installs them; elsewhere it prints why `check` is
 /// skipped and returns false.
 pub fn python_ready(check: &str) -> bool {
+    python_imports(check, "numpy, safetensors.numpy")
+}
+
+/// [`python_ready`] for other modules of tools/requirements.txt (`imports`: a Python import
+/// list).
+pub fn python_imports(check: &str, imports: &str) -> bool {
     let why = match Command::new("python3")
-        .args(["-c", "import numpy, safetensors.numpy"])
+        .args(["-c", &format!("import {imports}")])
         .output()
     {
         Err(e) => format!("cannot run python3: {e}"),
         Ok(out) if !out.status.success() => format!(
-            "python3 cannot import numpy and safetensors ({}); \
+            "python3 cannot import {imports} ({}); \
              install them with `python3 -m pip install -r tools/requirements.txt`",
             String::from_utf8_lossy(&out.stderr)
                 .lines()
