@@ -6,7 +6,8 @@
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
 #
 # It also runs the transformer's forward and backward passes on the GPU against the host model,
-# and 20 updates of `trainer train` with run.device cuda against cpu (losses within 1e-4).
+# and 20 updates of `trainer train` with run.device cuda against cpu in fp32 (losses within 1e-4)
+# and in fp16 (within 1e-3, no update skipped).
 #
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
 # that need a GPU, with TESSERA_REQUIRE_GPU=1 so that one whose GPU or NCCL is missing fails
@@ -98,22 +99,35 @@ run)
     done
     echo "--- trainer: the transformer's passes on the GPU vs the host model"
     gpu-bin/test-trainer --nocapture model::transformer::device || status=1
-    echo "--- trainer train: run.device cuda vs cpu, 20 updates of configs/small-cpu.yaml"
+    # fp32: the losses within 1e-4 relative (the emulator: 1e-8). fp16: both runs round the same
+    # values to f16, and differ where a sum in another order crosses an f16 rounding boundary (one
+    # f16 step, 4.9e-4, in that element); the emulator's ten updates agree within 3.3e-7 (bound
+    # 1e-5, tests/tests/device.rs), but cuBLAS and the tensor cores sum in orders the emulator
+    # does not copy (fp32's bound is 1e-4 here for that), and each f32 difference can become a
+    # whole f16 step: 1e-3, ten times fp32's bound and a tenth of the issue's 1 % target. No fp16
+    # update may be skipped at the initial scales (the issue's target).
     runs=${TMPDIR:-/tmp}/tessera-gpu-check-runs
     rm -rf "$runs"
-    for dev in cpu cuda; do
-        gpu-bin/trainer train --config configs/small-cpu.yaml --set run.device=$dev \
-            --set train.steps=20 --set train.log_every=1 --set run.out_dir="$runs/$dev" >/dev/null || status=1
-    done
-    python3 - "$runs" <<'PY' || status=1
+    for prec in fp32 fp16; do
+        echo "--- trainer train: run.device cuda vs cpu, $prec, 20 updates of configs/small-cpu.yaml"
+        for dev in cpu cuda; do
+            gpu-bin/trainer train --config configs/small-cpu.yaml --set run.device=$dev \
+                --set run.precision=$prec --set train.steps=20 --set train.log_every=1 \
+                --set run.out_dir="$runs/$prec-$dev" >/dev/null || status=1
+        done
+        python3 - "$runs" "$prec" <<'PY' || status=1
 import json, sys
-runs = sys.argv[1]
-loss = lambda d: [json.loads(l)["loss"] for l in open(f"{runs}/{d}/metrics.jsonl")]
-cpu, gpu = loss("cpu"), loss("cuda")
-worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
-print(f"updates {len(cpu)}/{len(gpu)}  first loss {cpu[0]:.6f}/{gpu[0]:.6f}  last {cpu[-1]:.6f}/{gpu[-1]:.6f}  largest relative difference {worst:.2e}")
-sys.exit(0 if len(cpu) == len(gpu) == 20 and worst < 1e-4 else 1)
+runs, prec = sys.argv[1], sys.argv[2]
+rows = lambda d: [json.loads(l) for l in open(f"{runs}/{prec}-{d}/metrics.jsonl")]
+cpu, gpu = rows("cpu"), rows("cuda")
+lc, lg = [r["loss"] for r in cpu], [r["loss"] for r in gpu]
+worst = max(abs(a - b) / abs(a) for a, b in zip(lc, lg))
+tol = 1e-4 if prec == "fp32" else 1e-3
+skipped = max(r.get("skipped_updates", 0) for r in gpu)
+print(f"{prec}: updates {len(lc)}/{len(lg)}  first loss {lc[0]:.6f}/{lg[0]:.6f}  last {lc[-1]:.6f}/{lg[-1]:.6f}  largest relative difference {worst:.2e} (tolerance {tol:.0e})  skipped updates on the GPU {skipped:.0f}")
+sys.exit(0 if len(lc) == len(lg) == 20 and worst < tol and skipped == 0 else 1)
 PY
+    done
     echo "--- kernels: benchmarks"
     gpu-bin/bench_gpu || status=1
     gpu-bin/bench_attention_gpu || status=1

@@ -18,6 +18,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod cast;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod cuda_libs;

@@ -179,12 +179,6 @@ pub fn check_device(cfg: &RunConfig) -> Result<()> {
     if cfg.model.dvae().is_some() {
         bail!("run.device = {device}: the dVAE trains on the CPU only for now (run.device: cpu)");
     }
-    if cfg.run.precision == Precision::Fp16 {
-        bail!(
-            "run.device = {device} with run.precision = fp16: the fp16 scheme runs on the CPU \
-             only for now (run.device: cpu, or run.precision: fp32)"
-        );
-    }
     if cfg.run.device == Device::Cuda {
         // Before any data is read: the driver, NVRTC and a device, or an error naming what is
         // missing and where it was looked for.
@@ -486,7 +480,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         // (the paper's pre-division); the flags of every rank decide, so all ranks skip together.
         let outcome = match scaler.as_mut() {
             Some(s) => {
-                unscale_param_grads(&mut grads, &resblocks, &scales, &mut flags)?;
+                match objective.device_state() {
+                    Some(d) => d.unscale_grads(&scales, &mut flags)?,
+                    None => unscale_param_grads(&mut grads, &resblocks, &scales, &mut flags)?,
+                }
                 let mut raised: Vec<f32> = flags.iter().map(|&f| f as f32).collect();
                 comm.all_reduce_sum(&mut raised)?;
                 let raised: Vec<u32> = raised.iter().map(|&f| u32::from(f != 0.0)).collect();

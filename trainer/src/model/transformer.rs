@@ -733,6 +733,7 @@ impl Transformer {
                 d.heads,
                 d.head_size(),
             )?;
+            prec.round(&mut s.dqkv);
             let (dw, db) = pair_mut(&mut gr, bp.qkv_w, bp.qkv_b);
             linear_backward(
                 Some(&mut s.dln),

@@ -12,13 +12,16 @@ use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
 use crate::model::mixed::BlockScales;
+use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
-    DeviceActs, DeviceTensors, DeviceTransformer, TransformerDevice,
+    Act, DeviceActs, DeviceScales, DeviceTensors, DeviceTransformer, HalfWeights,
+    TransformerDevice, UnscaleScratch,
 };
 use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
 use anyhow::{bail, Context, Result};
+use half::f16;
 use kernels::adamw::{AdamWOps, AdamWStep};
 use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
 use std::ops::Range;
@@ -150,10 +153,14 @@ pub trait DeviceState {
     fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport>;
     /// `ema ← decay·ema + (1 − decay)·params`.
     fn ema_update(&mut self, decay: f32) -> Result<()>;
+    /// fp16: ends the update's scaled backward passes on the device
+    /// ([`DeviceTransformer::unscale_param_grads`] with `scales`, the update's) and raises in
+    /// `flags` every resblock flag the device raised during the update.
+    fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()>;
 }
 
-/// One micro-batch's passes on the device state: gradients zeroed at micro-batch 0 and
-/// accumulated after.
+/// One micro-batch's passes on the device state: gradients (and fp16's flags) zeroed at
+/// micro-batch 0 and accumulated after; `scales` (fp16) the per-resblock gradient scales.
 trait DeviceCompute: DeviceState {
     fn micro_step(
         &mut self,
@@ -161,15 +168,22 @@ trait DeviceCompute: DeviceState {
         text: &[u32],
         image: &[u32],
         scale: f32,
+        scales: Option<&[f32]>,
     ) -> Result<Losses>;
     fn state(&mut self) -> &mut dyn DeviceState;
 }
 
-struct OnDevice<D: TransformerDevice + AdamWOps> {
+/// The device state in activation type `A`: f32 (`run.precision: fp32`) or f16 (`fp16`).
+struct OnDevice<D: TransformerDevice + AdamWOps, A: Act> {
     dev: D,
     model: DeviceTransformer<D>,
-    acts: DeviceActs<D>,
+    acts: DeviceActs<D, A>,
     params: DeviceTensors<D>,
+    /// fp16: the f16 copies of the resblocks' matrices, rebuilt by `load`, kept by AdamW.
+    half: HalfWeights<D>,
+    /// fp16: one flag per resblock for the update, and the spares of the unscaling.
+    flags: D::Buf<u32>,
+    spare: Option<UnscaleScratch<D>>,
     grads: DeviceTensors<D>,
     m: DeviceTensors<D>,
     v: DeviceTensors<D>,
@@ -178,13 +192,17 @@ struct OnDevice<D: TransformerDevice + AdamWOps> {
     norm_sq: D::Buf<f64>,
 }
 
-impl<D: TransformerDevice + AdamWOps> OnDevice<D> {
+impl<D: TransformerDevice + AdamWOps, A: Act> OnDevice<D, A> {
     fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
         let dm = DeviceTransformer::new(model, &dev)?;
         let table = model.table();
+        let half = A::DTYPE == "f16";
         Ok(OnDevice {
             acts: dm.new_acts(&dev, batch)?,
             params: DeviceTensors::zeros(&dev, table)?,
+            half: HalfWeights::none(),
+            flags: dev.zeros(2 * model.dims().layers)?,
+            spare: half.then(|| dm.unscale_scratch(&dev)).transpose()?,
             grads: DeviceTensors::zeros(&dev, table)?,
             m: DeviceTensors::zeros(&dev, table)?,
             v: DeviceTensors::zeros(&dev, table)?,
@@ -200,10 +218,14 @@ impl<D: TransformerDevice + AdamWOps> OnDevice<D> {
     }
 }
 
-impl<D: TransformerDevice + AdamWOps> DeviceState for OnDevice<D> {
+impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
     fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
         let (dev, table) = (&self.dev, self.model.model().table());
         self.params = DeviceTensors::upload(dev, table, params)?;
+        if A::DTYPE == "f16" {
+            // The same rounding as AdamW's f16 copy: a resumed run multiplies by the same bits.
+            self.half = HalfWeights::of(dev, self.model.model(), &self.params)?;
+        }
         self.m = DeviceTensors::upload(dev, table, m)?;
         self.v = DeviceTensors::upload(dev, table, v)?;
         self.ema = ema
@@ -277,7 +299,7 @@ impl<D: TransformerDevice + AdamWOps> DeviceState for OnDevice<D> {
             };
             dev.adamw_update(
                 &mut self.params.bufs[i],
-                None,
+                self.half.bufs.get_mut(i).and_then(Option::as_mut),
                 &self.grads.bufs[i],
                 &mut self.m.bufs[i],
                 &mut self.v.bufs[i],
@@ -299,32 +321,70 @@ impl<D: TransformerDevice + AdamWOps> DeviceState for OnDevice<D> {
         }
         Ok(())
     }
+
+    fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()> {
+        let Some(spare) = self.spare.as_mut() else {
+            bail!("the device state is fp32: it has no gradient scales to remove");
+        };
+        let scaling = DeviceScales {
+            scales,
+            flags: &mut self.flags,
+        };
+        self.model
+            .unscale_param_grads(&self.dev, &mut self.grads, spare, scaling)?;
+        let raised = self.dev.download(&self.flags)?;
+        if raised.len() != flags.len() {
+            bail!(
+                "{} resblock flags on the device, {} on the host",
+                raised.len(),
+                flags.len()
+            );
+        }
+        for (f, r) in flags.iter_mut().zip(raised) {
+            *f |= r;
+        }
+        Ok(())
+    }
 }
 
-impl<D: TransformerDevice + AdamWOps> DeviceCompute for OnDevice<D> {
+impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
     fn micro_step(
         &mut self,
         micro: usize,
         text: &[u32],
         image: &[u32],
         scale: f32,
+        scales: Option<&[f32]>,
     ) -> Result<Losses> {
         if micro == 0 {
             for g in &mut self.grads.bufs {
                 self.dev.fill_zero(g)?;
             }
+            self.dev.fill_zero(&mut self.flags)?;
         }
         let dev = &self.dev;
-        let l = self
-            .model
-            .forward(dev, &self.params, &mut self.acts, text, image, Some(scale))?;
+        let l = self.model.forward(
+            dev,
+            &self.params,
+            &self.half,
+            &mut self.acts,
+            text,
+            image,
+            Some(scale),
+        )?;
+        let scaling = scales.map(|scales| DeviceScales {
+            scales,
+            flags: &mut self.flags,
+        });
         self.model.backward(
             dev,
             &self.params,
+            &self.half,
             &mut self.grads,
             &mut self.acts,
             text,
             image,
+            scaling,
         )?;
         Ok(l)
     }
@@ -334,15 +394,23 @@ impl<D: TransformerDevice + AdamWOps> DeviceCompute for OnDevice<D> {
     }
 }
 
+/// The device state on `dev` in `run.precision`'s activation type.
+fn on_device<D: TransformerDevice + AdamWOps + 'static>(
+    dev: D,
+    model: &Transformer,
+    batch: usize,
+) -> Result<Compute> {
+    Ok(Compute::Device(match model.precision() {
+        Precision::Fp32 => Box::new(OnDevice::<D, f32>::new(dev, model, batch)?),
+        Precision::Fp16 => Box::new(OnDevice::<D, f16>::new(dev, model, batch)?),
+    }))
+}
+
 /// The device of `run.device` for the transformer's passes (`None`: the host model).
 fn device_compute(cfg: &RunConfig, model: &Transformer, batch: usize) -> Result<Compute> {
     Ok(match cfg.run.device {
         Device::Cpu | Device::Auto => Compute::Host(Box::new(Activations::new(model, batch))),
-        Device::CudaEmu => Compute::Device(Box::new(OnDevice::new(
-            Gpu(Emu::new(Schedule::Forward)),
-            model,
-            batch,
-        )?)),
+        Device::CudaEmu => on_device(Gpu(Emu::new(Schedule::Forward)), model, batch)?,
         Device::Cuda => {
             // torchrun's LOCAL_RANK picks this process's GPU.
             let ordinal = match std::env::var("LOCAL_RANK") {
@@ -352,7 +420,7 @@ fn device_compute(cfg: &RunConfig, model: &Transformer, batch: usize) -> Result<
                 Err(_) => 0,
             };
             let cuda = Cuda::new(ordinal).context("run.device: cuda")?;
-            Compute::Device(Box::new(OnDevice::new(Gpu(cuda), model, batch)?))
+            on_device(Gpu(cuda), model, batch)?
         }
     })
 }
@@ -398,11 +466,9 @@ impl Objective for TransformerObjective {
                 }
                 l
             }
+            // The device keeps the flags until `DeviceState::unscale_grads`.
             Compute::Device(dev) => {
-                if scaling.is_some() {
-                    bail!("run.precision: fp16 runs on run.device: cpu only for now");
-                }
-                dev.micro_step(micro, text, image, scale)?
+                dev.micro_step(micro, text, image, scale, scaling.map(|sc| sc.scales))?
             }
         };
         self.data.recycle(batch);

@@ -4,22 +4,34 @@
 //! traits. On `Gpu<Cuda>` this is the GPU step; on `Gpu<Emu>` the same CUDA sources run on the
 //! CPU, which is how CI holds it to the CPU model; on `Cpu` it is the references again.
 //!
-//! fp32 for now: activations and activation gradients are f32 buffers (the fp16 scheme of
-//! docs/model.md §5 is [`Transformer::backward_scaled`] on the host).
+//! The activation type `A` of [`DeviceActs<D, A>`] is the precision (docs/model.md §5): f32, or
+//! f16 with the rounding points of the host's `Transformer::with_precision(Precision::Fp16)`:
+//! layer-norm outputs, `[q | k | v]`, the attention output, the MLP's pre-activation and its GELU
+//! stored as f16, the products reading the f16 copies of the resblocks' four matrices
+//! ([`HalfWeights`], kept by AdamW beside the fp32 master weights); the residual stream, gains,
+//! biases, embeddings, the head and the logits stay f32. The f16 backward pass runs with one
+//! gradient scale per resblock ([`DeviceScales`], the `kernels::gradscale` kernels): each block
+//! works on its scaled incoming gradient in f16, its outgoing gradient is rounded to f16 and
+//! unscaled into the f32 residual gradient, its parameter gradients accumulate in scaled units
+//! until [`DeviceTransformer::unscale_param_grads`].
 //!
 //! Differences from the host model, none of which changes the math: each linear layer is a
 //! product then a bias addition (the host adds the bias inside the product); the residual
 //! additions are fused into the next layer normalisation (`x + δ`, as the host adds); the head's
 //! two segments are batched products reading the rows of `ln_f`'s output in place instead of
-//! gathered copies.
+//! gathered copies. In f16 a product writes f32 (bias added in f32) and is then rounded once to
+//! f16 (`kernels::cast`), as the host rounds the f32 result of its product.
 
 use super::{Losses, ModelError, Result, Transformer, TEXT_LOSS_WEIGHT};
 use crate::params::ParamTable;
+use half::f16;
 use kernels::attention::AttentionOps;
+use kernels::cast::CastOps;
 use kernels::cross_entropy::CrossEntropyOps;
-use kernels::device::Device;
+use kernels::device::{Device, Elem};
 use kernels::embedding::{EmbedGradBufs, EmbedTableBufs, EmbeddingOps};
 use kernels::gelu::GeluOps;
+use kernels::gradscale::{GradScaleOps, GradScaler};
 use kernels::layernorm::LayerNormOps;
 use kernels::linear::{BiasOps, GemmSpec, MatmulOps};
 
@@ -33,6 +45,8 @@ pub trait TransformerDevice:
     + GeluOps
     + EmbeddingOps
     + CrossEntropyOps
+    + CastOps
+    + GradScaleOps
 {
 }
 
@@ -45,7 +59,144 @@ impl<D> TransformerDevice for D where
         + GeluOps
         + EmbeddingOps
         + CrossEntropyOps
+        + CastOps
+        + GradScaleOps
 {
+}
+
+/// The f16 copies of the resblocks' four matrices (`attn.qkv`, `attn.proj`, `mlp.fc`,
+/// `mlp.proj`) that the f16 products read, by parameter-table index (`None` for every other
+/// tensor, and for all of them in an f32 run). AdamW rewrites a copy with each update of its
+/// master weights (`AdamWOps::adamw_update`'s `params_f16`).
+pub struct HalfWeights<D: Device> {
+    pub bufs: Vec<Option<D::Buf<f16>>>,
+}
+
+impl<D: TransformerDevice> HalfWeights<D> {
+    /// No copies: what an f32 model reads.
+    pub fn none() -> Self {
+        HalfWeights { bufs: Vec::new() }
+    }
+
+    /// The four matrices of every resblock of `params`, rounded to f16 on the device.
+    pub fn of(dev: &D, model: &Transformer, params: &DeviceTensors<D>) -> Result<Self> {
+        let mut bufs: Vec<Option<D::Buf<f16>>> = (0..model.table.len()).map(|_| None).collect();
+        for i in resblock_matrices(model) {
+            let mut h = dev.zeros::<f16>(dev.len(&params.bufs[i]))?;
+            dev.cast_from_f32(&mut h, &params.bufs[i])?;
+            bufs[i] = Some(h);
+        }
+        Ok(HalfWeights { bufs })
+    }
+}
+
+/// The table indices of the resblocks' four matrices, the ones with f16 copies.
+fn resblock_matrices(model: &Transformer) -> impl Iterator<Item = usize> + '_ {
+    model
+        .blocks
+        .iter()
+        .flat_map(|bp| [bp.qkv_w, bp.attn_proj_w, bp.fc_w, bp.mlp_proj_w])
+}
+
+/// The table indices of each resblock's tensors, in [`GradScaler`]'s order (layer l's attention
+/// block `ln_1` … `attn.proj` at 2l, its MLP block `ln_2` … `mlp.proj` at 2l + 1).
+fn resblock_tensors(model: &Transformer) -> Vec<std::ops::RangeInclusive<usize>> {
+    model
+        .blocks
+        .iter()
+        .flat_map(|bp| [bp.ln1_w..=bp.attn_proj_b, bp.ln2_w..=bp.mlp_proj_b])
+        .collect()
+}
+
+/// One spare gradient buffer per distinct size of a resblock tensor, for
+/// [`DeviceTransformer::unscale_param_grads`].
+pub struct UnscaleScratch<D: Device> {
+    bufs: Vec<D::Buf<f32>>,
+}
+
+/// The per-resblock gradient scales of one backward pass (host values, in
+/// [`GradScaler`]'s order) and their flags on the device (raised, never cleared, by the
+/// passes; the caller zeroes them once per update).
+pub struct DeviceScales<'a, D: Device> {
+    pub scales: &'a [f32],
+    pub flags: &'a mut D::Buf<u32>,
+}
+
+/// An activation type of the device passes: f32 or f16 (docs/model.md §5).
+pub trait Act: Elem {
+    /// The weight a product reads for tensor `i`: the master weight in f32, its f16 copy in f16.
+    fn weight<'a, D: Device>(
+        params: &'a DeviceTensors<D>,
+        half: &'a HalfWeights<D>,
+        i: usize,
+    ) -> Result<&'a D::Buf<Self>>;
+
+    /// Runs `product`, which writes an f32 result, and leaves that result in `y`: written in
+    /// place in f32; written to `tmp` and rounded into `y` in f16.
+    fn from_product<D: TransformerDevice>(
+        dev: &D,
+        y: &mut D::Buf<Self>,
+        tmp: &mut D::Buf<f32>,
+        product: impl FnOnce(&mut D::Buf<f32>) -> Result<()>,
+    ) -> Result<()>;
+
+    /// The residual gradient as a resblock's incoming gradient without scaling: itself in f32;
+    /// in f16 an error (the f16 backward pass runs with per-resblock scales only).
+    fn unscaled<D: Device>(dresid: &D::Buf<f32>) -> Result<&D::Buf<Self>>;
+}
+
+impl Act for f32 {
+    fn weight<'a, D: Device>(
+        params: &'a DeviceTensors<D>,
+        _half: &'a HalfWeights<D>,
+        i: usize,
+    ) -> Result<&'a D::Buf<f32>> {
+        Ok(&params.bufs[i])
+    }
+
+    fn from_product<D: TransformerDevice>(
+        _dev: &D,
+        y: &mut D::Buf<f32>,
+        _tmp: &mut D::Buf<f32>,
+        product: impl FnOnce(&mut D::Buf<f32>) -> Result<()>,
+    ) -> Result<()> {
+        product(y)
+    }
+
+    fn unscaled<D: Device>(dresid: &D::Buf<f32>) -> Result<&D::Buf<f32>> {
+        Ok(dresid)
+    }
+}
+
+impl Act for f16 {
+    fn weight<'a, D: Device>(
+        _params: &'a DeviceTensors<D>,
+        half: &'a HalfWeights<D>,
+        i: usize,
+    ) -> Result<&'a D::Buf<f16>> {
+        half.bufs.get(i).and_then(Option::as_ref).ok_or_else(|| {
+            ModelError::Dims(format!(
+                "parameter tensor {i} has no f16 copy (HalfWeights::of builds them)"
+            ))
+        })
+    }
+
+    fn from_product<D: TransformerDevice>(
+        dev: &D,
+        y: &mut D::Buf<f16>,
+        tmp: &mut D::Buf<f32>,
+        product: impl FnOnce(&mut D::Buf<f32>) -> Result<()>,
+    ) -> Result<()> {
+        product(tmp)?;
+        dev.cast_from_f32(y, tmp)?;
+        Ok(())
+    }
+
+    fn unscaled<D: Device>(_dresid: &D::Buf<f32>) -> Result<&D::Buf<f16>> {
+        Err(ModelError::Dims(
+            "the f16 backward pass needs per-resblock gradient scales".into(),
+        ))
+    }
 }
 
 /// One device buffer per tensor of a [`ParamTable`] (weights, gradients or moments).
@@ -97,32 +248,42 @@ fn pair<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     (a, b)
 }
 
-/// Per-layer saved activations on the device.
-struct LayerBufs<D: Device> {
-    ln1: D::Buf<f32>,
+/// Per-layer saved activations on the device (`A`: what feeds a product, docs/model.md §5).
+struct LayerBufs<D: Device, A: Act> {
+    ln1: D::Buf<A>,
     ln1_mean: D::Buf<f32>,
     ln1_rstd: D::Buf<f32>,
-    qkv: D::Buf<f32>,
-    atty: D::Buf<f32>,
+    qkv: D::Buf<A>,
+    atty: D::Buf<A>,
     lse: D::Buf<f32>,
     /// The attention block's output (before the residual addition).
     attn_out: D::Buf<f32>,
     x_mid: D::Buf<f32>,
-    ln2: D::Buf<f32>,
+    ln2: D::Buf<A>,
     ln2_mean: D::Buf<f32>,
     ln2_rstd: D::Buf<f32>,
-    fch: D::Buf<f32>,
-    fch_gelu: D::Buf<f32>,
+    fch: D::Buf<A>,
+    fch_gelu: D::Buf<A>,
     /// The MLP block's output (before the residual addition).
     mlp_out: D::Buf<f32>,
 }
 
-/// The device's activations for one batch size.
-pub struct DeviceActs<D: Device> {
+/// f32 results of products rounded to f16 afterwards, one per width (f16 only: empty in f32).
+struct ProductScratch<D: Device> {
+    /// [N, C]; also a resblock's outgoing gradient before it is rounded.
+    c: D::Buf<f32>,
+    /// [N, 3C].
+    c3: D::Buf<f32>,
+    /// [N, 4C].
+    c4: D::Buf<f32>,
+}
+
+/// The device's activations for one batch size, in activation type `A` (f32 or f16).
+pub struct DeviceActs<D: Device, A: Act = f32> {
     batch: usize,
     /// residual[l]: the input of layer l; residual[L]: the input of ln_f.
     residual: Vec<D::Buf<f32>>,
-    layers: Vec<LayerBufs<D>>,
+    layers: Vec<LayerBufs<D, A>>,
     lnf: D::Buf<f32>,
     lnf_mean: D::Buf<f32>,
     lnf_rstd: D::Buf<f32>,
@@ -135,11 +296,14 @@ pub struct DeviceActs<D: Device> {
     // Backward scratch.
     dresidual: D::Buf<f32>,
     dlnf: D::Buf<f32>,
-    dln: D::Buf<f32>,
-    dqkv: D::Buf<f32>,
-    datty: D::Buf<f32>,
-    dfch: D::Buf<f32>,
-    dfch_gelu: D::Buf<f32>,
+    /// A resblock's incoming gradient (scaled), then its outgoing one (scaled, rounded).
+    dblock: D::Buf<A>,
+    dln: D::Buf<A>,
+    dqkv: D::Buf<A>,
+    datty: D::Buf<A>,
+    dfch: D::Buf<A>,
+    dfch_gelu: D::Buf<A>,
+    tmp: ProductScratch<D>,
 }
 
 /// The transformer for device `D`: the model's definition and its attention layouts on `D`
@@ -166,33 +330,38 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
         &self.model
     }
 
-    /// Activations for `batch` sequences.
-    pub fn new_acts(&self, dev: &D, batch: usize) -> Result<DeviceActs<D>> {
+    /// Activations for `batch` sequences, in activation type `A`.
+    pub fn new_acts<A: Act>(&self, dev: &D, batch: usize) -> Result<DeviceActs<D, A>> {
         let d = self.model.dims;
         let (t, c) = (d.seq_len(), d.d_model);
         let n = batch * t;
         let z = |k: usize| dev.zeros::<f32>(k);
+        let za = |k: usize| dev.zeros::<A>(k);
         let nt = batch * (d.text_len - 1);
         let ni = batch * d.image_tokens();
         let mut layers = Vec::with_capacity(d.layers);
         for _ in 0..d.layers {
             layers.push(LayerBufs {
-                ln1: z(n * c)?,
+                ln1: za(n * c)?,
                 ln1_mean: z(n)?,
                 ln1_rstd: z(n)?,
-                qkv: z(n * 3 * c)?,
-                atty: z(n * c)?,
+                qkv: za(n * 3 * c)?,
+                atty: za(n * c)?,
                 lse: z(batch * d.heads * t)?,
                 attn_out: z(n * c)?,
                 x_mid: z(n * c)?,
-                ln2: z(n * c)?,
+                ln2: za(n * c)?,
                 ln2_mean: z(n)?,
                 ln2_rstd: z(n)?,
-                fch: z(n * 4 * c)?,
-                fch_gelu: z(n * 4 * c)?,
+                fch: za(n * 4 * c)?,
+                fch_gelu: za(n * 4 * c)?,
                 mlp_out: z(n * c)?,
             });
         }
+        // f32 products are written in place: no rounding scratch (one element, not zero: a GPU
+        // allocation of nothing is an error).
+        let half = A::DTYPE == "f16";
+        let zh = |k: usize| z(if half { k } else { 1 });
         Ok(DeviceActs {
             batch,
             residual: (0..=d.layers)
@@ -209,21 +378,27 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             // Rows T−1 of every sample are never written: they stay zero.
             dresidual: z(n * c)?,
             dlnf: z(n * c)?,
-            dln: z(n * c)?,
-            dqkv: z(n * 3 * c)?,
-            datty: z(n * c)?,
-            dfch: z(n * 4 * c)?,
-            dfch_gelu: z(n * 4 * c)?,
+            dblock: za(n * c)?,
+            dln: za(n * c)?,
+            dqkv: za(n * 3 * c)?,
+            datty: za(n * c)?,
+            dfch: za(n * 4 * c)?,
+            dfch_gelu: za(n * 4 * c)?,
+            tmp: ProductScratch {
+                c: z(n * c)?,
+                c3: zh(n * 3 * c)?,
+                c4: zh(n * 4 * c)?,
+            },
         })
     }
 
-    /// `y = x·Wᵀ + b` for `rows` rows: `x` [rows, k], `w` [out, k].
+    /// `y = x·Wᵀ + b` for `rows` rows: `x` [rows, k], `w` [out, k], `y` f32.
     #[allow(clippy::too_many_arguments)]
-    fn linear(
+    fn linear<A: Act>(
         dev: &D,
         y: &mut D::Buf<f32>,
-        x: &D::Buf<f32>,
-        w: &D::Buf<f32>,
+        x: &D::Buf<A>,
+        w: &D::Buf<A>,
         b: &D::Buf<f32>,
         rows: usize,
         k: usize,
@@ -234,33 +409,118 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
         Ok(())
     }
 
-    /// Backward of [`Self::linear`]: `dx = dy·W` (overwritten), `dW += dyᵀ·x`, `db += Σ dy`.
+    /// Backward of [`Self::linear`]: `dx = dy·W` (overwritten, through `tmp` in f16),
+    /// `dW += dyᵀ·x`, `db += Σ dy`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward(
+    fn linear_backward<A: Act>(
         dev: &D,
-        dx: &mut D::Buf<f32>,
+        dx: &mut D::Buf<A>,
+        tmp: &mut D::Buf<f32>,
         dw: &mut D::Buf<f32>,
         db: &mut D::Buf<f32>,
-        dy: &D::Buf<f32>,
-        x: &D::Buf<f32>,
-        w: &D::Buf<f32>,
+        dy: &D::Buf<A>,
+        x: &D::Buf<A>,
+        w: &D::Buf<A>,
         rows: usize,
         k: usize,
         out: usize,
     ) -> Result<()> {
-        dev.matmul(dx, dy, false, w, false, (rows, k, out), false)?;
+        A::from_product(dev, dx, tmp, |dx| {
+            Ok(dev.matmul(dx, dy, false, w, false, (rows, k, out), false)?)
+        })?;
         dev.matmul(dw, dy, true, x, false, (out, k, rows), true)?;
         dev.bias_backward(db, dy, rows, out)?;
         Ok(())
     }
 
+    /// A resblock's input gradient, written by `grad` (which accumulates into the buffer it is
+    /// given): straight into `dresid` without scaling; with it, into a zeroed `tmp` (scaled
+    /// units), rounded to `A` in `dblock` and divided by block `i`'s scale into `dresid` (a
+    /// non-finite quotient adds nothing and raises the flag).
+    #[allow(clippy::too_many_arguments)]
+    fn block_input_grad<A: Act>(
+        dev: &D,
+        dresid: &mut D::Buf<f32>,
+        dblock: &mut D::Buf<A>,
+        tmp: &mut D::Buf<f32>,
+        scaling: &mut Option<DeviceScales<D>>,
+        i: usize,
+        grad: impl FnOnce(&mut D::Buf<f32>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(sc) = scaling else {
+            return grad(dresid);
+        };
+        dev.fill_zero(tmp)?;
+        grad(tmp)?;
+        dev.cast_from_f32(dblock, tmp)?;
+        dev.grad_unscale_add(dresid, sc.flags, i, dblock, sc.scales[i])?;
+        Ok(())
+    }
+
+    /// Spare buffers for [`Self::unscale_param_grads`].
+    pub fn unscale_scratch(&self, dev: &D) -> Result<UnscaleScratch<D>> {
+        let mut lens: Vec<usize> = resblock_tensors(&self.model)
+            .into_iter()
+            .flatten()
+            .map(|i| self.model.table.spec(i).numel())
+            .collect();
+        lens.sort_unstable();
+        lens.dedup();
+        let bufs = lens
+            .into_iter()
+            .map(|k| dev.zeros(k))
+            .collect::<kernels::Result<_>>()?;
+        Ok(UnscaleScratch { bufs })
+    }
+
+    /// Ends an update's scaled backward passes, as `crate::model::mixed::unscale_param_grads`:
+    /// every resblock tensor's gradient divided by its block's scale (an IEEE division), and
+    /// the block's flag raised where a quotient is not finite (a non-finite gradient included).
+    /// Each quotient is written into a zeroed spare of the same size, which then takes the
+    /// tensor's place (`kernels::gradscale`'s unscale-and-add, `0 + g/s` being `g/s`).
+    pub fn unscale_param_grads(
+        &self,
+        dev: &D,
+        grads: &mut DeviceTensors<D>,
+        spare: &mut UnscaleScratch<D>,
+        scaling: DeviceScales<D>,
+    ) -> Result<()> {
+        let blocks = resblock_tensors(&self.model);
+        if scaling.scales.len() != blocks.len() || dev.len(scaling.flags) != blocks.len() {
+            return Err(ModelError::Dims(format!(
+                "{} scales and {} flags for {} resblocks",
+                scaling.scales.len(),
+                dev.len(scaling.flags),
+                blocks.len()
+            )));
+        }
+        for (r, tensors) in blocks.into_iter().enumerate() {
+            for i in tensors {
+                let g = &mut grads.bufs[i];
+                let len = dev.len(g);
+                let s = spare
+                    .bufs
+                    .iter_mut()
+                    .find(|b| dev.len(*b) == len)
+                    .ok_or_else(|| ModelError::Dims(format!("no spare of {len} elements")))?;
+                dev.fill_zero(s)?;
+                dev.grad_unscale_add(s, scaling.flags, r, g, scaling.scales[r])?;
+                std::mem::swap(g, s);
+            }
+        }
+        Ok(())
+    }
+
     /// The forward pass and the loss, as [`Transformer::forward`]; with `grad_scale = Some(s)`
-    /// the segment logits become the loss gradient times `s`.
-    pub fn forward(
+    /// the segment logits become the loss gradient times `s`. In f16 the products read `half`
+    /// (in f32 it is not read: [`HalfWeights::none`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<A: Act>(
         &self,
         dev: &D,
         params: &DeviceTensors<D>,
-        acts: &mut DeviceActs<D>,
+        half: &HalfWeights<D>,
+        acts: &mut DeviceActs<D, A>,
         text: &[u32],
         image: &[u32],
         grad_scale: Option<f32>,
@@ -322,16 +582,18 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                     c,
                 )?,
             }
-            Self::linear(
-                dev,
-                &mut la.qkv,
-                &la.ln1,
-                &p[bp.qkv_w],
-                &p[bp.qkv_b],
-                n,
-                c,
-                3 * c,
-            )?;
+            A::from_product(dev, &mut la.qkv, &mut acts.tmp.c3, |y| {
+                Self::linear(
+                    dev,
+                    y,
+                    &la.ln1,
+                    A::weight(params, half, bp.qkv_w)?,
+                    &p[bp.qkv_b],
+                    n,
+                    c,
+                    3 * c,
+                )
+            })?;
             dev.attention_forward(
                 &mut la.atty,
                 &mut la.lse,
@@ -346,7 +608,7 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                 dev,
                 &mut la.attn_out,
                 &la.atty,
-                &p[bp.attn_proj_w],
+                A::weight(params, half, bp.attn_proj_w)?,
                 &p[bp.attn_proj_b],
                 n,
                 c,
@@ -365,22 +627,24 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                 n,
                 c,
             )?;
-            Self::linear(
-                dev,
-                &mut la.fch,
-                &la.ln2,
-                &p[bp.fc_w],
-                &p[bp.fc_b],
-                n,
-                c,
-                4 * c,
-            )?;
+            A::from_product(dev, &mut la.fch, &mut acts.tmp.c4, |y| {
+                Self::linear(
+                    dev,
+                    y,
+                    &la.ln2,
+                    A::weight(params, half, bp.fc_w)?,
+                    &p[bp.fc_b],
+                    n,
+                    c,
+                    4 * c,
+                )
+            })?;
             dev.gelu_forward(&mut la.fch_gelu, &la.fch)?;
             Self::linear(
                 dev,
                 &mut la.mlp_out,
                 &la.fch_gelu,
-                &p[bp.mlp_proj_w],
+                A::weight(params, half, bp.mlp_proj_w)?,
                 &p[bp.mlp_proj_b],
                 n,
                 4 * c,
@@ -479,15 +743,23 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
         })
     }
 
-    /// The backward pass after `forward(.., Some(scale))`: accumulates into `grads`.
-    pub fn backward(
+    /// The backward pass after `forward(.., Some(scale))`: accumulates into `grads`. With
+    /// `scaling`, as [`Transformer::backward_scaled`]: each resblock runs on its incoming
+    /// gradient times its scale (stored as `A`; non-finite values zeroed and the block's flag
+    /// raised), its outgoing gradient, rounded to `A`, is divided by the scale into the residual
+    /// gradient, and its parameter gradients accumulate in scaled units (end the update with
+    /// [`Self::unscale_param_grads`]). f16 needs `scaling`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<A: Act>(
         &self,
         dev: &D,
         params: &DeviceTensors<D>,
+        half: &HalfWeights<D>,
         grads: &mut DeviceTensors<D>,
-        acts: &mut DeviceActs<D>,
+        acts: &mut DeviceActs<D, A>,
         text: &[u32],
         image: &[u32],
+        mut scaling: Option<DeviceScales<D>>,
     ) -> Result<()> {
         let m = &self.model;
         let d = m.dims;
@@ -495,6 +767,16 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
         let n = b * t;
         let (tt, gi) = (d.text_len, d.image_tokens());
         let (vr, vi) = (d.text_rows(), d.image_vocab);
+        if let Some(sc) = &scaling {
+            let want = 2 * d.layers;
+            if sc.scales.len() != want || dev.len(sc.flags) != want {
+                return Err(ModelError::Dims(format!(
+                    "{} scales and {} flags for {want} resblocks",
+                    sc.scales.len(),
+                    dev.len(sc.flags)
+                )));
+            }
+        }
         let p = &params.bufs;
         let gr = &mut grads.bufs;
         let g = m.globals;
@@ -550,16 +832,25 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
         for (l, bp) in m.blocks.iter().enumerate().rev() {
             let la = &acts.layers[l];
             // MLP block; dresidual holds d(x_next).
+            let i = GradScaler::mlp(l);
+            if let Some(sc) = &mut scaling {
+                dev.grad_scale(&mut acts.dblock, sc.flags, i, &acts.dresidual, sc.scales[i])?;
+            }
             {
+                let dout = match scaling {
+                    Some(_) => &acts.dblock,
+                    None => A::unscaled::<D>(&acts.dresidual)?,
+                };
                 let (dw, db) = pair(gr, bp.mlp_proj_w, bp.mlp_proj_b);
                 Self::linear_backward(
                     dev,
                     &mut acts.dfch_gelu,
+                    &mut acts.tmp.c4,
                     dw,
                     db,
-                    &acts.dresidual,
+                    dout,
                     &la.fch_gelu,
-                    &p[bp.mlp_proj_w],
+                    A::weight(params, half, bp.mlp_proj_w)?,
                     n,
                     4 * c,
                     c,
@@ -571,11 +862,12 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                 Self::linear_backward(
                     dev,
                     &mut acts.dln,
+                    &mut acts.tmp.c,
                     dw,
                     db,
                     &acts.dfch,
                     &la.ln2,
-                    &p[bp.fc_w],
+                    A::weight(params, half, bp.fc_w)?,
                     n,
                     c,
                     4 * c,
@@ -583,30 +875,49 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
             }
             {
                 let (dw, db) = pair(gr, bp.ln2_w, bp.ln2_b);
-                dev.layernorm_backward(
+                Self::block_input_grad(
+                    dev,
                     &mut acts.dresidual,
-                    dw,
-                    db,
-                    &acts.dln,
-                    &la.x_mid,
-                    &p[bp.ln2_w],
-                    &la.ln2_mean,
-                    &la.ln2_rstd,
-                    n,
-                    c,
+                    &mut acts.dblock,
+                    &mut acts.tmp.c,
+                    &mut scaling,
+                    i,
+                    |dinp| {
+                        Ok(dev.layernorm_backward(
+                            dinp,
+                            dw,
+                            db,
+                            &acts.dln,
+                            &la.x_mid,
+                            &p[bp.ln2_w],
+                            &la.ln2_mean,
+                            &la.ln2_rstd,
+                            n,
+                            c,
+                        )?)
+                    },
                 )?;
             }
             // Attention block; dresidual holds d(x_mid).
+            let i = GradScaler::attn(l);
+            if let Some(sc) = &mut scaling {
+                dev.grad_scale(&mut acts.dblock, sc.flags, i, &acts.dresidual, sc.scales[i])?;
+            }
             {
+                let dout = match scaling {
+                    Some(_) => &acts.dblock,
+                    None => A::unscaled::<D>(&acts.dresidual)?,
+                };
                 let (dw, db) = pair(gr, bp.attn_proj_w, bp.attn_proj_b);
                 Self::linear_backward(
                     dev,
                     &mut acts.datty,
+                    &mut acts.tmp.c,
                     dw,
                     db,
-                    &acts.dresidual,
+                    dout,
                     &la.atty,
-                    &p[bp.attn_proj_w],
+                    A::weight(params, half, bp.attn_proj_w)?,
                     n,
                     c,
                     c,
@@ -629,28 +940,39 @@ impl<D: TransformerDevice> DeviceTransformer<D> {
                 Self::linear_backward(
                     dev,
                     &mut acts.dln,
+                    &mut acts.tmp.c,
                     dw,
                     db,
                     &acts.dqkv,
                     &la.ln1,
-                    &p[bp.qkv_w],
+                    A::weight(params, half, bp.qkv_w)?,
                     n,
                     c,
                     3 * c,
                 )?;
             }
             let (dw, db) = pair(gr, bp.ln1_w, bp.ln1_b);
-            dev.layernorm_backward(
+            Self::block_input_grad(
+                dev,
                 &mut acts.dresidual,
-                dw,
-                db,
-                &acts.dln,
-                &acts.residual[l],
-                &p[bp.ln1_w],
-                &la.ln1_mean,
-                &la.ln1_rstd,
-                n,
-                c,
+                &mut acts.dblock,
+                &mut acts.tmp.c,
+                &mut scaling,
+                i,
+                |dinp| {
+                    Ok(dev.layernorm_backward(
+                        dinp,
+                        dw,
+                        db,
+                        &acts.dln,
+                        &acts.residual[l],
+                        &p[bp.ln1_w],
+                        &la.ln1_mean,
+                        &la.ln1_rstd,
+                        n,
+                        c,
+                    )?)
+                },
             )?;
         }
         let [te, tp, ie, ir, ic] = gr
