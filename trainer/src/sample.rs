@@ -9,6 +9,9 @@
 //! EMA weights are used when the checkpoint has them, unless `--no-ema`. The transformer's sizes
 //! and tokenizer come from the `config.yaml` saved in its checkpoint.
 //!
+//! A training run's `samples:` section draws grids with the same [`Painter`]
+//! ([`TrainingSamples`]).
+//!
 //! Not yet: re-ranking with CLIP (keep the best K of N), captions drawn into the grids.
 
 use std::path::{Path, PathBuf};
@@ -17,11 +20,11 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use crate::checkpoint::{self, CONFIG_FILE};
-use crate::config::{DataSource, RunConfig};
+use crate::config::{DataSource, RunConfig, SamplesConfig};
 use crate::data::bpe::{encode_caption, BpeTokenizer};
-use crate::model::dvae::{resolve_weights, DvaeWeights};
+use crate::model::dvae::{resolve_weights, Dvae, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
-use crate::model::transformer::Transformer;
+use crate::model::transformer::{Transformer, TransformerDims};
 
 /// Pixels between pictures and around a grid.
 const GAP: u32 = 4;
@@ -67,7 +70,7 @@ pub struct SampleSummary {
 
 /// The weights of `source` (a checkpoint or run directory): its EMA when it has one and `ema`,
 /// else its model.
-fn weights_of(source: &Path, ema: bool, what: &str) -> Result<PathBuf> {
+pub fn weights_of(source: &Path, ema: bool, what: &str) -> Result<PathBuf> {
     if ema && !source.is_file() {
         let path = resolve_weights(source, true)
             .with_context(|| format!("{what} {}", source.display()))?;
@@ -116,53 +119,16 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
             o.transformer.display()
         ),
     };
-    let tok = BpeTokenizer::load(&tok_path)
-        .with_context(|| format!("loading tokenizer {}", tok_path.display()))?;
-    let mut no_dropout = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    let mut text = Vec::with_capacity(o.prompts.len() * o.n * d.text_len);
-    for (i, prompt) in o.prompts.iter().enumerate() {
-        let ids = encode_caption(&tok, prompt, d.text_len, d.text_vocab, 0.0, &mut no_dropout)
-            .with_context(|| format!("prompt {i} ({prompt:?})"))?;
-        for _ in 0..o.n {
-            text.extend_from_slice(&ids);
-        }
-    }
-
-    // The dVAE for this grid: resolution 8·G.
-    let resolution = 8 * d.grid;
     let d_path = match o.dvae.is_file() {
         true => o.dvae.clone(),
         false => weights_of(&o.dvae, !o.no_ema, "--dvae")?,
     };
-    let dvae_weights = DvaeWeights::locate(&d_path, false, resolution)
+    let painter = Painter::open(&d_path, &tok_path, &d)
         .with_context(|| format!("--dvae {}", o.dvae.display()))?;
-    let (dvae, dvae_params) = dvae_weights.load()?;
-    ensure!(
-        dvae.dims().vocab_size == d.image_vocab,
-        "--dvae {}: codebook of {} codes, the transformer draws from {}",
-        d_path.display(),
-        dvae.dims().vocab_size,
-        d.image_vocab
-    );
-
-    let seqs = o.prompts.len() * o.n;
-    let (tt, gi) = (d.text_len, d.image_tokens());
+    let resolution = painter.resolution;
     let px = 3 * resolution * resolution;
-    let mut pixels = Vec::with_capacity(seqs * px);
-    let bar = crate::progress::bar(seqs as u64, "sample");
-    for first in (0..seqs).step_by(o.batch) {
-        let last = (first + o.batch).min(seqs);
-        let codes = sample_images(
-            &model,
-            &params,
-            &text[first * tt..last * tt],
-            &o.sampling,
-            first as u64,
-        )?;
-        debug_assert_eq!(codes.len(), (last - first) * gi);
-        pixels.extend(dvae.decode_codes(&dvae_params, &codes)?);
-        bar.inc((last - first) as u64);
-    }
+    let bar = crate::progress::bar((o.prompts.len() * o.n) as u64, "sample");
+    let pixels = painter.draw(&model, &params, &o.prompts, o.n, &o.sampling, o.batch, &bar)?;
     bar.finish_and_clear();
 
     std::fs::create_dir_all(&o.out)
@@ -184,7 +150,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         per_prompt: o.n,
         resolution,
         transformer_weights: t_path,
-        dvae_weights: dvae_weights.path,
+        dvae_weights: painter.dvae_path,
         temperature: o.sampling.temperature,
         top_k: o.sampling.top_k,
         top_p: o.sampling.top_p,
@@ -196,11 +162,182 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     Ok(summary)
 }
 
+/// What turns captions into pictures with a transformer's weights: the prompts' tokenizer and
+/// the dVAE that decodes. `trainer sample` and a training run's sample grids (`samples:`) share it.
+pub struct Painter {
+    tok: BpeTokenizer,
+    dvae: Dvae,
+    dvae_params: Vec<f32>,
+    /// The dVAE's weights file.
+    pub dvae_path: PathBuf,
+    /// Pixels per side: 8 × the transformer's grid.
+    pub resolution: usize,
+}
+
+impl Painter {
+    /// Loads the dVAE weights file `dvae` (its codebook must be the transformer's image
+    /// vocabulary, its resolution 8 × the grid) and the prompts' `tokenizer`.
+    pub fn open(dvae: &Path, tokenizer: &Path, d: &TransformerDims) -> Result<Self> {
+        let tok = BpeTokenizer::load(tokenizer)
+            .with_context(|| format!("loading tokenizer {}", tokenizer.display()))?;
+        let resolution = 8 * d.grid;
+        let weights = DvaeWeights::locate(dvae, false, resolution)?;
+        let (model, dvae_params) = weights.load()?;
+        ensure!(
+            model.dims().vocab_size == d.image_vocab,
+            "{}: codebook of {} codes, the transformer draws from {}",
+            dvae.display(),
+            model.dims().vocab_size,
+            d.image_vocab
+        );
+        Ok(Painter {
+            tok,
+            dvae: model,
+            dvae_params,
+            dvae_path: weights.path,
+            resolution,
+        })
+    }
+
+    /// `n` pictures `[3, r, r]` in [0, 1] for each prompt, prompt by prompt, drawn `batch`
+    /// sequences at a time; `bar` advances by the pictures drawn.
+    #[allow(clippy::too_many_arguments)]
+    pub fn draw(
+        &self,
+        model: &Transformer,
+        params: &[f32],
+        prompts: &[String],
+        n: usize,
+        how: &Sampling,
+        batch: usize,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Vec<f32>> {
+        let d = model.dims();
+        let mut no_dropout = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let mut text = Vec::with_capacity(prompts.len() * n * d.text_len);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let ids = encode_caption(
+                &self.tok,
+                prompt,
+                d.text_len,
+                d.text_vocab,
+                0.0,
+                &mut no_dropout,
+            )
+            .with_context(|| format!("prompt {i} ({prompt:?})"))?;
+            for _ in 0..n {
+                text.extend_from_slice(&ids);
+            }
+        }
+        let seqs = prompts.len() * n;
+        let (tt, gi) = (d.text_len, d.image_tokens());
+        let mut pixels = Vec::with_capacity(seqs * 3 * self.resolution * self.resolution);
+        for first in (0..seqs).step_by(batch.max(1)) {
+            let last = (first + batch.max(1)).min(seqs);
+            let codes = sample_images(
+                model,
+                params,
+                &text[first * tt..last * tt],
+                how,
+                first as u64,
+            )?;
+            debug_assert_eq!(codes.len(), (last - first) * gi);
+            pixels.extend(self.dvae.decode_codes(&self.dvae_params, &codes)?);
+            bar.inc((last - first) as u64);
+        }
+        Ok(pixels)
+    }
+}
+
+/// A training run's sample grids (the `samples:` section, rank 0 only): the transformer of the
+/// run's sizes, the painter, and where the grids go.
+pub struct TrainingSamples {
+    model: Transformer,
+    painter: Painter,
+    cfg: SamplesConfig,
+    dir: PathBuf,
+}
+
+impl TrainingSamples {
+    /// The run's sampler, or `None` when the config has no `samples:` section. Loads the dVAE
+    /// and the tokenizer now, so that a wrong path fails before the first update.
+    pub fn open(run: &RunConfig) -> Result<Option<Self>> {
+        let Some(cfg) = run.samples.clone() else {
+            return Ok(None);
+        };
+        let model = Transformer::new(crate::train::dims_of(run)?)?;
+        let tokenizer = match (&cfg.tokenizer, &run.data) {
+            (Some(p), _) => p.clone(),
+            (None, DataSource::Shards(s)) if s.tokenizer.is_some() => s.tokenizer.clone().unwrap(),
+            _ => bail!("samples.tokenizer: no tokenizer.json for the prompts"),
+        };
+        let dvae = match cfg.dvae.is_file() {
+            true => cfg.dvae.clone(),
+            false => weights_of(&cfg.dvae, true, "samples.dvae")?,
+        };
+        let painter = Painter::open(&dvae, &tokenizer, model.dims())
+            .with_context(|| format!("samples.dvae {}", cfg.dvae.display()))?;
+        let dir = run.run.out_dir.join("samples");
+        Ok(Some(TrainingSamples {
+            model,
+            painter,
+            cfg,
+            dir,
+        }))
+    }
+
+    /// Whether update `step` of a run of `last` updates draws a grid.
+    pub fn due(&self, step: u64, last: u64) -> bool {
+        step.is_multiple_of(self.cfg.every) || step == last
+    }
+
+    /// Draws the grid of update `step` with `params` (the transformer's, flat by its table),
+    /// writes `samples/step_<step>.png` and, given `events`, a TensorBoard image `samples`.
+    pub fn draw(
+        &self,
+        step: u64,
+        params: &[f32],
+        events: Option<&mut crate::tensorboard::EventWriter>,
+    ) -> Result<PathBuf> {
+        let c = &self.cfg;
+        let how = Sampling {
+            temperature: c.temperature as f32,
+            top_k: c.top_k,
+            top_p: c.top_p as f32,
+            seed: c.seed,
+        };
+        let hidden = indicatif::ProgressBar::hidden();
+        let pixels = self
+            .painter
+            .draw(&self.model, params, &c.prompts, c.n, &how, c.n, &hidden)?;
+        let img = rows_image(&pixels, c.prompts.len() * c.n, c.n, self.painter.resolution);
+        let png = png_bytes(&img)?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let path = self.dir.join(format!("step_{step:08}.png"));
+        crate::fsutil::write_atomic(&path, &png, false)?;
+        if let Some(ev) = events {
+            ev.image(step, "samples", png, img.width(), img.height())?;
+        }
+        Ok(path)
+    }
+}
+
 /// `n` pictures `[3, r, r]` in [0, 1] side by side in rows of ⌈√n⌉ (one picture: no border).
 fn grid_image(pixels: &[f32], n: usize, r: usize) -> image::RgbImage {
+    let per_row = match n {
+        1 => 1,
+        _ => (n as f64).sqrt().ceil() as usize,
+    };
+    rows_image(pixels, n, per_row, r)
+}
+
+/// `n` pictures `[3, r, r]` in [0, 1], `per_row` to a row, with a white border between them
+/// (one picture: no border). A training run's sample grid is one row per prompt.
+pub fn rows_image(pixels: &[f32], n: usize, per_row: usize, r: usize) -> image::RgbImage {
     let (gap, per_row) = match n {
         1 => (0, 1),
-        _ => (GAP, (n as f64).sqrt().ceil() as u32),
+        _ => (GAP, per_row as u32),
     };
     let rows = (n as u32).div_ceil(per_row);
     let r32 = r as u32;
@@ -228,14 +365,19 @@ fn grid_image(pixels: &[f32], n: usize, r: usize) -> image::RgbImage {
     img
 }
 
-fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
+/// `img` as PNG bytes.
+pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )
     .context("encoding a PNG")?;
-    crate::fsutil::write_atomic(path, &bytes, false)?;
+    Ok(bytes)
+}
+
+fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
+    crate::fsutil::write_atomic(path, &png_bytes(img)?, false)?;
     Ok(())
 }
 

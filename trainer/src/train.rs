@@ -374,6 +374,11 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         events = Some(EventWriter::create(out, resumed_from)?);
     }
 
+    // Rank 0's sample grids: the dVAE and tokenizer load now, before any data is read.
+    let samples = match rank0 {
+        true => crate::sample::TrainingSamples::open(cfg)?,
+        false => None,
+    };
     let mut objective = objectives::open(cfg, comm.rank(), comm.world_size(), rs.state.data)?;
     resume::settle_ledger(&mut rs.state, cfg, comm.world_size(), objective.cursor());
     // A device-resident model takes the (fresh or resumed) state once; the host copies are
@@ -636,6 +641,20 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             }
             // No rank runs ahead of (or exits before) a half-written checkpoint.
             comm.barrier()?;
+        }
+        if let Some(s) = samples.as_ref().filter(|s| s.due(t, cfg.train.steps)) {
+            // This moment's weights (the EMA where the run keeps one) on the host.
+            if let Some(d) = objective.device_state() {
+                d.store(
+                    &mut rs.params,
+                    &mut rs.adam.m,
+                    &mut rs.adam.v,
+                    rs.ema.as_deref_mut(),
+                )?;
+            }
+            let weights = rs.ema.as_deref().unwrap_or(&rs.params);
+            let path = s.draw(t, weights, events.as_mut())?;
+            bar.suspend(|| tracing::info!(path = %path.display(), "samples"));
         }
         if stopping && t < cfg.train.steps {
             tracing::warn!(step = t, "stop requested: checkpoint written, exiting");

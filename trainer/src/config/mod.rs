@@ -81,6 +81,9 @@ pub struct RunConfig {
     /// dvae`; absent means the paper's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relaxation: Option<RelaxationConfig>,
+    /// Sample grids while training (transformer only); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SamplesConfig>,
     /// Gradient reduction between ranks: `kind: none` (a plain fp32 all-reduce, the default) or
     /// `kind: powersgd` with its settings (docs/powersgd.md).
     #[serde(default)]

@@ -80,6 +80,7 @@ fn check_path(path: &[String]) -> Result<(), String> {
         "run" => fields_of::<RunSection>(),
         "model" => fields_of::<ModelConfig>(),
         "relaxation" => fields_of::<RelaxationConfig>(),
+        "samples" => fields_of::<SamplesConfig>(),
         "compression" => fields_of::<crate::powersgd::PowerSgdConfig>(),
         "distributed" => fields_of::<crate::dist::DistributedConfig>(),
         "data" => fields_of::<DataSource>(),

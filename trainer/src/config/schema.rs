@@ -343,6 +343,47 @@ fn default_beta_steps() -> u64 {
     5_000
 }
 
+/// The `samples:` section (transformer only): every `every` updates (and after the last), rank 0
+/// draws `n` pictures for each prompt with the weights of that moment (the EMA when the run keeps
+/// one), decodes them with `dvae`, and writes one grid (a row per prompt) to
+/// `<out_dir>/samples/step_<N>.png` and to TensorBoard. Sampling has its own random stream
+/// (`seed`), so the same noise is drawn at every step and training is not changed by it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplesConfig {
+    /// Updates between grids. ≥ 1.
+    pub every: u64,
+    /// The captions, one row of the grid each. At least one.
+    pub prompts: Vec<String>,
+    /// The dVAE that decodes: a weights file, a checkpoint or a run directory.
+    pub dvae: PathBuf,
+    /// The prompts' `tokenizer.json`. Default: `data.tokenizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// Pictures per prompt. ≥ 1. Default 4.
+    #[serde(default = "default_samples_n")]
+    pub n: usize,
+    /// Divides the logits. > 0. Default 1.
+    #[serde(default = "default_unit")]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: all). Default 0.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this probability, in (0, 1]. Default 1.
+    #[serde(default = "default_unit")]
+    pub top_p: f64,
+    /// Seeds the sampling's random stream. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_samples_n() -> usize {
+    4
+}
+fn default_unit() -> f64 {
+    1.0
+}
+
 impl Default for RelaxationConfig {
     fn default() -> Self {
         Self {

@@ -598,3 +598,36 @@ fn cosine_anneal_matches_the_spec_formula() {
     assert!((r.beta(2_500) - 3.3).abs() < 1e-12);
     assert_eq!(r.beta(5_000), 6.6);
 }
+
+#[test]
+fn the_samples_section_is_checked() {
+    let samples = "samples:\n  every: 10\n  prompts: [\"a red circle\"]\n  dvae: runs/dvae\n  tokenizer: t.json\n";
+    let c = RunConfig::from_yaml_str(&format!("{MINIMAL}{samples}"), "t.yaml").unwrap();
+    let s = c.samples.as_ref().unwrap();
+    assert_eq!(
+        (s.n, s.temperature, s.top_k, s.top_p, s.seed),
+        (4, 1.0, 0, 1.0, 0)
+    );
+    let e = load_err(&format!("{MINIMAL}{samples}"), &["samples.every=0"]);
+    assert!(e.contains("samples.every must be ≥ 1"), "{e}");
+    let e = load_err(&format!("{MINIMAL}{samples}"), &["samples.top_p=0"]);
+    assert!(e.contains("samples.top_p = 0 must be in (0, 1]"), "{e}");
+    let e = load_err(
+        &format!("{MINIMAL}{}", samples.replace("[\"a red circle\"]", "[]")),
+        &[],
+    );
+    assert!(
+        e.contains("samples.prompts must list at least one caption"),
+        "{e}"
+    );
+    let e = load_err(
+        &format!("{MINIMAL}{}", samples.replace("  tokenizer: t.json\n", "")),
+        &[],
+    );
+    assert!(e.contains("samples.tokenizer"), "{e}");
+    let e = load_err(&format!("{DVAE}{samples}"), &[]);
+    assert!(
+        e.contains("samples section applies to model.kind: transformer only"),
+        "{e}"
+    );
+}

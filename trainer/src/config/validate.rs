@@ -33,6 +33,11 @@ impl RunConfig {
         match &self.model {
             ModelConfig::Transformer(m) => {
                 validate_transformer(m).or_else(|(f, msg)| invalid(&f, msg))?;
+                if let Some(samples) = &self.samples {
+                    let known =
+                        matches!(&self.data, DataSource::Shards(s) if s.tokenizer.is_some());
+                    validate_samples(samples, known).or_else(|(f, msg)| invalid(&f, msg))?;
+                }
                 if self.relaxation.is_some() {
                     return invalid(
                         "relaxation",
@@ -74,6 +79,14 @@ impl RunConfig {
                 }
             }
             ModelConfig::Dvae(d) => {
+                if self.samples.is_some() {
+                    return invalid(
+                        "samples",
+                        "the samples section applies to model.kind: transformer only (see \
+                         `trainer reconstruct` for a dVAE)"
+                            .into(),
+                    );
+                }
                 validate_dvae(d).or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
@@ -274,6 +287,47 @@ fn validate_dvae(d: &DvaeConfig) -> Result<(), (String, String)> {
         if value < min {
             return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
         }
+    }
+    Ok(())
+}
+
+/// Range checks of `samples:`; `tokenizer_known`: whether `data.tokenizer` names one.
+fn validate_samples(s: &SamplesConfig, tokenizer_known: bool) -> Result<(), (String, String)> {
+    let fail = |f: &str, m: String| Err((f.to_string(), m));
+    if s.every < 1 {
+        return fail("samples.every", "samples.every must be ≥ 1".into());
+    }
+    if s.prompts.is_empty() || s.prompts.iter().any(|p| p.trim().is_empty()) {
+        return fail(
+            "samples.prompts",
+            "samples.prompts must list at least one caption, none empty".into(),
+        );
+    }
+    if s.dvae.as_os_str().is_empty() {
+        return fail("samples.dvae", "samples.dvae must name the dVAE".into());
+    }
+    if s.tokenizer.is_none() && !tokenizer_known {
+        return fail(
+            "samples.tokenizer",
+            "samples.tokenizer (a tokenizer.json for the prompts) is required when \
+             data.tokenizer names none"
+                .into(),
+        );
+    }
+    if s.n < 1 {
+        return fail("samples.n", "samples.n must be ≥ 1".into());
+    }
+    if !(s.temperature.is_finite() && s.temperature > 0.0) {
+        return fail(
+            "samples.temperature",
+            format!("samples.temperature = {} must be > 0", s.temperature),
+        );
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return fail(
+            "samples.top_p",
+            format!("samples.top_p = {} must be in (0, 1]", s.top_p),
+        );
     }
     Ok(())
 }
