@@ -460,3 +460,157 @@ fn preprocessing_resizes_the_short_side_crops_the_centre_and_normalises() {
     );
     assert!(row.windows(2).all(|p| p[1] >= p[0] - 0.05), "{row:?}");
 }
+
+/// The `model:` section of a `model.kind: clip` run config: the tiny model above.
+const CLIP_MODEL: &str = "model:
+  kind: clip
+  projection_dim: 6
+  text_config: {vocab_size: 20, hidden_size: 8, intermediate_size: 16, num_attention_heads: 2,
+                num_hidden_layers: 2, max_position_embeddings: 7, eos_token_id: 19,
+                hidden_act: quick_gelu}
+  vision_config: {hidden_size: 12, intermediate_size: 20, num_attention_heads: 3,
+                  num_hidden_layers: 2, image_size: 8, patch_size: 4, hidden_act: gelu}
+";
+
+fn clip_config(out_dir: &Path, model: &str) -> String {
+    format!(
+        "run: {{name: c, out_dir: {}, seed: 5}}\n{model}\
+         data: {{source: images, paths: [unused.tis]}}\ntrain: {{steps: 1, batch_size: 2}}\n",
+        out_dir.display()
+    )
+}
+
+/// `trainer init-weights` writes a directory that loads as a Hugging Face one (its
+/// `config.json` included), and `trainer debug-state` on it (docs/model.md §4's `clip` row)
+/// agrees with the NumPy reference.
+#[test]
+fn init_weights_and_debug_state_cli_match_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    std::fs::write(p("clip.yaml"), clip_config(&p("run"), CLIP_MODEL)).unwrap();
+    let run = |args: &[&Path]| {
+        let out = support::trainer_command().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "trainer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (cfg, w, batch, state) = (
+        p("clip.yaml"),
+        p("model.safetensors"),
+        p("batch.safetensors"),
+        p("state.safetensors"),
+    );
+    run(&[
+        "init-weights".as_ref(),
+        "--config".as_ref(),
+        &cfg,
+        "--out".as_ref(),
+        &w,
+    ]);
+    std::fs::write(p("tokenizer.json"), tokenizer_json().to_string()).unwrap();
+    std::fs::write(
+        p("preprocessor_config.json"),
+        preprocessor_json().to_string(),
+    )
+    .unwrap();
+    let clip = load_dir(dir.path()).unwrap();
+    let ls = clip.model.logit_scale(&clip.params);
+    assert!(
+        (ls - hf::DEFAULT_LOGIT_SCALE_INIT).abs() < 1e-6,
+        "logit_scale {ls}"
+    );
+    let d = clip.model.dims();
+    assert_eq!(
+        (d.text_config.hidden_size, d.vision_config.patch_size),
+        (8, 4)
+    );
+
+    // Captions of 5 positions (S below the context of 7) and random normalised pixels.
+    let ids: Vec<i64> = vec![18, 3, 19, 19, 19, 18, 5, 6, 7, 19];
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let pixels: Vec<f32> = (0..2 * 3 * 64)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let ids_bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_safetensors(
+        &batch,
+        &[entry("pixel_values", vec![2, 3, 8, 8], &pixels)],
+        &[("input_ids", Dtype::I64, vec![2, 5], ids_bytes)],
+    );
+    run(&[
+        "debug-state".as_ref(),
+        "--config".as_ref(),
+        &cfg,
+        "--weights".as_ref(),
+        &w,
+        "--batch".as_ref(),
+        &batch,
+        "--out".as_ref(),
+        &state,
+    ]);
+    let bytes = std::fs::read(&state).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, shape) in [
+        ("text_embeds", vec![2, 6]),
+        ("image_embeds", vec![2, 6]),
+        ("logits_per_image", vec![2, 2]),
+        ("loss", vec![1]),
+        ("grad.logit_scale", vec![]),
+        (
+            "grad.vision_model.embeddings.patch_embedding.weight",
+            vec![12, 3, 4, 4],
+        ),
+    ] {
+        assert_eq!(st.tensor(name).unwrap().shape(), shape.as_slice(), "{name}");
+    }
+    assert_eq!(st.names().len(), 4 + clip.model.table().len());
+
+    if !support::python_ready("the NumPy CLIP debug-state check") {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/reference_clip.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--dir".as_ref(), dir.path().as_os_str()])
+        .args(["--inputs".as_ref(), batch.as_os_str()])
+        .args(["--outputs".as_ref(), state.as_os_str()])
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the NumPy CLIP reference disagrees with trainer debug-state: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn clip_run_config_is_checked_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        trainer::config::RunConfig::from_yaml_str(&clip_config(dir.path(), CLIP_MODEL), "c.yaml")
+            .unwrap();
+    assert_eq!(cfg.model.clip().unwrap().vision_config.num_channels, 3);
+    let bad = CLIP_MODEL.replace("hidden_size: 8,", "hidden_size: 9,");
+    let err = trainer::config::RunConfig::from_yaml_str(&clip_config(dir.path(), &bad), "c.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.text_config.hidden_size = 9 must be divisible by model.text_config.num_attention_heads = 2"), "{err}");
+    let bad = CLIP_MODEL.replace("hidden_act: gelu}", "hidden_act: relu}");
+    let err = trainer::config::RunConfig::from_yaml_str(&clip_config(dir.path(), &bad), "c.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("relu"), "{err}");
+    let bad = CLIP_MODEL.replace("projection_dim: 6", "projection_dim: 6\n  d_model: 4");
+    let err = trainer::config::RunConfig::from_yaml_str(&clip_config(dir.path(), &bad), "c.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.d_model does not apply to model.kind: clip"),
+        "{err}"
+    );
+}

@@ -33,100 +33,162 @@ use std::ops::Range;
 /// The largest `logit_scale` training keeps: ln 100, so logits are at most 100·cos.
 pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
 
-/// The sizes of one tower's encoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The sizes of one tower's encoder (taken from [`TextConfig`] or [`VisionConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TowerDims {
-    /// C (`hidden_size`).
+    /// C.
     pub hidden: usize,
-    /// I (`intermediate_size`).
+    /// I.
     pub intermediate: usize,
-    /// NH (`num_attention_heads`).
+    /// NH.
     pub heads: usize,
-    /// L (`num_hidden_layers`).
+    /// L.
     pub layers: usize,
-    /// `hidden_act`.
     pub act: Activation,
 }
 
-/// The sizes that define a CLIP model (Hugging Face's config fields in brackets).
+/// The text tower's sizes, Hugging Face's `text_config` (the fields and names of its
+/// `config.json`, which `model:` of a Tessera config repeats under `text_config:`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClipDims {
-    pub text: TowerDims,
-    /// Text vocabulary (`text_config.vocab_size`).
+#[serde(deny_unknown_fields)]
+pub struct TextConfig {
     pub vocab_size: usize,
-    /// Longest text (`text_config.max_position_embeddings`).
-    pub max_positions: usize,
-    /// Where text is pooled (`text_config.eos_token_id`; see [`ops::end_positions`]).
+    /// C.
+    pub hidden_size: usize,
+    /// I.
+    pub intermediate_size: usize,
+    /// NH.
+    pub num_attention_heads: usize,
+    /// L.
+    pub num_hidden_layers: usize,
+    /// The longest text.
+    pub max_position_embeddings: usize,
+    /// Where text is pooled (see [`ops::end_positions`]).
     pub eos_token_id: u32,
-    pub vision: TowerDims,
-    /// Side of the square input image (`vision_config.image_size`).
+    pub hidden_act: Activation,
+}
+
+/// The vision tower's sizes, Hugging Face's `vision_config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionConfig {
+    /// C.
+    pub hidden_size: usize,
+    /// I.
+    pub intermediate_size: usize,
+    /// NH.
+    pub num_attention_heads: usize,
+    /// L.
+    pub num_hidden_layers: usize,
+    /// Side of the square input image.
     pub image_size: usize,
-    /// P (`vision_config.patch_size`).
+    /// P.
     pub patch_size: usize,
-    /// Input channels (`vision_config.num_channels`).
+    /// Input channels. Default 3.
+    #[serde(default = "three")]
     pub num_channels: usize,
-    /// D (`projection_dim`).
+    pub hidden_act: Activation,
+}
+
+fn three() -> usize {
+    3
+}
+
+impl TextConfig {
+    pub fn tower(&self) -> TowerDims {
+        TowerDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            act: self.hidden_act,
+        }
+    }
+}
+
+impl VisionConfig {
+    pub fn tower(&self) -> TowerDims {
+        TowerDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            act: self.hidden_act,
+        }
+    }
+}
+
+/// The sizes that define a CLIP model: Hugging Face's `CLIPConfig` fields, nested as in its
+/// `config.json`. This is also the `model:` section of a `model.kind: clip` run config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipDims {
+    pub text_config: TextConfig,
+    pub vision_config: VisionConfig,
+    /// D.
     pub projection_dim: usize,
 }
 
 impl ClipDims {
-    /// The one range check of the sizes: the field at fault, with what is wrong, each field named
-    /// with `prefix` and Hugging Face's config path.
+    /// The one range check of the sizes (the config's `model:` section, a Hugging Face
+    /// `config.json` and [`Clip::new`] all use it): the field at fault, with what is wrong, every
+    /// field named with `prefix`.
     pub fn check(&self, prefix: &str) -> std::result::Result<(), (String, String)> {
         let err = |field: &str, what: String| Err((format!("{prefix}{field}"), what));
-        for (tower, t) in [("text_config", &self.text), ("vision_config", &self.vision)] {
-            for (field, value) in [
-                ("hidden_size", t.hidden),
-                ("intermediate_size", t.intermediate),
-                ("num_attention_heads", t.heads),
-                ("num_hidden_layers", t.layers),
-            ] {
-                if value == 0 {
-                    return err(
-                        &format!("{tower}.{field}"),
-                        format!("{prefix}{tower}.{field} = 0 must be ≥ 1"),
-                    );
-                }
-            }
-            if !t.hidden.is_multiple_of(t.heads) {
-                return err(
-                    &format!("{tower}.hidden_size"),
-                    format!(
-                        "{prefix}{tower}.hidden_size = {} must be divisible by \
-                         {prefix}{tower}.num_attention_heads = {}",
-                        t.hidden, t.heads
-                    ),
-                );
-            }
-        }
+        let (t, v) = (&self.text_config, &self.vision_config);
         for (field, value) in [
-            ("text_config.vocab_size", self.vocab_size),
-            ("text_config.max_position_embeddings", self.max_positions),
-            ("vision_config.patch_size", self.patch_size),
-            ("vision_config.num_channels", self.num_channels),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.num_channels", v.num_channels),
             ("projection_dim", self.projection_dim),
         ] {
             if value == 0 {
                 return err(field, format!("{prefix}{field} = 0 must be ≥ 1"));
             }
         }
-        if self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        for (tower, c, nh) in [
+            ("text_config", t.hidden_size, t.num_attention_heads),
+            ("vision_config", v.hidden_size, v.num_attention_heads),
+        ] {
+            if !c.is_multiple_of(nh) {
+                return err(
+                    &format!("{tower}.hidden_size"),
+                    format!(
+                        "{prefix}{tower}.hidden_size = {c} must be divisible by \
+                         {prefix}{tower}.num_attention_heads = {nh}"
+                    ),
+                );
+            }
+        }
+        if v.image_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return err(
                 "vision_config.image_size",
                 format!(
                     "{prefix}vision_config.image_size = {} must be a positive multiple of \
                      {prefix}vision_config.patch_size = {}",
-                    self.image_size, self.patch_size
+                    v.image_size, v.patch_size
                 ),
             );
         }
-        if self.eos_token_id as usize >= self.vocab_size {
+        if t.eos_token_id as usize >= t.vocab_size {
             return err(
                 "text_config.eos_token_id",
                 format!(
                     "{prefix}text_config.eos_token_id = {} must be below \
                      {prefix}text_config.vocab_size = {}",
-                    self.eos_token_id, self.vocab_size
+                    t.eos_token_id, t.vocab_size
                 ),
             );
         }
@@ -135,7 +197,7 @@ impl ClipDims {
 
     /// Np, the patches of one image.
     pub fn num_patches(&self) -> usize {
-        let g = self.image_size / self.patch_size;
+        let g = self.vision_config.image_size / self.vision_config.patch_size;
         g * g
     }
 }
@@ -224,20 +286,20 @@ impl Clip {
             let i = t.push(name, shape, kind);
             t.spec(i).range()
         };
-        let (ct, cv) = (dims.text.hidden, dims.vision.hidden);
+        let (ct, cv) = (dims.text_config.hidden_size, dims.vision_config.hidden_size);
         let token_emb = push(
             &mut t,
             "text_model.embeddings.token_embedding.weight".into(),
-            &[dims.vocab_size, ct],
+            &[dims.text_config.vocab_size, ct],
             ParamKind::Embedding,
         );
         let text_pos = push(
             &mut t,
             "text_model.embeddings.position_embedding.weight".into(),
-            &[dims.max_positions, ct],
+            &[dims.text_config.max_position_embeddings, ct],
             ParamKind::Embedding,
         );
-        let text = Encoder::build(&mut t, "text_model", dims.text, true);
+        let text = Encoder::build(&mut t, "text_model", dims.text_config.tower(), true);
         let final_ln_w = push(
             &mut t,
             "text_model.final_layer_norm.weight".into(),
@@ -256,11 +318,11 @@ impl Clip {
             &[cv],
             ParamKind::Embedding,
         );
-        let p = dims.patch_size;
+        let p = dims.vision_config.patch_size;
         let patch_w = push(
             &mut t,
             "vision_model.embeddings.patch_embedding.weight".into(),
-            &[cv, dims.num_channels, p, p],
+            &[cv, dims.vision_config.num_channels, p, p],
             ParamKind::Matrix,
         );
         let vision_pos = push(
@@ -281,7 +343,7 @@ impl Clip {
             &[cv],
             ParamKind::Bias,
         );
-        let vision = Encoder::build(&mut t, "vision_model", dims.vision, false);
+        let vision = Encoder::build(&mut t, "vision_model", dims.vision_config.tower(), false);
         let post_ln_w = push(
             &mut t,
             "vision_model.post_layernorm.weight".into(),
@@ -345,7 +407,10 @@ impl Clip {
     /// by default).
     pub fn init_params(&self, seed: u64, logit_scale_init: f32) -> Vec<f32> {
         let mut buf = vec![0.0; self.table.numel()];
-        let (lt, lv) = (self.dims.text.layers as f32, self.dims.vision.layers as f32);
+        let (lt, lv) = (
+            self.dims.text_config.num_hidden_layers as f32,
+            self.dims.vision_config.num_hidden_layers as f32,
+        );
         super::init::init_params(&self.table, &mut buf, seed, |name| {
             let residual =
                 name.ends_with("self_attn.out_proj.weight") || name.ends_with("mlp.fc2.weight");
@@ -391,23 +456,29 @@ impl Clip {
                 input_ids.len()
             )));
         }
-        if let Some(i) = input_ids.iter().position(|&v| v as usize >= d.vocab_size) {
+        if let Some(i) = input_ids
+            .iter()
+            .position(|&v| v as usize >= d.text_config.vocab_size)
+        {
             return Err(ClipError::Input(format!(
                 "input_ids[{}, {}] = {} is not below text_config.vocab_size = {}",
                 i / s,
                 i % s,
                 input_ids[i],
-                d.vocab_size
+                d.text_config.vocab_size
             )));
         }
-        let px = b * d.num_channels * d.image_size * d.image_size;
+        let px = b
+            * d.vision_config.num_channels
+            * d.vision_config.image_size
+            * d.vision_config.image_size;
         if pixels.len() != px {
             return Err(ClipError::Input(format!(
                 "pixel_values has {} values, expected B {b} × {} × {} × {}",
                 pixels.len(),
-                d.num_channels,
-                d.image_size,
-                d.image_size
+                d.vision_config.num_channels,
+                d.vision_config.image_size,
+                d.vision_config.image_size
             )));
         }
         Ok(())
@@ -424,17 +495,21 @@ impl Clip {
         self.check_params(params.len())?;
         let d = &self.dims;
         let g = &self.g;
-        let (b, cv, np) = (acts.batch, d.vision.hidden, d.num_patches());
+        let (b, cv, np) = (acts.batch, d.vision_config.hidden_size, d.num_patches());
         let t = np + 1;
-        let row = d.num_channels * d.patch_size * d.patch_size;
-        let px = b * d.num_channels * d.image_size * d.image_size;
+        let row =
+            d.vision_config.num_channels * d.vision_config.patch_size * d.vision_config.patch_size;
+        let px = b
+            * d.vision_config.num_channels
+            * d.vision_config.image_size
+            * d.vision_config.image_size;
         if pixels.len() != px {
             return Err(ClipError::Input(format!(
                 "pixel_values has {} values, expected B {b} × {} × {} × {}",
                 pixels.len(),
-                d.num_channels,
-                d.image_size,
-                d.image_size
+                d.vision_config.num_channels,
+                d.vision_config.image_size,
+                d.vision_config.image_size
             )));
         }
         let v = &mut acts.vision;
@@ -442,9 +517,9 @@ impl Clip {
             &mut v.patches,
             pixels,
             b,
-            d.num_channels,
-            d.image_size,
-            d.patch_size,
+            d.vision_config.num_channels,
+            d.vision_config.image_size,
+            d.vision_config.patch_size,
         );
         linear_forward(
             &mut v.patch_out,
@@ -476,7 +551,7 @@ impl Clip {
         let class_pos = vec![0; b];
         ops::pool_rows(
             &mut v.pooled_in,
-            &v.enc.residual[d.vision.layers],
+            &v.enc.residual[d.vision_config.num_hidden_layers],
             &class_pos,
             t,
             cv,
@@ -519,14 +594,17 @@ impl Clip {
         self.check_params(params.len())?;
         let d = &self.dims;
         let g = &self.g;
-        let (b, s, ct) = (acts.batch, acts.text_len, d.text.hidden);
-        if let Some(i) = input_ids.iter().position(|&v| v as usize >= d.vocab_size) {
+        let (b, s, ct) = (acts.batch, acts.text_len, d.text_config.hidden_size);
+        if let Some(i) = input_ids
+            .iter()
+            .position(|&v| v as usize >= d.text_config.vocab_size)
+        {
             return Err(ClipError::Input(format!(
                 "input_ids[{}, {}] = {} is not below text_config.vocab_size = {}",
                 i / s,
                 i % s,
                 input_ids[i],
-                d.vocab_size
+                d.text_config.vocab_size
             )));
         }
         if input_ids.len() != b * s {
@@ -537,7 +615,8 @@ impl Clip {
         }
         let tx = &mut acts.text;
         tx.ids.copy_from_slice(input_ids);
-        tx.end = ops::end_positions(input_ids, s, d.eos_token_id).map_err(ClipError::Input)?;
+        tx.end = ops::end_positions(input_ids, s, d.text_config.eos_token_id)
+            .map_err(ClipError::Input)?;
         let (tok, pos) = (&params[g.token_emb.clone()], &params[g.text_pos.clone()]);
         for (i, (x, &id)) in tx.enc.residual[0]
             .chunks_exact_mut(ct)
@@ -556,7 +635,7 @@ impl Clip {
         self.text.forward(params, &mut tx.enc)?;
         ops::pool_rows(
             &mut tx.pooled_in,
-            &tx.enc.residual[d.text.layers],
+            &tx.enc.residual[d.text_config.num_hidden_layers],
             &tx.end,
             s,
             ct,
@@ -673,7 +752,7 @@ impl Clip {
         )?;
 
         // Text tower.
-        let (s, ct) = (acts.text_len, d.text.hidden);
+        let (s, ct) = (acts.text_len, d.text_config.hidden_size);
         let tx = &mut acts.text;
         let mut dproj = vec![0.0f32; b * dp];
         ops::normalize_rows_backward(&mut dproj, &dte, &acts.text_embeds, &tx.norms, dp);
@@ -724,7 +803,7 @@ impl Clip {
         }
 
         // Vision tower.
-        let (cv, np) = (d.vision.hidden, d.num_patches());
+        let (cv, np) = (d.vision_config.hidden_size, d.num_patches());
         let t = np + 1;
         let v = &mut acts.vision;
         let mut dproj = vec![0.0f32; b * dp];
@@ -782,7 +861,8 @@ impl Clip {
             scale_add(&mut grads[g.vision_pos.clone()], 1.0, e);
             dpatch_out[bi * np * cv..(bi + 1) * np * cv].copy_from_slice(&e[cv..]);
         }
-        let row = d.num_channels * d.patch_size * d.patch_size;
+        let row =
+            d.vision_config.num_channels * d.vision_config.patch_size * d.vision_config.patch_size;
         linear_backward(
             None,
             &mut grads[g.patch_w.clone()],
@@ -1137,10 +1217,10 @@ impl Activations {
     /// Buffers for `batch` pairs of `text_len` positions (1 ..= `max_position_embeddings`).
     pub fn new(model: &Clip, batch: usize, text_len: usize) -> Result<Self> {
         let d = &model.dims;
-        if text_len == 0 || text_len > d.max_positions {
+        if text_len == 0 || text_len > d.text_config.max_position_embeddings {
             return Err(ClipError::Input(format!(
                 "text length {text_len} must be in 1 ..= text_config.max_position_embeddings = {}",
-                d.max_positions
+                d.text_config.max_position_embeddings
             )));
         }
         if batch == 0 {
@@ -1148,12 +1228,13 @@ impl Activations {
         }
         let z = |k: usize| vec![0.0f32; k];
         let (ct, cv, dp, np) = (
-            d.text.hidden,
-            d.vision.hidden,
+            d.text_config.hidden_size,
+            d.vision_config.hidden_size,
             d.projection_dim,
             d.num_patches(),
         );
-        let row = d.num_channels * d.patch_size * d.patch_size;
+        let row =
+            d.vision_config.num_channels * d.vision_config.patch_size * d.vision_config.patch_size;
         Ok(Activations {
             batch,
             text_len,

@@ -15,7 +15,7 @@
 //!
 //! [`write_config`] writes the `config.json` of a model that `trainer init-weights` creates.
 
-use super::{Activation, Clip, ClipDims, TowerDims};
+use super::{Activation, Clip, ClipDims, TextConfig, VisionConfig};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Map, Value};
@@ -258,31 +258,31 @@ pub fn read_config(path: &Path) -> Result<(ClipDims, f32)> {
     vision.read.push("projection_dim");
     let eos = text.usize("eos_token_id", 2)?;
     let dims = ClipDims {
-        text: TowerDims {
-            hidden: text.usize("hidden_size", 512)?,
-            intermediate: text.usize("intermediate_size", 2048)?,
-            heads: text.usize("num_attention_heads", 8)?,
-            layers: text.usize("num_hidden_layers", 12)?,
-            act: text.act(Activation::QuickGelu)?,
+        text_config: TextConfig {
+            vocab_size: text.usize("vocab_size", 49408)?,
+            hidden_size: text.usize("hidden_size", 512)?,
+            intermediate_size: text.usize("intermediate_size", 2048)?,
+            num_attention_heads: text.usize("num_attention_heads", 8)?,
+            num_hidden_layers: text.usize("num_hidden_layers", 12)?,
+            max_position_embeddings: text.usize("max_position_embeddings", 77)?,
+            eos_token_id: u32::try_from(eos).map_err(|_| {
+                file_err(
+                    path,
+                    format!("`text_config.eos_token_id` = {eos} is too large"),
+                )
+            })?,
+            hidden_act: text.act(Activation::QuickGelu)?,
         },
-        vocab_size: text.usize("vocab_size", 49408)?,
-        max_positions: text.usize("max_position_embeddings", 77)?,
-        eos_token_id: u32::try_from(eos).map_err(|_| {
-            file_err(
-                path,
-                format!("`text_config.eos_token_id` = {eos} is too large"),
-            )
-        })?,
-        vision: TowerDims {
-            hidden: vision.usize("hidden_size", 768)?,
-            intermediate: vision.usize("intermediate_size", 3072)?,
-            heads: vision.usize("num_attention_heads", 12)?,
-            layers: vision.usize("num_hidden_layers", 12)?,
-            act: vision.act(Activation::QuickGelu)?,
+        vision_config: VisionConfig {
+            hidden_size: vision.usize("hidden_size", 768)?,
+            intermediate_size: vision.usize("intermediate_size", 3072)?,
+            num_attention_heads: vision.usize("num_attention_heads", 12)?,
+            num_hidden_layers: vision.usize("num_hidden_layers", 12)?,
+            image_size: vision.usize("image_size", 224)?,
+            patch_size: vision.usize("patch_size", 32)?,
+            num_channels: vision.usize("num_channels", 3)?,
+            hidden_act: vision.act(Activation::QuickGelu)?,
         },
-        image_size: vision.usize("image_size", 224)?,
-        patch_size: vision.usize("patch_size", 32)?,
-        num_channels: vision.usize("num_channels", 3)?,
         projection_dim,
     };
     text.finish()?;
@@ -294,26 +294,12 @@ pub fn read_config(path: &Path) -> Result<(ClipDims, f32)> {
 
 /// The `config.json` Hugging Face's `CLIPModel.from_pretrained` reads for `dims`.
 pub fn write_config(path: &Path, dims: &ClipDims, logit_scale_init: f32) -> Result<()> {
-    let tower = |t: &TowerDims| {
-        json!({
-            "hidden_size": t.hidden,
-            "intermediate_size": t.intermediate,
-            "num_attention_heads": t.heads,
-            "num_hidden_layers": t.layers,
-            "hidden_act": t.act.hf_name(),
-            "layer_norm_eps": 1e-5,
-        })
-    };
-    let mut text = tower(&dims.text);
-    text["vocab_size"] = json!(dims.vocab_size);
-    text["max_position_embeddings"] = json!(dims.max_positions);
-    text["eos_token_id"] = json!(dims.eos_token_id);
+    let mut text = serde_json::to_value(dims.text_config).expect("serialisable");
     text["model_type"] = json!("clip_text_model");
-    let mut vision = tower(&dims.vision);
-    vision["image_size"] = json!(dims.image_size);
-    vision["patch_size"] = json!(dims.patch_size);
-    vision["num_channels"] = json!(dims.num_channels);
+    text["layer_norm_eps"] = json!(1e-5);
+    let mut vision = serde_json::to_value(dims.vision_config).expect("serialisable");
     vision["model_type"] = json!("clip_vision_model");
+    vision["layer_norm_eps"] = json!(1e-5);
     let config = json!({
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -644,7 +630,10 @@ pub fn load_dir(dir: &Path) -> Result<HfClip> {
     let (dims, logit_scale_init) = read_config(&dir.join("config.json"))?;
     let model = Clip::new(dims).map_err(|e| file_err(&dir.join("config.json"), e.to_string()))?;
     let params = read_weights(&dir.join("model.safetensors"), &model)?;
-    let tokenizer = ClipTokenizer::from_file(&dir.join("tokenizer.json"), dims.max_positions)?;
+    let tokenizer = ClipTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        dims.text_config.max_position_embeddings,
+    )?;
     let preprocessor = Preprocessor::from_file(&dir.join("preprocessor_config.json"))?;
     Ok(HfClip {
         model,

@@ -21,7 +21,8 @@ pub enum Activation {
     QuickGelu,
     /// `½·u·(1 + erf(u/√2))`, the exact GELU (`gelu`).
     Gelu,
-    /// The tanh form of `kernels::gelu` (`gelu_new`, `gelu_pytorch_tanh`).
+    /// The tanh form of `kernels::gelu` (`gelu_pytorch_tanh`, or `gelu_new`).
+    #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new")]
     GeluTanh,
 }
 

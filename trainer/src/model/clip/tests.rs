@@ -10,26 +10,26 @@ use rand_chacha::ChaCha8Rng;
 /// A tiny model with every kind of tensor: two layers per tower, quick_gelu text, erf-GELU vision.
 pub(super) fn tiny_dims() -> ClipDims {
     ClipDims {
-        text: TowerDims {
-            hidden: 8,
-            intermediate: 16,
-            heads: 2,
-            layers: 2,
-            act: Activation::QuickGelu,
+        text_config: TextConfig {
+            vocab_size: 20,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_attention_heads: 2,
+            num_hidden_layers: 2,
+            max_position_embeddings: 7,
+            eos_token_id: 19,
+            hidden_act: Activation::QuickGelu,
         },
-        vocab_size: 20,
-        max_positions: 7,
-        eos_token_id: 19,
-        vision: TowerDims {
-            hidden: 12,
-            intermediate: 20,
-            heads: 3,
-            layers: 2,
-            act: Activation::Gelu,
+        vision_config: VisionConfig {
+            hidden_size: 12,
+            intermediate_size: 20,
+            num_attention_heads: 3,
+            num_hidden_layers: 2,
+            image_size: 8,
+            patch_size: 4,
+            num_channels: 3,
+            hidden_act: Activation::Gelu,
         },
-        image_size: 8,
-        patch_size: 4,
-        num_channels: 3,
         projection_dim: 6,
     }
 }
@@ -64,9 +64,12 @@ fn batch(d: &ClipDims, b: usize, seed: u64) -> (Vec<u32>, Vec<f32>) {
         for x in &mut r[1..end] {
             *x = rng.random_range(1..18);
         }
-        r[end] = d.eos_token_id;
+        r[end] = d.text_config.eos_token_id;
     }
-    let px = (0..b * d.num_channels * d.image_size * d.image_size)
+    let px = (0..b
+        * d.vision_config.num_channels
+        * d.vision_config.image_size
+        * d.vision_config.image_size)
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
     (ids, px)
@@ -361,12 +364,12 @@ fn logit_scale_is_clamped_at_ln_100() {
 #[test]
 fn bad_sizes_and_inputs_are_refused_by_name() {
     let mut d = tiny_dims();
-    d.vision.heads = 5;
+    d.vision_config.num_attention_heads = 5;
     let (field, msg) = d.check("").unwrap_err();
     assert_eq!(field, "vision_config.hidden_size");
     assert!(msg.contains("num_attention_heads = 5"), "{msg}");
     let mut d = tiny_dims();
-    d.image_size = 10;
+    d.vision_config.image_size = 10;
     assert_eq!(d.check("").unwrap_err().0, "vision_config.image_size");
     let model = Clip::new(tiny_dims()).unwrap();
     let w = model.init_params(1, 1.0);
