@@ -614,3 +614,20 @@ fn clip_run_config_is_checked_by_field() {
         "{err}"
     );
 }
+
+/// Until CLIP's training lands, `trainer train` refuses a clip config with a message saying so,
+/// before writing anything into run.out_dir's checkpoints.
+#[test]
+fn train_refuses_a_clip_config_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("clip.yaml");
+    std::fs::write(&cfg, clip_config(&dir.path().join("run"), CLIP_MODEL)).unwrap();
+    let out = support::trainer_command()
+        .args(["train".as_ref(), "--config".as_ref(), cfg.as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("model.kind: clip does not train yet"), "{err}");
+    assert!(!dir.path().join("run/checkpoints").exists());
+}

@@ -69,6 +69,12 @@ pub fn open(
     world_size: usize,
     cursor: DataCursor,
 ) -> Result<Box<dyn Objective>> {
+    if cfg.model.clip().is_some() {
+        bail!(
+            "model.kind: clip does not train yet (issue 14): `trainer init-weights` and \
+             `trainer debug-state` accept it"
+        );
+    }
     Ok(match cfg.model.dvae() {
         Some(_) => Box::new(DvaeObjective::new(cfg, rank, world_size, cursor)?),
         None => Box::new(TransformerObjective::new(cfg, rank, world_size, cursor)?),
