@@ -631,3 +631,24 @@ fn train_refuses_a_clip_config_until_it_can() {
     assert!(err.contains("model.kind: clip does not train yet"), "{err}");
     assert!(!dir.path().join("run/checkpoints").exists());
 }
+
+/// `--set` reaches the fields of CLIP's nested tower sections, and names an unknown one.
+#[test]
+fn set_overrides_reach_the_tower_sections() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = clip_config(dir.path(), CLIP_MODEL);
+    let set = |s: &str| {
+        trainer::config::RunConfig::from_yaml_str_with_overrides(&text, "c.yaml", &[s.to_string()])
+    };
+    let cfg = set("model.text_config.hidden_size=16").unwrap();
+    assert_eq!(cfg.model.clip().unwrap().text_config.hidden_size, 16);
+    let err = set("model.text_config.hidden_size=9")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.text_config.hidden_size = 9"), "{err}");
+    let err = set("model.vision_config.width=9").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown field 'width' in 'model.vision_config'"),
+        "{err}"
+    );
+}
