@@ -206,7 +206,21 @@ impl<D: MatmulOps + MaskedSoftmaxOps, T: Elem> DenseAttention<D, T> {
         nh: usize,
         hs: usize,
     ) -> Result<DenseAttention<D, T>> {
-        let t = layout.seq_len();
+        Self::with_mask(dev, &mask_words(layout), layout.seq_len(), b, nh, hs)
+    }
+
+    /// Buffers for batch `b`, `nh` heads of size `hs`, over `t` positions with the mask given as
+    /// [`mask_words`] writes it (`[t, ceil(t/32)]` words): for masks that no [`BlockLayout`]
+    /// describes, such as the unmasked (bidirectional) attention of a vision encoder.
+    pub fn with_mask(
+        dev: &D,
+        mask: &[u32],
+        t: usize,
+        b: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<DenseAttention<D, T>> {
+        check_len("dense_attention", "mask", mask.len(), t * t.div_ceil(32))?;
         let n = b
             .checked_mul(nh)
             .and_then(|n| n.checked_mul(t))
@@ -220,7 +234,7 @@ impl<D: MatmulOps + MaskedSoftmaxOps, T: Elem> DenseAttention<D, T> {
             s: dev.zeros(n)?,
             p: dev.zeros(n)?,
             ds: dev.zeros(n)?,
-            mask: dev.upload(&mask_words(layout))?,
+            mask: dev.upload(mask)?,
             b,
             t,
             nh,

@@ -3,10 +3,14 @@
 //! compare against. The transformer: the three losses, the full logits and one gradient per
 //! parameter. The dVAE: encoder logits, decoder statistics (decoder applied to softmax(logits/τ),
 //! no Gumbel noise), the loss and its two terms, one gradient per parameter.
-//! Also `trainer init-weights`, which writes fresh weights for such a check.
+//! CLIP: the normalised text and image embeddings, `logits_per_image`, the InfoNCE loss, one
+//! gradient per parameter.
+//! Also `trainer init-weights`, which writes fresh weights for such a check (for CLIP, with the
+//! `config.json` of a Hugging Face directory beside them).
 
 use crate::checkpoint::{self, TensorEntry};
 use crate::config::RunConfig;
+use crate::model::clip::{Activations as ClipActivations, Clip, ClipDims};
 use crate::model::dvae::Dvae;
 use crate::model::transformer::{Activations, Transformer};
 use crate::params::ParamTable;
@@ -133,6 +137,8 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
     check_device(cfg)?;
     if cfg.model.dvae().is_some() {
         run_dvae(cfg, weights, batch, out)
+    } else if let Some(c) = cfg.model.clip() {
+        run_clip(*c, weights, batch, out)
     } else {
         run_transformer(cfg, weights, batch, out)
     }
@@ -180,6 +186,53 @@ fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result
         out = %out.display(),
         "debug state written"
     );
+    Ok(())
+}
+
+/// CLIP's check: batch keys `input_ids` [B, S] (S ≤ `max_position_embeddings`, each row
+/// holding the end token) and `pixel_values` [B, C, H, W] (already normalised); outputs
+/// `text_embeds`, `image_embeds` [B, D] (normalised), `logits_per_image` [B, B], `loss` [1] and
+/// `grad.<name>` (docs/model.md §4).
+fn run_clip(dims: ClipDims, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
+    let model = Clip::new(dims)?;
+    let (params, bytes) = load_inputs(model.table(), weights, batch)?;
+    let st = parse_batch(&bytes, batch)?;
+    let s = match st.tensor("input_ids").map(|t| t.shape().to_vec()) {
+        Ok(shape) if shape.len() == 2 => shape[1],
+        Ok(shape) => bail!(
+            "{}: tensor `input_ids` has shape {shape:?}, expected [B, S]",
+            batch.display()
+        ),
+        Err(_) => bail!("{}: no tensor `input_ids`", batch.display()),
+    };
+    let (b, ids) = read_ids(&st, batch, "input_ids", s)?;
+    let v = &dims.vision_config;
+    let (ch, r) = (v.num_channels, v.image_size);
+    let (_, pixels) = read_f32(&st, batch, "pixel_values", |sh| {
+        (sh.len() != 4 || sh[0] != b || sh[1] != ch || sh[2] != r || sh[3] != r).then(|| {
+            format!("[B = {b} (the rows of input_ids), {ch}, {r}, {r}] (model.vision_config)")
+        })
+    })?;
+    if b == 0 {
+        bail!("{}: the batch is empty", batch.display());
+    }
+    let mut acts = ClipActivations::new(&model, b, s)
+        .with_context(|| format!("{}: tensor `input_ids`", batch.display()))?;
+    let loss = model
+        .forward(&params, &mut acts, &ids, &pixels)
+        .with_context(|| format!("forward pass on {}", batch.display()))?;
+    let mut grads = vec![0.0f32; params.len()];
+    model.backward(&params, &mut grads, &mut acts)?;
+    let dp = dims.projection_dim;
+    let l = [loss];
+    let tensors = vec![
+        entry("text_embeds", vec![b, dp], &acts.text_embeds),
+        entry("image_embeds", vec![b, dp], &acts.image_embeds),
+        entry("logits_per_image", vec![b, b], &acts.logits_per_image),
+        entry("loss", vec![1], &l),
+    ];
+    write_state(out, tensors, model.table(), &grads)?;
+    tracing::info!(loss, out = %out.display(), "debug state written");
     Ok(())
 }
 
@@ -232,5 +285,19 @@ pub fn init_weights(cfg: &RunConfig, out: &Path) -> Result<()> {
     let (table, params) = crate::train::objectives::model_table(cfg, true)?;
     let params = params.expect("model_table(init = true) draws weights");
     checkpoint::write_tensors(out, &checkpoint::entries(&table, "", &params))?;
+    if let Some(c) = cfg.model.clip() {
+        // Beside the weights, the config.json that makes the directory a Hugging Face CLIP one.
+        let dir = out.parent().unwrap_or(Path::new("."));
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        crate::model::clip::hf::write_config(
+            &dir.join("config.json"),
+            c,
+            crate::model::clip::hf::DEFAULT_LOGIT_SCALE_INIT,
+        )?;
+    }
     Ok(())
 }

@@ -73,6 +73,14 @@ impl MemoryEstimate {
         let (params, acts) = match &cfg.model {
             ModelConfig::Transformer(m) => (transformer_params(m), transformer_acts(m, batch)),
             ModelConfig::Dvae(d) => dvae_sizes(d, batch),
+            // Parameters only, from the model's own table; CLIP's activations are not
+            // estimated yet (it does not train yet).
+            ModelConfig::Clip(c) => (
+                crate::model::clip::Clip::new(*c)
+                    .map(|m| m.table().numel() as u128)
+                    .unwrap_or(0),
+                0,
+            ),
         };
         let data = match &cfg.data {
             DataSource::Images(s) => match cfg.model.dvae() {

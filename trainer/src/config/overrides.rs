@@ -99,7 +99,22 @@ fn check_path(path: &[String]) -> Result<(), String> {
             ));
         }
         if path.len() > 2 {
-            return Err(format!("'{section}.{field}' has no sub-fields"));
+            // CLIP's nested tower sections (Hugging Face's text_config / vision_config).
+            let sub = match (section, field) {
+                ("model", "text_config") => fields_of::<crate::model::clip::TextConfig>(),
+                ("model", "vision_config") => fields_of::<crate::model::clip::VisionConfig>(),
+                _ => None,
+            };
+            let Some(sub) = sub.filter(|_| path.len() == 3) else {
+                return Err(format!("'{section}.{field}' has no sub-fields"));
+            };
+            if !sub.contains(&path[2].as_str()) {
+                return Err(format!(
+                    "unknown field '{}' in '{section}.{field}' (expected one of {})",
+                    path[2],
+                    sub.join(", ")
+                ));
+            }
         }
     }
     Ok(())

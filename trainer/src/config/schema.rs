@@ -96,7 +96,12 @@ pub enum ModelConfig {
     Transformer(TransformerConfig),
     /// The stage-1 discrete VAE (docs/model.md §2).
     Dvae(DvaeConfig),
+    /// The contrastive model (docs/model.md §3): Hugging Face's `CLIPConfig` fields.
+    Clip(ClipConfig),
 }
+
+/// Sizes of CLIP (docs/model.md §3), nested and named as in a Hugging Face `config.json`.
+pub type ClipConfig = crate::model::clip::ClipDims;
 
 /// The kinds of [`ModelConfig`], as written in `model.kind`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -107,6 +112,8 @@ pub enum ModelKind {
     Transformer,
     /// [`ModelConfig::Dvae`].
     Dvae,
+    /// [`ModelConfig::Clip`].
+    Clip,
 }
 
 impl fmt::Display for ModelKind {
@@ -114,6 +121,7 @@ impl fmt::Display for ModelKind {
         f.write_str(match self {
             ModelKind::Transformer => "transformer",
             ModelKind::Dvae => "dvae",
+            ModelKind::Clip => "clip",
         })
     }
 }
@@ -124,6 +132,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Transformer(_) => ModelKind::Transformer,
             ModelConfig::Dvae(_) => ModelKind::Dvae,
+            ModelConfig::Clip(_) => ModelKind::Clip,
         }
     }
 
@@ -131,7 +140,7 @@ impl ModelConfig {
     pub fn transformer(&self) -> Option<&TransformerConfig> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
-            ModelConfig::Dvae(_) => None,
+            ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
         }
     }
 
@@ -139,7 +148,7 @@ impl ModelConfig {
     pub fn transformer_mut(&mut self) -> Option<&mut TransformerConfig> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
-            ModelConfig::Dvae(_) => None,
+            ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
         }
     }
 
@@ -147,7 +156,15 @@ impl ModelConfig {
     pub fn dvae(&self) -> Option<&DvaeConfig> {
         match self {
             ModelConfig::Dvae(d) => Some(d),
-            ModelConfig::Transformer(_) => None,
+            ModelConfig::Transformer(_) | ModelConfig::Clip(_) => None,
+        }
+    }
+
+    /// CLIP's sizes, if this is one.
+    pub fn clip(&self) -> Option<&ClipConfig> {
+        match self {
+            ModelConfig::Clip(c) => Some(c),
+            ModelConfig::Transformer(_) | ModelConfig::Dvae(_) => None,
         }
     }
 }
@@ -202,6 +219,12 @@ struct ModelSection {
     vocab_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     n_init: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text_config: Option<crate::model::clip::TextConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vision_config: Option<crate::model::clip::VisionConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    projection_dim: Option<usize>,
 }
 
 impl TryFrom<ModelSection> for ModelConfig {
@@ -224,6 +247,9 @@ impl TryFrom<ModelSection> for ModelConfig {
                     ("n_blk_per_group", m.n_blk_per_group.is_some()),
                     ("vocab_size", m.vocab_size.is_some()),
                     ("n_init", m.n_init.is_some()),
+                    ("text_config", m.text_config.is_some()),
+                    ("vision_config", m.vision_config.is_some()),
+                    ("projection_dim", m.projection_dim.is_some()),
                 ])?;
                 Ok(ModelConfig::Transformer(TransformerConfig {
                     text_len: required("text_len", m.text_len)?,
@@ -246,6 +272,9 @@ impl TryFrom<ModelSection> for ModelConfig {
                     ("heads", m.heads.is_some()),
                     ("layers", m.layers.is_some()),
                     ("conv_kernel", m.conv_kernel.is_some()),
+                    ("text_config", m.text_config.is_some()),
+                    ("vision_config", m.vision_config.is_some()),
+                    ("projection_dim", m.projection_dim.is_some()),
                 ])?;
                 Ok(ModelConfig::Dvae(DvaeConfig {
                     resolution: required("resolution", m.resolution)?,
@@ -253,6 +282,31 @@ impl TryFrom<ModelSection> for ModelConfig {
                     n_blk_per_group: m.n_blk_per_group.unwrap_or(2),
                     vocab_size: required("vocab_size", m.vocab_size)?,
                     n_init: m.n_init.unwrap_or(128),
+                }))
+            }
+            ModelKind::Clip => {
+                refuse(&[
+                    ("text_len", m.text_len.is_some()),
+                    ("text_vocab", m.text_vocab.is_some()),
+                    ("grid", m.grid.is_some()),
+                    ("image_vocab", m.image_vocab.is_some()),
+                    ("d_model", m.d_model.is_some()),
+                    ("heads", m.heads.is_some()),
+                    ("layers", m.layers.is_some()),
+                    ("conv_kernel", m.conv_kernel.is_some()),
+                    ("resolution", m.resolution.is_some()),
+                    ("n_hid", m.n_hid.is_some()),
+                    ("n_blk_per_group", m.n_blk_per_group.is_some()),
+                    ("vocab_size", m.vocab_size.is_some()),
+                    ("n_init", m.n_init.is_some()),
+                ])?;
+                let missing = |name: &str| {
+                    format!("missing field `{name}` (required for model.kind: {kind})")
+                };
+                Ok(ModelConfig::Clip(ClipConfig {
+                    text_config: m.text_config.ok_or_else(|| missing("text_config"))?,
+                    vision_config: m.vision_config.ok_or_else(|| missing("vision_config"))?,
+                    projection_dim: required("projection_dim", m.projection_dim)?,
                 }))
             }
         }
@@ -276,6 +330,9 @@ impl From<ModelConfig> for ModelSection {
             n_blk_per_group: None,
             vocab_size: None,
             n_init: None,
+            text_config: None,
+            vision_config: None,
+            projection_dim: None,
         };
         match m {
             ModelConfig::Transformer(t) => ModelSection {
@@ -295,6 +352,12 @@ impl From<ModelConfig> for ModelSection {
                 n_blk_per_group: Some(d.n_blk_per_group),
                 vocab_size: Some(d.vocab_size),
                 n_init: Some(d.n_init),
+                ..empty
+            },
+            ModelConfig::Clip(c) => ModelSection {
+                text_config: Some(c.text_config),
+                vision_config: Some(c.vision_config),
+                projection_dim: Some(c.projection_dim),
                 ..empty
             },
         }

@@ -78,6 +78,25 @@ impl RunConfig {
                     }
                 }
             }
+            ModelConfig::Clip(c) => {
+                c.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
+                if self.relaxation.is_some() {
+                    return invalid(
+                        "relaxation",
+                        "the relaxation section applies to model.kind: dvae only".into(),
+                    );
+                }
+                if !matches!(self.data, DataSource::Images(_)) {
+                    return invalid(
+                        "data.source",
+                        format!(
+                            "model.kind: clip trains on image shards with captions: data.source \
+                             must be images, not {}",
+                            self.data.kind()
+                        ),
+                    );
+                }
+            }
             ModelConfig::Dvae(d) => {
                 if self.samples.is_some() {
                     return invalid(

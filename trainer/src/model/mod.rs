@@ -2,8 +2,10 @@
 //! struct, and explicit `forward` / `backward` passes that call the ops of the `kernels` crate.
 //!
 //! - [`transformer`]: the stage-2 sparse transformer of docs/model.md §1;
-//! - [`dvae`]: the stage-1 discrete VAE of docs/model.md §2.
+//! - [`dvae`]: the stage-1 discrete VAE of docs/model.md §2;
+//! - [`clip`]: the contrastive model of docs/model.md §3 (Hugging Face's `CLIPModel`).
 
+pub mod clip;
 pub mod dvae;
 pub mod init;
 pub mod mixed;

@@ -72,6 +72,12 @@ pub fn open(
     world_size: usize,
     cursor: DataCursor,
 ) -> Result<Box<dyn Objective>> {
+    if cfg.model.clip().is_some() {
+        bail!(
+            "model.kind: clip does not train yet (issue 14): `trainer init-weights` and \
+             `trainer debug-state` accept it"
+        );
+    }
     Ok(match cfg.model.dvae() {
         Some(_) => Box::new(DvaeObjective::new(cfg, rank, world_size, cursor)?),
         None => Box::new(TransformerObjective::new(cfg, rank, world_size, cursor)?),
@@ -82,6 +88,14 @@ pub fn open(
 /// (a resumed run skips drawing weights it is about to overwrite).
 pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Vec<f32>>)> {
     let seed = cfg.run.seed;
+    if let Some(c) = cfg.model.clip() {
+        let m = crate::model::clip::Clip::new(*c)?;
+        let logit_scale = crate::model::clip::hf::DEFAULT_LOGIT_SCALE_INIT;
+        return Ok((
+            m.table().clone(),
+            init.then(|| m.init_params(seed, logit_scale)),
+        ));
+    }
     Ok(match cfg.model.dvae() {
         Some(_) => {
             let m = Dvae::new(dvae_dims_of(cfg)?)?;
