@@ -80,6 +80,12 @@ impl RunConfig {
             }
             ModelConfig::Clip(c) => {
                 c.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
+                if self.samples.is_some() {
+                    return invalid(
+                        "samples",
+                        "the samples section applies to model.kind: transformer only".into(),
+                    );
+                }
                 if self.relaxation.is_some() {
                     return invalid(
                         "relaxation",
