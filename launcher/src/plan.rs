@@ -3,12 +3,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use dist::auth::{self, Secret};
+use dist::env::{check_run_id, format_host_port};
+use dist::Transport;
 use std::path::PathBuf;
 use std::process::Command;
 use trainer::config::{Device, RunConfig};
-use trainer::dist::auth::{self, Secret};
-use trainer::dist::env::{check_run_id, format_host_port};
-use trainer::dist::Transport;
 
 /// Launch a Tessera training run: one launcher per node, torchrun style.
 ///
@@ -451,7 +451,7 @@ impl Plan {
         let nccl = cfg.distributed.transport(cfg.run.device) == Transport::Nccl;
         let gpus = match cfg.run.device {
             Device::Cpu | Device::CudaEmu if !nccl => None,
-            _ => gpu_count(get, trainer::cuda_libs::device_count(), nccl)?,
+            _ => gpu_count(get, cuda_libs::device_count(), nccl)?,
         };
         let slots = hostfile.as_ref().and_then(|h| {
             let first = h[0].slots;

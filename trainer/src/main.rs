@@ -33,7 +33,7 @@ fn main() {
         )
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {}", trainer::report::error_chain(&e));
+        eprintln!("error: {}", formats::report::error_chain(&e));
         std::process::exit(1);
     }
 }
@@ -140,7 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CudaLibs { link_dir } => {
-            use trainer::cuda_libs::{self, Resolution};
+            use cuda_libs::{self, Resolution};
             let r = Resolution::from_env();
             print!("{}", r.report());
             println!("In this process (LD_LIBRARY_PATH and the system's search):");

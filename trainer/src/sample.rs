@@ -18,10 +18,10 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CONFIG_FILE};
 use crate::config::{DataSource, RunConfig};
-use crate::data::bpe::{encode_caption, BpeTokenizer};
 use crate::model::dvae::{resolve_weights, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
 use crate::model::transformer::Transformer;
+use formats::bpe::{encode_caption, BpeTokenizer};
 
 /// Pixels between pictures and around a grid.
 const GAP: u32 = 4;
@@ -192,7 +192,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         files,
     };
     let index = o.out.join("index.json");
-    crate::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
+    formats::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
     Ok(summary)
 }
 
@@ -235,7 +235,7 @@ fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
         image::ImageFormat::Png,
     )
     .context("encoding a PNG")?;
-    crate::fsutil::write_atomic(path, &bytes, false)?;
+    formats::fsutil::write_atomic(path, &bytes, false)?;
     Ok(())
 }
 

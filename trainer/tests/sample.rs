@@ -2,12 +2,12 @@
 //! weights and a tokenizer trained on the spot; pictures, grids and index.json come out,
 //! identical for a seed; bad paths are errors that name them.
 
+use formats::bpe::BpeTokenizer;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use trainer::checkpoint::{entries, write_tensors};
 use trainer::config::RunConfig;
-use trainer::data::bpe::BpeTokenizer;
 use trainer::model::dvae::{Dvae, DvaeDims};
 
 const WORDS: [&str; 8] = [

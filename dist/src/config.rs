@@ -1,11 +1,30 @@
 //! The `distributed:` section of a run config: timeouts of the rendezvous, the collectives and
 //! the supervision, the collectives transport, and the number of workers per node on CPU
-//! machines.
-//! Every field has a default, so single-process configs leave the section out.
+//! machines. Every field has a default, so single-process configs leave the section out.
+//!
+//! Also `run.device` ([`Device`], which picks the transport), and [`LaunchConfig`]: the part of
+//! a run config the launcher reads, without the models. The trainer's `RunConfig` holds the
+//! whole file and rejects unknown fields; the launcher has the trainer check the file first.
 
-use crate::config::Device;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+/// The device a run uses (`run.device`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// The CPU reference backend.
+    Cpu,
+    /// The CUDA backend; an error at start-up if no GPU or CUDA library is found.
+    Cuda,
+    /// The CUDA kernels on the CPU emulator (a test device: slow, for checking the device path
+    /// against the CPU where no GPU exists; docs/kernels.md).
+    #[serde(rename = "cuda-emu")]
+    CudaEmu,
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+}
 
 /// The `distributed:` section. Times are in seconds (fractions allowed).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -55,9 +74,9 @@ pub enum CollectivesKind {
 /// Not the compute backend: a run on the CPU may still use NCCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// The TCP ring between processes ([`crate::dist::ring::TcpRing`]).
+    /// The TCP ring between processes ([`crate::ring::TcpRing`]).
     Tcp,
-    /// NCCL through `cudarc` ([`crate::dist::nccl::NcclComm`]).
+    /// NCCL through `cudarc` ([`crate::nccl::NcclComm`]).
     Nccl,
 }
 
