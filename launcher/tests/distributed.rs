@@ -571,6 +571,35 @@ fn a_taken_master_port_and_configs_that_differ_are_clear_errors() {
     assert!(log1.contains("same --set overrides"), "{log1}");
 }
 
+/// The launcher has the trainer check the whole config (`trainer config`) before it starts
+/// anything, though it reads only `run` and `distributed` itself: a misspelt field of the model, a
+/// model the transformer cannot build, and a `--set` naming no field are refused with the
+/// trainer's message and the usage status, and no worker is started (no `logs/`).
+#[test]
+fn a_config_the_trainer_refuses_is_refused_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "layers", "4", "4\n  layer: 2");
+    let o = launch(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unknown field `layer`"), "{}", text(&o));
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "heads", "2", "3");
+    let o = launch(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("model.heads"), "{}", text(&o));
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    let o = launch(&cfg, &["--set", "optim.learning_rate=1e-3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--set optim.learning_rate=1e-3: unknown field 'learning_rate'"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("logs").exists());
+}
+
 /// Whether `pid` is gone (or a zombie nobody has reaped yet).
 fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -6,6 +6,7 @@
 //! trainer init-weights --config C --out W.safetensors
 //! trainer debug-state --config C --weights W.safetensors --batch B.safetensors --out O.safetensors
 //! trainer reconstruct --weights W --images SHARD.tis [--count N] [--out grid.png] [--ema]
+//! trainer config --config C [--set K=V]      # checks C, prints it resolved (the launcher's view)
 //! trainer cuda-libs [--link-dir DIR]
 //! ```
 
@@ -70,6 +71,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = RunConfig::load(&config, &set)?;
             trainer::debug_state::run(&cfg, &weights, &batch, &out)
+        }
+        Command::Config { config, set } => {
+            print!("{}", RunConfig::load(&config, &set)?.to_yaml());
+            Ok(())
         }
         Command::InitWeights { config, set, out } => {
             let cfg = RunConfig::load(&config, &set)?;
