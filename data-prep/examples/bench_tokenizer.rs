@@ -1,4 +1,4 @@
-//! Captions tokenized per second by the caption BPE (`trainer::data::bpe`).
+//! Captions tokenized per second by the caption BPE (`formats::bpe`).
 //!
 //!     cargo run --release -p data-prep --example bench_tokenizer [-- N_CAPTIONS VOCAB]
 //!
@@ -8,10 +8,10 @@
 //! Tessera's own merge loop at p = 0 (`encode_with_dropout`), and `encode_caption` with dropout
 //! 0.1 into 256 ids as the loader calls it. One JSON line per measurement.
 
+use formats::bpe::{encode_caption, BpeTokenizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
-use trainer::data::bpe::{encode_caption, BpeTokenizer};
 
 fn captions(n: usize) -> Vec<String> {
     const LETTERS: &[u8] = b"etaoinshrdlcumwfgypbvkjxqz";

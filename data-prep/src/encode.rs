@@ -28,16 +28,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use formats::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
+use formats::image_shard::{ImageShard, EXTENSION as IMAGE_EXTENSION};
+use formats::token_shard::{ShardLayout, TokenShard, TokenShardWriter, EXTENSION};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use trainer::config::RunConfig;
-use trainer::data::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
 use trainer::data::image_loader::hwc_to_chw;
-use trainer::data::image_shard::{ImageShard, EXTENSION as IMAGE_EXTENSION};
 use trainer::data::loader::{resolve_paths_with, LoaderError};
-use trainer::data::token_shard::{ShardLayout, TokenShard, TokenShardWriter, EXTENSION};
 use trainer::model::dvae::{image_resolution, Dvae, DvaeWeights};
 use xxhash_rust::xxh3::Xxh3;
 

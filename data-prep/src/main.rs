@@ -86,7 +86,7 @@ enum Cmd {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {}", trainer::report::error_chain(&e));
+        eprintln!("error: {}", formats::report::error_chain(&e));
         std::process::exit(1);
     }
 }

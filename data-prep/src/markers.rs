@@ -2,16 +2,16 @@
 //! of work (`ingest`, `synth-tokens`, `encode`) so that an interrupted run resumes.
 //!
 //! A done marker is `<shard>.done`: a small JSON file written through a temporary name, fsynced
-//! and renamed ([`trainer::fsutil::write_atomic`]) only after its shard is itself durable. A shard
+//! and renamed ([`formats::fsutil::write_atomic`]) only after its shard is itself durable. A shard
 //! without its marker is not done, whatever is on disk: a rerun rewrites it (shard writers also
 //! write `<shard>.tmp` and rename, so a shard under its final name is never partial).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use formats::fsutil::FsError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use trainer::fsutil::FsError;
 
 /// Reading or writing a done marker failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, MarkerError> 
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(trainer::fsutil::fs_err("read", path)(e).into()),
+        Err(e) => return Err(formats::fsutil::fs_err("read", path)(e).into()),
     };
     serde_json::from_slice(&bytes)
         .map(Some)
@@ -50,7 +50,7 @@ pub fn write<T: Serialize>(path: &Path, value: &T) -> Result<(), MarkerError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    trainer::fsutil::write_atomic(path, &json, true)?;
+    formats::fsutil::write_atomic(path, &json, true)?;
     Ok(())
 }
 
@@ -59,7 +59,7 @@ pub fn remove(path: &Path) -> Result<(), MarkerError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(trainer::fsutil::fs_err("remove stale marker", path)(e).into()),
+        Err(e) => Err(formats::fsutil::fs_err("remove stale marker", path)(e).into()),
     }
 }
 

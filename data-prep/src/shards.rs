@@ -2,11 +2,11 @@
 //! (`.tts` token shards and `.tis` image shards).
 
 use anyhow::{bail, Context, Result};
+use formats::image_shard::{self, ImageShard};
+use formats::token_shard::{self, TokenShard};
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use trainer::data::image_shard::{self, ImageShard};
-use trainer::data::token_shard::{self, TokenShard};
 
 /// The kinds of shard file `inspect` and `verify` know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

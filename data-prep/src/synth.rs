@@ -60,7 +60,7 @@ pub const SIZES: [(&str, f32); 3] = [("small", 0.09), ("medium", 0.14), ("large"
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
     #[error(transparent)]
-    Io(#[from] trainer::fsutil::FsError),
+    Io(#[from] formats::fsutil::FsError),
     #[error("cannot encode {path} as PNG: {source}")]
     Png {
         path: PathBuf,
@@ -76,7 +76,7 @@ pub enum SynthError {
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
-    let fs_err = trainer::fsutil::fs_err(action, path);
+    let fs_err = formats::fsutil::fs_err(action, path);
     move |source| SynthError::Io(fs_err(source))
 }
 
@@ -327,7 +327,7 @@ pub fn encode_png(pixels: &[u8], res: u32, path: &Path) -> Result<Vec<u8>, Synth
 
 /// Writes `bytes` to `path` through `<path>.tmp` and a rename (no partial file under the name).
 fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), SynthError> {
-    trainer::fsutil::write_atomic(path, bytes, sync).map_err(SynthError::Io)
+    formats::fsutil::write_atomic(path, bytes, sync).map_err(SynthError::Io)
 }
 
 /// What `synth` was asked for.

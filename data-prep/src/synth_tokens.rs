@@ -9,12 +9,12 @@
 //! directory whose markers describe other samples.
 
 use anyhow::{bail, Context, Result};
+use formats::token_shard::TokenShardWriter;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::Path;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
-use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 /// The generator's word list, in its id order: 4 sizes, 8 colours, 8 shapes, 4 relations.
 const WORDS: [&str; 24] = [
@@ -73,7 +73,7 @@ pub fn synth_tokens(
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let gen = SyntheticData::from_config(cfg)?;
     let m = cfg.transformer()?;
-    let layout = ShardLayout::from_model(m)?;
+    let layout = m.shard_layout()?;
     let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
     let mut summary = SynthSummary {
         written: 0,

@@ -1,4 +1,4 @@
-//! `data-prep tokenizer train|encode`: train the caption BPE (`trainer::data::bpe`) on caption
+//! `data-prep tokenizer train|encode`: train the caption BPE (`formats::bpe`) on caption
 //! files and save it as `tokenizer.json`, or print the ids a `tokenizer.json` gives some texts.
 //!
 //! Captions come from `.txt` files, one caption per file (a folder is walked for `*.txt`, e.g.
@@ -8,13 +8,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use formats::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use trainer::data::bpe::{encode_caption, BpeTokenizer, DEFAULT_VOCAB_SIZE};
 
 /// Files whose names are listed when captions are skipped.
 const NAMED_SKIPS: usize = 5;

@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::SystemTime;
 
+use formats::bpe::{encode_caption, BpeTokenizer};
+use formats::image_shard::{ImageShard, ImageShardWriter};
+use formats::token_shard::TokenShard;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::checkpoint::{entries, write_tensors};
 use trainer::config::RunConfig;
-use trainer::data::bpe::{encode_caption, BpeTokenizer};
 use trainer::data::image_loader::hwc_to_chw;
-use trainer::data::image_shard::{ImageShard, ImageShardWriter};
 use trainer::data::loader::ShardSet;
-use trainer::data::token_shard::{ShardLayout, TokenShard};
 use trainer::model::dvae::{Dvae, DvaeDims};
 
 const RES: usize = 64;
@@ -161,7 +161,7 @@ fn encode_writes_token_shards_of_the_dvae_codes_and_resumes() {
 
     // A stage-2 config with these sizes reads them.
     let cfg = RunConfig::load(&stage2_config(root, RES / 8), &[]).unwrap();
-    let layout = ShardLayout::from_model(cfg.transformer().unwrap()).unwrap();
+    let layout = cfg.transformer().unwrap().shard_layout().unwrap();
     let set = ShardSet::open(&files, &layout).unwrap();
     assert_eq!(set.len(), 10);
 

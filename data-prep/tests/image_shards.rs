@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use trainer::data::image_shard::{ImageShard, ImageShardError, ImageShardWriter, HEADER_LEN};
+use formats::image_shard::{ImageShard, ImageShardError, ImageShardWriter, HEADER_LEN};
 
 mod support;
 
@@ -228,7 +228,7 @@ fn captions_longer_than_the_field_limit_are_refused_by_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("long.tis");
     let mut w = ImageShardWriter::create(&path, RES, 8, 3).unwrap();
-    let long = "x".repeat(trainer::data::image_shard::MAX_FIELD_LEN as usize + 1);
+    let long = "x".repeat(formats::image_shard::MAX_FIELD_LEN as usize + 1);
     let e = w.push(&pixels(0), &long, None).unwrap_err().to_string();
     assert!(e.contains("record 0") && e.contains("caption"), "{e}");
     w.push(&pixels(0), "fits", Some(&long[1..])).unwrap();

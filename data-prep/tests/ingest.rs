@@ -6,7 +6,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use trainer::data::image_shard::ImageShard;
+use formats::image_shard::ImageShard;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_data-prep"))

@@ -141,7 +141,7 @@ fn synth_tokens_then_inspect_and_verify() {
 
 /// Two records of a small layout, the second with text ids `second` and caption `caption`.
 fn write_two(path: &Path, second: [u32; 4], caption: &str) -> std::path::PathBuf {
-    use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
+    use formats::token_shard::{ShardLayout, TokenShardWriter};
     let layout = ShardLayout {
         text_len: 4,
         text_vocab: 10,

@@ -117,7 +117,7 @@ fn python_tokenizers_encode_like_rust() {
         "--out",
         tok.to_str().unwrap(),
     ]));
-    let loaded = trainer::data::bpe::BpeTokenizer::load(&tok).unwrap();
+    let loaded = formats::bpe::BpeTokenizer::load(&tok).unwrap();
     assert_eq!(loaded.vocab_size(), 300);
 
     let ids = encode_cli(&tok, &caps);

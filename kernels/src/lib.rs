@@ -8,7 +8,8 @@
 //! every device to the reference. Every function checks its preconditions and returns
 //! [`KernelError`] instead of panicking.
 //!
-//! [`cuda_libs`] finds the CUDA libraries (driver, NCCL, NVRTC, cuBLAS) where users have them.
+//! The `cuda-libs` crate finds the CUDA libraries (driver, NCCL, NVRTC, cuBLAS) where users have
+//! them; [`gpu`] loads them through it.
 //!
 //! Dimension letters, used throughout: `B` batch, `T` sequence, `C` channels (`d_model`), `OC`
 //! output channels, `H` heads, `HS` head size, `V` vocabulary.
@@ -21,7 +22,6 @@ pub mod attention;
 pub mod cast;
 pub mod conv2d;
 pub mod cross_entropy;
-pub mod cuda_libs;
 pub mod dense_attention;
 pub mod device;
 pub mod dvae;

@@ -1,12 +1,12 @@
 //! The CUDA libraries of GPU workers: before starting workers that use NCCL, the launcher finds
-//! NCCL and the CUDA driver ([`trainer::cuda_libs`]), makes them loadable under the names
+//! NCCL and the CUDA driver ([`cuda_libs`]), makes them loadable under the names
 //! `cudarc` tries, and gives the workers the `LD_LIBRARY_PATH` that does it. A library that
 //! neither loads in the launcher nor is found stops the run before any worker starts.
 
 use anyhow::{Context, Result};
+use cuda_libs::{self, Resolution};
+use dist::Transport;
 use std::path::PathBuf;
-use trainer::cuda_libs::{self, Resolution};
-use trainer::dist::Transport;
 
 use crate::plan::Plan;
 

@@ -1,7 +1,7 @@
 //! Tessera's launcher: starts and supervises the training workers of one node, torchrun style.
 //!
 //! - [`plan`]: the command line, SLURM's variables and the run config, resolved into a [`plan::Plan`];
-//! - [`store`]: the rendezvous store that node 0's launcher hosts (tokio TCP server);
+//! - the rendezvous store that node 0's launcher hosts is [`dist::store`] (tokio TCP server);
 //! - [`supervise`]: workers, log files, and the gang's stops and restarts; the exit statuses;
 //! - [`remote`]: with `--hostfile`, the other nodes' launchers started over ssh;
 //! - [`cuda`]: the CUDA and NCCL libraries of GPU workers.
@@ -18,5 +18,4 @@
 pub mod cuda;
 pub mod plan;
 pub mod remote;
-pub mod store;
 pub mod supervise;

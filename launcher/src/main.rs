@@ -11,7 +11,7 @@ fn main() {
     let plan = match Plan::resolve(args, &|k| std::env::var(k).ok()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {}", trainer::report::error_chain(&e));
+            eprintln!("error: {}", formats::report::error_chain(&e));
             std::process::exit(exit::USAGE);
         }
     };

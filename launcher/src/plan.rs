@@ -1,14 +1,19 @@
 //! The launcher's command line in two stages: [`Args`] as clap parses it, then [`Plan`], with
 //! SLURM's variables, the run config and the defaults resolved and checked.
+//!
+//! The run config is checked by the trainer binary the workers run (`trainer config`, which
+//! applies the `--set` overrides and prints the resolved config); the launcher reads its own
+//! sections from that text ([`LaunchConfig`]) and does not build the models.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use std::path::PathBuf;
+use dist::auth::{self, Secret};
+use dist::config::LaunchConfig;
+use dist::env::{check_run_id, format_host_port};
+use dist::Device;
+use dist::Transport;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use trainer::config::{Device, RunConfig};
-use trainer::dist::auth::{self, Secret};
-use trainer::dist::env::{check_run_id, format_host_port};
-use trainer::dist::Transport;
 
 /// Launch a Tessera training run: one launcher per node, torchrun style.
 ///
@@ -172,7 +177,8 @@ pub fn parse_hostfile(text: &str, name: &str) -> Result<Vec<HostSlots>> {
 pub struct Plan {
     pub config_path: PathBuf,
     pub overrides: Vec<String>,
-    pub cfg: RunConfig,
+    /// The launcher's sections of the resolved config.
+    pub cfg: LaunchConfig,
     pub nodes: usize,
     pub node_rank: usize,
     pub procs_per_node: usize,
@@ -186,6 +192,41 @@ pub struct Plan {
     pub remote_hosts: Vec<String>,
     /// The run's secret (its `Debug` does not show it).
     pub secret: Secret,
+}
+
+/// Has `trainer config` check the run config (the file, then each `--set` override, exactly as
+/// a worker will) and reads the launcher's sections from the resolved text it prints. A config
+/// the trainer refuses is an error with the trainer's own message.
+fn resolve_config(trainer: &Path, config: &Path, overrides: &[String]) -> Result<LaunchConfig> {
+    let mut cmd = Command::new(trainer);
+    cmd.arg("config").arg("--config").arg(config);
+    for o in overrides {
+        cmd.arg("--set").arg(o);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {} config", trainer.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match stderr.lines().rev().find_map(|l| l.strip_prefix("error: ")) {
+            Some(message) => bail!("{message}"),
+            None => bail!(
+                "{} config --config {} failed ({}): {}",
+                trainer.display(),
+                config.display(),
+                out.status,
+                stderr.trim()
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    LaunchConfig::from_resolved_yaml(&text).with_context(|| {
+        format!(
+            "reading the launcher's sections of {} as {} resolved it",
+            config.display(),
+            trainer.display()
+        )
+    })
 }
 
 /// What SLURM tells a task about its allocation.
@@ -371,7 +412,20 @@ fn gpu_count(
 impl Plan {
     /// Resolves `args` against the environment (`get`) and the config file.
     pub fn resolve(args: Args, get: &dyn Fn(&str) -> Option<String>) -> Result<Plan> {
-        let cfg = RunConfig::load(&args.config, &args.set)?;
+        let trainer = match get("TESSERA_TRAINER") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()
+                .context("locating the launcher binary")?
+                .with_file_name(format!("trainer{}", std::env::consts::EXE_SUFFIX)),
+        };
+        if !trainer.exists() {
+            bail!(
+                "cannot find the trainer binary at {} (build it with `cargo build --release -p \
+                 trainer`, or set TESSERA_TRAINER)",
+                trainer.display()
+            );
+        }
+        let cfg = resolve_config(&trainer, &args.config, &args.set)?;
         let hostfile = match &args.hostfile {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -451,7 +505,7 @@ impl Plan {
         let nccl = cfg.distributed.transport(cfg.run.device) == Transport::Nccl;
         let gpus = match cfg.run.device {
             Device::Cpu | Device::CudaEmu if !nccl => None,
-            _ => gpu_count(get, trainer::cuda_libs::device_count(), nccl)?,
+            _ => gpu_count(get, cuda_libs::device_count(), nccl)?,
         };
         let slots = hostfile.as_ref().and_then(|h| {
             let first = h[0].slots;
@@ -499,19 +553,6 @@ impl Plan {
                     get("CUDA_VISIBLE_DEVICES").unwrap_or_else(|| "<unset>".into())
                 );
             }
-        }
-        let trainer = match get("TESSERA_TRAINER") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe()
-                .context("locating the launcher binary")?
-                .with_file_name(format!("trainer{}", std::env::consts::EXE_SUFFIX)),
-        };
-        if !trainer.exists() {
-            bail!(
-                "cannot find the trainer binary at {} (build it with `cargo build --release -p \
-                 trainer`, or set TESSERA_TRAINER)",
-                trainer.display()
-            );
         }
         let secret = if args.store_secret_stdin {
             let mut line = String::new();

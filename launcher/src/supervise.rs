@@ -14,8 +14,11 @@
 //! and asks for SIGTERM when its launcher dies (`PR_SET_PDEATHSIG`).
 
 use crate::plan::Plan;
-use crate::store::{StoreParams, StoreServer};
 use anyhow::Result;
+use dist::auth::{self, Credentials};
+use dist::client::{StoreClient, StoreError};
+use dist::protocol::{GangView, NodeEvent, Phase};
+use dist::store::{StoreParams, StoreServer};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -25,9 +28,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use trainer::dist::auth::{self, Credentials};
-use trainer::dist::client::{StoreClient, StoreError};
-use trainer::dist::protocol::{GangView, NodeEvent, Phase};
 
 /// The launcher's exit statuses (also in `launcher --help` and docs/cluster.md).
 pub mod exit {
@@ -89,7 +89,7 @@ pub fn run(plan: &Plan) -> Outcome {
         Ok(o) => o,
         Err(e) => Outcome {
             code: exit::USAGE,
-            message: trainer::report::error_chain(&e),
+            message: formats::report::error_chain(&e),
         },
     }
 }
@@ -108,7 +108,7 @@ fn supervise(plan: &Plan) -> Result<Outcome> {
     // directory is refused here, before anything starts, instead of failing as a worker would
     // and using up the restarts.
     let _run_lock = match node {
-        0 => match trainer::run_lock::RunLock::acquire(&plan.cfg.run.out_dir) {
+        0 => match dist::run_lock::RunLock::acquire(&plan.cfg.run.out_dir) {
             Ok(lock) => Some(lock),
             Err(e) => {
                 return Ok(Outcome {
@@ -564,10 +564,7 @@ impl Spawner<'_> {
             .env("TESSERA_RUN_ID", &plan.run_id)
             .env("TESSERA_RESTART_COUNT", generation.to_string())
             .env("TESSERA_LAUNCHER_PID", std::process::id().to_string())
-            .env(
-                trainer::run_lock::HELD_ENV,
-                if node == 0 { "1" } else { "0" },
-            )
+            .env(dist::run_lock::HELD_ENV, if node == 0 { "1" } else { "0" })
             // The secret travels in the file only, never in a worker's environment.
             .env_remove(auth::SECRET_ENV)
             .env(auth::SECRET_FILE_ENV, self.secret_file)

@@ -571,6 +571,35 @@ fn a_taken_master_port_and_configs_that_differ_are_clear_errors() {
     assert!(log1.contains("same --set overrides"), "{log1}");
 }
 
+/// The launcher has the trainer check the whole config (`trainer config`) before it starts
+/// anything, though it reads only `run` and `distributed` itself: a misspelt field of the model, a
+/// model the transformer cannot build, and a `--set` naming no field are refused with the
+/// trainer's message and the usage status, and no worker is started (no `logs/`).
+#[test]
+fn a_config_the_trainer_refuses_is_refused_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "layers", "4", "4\n  layer: 2");
+    let o = launch(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unknown field `layer`"), "{}", text(&o));
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    set_in_config(&cfg, "heads", "2", "3");
+    let o = launch(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("model.heads"), "{}", text(&o));
+    let cfg = write_config(tmp.path(), &out, 5, 4, 0);
+    let o = launch(&cfg, &["--set", "optim.learning_rate=1e-3"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--set optim.learning_rate=1e-3: unknown field 'learning_rate'"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("logs").exists());
+}
+
 /// Whether `pid` is gone (or a zombie nobody has reaped yet).
 fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -681,7 +710,7 @@ fn powersgd_across_processes_saves_bytes_and_survives_a_restart() {
 /// `launcher` with the environment of the host's CUDA setup removed.
 fn launcher_without_cuda_env(config: &Path, args: &[&str]) -> Command {
     let mut cmd = launcher_cmd(config, args);
-    for var in trainer::cuda_libs::SEARCH_VARS {
+    for var in cuda_libs::SEARCH_VARS {
         cmd.env_remove(var);
     }
     cmd.env("TESSERA_PYTHON", "/nonexistent/python3");
@@ -689,15 +718,15 @@ fn launcher_without_cuda_env(config: &Path, args: &[&str]) -> Command {
 }
 
 /// True when `lib` loads in this process or the library search finds it with `resolution`.
-fn usable(lib: &trainer::cuda_libs::Library, resolution: &trainer::cuda_libs::Resolution) -> bool {
-    trainer::cuda_libs::loadable(lib) || resolution.get(lib).is_some()
+fn usable(lib: &cuda_libs::Library, resolution: &cuda_libs::Resolution) -> bool {
+    cuda_libs::loadable(lib) || resolution.get(lib).is_some()
 }
 
 /// NCCL collectives on a machine where NCCL or the CUDA driver does not load: the launcher
 /// refuses before starting a worker, naming the library and the variable to set.
 #[test]
 fn nccl_without_its_libraries_stops_the_run_before_any_worker_starts() {
-    use trainer::cuda_libs::{Resolution, DRIVER, NCCL};
+    use cuda_libs::{Resolution, DRIVER, NCCL};
     // What the launcher below finds: the system's directories only.
     let system = Resolution::find(&|_| None, &[]);
     if usable(&DRIVER, &system) && usable(&NCCL, &system) {
@@ -733,7 +762,7 @@ fn skip_without_gpu(reason: &str) {
 
 /// The GPUs of this machine when NCCL is usable too; `None` (after saying why) otherwise.
 fn gpus_with_nccl() -> Option<usize> {
-    use trainer::cuda_libs::{device_count, Resolution, NCCL};
+    use cuda_libs::{device_count, Resolution, NCCL};
     let gpus = device_count().unwrap_or(0);
     // NCCL from a wheel does not load in this process, but the launcher finds it for workers.
     let nccl = usable(&NCCL, &Resolution::from_env());
@@ -930,9 +959,9 @@ fn environ_of(pid: i32, var: &str) -> Option<String> {
 /// worker environment and no log.
 #[test]
 fn an_outsider_with_the_run_id_but_not_the_secret_cannot_touch_the_run() {
-    use trainer::dist::auth::{Credentials, Secret};
-    use trainer::dist::client::{Registration, StoreClient};
-    use trainer::dist::protocol::{NodeEvent, RefusalKind};
+    use dist::auth::{Credentials, Secret};
+    use dist::client::{Registration, StoreClient};
+    use dist::protocol::{NodeEvent, RefusalKind};
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &out, 200, 4, 100);
@@ -1141,8 +1170,8 @@ fn sigterm_while_starting_many_workers_stops_them_all() {
 /// exits at once with 143 on SIGTERM.
 #[test]
 fn a_worker_waiting_in_the_rendezvous_exits_on_sigterm() {
-    use launcher::store::{StoreParams, StoreServer};
-    use trainer::dist::auth::Secret;
+    use dist::auth::Secret;
+    use dist::store::{StoreParams, StoreServer};
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let cfg = write_config(tmp.path(), &out, 5, 4, 0);
@@ -1307,7 +1336,7 @@ fn a_run_directory_in_use_is_refused_before_any_worker_starts_and_the_launchers_
     // The trainer is built first, so that no build runs while this process holds the lock.
     trainer();
     // Another run (this test process) holds the directory.
-    let held = trainer::run_lock::RunLock::acquire(&out).unwrap();
+    let held = dist::run_lock::RunLock::acquire(&out).unwrap();
     let started = Instant::now();
     let o = launch(&config, &["--procs-per-node", "2", "--max-restarts", "3"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));

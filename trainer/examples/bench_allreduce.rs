@@ -1,4 +1,4 @@
-//! Bandwidth of the CPU ring all-reduce ([`trainer::dist::ring::TcpRing`]) between W ranks on
+//! Bandwidth of the CPU ring all-reduce ([`dist::ring::TcpRing`]) between W ranks on
 //! this machine: one thread per rank, loopback TCP, the same code path as worker processes.
 //! Prints one JSON line per (world size, buffer size):
 //!
@@ -10,9 +10,9 @@
 //! cargo run --release -p trainer --example bench_allreduce [-- --worlds 2,4 --sizes-kib 4,256,4096,65536]
 //! ```
 
+use dist::collectives::Collectives;
+use dist::ring::with_local_rings;
 use std::time::{Duration, Instant};
-use trainer::collectives::Collectives;
-use trainer::dist::ring::with_local_rings;
 
 fn list(args: &[String], flag: &str, default: &[usize]) -> Vec<usize> {
     args.iter()

@@ -36,14 +36,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
+use formats::image_shard::{ImageShardWriter, DEFAULT_LEVEL};
+use formats::token_shard::{ShardLayout, TokenShardWriter};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer::data::image_loader::{hwc_to_chw, ImageLoader, ImageReader, ImageShardSet};
-use trainer::data::image_shard::{ImageShardWriter, DEFAULT_LEVEL};
 use trainer::data::loader::{
     epoch_permutation, BatchReader, Cursor, Loader, LoaderOptions, ShardSet,
 };
-use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 const LAYOUT: ShardLayout = ShardLayout {
     text_len: 256,

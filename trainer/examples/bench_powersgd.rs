@@ -11,9 +11,9 @@
 //! payload bytes one step all-reduces with and without compression.
 
 use anyhow::{Context, Result};
+use dist::collectives::SingleProcess;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trainer::collectives::SingleProcess;
 use trainer::model::transformer::{Transformer, TransformerDims};
 use trainer::powersgd::{PowerSgd, PowerSgdConfig};
 

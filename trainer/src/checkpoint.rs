@@ -77,7 +77,7 @@ const TMP_PREFIX: &str = ".tmp-";
 pub enum CheckpointError {
     /// A file-system operation failed.
     #[error(transparent)]
-    Io(#[from] crate::fsutil::FsError),
+    Io(#[from] formats::fsutil::FsError),
     /// The checkpoint directory for this step exists already; nothing was written.
     #[error("checkpoint {path} already exists; refusing to overwrite it")]
     Exists { path: PathBuf },
@@ -392,7 +392,7 @@ pub fn save(
     }
     if let Err(e) = fs::rename(&tmp, &final_dir) {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(CheckpointError::Io(crate::fsutil::FsError {
+        return Err(CheckpointError::Io(formats::fsutil::FsError {
             action: "rename checkpoint into place at",
             path: final_dir,
             source: e,
@@ -690,7 +690,7 @@ fn remove_stale_tmp(root: &Path) -> Result<(), CheckpointError> {
         Ok(read) => read,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => {
-            return Err(CheckpointError::Io(crate::fsutil::FsError {
+            return Err(CheckpointError::Io(formats::fsutil::FsError {
                 action: "list",
                 path: root.to_path_buf(),
                 source: e,
@@ -740,7 +740,7 @@ pub struct CheckpointDir {
 /// manifest (refusing one that is not valid; a checkpoint without one opens unverified).
 pub fn load_checked(dir: &Path) -> Result<CheckpointDir, CheckpointError> {
     if !dir.is_dir() {
-        return Err(CheckpointError::Io(crate::fsutil::FsError {
+        return Err(CheckpointError::Io(formats::fsutil::FsError {
             action: "open checkpoint directory",
             path: dir.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
@@ -1022,7 +1022,7 @@ pub fn load_weights(
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
-    let fs_err = crate::fsutil::fs_err(action, path);
+    let fs_err = formats::fsutil::fs_err(action, path);
     move |source| CheckpointError::Io(fs_err(source))
 }
 
@@ -1034,7 +1034,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Fsyncs a directory, so that the entries created or renamed in it are durable.
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    crate::fsutil::sync_dir(dir).map_err(CheckpointError::Io)
+    formats::fsutil::sync_dir(dir).map_err(CheckpointError::Io)
 }
 
 #[cfg(test)]

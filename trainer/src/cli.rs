@@ -157,6 +157,16 @@ pub enum Command {
         #[arg(long, default_value_t = 800)]
         height: u32,
     },
+    /// Checks a run config and prints it resolved (every field, defaults filled in, the --set
+    /// overrides applied): what the launcher reads its sections from.
+    Config {
+        /// The run config (YAML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Override a config field, e.g. --set optim.lr=1e-3 (repeatable, applied in order).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Shows where the CUDA libraries a GPU run loads (driver, NCCL, NVRTC, cuBLAS) are found
     /// and whether this process can load them; with --link-dir, makes them loadable and prints
     /// the LD_LIBRARY_PATH to start workers with (what `launcher` does by itself).
@@ -174,7 +184,8 @@ impl Command {
         match self {
             Command::Train { config, set, .. }
             | Command::DebugState { config, set, .. }
-            | Command::InitWeights { config, set, .. } => Some((config, set)),
+            | Command::InitWeights { config, set, .. }
+            | Command::Config { config, set } => Some((config, set)),
             Command::Reconstruct { .. }
             | Command::Sample { .. }
             | Command::Plot { .. }

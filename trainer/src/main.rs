@@ -6,6 +6,7 @@
 //! trainer init-weights --config C --out W.safetensors
 //! trainer debug-state --config C --weights W.safetensors --batch B.safetensors --out O.safetensors
 //! trainer reconstruct --weights W --images SHARD.tis [--count N] [--out grid.png] [--ema]
+//! trainer config --config C [--set K=V]      # checks C, prints it resolved (the launcher's view)
 //! trainer cuda-libs [--link-dir DIR]
 //! ```
 
@@ -33,7 +34,7 @@ fn main() {
         )
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {}", trainer::report::error_chain(&e));
+        eprintln!("error: {}", formats::report::error_chain(&e));
         std::process::exit(1);
     }
 }
@@ -70,6 +71,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = RunConfig::load(&config, &set)?;
             trainer::debug_state::run(&cfg, &weights, &batch, &out)
+        }
+        Command::Config { config, set } => {
+            print!("{}", RunConfig::load(&config, &set)?.to_yaml());
+            Ok(())
         }
         Command::InitWeights { config, set, out } => {
             let cfg = RunConfig::load(&config, &set)?;
@@ -151,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CudaLibs { link_dir } => {
-            use trainer::cuda_libs::{self, Resolution};
+            use cuda_libs::{self, Resolution};
             let r = Resolution::from_env();
             print!("{}", r.report());
             println!("In this process (LD_LIBRARY_PATH and the system's search):");

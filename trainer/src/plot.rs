@@ -93,7 +93,7 @@ pub fn plot(run_dir: &Path, out: &Path, width: u32, height: u32) -> Result<()> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .context("encoding the plot")?;
-    crate::fsutil::write_atomic(out, &png, false)
+    formats::fsutil::write_atomic(out, &png, false)
         .with_context(|| format!("writing {}", out.display()))
 }
 

@@ -37,8 +37,8 @@ pub use orth::orthonormalize;
 pub use thread_group::ThreadGroup;
 
 use crate::checkpoint::{self, CheckpointError, TensorEntry};
-use crate::collectives::{CollectiveError, Collectives};
 use crate::params::{ParamKind, ParamSpec, ParamTable};
+use dist::collectives::{CollectiveError, Collectives};
 use kernels::linear::{matmul, MatRef};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

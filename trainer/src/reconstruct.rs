@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use crate::data::image_loader::hwc_to_chw;
-use crate::data::image_shard::{ImageShard, EXTENSION};
 use crate::data::loader::resolve_paths_with;
 use crate::model::dvae::{image_resolution, DvaeWeights};
+use formats::image_shard::{ImageShard, EXTENSION};
 
 /// Pixels between an original and its reconstruction.
 const PAIR_GAP: u32 = 2;
@@ -121,7 +121,7 @@ pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
     codes.dedup();
 
     let png = grid_png(&originals, &recon, n, res)?;
-    crate::fsutil::write_atomic(&o.out, &png, false)?;
+    formats::fsutil::write_atomic(&o.out, &png, false)?;
     Ok(ReconstructSummary {
         images: n,
         resolution: res,

@@ -21,10 +21,10 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CONFIG_FILE};
 use crate::config::{DataSource, RunConfig, SamplesConfig};
-use crate::data::bpe::{encode_caption, BpeTokenizer};
 use crate::model::dvae::{resolve_weights, Dvae, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
 use crate::model::transformer::{Transformer, TransformerDims};
+use formats::bpe::{encode_caption, BpeTokenizer};
 
 /// Pixels between pictures and around a grid.
 const GAP: u32 = 4;
@@ -158,7 +158,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         files,
     };
     let index = o.out.join("index.json");
-    crate::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
+    formats::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
     Ok(summary)
 }
 
@@ -315,7 +315,7 @@ impl TrainingSamples {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let path = self.dir.join(format!("step_{step:08}.png"));
-        crate::fsutil::write_atomic(&path, &png, false)?;
+        formats::fsutil::write_atomic(&path, &png, false)?;
         if let Some(ev) = events {
             ev.image(step, "samples", png, img.width(), img.height())?;
         }
@@ -377,7 +377,7 @@ pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
 }
 
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    crate::fsutil::write_atomic(path, &png_bytes(img)?, false)?;
+    formats::fsutil::write_atomic(path, &png_bytes(img)?, false)?;
     Ok(())
 }
 

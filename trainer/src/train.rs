@@ -20,9 +20,9 @@ use crate::params::ParamTable;
 use crate::powersgd::{
     CompressionKind, PowerSgd, PowerSgdSnapshot, CHECKPOINT_FILE as POWERSGD_FILE,
 };
-use crate::run_lock::RunLock;
 use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
+use dist::run_lock::RunLock;
 use kernels::adamw::ema_update;
 use kernels::gradscale::{GradScaler, StepOutcome};
 use serde::{Deserialize, Serialize};
@@ -300,13 +300,13 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::fsutil::write_atomic(path, kept.as_bytes(), true)
+    formats::fsutil::write_atomic(path, kept.as_bytes(), true)
         .with_context(|| format!("rewriting {}", path.display()))
 }
 
 /// Runs `trainer train`. With `resume`, continues from the newest checkpoint in `run.out_dir`
 /// that verifies, when there is one ([`resume`]: damaged ones are set aside). Rank 0
-/// holds `run.out_dir`'s lock ([`crate::run_lock`]) while it runs.
+/// holds `run.out_dir`'s lock ([`dist::run_lock`]) while it runs.
 pub fn run(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     run_until(cfg, resume, &AtomicBool::new(false))
 }
@@ -320,8 +320,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let out = &cfg.run.out_dir;
     // One run per directory: rank 0 holds the lock until this process ends, before it reads or
     // renames a checkpoint.
-    let rank = crate::dist::env::WorkerEnv::from_env()?.map(|e| e.rank);
-    let _lock = if crate::run_lock::this_process_locks(rank) {
+    let rank = dist::env::WorkerEnv::from_env()?.map(|e| e.rank);
+    let _lock = if dist::run_lock::this_process_locks(rank) {
         Some(RunLock::acquire(out)?)
     } else {
         None
@@ -330,7 +330,11 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     let (table, _) = objectives::model_table(cfg, false)?;
     // Multi-process runs (torchrun's variables set): rendezvous, heartbeats, ring collectives.
     // Only rank 0 writes the run directory (config, metrics, checkpoints).
-    let mut comm = crate::dist::connect(cfg)?;
+    let mut comm = dist::connect(&dist::RunInfo {
+        distributed: cfg.distributed.clone(),
+        device: cfg.run.device,
+        config_hash: cfg.hash(),
+    })?;
     let rank0 = comm.rank() == 0;
     fs::create_dir_all(out).with_context(|| format!("creating run directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
@@ -355,12 +359,12 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     };
     // Every rank resumed from the same checkpoint (a run directory not shared between nodes
     // would break this).
-    crate::dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
+    dist::same_on_every_rank(&mut *comm, "the step resumed from", rs.state.step)?;
     // Only now, with the run accepted, does anything in the run directory change.
     let mut metrics_file = None;
     let mut events = None;
     if rank0 {
-        crate::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
+        formats::fsutil::write_atomic(&out.join("config.yaml"), cfg.to_yaml().as_bytes(), false)?;
         if resumed_from.is_none() {
             fs::write(&metrics_path, "")
                 .with_context(|| format!("creating {}", metrics_path.display()))?;
@@ -477,7 +481,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
         // The global batch's loss terms: the plateau schedule reads the loss, so every rank must
         // see the same.
-        crate::dist::mean_over_ranks(&mut *comm, &mut terms)?;
+        dist::mean_over_ranks(&mut *comm, &mut terms)?;
         let loss = terms.first().map(|t| t.1).unwrap_or(f64::NAN);
         // Data-parallel seam: average the gradients of every rank, plainly or through PowerSGD
         // (whose non-finite steps come back as NaN, so that AdamW skips them).
@@ -620,7 +624,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         last = Some(m);
         let every = cfg.checkpoint.every;
         // A stop request that reached any rank stops every rank after this same update.
-        let stopping = crate::dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
+        let stopping = dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
             // The snapshot is collective (the mean error over ranks): every rank takes it.
             let snap = powersgd

@@ -18,10 +18,7 @@ mod support;
 fn trainer() -> Command {
     let mut cmd = support::trainer_command();
     // Nothing of the host's own CUDA setup may leak in.
-    for var in trainer::cuda_libs::SEARCH_VARS
-        .iter()
-        .chain(&["RANK", "WORLD_SIZE"])
-    {
+    for var in cuda_libs::SEARCH_VARS.iter().chain(&["RANK", "WORLD_SIZE"]) {
         cmd.env_remove(var);
     }
     cmd.env("TESSERA_PYTHON", "/nonexistent/python3");
@@ -38,7 +35,7 @@ fn text(o: &Output) -> String {
 }
 
 fn real_nccl_present() -> bool {
-    let present = trainer::cuda_libs::loadable(&trainer::cuda_libs::NCCL);
+    let present = cuda_libs::loadable(&cuda_libs::NCCL);
     if present {
         eprintln!("skipped: a real NCCL loads on this machine; the stand-in cannot be told apart");
     }
@@ -157,7 +154,7 @@ fn write_config(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_worker_asked_for_nccl_without_the_libraries_names_what_is_missing() {
-    if real_nccl_present() || trainer::cuda_libs::loadable(&trainer::cuda_libs::DRIVER) {
+    if real_nccl_present() || cuda_libs::loadable(&cuda_libs::DRIVER) {
         eprintln!("skipped: the CUDA libraries load on this machine");
         return;
     }

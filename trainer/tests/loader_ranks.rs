@@ -1,10 +1,10 @@
 //! Data parallelism through the loader: the ranks of a world read disjoint slices of every
 //! global batch, and together they read exactly what one rank with the whole batch reads.
 
+use formats::token_shard::{ShardLayout, TokenShardWriter};
 use std::collections::HashSet;
 use std::sync::Arc;
 use trainer::data::loader::{Cursor, Loader, LoaderOptions, ShardSet};
-use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 const LAYOUT: ShardLayout = ShardLayout {
     text_len: 2,

@@ -6,9 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use formats::image_shard::{ImageShard, ImageShardWriter};
 use trainer::checkpoint::{self, entries, write_tensors, TensorFile, EMA_FILE, MODEL_FILE};
 use trainer::data::image_loader::hwc_to_chw;
-use trainer::data::image_shard::{ImageShard, ImageShardWriter};
 use trainer::model::dvae::{Dvae, DvaeDims};
 use trainer::reconstruct::pair_origin;
 

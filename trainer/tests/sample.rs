@@ -3,12 +3,12 @@
 //! identical for a seed; bad paths are errors that name them. And the sample grids a training
 //! run draws (`samples:`).
 
+use formats::bpe::BpeTokenizer;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use trainer::checkpoint::{entries, write_tensors};
 use trainer::config::RunConfig;
-use trainer::data::bpe::BpeTokenizer;
 use trainer::model::dvae::{Dvae, DvaeDims};
 
 const WORDS: [&str; 8] = [

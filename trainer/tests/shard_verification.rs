@@ -5,9 +5,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use formats::token_shard::{TokenShard, TokenShardWriter};
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
-use trainer::data::token_shard::{ShardLayout, TokenShard, TokenShardWriter};
 
 mod support;
 use support::{
@@ -19,7 +19,7 @@ fn write_shards(cfg: &RunConfig, dir: &Path) -> Vec<PathBuf> {
     fs::create_dir_all(dir).unwrap();
     let gen = SyntheticData::from_config(cfg).unwrap();
     let m = cfg.transformer().unwrap();
-    let layout = ShardLayout::from_model(m).unwrap();
+    let layout = m.shard_layout().unwrap();
     let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
     (0..2u64)
         .map(|k| {

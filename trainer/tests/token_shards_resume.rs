@@ -2,11 +2,11 @@
 //! N updates over token shards give byte-identical weights, optimizer state and state.json, with
 //! epoch boundaries inside the run and the resume in the middle of an epoch.
 
+use formats::token_shard::TokenShardWriter;
 use std::fs;
 use std::path::{Path, PathBuf};
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
-use trainer::data::token_shard::{ShardLayout, TokenShardWriter};
 
 fn yaml(out: &Path, data: &Path, steps: u64) -> String {
     yaml_with(out, data, steps, 30, "")
@@ -35,7 +35,7 @@ fn write_shards_with(cfg: &RunConfig, dir: &Path, caption: impl Fn(u64) -> Strin
     fs::create_dir_all(dir).unwrap();
     let gen = SyntheticData::from_config(cfg).unwrap();
     let m = cfg.transformer().unwrap();
-    let layout = ShardLayout::from_model(m).unwrap();
+    let layout = m.shard_layout().unwrap();
     let (tt, gi) = (m.text_len, m.image_len());
     let (mut text, mut image) = (vec![0; tt], vec![0; gi]);
     for (k, range) in [0..7u64, 7..14, 14..20].into_iter().enumerate() {
@@ -111,7 +111,7 @@ fn n_steps_resume_n_steps_over_shards_equals_2n_steps_byte_for_byte() {
 
 #[test]
 fn bpe_dropout_changes_the_text_and_resume_stays_bit_exact() {
-    use trainer::data::bpe::BpeTokenizer;
+    use formats::bpe::BpeTokenizer;
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let words = [
@@ -138,15 +138,14 @@ fn bpe_dropout_changes_the_text_and_resume_stays_bit_exact() {
     // Stored text tokens are the captions' own BPE ids, so only dropout can change them.
     let base = cfg(&straight, 1, &dropout);
     fs::create_dir_all(&data).unwrap();
-    let layout = ShardLayout::from_model(base.transformer().unwrap()).unwrap();
+    let layout = base.transformer().unwrap().shard_layout().unwrap();
     let gen = SyntheticData::from_config(&base).unwrap();
     let mut w = TokenShardWriter::create(&data.join("tokens-00000.tts"), layout).unwrap();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     let (mut text, mut image) = (vec![0; 6], vec![0; 16]);
     for i in 0..20 {
         gen.sample(i, &mut text, &mut image);
-        let ids =
-            trainer::data::bpe::encode_caption(&tok, &caption(i), 6, 300, 0.0, &mut rng).unwrap();
+        let ids = formats::bpe::encode_caption(&tok, &caption(i), 6, 300, 0.0, &mut rng).unwrap();
         w.push(&ids, &image, &caption(i)).unwrap();
     }
     w.finish().unwrap();

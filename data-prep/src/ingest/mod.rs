@@ -24,11 +24,11 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-use regex::Regex;
-use trainer::data::image_shard::{
+use formats::image_shard::{
     ImageShardError, ImageShardWriter, DEFAULT_CHUNK_RECORDS, DEFAULT_LEVEL,
 };
+use rayon::prelude::*;
+use regex::Regex;
 
 use filters::{pixel_hash, Filters, DEFAULT_REJECT_PATTERNS};
 use sources::{Format, Source};
@@ -38,7 +38,7 @@ use stats::{Counts, Reason};
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
-    Io(#[from] trainer::fsutil::FsError),
+    Io(#[from] formats::fsutil::FsError),
     #[error(transparent)]
     Shard(#[from] ImageShardError),
     #[error("{path}: {reason}")]
@@ -237,7 +237,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
     )?;
     // A character is at most 4 bytes of UTF-8; image shards hold captions of at most
     // MAX_FIELD_LEN (1 MiB) bytes.
-    let max_chars = trainer::data::image_shard::MAX_FIELD_LEN as usize / 4;
+    let max_chars = formats::image_shard::MAX_FIELD_LEN as usize / 4;
     debug_assert_eq!(max_chars, 262144);
     check(
         a.max_caption_chars <= max_chars,
@@ -273,7 +273,7 @@ pub fn run(a: &IngestArgs) -> Result<IngestStats, IngestError> {
     let Source {
         total, mut items, ..
     } = sources::open(&a.input, format)?;
-    fs::create_dir_all(&a.out).map_err(trainer::fsutil::fs_err("create directory", &a.out))?;
+    fs::create_dir_all(&a.out).map_err(formats::fsutil::fs_err("create directory", &a.out))?;
     let bar = crate::markers::progress("ingest", total, "inputs", !a.quiet);
     let mut seen_hashes: HashSet<u128> = HashSet::new();
     let mut totals = Counts::new();

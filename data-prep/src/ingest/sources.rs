@@ -105,7 +105,7 @@ pub struct Source {
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
-    let fs_err = trainer::fsutil::fs_err(action, path);
+    let fs_err = formats::fsutil::fs_err(action, path);
     move |source| IngestError::Io(fs_err(source))
 }
 
@@ -460,7 +460,7 @@ fn jsonl(input: &Path) -> Result<Source, IngestError> {
             Ok(0) => return None,
             Ok(_) => {}
             Err(source) => {
-                return Some(Err(IngestError::Io(trainer::fsutil::FsError {
+                return Some(Err(IngestError::Io(formats::fsutil::FsError {
                     action: "read",
                     path: path.clone(),
                     source,

@@ -9,8 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use formats::image_shard::ImageShard;
 use serde::{Deserialize, Serialize};
-use trainer::data::image_shard::ImageShard;
 
 use super::stats::Counts;
 use super::IngestError;
@@ -35,7 +35,7 @@ pub struct Marker {
 
 /// Writes `bytes` to `path` via `<path>.tmp`, fsync and rename, then fsyncs the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IngestError> {
-    trainer::fsutil::write_atomic(path, bytes, true).map_err(IngestError::Io)
+    formats::fsutil::write_atomic(path, bytes, true).map_err(IngestError::Io)
 }
 
 /// The finished shard of `group`, if its marker and shard are complete and were written with

@@ -6,9 +6,9 @@
 
 use super::nvrtc::Nvrtc;
 use super::{Args, LaunchCfg, Runtime};
-use crate::cuda_libs;
 use crate::device::Elem;
 use crate::error::{KernelError, Result};
+use cuda_libs;
 use cudarc::cublas::{sys as blas, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,

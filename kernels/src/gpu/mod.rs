@@ -206,8 +206,8 @@ impl<R: Runtime> Device for Gpu<R> {
 /// soname. Returns the path opened, or `None` when the search found nothing (the library may
 /// still load by name through the loader's own search).
 pub(crate) fn preload(
-    lib: &crate::cuda_libs::Library,
-    res: &crate::cuda_libs::Resolution,
+    lib: &cuda_libs::Library,
+    res: &cuda_libs::Resolution,
 ) -> Option<std::path::PathBuf> {
     let found = res.get(lib)?;
     let path = found.path();
@@ -281,7 +281,7 @@ pub fn cuda_for_tests() -> Option<&'static Gpu<Cuda>> {
     static DEVICE: std::sync::OnceLock<std::result::Result<Gpu<Cuda>, String>> =
         std::sync::OnceLock::new();
     let dev = DEVICE.get_or_init(|| {
-        if !crate::cuda_libs::loadable(&crate::cuda_libs::DRIVER) {
+        if !cuda_libs::loadable(&cuda_libs::DRIVER) {
             return Err("no CUDA driver on this machine".into());
         }
         Cuda::new(0).map(Gpu).map_err(|e| e.to_string())

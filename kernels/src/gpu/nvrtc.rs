@@ -4,15 +4,15 @@
 //! a newer NVRTC, while a cubin for the device's own architecture needs no JIT. NVRTC and the
 //! CUDA headers (`cuda_fp16.h`; CUDA 13 keeps `nv/target` in CCCL) come from a CUDA install or
 //! NVIDIA's wheels (`nvidia-cuda-nvrtc`, `nvidia-cuda-runtime`, `nvidia-cuda-crt`,
-//! `nvidia-cuda-cccl`), found by [`crate::cuda_libs`]. `cudarc` opens NVRTC by name only, so
+//! `nvidia-cuda-cccl`), found by [`cuda_libs`]. `cudarc` opens NVRTC by name only, so
 //! [`Nvrtc::load`] first opens the found file by its path; the dynamic loader then hands
 //! `cudarc` that library for its name.
 //!
 //! Compiled cubins are cached on disk ([`cache_dir`]) under a key of the source, the header, the
 //! options, NVRTC's version and the architecture.
 
-use crate::cuda_libs::{self, Resolution};
 use crate::error::{KernelError, Result};
+use cuda_libs::{self, Resolution};
 use cudarc::nvrtc::sys;
 use sha2::{Digest, Sha256};
 use std::ffi::{CStr, CString};

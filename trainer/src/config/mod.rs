@@ -90,7 +90,7 @@ pub struct RunConfig {
     pub compression: crate::powersgd::PowerSgdConfig,
     /// Multi-process runs: timeouts, heartbeats, workers per node on CPU machines.
     #[serde(default)]
-    pub distributed: crate::dist::DistributedConfig,
+    pub distributed: dist::DistributedConfig,
 }
 
 mod fields;

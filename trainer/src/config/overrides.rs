@@ -82,7 +82,7 @@ fn check_path(path: &[String]) -> Result<(), String> {
         "relaxation" => fields_of::<RelaxationConfig>(),
         "samples" => fields_of::<SamplesConfig>(),
         "compression" => fields_of::<crate::powersgd::PowerSgdConfig>(),
-        "distributed" => fields_of::<crate::dist::DistributedConfig>(),
+        "distributed" => fields_of::<dist::DistributedConfig>(),
         "data" => fields_of::<DataSource>(),
         "optim" => fields_of::<OptimConfig>(),
         "schedule" => fields_of::<ScheduleConfig>(),

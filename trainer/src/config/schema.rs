@@ -24,22 +24,8 @@ pub struct RunSection {
     pub precision: Precision,
 }
 
-/// The device a run uses.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Device {
-    /// The CPU reference backend.
-    Cpu,
-    /// The CUDA backend; an error at start-up if no GPU or CUDA library is found.
-    Cuda,
-    /// The CUDA kernels on the CPU emulator (a test device: slow, for checking the device path
-    /// against the CPU where no GPU exists; docs/kernels.md).
-    #[serde(rename = "cuda-emu")]
-    CudaEmu,
-    /// CUDA when available, else CPU.
-    #[default]
-    Auto,
-}
+/// The device a run uses: defined beside the `distributed:` section, whose transport it picks.
+pub use dist::Device;
 
 /// Sizes of the stage-2 transformer (docs/model.md §1). Every field but `conv_kernel` is required.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

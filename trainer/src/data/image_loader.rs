@@ -1,5 +1,5 @@
 //! The image-shard loader: batches of images `[B, 3, H, W]` f32 in [0, 1] for one rank, read
-//! from image shards (`.tis`, [`super::image_shard`]) through the generic loader machinery of
+//! from image shards (`.tis`, [`formats::image_shard`]) through the generic loader machinery of
 //! [`super::loader`] (rank slices, cursor, prefetch thread, recycling, shutdown), for the dVAE.
 //!
 //! Order: a two-level shuffle. A record-level permutation would make nearly every record land in
@@ -29,11 +29,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::image_shard::{DecodedChunk, ImageShard, EXTENSION};
 use super::loader::{
     epoch_rng, resolve_paths_with, shuffle, BatchReader, Cursor, Loader, LoaderError,
     LoaderOptions, RecordSet,
 };
+use formats::image_shard::{DecodedChunk, ImageShard, EXTENSION};
 
 /// Chunks per shuffle window unless set otherwise.
 pub const DEFAULT_SHUFFLE_WINDOW_CHUNKS: usize = 8;
@@ -340,7 +340,7 @@ impl Loader<ImageShardSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::image_shard::{ImageShardWriter, DEFAULT_LEVEL};
+    use formats::image_shard::{ImageShardWriter, DEFAULT_LEVEL};
     use std::collections::HashSet;
     use std::path::Path;
 

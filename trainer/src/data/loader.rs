@@ -52,8 +52,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::image_shard::ImageShardError;
-use super::token_shard::{
+use formats::image_shard::ImageShardError;
+use formats::token_shard::{
     check_tokens, RecordView, ShardError, ShardLayout, TokenShard, EXTENSION,
 };
 
@@ -968,7 +968,7 @@ impl<S: RecordSet> Drop for Loader<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::token_shard::{tmp_path, TokenShardWriter};
+    use formats::token_shard::{tmp_path, TokenShardWriter};
     use std::path::Path;
 
     fn layout() -> ShardLayout {

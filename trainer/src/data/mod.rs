@@ -3,27 +3,25 @@
 //! continues exactly where it stopped.
 //!
 //! - [`synthetic`]: a documented generator of captioned token grids (tests, the quickstart);
-//! - [`token_shard`]: the `.tts` token shard format, its writer and memory-mapped reader;
+//! - the `.tts` token shard format itself is [`formats::token_shard`] (its layout for a config:
+//!   [`TransformerConfig::shard_layout`]);
 //! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread),
 //!   generic over a [`loader::RecordSet`];
-//! - [`image_shard`], [`image_loader`]: the `.tis` image shard format and its loader (the dVAE's
+//! - [`image_loader`]: the loader of `.tis` image shards ([`formats::image_shard`]) (the dVAE's
 //!   `[B, 3, H, W]` batches, a two-level chunk/record shuffle).
 
-pub mod bpe;
 pub mod image_loader;
-pub mod image_shard;
 pub mod loader;
 pub mod synthetic;
-pub mod token_shard;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DataSource, RunConfig};
+use crate::config::{DataSource, RunConfig, TransformerConfig};
+use formats::token_shard::{ShardError, ShardLayout};
 use loader::{CaptionEncoder, Cursor, Loader, LoaderError, LoaderOptions, ShardSet};
 use synthetic::SyntheticData;
-use token_shard::{ShardError, ShardLayout};
 
 /// One batch of token sequences, row-major: `text` [B, Tt], `image` [B, G²].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +50,19 @@ pub enum DataCursor {
         position: u64,
         records: u64,
     },
+}
+
+impl TransformerConfig {
+    /// The token-shard layout this transformer reads (errors name the `model.` field that does
+    /// not fit the format).
+    pub fn shard_layout(&self) -> Result<ShardLayout, ShardError> {
+        ShardLayout::from_sizes(
+            self.text_len,
+            self.image_len(),
+            self.text_vocab,
+            self.image_vocab,
+        )
+    }
 }
 
 impl DataCursor {
@@ -176,7 +187,7 @@ impl DataStream {
                     records,
                 },
             ) => {
-                let layout = ShardLayout::from_model(cfg.transformer()?)?;
+                let layout = cfg.transformer()?.shard_layout()?;
                 let mut set = ShardSet::open_patterns(&s.paths, &layout)?;
                 if s.verify {
                     set = set.verify_on_first_use();

@@ -475,7 +475,7 @@ fn powersgd_restore_refuses_a_mismatched_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(CHECKPOINT_FILE);
     let ps = PowerSgd::new(&t, &cfg(2)).unwrap();
-    let snap = ps.snapshot(&mut crate::collectives::SingleProcess).unwrap();
+    let snap = ps.snapshot(&mut dist::collectives::SingleProcess).unwrap();
     checkpoint::write_tensors(&path, &snap.entries("")).unwrap();
     // Warm start needs Q, which a fixed-Q run did not save.
     let mut warm = PowerSgd::new(
@@ -686,7 +686,7 @@ fn powersgd_overflow_inside_compression_keeps_or_zeroes_the_error() {
         .iter()
         .position(|c| c.name == "blocks.0.mlp.fc.weight");
     let fc_index = fc_index.unwrap();
-    let mut comm = crate::collectives::SingleProcess;
+    let mut comm = dist::collectives::SingleProcess;
     let mut g = vec![0.0f32; t.numel()];
     g[fc.clone()].fill(3e38);
     let stats = ps.reduce(&mut g.clone(), &mut comm).unwrap();
@@ -778,7 +778,7 @@ fn powersgd_config_defaults_and_validation() {
     }
     let mut ps = PowerSgd::new(&table(), &PowerSgdConfig::default()).unwrap();
     assert!(matches!(
-        ps.reduce(&mut [0.0; 3], &mut crate::collectives::SingleProcess),
+        ps.reduce(&mut [0.0; 3], &mut dist::collectives::SingleProcess),
         Err(PowerSgdError::BufferLength { .. })
     ));
 }

@@ -7,7 +7,7 @@
 //! `ThreadGroup` is dropped (its thread returned or panicked) breaks the group: every rank waiting
 //! in a collective, or entering one later, gets an error instead of hanging.
 
-use crate::collectives::{CollectiveError, Collectives};
+use dist::collectives::{CollectiveError, Collectives};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 /// One rank of an in-process group; see the module doc.

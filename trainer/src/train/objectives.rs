@@ -522,7 +522,7 @@ impl Objective for TransformerObjective {
 /// BPE dropout's caption encoder: the config's `tokenizer.json`, re-encoding each caption with
 /// dropout `data.bpe_dropout` from the loader's per-record random stream.
 struct BpeCaptions {
-    tok: crate::data::bpe::BpeTokenizer,
+    tok: formats::bpe::BpeTokenizer,
     text_len: usize,
     text_vocab: usize,
     dropout: f32,
@@ -534,7 +534,7 @@ impl CaptionEncoder for BpeCaptions {
         caption: &str,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> std::result::Result<Vec<u32>, crate::data::loader::EncodeError> {
-        Ok(crate::data::bpe::encode_caption(
+        Ok(formats::bpe::encode_caption(
             &self.tok,
             caption,
             self.text_len,
@@ -559,7 +559,7 @@ fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
         .tokenizer
         .as_ref()
         .context("data.tokenizer is required when data.bpe_dropout > 0")?;
-    let tok = crate::data::bpe::BpeTokenizer::load(path)?;
+    let tok = formats::bpe::BpeTokenizer::load(path)?;
     if tok.vocab_size() > m.text_vocab {
         bail!(
             "{}: the tokenizer has {} ids, more than model.text_vocab = {}",
@@ -742,7 +742,7 @@ pub fn reconstruction_sq_err(stats: &[f32], images: &[f32], batch: usize) -> f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::image_shard::ImageShardWriter;
+    use formats::image_shard::ImageShardWriter;
 
     /// τ read back from what the forward pass computed, not from the schedule: at every grid
     /// position y = softmax((logits + g)/τ), so for two codes a, b,

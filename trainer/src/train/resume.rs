@@ -14,7 +14,7 @@
 //! naming the failure), until one loads. It then broadcasts the step it chose; the other ranks
 //! open only that checkpoint, after every rename is done, so no rank reads a directory while it
 //! is being renamed, and every rank starts from the same step. Rank 0 also holds the run
-//! directory's lock ([`crate::run_lock`]), so no other run renames or writes beside it.
+//! directory's lock ([`dist::run_lock`]), so no other run renames or writes beside it.
 //!
 //! When checkpoints exist but none verifies, the run does not start over on top of them: it
 //! stops with the reasons, and keeps refusing a fresh start while `checkpoints/` holds
@@ -24,13 +24,13 @@ use super::{fresh_state, RunState, TrainState};
 use crate::checkpoint::{
     self, CheckpointDir, CheckpointError, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE,
 };
-use crate::collectives::Collectives;
 use crate::config::RunConfig;
 use crate::data::loader::Cursor;
 use crate::data::DataCursor;
 use crate::params::ParamTable;
 use crate::powersgd::{CompressionKind, CHECKPOINT_FILE as POWERSGD_FILE};
 use anyhow::{anyhow, bail, Context, Result};
+use dist::collectives::Collectives;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -655,7 +655,7 @@ mod tests {
         flip_last_byte(&checkpoint::step_dir(&out, 4).join(MODEL_FILE));
         let (table, _) = super::super::objectives::model_table(&cfg, false).unwrap();
         let timeout = std::time::Duration::from_secs(60);
-        let got = crate::dist::ring::with_local_rings(3, timeout, |_, ring| {
+        let got = dist::ring::with_local_rings(3, timeout, |_, ring| {
             choose(&cfg, &table, ring, true)
                 .map(|l| l.map(|l| (l.dir, l.rs.state.step, l.rs.params)))
                 .map_err(|e| format!("{e:#}"))
@@ -671,7 +671,7 @@ mod tests {
         assert_eq!(checkpoint::list_complete(&out).unwrap().len(), 1);
 
         flip_last_byte(&step2.join(OPTIMIZER_FILE));
-        let got = crate::dist::ring::with_local_rings(3, timeout, |_, ring| {
+        let got = dist::ring::with_local_rings(3, timeout, |_, ring| {
             choose(&cfg, &table, ring, true)
                 .map(|l| l.is_some())
                 .map_err(|e| format!("{e:#}"))

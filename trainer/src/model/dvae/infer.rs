@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use super::{relu_lens, squash, Dvae, DvaeDims, ModelError, Net, Result, Shape};
 use crate::checkpoint::{self, CheckpointError, DONE_FILE, EMA_FILE, MODEL_FILE};
-use crate::data::image_shard::{ImageShard, CHANNELS};
+use formats::image_shard::{ImageShard, CHANNELS};
 
 /// Largest safetensors header read when inferring sizes (the header of OpenAI's dVAE is ~20 kB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -35,7 +35,7 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error(transparent)]
-    Io(#[from] crate::fsutil::FsError),
+    Io(#[from] formats::fsutil::FsError),
     #[error("{path}: not a safetensors file: {message}")]
     NotSafetensors { path: PathBuf, message: String },
     #[error("{path}: missing tensor '{name}' (needed to infer the dVAE's {what})")]
@@ -89,7 +89,7 @@ pub fn resolve_weights(source: &Path, ema: bool) -> WResult<PathBuf> {
         };
     }
     if !source.is_dir() {
-        return Err(WeightsError::Io(crate::fsutil::FsError {
+        return Err(WeightsError::Io(formats::fsutil::FsError {
             action: "open",
             path: source.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
@@ -131,7 +131,7 @@ fn dir_name(p: &Path) -> String {
 /// read).
 pub fn tensor_shapes(path: &Path) -> WResult<HashMap<String, Vec<usize>>> {
     let io = |action| {
-        let fs_err = crate::fsutil::fs_err(action, path);
+        let fs_err = formats::fsutil::fs_err(action, path);
         move |source| WeightsError::Io(fs_err(source))
     };
     let bad = |message: String| WeightsError::NotSafetensors {
@@ -270,7 +270,7 @@ fn fits_in_file(path: &Path, dims: DvaeDims) -> WResult<()> {
         0,
     );
     let file_len = std::fs::metadata(path)
-        .map_err(|e| WeightsError::Io(crate::fsutil::fs_err("stat", path)(e)))?
+        .map_err(|e| WeightsError::Io(formats::fsutil::fs_err("stat", path)(e)))?
         .len();
     if params.saturating_mul(4) > file_len as u128 {
         return Err(WeightsError::NotSafetensors {

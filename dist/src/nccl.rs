@@ -24,7 +24,7 @@
 
 use super::ring::Abort;
 use crate::collectives::{CollectiveError, Collectives};
-use crate::cuda_libs;
+use cuda_libs;
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut};
 use cudarc::nccl::{result as nccl, sys};

@@ -2,11 +2,11 @@
 //! bad input answered with a clear error and no hang; the gang's stop/restart state machine.
 
 use super::*;
+use crate::auth::Credentials;
+use crate::client::{Registration, StoreClient, StoreError};
+use crate::protocol::{read_frame, RefusalKind, MAX_FRAME, TAG_LEN};
 use std::io::{Read, Write};
 use std::thread;
-use trainer::dist::auth::Credentials;
-use trainer::dist::client::{Registration, StoreClient, StoreError};
-use trainer::dist::protocol::{read_frame, RefusalKind, MAX_FRAME, TAG_LEN};
 
 const RUN: &str = "run-1";
 const SECRET: &str = "test-secret-0123456789abcdef-0123456789";

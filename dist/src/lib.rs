@@ -1,15 +1,19 @@
-//! Data-parallel training across processes: how a worker joins a run and gets its
-//! [`Collectives`].
+//! Tessera's multi-process layer, without the models: how a worker joins a run and gets its
+//! [`Collectives`], and the rendezvous store that node 0's launcher hosts.
 //!
+//! - [`collectives`]: the [`Collectives`] seam every gradient reduction goes through, and
+//!   [`SingleProcess`];
 //! - [`env`]: torchrun's variables (`RANK`, `WORLD_SIZE`, …) plus `TESSERA_RUN_ID` and the run's
 //!   secret;
 //! - [`auth`]: the secret and the HMAC that authenticates every frame to the store;
-//! - [`config`]: the `distributed:` section (timeouts, workers per node on CPU machines);
-//! - [`protocol`], [`client`]: the rendezvous store's frames and a blocking client (the store
-//!   itself runs in node 0's launcher);
+//! - [`config`]: the `distributed:` section (timeouts, workers per node on CPU machines), the
+//!   run's [`Device`], and [`config::LaunchConfig`], the part of a run config the launcher reads;
+//! - [`protocol`], [`client`], [`store`]: the rendezvous store's frames, a blocking client, and
+//!   the store itself (a tokio TCP server that node 0's launcher runs);
 //! - [`ring`]: [`ring::TcpRing`], the CPU collectives (deterministic ring all-reduce);
 //! - [`nccl`]: [`nccl::NcclComm`], NCCL through `cudarc` for GPU runs;
-//! - [`heartbeat`]: the thread that keeps the store informed that a worker is alive.
+//! - [`heartbeat`]: the thread that keeps the store informed that a worker is alive;
+//! - [`run_lock`]: one run per run directory (an advisory lock rank 0 holds).
 //!
 //! [`connect`] is all the training loop calls: with no `RANK`/`WORLD_SIZE` it returns
 //! [`SingleProcess`]; otherwise it registers with the store (every rank, same world size, same
@@ -20,23 +24,25 @@
 
 pub mod auth;
 pub mod client;
+pub mod collectives;
 pub mod config;
 pub mod env;
 pub mod heartbeat;
 pub mod nccl;
 pub mod protocol;
 pub mod ring;
+pub mod run_lock;
+pub mod store;
 
-use crate::collectives::{CollectiveError, Collectives, SingleProcess};
-use crate::config::RunConfig;
 use client::{Registration, StoreClient, StoreError};
+use collectives::{CollectiveError, Collectives, SingleProcess};
 use env::{EnvError, WorkerEnv};
 use heartbeat::{Heartbeat, HeartbeatOptions};
 use ring::{Abort, AddressBook, RingOptions, TcpRing};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{CollectivesKind, DistributedConfig, Transport};
+pub use config::{CollectivesKind, Device, DistributedConfig, Transport};
 
 /// Errors of joining a multi-process run.
 #[derive(Debug, thiserror::Error)]
@@ -117,17 +123,27 @@ fn check_launcher(env: &WorkerEnv) -> Result<(), DistError> {
 
 /// The collectives of this process: [`SingleProcess`] without torchrun's variables, else those
 /// `distributed.collectives` selects, joined through the store named by
-/// `MASTER_ADDR:MASTER_PORT`: a [`TcpRing`], or NCCL ([`nccl::NcclComm`]).
-pub fn connect(cfg: &RunConfig) -> Result<Box<dyn Collectives>, DistError> {
+/// `MASTER_ADDR:MASTER_PORT`: a [`TcpRing`], or NCCL ([`nccl::NcclComm`]). `run` is what the
+/// rendezvous needs of the run config.
+pub fn connect(run: &RunInfo) -> Result<Box<dyn Collectives>, DistError> {
     let Some(env) = WorkerEnv::from_env()? else {
         return Ok(Box::new(SingleProcess));
     };
     let _stop = StopWhileJoining::arm()?;
     check_launcher(&env)?;
-    match cfg.distributed.transport(cfg.run.device) {
-        Transport::Tcp => Ok(Box::new(join(&env, cfg)?)),
-        Transport::Nccl => Ok(Box::new(join_nccl(&env, cfg)?)),
+    match run.distributed.transport(run.device) {
+        Transport::Tcp => Ok(Box::new(join(&env, run)?)),
+        Transport::Nccl => Ok(Box::new(join_nccl(&env, run)?)),
     }
+}
+
+/// What joining a run needs of its config: the `distributed:` section, `run.device` and the
+/// config's hash (sha256 of the resolved config, which every rank must share).
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    pub distributed: DistributedConfig,
+    pub device: Device,
+    pub config_hash: String,
 }
 
 /// A worker registered with the store, its heartbeat running.
@@ -139,8 +155,8 @@ struct Joined {
 }
 
 /// Rendezvous (every rank, same world size, same config hash) and heartbeats.
-fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
-    let d = &cfg.distributed;
+fn rendezvous(env: &WorkerEnv, run: &RunInfo) -> Result<Joined, DistError> {
+    let d = &run.distributed;
     let addr = env.store_addr();
     let mut client = StoreClient::connect(&addr, &env.credentials(), d.rendezvous_timeout())?;
     let registration = Registration {
@@ -148,7 +164,7 @@ fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
         world_size: env.world_size,
         local_rank: env.local_rank,
         generation: env.generation,
-        config_hash: cfg.hash(),
+        config_hash: run.config_hash.clone(),
         pid: std::process::id(),
         host: hostname(),
     };
@@ -178,14 +194,14 @@ fn rendezvous(env: &WorkerEnv, cfg: &RunConfig) -> Result<Joined, DistError> {
 }
 
 /// Rendezvous, heartbeats and ring for the worker `env` describes.
-pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
-    let d = &cfg.distributed;
+pub fn join(env: &WorkerEnv, run: &RunInfo) -> Result<TcpRing, DistError> {
+    let d = &run.distributed;
     let Joined {
         mut client,
         heartbeat,
         abort,
         progress,
-    } = rendezvous(env, cfg)?;
+    } = rendezvous(env, run)?;
     let opts = RingOptions {
         run_id: env.run_id.clone(),
         generation: env.generation,
@@ -208,18 +224,18 @@ pub fn join(env: &WorkerEnv, cfg: &RunConfig) -> Result<TcpRing, DistError> {
 
 /// Rendezvous, heartbeats and an NCCL communicator on the GPU numbered `LOCAL_RANK`; rank 0
 /// creates the unique id and publishes it through the store.
-pub fn join_nccl(env: &WorkerEnv, cfg: &RunConfig) -> Result<nccl::NcclComm, DistError> {
+pub fn join_nccl(env: &WorkerEnv, run: &RunInfo) -> Result<nccl::NcclComm, DistError> {
     // Before the rendezvous, so that a refused setting costs no wait (init checks it again).
     nccl::check_env(&|k| std::env::var(k).ok())?;
     nccl::check_libraries()?;
     let ctx = nccl::open_device(env.local_rank)?;
-    let d = &cfg.distributed;
+    let d = &run.distributed;
     let Joined {
         mut client,
         heartbeat,
         abort,
         progress,
-    } = rendezvous(env, cfg)?;
+    } = rendezvous(env, run)?;
     let id = if env.rank == 0 {
         let id = nccl::new_unique_id()?;
         client.set(

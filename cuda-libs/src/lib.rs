@@ -1,4 +1,6 @@
-//! Finding the CUDA libraries that `cudarc` loads at run time.
+//! Finding the CUDA libraries that `cudarc` loads at run time (its own crate: the kernels' device
+//! seam, the NCCL transport of `dist` and the launcher all need it, and the launcher needs nothing
+//! else of the kernels).
 //!
 //! `cudarc` (built with `dynamic-loading`) opens each library by a fixed list of file names
 //! (`cudarc::get_lib_name_candidates`: for NCCL `libnccl.so`, `libnccl.so.13`, `libnccl.so.12`,

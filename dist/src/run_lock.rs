@@ -45,7 +45,7 @@ pub enum RunLockError {
     },
     /// The lock file could not be created, locked or written.
     #[error(transparent)]
-    Io(#[from] crate::fsutil::FsError),
+    Io(#[from] formats::fsutil::FsError),
 }
 
 /// The lock on a run directory; dropping it (or the process ending, however it ends) releases
@@ -61,7 +61,7 @@ impl RunLock {
     /// waiting, and records this process's pid and host in it. Fails at once, naming the
     /// holder's pid and host, when another process holds it.
     pub fn acquire(out_dir: &Path) -> Result<RunLock, RunLockError> {
-        let fs_err = crate::fsutil::fs_err;
+        let fs_err = formats::fsutil::fs_err;
         std::fs::create_dir_all(out_dir).map_err(fs_err("create directory", out_dir))?;
         let path = out_dir.join(LOCK_FILE);
         // Not truncated on open: the holder's record must survive a refused attempt.

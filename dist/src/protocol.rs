@@ -48,7 +48,7 @@ pub enum Request {
         world_size: usize,
         local_rank: usize,
         generation: u64,
-        /// sha256 of the resolved config ([`crate::config::RunConfig::hash`]).
+        /// sha256 of the resolved config (the trainer's `RunConfig::hash`).
         config_hash: String,
         pid: u32,
         host: String,

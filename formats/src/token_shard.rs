@@ -26,8 +26,6 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::config::TransformerConfig;
-
 /// The first 8 bytes of every token shard.
 pub const MAGIC: [u8; 8] = *b"TESSTOK\0";
 /// The format version this code reads and writes.
@@ -100,17 +98,24 @@ pub struct ShardLayout {
 }
 
 impl ShardLayout {
-    /// The layout the transformer of `model` reads.
-    pub fn from_model(model: &TransformerConfig) -> Result<Self, ShardError> {
+    /// The layout of a transformer with these sizes (the config's `model.text_len`, `grid²`,
+    /// `model.text_vocab`, `model.image_vocab`, which errors name); the trainer's
+    /// `TransformerConfig::shard_layout` calls it.
+    pub fn from_sizes(
+        text_len: usize,
+        image_tokens: usize,
+        text_vocab: usize,
+        image_vocab: usize,
+    ) -> Result<Self, ShardError> {
         let to_u32 = |field: &str, v: usize| {
             u32::try_from(v)
                 .map_err(|_| ShardError::BadLayout(format!("{field} = {v} exceeds u32")))
         };
         Ok(ShardLayout {
-            text_len: to_u32("model.text_len", model.text_len)?,
-            image_tokens: to_u32("model.grid²", model.image_len())?,
-            text_vocab: to_u32("model.text_vocab", model.text_vocab)?,
-            image_vocab: to_u32("model.image_vocab", model.image_vocab)?,
+            text_len: to_u32("model.text_len", text_len)?,
+            image_tokens: to_u32("model.grid²", image_tokens)?,
+            text_vocab: to_u32("model.text_vocab", text_vocab)?,
+            image_vocab: to_u32("model.image_vocab", image_vocab)?,
         })
     }
 

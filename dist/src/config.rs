@@ -1,11 +1,58 @@
 //! The `distributed:` section of a run config: timeouts of the rendezvous, the collectives and
 //! the supervision, the collectives transport, and the number of workers per node on CPU
-//! machines.
-//! Every field has a default, so single-process configs leave the section out.
+//! machines. Every field has a default, so single-process configs leave the section out.
+//!
+//! Also `run.device` ([`Device`], which picks the transport), and [`LaunchConfig`]: the part of
+//! a run config the launcher reads, without the models. The trainer's `RunConfig` holds the
+//! whole file and rejects unknown fields; the launcher has the trainer check the file first.
 
-use crate::config::Device;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The device a run uses (`run.device`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// The CPU reference backend.
+    Cpu,
+    /// The CUDA backend; an error at start-up if no GPU or CUDA library is found.
+    Cuda,
+    /// The CUDA kernels on the CPU emulator (a test device: slow, for checking the device path
+    /// against the CPU where no GPU exists; docs/kernels.md).
+    #[serde(rename = "cuda-emu")]
+    CudaEmu,
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+}
+
+/// The part of a run config the launcher reads: `run.out_dir`, `run.device` and the
+/// `distributed:` section. Every other section and field is ignored here, so this is read from
+/// the config the trainer resolved (`trainer config`), never from an unchecked file: the
+/// trainer's `RunConfig` rejects unknown fields and checks every range.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+pub struct LaunchConfig {
+    pub run: LaunchRun,
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// The fields of `run:` the launcher reads.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+pub struct LaunchRun {
+    /// The run directory (the launcher holds its lock and writes `logs/` there).
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub device: Device,
+}
+
+impl LaunchConfig {
+    /// Reads the launcher's sections from a resolved config's YAML text.
+    pub fn from_resolved_yaml(text: &str) -> Result<LaunchConfig, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+}
 
 /// The `distributed:` section. Times are in seconds (fractions allowed).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -55,9 +102,9 @@ pub enum CollectivesKind {
 /// Not the compute backend: a run on the CPU may still use NCCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// The TCP ring between processes ([`crate::dist::ring::TcpRing`]).
+    /// The TCP ring between processes ([`crate::ring::TcpRing`]).
     Tcp,
-    /// NCCL through `cudarc` ([`crate::dist::nccl::NcclComm`]).
+    /// NCCL through `cudarc` ([`crate::nccl::NcclComm`]).
     Nccl,
 }
 
@@ -187,6 +234,23 @@ mod tests {
         assert_eq!(with(K::Auto).transport(Device::Cpu), Transport::Tcp);
         let d: DistributedConfig = serde_yaml::from_str("collectives: nccl").unwrap();
         assert_eq!(d.collectives, K::Nccl);
+    }
+
+    #[test]
+    fn the_launch_view_reads_its_fields_and_ignores_the_other_sections() {
+        let text = "run:\n  name: r\n  out_dir: runs/x\n  seed: 3\n  device: cuda-emu\n\
+                    model:\n  kind: dvae\n  layers: 2\n\
+                    distributed:\n  term_grace_s: 7.5\n  collectives: tcp\n";
+        let c = LaunchConfig::from_resolved_yaml(text).unwrap();
+        assert_eq!(c.run.out_dir, PathBuf::from("runs/x"));
+        assert_eq!(c.run.device, Device::CudaEmu);
+        assert_eq!(c.distributed.term_grace_s, 7.5);
+        assert_eq!(c.distributed.collectives, CollectivesKind::Tcp);
+        let bare = LaunchConfig::from_resolved_yaml("run:\n  out_dir: o\n").unwrap();
+        assert_eq!(bare.run.device, Device::Auto);
+        assert_eq!(bare.distributed, DistributedConfig::default());
+        let e = LaunchConfig::from_resolved_yaml("run:\n  name: r\n").unwrap_err();
+        assert!(e.to_string().contains("out_dir"), "{e}");
     }
 
     #[test]

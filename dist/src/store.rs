@@ -1,6 +1,6 @@
 //! The rendezvous store: a small TCP server (tokio) that node 0's launcher hosts for one run.
 //!
-//! It speaks [`trainer::dist::protocol`] and keeps, for the run:
+//! It speaks [`crate::protocol`] and keeps, for the run:
 //!
 //! - the nodes: every launcher joins with its node rank, the node count, procs per node and
 //!   max restarts; all must agree, and the gang starts once all have joined;
@@ -13,7 +13,7 @@
 //!   checked), a key-value space (ring addresses; later the NCCL unique id), named barriers,
 //!   heartbeats.
 //!
-//! Every connection opens with the handshake of [`trainer::dist::auth`] and every later frame
+//! Every connection opens with the handshake of [`crate::auth`] and every later frame
 //! must carry the tag of its connection's session, checked before the frame is parsed: a frame
 //! without the run's secret is refused, logged (with the peer's address, never a secret) and the
 //! connection closed, so it can neither register, report, interrupt nor write a key.
@@ -24,6 +24,11 @@
 //! that disagree end the run as `Refused` (a restart would not fix them), and every waiting
 //! participant is told why. Every wait has a timeout that the request carries.
 
+use crate::auth::{self, Role, Secret, Session};
+use crate::protocol::{
+    self, check_len, decode, encode, split, to_json, Frame, FrameError, GangView, NodeEvent, Phase,
+    Refusal, RefusalKind, Reply, Request, Response, StopCause, NO_TAG,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,11 +36,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
-use trainer::dist::auth::{self, Role, Secret, Session};
-use trainer::dist::protocol::{
-    self, check_len, decode, encode, split, to_json, Frame, FrameError, GangView, NodeEvent, Phase,
-    Refusal, RefusalKind, Reply, Request, Response, StopCause, NO_TAG,
-};
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
