@@ -1,8 +1,8 @@
 //! CLIP end to end on `data-prep synth` images: `synth` → `ingest` → `tokenizer train` →
 //! `trainer train` with a `model.kind: clip` config. A short run learns to match captions to
 //! images (caption → image top-1 accuracy within batches of 32 well above chance, 1/32), keeps
-//! `logit_scale` in its clamp, and a stopped and resumed run writes the same checkpoint files byte
-//! for byte as a straight one.
+//! `logit_scale` in its clamp, a stopped and resumed run writes the same checkpoint files byte
+//! for byte as a straight one, and shards of another size than the vision tower's are refused.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -215,4 +215,20 @@ fn clip_resume_is_bit_exact() {
             .collect::<Vec<_>>()
     };
     assert_eq!(untimed(&straight), untimed(&resumed));
+
+    // 64×64 shards for a 32×32 vision tower: refused before any checkpoint, naming the file and
+    // both sizes.
+    let out = tmp.path().join("c");
+    let yaml = clip_yaml(&out, &shards, &tok, 2, "").replace("image_size: 64", "image_size: 32");
+    let e = format!(
+        "{:#}",
+        trainer::train::run(&RunConfig::from_yaml_str(&yaml, "t").unwrap(), true).unwrap_err()
+    );
+    assert!(
+        e.contains("images-00000.tis") && e.contains("resolution is 64×64, expected 32×32"),
+        "{e}"
+    );
+    assert!(trainer::checkpoint::latest_complete(&out)
+        .unwrap()
+        .is_none());
 }

@@ -251,7 +251,8 @@ pub struct ImageStream {
 
 impl ImageStream {
     /// Opens the image shards of `cfg` (each must hold `model.resolution`-pixel images, CLIP's
-    /// `model.vision_config.image_size`; the error names the file) for `rank` of `world_size`, continuing from `cursor`.
+    /// `model.vision_config.image_size`; the error names the file) for `rank` of `world_size`,
+    /// continuing from `cursor`.
     pub fn open(
         cfg: &RunConfig,
         rank: usize,
