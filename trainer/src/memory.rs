@@ -74,7 +74,7 @@ impl MemoryEstimate {
             ModelConfig::Transformer(m) => (transformer_params(m), transformer_acts(m, batch)),
             ModelConfig::Dvae(d) => dvae_sizes(d, batch),
             // Parameters only, from the model's own table; CLIP's activations are not
-            // estimated yet (it does not train yet).
+            // estimated yet.
             ModelConfig::Clip(c) => (
                 crate::model::clip::Clip::new(*c)
                     .map(|m| m.table().numel() as u128)
@@ -83,13 +83,15 @@ impl MemoryEstimate {
             ),
         };
         let data = match &cfg.data {
-            DataSource::Images(s) => match cfg.model.dvae() {
-                Some(d) => {
-                    let px = 3u128 * (d.resolution as u128).pow(2);
-                    (s.prefetch as u128 + 2).saturating_mul(batch.saturating_mul(px))
-                }
-                None => 0,
-            },
+            DataSource::Images(s) => {
+                let side = match (cfg.model.dvae(), cfg.model.clip()) {
+                    (Some(d), _) => d.resolution,
+                    (None, Some(c)) => c.vision_config.image_size,
+                    (None, None) => 0,
+                };
+                let px = 3u128 * (side as u128).pow(2);
+                (s.prefetch as u128 + 2).saturating_mul(batch.saturating_mul(px))
+            }
             _ => 0,
         };
         let ema = if cfg.optim.ema > 0.0 { params } else { 0 };

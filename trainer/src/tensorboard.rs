@@ -1,7 +1,8 @@
 //! TensorBoard event files, so that `tensorboard --logdir runs/` shows a run's metrics and its
 //! sample grids.
 //!
-//! A file `events.out.tfevents.<unix secs>.<host>.<pid>.tessera` in the run directory holds
+//! A file `events.out.tfevents.<unix secs>.<host>.<pid>.tessera` in the run directory (with
+//! `.001`, `.002`, … appended when a run resumed in the same second and process finds it taken) holds
 //! records, each `len: u64 LE`, `masked_crc32c(len bytes): u32 LE`, `data`, `masked_crc32c(data)`,
 //! where `data` is one protobuf `Event` (TensorBoard's `event.proto`: wall time, step, and a
 //! file version, a summary or a session log). The messages below declare only the fields
@@ -157,12 +158,24 @@ impl EventWriter {
             "events.out.tfevents.{secs:010}.{host}.{}.tessera",
             std::process::id()
         );
-        let path = dir.join(name);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("creating TensorBoard event file {}", path.display()))?;
+        // A run resumed within the same second by the same process (a test, an embedding
+        // program) finds its name taken: numbered names sort after it, in order.
+        let mut n = 0u32;
+        let (path, file) = loop {
+            let path = match n {
+                0 => dir.join(&name),
+                _ => dir.join(format!("{name}.{n:03}")),
+            };
+            match OpenOptions::new().create_new(true).write(true).open(&path) {
+                Ok(file) => break (path, file),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 999 => n += 1,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("creating TensorBoard event file {}", path.display())
+                    })
+                }
+            }
+        };
         let mut w = EventWriter {
             path,
             out: BufWriter::new(file),
@@ -275,6 +288,29 @@ mod tests {
     fn masked_crc_is_tensorboards() {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         assert_eq!(masked_crc(b"123456789"), 0xc78a_b0e5);
+    }
+
+    /// Three writers opened at once in one process (as a run resumed within the same second
+    /// does) get three files, the later ones named after the first with a number, in order.
+    #[test]
+    fn a_taken_name_gets_a_numbered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<EventWriter> = (0..3)
+            .map(|i| EventWriter::create(dir.path(), (i > 0).then_some(i)).unwrap())
+            .collect();
+        let names: Vec<String> = writers
+            .iter()
+            .map(|w| w.path().file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let mut distinct = names.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "{names:?}");
+        let mut sorted = names.clone();
+        sorted.sort();
+        // Within one second the numbered names follow the first; across a second boundary the
+        // later timestamp sorts after the earlier one anyway.
+        assert_eq!(sorted, names, "{names:?}");
+        assert!(names.iter().all(|n| n.contains("tfevents")), "{names:?}");
     }
 
     #[test]

@@ -547,6 +547,9 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             },
         };
         if report.applied {
+            if objective.device_state().is_none() {
+                objective.after_update(&mut rs.params);
+            }
             match (rs.ema.as_mut(), objective.device_state()) {
                 (Some(_), Some(d)) => d.ema_update(cfg.optim.ema as f32)?,
                 (Some(ema), None) => ema_update(ema, &rs.params, cfg.optim.ema as f32)?,

@@ -615,10 +615,10 @@ fn clip_run_config_is_checked_by_field() {
     );
 }
 
-/// Until CLIP's training lands, `trainer train` refuses a clip config with a message saying so,
-/// before writing anything into run.out_dir's checkpoints.
+/// `trainer train` on a clip config without `data.tokenizer` stops naming the field, before
+/// writing any checkpoint.
 #[test]
-fn train_refuses_a_clip_config_until_it_can() {
+fn train_refuses_a_clip_config_without_a_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("clip.yaml");
     std::fs::write(&cfg, clip_config(&dir.path().join("run"), CLIP_MODEL)).unwrap();
@@ -628,7 +628,10 @@ fn train_refuses_a_clip_config_until_it_can() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("model.kind: clip does not train yet"), "{err}");
+    assert!(
+        err.contains("data.tokenizer is required to train model.kind: clip"),
+        "{err}"
+    );
     assert!(!dir.path().join("run/checkpoints").exists());
 }
 

@@ -566,7 +566,6 @@ impl TryFrom<DataSection> for DataSource {
                         ("min_caption_tokens", d.min_caption_tokens.is_some()),
                         ("max_caption_tokens", d.max_caption_tokens.is_some()),
                         ("bpe_dropout", d.bpe_dropout.is_some()),
-                        ("tokenizer", d.tokenizer.is_some()),
                         ("verify", d.verify.is_some()),
                     ],
                     "images",
@@ -576,6 +575,7 @@ impl TryFrom<DataSection> for DataSource {
                         .paths
                         .ok_or("data.paths is required for data.source: images")?,
                     prefetch: d.prefetch.unwrap_or_else(default_prefetch),
+                    tokenizer: d.tokenizer,
                 }))
             }
             DataSourceKind::Shards => {
@@ -631,6 +631,7 @@ impl From<DataSource> for DataSection {
                 source: DataSourceKind::Images,
                 paths: Some(s.paths),
                 prefetch: Some(s.prefetch),
+                tokenizer: s.tokenizer,
                 ..empty
             },
         }
@@ -659,6 +660,10 @@ pub struct ImagesConfig {
     /// batches are handed over in parcels of several, so more are). ≥ 1. Default 2.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// The `tokenizer.json` (a BPE from `data-prep tokenizer train`) that tokenises the captions
+    /// of a `model.kind: clip` run. Required for CLIP, refused for the dVAE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Fields of `data: {source: shards}`.

@@ -92,6 +92,8 @@ impl RunConfig {
                         "the relaxation section applies to model.kind: dvae only".into(),
                     );
                 }
+                // data.tokenizer is checked when training opens it: `trainer init-weights` and
+                // `trainer debug-state` read no captions.
                 if !matches!(self.data, DataSource::Images(_)) {
                     return invalid(
                         "data.source",
@@ -115,6 +117,14 @@ impl RunConfig {
                 validate_dvae(d).or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                }
+                if matches!(&self.data, DataSource::Images(s) if s.tokenizer.is_some()) {
+                    return invalid(
+                        "data.tokenizer",
+                        "model.kind: dvae reads no captions: data.tokenizer applies to \
+                         model.kind: clip"
+                            .into(),
+                    );
                 }
                 if !matches!(self.data, DataSource::Images(_)) {
                     return invalid(

@@ -1,6 +1,7 @@
 //! The image-shard loader: batches of images `[B, 3, H, W]` f32 in [0, 1] for one rank, read
 //! from image shards (`.tis`, [`formats::image_shard`]) through the generic loader machinery of
-//! [`super::loader`] (rank slices, cursor, prefetch thread, recycling, shutdown), for the dVAE.
+//! [`super::loader`] (rank slices, cursor, prefetch thread, recycling, shutdown), for the dVAE
+//! and CLIP (which also reads each record's caption).
 //!
 //! Order: a two-level shuffle. A record-level permutation would make nearly every record land in
 //! a different zstd chunk than the one before it, so each record would cost a whole chunk's
@@ -41,12 +42,14 @@ pub const DEFAULT_SHUFFLE_WINDOW_CHUNKS: usize = 8;
 const IMAGE_SHUFFLE_SALT: u64 = 0x1a6e_5e7d_0c4a_0003;
 
 /// One rank's batch of images: `pixels` is `[batch, 3, resolution, resolution]` f32, row-major
-/// (NCHW), each value the stored u8 divided by 255.
+/// (NCHW), each value the stored u8 divided by 255; `captions` the records' captions in the same
+/// order (CLIP trains on them; the dVAE ignores them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageBatch {
     pub batch: usize,
     pub resolution: u32,
     pub pixels: Vec<f32>,
+    pub captions: Vec<String>,
 }
 
 /// The image reader on the calling thread.
@@ -286,6 +289,7 @@ impl RecordSet for ImageShardSet {
             batch: 0,
             resolution: self.resolution,
             pixels: Vec::new(),
+            captions: Vec::new(),
         }
     }
 
@@ -307,10 +311,13 @@ impl RecordSet for ImageShardSet {
         batch.resolution = self.resolution;
         // Every value is overwritten below; resizing only zero-fills a new buffer once.
         batch.pixels.resize(indices.len() * per, 0.0);
+        batch.captions.clear();
         for (&g, dst) in indices.iter().zip(batch.pixels.chunks_exact_mut(per)) {
             let c = self.chunk_of(g as u64);
             let j = (g as u64 - self.chunks[c].first) as usize;
-            hwc_to_chw(state.get(self, c)?.pixels(j), dst);
+            let chunk = state.get(self, c)?;
+            hwc_to_chw(chunk.pixels(j), dst);
+            batch.captions.push(chunk.caption(j).to_string());
         }
         Ok(())
     }

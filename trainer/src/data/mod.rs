@@ -255,21 +255,27 @@ impl DataStream {
     }
 }
 
-/// The image batches of one rank of a dVAE run (`data.source: images`).
+/// The image batches of one rank of a dVAE or CLIP run (`data.source: images`).
 pub struct ImageStream {
     loader: image_loader::ImageLoader,
 }
 
 impl ImageStream {
-    /// Opens the image shards of `cfg` (each must hold `model.resolution`-pixel images; the error
-    /// names the file) for `rank` of `world_size`, continuing from `cursor`.
+    /// Opens the image shards of `cfg` (each must hold `model.resolution`-pixel images, CLIP's
+    /// `model.vision_config.image_size`; the error names the file) for `rank` of `world_size`,
+    /// continuing from `cursor`.
     pub fn open(
         cfg: &RunConfig,
         rank: usize,
         world_size: usize,
         cursor: DataCursor,
     ) -> Result<ImageStream, DataError> {
-        let (DataSource::Images(s), Some(d)) = (&cfg.data, cfg.model.dvae()) else {
+        let resolution = match (cfg.model.dvae(), cfg.model.clip()) {
+            (Some(d), _) => d.resolution,
+            (None, Some(c)) => c.vision_config.image_size,
+            (None, None) => 0,
+        };
+        let (DataSource::Images(s), true) = (&cfg.data, resolution > 0) else {
             return Err(DataError::SourceChanged {
                 saved: cursor.source_name(),
                 config: DataCursor::start(cfg).source_name(),
@@ -286,7 +292,7 @@ impl ImageStream {
                 config: "images",
             });
         };
-        let set = image_loader::ImageShardSet::open_patterns(&s.paths, d.resolution as u32)?;
+        let set = image_loader::ImageShardSet::open_patterns(&s.paths, resolution as u32)?;
         check_records((epoch, position, records), set.len())?;
         let opts = loader_options(cfg, rank, world_size, s.prefetch);
         let loader =

@@ -6,6 +6,9 @@
 //! - [`TransformerObjective`]: stage 2 on token sequences (synthetic or token shards).
 //! - [`DvaeObjective`]: stage 1 on image shards: Gumbel noise seeded by (seed, update, micro-batch,
 //!   rank) so that a resumed run draws the same noise, τ and β from their cosine schedules.
+//! - [`ClipObjective`]: the contrastive model on image shards and their captions: symmetric
+//!   InfoNCE over each rank's own micro-batch (no all-gather of embeddings), `logit_scale`
+//!   clamped after every update.
 
 use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
@@ -63,6 +66,9 @@ pub trait Objective {
     fn rates(&self, secs: f64) -> Terms;
     /// Where the data stands after the last micro-batch.
     fn cursor(&self) -> DataCursor;
+    /// Runs on the host weights after each applied optimizer update (before the EMA), e.g.
+    /// CLIP's clamp of `logit_scale`. Default: nothing.
+    fn after_update(&mut self, _params: &mut [f32]) {}
 }
 
 /// Builds the objective of `cfg`'s model, its data opened for `rank` of `world_size` at `cursor`.
@@ -73,10 +79,7 @@ pub fn open(
     cursor: DataCursor,
 ) -> Result<Box<dyn Objective>> {
     if cfg.model.clip().is_some() {
-        bail!(
-            "model.kind: clip does not train yet (issue 14): `trainer init-weights` and \
-             `trainer debug-state` accept it"
-        );
+        return Ok(Box::new(ClipObjective::new(cfg, rank, world_size, cursor)?));
     }
     Ok(match cfg.model.dvae() {
         Some(_) => Box::new(DvaeObjective::new(cfg, rank, world_size, cursor)?),
@@ -704,6 +707,224 @@ impl Objective for DvaeObjective {
     }
 }
 
+/// CLIP on image shards and their captions (docs/model.md §3, "Training").
+pub struct ClipObjective {
+    model: crate::model::clip::Clip,
+    acts: crate::model::clip::Activations,
+    data: ImageStream,
+    captions: ClipCaptions,
+    ids: Vec<u32>,
+    pixels: Vec<f32>,
+    /// One micro-batch's gradient, before `scale`.
+    grad: Vec<f32>,
+    batch: usize,
+    /// `logit_scale` after the last update (a metric).
+    logit_scale: f64,
+}
+
+/// OpenAI's CLIP image statistics (Hugging Face's defaults for CLIP), per RGB channel.
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// A trained-from-scratch CLIP's captions: the BPE of `data.tokenizer` (no special tokens) and
+/// two ids past it, the last two of `text_config.vocab_size`: start V − 2 and end V − 1
+/// (`eos_token_id` must be V − 1). A caption is `start, tokens (at most S − 2), end`, padded
+/// to S with the end token, as Hugging Face's CLIP tokenizer pads.
+pub struct ClipCaptions {
+    tok: formats::bpe::BpeTokenizer,
+    len: usize,
+    start: u32,
+    end: u32,
+}
+
+impl ClipCaptions {
+    /// The tokenizer of `cfg` (`data.tokenizer`), checked against `model.text_config`.
+    pub fn open(cfg: &RunConfig) -> Result<Self> {
+        let c = cfg
+            .model
+            .clip()
+            .with_context(|| format!("model.kind is {}, not clip", cfg.model.kind()))?;
+        let DataSource::Images(s) = &cfg.data else {
+            bail!("model.kind: clip reads data.source: images");
+        };
+        let path = s.tokenizer.as_ref().context(
+            "data.tokenizer is required to train model.kind: clip (a tokenizer.json, e.g. \
+                 from `data-prep tokenizer train` on the captions)",
+        )?;
+        let tok = formats::bpe::BpeTokenizer::load(path)
+            .with_context(|| format!("loading data.tokenizer {}", path.display()))?;
+        let t = &c.text_config;
+        if tok.vocab_size() + 2 > t.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} ids; model.text_config.vocab_size = {} must be at least \
+                 {} (its last two ids are the start and end tokens)",
+                path.display(),
+                tok.vocab_size(),
+                t.vocab_size,
+                tok.vocab_size() + 2
+            );
+        }
+        let end = (t.vocab_size - 1) as u32;
+        if t.eos_token_id != end {
+            bail!(
+                "model.text_config.eos_token_id = {} must be the end token, vocab_size − 1 = {end}, \
+                 for a CLIP trained on a data.tokenizer BPE",
+                t.eos_token_id
+            );
+        }
+        if t.max_position_embeddings < 2 {
+            bail!("model.text_config.max_position_embeddings must hold a start and an end token");
+        }
+        Ok(ClipCaptions {
+            tok,
+            len: t.max_position_embeddings,
+            start: end - 1,
+            end,
+        })
+    }
+
+    /// The S ids of one caption, appended to `out`.
+    pub fn encode(&self, caption: &str, out: &mut Vec<u32>) -> Result<()> {
+        let ids = self.tok.encode(caption)?;
+        let keep = ids.len().min(self.len - 2);
+        out.push(self.start);
+        out.extend_from_slice(&ids[..keep]);
+        out.resize(out.len() + self.len - 1 - keep, self.end);
+        Ok(())
+    }
+}
+
+impl ClipObjective {
+    fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
+        let c = *cfg
+            .model
+            .clip()
+            .with_context(|| format!("model.kind is {}, not clip", cfg.model.kind()))?;
+        if !matches!(cfg.run.device, Device::Cpu | Device::Auto) {
+            bail!("model.kind: clip trains on run.device: cpu only");
+        }
+        if c.vision_config.num_channels != 3 {
+            bail!(
+                "model.vision_config.num_channels = {}: image shards hold RGB images (3)",
+                c.vision_config.num_channels
+            );
+        }
+        let captions = ClipCaptions::open(cfg)?;
+        let model = crate::model::clip::Clip::new(c)?;
+        let batch = cfg.train.batch_size;
+        let acts = crate::model::clip::Activations::new(&model, batch, captions.len)?;
+        let data = ImageStream::open(cfg, rank, world_size, cursor)
+            .context("opening the training images")?;
+        Ok(ClipObjective {
+            model,
+            acts,
+            data,
+            captions,
+            ids: Vec::new(),
+            pixels: Vec::new(),
+            grad: Vec::new(),
+            batch,
+            logit_scale: f64::NAN,
+        })
+    }
+}
+
+/// Caption → image top-1 accuracy of a [B, B] `logits_per_text`: the share of rows whose
+/// largest logit (the first, on a tie) is on the diagonal.
+pub fn top1_caption_to_image(logits_per_text: &[f32], b: usize) -> f64 {
+    let hits = logits_per_text
+        .chunks_exact(b)
+        .enumerate()
+        .filter(|(i, row)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(0, |m, (j, &v)| if v > row[m] { j } else { m });
+            best == *i
+        })
+        .count();
+    hits as f64 / b.max(1) as f64
+}
+
+impl Objective for ClipObjective {
+    fn micro_flops(&self) -> f64 {
+        // 6 FLOPs per weight per token (forward and backward) of each tower.
+        let d = self.model.dims();
+        let (mut text, mut vision) = (0usize, 0usize);
+        for spec in self.model.table().specs() {
+            if spec.name.starts_with("text_model.") {
+                text += spec.numel();
+            } else if spec.name.starts_with("vision_model.") {
+                vision += spec.numel();
+            }
+        }
+        let b = self.batch as f64;
+        6.0 * b
+            * (text as f64 * self.captions.len as f64
+                + vision as f64 * (d.num_patches() + 1) as f64)
+    }
+    fn micro_step(
+        &mut self,
+        _t: u64,
+        _micro: usize,
+        params: &[f32],
+        grads: &mut [f32],
+        scale: f32,
+        _scaling: Option<BlockScales>,
+    ) -> Result<Terms> {
+        let batch = self.data.next_batch().context("reading the next batch")?;
+        self.ids.clear();
+        for (i, caption) in batch.captions.iter().enumerate() {
+            self.captions
+                .encode(caption, &mut self.ids)
+                .with_context(|| format!("tokenising the caption of batch record {i}"))?;
+        }
+        self.pixels.clear();
+        self.pixels.extend_from_slice(&batch.pixels);
+        let plane = (batch.resolution * batch.resolution) as usize;
+        for img in self.pixels.chunks_exact_mut(3 * plane) {
+            for (c, ch) in img.chunks_exact_mut(plane).enumerate() {
+                ch.iter_mut()
+                    .for_each(|v| *v = (*v - CLIP_MEAN[c]) / CLIP_STD[c]);
+            }
+        }
+        self.data.recycle(batch);
+        let loss = self
+            .model
+            .forward(params, &mut self.acts, &self.ids, &self.pixels)?;
+        // The model adds the gradient of the mean loss; `scale` (the loop's 1/accumulation)
+        // applies to this micro-batch's share only.
+        self.grad.clear();
+        self.grad.resize(grads.len(), 0.0);
+        self.model
+            .backward(params, &mut self.grad, &mut self.acts)?;
+        for (g, d) in grads.iter_mut().zip(&self.grad) {
+            *g += scale * d;
+        }
+        self.logit_scale = self.model.logit_scale(params) as f64;
+        Ok(vec![
+            ("loss", loss as f64),
+            (
+                "retrieval_top1",
+                top1_caption_to_image(&self.acts.logits_per_text, self.batch),
+            ),
+        ])
+    }
+    fn update_metrics(&mut self, _t: u64) -> Terms {
+        vec![("logit_scale", self.logit_scale)]
+    }
+    fn rates(&self, secs: f64) -> Terms {
+        vec![("images_per_s", self.batch as f64 / secs)]
+    }
+    fn cursor(&self) -> DataCursor {
+        self.data.cursor()
+    }
+    fn after_update(&mut self, params: &mut [f32]) {
+        self.model.clamp_logit_scale(params);
+        self.logit_scale = self.model.logit_scale(params) as f64;
+    }
+}
+
 /// exp(entropy) of the code histogram: the number of codes in use, weighted by frequency
 /// (1 when one code takes every position, K when all are used equally).
 pub fn perplexity(counts: &[u64]) -> f64 {
@@ -743,6 +964,120 @@ pub fn reconstruction_sq_err(stats: &[f32], images: &[f32], batch: usize) -> f64
 mod tests {
     use super::*;
     use formats::image_shard::ImageShardWriter;
+
+    /// A clip run config over `dir` with `text_config.vocab_size` `vocab`, `eos_token_id` `eos`
+    /// and a tokenizer trained on a few captions (saved in `dir`).
+    fn clip_cfg(dir: &std::path::Path, vocab: usize, eos: u32, tokenizer: bool) -> RunConfig {
+        let tok = formats::bpe::BpeTokenizer::train(
+            ["a red circle", "a blue square", "a red square"]
+                .iter()
+                .map(|s| s.to_string()),
+            300,
+            1,
+        )
+        .unwrap();
+        tok.save(dir.join("tokenizer.json")).unwrap();
+        let tokenizer = match tokenizer {
+            true => format!(", tokenizer: {}", dir.join("tokenizer.json").display()),
+            false => String::new(),
+        };
+        let yaml = format!(
+            "run: {{ name: t, out_dir: {out}, seed: 7 }}\n\
+             model: {{ kind: clip, projection_dim: 8,\n  \
+               text_config: {{ vocab_size: {vocab}, hidden_size: 8, intermediate_size: 16, \
+                 num_attention_heads: 2, num_hidden_layers: 1, max_position_embeddings: 6, \
+                 eos_token_id: {eos}, hidden_act: quick_gelu }},\n  \
+               vision_config: {{ hidden_size: 8, intermediate_size: 16, num_attention_heads: 2, \
+                 num_hidden_layers: 1, image_size: 16, patch_size: 8, hidden_act: quick_gelu }} }}\n\
+             data: {{ source: images, paths: [\"{dir}/*.tis\"]{tokenizer} }}\n\
+             train: {{ steps: 2, batch_size: 2 }}\n",
+            out = dir.join("run").display(),
+            dir = dir.display(),
+        );
+        RunConfig::from_yaml_str(&yaml, "test").unwrap()
+    }
+
+    /// Captions are start, BPE tokens, end, padded with end to S (6 here), truncated to S − 2
+    /// tokens; the start and end tokens are the last two ids of `text_config.vocab_size`.
+    #[test]
+    fn clip_captions_wrap_truncate_and_pad() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = clip_cfg(tmp.path(), 302, 301, true);
+        let c = ClipCaptions::open(&cfg).unwrap();
+        let bpe = formats::bpe::BpeTokenizer::load(tmp.path().join("tokenizer.json")).unwrap();
+        let short = bpe.encode("red").unwrap();
+        assert!(!short.is_empty() && short.len() <= 4, "{short:?}");
+        let mut ids = Vec::new();
+        c.encode("red", &mut ids).unwrap();
+        let mut want = vec![300];
+        want.extend(&short);
+        want.resize(6, 301);
+        assert_eq!(ids, want);
+        let long_text = "a red circle and a blue square and a red square";
+        let long = bpe.encode(long_text).unwrap();
+        assert!(long.len() > 4, "{long:?}");
+        ids.clear();
+        c.encode(long_text, &mut ids).unwrap();
+        assert_eq!(ids[0], 300);
+        assert_eq!(&ids[1..5], &long[..4]);
+        assert_eq!(ids[5], 301);
+        // Every caption's row pools at its end token.
+        let pos = crate::model::clip::ops::end_positions(&ids, 6, 301).unwrap();
+        assert_eq!(pos, vec![5]);
+    }
+
+    /// A vocabulary without room for the start and end tokens, an end token other than
+    /// vocab_size − 1, and a missing data.tokenizer are refused naming the field; the dVAE
+    /// refuses data.tokenizer.
+    #[test]
+    fn clip_tokenizer_mismatches_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids = formats::bpe::BpeTokenizer::train(
+            ["a red circle", "a blue square", "a red square"]
+                .iter()
+                .map(|s| s.to_string()),
+            300,
+            1,
+        )
+        .unwrap()
+        .vocab_size();
+        let err = |cfg: RunConfig| format!("{:#}", ClipCaptions::open(&cfg).err().unwrap());
+        let e = err(clip_cfg(tmp.path(), ids + 1, ids as u32, true));
+        assert!(
+            e.contains("model.text_config.vocab_size")
+                && e.contains(&format!("at least {}", ids + 2)),
+            "{e}"
+        );
+        let e = err(clip_cfg(tmp.path(), 302, 300, true));
+        assert!(e.contains("model.text_config.eos_token_id = 300"), "{e}");
+        let e = err(clip_cfg(tmp.path(), 302, 301, false));
+        assert!(e.contains("data.tokenizer is required"), "{e}");
+        let yaml = format!(
+            "run: {{ name: t, out_dir: {out}, seed: 7 }}\n\
+             model: {{ kind: dvae, resolution: 16, n_hid: 4, n_blk_per_group: 1, vocab_size: 16, n_init: 4 }}\n\
+             data: {{ source: images, paths: [x.tis], tokenizer: t.json }}\n\
+             train: {{ steps: 2, batch_size: 2 }}\n",
+            out = tmp.path().display()
+        );
+        let e = RunConfig::from_yaml_str(&yaml, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.tokenizer"), "{e}");
+    }
+
+    /// Top-1 counts a row whose largest logit is on the diagonal; the first of equal maxima wins.
+    #[test]
+    fn top1_counts_diagonal_maxima() {
+        #[rustfmt::skip]
+        let logits = [
+            3.0, 1.0, 0.0,
+            2.0, 1.0, 0.5,
+            1.0, 1.0, 1.0,
+        ];
+        assert_eq!(top1_caption_to_image(&logits, 3), 1.0 / 3.0);
+        let eye = [1.0, 0.0, 0.0, 1.0];
+        assert_eq!(top1_caption_to_image(&eye, 2), 1.0);
+    }
 
     /// τ read back from what the forward pass computed, not from the schedule: at every grid
     /// position y = softmax((logits + g)/τ), so for two codes a, b,
