@@ -1246,7 +1246,16 @@ fn a_sigkilled_launcher_leaves_no_worker_waiting_in_the_rendezvous() {
     let cfg = write_config(tmp.path(), &out, 5, 4, 0);
     set_in_config(&cfg, "rendezvous_timeout_s", "60", "600");
     let sleeper = tmp.path().join("sleeper");
-    std::fs::write(&sleeper, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    // A worker that never reaches the rendezvous; `config` (the launcher's reading of the run
+    // config through the trainer) still answers.
+    std::fs::write(
+        &sleeper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = config ]; then exec '{}' \"$@\"; fi\nexec sleep 600\n",
+            trainer().display()
+        ),
+    )
+    .unwrap();
     Command::new("chmod")
         .arg("+x")
         .arg(&sleeper)
