@@ -548,40 +548,36 @@ impl Clip {
             cv,
         )?;
         self.vision.forward(params, &mut v.enc)?;
-        let class_pos = vec![0; b];
-        ops::pool_rows(
-            &mut v.pooled_in,
-            &v.enc.residual[d.vision_config.num_hidden_layers],
-            &class_pos,
-            t,
-            cv,
-        );
-        layernorm_forward(
-            &mut v.pooled,
-            &mut v.post_mean,
-            &mut v.post_rstd,
-            &v.pooled_in,
-            &params[g.post_ln_w.clone()],
-            &params[g.post_ln_b.clone()],
-            b,
-            cv,
-        )?;
-        linear_forward(
-            &mut v.proj,
-            &v.pooled,
-            &params[g.visual_proj.clone()],
-            None,
-            b,
-            cv,
-            d.projection_dim,
-        )?;
-        ops::normalize_rows(
+        self.vision_head().forward(
+            &mut v.head,
             &mut acts.image_embeds,
-            &mut v.norms,
-            &v.proj,
-            d.projection_dim,
-        );
-        Ok(())
+            params,
+            &v.enc.residual[d.vision_config.num_hidden_layers],
+            &vec![0; b],
+            t,
+        )
+    }
+
+    /// The text tower's head: `final_layer_norm`, `text_projection`.
+    fn text_head(&self) -> Head {
+        Head {
+            ln_w: self.g.final_ln_w.clone(),
+            ln_b: self.g.final_ln_b.clone(),
+            proj: self.g.text_proj.clone(),
+            c: self.dims.text_config.hidden_size,
+            dp: self.dims.projection_dim,
+        }
+    }
+
+    /// The vision tower's head: `post_layernorm`, `visual_projection`.
+    fn vision_head(&self) -> Head {
+        Head {
+            ln_w: self.g.post_ln_w.clone(),
+            ln_b: self.g.post_ln_b.clone(),
+            proj: self.g.visual_proj.clone(),
+            c: self.dims.vision_config.hidden_size,
+            dp: self.dims.projection_dim,
+        }
     }
 
     /// The text tower: `acts.text_embeds` [B, D] (normalised) from `input_ids` [B, S].
@@ -633,39 +629,14 @@ impl Clip {
             }
         }
         self.text.forward(params, &mut tx.enc)?;
-        ops::pool_rows(
-            &mut tx.pooled_in,
+        self.text_head().forward(
+            &mut tx.head,
+            &mut acts.text_embeds,
+            params,
             &tx.enc.residual[d.text_config.num_hidden_layers],
             &tx.end,
             s,
-            ct,
-        );
-        layernorm_forward(
-            &mut tx.pooled,
-            &mut tx.post_mean,
-            &mut tx.post_rstd,
-            &tx.pooled_in,
-            &params[g.final_ln_w.clone()],
-            &params[g.final_ln_b.clone()],
-            b,
-            ct,
-        )?;
-        linear_forward(
-            &mut tx.proj,
-            &tx.pooled,
-            &params[g.text_proj.clone()],
-            None,
-            b,
-            ct,
-            d.projection_dim,
-        )?;
-        ops::normalize_rows(
-            &mut acts.text_embeds,
-            &mut tx.norms,
-            &tx.proj,
-            d.projection_dim,
-        );
-        Ok(())
+        )
     }
 
     /// Both towers, the logits and the symmetric InfoNCE loss: the mean over the batch of the
@@ -754,37 +725,16 @@ impl Clip {
         // Text tower.
         let (s, ct) = (acts.text_len, d.text_config.hidden_size);
         let tx = &mut acts.text;
-        let mut dproj = vec![0.0f32; b * dp];
-        ops::normalize_rows_backward(&mut dproj, &dte, &acts.text_embeds, &tx.norms, dp);
-        let mut dpooled = vec![0.0f32; b * ct];
-        linear_backward(
-            Some(&mut dpooled),
-            &mut grads[g.text_proj.clone()],
-            None,
-            &dproj,
-            &tx.pooled,
-            &params[g.text_proj.clone()],
-            b,
-            ct,
-            dp,
+        self.text_head().backward(
+            &tx.head,
+            &mut tx.enc.dres,
+            grads,
+            params,
+            &dte,
+            &acts.text_embeds,
+            &tx.end,
+            s,
         )?;
-        let mut dpooled_in = vec![0.0f32; b * ct];
-        {
-            let (dw, db) = two_mut(grads, g.final_ln_w.clone(), g.final_ln_b.clone());
-            layernorm_backward(
-                &mut dpooled_in,
-                dw,
-                db,
-                &dpooled,
-                &tx.pooled_in,
-                &params[g.final_ln_w.clone()],
-                &tx.post_mean,
-                &tx.post_rstd,
-                b,
-                ct,
-            )?;
-        }
-        ops::unpool_rows(&mut tx.enc.dres, &dpooled_in, &tx.end, s, ct);
         self.text.backward(params, grads, &mut tx.enc)?;
         // Embeddings: d token_embedding[id] += dx, d position_embedding[p] += Σ_b dx.
         for (i, dx) in tx.enc.dres.chunks_exact(ct).enumerate() {
@@ -806,37 +756,16 @@ impl Clip {
         let (cv, np) = (d.vision_config.hidden_size, d.num_patches());
         let t = np + 1;
         let v = &mut acts.vision;
-        let mut dproj = vec![0.0f32; b * dp];
-        ops::normalize_rows_backward(&mut dproj, &die, &acts.image_embeds, &v.norms, dp);
-        let mut dpooled = vec![0.0f32; b * cv];
-        linear_backward(
-            Some(&mut dpooled),
-            &mut grads[g.visual_proj.clone()],
-            None,
-            &dproj,
-            &v.pooled,
-            &params[g.visual_proj.clone()],
-            b,
-            cv,
-            dp,
+        self.vision_head().backward(
+            &v.head,
+            &mut v.enc.dres,
+            grads,
+            params,
+            &die,
+            &acts.image_embeds,
+            &vec![0; b],
+            t,
         )?;
-        let mut dpooled_in = vec![0.0f32; b * cv];
-        {
-            let (dw, db) = two_mut(grads, g.post_ln_w.clone(), g.post_ln_b.clone());
-            layernorm_backward(
-                &mut dpooled_in,
-                dw,
-                db,
-                &dpooled,
-                &v.pooled_in,
-                &params[g.post_ln_w.clone()],
-                &v.post_mean,
-                &v.post_rstd,
-                b,
-                cv,
-            )?;
-        }
-        ops::unpool_rows(&mut v.enc.dres, &dpooled_in, &vec![0; b], t, cv);
         self.vision.backward(params, grads, &mut v.enc)?;
         let mut demb = vec![0.0f32; b * t * cv];
         {
@@ -1168,12 +1097,7 @@ struct TextActs {
     ids: Vec<u32>,
     /// The pooled position of each row.
     end: Vec<usize>,
-    pooled_in: Vec<f32>,
-    pooled: Vec<f32>,
-    post_mean: Vec<f32>,
-    post_rstd: Vec<f32>,
-    proj: Vec<f32>,
-    norms: Vec<f32>,
+    head: HeadActs,
 }
 
 /// The vision tower's activations beyond its encoder.
@@ -1185,12 +1109,128 @@ struct VisionActs {
     emb: Vec<f32>,
     pre_mean: Vec<f32>,
     pre_rstd: Vec<f32>,
+    head: HeadActs,
+}
+
+/// A tower's head (one pooled row per pair: its layer norm, the projection, the L2
+/// normalisation), what the backward pass reads.
+struct HeadActs {
     pooled_in: Vec<f32>,
     pooled: Vec<f32>,
     post_mean: Vec<f32>,
     post_rstd: Vec<f32>,
     proj: Vec<f32>,
     norms: Vec<f32>,
+}
+
+impl HeadActs {
+    fn new(batch: usize, c: usize, dp: usize) -> Self {
+        let z = |k: usize| vec![0.0f32; k];
+        HeadActs {
+            pooled_in: z(batch * c),
+            pooled: z(batch * c),
+            post_mean: z(batch),
+            post_rstd: z(batch),
+            proj: z(batch * dp),
+            norms: z(batch),
+        }
+    }
+}
+
+/// The head both towers share: pool one row per pair (the end token, the class token), layer
+/// norm (`final_layer_norm` / `post_layernorm`), bias-free projection to D, L2 normalisation.
+struct Head {
+    ln_w: Range<usize>,
+    ln_b: Range<usize>,
+    proj: Range<usize>,
+    /// The tower's width C and the projection's D.
+    c: usize,
+    dp: usize,
+}
+
+impl Head {
+    /// `embeds` [B, D] from the last residual [B, T, C], pooled at `pos[b]` of each row.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        h: &mut HeadActs,
+        embeds: &mut [f32],
+        params: &[f32],
+        last: &[f32],
+        pos: &[usize],
+        t: usize,
+    ) -> Result<()> {
+        let b = pos.len();
+        ops::pool_rows(&mut h.pooled_in, last, pos, t, self.c);
+        layernorm_forward(
+            &mut h.pooled,
+            &mut h.post_mean,
+            &mut h.post_rstd,
+            &h.pooled_in,
+            &params[self.ln_w.clone()],
+            &params[self.ln_b.clone()],
+            b,
+            self.c,
+        )?;
+        linear_forward(
+            &mut h.proj,
+            &h.pooled,
+            &params[self.proj.clone()],
+            None,
+            b,
+            self.c,
+            self.dp,
+        )?;
+        ops::normalize_rows(embeds, &mut h.norms, &h.proj, self.dp);
+        Ok(())
+    }
+
+    /// From d`embeds`: adds the head's parameter gradients into `grads` and writes
+    /// d(last residual) into `dres` (zero but at the pooled rows).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        h: &HeadActs,
+        dres: &mut [f32],
+        grads: &mut [f32],
+        params: &[f32],
+        dembeds: &[f32],
+        embeds: &[f32],
+        pos: &[usize],
+        t: usize,
+    ) -> Result<()> {
+        let (b, c, dp) = (pos.len(), self.c, self.dp);
+        let mut dproj = vec![0.0f32; b * dp];
+        ops::normalize_rows_backward(&mut dproj, dembeds, embeds, &h.norms, dp);
+        let mut dpooled = vec![0.0f32; b * c];
+        linear_backward(
+            Some(&mut dpooled),
+            &mut grads[self.proj.clone()],
+            None,
+            &dproj,
+            &h.pooled,
+            &params[self.proj.clone()],
+            b,
+            c,
+            dp,
+        )?;
+        let mut dpooled_in = vec![0.0f32; b * c];
+        let (dw, db) = two_mut(grads, self.ln_w.clone(), self.ln_b.clone());
+        layernorm_backward(
+            &mut dpooled_in,
+            dw,
+            db,
+            &dpooled,
+            &h.pooled_in,
+            &params[self.ln_w.clone()],
+            &h.post_mean,
+            &h.post_rstd,
+            b,
+            c,
+        )?;
+        ops::unpool_rows(dres, &dpooled_in, pos, t, c);
+        Ok(())
+    }
 }
 
 /// Everything the forward pass keeps for the backward pass, for B pairs of S text positions.
@@ -1242,12 +1282,7 @@ impl Activations {
                 enc: EncoderActs::new(&model.text, batch, text_len)?,
                 ids: vec![0; batch * text_len],
                 end: vec![0; batch],
-                pooled_in: z(batch * ct),
-                pooled: z(batch * ct),
-                post_mean: z(batch),
-                post_rstd: z(batch),
-                proj: z(batch * dp),
-                norms: z(batch),
+                head: HeadActs::new(batch, ct, dp),
             },
             vision: VisionActs {
                 enc: EncoderActs::new(&model.vision, batch, np + 1)?,
@@ -1256,12 +1291,7 @@ impl Activations {
                 emb: z(batch * (np + 1) * cv),
                 pre_mean: z(batch * (np + 1)),
                 pre_rstd: z(batch * (np + 1)),
-                pooled_in: z(batch * cv),
-                pooled: z(batch * cv),
-                post_mean: z(batch),
-                post_rstd: z(batch),
-                proj: z(batch * dp),
-                norms: z(batch),
+                head: HeadActs::new(batch, cv, dp),
             },
             text_embeds: z(batch * dp),
             image_embeds: z(batch * dp),
