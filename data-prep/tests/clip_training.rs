@@ -4,28 +4,19 @@
 //! `logit_scale` in its clamp, a stopped and resumed run writes the same checkpoint files byte
 //! for byte as a straight one, and shards of another size than the vision tower's are refused.
 
-use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use support::{data_prep, mean, metrics, ok};
 use trainer::config::RunConfig;
 
-const BIN: &str = env!("CARGO_BIN_EXE_data-prep");
+mod support;
+
 /// Updates of the learning run (about 15 s in the test profile on two cores).
 const STEPS: u64 = 2000;
 /// The caption → image top-1 accuracy in batches of 32 that the last 20 updates must beat on
 /// average: 0.4, about 13× chance (1/32 ≈ 0.031). Measured: 0.028 over the first 10 updates,
 /// 0.66 over the last 20 (loss 3.47 → 0.88).
 const THRESHOLD: f64 = 0.4;
-
-fn data_prep(args: &[&str]) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "data-prep {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `count` synthetic 64×64 captioned images in shards, and a BPE tokenizer of their captions:
 /// (shard folder, tokenizer.json).
@@ -39,7 +30,7 @@ fn synth_data(dir: &Path, count: usize) -> (PathBuf, PathBuf) {
         tok.to_str().unwrap(),
     );
     let n = count.to_string();
-    data_prep(&[
+    ok(data_prep(&[
         "synth",
         "--count",
         &n,
@@ -50,8 +41,8 @@ fn synth_data(dir: &Path, count: usize) -> (PathBuf, PathBuf) {
         "--out",
         f,
         "--quiet",
-    ]);
-    data_prep(&[
+    ]));
+    ok(data_prep(&[
         "ingest",
         "--input",
         f,
@@ -64,8 +55,8 @@ fn synth_data(dir: &Path, count: usize) -> (PathBuf, PathBuf) {
         "--chunk-records",
         "32",
         "--quiet",
-    ]);
-    data_prep(&[
+    ]));
+    ok(data_prep(&[
         "tokenizer",
         "train",
         "--input",
@@ -74,7 +65,7 @@ fn synth_data(dir: &Path, count: usize) -> (PathBuf, PathBuf) {
         "400",
         "--out",
         t,
-    ]);
+    ]));
     (shards, tok)
 }
 
@@ -127,18 +118,6 @@ train:
     )
 }
 
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn mean(rows: &[serde_json::Value], key: &str) -> f64 {
-    rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
-}
-
 #[test]
 fn short_clip_run_retrieves_captions_far_above_chance() {
     let tmp = tempfile::tempdir().unwrap();
@@ -185,36 +164,7 @@ fn clip_resume_is_bit_exact() {
             .replace("batch_size: 32", "batch_size: 8\n  grad_accum: 2");
         RunConfig::from_yaml_str(&yaml, "t").unwrap()
     };
-    let (straight, resumed) = (tmp.path().join("a"), tmp.path().join("b"));
-    trainer::train::run(&cfg(&straight, 8), true).unwrap();
-    trainer::train::run(&cfg(&resumed, 3), true).unwrap();
-    let b = trainer::train::run(&cfg(&resumed, 8), true).unwrap();
-    assert_eq!((b.final_step, b.resumed_from), (8, Some(3)));
-    let dir = |out: &Path| out.join("checkpoints/step_00000008");
-    for file in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "ema.safetensors",
-        "state.json",
-    ] {
-        assert!(
-            fs::read(dir(&straight).join(file)).unwrap()
-                == fs::read(dir(&resumed).join(file)).unwrap(),
-            "{file} differs between 8 straight updates and 3 + resume + 5"
-        );
-    }
-    let untimed = |out: &Path| {
-        metrics(out)
-            .into_iter()
-            .map(|mut v| {
-                for k in ["step_ms", "gflops_per_s", "mfu", "images_per_s"] {
-                    v[k] = serde_json::Value::Null;
-                }
-                v
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(untimed(&straight), untimed(&resumed));
+    support::assert_resume_is_bit_exact(tmp.path(), cfg);
 
     // 64×64 shards for a 32×32 vision tower: refused before any checkpoint, naming the file and
     // both sizes.

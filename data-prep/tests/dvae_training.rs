@@ -2,11 +2,13 @@
 //! `model.kind: dvae` config. A short run learns (reconstruction error falls, codebook use
 //! rises), resume is bit-exact, and images of the wrong size are refused before any work.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use support::{mean, metrics};
 use trainer::config::RunConfig;
+
+mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_data-prep");
 
@@ -84,18 +86,6 @@ train:
         out = out.display(),
         shards = shards.display()
     )
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn mean(rows: &[serde_json::Value], key: &str) -> f64 {
-    rows.iter().map(|r| r[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
 }
 
 #[test]
@@ -206,37 +196,7 @@ checkpoint:
             .replace("n_hid: 16", "n_hid: 8");
         RunConfig::from_yaml_str(&yaml, "t").unwrap()
     };
-    let (straight, resumed) = (tmp.path().join("a"), tmp.path().join("b"));
-    trainer::train::run(&cfg(&straight, 8), true).unwrap();
-    trainer::train::run(&cfg(&resumed, 3), true).unwrap();
-    let b = trainer::train::run(&cfg(&resumed, 8), true).unwrap();
-    assert_eq!((b.final_step, b.resumed_from), (8, Some(3)));
-    let dir = |out: &Path| out.join("checkpoints/step_00000008");
-    for file in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "ema.safetensors",
-        "state.json",
-    ] {
-        assert!(
-            fs::read(dir(&straight).join(file)).unwrap()
-                == fs::read(dir(&resumed).join(file)).unwrap(),
-            "{file} differs between 8 straight updates and 3 + resume + 5"
-        );
-    }
-    // The logged values agree too, except the timings.
-    let untimed = |out: &Path| {
-        metrics(out)
-            .into_iter()
-            .map(|mut v| {
-                for k in ["step_ms", "gflops_per_s", "mfu", "images_per_s"] {
-                    v[k] = serde_json::Value::Null;
-                }
-                v
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(untimed(&straight), untimed(&resumed));
+    support::assert_resume_is_bit_exact(tmp.path(), cfg);
 
     // 32×32 shards for a 64×64 model: refused before any work, naming the file and sizes.
     let small = synth_shards(&tmp.path().join("small"), 8, 32);
