@@ -38,6 +38,45 @@ fn losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Asserts that two runs' losses agree within 1e-5 relative at every update (`what`: the runs,
+/// for the messages), and prints the largest difference.
+fn assert_losses_agree(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: updates logged");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / x.abs())
+        .fold(0.0, f64::max);
+    eprintln!("largest relative loss difference, {what}: {worst:.2e}");
+    for (t, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "{what}, update {}: {x} against {y}",
+            t + 1
+        );
+    }
+}
+
+/// 5 updates into `resumed`, then resumed to 10 by `cfg`: its step-10 model, optimizer and
+/// state.json are byte-identical to `straight`'s.
+fn assert_resumes_bit_exactly(
+    straight: &Path,
+    resumed: &Path,
+    cfg: impl Fn(&Path, u64) -> RunConfig,
+) {
+    trainer::train::run(&cfg(resumed, 5), true).unwrap();
+    let r = trainer::train::run(&cfg(resumed, 10), true).unwrap();
+    assert_eq!(r.resumed_from, Some(5));
+    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        let x = fs::read(straight.join("checkpoints/step_00000010").join(file)).unwrap();
+        let y = fs::read(resumed.join("checkpoints/step_00000010").join(file)).unwrap();
+        assert!(
+            x == y,
+            "{file} differs between the straight and the resumed run"
+        );
+    }
+}
+
 #[test]
 fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -49,20 +88,8 @@ fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
     trainer::train::run(&config(&cpu, 10, "cpu"), true).unwrap();
     trainer::train::run(&config(&emu, 10, "cuda-emu"), true).unwrap();
     let (a, b) = (losses(&cpu), losses(&emu));
-    assert_eq!((a.len(), b.len()), (10, 10));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() / x.abs())
-        .fold(0.0, f64::max);
-    eprintln!("largest relative loss difference, emulated GPU vs CPU: {worst:.2e}");
-    for (t, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * x.abs(),
-            "update {}: cpu loss {x}, emulated GPU {y}",
-            t + 1
-        );
-    }
+    assert_eq!(a.len(), 10);
+    assert_losses_agree(&a, &b, "emulated GPU vs CPU");
     assert!(a[9] < a[0], "the run trained: {a:?}");
     // The weights trained on the device reach the checkpoint (downloaded for it), as the CPU's.
     let model = |out: &Path, step: u64| {
@@ -85,17 +112,7 @@ fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
         "the device's updates reached the checkpoints"
     );
 
-    trainer::train::run(&config(&resumed, 5, "cuda-emu"), true).unwrap();
-    let r = trainer::train::run(&config(&resumed, 10, "cuda-emu"), true).unwrap();
-    assert_eq!(r.resumed_from, Some(5));
-    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        let x = fs::read(emu.join("checkpoints/step_00000010").join(file)).unwrap();
-        let y = fs::read(resumed.join("checkpoints/step_00000010").join(file)).unwrap();
-        assert!(
-            x == y,
-            "{file} differs between the straight and the resumed run"
-        );
-    }
+    assert_resumes_bit_exactly(&emu, &resumed, |out, steps| config(out, steps, "cuda-emu"));
 }
 
 #[test]
@@ -112,25 +129,15 @@ fn fp16_on_the_emulated_gpu_tracks_the_cpu_fp16_run_and_resumes_bit_exactly() {
     let (mc, me) = (metrics(&cpu), metrics(&emu));
     assert_eq!((mc.len(), me.len()), (10, 10));
     let (a, b) = (losses(&cpu), losses(&emu));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() / x.abs())
-        .fold(0.0, f64::max);
-    eprintln!("largest relative loss difference, fp16 emulated GPU vs fp16 CPU: {worst:.2e}");
-    for (t, (x, y)) in a.iter().zip(&b).enumerate() {
-        // Both runs round the same values to f16 at the same points; they differ where an f32
-        // sum in another order (blocked products, attention tiles) lands on the other side of an
-        // f16 rounding boundary: one f16 step (2⁻¹¹ ≈ 4.9e-4 relative) in that one element. The
-        // loss averages every position, so such flips move it far less than a step: 3.3e-7
-        // measured over these ten updates (5e-7 for one pass in the unit test). 1e-5 leaves 30×
-        // that, and stays 15× below what fp16's rounding itself moves the loss (1.5e-4 against
-        // fp32, tests/precision.rs): a device run that skipped a rounding point would fail.
-        assert!(
-            (x - y).abs() <= 1e-5 * x.abs(),
-            "update {}: cpu fp16 loss {x}, emulated GPU fp16 {y}",
-            t + 1
-        );
+    // Both runs round the same values to f16 at the same points; they differ where an f32
+    // sum in another order (blocked products, attention tiles) lands on the other side of an
+    // f16 rounding boundary: one f16 step (2⁻¹¹ ≈ 4.9e-4 relative) in that one element. The
+    // loss averages every position, so such flips move it far less than a step: 3.3e-7
+    // measured over these ten updates (5e-7 for one pass in the unit test). 1e-5 leaves 30×
+    // that, and stays 15× below what fp16's rounding itself moves the loss (1.5e-4 against
+    // fp32, tests/precision.rs): a device run that skipped a rounding point would fail.
+    assert_losses_agree(&a, &b, "fp16 emulated GPU vs fp16 CPU");
+    for t in 0..10 {
         // The scales follow the same rule from the same flags: equal, not close.
         for key in [
             "grad_scale_min",
@@ -153,17 +160,9 @@ fn fp16_on_the_emulated_gpu_tracks_the_cpu_fp16_run_and_resumes_bit_exactly() {
     );
 
     // Stop at 5 and resume on the emulated device: the same bits as the straight run.
-    trainer::train::run(&fp16_config(&resumed, 5, "cuda-emu"), true).unwrap();
-    let r = trainer::train::run(&fp16_config(&resumed, 10, "cuda-emu"), true).unwrap();
-    assert_eq!(r.resumed_from, Some(5));
-    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        let x = fs::read(emu.join("checkpoints/step_00000010").join(file)).unwrap();
-        let y = fs::read(resumed.join("checkpoints/step_00000010").join(file)).unwrap();
-        assert!(
-            x == y,
-            "{file} differs between the straight and the resumed fp16 run"
-        );
-    }
+    assert_resumes_bit_exactly(&emu, &resumed, |out, steps| {
+        fp16_config(out, steps, "cuda-emu")
+    });
 
     // The device's fp16 checkpoint resumes on the CPU (fp32 master weights, the same format),
     // and the CPU's goes on on the device.
@@ -174,20 +173,8 @@ fn fp16_on_the_emulated_gpu_tracks_the_cpu_fp16_run_and_resumes_bit_exactly() {
     assert_eq!(r.resumed_from, Some(8));
     let m = losses(&moved);
     assert_eq!(m.len(), 10);
-    let worst = b
-        .iter()
-        .zip(&m)
-        .map(|(x, y)| (x - y).abs() / x.abs())
-        .fold(0.0, f64::max);
-    eprintln!("largest relative loss difference, moved between the devices: {worst:.2e}");
     // Updates 6 to 8 ran on the CPU: the same bound as the CPU against the emulated GPU.
-    for (t, (x, y)) in b.iter().zip(&m).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * x.abs(),
-            "update {}: straight {x}, moved between the devices {y}",
-            t + 1
-        );
-    }
+    assert_losses_agree(&b, &m, "straight vs moved between the devices");
     assert_eq!(
         state(&moved, 10)["grad_scaler"],
         state(&emu, 10)["grad_scaler"]
