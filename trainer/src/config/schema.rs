@@ -225,18 +225,32 @@ impl TryFrom<ModelSection> for ModelConfig {
         let required = |name: &str, v: Option<usize>| {
             v.ok_or_else(|| format!("missing field `{name}` (required for model.kind: {kind})"))
         };
+        // Each kind's own fields, which the other kinds refuse.
+        let transformer = [
+            ("text_len", m.text_len.is_some()),
+            ("text_vocab", m.text_vocab.is_some()),
+            ("grid", m.grid.is_some()),
+            ("image_vocab", m.image_vocab.is_some()),
+            ("d_model", m.d_model.is_some()),
+            ("heads", m.heads.is_some()),
+            ("layers", m.layers.is_some()),
+            ("conv_kernel", m.conv_kernel.is_some()),
+        ];
+        let dvae = [
+            ("resolution", m.resolution.is_some()),
+            ("n_hid", m.n_hid.is_some()),
+            ("n_blk_per_group", m.n_blk_per_group.is_some()),
+            ("vocab_size", m.vocab_size.is_some()),
+            ("n_init", m.n_init.is_some()),
+        ];
+        let clip = [
+            ("text_config", m.text_config.is_some()),
+            ("vision_config", m.vision_config.is_some()),
+            ("projection_dim", m.projection_dim.is_some()),
+        ];
         match kind {
             ModelKind::Transformer => {
-                refuse(&[
-                    ("resolution", m.resolution.is_some()),
-                    ("n_hid", m.n_hid.is_some()),
-                    ("n_blk_per_group", m.n_blk_per_group.is_some()),
-                    ("vocab_size", m.vocab_size.is_some()),
-                    ("n_init", m.n_init.is_some()),
-                    ("text_config", m.text_config.is_some()),
-                    ("vision_config", m.vision_config.is_some()),
-                    ("projection_dim", m.projection_dim.is_some()),
-                ])?;
+                refuse(&[&dvae[..], &clip[..]].concat())?;
                 Ok(ModelConfig::Transformer(TransformerConfig {
                     text_len: required("text_len", m.text_len)?,
                     text_vocab: required("text_vocab", m.text_vocab)?,
@@ -249,19 +263,7 @@ impl TryFrom<ModelSection> for ModelConfig {
                 }))
             }
             ModelKind::Dvae => {
-                refuse(&[
-                    ("text_len", m.text_len.is_some()),
-                    ("text_vocab", m.text_vocab.is_some()),
-                    ("grid", m.grid.is_some()),
-                    ("image_vocab", m.image_vocab.is_some()),
-                    ("d_model", m.d_model.is_some()),
-                    ("heads", m.heads.is_some()),
-                    ("layers", m.layers.is_some()),
-                    ("conv_kernel", m.conv_kernel.is_some()),
-                    ("text_config", m.text_config.is_some()),
-                    ("vision_config", m.vision_config.is_some()),
-                    ("projection_dim", m.projection_dim.is_some()),
-                ])?;
+                refuse(&[&transformer[..], &clip[..]].concat())?;
                 Ok(ModelConfig::Dvae(DvaeConfig {
                     resolution: required("resolution", m.resolution)?,
                     n_hid: required("n_hid", m.n_hid)?,
@@ -271,21 +273,7 @@ impl TryFrom<ModelSection> for ModelConfig {
                 }))
             }
             ModelKind::Clip => {
-                refuse(&[
-                    ("text_len", m.text_len.is_some()),
-                    ("text_vocab", m.text_vocab.is_some()),
-                    ("grid", m.grid.is_some()),
-                    ("image_vocab", m.image_vocab.is_some()),
-                    ("d_model", m.d_model.is_some()),
-                    ("heads", m.heads.is_some()),
-                    ("layers", m.layers.is_some()),
-                    ("conv_kernel", m.conv_kernel.is_some()),
-                    ("resolution", m.resolution.is_some()),
-                    ("n_hid", m.n_hid.is_some()),
-                    ("n_blk_per_group", m.n_blk_per_group.is_some()),
-                    ("vocab_size", m.vocab_size.is_some()),
-                    ("n_init", m.n_init.is_some()),
-                ])?;
+                refuse(&[&transformer[..], &dvae[..]].concat())?;
                 let missing = |name: &str| {
                     format!("missing field `{name}` (required for model.kind: {kind})")
                 };
