@@ -488,14 +488,7 @@ fn init_weights_and_debug_state_cli_match_numpy_reference() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);
     std::fs::write(p("clip.yaml"), clip_config(&p("run"), CLIP_MODEL)).unwrap();
-    let run = |args: &[&Path]| {
-        let out = support::trainer_command().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "trainer {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = support::trainer_ok;
     let (cfg, w, batch, state) = (
         p("clip.yaml"),
         p("model.safetensors"),

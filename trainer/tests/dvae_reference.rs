@@ -156,14 +156,7 @@ train: {{steps: 1, batch_size: 2}}
         ),
     )
     .unwrap();
-    let run = |args: &[&Path]| {
-        let out = support::trainer_command().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "trainer {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = support::trainer_ok;
     let (cfg, w, batch, state) = (
         p("dvae.yaml"),
         p("w.safetensors"),

@@ -21,6 +21,16 @@ pub fn trainer(args: &[&str]) -> Output {
         .expect("the trainer binary runs")
 }
 
+/// Runs `trainer ARGS` (paths and words alike) and asserts that it succeeded.
+pub fn trainer_ok(args: &[&Path]) {
+    let out = trainer_command().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "trainer {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Whether `python3` can import numpy and safetensors (tools/requirements.txt). When it cannot:
 /// under CI (`CI` set) this panics, since CI installs them; elsewhere it prints why `check` is
 /// skipped and returns false.
