@@ -9,6 +9,7 @@
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
 pub mod objectives;
+pub mod resident;
 pub mod resume;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};

@@ -17,15 +17,16 @@ use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeA
 use crate::model::mixed::BlockScales;
 use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
-    Act, DeviceActs, DeviceScales, DeviceTensors, DeviceTransformer, HalfWeights,
-    TransformerDevice, UnscaleScratch,
+    Act, DeviceActs, DeviceScales, DeviceTransformer, HalfWeights, TransformerDevice,
+    UnscaleScratch,
 };
 use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
+use crate::train::resident::ResidentState;
 use anyhow::{bail, Context, Result};
 use half::f16;
-use kernels::adamw::{AdamWOps, AdamWStep};
+use kernels::adamw::AdamWOps;
 use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
 use std::ops::Range;
 use std::sync::Arc;
@@ -192,62 +193,40 @@ trait DeviceCompute: DeviceState {
 
 /// The device state in activation type `A`: f32 (`run.precision: fp32`) or f16 (`fp16`).
 struct OnDevice<D: TransformerDevice + AdamWOps, A: Act> {
-    dev: D,
+    /// The device, weights, gradients, moments and EMA.
+    state: ResidentState<D>,
     model: DeviceTransformer<D>,
     acts: DeviceActs<D, A>,
-    params: DeviceTensors<D>,
     /// fp16: the f16 copies of the resblocks' matrices, rebuilt by `load`, kept by AdamW.
     half: HalfWeights<D>,
     /// fp16: one flag per resblock for the update, and the spares of the unscaling.
     flags: D::Buf<u32>,
     spare: Option<UnscaleScratch<D>>,
-    grads: DeviceTensors<D>,
-    m: DeviceTensors<D>,
-    v: DeviceTensors<D>,
-    ema: Option<DeviceTensors<D>>,
-    /// The squared gradient norm, one f64.
-    norm_sq: D::Buf<f64>,
 }
 
 impl<D: TransformerDevice + AdamWOps, A: Act> OnDevice<D, A> {
     fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
         let dm = DeviceTransformer::new(model, &dev)?;
-        let table = model.table();
         let half = A::DTYPE == "f16";
         Ok(OnDevice {
             acts: dm.new_acts(&dev, batch)?,
-            params: DeviceTensors::zeros(&dev, table)?,
             half: HalfWeights::none(),
             flags: dev.zeros(2 * model.dims().layers)?,
             spare: half.then(|| dm.unscale_scratch(&dev)).transpose()?,
-            grads: DeviceTensors::zeros(&dev, table)?,
-            m: DeviceTensors::zeros(&dev, table)?,
-            v: DeviceTensors::zeros(&dev, table)?,
-            ema: None,
-            norm_sq: dev.zeros(1)?,
             model: dm,
-            dev,
+            state: ResidentState::new(dev, model.table())?,
         })
-    }
-
-    fn table(&self) -> &ParamTable {
-        self.model.model().table()
     }
 }
 
 impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
     fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
-        let (dev, table) = (&self.dev, self.model.model().table());
-        self.params = DeviceTensors::upload(dev, table, params)?;
+        self.state.load(params, m, v, ema)?;
         if A::DTYPE == "f16" {
             // The same rounding as AdamW's f16 copy: a resumed run multiplies by the same bits.
-            self.half = HalfWeights::of(dev, self.model.model(), &self.params)?;
+            let s = &self.state;
+            self.half = HalfWeights::of(&s.dev, self.model.model(), &s.params)?;
         }
-        self.m = DeviceTensors::upload(dev, table, m)?;
-        self.v = DeviceTensors::upload(dev, table, v)?;
-        self.ema = ema
-            .map(|e| DeviceTensors::upload(dev, table, e))
-            .transpose()?;
         Ok(())
     }
 
@@ -258,85 +237,23 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
         v: &mut [f32],
         ema: Option<&mut [f32]>,
     ) -> Result<()> {
-        let (dev, table) = (&self.dev, self.table());
-        params.copy_from_slice(&self.params.download(dev, table)?);
-        m.copy_from_slice(&self.m.download(dev, table)?);
-        v.copy_from_slice(&self.v.download(dev, table)?);
-        if let (Some(host), Some(buf)) = (ema, &self.ema) {
-            host.copy_from_slice(&buf.download(dev, table)?);
-        }
-        Ok(())
+        self.state.store(params, m, v, ema)
     }
 
     fn grads_to_host(&self, out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(&self.grads.download(&self.dev, self.table())?);
-        Ok(())
+        self.state.grads_to_host(out)
     }
 
     fn grads_from_host(&mut self, grads: &[f32]) -> Result<()> {
-        let (dev, table) = (&self.dev, self.model.model().table());
-        self.grads = DeviceTensors::upload(dev, table, grads)?;
-        Ok(())
+        self.state.grads_from_host(grads)
     }
 
     fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport> {
-        let dev = &self.dev;
-        // Σ g² over every tensor into one device scalar (`sum_squares` adds), read back once.
-        dev.fill_zero(&mut self.norm_sq)?;
-        for g in &self.grads.bufs {
-            dev.sum_squares(&mut self.norm_sq, g)?;
-        }
-        let norm = dev.download(&self.norm_sq)?[0].sqrt();
-        if !norm.is_finite() {
-            return Ok(StepReport {
-                grad_norm: norm,
-                applied: false,
-            });
-        }
-        let clip = hp.grad_clip as f64;
-        let grad_scale = if clip > 0.0 && norm > clip {
-            (clip / norm) as f32
-        } else {
-            1.0
-        };
-        let specs = self.model.model().table().specs();
-        for (i, spec) in specs.iter().enumerate() {
-            let step = AdamWStep {
-                lr,
-                beta1: hp.beta1,
-                beta2: hp.beta2,
-                eps: hp.eps,
-                weight_decay: if spec.kind.decayed() {
-                    hp.weight_decay
-                } else {
-                    0.0
-                },
-                t,
-                grad_scale,
-            };
-            dev.adamw_update(
-                &mut self.params.bufs[i],
-                self.half.bufs.get_mut(i).and_then(Option::as_mut),
-                &self.grads.bufs[i],
-                &mut self.m.bufs[i],
-                &mut self.v.bufs[i],
-                step,
-            )?;
-        }
-        Ok(StepReport {
-            grad_norm: norm,
-            applied: true,
-        })
+        self.state.adam_step(hp, lr, t, &mut self.half.bufs)
     }
 
     fn ema_update(&mut self, decay: f32) -> Result<()> {
-        let Some(ema) = self.ema.as_mut() else {
-            bail!("the run keeps no EMA (optim.ema: 0)");
-        };
-        for (e, p) in ema.bufs.iter_mut().zip(&self.params.bufs) {
-            self.dev.ema_update(e, p, decay)?;
-        }
-        Ok(())
+        self.state.ema_update(decay)
     }
 
     fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()> {
@@ -347,9 +264,10 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
             scales,
             flags: &mut self.flags,
         };
+        let s = &mut self.state;
         self.model
-            .unscale_param_grads(&self.dev, &mut self.grads, spare, scaling)?;
-        let raised = self.dev.download(&self.flags)?;
+            .unscale_param_grads(&s.dev, &mut s.grads, spare, scaling)?;
+        let raised = s.dev.download(&self.flags)?;
         if raised.len() != flags.len() {
             bail!(
                 "{} resblock flags on the device, {} on the host",
@@ -373,16 +291,15 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
         scale: f32,
         scales: Option<&[f32]>,
     ) -> Result<Losses> {
+        let s = &mut self.state;
         if micro == 0 {
-            for g in &mut self.grads.bufs {
-                self.dev.fill_zero(g)?;
-            }
-            self.dev.fill_zero(&mut self.flags)?;
+            s.zero_grads()?;
+            s.dev.fill_zero(&mut self.flags)?;
         }
-        let dev = &self.dev;
+        let dev = &s.dev;
         let l = self.model.forward(
             dev,
-            &self.params,
+            &s.params,
             &self.half,
             &mut self.acts,
             text,
@@ -395,9 +312,9 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
         });
         self.model.backward(
             dev,
-            &self.params,
+            &s.params,
             &self.half,
-            &mut self.grads,
+            &mut s.grads,
             &mut self.acts,
             text,
             image,
