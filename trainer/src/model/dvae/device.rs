@@ -381,70 +381,91 @@ impl DeviceDvae {
 mod tests {
     use super::*;
     use crate::model::dvae::{gumbel_noise, DvaeDims};
+    use kernels::device::Cpu;
     use kernels::dvae::squash;
     use kernels::gpu::{Emu, Gpu, Schedule};
 
-    /// One step of a tiny dVAE (blocks with and without an identity convolution, every layer
-    /// kind) on the emulated GPU against the host model: the loss terms and every gradient.
-    #[test]
-    fn a_step_on_the_emulated_gpu_matches_the_host_model() {
-        let dims = DvaeDims {
+    const BATCH: usize = 2;
+    const TAU: f32 = 0.7;
+    const BETA: f32 = 0.3;
+    const SCALE: f32 = 0.5;
+
+    /// A tiny dVAE: blocks with and without an identity convolution, every layer kind.
+    fn tiny() -> Dvae {
+        Dvae::new(DvaeDims {
             resolution: 16,
             n_hid: 8,
             n_blk_per_group: 1,
             vocab_size: 16,
             n_init: 8,
-        };
-        let m = Dvae::new(dims).unwrap();
-        let batch = 2;
-        let params = m.init_params(5);
-        let npx = batch * 3 * 16 * 16;
-        let images: Vec<f32> = (0..npx).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
-        let mut noise = vec![0.0; batch * 16 * 2 * 2];
-        gumbel_noise(3, 1, &mut noise);
-        let (tau, beta, scale) = (0.7, 0.3, 0.5);
-        // The host: two passes' gradients accumulate, as over two micro-batches.
-        let mut acts = m.new_acts(batch);
-        let mut want = vec![0.0f32; params.len()];
-        let host = m
-            .forward(&params, &mut acts, &images, Some(&noise), tau, beta)
-            .unwrap();
-        m.backward(&params, &mut want, &mut acts, scale).unwrap();
+        })
+        .unwrap()
+    }
 
-        let dev = Gpu(Emu::new(Schedule::Forward));
+    fn inputs() -> (Vec<f32>, Vec<f32>) {
+        let npx = BATCH * 3 * 16 * 16;
+        let images: Vec<f32> = (0..npx).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        let mut noise = vec![0.0; BATCH * 16 * 2 * 2];
+        gumbel_noise(3, 1, &mut noise);
+        (images, noise)
+    }
+
+    /// One step on `dev`: the loss terms, the logits and the gradient.
+    fn device_step<D: DvaeDevice>(
+        dev: &D,
+        m: &Dvae,
+        params: &[f32],
+    ) -> (DvaeLosses, Vec<f32>, Vec<f32>) {
+        let (images, noise) = inputs();
         let table = m.table();
-        let dm = DeviceDvae::new(&m);
-        let p = DeviceTensors::upload(&dev, table, &params).unwrap();
-        let mut g = DeviceTensors::zeros(&dev, table).unwrap();
-        let mut dacts = dm.new_acts(&dev, batch).unwrap();
+        let dm = DeviceDvae::new(m);
+        let p = DeviceTensors::upload(dev, table, params).unwrap();
+        let mut g = DeviceTensors::zeros(dev, table).unwrap();
+        let mut acts = dm.new_acts(dev, BATCH).unwrap();
         let x_mapped: Vec<f32> = images.iter().map(|&x| squash(x) as f32).collect();
-        let got = dm
+        let l = dm
             .train_step(
-                &dev, &p, &mut g, &mut dacts, &x_mapped, &images, &noise, tau, beta, scale,
+                dev, &p, &mut g, &mut acts, &x_mapped, &images, &noise, TAU, BETA, SCALE,
             )
             .unwrap();
+        (
+            l,
+            acts.logits(dev).unwrap(),
+            g.download(dev, table).unwrap(),
+        )
+    }
+
+    /// The step on `dev` against the host model's: the loss terms within `rtol` relative, the
+    /// logits and every gradient within 1e-4 of their tensor's largest value.
+    fn assert_agree(
+        what: &str,
+        m: &Dvae,
+        got: &(DvaeLosses, Vec<f32>, Vec<f32>),
+        want: &(DvaeLosses, Vec<f32>, Vec<f32>),
+        rtol: f64,
+    ) {
+        let ((l, logits, grads), (host, host_logits, want)) = (got, want);
         // The KL kernel sums each position's Σ q·log q (about −ln K) in f32 where the host sums
         // in f64, and the KL is that sum plus ln K: near the uniform start it is small, so its
         // error is bounded in units of the terms that cancel, not of the result.
-        let positions = (batch * 2 * 2) as f64;
+        let positions = (BATCH * 2 * 2) as f64;
         let kl_tol = 1e-6 * positions * 16f64.ln();
-        for (what, h, d, tol) in [
-            ("loss", host.loss, got.loss, 1e-6 * host.loss.abs()),
-            ("nll", host.nll, got.nll, 1e-6 * host.nll.abs()),
-            ("kl", host.kl, got.kl, kl_tol),
+        for (term, h, d, tol) in [
+            ("loss", host.loss, l.loss, rtol * host.loss.abs()),
+            ("nll", host.nll, l.nll, rtol * host.nll.abs()),
+            ("kl", host.kl, l.kl, kl_tol),
         ] {
-            assert!((h - d).abs() <= tol, "{what}: host {h}, device {d}");
+            assert!((h - d).abs() <= tol, "{what} {term}: host {h}, device {d}");
         }
-        let logits = dacts.logits(&dev).unwrap();
-        for (i, (a, b)) in logits.iter().zip(acts.logits()).enumerate() {
+        for (i, (a, b)) in logits.iter().zip(host_logits).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "logit {i}: {a} vs {b}"
+                "{what} logit {i}: {a} vs {b}"
             );
         }
-        let grads = g.download(&dev, table).unwrap();
         // A block's two-channel hidden layer can be dead (every ReLU off) at this init: its
         // gradient is then zero on both sides; most tensors' are not.
+        let table = m.table();
         let mut live = 0;
         for spec in table.specs() {
             let (h, d) = (&want[spec.range()], &grads[spec.range()]);
@@ -453,7 +474,7 @@ mod tests {
             for (i, (a, b)) in d.iter().zip(h).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-4 * norm,
-                    "{}[{i}]: device {a}, host {b} (largest {norm})",
+                    "{what} {}[{i}]: device {a}, host {b} (largest {norm})",
                     spec.name
                 );
             }
@@ -463,5 +484,37 @@ mod tests {
             "{live} of {} gradients are not zero",
             table.len()
         );
+    }
+
+    /// One step on the CPU device, the emulated GPU under every schedule and the GPU where there
+    /// is one, against the host model.
+    #[test]
+    fn a_step_on_every_device_matches_the_host_model() {
+        let m = tiny();
+        let params = m.init_params(5);
+        let (images, noise) = inputs();
+        let mut acts = m.new_acts(BATCH);
+        let mut grads = vec![0.0f32; params.len()];
+        let host = m
+            .forward(&params, &mut acts, &images, Some(&noise), TAU, BETA)
+            .unwrap();
+        m.backward(&params, &mut grads, &mut acts, SCALE).unwrap();
+        let want = (host, acts.logits().to_vec(), grads);
+        assert_agree("cpu", &m, &device_step(&Cpu, &m, &params), &want, 1e-6);
+        for s in Schedule::ALL {
+            let dev = Gpu(Emu::new(s));
+            assert_agree(
+                &dev.name(),
+                &m,
+                &device_step(&dev, &m, &params),
+                &want,
+                1e-6,
+            );
+        }
+        // cuBLAS sums the convolutions' products in its own order.
+        match kernels::gpu::cuda_for_tests() {
+            Some(dev) => assert_agree(&dev.name(), &m, &device_step(dev, &m, &params), &want, 1e-5),
+            None => eprintln!("skipped on CUDA: no GPU here (the CPU and the emulator ran)"),
+        }
     }
 }
