@@ -7,7 +7,9 @@
 #
 # It also runs the transformer's forward and backward passes on the GPU against the host model,
 # and 20 updates of `trainer train` with run.device cuda against cpu in fp32 (losses within 1e-4)
-# and in fp16 (within 1e-3, no update skipped).
+# and in fp16 (within 1e-3, no update skipped); then the dVAE's step on the GPU against the host
+# model, and 20 updates of configs/dvae-cpu.yaml with run.device cuda against cpu (fp32, losses
+# within 1e-4) on image shards that `prepare` writes into gpu-bin/dvae-images.
 #
 # `run` prints the GPU and library setup (nvidia-smi, `trainer cuda-libs`), then runs the tests
 # that need a GPU, with TESSERA_REQUIRE_GPU=1 so that one whose GPU or NCCL is missing fails
@@ -39,7 +41,7 @@ nccl_wheel_dirs() {
 
 case "${1:-}" in
 prepare)
-    cargo build --release -p trainer -p launcher
+    cargo build --release -p trainer -p launcher -p data-prep
     cargo test --release -p launcher --test distributed --no-run
     cargo test --release -p trainer --test cuda_libs --no-run
     cargo test --release -p kernels --lib --test nvrtc --no-run
@@ -63,6 +65,15 @@ for l in sys.stdin:
     done
     # Without debug info the four fit the device tool's 64 MiB carry limit.
     strip gpu-bin/*
+    # The dVAE run's data: 256 synthetic 64×64 images in shards, and configs/dvae-cpu.yaml
+    # reading them (paths relative to the repository root, where `run` works).
+    synth=$(mktemp -d)
+    target/release/data-prep synth --count 256 --resolution 64 --out "$synth/files"
+    target/release/data-prep ingest --input "$synth/files" --out gpu-bin/dvae-images --resolution 64
+    rm -rf "$synth"
+    sed 's|paths: \["data/synth-images/\*.tis"\]|paths: ["gpu-bin/dvae-images/*.tis"]|' \
+        configs/dvae-cpu.yaml > gpu-bin/dvae-gpu-check.yaml
+    grep -q 'gpu-bin/dvae-images' gpu-bin/dvae-gpu-check.yaml
     ls -l gpu-bin
     du -sh gpu-bin
     ;;
@@ -128,6 +139,28 @@ print(f"{prec}: updates {len(lc)}/{len(lg)}  first loss {lc[0]:.6f}/{lg[0]:.6f} 
 sys.exit(0 if len(lc) == len(lg) == 20 and worst < tol and skipped == 0 else 1)
 PY
     done
+    # The dVAE in fp32: the same bound as the transformer's fp32 run (the emulator's ten updates
+    # of a tiny dVAE agree within 3.2e-8, tests/tests/device.rs; cuBLAS sums the convolutions'
+    # products in orders the emulator does not copy).
+    echo "--- trainer: the dVAE's step on the GPU vs the host model"
+    gpu-bin/test-trainer --nocapture model::dvae::device || status=1
+    echo "--- trainer train: run.device cuda vs cpu, the dVAE (fp32), 20 updates of configs/dvae-cpu.yaml"
+    for dev in cpu cuda; do
+        gpu-bin/trainer train --config gpu-bin/dvae-gpu-check.yaml --set run.device=$dev \
+            --set train.steps=20 --set train.log_every=1 \
+            --set run.out_dir="$runs/dvae-$dev" >/dev/null || status=1
+    done
+    python3 - "$runs" <<'PY' || status=1
+import json, sys
+runs = sys.argv[1]
+rows = lambda d: [json.loads(l) for l in open(f"{runs}/dvae-{d}/metrics.jsonl")]
+cpu, gpu = rows("cpu"), rows("cuda")
+lc, lg = [r["loss"] for r in cpu], [r["loss"] for r in gpu]
+worst = max(abs(a - b) / abs(a) for a, b in zip(lc, lg))
+ms = lambda rs: sorted(r["step_ms"] for r in rs[1:])[len(rs[1:]) // 2]
+print(f"dvae fp32: updates {len(lc)}/{len(lg)}  first loss {lc[0]:.6f}/{lg[0]:.6f}  last {lc[-1]:.6f}/{lg[-1]:.6f}  largest relative difference {worst:.2e} (tolerance 1e-04)  median step {ms(cpu):.1f}/{ms(gpu):.1f} ms (cpu/cuda)")
+sys.exit(0 if len(lc) == len(lg) == 20 and worst < 1e-4 else 1)
+PY
     echo "--- kernels: benchmarks"
     gpu-bin/bench_gpu || status=1
     gpu-bin/bench_attention_gpu || status=1

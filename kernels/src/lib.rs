@@ -35,6 +35,7 @@ pub mod linear;
 pub mod powersgd;
 pub mod relu;
 pub mod resample;
+pub mod scale_add;
 pub(crate) mod simd;
 
 pub use error::{KernelError, Result};

@@ -9,6 +9,7 @@
 //! in a fixed order, so N updates + resume + M updates equal N + M updates straight, byte for byte.
 
 pub mod objectives;
+pub mod resident;
 pub mod resume;
 
 use crate::checkpoint::{self, TensorEntry, TensorFile, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE};
@@ -169,16 +170,9 @@ pub fn peak_gflops() -> f64 {
         .unwrap_or_else(|| kernels::linear::measure_gemm_gflops(768, 3))
 }
 
-/// Refuses devices this build cannot run on, with what to do instead.
+/// Refuses devices this build cannot run on, with what to do instead: `run.device: cuda`
+/// without a usable GPU (the same error for every model).
 pub fn check_device(cfg: &RunConfig) -> Result<()> {
-    let device = match cfg.run.device {
-        Device::Cpu | Device::Auto => return Ok(()),
-        Device::Cuda => "cuda",
-        Device::CudaEmu => "cuda-emu",
-    };
-    if cfg.model.dvae().is_some() {
-        bail!("run.device = {device}: the dVAE trains on the CPU only for now (run.device: cpu)");
-    }
     if cfg.run.device == Device::Cuda {
         // Before any data is read: the driver, NVRTC and a device, or an error naming what is
         // missing and where it was looked for.

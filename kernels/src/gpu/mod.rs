@@ -28,6 +28,7 @@ pub mod nvrtc;
 pub mod powersgd;
 pub mod relu;
 pub mod resample;
+pub mod scale_add;
 
 pub use cuda::Cuda;
 pub use emu::{Emu, Schedule};

@@ -23,6 +23,7 @@ use kernels::resample::{
 };
 use rayon::prelude::*;
 
+pub mod device;
 mod infer;
 pub use crate::model::transformer::ModelError;
 pub use infer::{

@@ -13,20 +13,26 @@
 use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
-use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims};
+use crate::model::dvae::device::{DeviceDvae, DeviceDvaeActs, DvaeDevice};
+use crate::model::dvae::{
+    for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims, DvaeLosses,
+};
 use crate::model::mixed::BlockScales;
 use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
-    Act, DeviceActs, DeviceScales, DeviceTensors, DeviceTransformer, HalfWeights,
-    TransformerDevice, UnscaleScratch,
+    Act, DeviceActs, DeviceScales, DeviceTransformer, HalfWeights, TransformerDevice,
+    UnscaleScratch,
 };
 use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
+use crate::train::resident::ResidentState;
 use anyhow::{bail, Context, Result};
 use half::f16;
-use kernels::adamw::{AdamWOps, AdamWStep};
+use kernels::adamw::AdamWOps;
+use kernels::dvae::squash;
 use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -192,62 +198,40 @@ trait DeviceCompute: DeviceState {
 
 /// The device state in activation type `A`: f32 (`run.precision: fp32`) or f16 (`fp16`).
 struct OnDevice<D: TransformerDevice + AdamWOps, A: Act> {
-    dev: D,
+    /// The device, weights, gradients, moments and EMA.
+    state: ResidentState<D>,
     model: DeviceTransformer<D>,
     acts: DeviceActs<D, A>,
-    params: DeviceTensors<D>,
     /// fp16: the f16 copies of the resblocks' matrices, rebuilt by `load`, kept by AdamW.
     half: HalfWeights<D>,
     /// fp16: one flag per resblock for the update, and the spares of the unscaling.
     flags: D::Buf<u32>,
     spare: Option<UnscaleScratch<D>>,
-    grads: DeviceTensors<D>,
-    m: DeviceTensors<D>,
-    v: DeviceTensors<D>,
-    ema: Option<DeviceTensors<D>>,
-    /// The squared gradient norm, one f64.
-    norm_sq: D::Buf<f64>,
 }
 
 impl<D: TransformerDevice + AdamWOps, A: Act> OnDevice<D, A> {
     fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
         let dm = DeviceTransformer::new(model, &dev)?;
-        let table = model.table();
         let half = A::DTYPE == "f16";
         Ok(OnDevice {
             acts: dm.new_acts(&dev, batch)?,
-            params: DeviceTensors::zeros(&dev, table)?,
             half: HalfWeights::none(),
             flags: dev.zeros(2 * model.dims().layers)?,
             spare: half.then(|| dm.unscale_scratch(&dev)).transpose()?,
-            grads: DeviceTensors::zeros(&dev, table)?,
-            m: DeviceTensors::zeros(&dev, table)?,
-            v: DeviceTensors::zeros(&dev, table)?,
-            ema: None,
-            norm_sq: dev.zeros(1)?,
             model: dm,
-            dev,
+            state: ResidentState::new(dev, model.table())?,
         })
-    }
-
-    fn table(&self) -> &ParamTable {
-        self.model.model().table()
     }
 }
 
 impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
     fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
-        let (dev, table) = (&self.dev, self.model.model().table());
-        self.params = DeviceTensors::upload(dev, table, params)?;
+        self.state.load(params, m, v, ema)?;
         if A::DTYPE == "f16" {
             // The same rounding as AdamW's f16 copy: a resumed run multiplies by the same bits.
-            self.half = HalfWeights::of(dev, self.model.model(), &self.params)?;
+            let s = &self.state;
+            self.half = HalfWeights::of(&s.dev, self.model.model(), &s.params)?;
         }
-        self.m = DeviceTensors::upload(dev, table, m)?;
-        self.v = DeviceTensors::upload(dev, table, v)?;
-        self.ema = ema
-            .map(|e| DeviceTensors::upload(dev, table, e))
-            .transpose()?;
         Ok(())
     }
 
@@ -258,85 +242,23 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
         v: &mut [f32],
         ema: Option<&mut [f32]>,
     ) -> Result<()> {
-        let (dev, table) = (&self.dev, self.table());
-        params.copy_from_slice(&self.params.download(dev, table)?);
-        m.copy_from_slice(&self.m.download(dev, table)?);
-        v.copy_from_slice(&self.v.download(dev, table)?);
-        if let (Some(host), Some(buf)) = (ema, &self.ema) {
-            host.copy_from_slice(&buf.download(dev, table)?);
-        }
-        Ok(())
+        self.state.store(params, m, v, ema)
     }
 
     fn grads_to_host(&self, out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(&self.grads.download(&self.dev, self.table())?);
-        Ok(())
+        self.state.grads_to_host(out)
     }
 
     fn grads_from_host(&mut self, grads: &[f32]) -> Result<()> {
-        let (dev, table) = (&self.dev, self.model.model().table());
-        self.grads = DeviceTensors::upload(dev, table, grads)?;
-        Ok(())
+        self.state.grads_from_host(grads)
     }
 
     fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport> {
-        let dev = &self.dev;
-        // Σ g² over every tensor into one device scalar (`sum_squares` adds), read back once.
-        dev.fill_zero(&mut self.norm_sq)?;
-        for g in &self.grads.bufs {
-            dev.sum_squares(&mut self.norm_sq, g)?;
-        }
-        let norm = dev.download(&self.norm_sq)?[0].sqrt();
-        if !norm.is_finite() {
-            return Ok(StepReport {
-                grad_norm: norm,
-                applied: false,
-            });
-        }
-        let clip = hp.grad_clip as f64;
-        let grad_scale = if clip > 0.0 && norm > clip {
-            (clip / norm) as f32
-        } else {
-            1.0
-        };
-        let specs = self.model.model().table().specs();
-        for (i, spec) in specs.iter().enumerate() {
-            let step = AdamWStep {
-                lr,
-                beta1: hp.beta1,
-                beta2: hp.beta2,
-                eps: hp.eps,
-                weight_decay: if spec.kind.decayed() {
-                    hp.weight_decay
-                } else {
-                    0.0
-                },
-                t,
-                grad_scale,
-            };
-            dev.adamw_update(
-                &mut self.params.bufs[i],
-                self.half.bufs.get_mut(i).and_then(Option::as_mut),
-                &self.grads.bufs[i],
-                &mut self.m.bufs[i],
-                &mut self.v.bufs[i],
-                step,
-            )?;
-        }
-        Ok(StepReport {
-            grad_norm: norm,
-            applied: true,
-        })
+        self.state.adam_step(hp, lr, t, &mut self.half.bufs)
     }
 
     fn ema_update(&mut self, decay: f32) -> Result<()> {
-        let Some(ema) = self.ema.as_mut() else {
-            bail!("the run keeps no EMA (optim.ema: 0)");
-        };
-        for (e, p) in ema.bufs.iter_mut().zip(&self.params.bufs) {
-            self.dev.ema_update(e, p, decay)?;
-        }
-        Ok(())
+        self.state.ema_update(decay)
     }
 
     fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()> {
@@ -347,9 +269,10 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
             scales,
             flags: &mut self.flags,
         };
+        let s = &mut self.state;
         self.model
-            .unscale_param_grads(&self.dev, &mut self.grads, spare, scaling)?;
-        let raised = self.dev.download(&self.flags)?;
+            .unscale_param_grads(&s.dev, &mut s.grads, spare, scaling)?;
+        let raised = s.dev.download(&self.flags)?;
         if raised.len() != flags.len() {
             bail!(
                 "{} resblock flags on the device, {} on the host",
@@ -373,16 +296,15 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
         scale: f32,
         scales: Option<&[f32]>,
     ) -> Result<Losses> {
+        let s = &mut self.state;
         if micro == 0 {
-            for g in &mut self.grads.bufs {
-                self.dev.fill_zero(g)?;
-            }
-            self.dev.fill_zero(&mut self.flags)?;
+            s.zero_grads()?;
+            s.dev.fill_zero(&mut self.flags)?;
         }
-        let dev = &self.dev;
+        let dev = &s.dev;
         let l = self.model.forward(
             dev,
-            &self.params,
+            &s.params,
             &self.half,
             &mut self.acts,
             text,
@@ -395,9 +317,9 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
         });
         self.model.backward(
             dev,
-            &self.params,
+            &s.params,
             &self.half,
-            &mut self.grads,
+            &mut s.grads,
             &mut self.acts,
             text,
             image,
@@ -428,18 +350,19 @@ fn device_compute(cfg: &RunConfig, model: &Transformer, batch: usize) -> Result<
     Ok(match cfg.run.device {
         Device::Cpu | Device::Auto => Compute::Host(Box::new(Activations::new(model, batch))),
         Device::CudaEmu => on_device(Gpu(Emu::new(Schedule::Forward)), model, batch)?,
-        Device::Cuda => {
-            // torchrun's LOCAL_RANK picks this process's GPU.
-            let ordinal = match std::env::var("LOCAL_RANK") {
-                Ok(v) => v
-                    .parse()
-                    .with_context(|| format!("LOCAL_RANK={v:?} is not a GPU index"))?,
-                Err(_) => 0,
-            };
-            let cuda = Cuda::new(ordinal).context("run.device: cuda")?;
-            on_device(Gpu(cuda), model, batch)?
-        }
+        Device::Cuda => on_device(cuda_gpu()?, model, batch)?,
     })
+}
+
+/// This process's GPU for `run.device: cuda`: torchrun's LOCAL_RANK picks it (0 without).
+fn cuda_gpu() -> Result<Gpu<Cuda>> {
+    let ordinal = match std::env::var("LOCAL_RANK") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("LOCAL_RANK={v:?} is not a GPU index"))?,
+        Err(_) => 0,
+    };
+    Ok(Gpu(Cuda::new(ordinal).context("run.device: cuda")?))
 }
 
 impl TransformerObjective {
@@ -579,10 +502,141 @@ fn caption_encoder(cfg: &RunConfig) -> Result<Option<Arc<dyn CaptionEncoder>>> {
     })))
 }
 
+/// Where the dVAE's passes run.
+enum DvaeCompute {
+    /// The host model (`run.device: cpu`).
+    Host(Box<DvaeActs>),
+    /// A kernels device (`run.device: cuda` or `cuda-emu`), fp32.
+    Device(Box<dyn DvaeDeviceCompute>),
+}
+
+/// One micro-batch of the dVAE on its device state: gradients zeroed at micro-batch 0 and
+/// accumulated after. Returns the loss terms and host copies of the logits and the decoder's
+/// statistics (for the codebook and reconstruction metrics).
+trait DvaeDeviceCompute: DeviceState {
+    #[allow(clippy::too_many_arguments)]
+    fn micro_step(
+        &mut self,
+        micro: usize,
+        x_mapped: &[f32],
+        images: &[f32],
+        noise: &[f32],
+        tau: f32,
+        beta: f32,
+        scale: f32,
+    ) -> Result<(DvaeLosses, Vec<f32>, Vec<f32>)>;
+    fn state(&mut self) -> &mut dyn DeviceState;
+}
+
+/// The dVAE's training state and activations on a device.
+struct DvaeOnDevice<D: DvaeDevice + AdamWOps> {
+    state: ResidentState<D>,
+    model: DeviceDvae,
+    acts: DeviceDvaeActs<D>,
+}
+
+impl<D: DvaeDevice + AdamWOps> DeviceState for DvaeOnDevice<D> {
+    fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
+        self.state.load(params, m, v, ema)
+    }
+
+    fn store(
+        &self,
+        params: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ema: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.state.store(params, m, v, ema)
+    }
+
+    fn grads_to_host(&self, out: &mut [f32]) -> Result<()> {
+        self.state.grads_to_host(out)
+    }
+
+    fn grads_from_host(&mut self, grads: &[f32]) -> Result<()> {
+        self.state.grads_from_host(grads)
+    }
+
+    fn adam_step(&mut self, hp: &AdamWParams, lr: f32, t: u64) -> Result<StepReport> {
+        self.state.adam_step(hp, lr, t, &mut [])
+    }
+
+    fn ema_update(&mut self, decay: f32) -> Result<()> {
+        self.state.ema_update(decay)
+    }
+
+    fn unscale_grads(&mut self, _scales: &[f32], _flags: &mut [u32]) -> Result<()> {
+        bail!("the dVAE trains in fp32: it has no gradient scales to remove")
+    }
+}
+
+impl<D: DvaeDevice + AdamWOps> DvaeDeviceCompute for DvaeOnDevice<D> {
+    fn micro_step(
+        &mut self,
+        micro: usize,
+        x_mapped: &[f32],
+        images: &[f32],
+        noise: &[f32],
+        tau: f32,
+        beta: f32,
+        scale: f32,
+    ) -> Result<(DvaeLosses, Vec<f32>, Vec<f32>)> {
+        let s = &mut self.state;
+        if micro == 0 {
+            s.zero_grads()?;
+        }
+        let l = self.model.train_step(
+            &s.dev,
+            &s.params,
+            &mut s.grads,
+            &mut self.acts,
+            x_mapped,
+            images,
+            noise,
+            tau,
+            beta,
+            scale,
+        )?;
+        let logits = self.acts.logits(&s.dev)?;
+        let stats = self.acts.stats(&s.dev)?;
+        Ok((l, logits, stats))
+    }
+
+    fn state(&mut self) -> &mut dyn DeviceState {
+        self
+    }
+}
+
+/// The dVAE's passes on `dev`.
+fn dvae_on_device<D: DvaeDevice + AdamWOps + 'static>(
+    dev: D,
+    model: &Dvae,
+    batch: usize,
+) -> Result<DvaeCompute> {
+    let dm = DeviceDvae::new(model);
+    Ok(DvaeCompute::Device(Box::new(DvaeOnDevice {
+        acts: dm.new_acts(&dev, batch)?,
+        model: dm,
+        state: ResidentState::new(dev, model.table())?,
+    })))
+}
+
+/// Where `run.device` runs the dVAE's passes.
+fn dvae_compute(cfg: &RunConfig, model: &Dvae, batch: usize) -> Result<DvaeCompute> {
+    Ok(match cfg.run.device {
+        Device::Cpu | Device::Auto => DvaeCompute::Host(Box::new(model.new_acts(batch))),
+        Device::CudaEmu => dvae_on_device(Gpu(Emu::new(Schedule::Forward)), model, batch)?,
+        Device::Cuda => dvae_on_device(cuda_gpu()?, model, batch)?,
+    })
+}
+
 /// Stage 1: the dVAE on image shards.
 pub struct DvaeObjective {
     model: Dvae,
-    acts: DvaeActs,
+    compute: DvaeCompute,
+    /// The squashed pixels, the device's encoder input (the host model squashes its own).
+    x_mapped: Vec<f32>,
     data: ImageStream,
     noise: Vec<f32>,
     relax: crate::config::RelaxationConfig,
@@ -613,7 +667,8 @@ impl DvaeObjective {
         let batch = cfg.train.batch_size;
         let g = dims.grid();
         Ok(DvaeObjective {
-            acts: model.new_acts(batch),
+            compute: dvae_compute(cfg, &model, batch)?,
+            x_mapped: Vec::new(),
             noise: vec![0.0; batch * dims.vocab_size * g * g],
             code_counts: vec![0; dims.vocab_size],
             model,
@@ -654,26 +709,41 @@ impl Objective for DvaeObjective {
         // noise on every rank.
         let stream = ((t << 16 | micro as u64) << 16) | self.rank as u64;
         gumbel_noise(self.seed ^ GUMBEL_SALT, stream, &mut self.noise);
-        let l = self.model.forward(
-            params,
-            &mut self.acts,
-            &batch.pixels,
-            Some(&self.noise),
-            tau as f32,
-            beta as f32,
-        )?;
-        self.model.backward(params, grads, &mut self.acts, scale)?;
-        let d = self.model.dims();
+        let d = *self.model.dims();
+        let (tau, beta) = (tau as f32, beta as f32);
+        let (l, logits, stats) = match &mut self.compute {
+            DvaeCompute::Host(acts) => {
+                let l = (self.model).forward(
+                    params,
+                    acts,
+                    &batch.pixels,
+                    Some(&self.noise),
+                    tau,
+                    beta,
+                )?;
+                self.model.backward(params, grads, acts, scale)?;
+                (l, Cow::Borrowed(acts.logits()), Cow::Borrowed(acts.stats()))
+            }
+            DvaeCompute::Device(dev) => {
+                // The host's checks and squashing (Dvae::forward's), then the device's passes.
+                let px = &batch.pixels;
+                if let Some(i) = px.iter().position(|v| !(0.0..=1.0).contains(v)) {
+                    bail!("pixel {i} = {} is outside [0, 1]", px[i]);
+                }
+                self.x_mapped.clear();
+                self.x_mapped.extend(px.iter().map(|&x| squash(x) as f32));
+                let (l, logits, stats) =
+                    dev.micro_step(micro, &self.x_mapped, px, &self.noise, tau, beta, scale)?;
+                (l, Cow::Owned(logits), Cow::Owned(stats))
+            }
+        };
         // A metric only: a non-finite logit ends the count (the update itself is then skipped
         // by the optimizer's non-finite check), it does not fail the run.
         let counts = &mut self.code_counts;
-        let _ = for_each_argmax(
-            self.acts.logits(),
-            d.vocab_size,
-            d.grid() * d.grid(),
-            |_, _, c| counts[c] += 1,
-        );
-        self.sq_err += reconstruction_sq_err(self.acts.stats(), &batch.pixels, self.batch);
+        let _ = for_each_argmax(&logits, d.vocab_size, d.grid() * d.grid(), |_, _, c| {
+            counts[c] += 1
+        });
+        self.sq_err += reconstruction_sq_err(&stats, &batch.pixels, self.batch);
         self.pixels += batch.pixels.len() as u64;
         self.data.recycle(batch);
         let npx = (self.batch * 3 * d.resolution * d.resolution) as f64;
@@ -698,6 +768,12 @@ impl Objective for DvaeObjective {
             ("codebook_perplexity", ppl),
             ("recon_mse", mse),
         ]
+    }
+    fn device_state(&mut self) -> Option<&mut dyn DeviceState> {
+        match &mut self.compute {
+            DvaeCompute::Device(d) => Some(d.state()),
+            DvaeCompute::Host(_) => None,
+        }
     }
     fn rates(&self, secs: f64) -> Terms {
         vec![("images_per_s", self.batch as f64 / secs)]
@@ -1116,11 +1192,10 @@ mod tests {
                 .micro_step(t, 0, &params, &mut grads, 1.0, None)
                 .unwrap();
             let want = objective.relax.tau(t - 1);
-            let (logits, y, g) = (
-                objective.acts.logits(),
-                objective.acts.relaxed(),
-                &objective.noise,
-            );
+            let DvaeCompute::Host(acts) = &objective.compute else {
+                panic!("run.device: cpu trains on the host")
+            };
+            let (logits, y, g) = (acts.logits(), acts.relaxed(), &objective.noise);
             let mut checked = 0;
             for pos in [0, hw / 2, hw - 1] {
                 let at = |c: usize| c * hw + pos;
