@@ -3,7 +3,8 @@
 //! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
 //! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
 //! caption BPE ([`tokenizer`]); `encode` turns image shards into token shards with a dVAE
-//! ([`encode`]). Dedup (contrastive model) arrives later.
+//! ([`encode`]); `embed` writes CLIP embeddings of image shards ([`embed`]). Dedup arrives
+//! later.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod embed;
 mod encode;
 mod ingest;
 mod markers;
@@ -82,6 +84,9 @@ enum Cmd {
     /// Image shards + captions → token shards: dVAE codes (argmax, no noise) and caption BPE
     /// ids; see docs/data-prep.md.
     Encode(encode::EncodeArgs),
+    /// Image shards → L2-normalised CLIP image (and caption) embeddings, f16, one file per
+    /// shard; see docs/dedup.md.
+    Embed(embed::EmbedArgs),
 }
 
 fn main() {
@@ -165,5 +170,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Synth(a) => synth::main(a),
         Cmd::Ingest(a) => ingest::main(a),
         Cmd::Encode(a) => encode::main(a),
+        Cmd::Embed(a) => embed::main(a),
     }
 }
