@@ -498,6 +498,113 @@ fn serialize(m: &Manifest, e: &ShardEntry, v: &ShardVectors) -> Result<Vec<u8>> 
     Ok(safetensors::serialize(views, Some(file_metadata(m, e)))?)
 }
 
+/// An embeddings folder, read and checked: the manifest and every shard's image vectors.
+pub struct Embeddings {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// [N, D] f32, records in manifest order (shard by shard).
+    pub vectors: Vec<f32>,
+    /// The first global index of each shard, and N at the end.
+    pub offsets: Vec<u64>,
+}
+
+impl Embeddings {
+    /// Reads `dir`: a missing manifest or shard file, a file of another size, dtype or weights
+    /// than the manifest says is an error naming the file.
+    pub fn open(dir: &Path) -> Result<Embeddings> {
+        let mpath = dir.join(MANIFEST);
+        let manifest: Manifest = markers::read(&mpath)?.with_context(|| {
+            format!(
+                "{} is missing: {} is not a `data-prep embed` output",
+                mpath.display(),
+                dir.display()
+            )
+        })?;
+        ensure!(
+            manifest.format == FORMAT && manifest.version == VERSION,
+            "{}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+            mpath.display(),
+            manifest.format,
+            manifest.version
+        );
+        let d = manifest.dim;
+        ensure!(d >= 1, "{}: dim must be at least 1", mpath.display());
+        let mut vectors = Vec::with_capacity(manifest.records as usize * d);
+        let mut offsets = vec![0u64];
+        for e in &manifest.shards {
+            let path = dir.join(&e.file);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!(
+                    "reading {} (shard {} of {}); rerun `data-prep embed` to finish it",
+                    path.display(),
+                    e.name,
+                    mpath.display()
+                )
+            })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+                .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+            let weights = meta
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get("weights_xxh3").cloned())
+                .unwrap_or_default();
+            ensure!(
+                weights == manifest.weights_xxh3,
+                "{} was embedded with weights xxh3 {weights:?} but {} says {}: rerun `data-prep \
+                 embed` into a new folder",
+                path.display(),
+                mpath.display(),
+                manifest.weights_xxh3
+            );
+            let t = st
+                .tensor(IMAGE_TENSOR)
+                .with_context(|| format!("{}: no `{IMAGE_TENSOR}` tensor", path.display()))?;
+            ensure!(
+                t.dtype() == Dtype::F16,
+                "{}: `{IMAGE_TENSOR}` has dtype {:?}, expected F16",
+                path.display(),
+                t.dtype()
+            );
+            ensure!(
+                t.shape() == [e.records as usize, d],
+                "{}: `{IMAGE_TENSOR}` has shape {:?}, but {} says {} records of dim {d}",
+                path.display(),
+                t.shape(),
+                mpath.display(),
+                e.records
+            );
+            vectors.extend(
+                t.data()
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            );
+            offsets.push(offsets.last().copied().unwrap_or(0) + e.records);
+        }
+        Ok(Embeddings {
+            dir: dir.to_path_buf(),
+            manifest,
+            vectors,
+            offsets,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        *self.offsets.last().unwrap_or(&0) as usize
+    }
+
+    pub fn dim(&self) -> usize {
+        self.manifest.dim
+    }
+
+    /// (shard index, record) of global index `g`.
+    pub fn locate(&self, g: usize) -> (usize, u64) {
+        let s = self.offsets.partition_point(|&o| o <= g as u64) - 1;
+        (s, g as u64 - self.offsets[s])
+    }
+}
+
 /// `data-prep embed`: runs and prints a one-line summary.
 pub fn main(a: EmbedArgs) -> Result<()> {
     let s = run(&a)?;

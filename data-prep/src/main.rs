@@ -3,8 +3,8 @@
 //! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
 //! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
 //! caption BPE ([`tokenizer`]); `encode` turns image shards into token shards with a dVAE
-//! ([`encode`]); `embed` writes CLIP embeddings of image shards ([`embed`]). Dedup arrives
-//! later.
+//! ([`encode`]); `embed` writes CLIP embeddings of image shards ([`embed`]) and `dedup` removes
+//! near-duplicates with them ([`dedup`]).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod dedup;
 mod embed;
 mod encode;
 mod ingest;
@@ -87,6 +88,9 @@ enum Cmd {
     /// Image shards → L2-normalised CLIP image (and caption) embeddings, f16, one file per
     /// shard; see docs/dedup.md.
     Embed(embed::EmbedArgs),
+    /// Embeddings → the shards without near-duplicates (within the set and of an evaluation
+    /// set), a report and a PNG of the closest pairs; see docs/dedup.md.
+    Dedup(dedup::DedupArgs),
 }
 
 fn main() {
@@ -171,5 +175,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ingest(a) => ingest::main(a),
         Cmd::Encode(a) => encode::main(a),
         Cmd::Embed(a) => embed::main(a),
+        Cmd::Dedup(a) => dedup::main(a),
     }
 }

@@ -65,3 +65,98 @@ fn embed_is_aligned_resumable_and_refuses_another_model() {
         "{e}"
     );
 }
+
+/// A Tessera `model.kind: clip` run as `--model`: the newest checkpoint's weights and config
+/// (its `data.tokenizer` for the captions), the shards' pixels normalised with CLIP's statistics
+/// as in training.
+#[test]
+fn a_tessera_clip_run_is_embedded_with_its_checkpoint() {
+    use trainer::config::RunConfig;
+    use trainer::model::clip::{Activations, Clip};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n);
+    let (files, shards, tok, run) = (p("files"), p("shards"), p("tokenizer.json"), p("run"));
+    ok(support::data_prep(&[
+        "synth",
+        "--count",
+        "12",
+        "--resolution",
+        "32",
+        "--seed",
+        "5",
+        "--out",
+        s(&files),
+        "--quiet",
+    ]));
+    ok(support::data_prep(&[
+        "ingest",
+        "--input",
+        s(&files),
+        "--out",
+        s(&shards),
+        "--resolution",
+        "32",
+        "--shard-size",
+        "8",
+        "--quiet",
+    ]));
+    ok(support::data_prep(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&files),
+        "--vocab-size",
+        "400",
+        "--out",
+        s(&tok),
+    ]));
+    let yaml = format!(
+        "run: {{ name: c, out_dir: {run}, seed: 3, device: cpu }}
+model:
+  kind: clip
+  projection_dim: 16
+  text_config: {{ vocab_size: 402, hidden_size: 16, intermediate_size: 32,
+    num_attention_heads: 2, num_hidden_layers: 1, max_position_embeddings: 12,
+    eos_token_id: 401, hidden_act: quick_gelu }}
+  vision_config: {{ hidden_size: 16, intermediate_size: 32, num_attention_heads: 2,
+    num_hidden_layers: 1, image_size: 32, patch_size: 8, hidden_act: quick_gelu }}
+data: {{ source: images, paths: [\"{shards}/*.tis\"], tokenizer: {tok} }}
+train: {{ steps: 2, batch_size: 4, log_every: 1 }}
+",
+        run = run.display(),
+        shards = shards.display(),
+        tok = tok.display()
+    );
+    let cfg = RunConfig::from_yaml_str(&yaml, "t").unwrap();
+    trainer::train::run(&cfg, true).unwrap();
+    ok(embed(&run, &shards, &p("emb"), &["--captions"]));
+    let m: Value = serde_json::from_slice(&std::fs::read(p("emb/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["model_kind"], "tessera");
+    assert_eq!(
+        (m["dim"].as_u64(), m["records"].as_u64()),
+        (Some(16), Some(12))
+    );
+
+    // Record 3 of the first shard through the library, from the checkpoint's weights.
+    let ckpt = trainer::checkpoint::latest_complete(&run).unwrap().unwrap();
+    let model = Clip::new(*cfg.model.clip().unwrap()).unwrap();
+    let params = hf::read_weights(&ckpt.join("model.safetensors"), &model).unwrap();
+    let rec = formats::image_shard::ImageShard::open(shards.join("images-00000.tis"))
+        .unwrap()
+        .record(3)
+        .unwrap();
+    let mut px = vec![0.0f32; 3 * 32 * 32];
+    trainer::data::image_loader::hwc_to_chw(&rec.pixels, &mut px);
+    let (mean, std) = (
+        [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        [0.268_629_54, 0.261_302_6, 0.275_777_1],
+    );
+    for (c, plane) in px.chunks_exact_mut(32 * 32).enumerate() {
+        plane.iter_mut().for_each(|v| *v = (*v - mean[c]) / std[c]);
+    }
+    let mut acts = Activations::new(&model, 1, 12).unwrap();
+    model.image_forward(&params, &mut acts, &px).unwrap();
+    for (a, b) in vectors(&p("emb"))[3].iter().zip(&acts.image_embeds) {
+        assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+    }
+}
