@@ -63,7 +63,7 @@ pub struct DedupArgs {
     #[arg(long, value_enum, default_value_t = IndexKind::Auto)]
     pub index: IndexKind,
     /// The largest set searched exactly with --index auto (n²/2 similarities: 2·10¹⁰ at the
-    /// default, about 10 minutes at D = 512 and 30 GFLOP/s).
+    /// default, about 20 minutes at D = 512 on two cores).
     #[arg(long, default_value_t = 200_000)]
     pub exact_max: usize,
     /// Neighbours looked up per record in the HNSW index.
