@@ -3,7 +3,8 @@
 //! `trainer debug-state`; `synth-tokens` writes them as token shards ([`synth_tokens`]);
 //! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
 //! caption BPE ([`tokenizer`]); `encode` turns image shards into token shards with a dVAE
-//! ([`encode`]). Dedup (contrastive model) arrives later.
+//! ([`encode`]); `embed` writes CLIP embeddings of image shards ([`embed`]) and `dedup` removes
+//! near-duplicates with them ([`dedup`]).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -12,6 +13,8 @@ use std::path::PathBuf;
 use trainer::config::RunConfig;
 use trainer::data::synthetic::SyntheticData;
 
+mod dedup;
+mod embed;
 mod encode;
 mod ingest;
 mod markers;
@@ -82,6 +85,12 @@ enum Cmd {
     /// Image shards + captions → token shards: dVAE codes (argmax, no noise) and caption BPE
     /// ids; see docs/data-prep.md.
     Encode(encode::EncodeArgs),
+    /// Image shards → L2-normalised CLIP image (and caption) embeddings, f16, one file per
+    /// shard; see docs/dedup.md.
+    Embed(embed::EmbedArgs),
+    /// Embeddings → the shards without near-duplicates (within the set and of an evaluation
+    /// set), a report and a PNG of the closest pairs; see docs/dedup.md.
+    Dedup(dedup::DedupArgs),
 }
 
 fn main() {
@@ -165,5 +174,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Synth(a) => synth::main(a),
         Cmd::Ingest(a) => ingest::main(a),
         Cmd::Encode(a) => encode::main(a),
+        Cmd::Embed(a) => embed::main(a),
+        Cmd::Dedup(a) => dedup::main(a),
     }
 }
