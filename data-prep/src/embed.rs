@@ -149,9 +149,8 @@ pub struct LoadedClip {
     text_len: usize,
 }
 
-/// OpenAI's CLIP image statistics, the normalisation a Tessera-trained CLIP sees.
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+// The normalisation a Tessera-trained CLIP sees.
+use trainer::model::clip::hf::{IMAGE_MEAN as CLIP_MEAN, IMAGE_STD as CLIP_STD};
 
 impl LoadedClip {
     /// Loads `--model`; see the module doc.

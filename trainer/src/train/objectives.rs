@@ -798,9 +798,7 @@ pub struct ClipObjective {
     logit_scale: f64,
 }
 
-/// OpenAI's CLIP image statistics (Hugging Face's defaults for CLIP), per RGB channel.
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+use crate::model::clip::hf::{IMAGE_MEAN as CLIP_MEAN, IMAGE_STD as CLIP_STD};
 
 /// A trained-from-scratch CLIP's captions: the BPE of `data.tokenizer` (no special tokens) and
 /// two ids past it, the last two of `text_config.vocab_size`: start V − 2 and end V − 1

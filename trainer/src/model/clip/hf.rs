@@ -45,6 +45,11 @@ pub type Result<T> = std::result::Result<T, HfError>;
 /// Hugging Face's default `logit_scale_init_value`, ln(1/0.07).
 pub const DEFAULT_LOGIT_SCALE_INIT: f32 = 2.6592;
 
+/// OpenAI's CLIP image statistics per RGB channel, Hugging Face's defaults for CLIP: what a
+/// preprocessor config without `image_mean`/`image_std` and a Tessera-trained CLIP normalise by.
+pub const IMAGE_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const IMAGE_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
 /// Fields of a (sub-)config that every Hugging Face `PretrainedConfig` carries and that do not
 /// change CLIP's forward pass (generation settings, bookkeeping, initialisation and dropout,
 /// which Tessera does not apply: its training has no dropout).
@@ -543,8 +548,8 @@ impl Preprocessor {
         };
         let mean_std = if flag("do_normalize") {
             // OpenAI's CLIP statistics, Hugging Face's defaults for CLIP.
-            let mean = triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73])?;
-            let std = triple("image_std", [0.268_629_54, 0.261_302_6, 0.275_777_1])?;
+            let mean = triple("image_mean", IMAGE_MEAN)?;
+            let std = triple("image_std", IMAGE_STD)?;
             if let Some(i) = std.iter().position(|&s| s <= 0.0) {
                 return Err(file_err(
                     path,
