@@ -112,6 +112,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             top_p,
             seed,
+            clip,
+            keep,
             out,
         } => {
             let mut all = prompt;
@@ -139,6 +141,8 @@ fn run(cli: Cli) -> Result<()> {
                     top_p,
                     seed,
                 },
+                clip,
+                keep,
                 out,
             })?;
             println!("{}", trainer::sample::describe(&summary));

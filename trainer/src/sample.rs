@@ -1,9 +1,14 @@
 //! `trainer sample`: captions to pictures. Each prompt is encoded as training encodes captions
 //! (BPE, truncated to `text_len`, per-position padding), the transformer draws `n` grids of image
 //! tokens after it ([`crate::model::transformer::sample`]), and the dVAE decodes them
-//! (docs/model.md §2). Written to the output folder: `prompt_NNN.png` (the prompt's `n` pictures
-//! in a grid), `prompt_NNN_MM.png` (each picture) and `index.json` (prompts, files, weights and
+//! (docs/model.md §2). Written to the output folder: `prompt_NNN.png` (the prompt's pictures in a
+//! grid), `prompt_NNN_MM.png` (each picture) and `index.json` (prompts, files, weights and
 //! sampling settings). Deterministic for a seed.
+//!
+//! With `--clip DIR` every picture is scored by CLIP against its prompt ([`crate::rerank`]) and
+//! the best `--keep K` (default: all `n`) are kept, best first: the grid and `prompt_NNN_MM.png`
+//! (MM the rank) hold only those, and `scores.json` records every picture's score and which were
+//! kept. `--keep` needs `--clip` (there is nothing to rank by otherwise).
 //!
 //! Both models are named by a checkpoint or run directory (or, for the dVAE, a weights file). The
 //! EMA weights are used when the checkpoint has them, unless `--no-ema`. The transformer's sizes
@@ -12,7 +17,7 @@
 //! A training run's `samples:` section draws grids with the same [`Painter`]
 //! ([`TrainingSamples`]).
 //!
-//! Not yet: re-ranking with CLIP (keep the best K of N), captions drawn into the grids.
+//! Not yet: captions drawn into the grids.
 
 use std::path::{Path, PathBuf};
 
@@ -48,15 +53,41 @@ pub struct SampleOptions {
     /// Sequences drawn together.
     pub batch: usize,
     pub sampling: Sampling,
+    /// The CLIP that re-ranks: a Hugging Face CLIP directory or a Tessera CLIP checkpoint or run.
+    pub clip: Option<PathBuf>,
+    /// Pictures kept per prompt, the best by CLIP's score (default: all `n`); needs `clip`.
+    pub keep: Option<usize>,
     /// The output folder (created if missing).
     pub out: PathBuf,
+}
+
+/// One prompt's CLIP scores (`scores.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptScores {
+    pub prompt: String,
+    /// Every picture drawn, in the order drawn: the cosine of its image embedding with the
+    /// prompt's text embedding.
+    pub scores: Vec<f32>,
+    /// The pictures kept, best first.
+    pub kept: Vec<Kept>,
+}
+
+/// A kept picture: its file, its place among those drawn, its score.
+#[derive(Clone, Debug, Serialize)]
+pub struct Kept {
+    pub file: PathBuf,
+    pub drawn: usize,
+    pub score: f32,
 }
 
 /// What `trainer sample` wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct SampleSummary {
     pub prompts: Vec<String>,
+    /// Pictures kept (and written) per prompt.
     pub per_prompt: usize,
+    /// Pictures drawn per prompt.
+    pub drawn: usize,
     pub resolution: usize,
     pub transformer_weights: PathBuf,
     pub dvae_weights: PathBuf,
@@ -64,8 +95,13 @@ pub struct SampleSummary {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
-    /// Per prompt: its grid, then its pictures.
+    /// The re-ranking CLIP's weights, when `--clip` was given.
+    pub clip_weights: Option<PathBuf>,
+    /// Per prompt: its grid, then its pictures (best first when re-ranked).
     pub files: Vec<Vec<PathBuf>>,
+    /// Per prompt, when re-ranked: every picture's score and those kept.
+    #[serde(skip)]
+    pub scores: Vec<PromptScores>,
 }
 
 /// The weights of `source` (a checkpoint or run directory): its EMA when it has one and `ema`,
@@ -88,6 +124,19 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     );
     ensure!(o.n >= 1, "-n must be at least 1");
     ensure!(o.batch >= 1, "--batch must be at least 1");
+    let keep = match (o.keep, &o.clip) {
+        (Some(k), None) => {
+            bail!("--keep {k} needs --clip DIR: the pictures are kept by their CLIP score")
+        }
+        (Some(0), _) => bail!("--keep 0 keeps no picture; give 1 ..= -n ({})", o.n),
+        (Some(k), _) if k > o.n => bail!(
+            "--keep {k} is larger than -n {}: only {} pictures are drawn per prompt",
+            o.n,
+            o.n
+        ),
+        (Some(k), _) => k,
+        (None, _) => o.n,
+    };
     if o.transformer.is_file() {
         bail!(
             "--transformer {}: give its checkpoint or run directory (whose {CONFIG_FILE} holds the \
@@ -125,29 +174,76 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     };
     let painter = Painter::open(&d_path, &tok_path, &d)
         .with_context(|| format!("--dvae {}", o.dvae.display()))?;
+    // Loaded before drawing, so that a bad directory fails before the long part.
+    let clip = o
+        .clip
+        .as_ref()
+        .map(|dir| crate::rerank::Reranker::open(dir, !o.no_ema))
+        .transpose()?;
     let resolution = painter.resolution;
     let px = 3 * resolution * resolution;
     let bar = crate::progress::bar((o.prompts.len() * o.n) as u64, "sample");
     let pixels = painter.draw(&model, &params, &o.prompts, o.n, &o.sampling, o.batch, &bar)?;
     bar.finish_and_clear();
 
+    // Each prompt's pictures to keep, in order; scored before anything is written.
+    let mut orders = Vec::new();
+    let mut scores = Vec::new();
+    for (i, chunk) in pixels.chunks(o.n * px).enumerate() {
+        let Some(clip) = &clip else {
+            orders.push((0..o.n).collect::<Vec<_>>());
+            continue;
+        };
+        let pictures: Vec<image::RgbImage> = chunk
+            .chunks(px)
+            .map(|one| grid_image(one, 1, resolution))
+            .collect();
+        let s = clip
+            .scores(&o.prompts[i], &pictures)
+            .with_context(|| format!("scoring the pictures of prompt {i} with CLIP"))?;
+        let order = crate::rerank::ranking(&s)[..keep].to_vec();
+        scores.push(PromptScores {
+            prompt: o.prompts[i].clone(),
+            kept: order
+                .iter()
+                .enumerate()
+                .map(|(rank, &j)| Kept {
+                    file: PathBuf::from(format!("prompt_{i:03}_{rank:02}.png")),
+                    drawn: j,
+                    score: s[j],
+                })
+                .collect(),
+            scores: s,
+        });
+        orders.push(order);
+    }
+
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("creating the output folder {}", o.out.display()))?;
     let mut files = Vec::new();
-    for (i, chunk) in pixels.chunks(o.n * px).enumerate() {
+    for (i, (chunk, order)) in pixels.chunks(o.n * px).zip(&orders).enumerate() {
+        let kept: Vec<f32> = order
+            .iter()
+            .flat_map(|&j| chunk[j * px..(j + 1) * px].iter().copied())
+            .collect();
         let grid = o.out.join(format!("prompt_{i:03}.png"));
-        write_png(&grid, &grid_image(chunk, o.n, resolution))?;
+        write_png(&grid, &grid_image(&kept, keep, resolution))?;
         let mut these = vec![grid];
-        for (j, one) in chunk.chunks(px).enumerate() {
-            let path = o.out.join(format!("prompt_{i:03}_{j:02}.png"));
+        for (rank, one) in kept.chunks(px).enumerate() {
+            let path = o.out.join(format!("prompt_{i:03}_{rank:02}.png"));
             write_png(&path, &grid_image(one, 1, resolution))?;
             these.push(path);
         }
         files.push(these);
     }
+    if clip.is_some() {
+        let path = o.out.join("scores.json");
+        formats::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&scores)?, false)?;
+    }
     let summary = SampleSummary {
         prompts: o.prompts.clone(),
-        per_prompt: o.n,
+        per_prompt: keep,
+        drawn: o.n,
         resolution,
         transformer_weights: t_path,
         dvae_weights: painter.dvae_path,
@@ -155,7 +251,9 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         top_k: o.sampling.top_k,
         top_p: o.sampling.top_p,
         seed: o.sampling.seed,
+        clip_weights: clip.map(|c| c.weights),
         files,
+        scores,
     };
     let index = o.out.join("index.json");
     formats::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
@@ -381,18 +479,35 @@ fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
     Ok(())
 }
 
-/// The summary line `trainer sample` prints.
+/// What `trainer sample` prints: the summary line, then, when re-ranked, each prompt's kept
+/// pictures and their scores.
 pub fn describe(s: &SampleSummary) -> String {
     let dir = s.files[0][0].parent().unwrap_or(Path::new("."));
-    format!(
+    let mut text = format!(
         "sampled {n} pictures of {r}×{r} for each of {p} prompts ({t} with {d}) into {dir}",
-        n = s.per_prompt,
+        n = s.drawn,
         r = s.resolution,
         p = s.prompts.len(),
         t = s.transformer_weights.display(),
         d = s.dvae_weights.display(),
         dir = dir.display(),
-    )
+    );
+    if let Some(clip) = &s.clip_weights {
+        text += &format!(
+            "; CLIP ({}) kept the best {} of each (scores.json)",
+            clip.display(),
+            s.per_prompt
+        );
+        for (i, p) in s.scores.iter().enumerate() {
+            let kept: Vec<String> = p
+                .kept
+                .iter()
+                .map(|k| format!("#{} {:.4}", k.drawn, k.score))
+                .collect();
+            text += &format!("\nprompt {i} {:?}: {}", p.prompt, kept.join(", "));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
