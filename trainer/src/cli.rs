@@ -149,6 +149,10 @@ pub enum Command {
         /// all, best first).
         #[arg(long, value_name = "K")]
         keep: Option<usize>,
+        /// Grids without their prompt written above them (by default each grid carries its
+        /// caption, in the font TESSERA_FONT names or a system one).
+        #[arg(long)]
+        no_captions: bool,
         /// The output folder (created if missing).
         #[arg(long, value_name = "DIR", default_value = "samples")]
         out: PathBuf,

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod debug_state;
+pub mod font;
 pub mod memory;
 pub mod model;
 pub mod optim;

@@ -114,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             clip,
             keep,
+            no_captions,
             out,
         } => {
             let mut all = prompt;
@@ -143,6 +144,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 clip,
                 keep,
+                captions: !no_captions,
                 out,
             })?;
             println!("{}", trainer::sample::describe(&summary));

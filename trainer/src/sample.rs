@@ -17,7 +17,9 @@
 //! A training run's `samples:` section draws grids with the same [`Painter`]
 //! ([`TrainingSamples`]).
 //!
-//! Not yet: captions drawn into the grids.
+//! Each grid carries its prompt as text in a band above its pictures (a training run's grid:
+//! above each prompt's row), in the font `trainer plot` uses ([`crate::font`]); without a font,
+//! or with `--no-captions`, the grids have no band (and, without a font, one warning says so).
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +28,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CONFIG_FILE};
 use crate::config::{DataSource, RunConfig, SamplesConfig};
+use crate::font::Captioner;
 use crate::model::dvae::{resolve_weights, Dvae, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
 use crate::model::transformer::{Transformer, TransformerDims};
@@ -57,6 +60,8 @@ pub struct SampleOptions {
     pub clip: Option<PathBuf>,
     /// Pictures kept per prompt, the best by CLIP's score (default: all `n`); needs `clip`.
     pub keep: Option<usize>,
+    /// Each grid carries its prompt in a band above the pictures (when a font is found).
+    pub captions: bool,
     /// The output folder (created if missing).
     pub out: PathBuf,
 }
@@ -180,6 +185,10 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         .as_ref()
         .map(|dir| crate::rerank::Reranker::open(dir, !o.no_ema))
         .transpose()?;
+    let captioner = match o.captions {
+        true => Captioner::open("the grids are drawn")?,
+        false => None,
+    };
     let resolution = painter.resolution;
     let px = 3 * resolution * resolution;
     let bar = crate::progress::bar((o.prompts.len() * o.n) as u64, "sample");
@@ -196,7 +205,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         };
         let pictures: Vec<image::RgbImage> = chunk
             .chunks(px)
-            .map(|one| grid_image(one, 1, resolution))
+            .map(|one| grid_image(one, 1, resolution, None))
             .collect();
         let s = clip
             .scores(&o.prompts[i], &pictures)
@@ -227,11 +236,12 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
             .flat_map(|&j| chunk[j * px..(j + 1) * px].iter().copied())
             .collect();
         let grid = o.out.join(format!("prompt_{i:03}.png"));
-        write_png(&grid, &grid_image(&kept, keep, resolution))?;
+        let caption = captioner.as_ref().map(|c| (c, o.prompts[i].as_str()));
+        write_png(&grid, &grid_image(&kept, keep, resolution, caption))?;
         let mut these = vec![grid];
         for (rank, one) in kept.chunks(px).enumerate() {
             let path = o.out.join(format!("prompt_{i:03}_{rank:02}.png"));
-            write_png(&path, &grid_image(one, 1, resolution))?;
+            write_png(&path, &grid_image(one, 1, resolution, None))?;
             these.push(path);
         }
         files.push(these);
@@ -352,6 +362,7 @@ impl Painter {
 pub struct TrainingSamples {
     model: Transformer,
     painter: Painter,
+    captioner: Option<Captioner>,
     cfg: SamplesConfig,
     dir: PathBuf,
 }
@@ -376,9 +387,11 @@ impl TrainingSamples {
         let painter = Painter::open(&dvae, &tokenizer, model.dims())
             .with_context(|| format!("samples.dvae {}", cfg.dvae.display()))?;
         let dir = run.run.out_dir.join("samples");
+        let captioner = Captioner::open("the sample grids are drawn")?;
         Ok(Some(TrainingSamples {
             model,
             painter,
+            captioner,
             cfg,
             dir,
         }))
@@ -408,7 +421,14 @@ impl TrainingSamples {
         let pixels = self
             .painter
             .draw(&self.model, params, &c.prompts, c.n, &how, c.n, &hidden)?;
-        let img = rows_image(&pixels, c.prompts.len() * c.n, c.n, self.painter.resolution);
+        let captions = self.captioner.as_ref().map(|cap| (cap, &c.prompts[..]));
+        let img = rows_image(
+            &pixels,
+            c.prompts.len() * c.n,
+            c.n,
+            self.painter.resolution,
+            captions,
+        );
         let png = png_bytes(&img)?;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
@@ -421,34 +441,71 @@ impl TrainingSamples {
     }
 }
 
-/// `n` pictures `[3, r, r]` in [0, 1] side by side in rows of ⌈√n⌉ (one picture: no border).
-fn grid_image(pixels: &[f32], n: usize, r: usize) -> image::RgbImage {
+/// `n` pictures `[3, r, r]` in [0, 1] side by side in rows of ⌈√n⌉ (one picture: no border),
+/// with `caption` above them when there is a captioner.
+fn grid_image(
+    pixels: &[f32],
+    n: usize,
+    r: usize,
+    caption: Option<(&Captioner, &str)>,
+) -> image::RgbImage {
     let per_row = match n {
         1 => 1,
         _ => (n as f64).sqrt().ceil() as usize,
     };
-    rows_image(pixels, n, per_row, r)
+    let captions: Vec<String> = caption.iter().map(|(_, t)| t.to_string()).collect();
+    rows_image(
+        pixels,
+        n,
+        per_row,
+        r,
+        caption.map(|(c, _)| (c, &captions[..])),
+    )
 }
 
 /// `n` pictures `[3, r, r]` in [0, 1], `per_row` to a row, with a white border between them
-/// (one picture: no border). A training run's sample grid is one row per prompt.
-pub fn rows_image(pixels: &[f32], n: usize, per_row: usize, r: usize) -> image::RgbImage {
+/// (one picture: no border). With `captions` (a captioner and texts), row i has the band of
+/// `texts[i]` above it, as wide as the grid (rows past the texts have none). A training run's
+/// sample grid is one row per prompt, each under its prompt.
+pub fn rows_image(
+    pixels: &[f32],
+    n: usize,
+    per_row: usize,
+    r: usize,
+    captions: Option<(&Captioner, &[String])>,
+) -> image::RgbImage {
     let (gap, per_row) = match n {
         1 => (0, 1),
         _ => (GAP, per_row as u32),
     };
     let rows = (n as u32).div_ceil(per_row);
     let r32 = r as u32;
-    let mut img = image::RgbImage::from_pixel(
-        per_row * r32 + (per_row + 1) * gap,
-        rows * r32 + (rows + 1) * gap,
-        image::Rgb([BACKGROUND; 3]),
-    );
+    let width = per_row * r32 + (per_row + 1) * gap;
+    let bands: Vec<Option<image::RgbImage>> = (0..rows as usize)
+        .map(|i| captions.and_then(|(c, texts)| texts.get(i).map(|t| c.band(t, width))))
+        .collect();
+    let height = gap
+        + bands
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.height()) + r32 + gap)
+            .sum::<u32>();
+    let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([BACKGROUND; 3]));
+    // The top of each row's pictures.
+    let mut row_y = Vec::with_capacity(bands.len());
+    let mut y = gap;
+    for band in &bands {
+        if let Some(b) = band {
+            image::imageops::replace(&mut img, b, 0, y as i64);
+            y += b.height();
+        }
+        row_y.push(y);
+        y += r32 + gap;
+    }
     let px = 3 * r * r;
     for i in 0..n {
         let chw = &pixels[i * px..(i + 1) * px];
         let x0 = gap + (i as u32 % per_row) * (r32 + gap);
-        let y0 = gap + (i as u32 / per_row) * (r32 + gap);
+        let y0 = row_y[i / per_row as usize];
         for y in 0..r {
             for x in 0..r {
                 let v = |c: usize| {
@@ -521,7 +578,7 @@ mod tests {
         let pixels: Vec<f32> = (0..3)
             .flat_map(|i| vec![i as f32 / 4.0; 3 * r * r])
             .collect();
-        let img = grid_image(&pixels, 3, r);
+        let img = grid_image(&pixels, 3, r, None);
         // 3 pictures: 2 per row, 2 rows.
         assert_eq!(img.dimensions(), (2 * 2 + 3 * GAP, 2 * 2 + 3 * GAP));
         let at = |i: u32| {
@@ -530,7 +587,7 @@ mod tests {
         };
         assert_eq!([at(0), at(1), at(2)], [0, 64, 128]);
         assert_eq!(img.get_pixel(0, 0).0, [BACKGROUND; 3]);
-        let one = grid_image(&pixels[..3 * r * r], 1, r);
+        let one = grid_image(&pixels[..3 * r * r], 1, r, None);
         assert_eq!(one.dimensions(), (2, 2));
     }
 }

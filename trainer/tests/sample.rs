@@ -89,22 +89,25 @@ fn sample_batch(
             "-n",
             "3",
         ])
-        .args(["--batch", batch, "--seed", seed, "--top-k", "8", "--out"])
+        .args([
+            "--batch",
+            batch,
+            "--seed",
+            seed,
+            "--top-k",
+            "8",
+            "--no-captions",
+        ])
+        .arg("--out")
         .arg(out)
         .output()
         .unwrap()
 }
 
-/// `trainer sample` with the test's two prompts, `--top-k 8` and `args`.
-fn sample_with(
-    run: &Path,
-    dvae: &Path,
-    tok: &Path,
-    out: &Path,
-    args: &[&str],
-) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["sample", "--transformer"])
+/// `trainer sample` with the test's two prompts, `--top-k 8` and `args`, ready to run.
+fn sample_cmd(run: &Path, dvae: &Path, tok: &Path, out: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.args(["sample", "--transformer"])
         .arg(run)
         .arg("--dvae")
         .arg(dvae)
@@ -113,9 +116,19 @@ fn sample_with(
         .args(["--prompt", "red circle above", "--prompt", "blue square"])
         .args(["--top-k", "8", "--out"])
         .arg(out)
-        .args(args)
-        .output()
-        .unwrap()
+        .args(args);
+    cmd
+}
+
+/// [`sample_cmd`], run.
+fn sample_with(
+    run: &Path,
+    dvae: &Path,
+    tok: &Path,
+    out: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    sample_cmd(run, dvae, tok, out, args).output().unwrap()
 }
 
 /// A tiny Hugging Face CLIP directory (8×8 pictures, word-level tokenizer) in `dir/clip`.
@@ -232,7 +245,16 @@ fn clip_keeps_the_best_pictures_in_score_order() {
     let o = sample_with(&run, &dvae, &tok, &all, &["-n", "5", "--seed", "3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ranked = tmp.path().join("ranked");
-    let mut args = vec!["-n", "5", "--seed", "3", "--keep", "3", "--clip"];
+    let mut args = vec![
+        "-n",
+        "5",
+        "--seed",
+        "3",
+        "--no-captions",
+        "--keep",
+        "3",
+        "--clip",
+    ];
     args.push(clip.to_str().unwrap());
     let o = sample_with(&run, &dvae, &tok, &ranked, &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -402,6 +424,102 @@ fn a_tessera_clip_run_ranks_the_pictures() {
     }
 }
 
+/// Each grid carries its prompt in a band above the pictures: the grid differs from the one
+/// drawn with `--no-captions` only in that band, and its cells are the individual pictures.
+/// Without a font (`TESSERA_FONT` set empty) one warning says so and the grids have no band.
+#[test]
+fn a_grid_carries_its_caption_in_a_band_above_the_pictures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, dvae, tok) = fixtures(tmp.path());
+    let args = ["-n", "3", "--seed", "1"];
+    let plain = tmp.path().join("plain");
+    let o = sample_with(
+        &run,
+        &dvae,
+        &tok,
+        &plain,
+        &[&args[..], &["--no-captions"][..]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let grid = |dir: &Path, p: usize| {
+        image::open(dir.join(format!("prompt_{p:03}.png")))
+            .unwrap()
+            .to_rgb8()
+    };
+
+    let no_font = tmp.path().join("no-font");
+    let o = sample_cmd(&run, &dvae, &tok, &no_font, &args)
+        .env("TESSERA_FONT", "")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        stderr.matches("no TrueType font found").count(),
+        1,
+        "{stderr}"
+    );
+    for p in 0..2 {
+        assert_eq!(grid(&no_font, p), grid(&plain, p), "prompt {p}");
+    }
+
+    let Some(font) = trainer::font::find() else {
+        eprintln!("note: no TrueType font on this machine; the caption band is not checked");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs a font (fonts-dejavu-core) to check captions"
+        );
+        return;
+    };
+    let captioned = tmp.path().join("captioned");
+    let o = sample_cmd(&run, &dvae, &tok, &captioned, &args)
+        .env("TESSERA_FONT", &font)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut band_pixels = Vec::new();
+    for p in 0..2 {
+        let (c, g) = (grid(&captioned, p), grid(&plain, p));
+        assert_eq!(c.width(), g.width());
+        assert!(c.height() > g.height(), "prompt {p}: no band");
+        let band = c.height() - g.height();
+        // Above the band: the top gap; below it: the plain grid, pixel for pixel.
+        for x in 0..g.width() {
+            for y in 0..4 {
+                assert_eq!(
+                    c.get_pixel(x, y),
+                    g.get_pixel(x, y),
+                    "prompt {p} ({x}, {y})"
+                );
+            }
+            for y in 4..g.height() {
+                assert_eq!(
+                    c.get_pixel(x, y + band),
+                    g.get_pixel(x, y),
+                    "prompt {p} ({x}, {y}) below the band"
+                );
+            }
+        }
+        let inside: Vec<[u8; 3]> = (4..4 + band)
+            .flat_map(|y| (0..c.width()).map(move |x| (x, y)))
+            .map(|(x, y)| c.get_pixel(x, y).0)
+            .collect();
+        let dark = inside.iter().filter(|px| px[0] < 128).count();
+        assert!(dark > 10, "prompt {p}: {dark} dark pixels in the band");
+        band_pixels.push(inside);
+        for j in 0..3u32 {
+            let one = image::open(captioned.join(format!("prompt_{p:03}_{j:02}.png")))
+                .unwrap()
+                .to_rgb8();
+            let (x0, y0) = (4 + (j % 2) * 20, 4 + band + (j / 2) * 20);
+            for (x, y, px) in one.enumerate_pixels() {
+                assert_eq!(c.get_pixel(x0 + x, y0 + y), px, "prompt {p} picture {j}");
+            }
+        }
+    }
+    assert_ne!(band_pixels[0], band_pixels[1], "two prompts, the same band");
+}
+
 /// `--keep` beyond `-n`, `--keep` without `--clip`, and a CLIP directory without its tokenizer
 /// are refused, naming the values or the file, before anything is written.
 #[test]
@@ -472,29 +590,65 @@ fn training_draws_sample_grids_that_trainer_sample_reproduces_and_changes_nothin
         .collect();
     grids.sort();
     assert_eq!(grids, ["step_00000002.png", "step_00000003.png"]);
-    // 3 pictures of 16 px per row, 2 rows, 4-pixel gaps.
+    // 3 pictures of 16 px per row, 2 rows, 4-pixel gaps; with a font, each row under a band
+    // with its prompt.
     let grid = image::open(with.join("samples/step_00000003.png"))
         .unwrap()
         .to_rgb8();
-    assert_eq!(grid.dimensions(), (3 * 16 + 4 * 4, 2 * 16 + 3 * 4));
+    assert_eq!(grid.width(), 3 * 16 + 4 * 4);
 
     let out = tmp.path().join("cli");
     let o = sample_batch(&with, &dvae, &tok, &out, "5", "3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let picture = |p: u32, j: u32| {
+        image::open(out.join(format!("prompt_{p:03}_{j:02}.png")))
+            .unwrap()
+            .to_rgb8()
+    };
+    let matches = |one: &image::RgbImage, x0: u32, y0: u32| {
+        y0 + 16 <= grid.height()
+            && one
+                .enumerate_pixels()
+                .all(|(x, y, px)| grid.get_pixel(x0 + x, y0 + y) == px)
+    };
+    // The top of each prompt's row: where its first picture is, below the row before.
+    let mut tops = Vec::new();
+    let mut from = 4;
     for p in 0..2u32 {
+        let y0 = (from..grid.height())
+            .find(|&y| matches(&picture(p, 0), 4, y))
+            .unwrap_or_else(|| panic!("prompt {p}'s first picture is not in the grid"));
         for j in 0..3u32 {
-            let one = image::open(out.join(format!("prompt_{p:03}_{j:02}.png")))
-                .unwrap()
-                .to_rgb8();
-            let (x0, y0) = (4 + j * 20, 4 + p * 20);
-            for (x, y, px) in one.enumerate_pixels() {
-                assert_eq!(
-                    grid.get_pixel(x0 + x, y0 + y),
-                    px,
-                    "prompt {p} picture {j} at ({x}, {y})"
+            assert!(
+                matches(&picture(p, j), 4 + j * 20, y0),
+                "prompt {p} picture {j}"
+            );
+        }
+        tops.push(y0);
+        from = y0 + 20;
+    }
+    assert_eq!(
+        grid.height(),
+        tops[1] + 16 + 4,
+        "a 4-pixel gap below the last row"
+    );
+    let bands = [tops[0] - 4, tops[1] - tops[0] - 20];
+    match trainer::font::find() {
+        // A band of text above each row.
+        Some(_) => {
+            for (p, &band) in bands.iter().enumerate() {
+                let y0 = tops[p] - band;
+                let dark = (y0..tops[p])
+                    .flat_map(|y| (0..grid.width()).map(move |x| (x, y)))
+                    .filter(|&(x, y)| grid.get_pixel(x, y).0[0] < 128)
+                    .count();
+                assert!(
+                    band > 0 && dark > 5,
+                    "prompt {p}: band {band}, {dark} dark pixels"
                 );
             }
         }
+        None => assert_eq!(bands, [0, 0], "no font: no band"),
     }
 
     let events: Vec<_> = fs::read_dir(&with)
