@@ -10,9 +10,10 @@
 //! captions (the captions fed first, one position at a time, as `trainer sample` does); the
 //! median of `--runs` whole generations after one warm-up. Then a breakdown of one generation:
 //! the caption's positions (`prefill`), the image positions ([`KvSampler::feed`]) and the token
-//! choice, and, for scale, the weight products of the image positions alone (qkv, attention
-//! projection, MLP, head on the same shapes): what `image_feed` spends beyond them is attention
-//! over the cache, layer norms, GELU and copies.
+//! choice, and, for scale, the sampler's weight products of the image positions alone
+//! ([`rows_product`](trainer::model::transformer::sample::rows_product) on the same shapes: qkv,
+//! attention projection, MLP, head): what `image_feed` spends beyond them is attention over the
+//! cache, layer norms, GELU and copies.
 //!
 //! `no_cache`: a sampler without a cache runs the whole forward pass for every new token (the
 //! training forward over all T positions; causal masks make the logits of the next position
@@ -21,10 +22,9 @@
 //! One JSON line per mode. Weights are the init's (the cost does not depend on their values).
 
 use anyhow::{bail, Result};
-use kernels::linear::linear_forward;
 use std::time::Instant;
 use trainer::data::synthetic::SyntheticData;
-use trainer::model::transformer::sample::{sample_images, KvSampler, Sampling};
+use trainer::model::transformer::sample::{rows_product, sample_images, KvSampler, Sampling};
 use trainer::model::transformer::{Activations, Transformer, TransformerDims};
 
 fn size(name: &str) -> Result<TransformerDims> {
@@ -132,12 +132,12 @@ fn main() -> Result<()> {
     for _ in 0..gi - 1 {
         for _ in 0..dims.layers {
             let xc = &x[..batch * c];
-            linear_forward(&mut out3, xc, &w[..3 * c * c], None, batch, c, 3 * c)?;
-            linear_forward(&mut out1, xc, &w[..c * c], None, batch, c, c)?;
-            linear_forward(&mut out4, xc, &w, None, batch, c, 4 * c)?;
-            linear_forward(&mut out1, &x, &w, None, batch, 4 * c, c)?;
+            rows_product(&mut out3, xc, &w[..3 * c * c], None, batch, c, 3 * c)?;
+            rows_product(&mut out1, xc, &w[..c * c], None, batch, c, c)?;
+            rows_product(&mut out4, xc, &w, None, batch, c, 4 * c)?;
+            rows_product(&mut out1, &x, &w, None, batch, 4 * c, c)?;
         }
-        linear_forward(&mut logits, &x[..batch * c], &head, None, batch, c, vi)?;
+        rows_product(&mut logits, &x[..batch * c], &head, None, batch, c, vi)?;
     }
     let products_s = t0.elapsed().as_secs_f64();
     println!(
