@@ -140,6 +140,19 @@ pub enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Re-rank each prompt's pictures with this CLIP: a Hugging Face CLIP directory
+        /// (config.json, model.safetensors, tokenizer.json, preprocessor_config.json) or a
+        /// Tessera CLIP checkpoint or run directory. Writes scores.json.
+        #[arg(long, value_name = "DIR")]
+        clip: Option<PathBuf>,
+        /// Keep the best K of each prompt's -n pictures by CLIP score (needs --clip; default:
+        /// all, best first).
+        #[arg(long, value_name = "K")]
+        keep: Option<usize>,
+        /// Grids without their prompt written above them (by default each grid carries its
+        /// caption, in the font TESSERA_FONT names or a system one).
+        #[arg(long)]
+        no_captions: bool,
         /// The output folder (created if missing).
         #[arg(long, value_name = "DIR", default_value = "samples")]
         out: PathBuf,

@@ -11,14 +11,15 @@
 //! - [`data`]: training data: the synthetic generator and the shard loaders.
 //! - [`memory`]: the memory a config needs, checked against the machine before a run starts.
 //! - [`powersgd`]: PowerSGD gradient compression (rank-r P/Q all-reduces with error feedback).
-//! - [`train`], [`debug_state`], [`reconstruct`]: the `trainer` subcommands; [`cli`] their
-//!   command line.
+//! - [`train`], [`debug_state`], [`reconstruct`], [`sample`] (with [`rerank`], CLIP's re-ranking):
+//!   the `trainer` subcommands; [`cli`] their command line.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod debug_state;
+pub mod font;
 pub mod memory;
 pub mod model;
 pub mod optim;
@@ -27,6 +28,7 @@ pub mod plot;
 pub mod powersgd;
 pub mod progress;
 pub mod reconstruct;
+pub mod rerank;
 pub mod sample;
 pub mod tensorboard;
 pub mod train;

@@ -112,6 +112,9 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             top_p,
             seed,
+            clip,
+            keep,
+            no_captions,
             out,
         } => {
             let mut all = prompt;
@@ -139,6 +142,9 @@ fn run(cli: Cli) -> Result<()> {
                     top_p,
                     seed,
                 },
+                clip,
+                keep,
+                captions: !no_captions,
                 out,
             })?;
             println!("{}", trainer::sample::describe(&summary));

@@ -4,11 +4,11 @@
 //! The loss panel shows `loss` and the model's parts of it (`loss_text`, `loss_image` for the
 //! transformer; `nll` and `kl` for the dVAE); the lower panel the learning rate. Non-finite
 //! values (an update whose gradient overflowed) are left out of a curve. Text needs a TrueType
-//! font: `TESSERA_FONT` names one, else the usual system folders are searched; without one the
+//! font ([`crate::font::find`]: `TESSERA_FONT`, else the usual system folders); without one the
 //! curves are drawn without labels and a warning says so.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
@@ -58,7 +58,7 @@ pub fn plot(run_dir: &Path, out: &Path, width: u32, height: u32) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| run_dir.display().to_string());
-    let labelled = match find_font() {
+    let labelled = match crate::font::find() {
         Some(font) => {
             let bytes =
                 std::fs::read(&font).with_context(|| format!("reading {}", font.display()))?;
@@ -173,41 +173,6 @@ fn tick(v: &f64) -> String {
         a if a == 0.0 || (0.01..1e5).contains(&a) => format!("{v:.2}"),
         _ => format!("{v:.1e}"),
     }
-}
-
-/// A TrueType font for the labels: `TESSERA_FONT`, else a common sans face in the usual system
-/// folders, else any `.ttf` there.
-fn find_font() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TESSERA_FONT") {
-        return Some(PathBuf::from(p));
-    }
-    let roots = [
-        "/usr/share/fonts",
-        "/usr/local/share/fonts",
-        "/Library/Fonts",
-        "/System/Library/Fonts",
-    ];
-    let found: Vec<PathBuf> = roots
-        .iter()
-        .flat_map(|r| walkdir::WalkDir::new(r).max_depth(4).into_iter().flatten())
-        .map(|e| e.into_path())
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("ttf")))
-        .collect();
-    let preferred = [
-        "DejaVuSans.ttf",
-        "LiberationSans-Regular.ttf",
-        "Arial.ttf",
-        "FreeSans.ttf",
-    ];
-    preferred
-        .iter()
-        .find_map(|name| {
-            found
-                .iter()
-                .find(|p| p.file_name().is_some_and(|n| n == *name))
-        })
-        .or_else(|| found.first())
-        .cloned()
 }
 
 #[cfg(test)]

@@ -1,9 +1,14 @@
 //! `trainer sample`: captions to pictures. Each prompt is encoded as training encodes captions
 //! (BPE, truncated to `text_len`, per-position padding), the transformer draws `n` grids of image
 //! tokens after it ([`crate::model::transformer::sample`]), and the dVAE decodes them
-//! (docs/model.md §2). Written to the output folder: `prompt_NNN.png` (the prompt's `n` pictures
-//! in a grid), `prompt_NNN_MM.png` (each picture) and `index.json` (prompts, files, weights and
+//! (docs/model.md §2). Written to the output folder: `prompt_NNN.png` (the prompt's pictures in a
+//! grid), `prompt_NNN_MM.png` (each picture) and `index.json` (prompts, files, weights and
 //! sampling settings). Deterministic for a seed.
+//!
+//! With `--clip DIR` every picture is scored by CLIP against its prompt ([`crate::rerank`]) and
+//! the best `--keep K` (default: all `n`) are kept, best first: the grid and `prompt_NNN_MM.png`
+//! (MM the rank) hold only those, and `scores.json` records every picture's score and which were
+//! kept. `--keep` needs `--clip` (there is nothing to rank by otherwise).
 //!
 //! Both models are named by a checkpoint or run directory (or, for the dVAE, a weights file). The
 //! EMA weights are used when the checkpoint has them, unless `--no-ema`. The transformer's sizes
@@ -12,7 +17,9 @@
 //! A training run's `samples:` section draws grids with the same [`Painter`]
 //! ([`TrainingSamples`]).
 //!
-//! Not yet: re-ranking with CLIP (keep the best K of N), captions drawn into the grids.
+//! Each grid carries its prompt as text in a band above its pictures (a training run's grid:
+//! above each prompt's row), in the font `trainer plot` uses ([`crate::font`]); without a font,
+//! or with `--no-captions`, the grids have no band (and, without a font, one warning says so).
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +28,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CONFIG_FILE};
 use crate::config::{DataSource, RunConfig, SamplesConfig};
+use crate::font::Captioner;
 use crate::model::dvae::{resolve_weights, Dvae, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
 use crate::model::transformer::{Transformer, TransformerDims};
@@ -48,15 +56,43 @@ pub struct SampleOptions {
     /// Sequences drawn together.
     pub batch: usize,
     pub sampling: Sampling,
+    /// The CLIP that re-ranks: a Hugging Face CLIP directory or a Tessera CLIP checkpoint or run.
+    pub clip: Option<PathBuf>,
+    /// Pictures kept per prompt, the best by CLIP's score (default: all `n`); needs `clip`.
+    pub keep: Option<usize>,
+    /// Each grid carries its prompt in a band above the pictures (when a font is found).
+    pub captions: bool,
     /// The output folder (created if missing).
     pub out: PathBuf,
+}
+
+/// One prompt's CLIP scores (`scores.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptScores {
+    pub prompt: String,
+    /// Every picture drawn, in the order drawn: the cosine of its image embedding with the
+    /// prompt's text embedding.
+    pub scores: Vec<f32>,
+    /// The pictures kept, best first.
+    pub kept: Vec<Kept>,
+}
+
+/// A kept picture: its file, its place among those drawn, its score.
+#[derive(Clone, Debug, Serialize)]
+pub struct Kept {
+    pub file: PathBuf,
+    pub drawn: usize,
+    pub score: f32,
 }
 
 /// What `trainer sample` wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct SampleSummary {
     pub prompts: Vec<String>,
+    /// Pictures kept (and written) per prompt.
     pub per_prompt: usize,
+    /// Pictures drawn per prompt.
+    pub drawn: usize,
     pub resolution: usize,
     pub transformer_weights: PathBuf,
     pub dvae_weights: PathBuf,
@@ -64,8 +100,13 @@ pub struct SampleSummary {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
-    /// Per prompt: its grid, then its pictures.
+    /// The re-ranking CLIP's weights, when `--clip` was given.
+    pub clip_weights: Option<PathBuf>,
+    /// Per prompt: its grid, then its pictures (best first when re-ranked).
     pub files: Vec<Vec<PathBuf>>,
+    /// Per prompt, when re-ranked: every picture's score and those kept.
+    #[serde(skip)]
+    pub scores: Vec<PromptScores>,
 }
 
 /// The weights of `source` (a checkpoint or run directory): its EMA when it has one and `ema`,
@@ -88,6 +129,19 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     );
     ensure!(o.n >= 1, "-n must be at least 1");
     ensure!(o.batch >= 1, "--batch must be at least 1");
+    let keep = match (o.keep, &o.clip) {
+        (Some(k), None) => {
+            bail!("--keep {k} needs --clip DIR: the pictures are kept by their CLIP score")
+        }
+        (Some(0), _) => bail!("--keep 0 keeps no picture; give 1 ..= -n ({})", o.n),
+        (Some(k), _) if k > o.n => bail!(
+            "--keep {k} is larger than -n {}: only {} pictures are drawn per prompt",
+            o.n,
+            o.n
+        ),
+        (Some(k), _) => k,
+        (None, _) => o.n,
+    };
     if o.transformer.is_file() {
         bail!(
             "--transformer {}: give its checkpoint or run directory (whose {CONFIG_FILE} holds the \
@@ -125,29 +179,81 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     };
     let painter = Painter::open(&d_path, &tok_path, &d)
         .with_context(|| format!("--dvae {}", o.dvae.display()))?;
+    // Loaded before drawing, so that a bad directory fails before the long part.
+    let clip = o
+        .clip
+        .as_ref()
+        .map(|dir| crate::rerank::Reranker::open(dir, !o.no_ema))
+        .transpose()?;
+    let captioner = match o.captions {
+        true => Captioner::open("the grids are drawn")?,
+        false => None,
+    };
     let resolution = painter.resolution;
     let px = 3 * resolution * resolution;
     let bar = crate::progress::bar((o.prompts.len() * o.n) as u64, "sample");
     let pixels = painter.draw(&model, &params, &o.prompts, o.n, &o.sampling, o.batch, &bar)?;
     bar.finish_and_clear();
 
+    // Each prompt's pictures to keep, in order; scored before anything is written.
+    let mut orders = Vec::new();
+    let mut scores = Vec::new();
+    for (i, chunk) in pixels.chunks(o.n * px).enumerate() {
+        let Some(clip) = &clip else {
+            orders.push((0..o.n).collect::<Vec<_>>());
+            continue;
+        };
+        let pictures: Vec<image::RgbImage> = chunk
+            .chunks(px)
+            .map(|one| grid_image(one, 1, resolution, None))
+            .collect();
+        let s = clip
+            .scores(&o.prompts[i], &pictures)
+            .with_context(|| format!("scoring the pictures of prompt {i} with CLIP"))?;
+        let order = crate::rerank::ranking(&s)[..keep].to_vec();
+        scores.push(PromptScores {
+            prompt: o.prompts[i].clone(),
+            kept: order
+                .iter()
+                .enumerate()
+                .map(|(rank, &j)| Kept {
+                    file: PathBuf::from(format!("prompt_{i:03}_{rank:02}.png")),
+                    drawn: j,
+                    score: s[j],
+                })
+                .collect(),
+            scores: s,
+        });
+        orders.push(order);
+    }
+
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("creating the output folder {}", o.out.display()))?;
     let mut files = Vec::new();
-    for (i, chunk) in pixels.chunks(o.n * px).enumerate() {
+    for (i, (chunk, order)) in pixels.chunks(o.n * px).zip(&orders).enumerate() {
+        let kept: Vec<f32> = order
+            .iter()
+            .flat_map(|&j| chunk[j * px..(j + 1) * px].iter().copied())
+            .collect();
         let grid = o.out.join(format!("prompt_{i:03}.png"));
-        write_png(&grid, &grid_image(chunk, o.n, resolution))?;
+        let caption = captioner.as_ref().map(|c| (c, o.prompts[i].as_str()));
+        write_png(&grid, &grid_image(&kept, keep, resolution, caption))?;
         let mut these = vec![grid];
-        for (j, one) in chunk.chunks(px).enumerate() {
-            let path = o.out.join(format!("prompt_{i:03}_{j:02}.png"));
-            write_png(&path, &grid_image(one, 1, resolution))?;
+        for (rank, one) in kept.chunks(px).enumerate() {
+            let path = o.out.join(format!("prompt_{i:03}_{rank:02}.png"));
+            write_png(&path, &grid_image(one, 1, resolution, None))?;
             these.push(path);
         }
         files.push(these);
     }
+    if clip.is_some() {
+        let path = o.out.join("scores.json");
+        formats::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&scores)?, false)?;
+    }
     let summary = SampleSummary {
         prompts: o.prompts.clone(),
-        per_prompt: o.n,
+        per_prompt: keep,
+        drawn: o.n,
         resolution,
         transformer_weights: t_path,
         dvae_weights: painter.dvae_path,
@@ -155,7 +261,9 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         top_k: o.sampling.top_k,
         top_p: o.sampling.top_p,
         seed: o.sampling.seed,
+        clip_weights: clip.map(|c| c.weights),
         files,
+        scores,
     };
     let index = o.out.join("index.json");
     formats::fsutil::write_atomic(&index, &serde_json::to_vec_pretty(&summary)?, false)?;
@@ -254,6 +362,7 @@ impl Painter {
 pub struct TrainingSamples {
     model: Transformer,
     painter: Painter,
+    captioner: Option<Captioner>,
     cfg: SamplesConfig,
     dir: PathBuf,
 }
@@ -278,9 +387,11 @@ impl TrainingSamples {
         let painter = Painter::open(&dvae, &tokenizer, model.dims())
             .with_context(|| format!("samples.dvae {}", cfg.dvae.display()))?;
         let dir = run.run.out_dir.join("samples");
+        let captioner = Captioner::open("the sample grids are drawn")?;
         Ok(Some(TrainingSamples {
             model,
             painter,
+            captioner,
             cfg,
             dir,
         }))
@@ -310,7 +421,14 @@ impl TrainingSamples {
         let pixels = self
             .painter
             .draw(&self.model, params, &c.prompts, c.n, &how, c.n, &hidden)?;
-        let img = rows_image(&pixels, c.prompts.len() * c.n, c.n, self.painter.resolution);
+        let captions = self.captioner.as_ref().map(|cap| (cap, &c.prompts[..]));
+        let img = rows_image(
+            &pixels,
+            c.prompts.len() * c.n,
+            c.n,
+            self.painter.resolution,
+            captions,
+        );
         let png = png_bytes(&img)?;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
@@ -323,34 +441,71 @@ impl TrainingSamples {
     }
 }
 
-/// `n` pictures `[3, r, r]` in [0, 1] side by side in rows of ⌈√n⌉ (one picture: no border).
-fn grid_image(pixels: &[f32], n: usize, r: usize) -> image::RgbImage {
+/// `n` pictures `[3, r, r]` in [0, 1] side by side in rows of ⌈√n⌉ (one picture: no border),
+/// with `caption` above them when there is a captioner.
+fn grid_image(
+    pixels: &[f32],
+    n: usize,
+    r: usize,
+    caption: Option<(&Captioner, &str)>,
+) -> image::RgbImage {
     let per_row = match n {
         1 => 1,
         _ => (n as f64).sqrt().ceil() as usize,
     };
-    rows_image(pixels, n, per_row, r)
+    let captions: Vec<String> = caption.iter().map(|(_, t)| t.to_string()).collect();
+    rows_image(
+        pixels,
+        n,
+        per_row,
+        r,
+        caption.map(|(c, _)| (c, &captions[..])),
+    )
 }
 
 /// `n` pictures `[3, r, r]` in [0, 1], `per_row` to a row, with a white border between them
-/// (one picture: no border). A training run's sample grid is one row per prompt.
-pub fn rows_image(pixels: &[f32], n: usize, per_row: usize, r: usize) -> image::RgbImage {
+/// (one picture: no border). With `captions` (a captioner and texts), row i has the band of
+/// `texts[i]` above it, as wide as the grid (rows past the texts have none). A training run's
+/// sample grid is one row per prompt, each under its prompt.
+pub fn rows_image(
+    pixels: &[f32],
+    n: usize,
+    per_row: usize,
+    r: usize,
+    captions: Option<(&Captioner, &[String])>,
+) -> image::RgbImage {
     let (gap, per_row) = match n {
         1 => (0, 1),
         _ => (GAP, per_row as u32),
     };
     let rows = (n as u32).div_ceil(per_row);
     let r32 = r as u32;
-    let mut img = image::RgbImage::from_pixel(
-        per_row * r32 + (per_row + 1) * gap,
-        rows * r32 + (rows + 1) * gap,
-        image::Rgb([BACKGROUND; 3]),
-    );
+    let width = per_row * r32 + (per_row + 1) * gap;
+    let bands: Vec<Option<image::RgbImage>> = (0..rows as usize)
+        .map(|i| captions.and_then(|(c, texts)| texts.get(i).map(|t| c.band(t, width))))
+        .collect();
+    let height = gap
+        + bands
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.height()) + r32 + gap)
+            .sum::<u32>();
+    let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([BACKGROUND; 3]));
+    // The top of each row's pictures.
+    let mut row_y = Vec::with_capacity(bands.len());
+    let mut y = gap;
+    for band in &bands {
+        if let Some(b) = band {
+            image::imageops::replace(&mut img, b, 0, y as i64);
+            y += b.height();
+        }
+        row_y.push(y);
+        y += r32 + gap;
+    }
     let px = 3 * r * r;
     for i in 0..n {
         let chw = &pixels[i * px..(i + 1) * px];
         let x0 = gap + (i as u32 % per_row) * (r32 + gap);
-        let y0 = gap + (i as u32 / per_row) * (r32 + gap);
+        let y0 = row_y[i / per_row as usize];
         for y in 0..r {
             for x in 0..r {
                 let v = |c: usize| {
@@ -381,18 +536,35 @@ fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
     Ok(())
 }
 
-/// The summary line `trainer sample` prints.
+/// What `trainer sample` prints: the summary line, then, when re-ranked, each prompt's kept
+/// pictures and their scores.
 pub fn describe(s: &SampleSummary) -> String {
     let dir = s.files[0][0].parent().unwrap_or(Path::new("."));
-    format!(
+    let mut text = format!(
         "sampled {n} pictures of {r}×{r} for each of {p} prompts ({t} with {d}) into {dir}",
-        n = s.per_prompt,
+        n = s.drawn,
         r = s.resolution,
         p = s.prompts.len(),
         t = s.transformer_weights.display(),
         d = s.dvae_weights.display(),
         dir = dir.display(),
-    )
+    );
+    if let Some(clip) = &s.clip_weights {
+        text += &format!(
+            "; CLIP ({}) kept the best {} of each (scores.json)",
+            clip.display(),
+            s.per_prompt
+        );
+        for (i, p) in s.scores.iter().enumerate() {
+            let kept: Vec<String> = p
+                .kept
+                .iter()
+                .map(|k| format!("#{} {:.4}", k.drawn, k.score))
+                .collect();
+            text += &format!("\nprompt {i} {:?}: {}", p.prompt, kept.join(", "));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -406,7 +578,7 @@ mod tests {
         let pixels: Vec<f32> = (0..3)
             .flat_map(|i| vec![i as f32 / 4.0; 3 * r * r])
             .collect();
-        let img = grid_image(&pixels, 3, r);
+        let img = grid_image(&pixels, 3, r, None);
         // 3 pictures: 2 per row, 2 rows.
         assert_eq!(img.dimensions(), (2 * 2 + 3 * GAP, 2 * 2 + 3 * GAP));
         let at = |i: u32| {
@@ -415,7 +587,7 @@ mod tests {
         };
         assert_eq!([at(0), at(1), at(2)], [0, 64, 128]);
         assert_eq!(img.get_pixel(0, 0).0, [BACKGROUND; 3]);
-        let one = grid_image(&pixels[..3 * r * r], 1, r);
+        let one = grid_image(&pixels[..3 * r * r], 1, r, None);
         assert_eq!(one.dimensions(), (2, 2));
     }
 }

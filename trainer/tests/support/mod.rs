@@ -2,6 +2,8 @@
 //! readiness check. (Not every test file uses every helper.)
 #![allow(dead_code)]
 
+pub mod clip;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,8 +6,10 @@
 //! its layer's mask allows (docs/model.md §1), listed once per layer kind and position, so the
 //! cost of a position does not grow with the positions before it beyond reading the cache
 //! entries it may see. The arithmetic is the training forward pass's on one row per sequence
-//! (the same layer normalisation, product and GELU functions), so the cached logits equal the
-//! full forward pass's to f32 round-off: the test holds them together.
+//! (the same layer normalisation and GELU functions; the weight products through
+//! [`rows_product`], which reads each weight row once for all sequences, summing in another
+//! order than the training GEMM), so the cached logits equal the full forward pass's to f32
+//! round-off: the test holds them together.
 //!
 //! Token choice ([`Sampling`]): logits divided by the temperature, then top-k and top-p
 //! (nucleus) filtering, then a draw from a ChaCha8 stream per (seed, sequence), so a sequence's
@@ -17,9 +19,9 @@ use super::{ModelError, Result, Transformer};
 use kernels::attention::{allowed_reference, layer_mask_kind, MaskKind};
 use kernels::gelu::gelu_forward;
 use kernels::layernorm::layernorm_forward;
-use kernels::linear::linear_forward;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// How the next token is chosen from its logits.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -265,7 +267,7 @@ impl<'a> KvSampler<'a> {
                 s,
                 c,
             )?;
-            linear_forward(
+            rows_product(
                 &mut self.qkv,
                 &self.ln,
                 w[bp.qkv_w],
@@ -308,7 +310,7 @@ impl<'a> KvSampler<'a> {
                     }
                 }
             }
-            linear_forward(
+            rows_product(
                 &mut self.proj,
                 &self.att,
                 w[bp.attn_proj_w],
@@ -330,7 +332,7 @@ impl<'a> KvSampler<'a> {
                 s,
                 c,
             )?;
-            linear_forward(
+            rows_product(
                 &mut self.fc,
                 &self.ln,
                 w[bp.fc_w],
@@ -340,7 +342,7 @@ impl<'a> KvSampler<'a> {
                 4 * c,
             )?;
             gelu_forward(&mut self.fc_gelu, &self.fc)?;
-            linear_forward(
+            rows_product(
                 &mut self.proj,
                 &self.fc_gelu,
                 w[bp.mlp_proj_w],
@@ -370,10 +372,85 @@ impl<'a> KvSampler<'a> {
             (d.image_vocab, &head[d.text_rows() * c..])
         };
         let mut logits = vec![0.0f32; s * rows];
-        linear_forward(&mut logits, &self.ln, segment, None, s, c, rows)?;
+        rows_product(&mut logits, &self.ln, segment, None, s, c, rows)?;
         self.pos += 1;
         Ok(logits)
     }
+}
+
+/// Output columns per parallel task of [`rows_product`].
+const COLUMNS_PER_TASK: usize = 64;
+
+/// `out` [S, N] = `x` [S, K] · `w`ᵀ (+ `bias`), `w` [N, K] row-major, for the few rows (one per
+/// sequence) the sampler feeds: each weight row is read once and multiplied with every sequence
+/// while it is in cache, so the cost is one pass over the weights. (A general GEMM packs the
+/// weight operand on every call, which at a few rows costs as much as the product.)
+pub fn rows_product(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    s: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    if out.len() != s * n
+        || x.len() != s * k
+        || w.len() != n * k
+        || bias.is_some_and(|b| b.len() != n)
+    {
+        return Err(ModelError::Dims(format!(
+            "rows_product: out {}, x {}, w {} for S {s}, K {k}, N {n}",
+            out.len(),
+            x.len(),
+            w.len()
+        )));
+    }
+    // Column-major result, [N, S], so that each task owns a contiguous block of columns.
+    let mut t = vec![0.0f32; n * s];
+    let block = |(b, cols): (usize, &mut [f32])| {
+        for (jj, col) in cols.chunks_exact_mut(s).enumerate() {
+            let j = b * COLUMNS_PER_TASK + jj;
+            let row = &w[j * k..(j + 1) * k];
+            for (si, o) in col.iter_mut().enumerate() {
+                *o = dot(&x[si * k..(si + 1) * k], row);
+            }
+        }
+    };
+    if n * k * s >= 1 << 16 {
+        t.par_chunks_mut(COLUMNS_PER_TASK * s)
+            .enumerate()
+            .for_each(block);
+    } else {
+        t.chunks_mut(COLUMNS_PER_TASK * s)
+            .enumerate()
+            .for_each(block);
+    }
+    for si in 0..s {
+        let o = &mut out[si * n..(si + 1) * n];
+        for (j, o) in o.iter_mut().enumerate() {
+            *o = t[j * s + si] + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+    Ok(())
+}
+
+/// Σ a·b with 16 running sums (vectorised by the compiler).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Draws the image tokens of `seqs` sequences, [S, G²], after their captions `text` ([S, Tt],
