@@ -62,7 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 #[test]
-#[ignore]
+#[ignore = "benchmark: a ViT-B/32 beside PyTorch, minutes on 2 cores; run with --ignored --nocapture"]
 fn bench_embed_vit_b32_beside_pytorch() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vit-b32");
@@ -187,7 +187,7 @@ fn bench_embed_vit_b32_beside_pytorch() {
 /// 512 (ViT-B/32's size), written as an embeddings folder of the documented format over a shard
 /// of 8×8 images.
 #[test]
-#[ignore]
+#[ignore = "benchmark: prints the dedup search rates; run with --ignored --nocapture"]
 fn bench_dedup_search() {
     let tmp = tempfile::tempdir().unwrap();
     let emb = write_random_embeddings(&tmp.path().join("n20000"), 20_000);
