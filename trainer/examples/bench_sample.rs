@@ -21,30 +21,15 @@
 //!
 //! One JSON line per mode. Weights are the init's (the cost does not depend on their values).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Instant;
 use trainer::data::synthetic::SyntheticData;
 use trainer::model::transformer::sample::{rows_product, sample_images, KvSampler, Sampling};
-use trainer::model::transformer::{Activations, Transformer, TransformerDims};
+use trainer::model::transformer::{Activations, Transformer};
 
-fn size(name: &str) -> Result<TransformerDims> {
-    let d = |text_len, text_vocab, grid, image_vocab, d_model, heads, layers| TransformerDims {
-        text_len,
-        text_vocab,
-        grid,
-        image_vocab,
-        d_model,
-        heads,
-        layers,
-        conv_kernel: 11,
-    };
-    // The sizes of bench_transformer.rs and tools/bench_pytorch.py.
-    Ok(match name {
-        "tiny" => d(32, 1024, 8, 512, 256, 8, 8),
-        "small" => d(64, 4096, 16, 1024, 384, 6, 12),
-        other => bail!("unknown --size {other}: expected tiny or small"),
-    })
-}
+#[path = "support/sizes.rs"]
+mod sizes;
+use sizes::size;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -62,7 +47,7 @@ fn main() -> Result<()> {
     let batch: usize = arg("--batch").map_or(Ok(8), |s| s.parse())?;
     let runs: usize = arg("--runs").map_or(Ok(3), |s| s.parse())?.max(1);
     let passes: usize = arg("--full-passes").map_or(Ok(3), |s| s.parse())?;
-    let dims = size(&name)?;
+    let (dims, _) = size(&name)?;
     let model = Transformer::new(dims)?;
     let params = model.init_params(1);
     let data = SyntheticData {

@@ -9,30 +9,15 @@
 //! `Transformer::train_flops` (attention only over allowed pairs; the head only over the
 //! vocabulary segment each position is scored on).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Instant;
 use trainer::data::synthetic::SyntheticData;
-use trainer::model::transformer::{Activations, Transformer, TransformerDims};
+use trainer::model::transformer::{Activations, Transformer};
 use trainer::optim::{AdamW, AdamWParams};
 
-fn size(name: &str) -> Result<(TransformerDims, usize)> {
-    let d = |text_len, text_vocab, grid, image_vocab, d_model, heads, layers| TransformerDims {
-        text_len,
-        text_vocab,
-        grid,
-        image_vocab,
-        d_model,
-        heads,
-        layers,
-        conv_kernel: 11,
-    };
-    Ok(match name {
-        "tiny" => (d(32, 1024, 8, 512, 256, 8, 8), 16),
-        "small" => (d(64, 4096, 16, 1024, 384, 6, 12), 8),
-        "paperseq" => (d(256, 16384, 32, 8192, 256, 4, 4), 2),
-        other => bail!("unknown --size {other}: expected tiny, small or paperseq"),
-    })
-}
+#[path = "support/sizes.rs"]
+mod sizes;
+use sizes::size;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
