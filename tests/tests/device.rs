@@ -79,6 +79,35 @@ fn assert_resumes_bit_exactly(
     }
 }
 
+/// The files of the step-10 checkpoints of the `cpu` and `emu` runs hold the same tensors, each
+/// within `tol` of the other element by element, and the device's step-10 weights differ from
+/// its step-5 weights (its updates reached the checkpoints).
+fn assert_checkpoints_agree(cpu: &Path, emu: &Path, files: &[&str], tol: f32) {
+    let file = |out: &Path, step: u64, name: &str| {
+        tensors(&out.join(format!("checkpoints/step_{step:08}/{name}")))
+    };
+    for name in files {
+        let (w_cpu, w_emu) = (file(cpu, 10, name), file(emu, 10, name));
+        assert_eq!(w_cpu.len(), w_emu.len(), "{name}: tensor counts");
+        for ((tensor, x), (_, y)) in w_cpu.iter().zip(&w_emu) {
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst < tol,
+                "{name} {tensor}: emulated GPU and CPU differ by {worst}"
+            );
+        }
+    }
+    assert_ne!(
+        file(emu, 10, "model.safetensors"),
+        file(emu, 5, "model.safetensors"),
+        "the device's updates reached the checkpoints"
+    );
+}
+
 #[test]
 fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,25 +123,7 @@ fn ten_updates_on_the_emulated_gpu_agree_with_the_cpu_and_resume_bit_exactly() {
     assert_losses_agree(&a, &b, "emulated GPU vs CPU");
     assert!(a[9] < a[0], "the run trained: {a:?}");
     // The weights trained on the device reach the checkpoint (downloaded for it), as the CPU's.
-    let model = |out: &Path, step: u64| {
-        tensors(&out.join(format!("checkpoints/step_{step:08}/model.safetensors")))
-    };
-    let (w_cpu, w_emu, w_five) = (model(&cpu, 10), model(&emu, 10), model(&emu, 5));
-    for ((name, x), (_, y)) in w_cpu.iter().zip(&w_emu) {
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(
-            worst < 1e-5,
-            "{name}: emulated GPU and CPU weights differ by {worst}"
-        );
-    }
-    assert_ne!(
-        w_emu, w_five,
-        "the device's updates reached the checkpoints"
-    );
+    assert_checkpoints_agree(&cpu, &emu, &["model.safetensors"], 1e-5);
 
     assert_resumes_bit_exactly(&emu, &resumed, |out, steps| config(out, steps, "cuda-emu"));
 }
@@ -253,29 +264,7 @@ fn the_dvae_on_the_emulated_gpu_agrees_with_the_cpu_resumes_bit_exactly_and_move
         }
     }
     // The device's weights and EMA reach the checkpoints (downloaded for them), as the CPU's.
-    let file = |out: &Path, step: u64, name: &str| {
-        tensors(&out.join(format!("checkpoints/step_{step:08}/{name}")))
-    };
-    for name in ["model.safetensors", "ema.safetensors"] {
-        let (w_cpu, w_emu) = (file(&cpu, 10, name), file(&emu, 10, name));
-        assert_eq!(w_cpu.len(), w_emu.len());
-        for ((tensor, x), (_, y)) in w_cpu.iter().zip(&w_emu) {
-            let worst = x
-                .iter()
-                .zip(y)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(
-                worst < 1e-4,
-                "{name} {tensor}: emulated GPU and CPU differ by {worst}"
-            );
-        }
-    }
-    assert_ne!(
-        file(&emu, 10, "model.safetensors"),
-        file(&emu, 5, "model.safetensors"),
-        "the device's updates reached the checkpoints"
-    );
+    assert_checkpoints_agree(&cpu, &emu, &["model.safetensors", "ema.safetensors"], 1e-4);
 
     assert_resumes_bit_exactly(&emu, &resumed, |out, steps| cfg(out, steps, "cuda-emu"));
 
