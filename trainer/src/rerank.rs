@@ -28,9 +28,8 @@ use crate::train::objectives::ClipCaptions;
 /// Pictures scored in one forward pass of the vision tower.
 const BATCH: usize = 8;
 
-/// OpenAI's CLIP image statistics, what a Tessera CLIP run normalises its images with.
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+// OpenAI's CLIP image statistics, what a Tessera CLIP run normalises its images with.
+use crate::model::clip::hf::{IMAGE_MEAN as CLIP_MEAN, IMAGE_STD as CLIP_STD};
 
 /// How captions become CLIP's input ids.
 enum Captions {
