@@ -7,7 +7,8 @@ Tessera's Rust code. Given the weights, the inputs (`images` [B,3,H,W] in [0,1],
 (`logits`, `stats`, `loss`, `nll`, `kl`, `grad.<name>`; or the `trainer debug-state` file of
 docs/model.md §4, whose `encoder_logits` and `decoder_stats` stand for `logits` and `stats`), it
 recomputes the forward pass and the loss and compares, then checks sampled gradient entries (and
-one random direction) against float64 central differences of the loss.
+one random direction) against float64 central differences of the loss. `--likelihood` picks the
+pixels' likelihood (`relaxation.likelihood`: logit-laplace, the default, or logit-gaussian).
 
 Exits 0 when everything agrees, 1 naming the first mismatches.
 """
@@ -62,8 +63,9 @@ def softmax(x, axis):
 class Arch:
     """The parameter names and shapes of OpenAI's Encoder/Decoder for the given sizes."""
 
-    def __init__(self, n_hid, n_blk, vocab, n_init):
+    def __init__(self, n_hid, n_blk, vocab, n_init, likelihood="logit-laplace"):
         self.n_hid, self.n_blk, self.vocab, self.n_init = n_hid, n_blk, vocab, n_init
+        self.likelihood = likelihood
         self.post_gain = 1.0 / (GROUP_COUNT * n_blk) ** 2
         self.shapes = {}
 
@@ -125,7 +127,15 @@ class Arch:
         mu, lnb = stats[:, 0:3], stats[:, 3:6]
         b = np.exp(lnb)
         logit_x = np.log(xm / (1.0 - xm))
-        nll = np.sum(np.log(2.0 * b) + np.log(xm * (1.0 - xm)) + np.abs(logit_x - mu) / b)
+        if self.likelihood == "logit-gaussian":
+            # −ln N(logit(x'); μ, 1) − ln |d logit(x') / dx'|; ln b is not read.
+            nll = np.sum(
+                0.5 * (logit_x - mu) ** 2 + 0.5 * np.log(2.0 * np.pi) + np.log(xm * (1.0 - xm))
+            )
+        else:
+            nll = np.sum(
+                np.log(2.0 * b) + np.log(xm * (1.0 - xm)) + np.abs(logit_x - mu) / b
+            )
         q = softmax(logits, axis=1)
         kl = np.sum(np.sum(q * np.log(q), axis=1) + np.log(self.vocab))
         bsz, _, h, w = images.shape
@@ -153,6 +163,8 @@ def main():
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--outputs", required=True)
     ap.add_argument("--n-blk-per-group", type=int, required=True)
+    ap.add_argument("--likelihood", choices=["logit-laplace", "logit-gaussian"],
+                    default="logit-laplace")
     ap.add_argument("--fd-samples", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -169,7 +181,7 @@ def main():
     n_hid = p["encoder.blocks.input.w"].shape[0]
     vocab = p["encoder.blocks.output.conv.w"].shape[0]
     n_init = p["decoder.blocks.input.w"].shape[0]
-    arch = Arch(n_hid, args.n_blk_per_group, vocab, n_init)
+    arch = Arch(n_hid, args.n_blk_per_group, vocab, n_init, args.likelihood)
     failures = []
 
     def fail(msg):

@@ -12,7 +12,8 @@
 // K: lane = position (coalesced along hw), each slice a strided share of K; the per-slice maxima
 // and sums are combined in shared memory in slice order (deterministic). Grid (⌈hw/32⌉, B).
 //
-// Logit-Laplace: dstats = scale · d nll / d stats (overwritten, optional); the nll sum in f64 (its
+// Likelihood (logit-Laplace, or with `gaussian` ≠ 0 the unit Gaussian in logit space):
+// dstats = scale · d nll / d stats (overwritten, optional); the nll sum in f64 (its
 // terms nearly cancel): per-block partials of 256 pixels reduced in a fixed tree order, stored as
 // f32 (hi, lo) pairs, then one block adds the partials in order (dvae_laplace_reduce_f32). The
 // per-pixel terms in f64, as the reference. No atomics anywhere.
@@ -112,7 +113,8 @@ __device__ __forceinline__ void ll_block_sum(double* red) {
 // One thread per (image, pixel), its three channels; grid (⌈px/256⌉, B). partials [2·blocks]:
 // block (bx, b) writes its nll sum as a (hi, lo) pair at 2·(b·gridDim.x + bx).
 extern "C" __global__ void dvae_laplace_f32(float* dstats, float* partials, const float* stats,
-                                            const float* images, float scale, int px) {
+                                            const float* images, float scale, int px,
+                                            int gaussian) {
     TS_SHARED(double, red, LL_THREADS);
     int i = blockIdx.x * LL_THREADS + threadIdx.x;
     long b = blockIdx.y;
@@ -123,7 +125,17 @@ extern "C" __global__ void dvae_laplace_f32(float* dstats, float* partials, cons
             double t = log(x / (1.0 - x));
             long mu = (b * 6 + ch) * px + i, lnb = (b * 6 + 3 + ch) * px + i;
             double m = stats[mu], lb = stats[lnb];
-            double inv_b = exp(-lb), r = t - m;
+            double r = t - m;
+            if (gaussian) {
+                // ½r² + ½·ln(2π) + ln(x'(1 − x')); ln b is not read and gets no gradient.
+                total += 0.5 * r * r + 0.91893853320467274178 + log(x * (1.0 - x));
+                if (dstats) {
+                    dstats[mu] = (float)((double)scale * -r);
+                    dstats[lnb] = 0.0f;
+                }
+                continue;
+            }
+            double inv_b = exp(-lb);
             total += 0.69314718055994530942 + lb + log(x * (1.0 - x)) + fabs(r) * inv_b;
             if (dstats) {
                 // Rust's signum: ±1 also at ±0, NaN stays NaN.

@@ -1,6 +1,7 @@
 //! The dVAE's loss pieces (docs/model.md §2), apart from the model: the Gumbel-softmax relaxation
-//! of the encoder's logits, the logit-Laplace negative log-likelihood of the decoder's statistics
-//! and the KL divergence of the codes from the uniform prior, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
+//! of the encoder's logits, the negative log-likelihood of the pixels under the decoder's
+//! statistics ([`Likelihood`]: the paper's logit-Laplace, or a unit Gaussian in logit space) and
+//! the KL divergence of the codes from the uniform prior, with their gradients. The arithmetic is the trainer's (`trainer::model::dvae`),
 //! the readable reference of the CUDA kernels in `kernels/cuda/dvae.cu`.
 //!
 //! Shapes: `logits`, `noise`, `y`, `dy`, `dlogits` [B, K, hw] (hw grid positions; the softmax
@@ -8,11 +9,28 @@
 //! [B, 6, px] (μ for the three channels, then ln b). Gradients are overwritten (`=`), except the
 //! KL term's, which is added to the relaxation's.
 
+use serde::{Deserialize, Serialize};
+
 use crate::device::{Cpu, Device};
 use crate::error::{check_len, KernelError, Result};
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
 pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
+
+/// The pixels' distribution given the decoder's statistics (docs/model.md §2, "Training loss").
+/// Both read μ in logit space of the squashed pixel x'; only the Laplace reads ln b.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Likelihood {
+    /// The paper's: a Laplace of mean μ and scale b in logit space. Its gradient in μ is
+    /// ±1/b whatever the error, and b is learnt per pixel.
+    #[default]
+    LogitLaplace,
+    /// A Gaussian of mean μ and unit variance in logit space (an L2 loss on μ; ln b unused, its
+    /// gradient zero). Small dVAEs trained briefly learn with it where the Laplace stalls
+    /// (docs/dvae-training.md).
+    LogitGaussian,
+}
 
 /// The dVAE's loss pieces on a [`Device`] (the CUDA kernels: `kernels/cuda/dvae.cu`), f32
 /// buffers (logits and decoder statistics stay f32).
@@ -41,11 +59,12 @@ pub trait DvaeLossOps: Device {
         k: usize,
         hw: usize,
     ) -> Result<()>;
-    /// Σ of the logit-Laplace negative log-likelihood ([`logit_laplace_nll`]; waits for the
-    /// device), and, when `dstats` is given, its gradient times `scale` there
-    /// ([`logit_laplace_backward`]).
-    fn logit_laplace(
+    /// Σ of the negative log-likelihood ([`nll`]; waits for the device), and, when `dstats` is
+    /// given, its gradient times `scale` there ([`nll_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn nll(
         &self,
+        kind: Likelihood,
         dstats: Option<&mut Self::Buf<f32>>,
         stats: &Self::Buf<f32>,
         images: &Self::Buf<f32>,
@@ -92,8 +111,9 @@ impl DvaeLossOps for Cpu {
     ) -> Result<()> {
         gumbel_softmax_backward(dlogits, y, dy, tau, batch, k, hw)
     }
-    fn logit_laplace(
+    fn nll(
         &self,
+        kind: Likelihood,
         dstats: Option<&mut Vec<f32>>,
         stats: &Vec<f32>,
         images: &Vec<f32>,
@@ -101,11 +121,11 @@ impl DvaeLossOps for Cpu {
         batch: usize,
         px: usize,
     ) -> Result<f64> {
-        let nll = logit_laplace_nll(stats, images, batch, px)?;
+        let total = nll(kind, stats, images, batch, px)?;
         if let Some(d) = dstats {
-            logit_laplace_backward(d, stats, images, scale as f64, batch, px)?;
+            nll_backward(kind, d, stats, images, scale as f64, batch, px)?;
         }
-        Ok(nll)
+        Ok(total)
     }
     fn kl_uniform(
         &self,
@@ -365,6 +385,87 @@ pub fn logit_laplace_backward(
     Ok(())
 }
 
+/// ½·ln(2π), the unit Gaussian's normalising term.
+const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
+
+/// Σ over images, channels and pixels of ½(logit(x') − μ)² + ½·ln(2π) + log(x'(1−x')), with μ
+/// from `stats` and x' the squashed pixel, in f64: the unit Gaussian in logit space, as a density
+/// of x' (the last term is the logit's Jacobian, as in the Laplace).
+pub fn logit_gaussian_nll(stats: &[f32], images: &[f32], batch: usize, px: usize) -> Result<f64> {
+    check_laplace("logit_gaussian_nll", stats.len(), images.len(), batch, px)?;
+    let mut total = 0.0f64;
+    for bi in 0..batch {
+        for ch in 0..3 {
+            for i in 0..px {
+                let x = squash(images[(bi * 3 + ch) * px + i]);
+                let r = (x / (1.0 - x)).ln() - stats[(bi * 6 + ch) * px + i] as f64;
+                total += 0.5 * r * r + HALF_LN_2PI + (x * (1.0 - x)).ln();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// `dstats` [B, 6, px] (overwritten) = `scale` · d[`logit_gaussian_nll`]/d stats:
+/// −(logit(x') − μ) for μ, 0 for ln b; in f64.
+pub fn logit_gaussian_backward(
+    dstats: &mut [f32],
+    stats: &[f32],
+    images: &[f32],
+    scale: f64,
+    batch: usize,
+    px: usize,
+) -> Result<()> {
+    const OP: &str = "logit_gaussian_backward";
+    check_laplace(OP, stats.len(), images.len(), batch, px)?;
+    check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
+    for bi in 0..batch {
+        for ch in 0..3 {
+            for i in 0..px {
+                let x = squash(images[(bi * 3 + ch) * px + i]);
+                let (mu, lnb) = ((bi * 6 + ch) * px + i, (bi * 6 + 3 + ch) * px + i);
+                let r = (x / (1.0 - x)).ln() - stats[mu] as f64;
+                dstats[mu] = (scale * -r) as f32;
+                dstats[lnb] = 0.0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The negative log-likelihood of `kind`: [`logit_laplace_nll`] or [`logit_gaussian_nll`].
+pub fn nll(
+    kind: Likelihood,
+    stats: &[f32],
+    images: &[f32],
+    batch: usize,
+    px: usize,
+) -> Result<f64> {
+    match kind {
+        Likelihood::LogitLaplace => logit_laplace_nll(stats, images, batch, px),
+        Likelihood::LogitGaussian => logit_gaussian_nll(stats, images, batch, px),
+    }
+}
+
+/// The gradient of [`nll`] times `scale` into `dstats` (overwritten): [`logit_laplace_backward`]
+/// or [`logit_gaussian_backward`].
+pub fn nll_backward(
+    kind: Likelihood,
+    dstats: &mut [f32],
+    stats: &[f32],
+    images: &[f32],
+    scale: f64,
+    batch: usize,
+    px: usize,
+) -> Result<()> {
+    match kind {
+        Likelihood::LogitLaplace => logit_laplace_backward(dstats, stats, images, scale, batch, px),
+        Likelihood::LogitGaussian => {
+            logit_gaussian_backward(dstats, stats, images, scale, batch, px)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,24 +525,60 @@ mod tests {
     }
 
     #[test]
-    fn laplace_gradient_matches_finite_differences() {
+    fn likelihood_gradients_match_finite_differences() {
         let (batch, px) = (2, 5);
         let images: Vec<f32> = rand_vec(batch * 3 * px, 0.5, 4)
             .iter()
             .map(|v| v + 0.5)
             .collect();
-        let mut stats = rand_vec(batch * 6 * px, 1.0, 5);
-        let mut d = vec![f32::NAN; stats.len()];
-        logit_laplace_backward(&mut d, &stats, &images, 0.5, batch, px).unwrap();
-        let num: Vec<f64> = (0..stats.len())
-            .map(|i| {
-                numeric_grad(&mut stats, i, 1e-3, |s| {
-                    0.5 * logit_laplace_nll(s, &images, batch, px).unwrap()
+        for kind in [Likelihood::LogitLaplace, Likelihood::LogitGaussian] {
+            let mut stats = rand_vec(batch * 6 * px, 1.0, 5);
+            let mut d = vec![f32::NAN; stats.len()];
+            nll_backward(kind, &mut d, &stats, &images, 0.5, batch, px).unwrap();
+            let num: Vec<f64> = (0..stats.len())
+                .map(|i| {
+                    numeric_grad(&mut stats, i, 1e-3, |s| {
+                        0.5 * nll(kind, s, &images, batch, px).unwrap()
+                    })
                 })
+                .collect();
+            let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("dstats {kind:?}"), &got, &num, 1e-3, 1e-3);
+            assert!(nll(kind, &stats[1..], &images, batch, px).is_err());
+        }
+    }
+
+    #[test]
+    fn gaussian_nll_is_the_unit_normal_density_of_the_logit() {
+        // One pixel per channel, μ at logit(x') + 0.5 for channel 0, + 0 and −2 for the others:
+        // −ln N(logit(x'); μ, 1) − ln |d logit(x')/dx'| = ½r² + ½ln(2π) + ln(x'(1−x')).
+        let images = [0.0f32, 0.25, 1.0];
+        let x: Vec<f64> = images.iter().map(|&v| 0.8 * v as f64 + 0.1).collect();
+        let offsets = [0.5, 0.0, -2.0];
+        let mut stats = vec![7.0f32; 6];
+        for c in 0..3 {
+            stats[c] = ((x[c] / (1.0 - x[c])).ln() + offsets[c]) as f32;
+        }
+        let want: f64 = (0..3)
+            .map(|c| {
+                let density = (-0.5 * offsets[c] * offsets[c]).exp()
+                    / (2.0 * std::f64::consts::PI).sqrt()
+                    / (x[c] * (1.0 - x[c]));
+                -density.ln()
             })
-            .collect();
-        let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
-        assert_close("dstats", &got, &num, 1e-3, 1e-3);
-        assert!(logit_laplace_nll(&stats[1..], &images, batch, px).is_err());
+            .sum();
+        let got = logit_gaussian_nll(&stats, &images, 1, 1).unwrap();
+        assert!((got - want).abs() < 1e-6, "nll {got}, want {want}");
+        let mut d = vec![f32::NAN; 6];
+        logit_gaussian_backward(&mut d, &stats, &images, 1.0, 1, 1).unwrap();
+        assert_eq!(&d[3..], &[0.0; 3], "ln b gets no gradient");
+        for c in 0..3 {
+            assert!(
+                (d[c] as f64 - offsets[c]).abs() < 1e-6,
+                "dμ {} vs {}",
+                d[c],
+                offsets[c]
+            );
+        }
     }
 }

@@ -146,7 +146,7 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
 
 /// The dVAE's check: batch keys `images` [B, 3, H, W] in [0, 1], `tau` [1], `beta` [1].
 fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
-    let model = Dvae::new(dvae_dims_of(cfg)?)?;
+    let model = Dvae::new(dvae_dims_of(cfg)?)?.with_likelihood(cfg.relaxation().likelihood);
     let d = *model.dims();
     let (params, bytes) = load_inputs(model.table(), weights, batch)?;
     let st = parse_batch(&bytes, batch)?;

@@ -13,6 +13,7 @@ use std::process::Command;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer::checkpoint::{entries, write_tensors, TensorEntry};
+use trainer::config::Likelihood;
 use trainer::model::dvae::{Dvae, DvaeDims};
 use trainer::params::ParamKind;
 
@@ -28,7 +29,15 @@ fn entry<'a>(name: &str, shape: &[usize], data: &'a [f32]) -> TensorEntry<'a> {
     }
 }
 
-fn check(n_blk_per_group: usize, seed: u64) {
+/// The name of `l` in a config and in the reference's `--likelihood`.
+fn name_of(l: Likelihood) -> &'static str {
+    match l {
+        Likelihood::LogitLaplace => "logit-laplace",
+        Likelihood::LogitGaussian => "logit-gaussian",
+    }
+}
+
+fn check(n_blk_per_group: usize, seed: u64, likelihood: Likelihood) {
     if !support::python_ready("the NumPy dVAE reference check") {
         return;
     }
@@ -39,7 +48,7 @@ fn check(n_blk_per_group: usize, seed: u64) {
         vocab_size: 6,
         n_init: 4,
     };
-    let dvae = Dvae::new(dims).unwrap();
+    let dvae = Dvae::new(dims).unwrap().with_likelihood(likelihood);
     let table = dvae.table();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd7ae);
 
@@ -110,13 +119,15 @@ fn check(n_blk_per_group: usize, seed: u64) {
         .args(["--inputs".as_ref(), inputs.as_os_str()])
         .args(["--outputs".as_ref(), outputs.as_os_str()])
         .args(["--n-blk-per-group", &n_blk_per_group.to_string()])
+        .args(["--likelihood", name_of(likelihood)])
         .output()
         .expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "the NumPy dVAE reference disagrees with Dvae (n_blk_per_group {n_blk_per_group}): \
+        "the NumPy dVAE reference disagrees with Dvae (n_blk_per_group {n_blk_per_group}, \
+         {likelihood:?}): \
          status {}\n--- stdout\n{stdout}\n--- stderr\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -125,20 +136,24 @@ fn check(n_blk_per_group: usize, seed: u64) {
 
 #[test]
 fn dvae_matches_numpy_reference_one_block_per_group() {
-    check(1, 3);
+    check(1, 3, Likelihood::LogitLaplace);
 }
 
 #[test]
 fn dvae_matches_numpy_reference_two_blocks_per_group() {
-    check(2, 4);
+    check(2, 4, Likelihood::LogitLaplace);
+}
+
+#[test]
+fn dvae_matches_numpy_reference_gaussian_likelihood() {
+    check(1, 5, Likelihood::LogitGaussian);
 }
 
 /// `trainer init-weights` and `trainer debug-state` for a `model.kind: dvae` config, end to end
 /// through the binary (docs/model.md §4: batch keys `images`, `tau`, `beta`; outputs
 /// `encoder_logits`, `decoder_stats` without Gumbel noise, `loss`, `grad.<name>`), against the
-/// same NumPy reference.
-#[test]
-fn dvae_debug_state_cli_matches_numpy_reference() {
+/// same NumPy reference; `relaxation.likelihood` reaches the loss.
+fn debug_state_cli(likelihood: Likelihood) {
     if !support::python_ready("the NumPy dVAE debug-state check") {
         return;
     }
@@ -151,8 +166,10 @@ fn dvae_debug_state_cli_matches_numpy_reference() {
 model: {{kind: dvae, resolution: 16, n_hid: 8, n_blk_per_group: 1, vocab_size: 6, n_init: 4}}
 data: {{source: images, paths: [unused.tis]}}
 train: {{steps: 1, batch_size: 2}}
+relaxation: {{likelihood: {}}}
 ",
-            p("run").display()
+            p("run").display(),
+            name_of(likelihood)
         ),
     )
     .unwrap();
@@ -200,6 +217,7 @@ train: {{steps: 1, batch_size: 2}}
         .args(["--inputs".as_ref(), batch.as_os_str()])
         .args(["--outputs".as_ref(), state.as_os_str()])
         .args(["--n-blk-per-group", "1"])
+        .args(["--likelihood", name_of(likelihood)])
         .output()
         .expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -227,4 +245,14 @@ train: {{steps: 1, batch_size: 2}}
         err.contains("`images` has shape [2, 3, 8, 8], expected [B ≥ 1, 3, 16, 16]"),
         "{err}"
     );
+}
+
+#[test]
+fn dvae_debug_state_cli_matches_numpy_reference() {
+    debug_state_cli(Likelihood::LogitLaplace);
+}
+
+#[test]
+fn dvae_debug_state_cli_matches_numpy_reference_gaussian_likelihood() {
+    debug_state_cli(Likelihood::LogitGaussian);
 }

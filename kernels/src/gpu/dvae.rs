@@ -1,8 +1,8 @@
-//! Launchers of `kernels/cuda/dvae.cu`: the Gumbel-softmax relaxation and the logit-Laplace
-//! likelihood of the dVAE's loss, for [`Gpu`] over either runtime.
+//! Launchers of `kernels/cuda/dvae.cu`: the Gumbel-softmax relaxation and the likelihood
+//! (logit-Laplace or logit-Gaussian) of the dVAE's loss, for [`Gpu`] over either runtime.
 
 use super::{as_i32, check_buf, Args, Gpu, LaunchCfg, Runtime};
-use crate::dvae::{check_tau, DvaeLossOps};
+use crate::dvae::{check_tau, DvaeLossOps, Likelihood};
 use crate::error::{KernelError, Result};
 
 /// Positions per block of the softmax kernels (`GS_LANES`), and threads (× `GS_SLICES` = 8).
@@ -96,8 +96,9 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
         unsafe { rt.launch(K, softmax_cfg(batch, hw), &args) }
     }
 
-    fn logit_laplace(
+    fn nll(
         &self,
+        kind: Likelihood,
         dstats: Option<&mut R::Buf<f32>>,
         stats: &R::Buf<f32>,
         images: &R::Buf<f32>,
@@ -129,7 +130,8 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
             .ptr(rt.addr(stats))
             .ptr(rt.addr(images))
             .f32(scale)
-            .i32(as_i32(K, "px", px)?);
+            .i32(as_i32(K, "px", px)?)
+            .i32(i32::from(kind == Likelihood::LogitGaussian));
         let cfg = LaunchCfg {
             grid: [blocks_x as u32, batch as u32, 1],
             block: [LL_THREADS as u32, 1, 1],
@@ -254,7 +256,12 @@ mod tests {
         }
     }
 
-    fn run_laplace<D: DvaeLossOps>(dev: &D, batch: usize, px: usize) -> (f64, Vec<f32>, f64) {
+    fn run_likelihood<D: DvaeLossOps>(
+        dev: &D,
+        kind: Likelihood,
+        batch: usize,
+        px: usize,
+    ) -> (f64, Vec<f32>, f64) {
         let seed = (batch * 1000 + px) as u64;
         let up = |v: &[f32]| dev.upload(v).unwrap();
         // Pixels in [0, 1] including both ends, and one exactly where logit(x') = μ is possible.
@@ -270,22 +277,26 @@ mod tests {
         let (images, stats) = (up(&img), up(&st));
         let mut dstats = up(&rand_vec(batch * 6 * px, 9.0, seed + 2));
         let nll = dev
-            .logit_laplace(Some(&mut dstats), &stats, &images, 0.37, batch, px)
+            .nll(kind, Some(&mut dstats), &stats, &images, 0.37, batch, px)
             .unwrap();
         let nll_only = dev
-            .logit_laplace(None, &stats, &images, 0.37, batch, px)
+            .nll(kind, None, &stats, &images, 0.37, batch, px)
             .unwrap();
         (nll, dev.download(&dstats).unwrap(), nll_only)
     }
 
     #[test]
-    fn emulated_laplace_matches_the_cpu_reference() {
+    fn emulated_likelihoods_match_the_cpu_reference() {
         // Pixel counts that fill no block, more than one block per image, several images.
-        for (batch, px) in [(1, 5), (2, 300), (3, 600)] {
-            let want = run_laplace(&Cpu, batch, px);
+        let kinds = [Likelihood::LogitLaplace, Likelihood::LogitGaussian];
+        for ((batch, px), kind) in [(1, 5), (2, 300), (3, 600)]
+            .into_iter()
+            .flat_map(|c| kinds.map(|k| (c, k)))
+        {
+            let want = run_likelihood(&Cpu, kind, batch, px);
             crate::gpu::for_each_gpu!(s, dev, {
-                let got = run_laplace(dev, batch, px);
-                let at = format!("batch={batch} px={px} {s:?}");
+                let got = run_likelihood(dev, kind, batch, px);
+                let at = format!("{kind:?} batch={batch} px={px} {s:?}");
                 // The same f64 terms summed in another order, returned through an f32 pair
                 // (≈ 48 bits): 1e-9 relative to the sum of magnitudes (bounded by 10 per term).
                 let tol = 1e-9 * 10.0 * (batch * 3 * px) as f64;
@@ -362,7 +373,7 @@ mod tests {
             .to_string();
         assert!(err.contains("tau"), "{err}");
         let err = dev
-            .logit_laplace(None, &l, &l, 1.0, 2, 2)
+            .nll(Likelihood::LogitLaplace, None, &l, &l, 1.0, 2, 2)
             .unwrap_err()
             .to_string();
         assert!(

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::model::mixed::Precision;
 use crate::model::transformer::TransformerDims;
+pub use kernels::dvae::Likelihood;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};

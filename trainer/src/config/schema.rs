@@ -339,8 +339,8 @@ impl From<ModelConfig> for ModelSection {
 }
 
 /// The `relaxation:` section (dVAE only): the Gumbel-softmax temperature τ and the KL weight β,
-/// each a cosine from its start to its end value over its number of updates, then constant
-/// (docs/model.md §2). Defaults are the paper's.
+/// each a cosine from its start to its end value over its number of updates, then constant, and
+/// the likelihood of the pixels (docs/model.md §2). Defaults are the paper's.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RelaxationConfig {
@@ -362,6 +362,10 @@ pub struct RelaxationConfig {
     /// Length of β's cosine. ≥ 1. Default 5 000.
     #[serde(default = "default_beta_steps")]
     pub beta_steps: u64,
+    /// `logit-laplace` (the paper's) or `logit-gaussian` (unit variance in logit space: what
+    /// small CPU-sized runs train with, docs/dvae-training.md). Default `logit-laplace`.
+    #[serde(default)]
+    pub likelihood: Likelihood,
 }
 
 fn default_tau_start() -> f64 {
@@ -430,6 +434,7 @@ impl Default for RelaxationConfig {
             beta_start: 0.0,
             beta_end: default_beta_end(),
             beta_steps: default_beta_steps(),
+            likelihood: Likelihood::default(),
         }
     }
 }

@@ -508,6 +508,19 @@ fn dvae_model_kind_parses_defaults_and_round_trips() {
     .unwrap();
     assert_eq!(over.model.dvae().unwrap().n_hid, 8);
     assert_eq!(over.relaxation().tau_steps, 100);
+    assert_eq!(c.relaxation().likelihood, Likelihood::LogitLaplace);
+    let g = RunConfig::from_yaml_str_with_overrides(
+        DVAE,
+        "dvae.yaml",
+        &sets(&["relaxation.likelihood=logit-gaussian"]),
+    )
+    .unwrap();
+    assert_eq!(g.relaxation().likelihood, Likelihood::LogitGaussian);
+    let e = load_err(DVAE, &["relaxation.likelihood=gauss"]);
+    assert!(
+        e.starts_with("--set relaxation.likelihood=gauss: relaxation.likelihood: unknown variant"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -34,7 +34,7 @@ type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
 pub use kernels::dvae::LOGIT_LAPLACE_EPS;
-use kernels::dvae::{self as kernel_dvae, squash};
+use kernels::dvae::{self as kernel_dvae, squash, Likelihood};
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
 
@@ -511,6 +511,8 @@ struct NetActs {
 #[derive(Clone, Debug)]
 pub struct Dvae {
     dims: DvaeDims,
+    /// The pixels' likelihood in the training loss (logit-Laplace unless set).
+    likelihood: Likelihood,
     table: ParamTable,
     encoder: Net,
     decoder: Net,
@@ -613,6 +615,7 @@ impl Dvae {
         let decoder = Net::decoder(&mut table, &d);
         Ok(Dvae {
             dims,
+            likelihood: Likelihood::LogitLaplace,
             table,
             encoder,
             decoder,
@@ -621,6 +624,16 @@ impl Dvae {
 
     pub fn dims(&self) -> &DvaeDims {
         &self.dims
+    }
+
+    /// The same model with `likelihood` in its training loss.
+    pub fn with_likelihood(mut self, likelihood: Likelihood) -> Self {
+        self.likelihood = likelihood;
+        self
+    }
+
+    pub fn likelihood(&self) -> Likelihood {
+        self.likelihood
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -759,8 +772,9 @@ impl Dvae {
         })
     }
 
-    /// Σ log(2b) + log(x'(1−x')) + |logit(x') − μ| / b over pixels and channels: one partial sum
-    /// per image (images in parallel, kernels::dvae's reference), added in image order.
+    /// Σ over pixels and channels of the likelihood's negative log (logit-Laplace: log(2b) +
+    /// log(x'(1−x')) + |logit(x') − μ| / b): one partial sum per image (images in parallel,
+    /// kernels::dvae's reference), added in image order.
     fn nll(&self, acts: &DvaeActs) -> f64 {
         let px = self.dims.resolution * self.dims.resolution;
         let per_image: Vec<f64> = (0..acts.batch)
@@ -768,7 +782,7 @@ impl Dvae {
             .map(|bi| {
                 let images = &acts.images[bi * 3 * px..][..3 * px];
                 let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
-                kernel_dvae::logit_laplace_nll(stats, images, 1, px)
+                kernel_dvae::nll(self.likelihood, stats, images, 1, px)
                     .expect("sizes of the model's own buffers")
             })
             .collect();
@@ -814,7 +828,7 @@ impl Dvae {
             .try_for_each(|(bi, dstats)| {
                 let images = &acts.images[bi * 3 * px..][..3 * px];
                 let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
-                kernel_dvae::logit_laplace_backward(dstats, stats, images, s, 1, px)
+                kernel_dvae::nll_backward(self.likelihood, dstats, stats, images, s, 1, px)
             })?;
         let mut dy = std::mem::take(&mut acts.dy);
         dy.resize(acts.y.len(), 0.0);

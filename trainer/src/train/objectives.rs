@@ -661,7 +661,7 @@ impl DvaeObjective {
             bail!("the dVAE's noise streams allow at most 65536 ranks and 65536 micro-batches");
         }
         let dims = dvae_dims_of(cfg)?;
-        let model = Dvae::new(dims)?;
+        let model = Dvae::new(dims)?.with_likelihood(cfg.relaxation().likelihood);
         let data = ImageStream::open(cfg, rank, world_size, cursor)
             .context("opening the training images")?;
         let batch = cfg.train.batch_size;

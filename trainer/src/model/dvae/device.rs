@@ -360,7 +360,8 @@ impl DeviceDvae {
         // The likelihood and d loss / d stats together; the mean's 1/(B·3·H·W) in `s`.
         let s = scale as f64 / npx as f64;
         let (stats, dstats) = (&acts.dec.output, &mut acts.dec.doutput);
-        let nll = dev.logit_laplace(Some(dstats), stats, &acts.images, s as f32, b, px)?;
+        let kind = self.model.likelihood();
+        let nll = dev.nll(kind, Some(dstats), stats, &acts.images, s as f32, b, px)?;
         dec.device_backward(dev, params, grads, &mut acts.dec, b)?;
         // Through y into d logits, then the KL term's gradient added (and its value).
         let dlogits = &mut acts.enc.doutput;
