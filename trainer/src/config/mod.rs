@@ -19,7 +19,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use crate::model::mixed::Precision;
-use crate::model::transformer::TransformerDims;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};
@@ -171,7 +170,7 @@ impl RunConfig {
 
     /// The transformer's sizes, or an error naming `model.kind` when the run trains another
     /// model (for the commands and data sources that only a transformer has).
-    pub fn transformer(&self) -> Result<&TransformerConfig, ConfigError> {
+    pub fn transformer(&self) -> Result<&TransformerDims, ConfigError> {
         self.model
             .transformer()
             .ok_or_else(|| ConfigError::Invalid {

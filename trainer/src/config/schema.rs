@@ -27,50 +27,9 @@ pub struct RunSection {
 /// The device a run uses: defined beside the `distributed:` section, whose transport it picks.
 pub use dist::Device;
 
-/// Sizes of the stage-2 transformer (docs/model.md §1). Every field but `conv_kernel` is required.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TransformerConfig {
-    /// Caption length Tt in BPE tokens, padding included. ≥ 1.
-    pub text_len: usize,
-    /// Text BPE vocabulary size Vt (padding ids Vt..Vt+Tt come on top). ≥ 2.
-    pub text_vocab: usize,
-    /// Side G of the image token grid; the image has G² tokens. ≥ 1.
-    pub grid: usize,
-    /// Image codebook size Vi (the dVAE's vocabulary). ≥ 2.
-    pub image_vocab: usize,
-    /// Residual width d. ≥ 1 and divisible by `heads`.
-    pub d_model: usize,
-    /// Attention heads h; head size d/h. ≥ 1.
-    pub heads: usize,
-    /// Number of residual blocks L. ≥ 1.
-    pub layers: usize,
-    /// Side of the convolutional attention mask of the last layer, in grid cells. Odd, ≥ 1.
-    /// Default 11.
-    #[serde(default = "default_conv_kernel")]
-    pub conv_kernel: usize,
-}
-
-fn default_conv_kernel() -> usize {
-    11
-}
-
-impl TransformerConfig {
-    /// Number of image tokens G².
-    pub fn image_len(&self) -> usize {
-        self.grid * self.grid
-    }
-
-    /// Sequence length T = Tt + G².
-    pub fn seq_len(&self) -> usize {
-        self.text_len + self.image_len()
-    }
-
-    /// Head size d/h.
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.heads
-    }
-}
+/// The transformer's sizes: the model's own struct, which is also the `model:` section of a
+/// `model.kind: transformer` config (docs/architecture.md, "One struct per model's sizes").
+pub use crate::model::transformer::TransformerDims;
 
 /// The `model:` section: which model a run trains, and its sizes, side by side under `model:`
 /// (`kind: dvae` then `n_hid: …`). `kind` defaults to `transformer`; a field of the other kind
@@ -79,7 +38,7 @@ impl TransformerConfig {
 #[serde(try_from = "ModelSection", into = "ModelSection")]
 pub enum ModelConfig {
     /// The stage-2 sparse transformer (docs/model.md §1).
-    Transformer(TransformerConfig),
+    Transformer(TransformerDims),
     /// The stage-1 discrete VAE (docs/model.md §2).
     Dvae(DvaeConfig),
     /// The contrastive model (docs/model.md §3): Hugging Face's `CLIPConfig` fields.
@@ -123,7 +82,7 @@ impl ModelConfig {
     }
 
     /// The transformer's sizes, if this is one.
-    pub fn transformer(&self) -> Option<&TransformerConfig> {
+    pub fn transformer(&self) -> Option<&TransformerDims> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
             ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
@@ -131,7 +90,7 @@ impl ModelConfig {
     }
 
     /// [`ModelConfig::transformer`], mutable.
-    pub fn transformer_mut(&mut self) -> Option<&mut TransformerConfig> {
+    pub fn transformer_mut(&mut self) -> Option<&mut TransformerDims> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
             ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
@@ -251,7 +210,7 @@ impl TryFrom<ModelSection> for ModelConfig {
         match kind {
             ModelKind::Transformer => {
                 refuse(&[&dvae[..], &clip[..]].concat())?;
-                Ok(ModelConfig::Transformer(TransformerConfig {
+                Ok(ModelConfig::Transformer(TransformerDims {
                     text_len: required("text_len", m.text_len)?,
                     text_vocab: required("text_vocab", m.text_vocab)?,
                     grid: required("grid", m.grid)?,
@@ -259,7 +218,7 @@ impl TryFrom<ModelSection> for ModelConfig {
                     d_model: required("d_model", m.d_model)?,
                     heads: required("heads", m.heads)?,
                     layers: required("layers", m.layers)?,
-                    conv_kernel: m.conv_kernel.unwrap_or_else(default_conv_kernel),
+                    conv_kernel: m.conv_kernel.unwrap_or(11),
                 }))
             }
             ModelKind::Dvae => {

@@ -121,7 +121,7 @@ fn defaults_fill_in() {
     assert_eq!(c.train.log_every, 10);
     assert_eq!(c.checkpoint, CheckpointConfig::default());
     assert_eq!(c.transformer().unwrap().seq_len(), 8 + 16);
-    assert_eq!(c.transformer().unwrap().head_dim(), 8);
+    assert_eq!(c.transformer().unwrap().head_size(), 8);
 }
 
 #[test]
@@ -232,8 +232,7 @@ fn the_config_accepts_exactly_the_transformer_sizes_the_model_builds() {
         .replace("text_len: 8", "text_len: 2")
         .replace("max_caption_tokens: 6", "max_caption_tokens: 2");
     let c = RunConfig::from_yaml_str(&two, "t").unwrap();
-    let dims = crate::train::dims_of(&c).unwrap();
-    crate::model::transformer::Transformer::new(dims).unwrap();
+    crate::model::transformer::Transformer::new(*c.transformer().unwrap()).unwrap();
 }
 
 #[test]

@@ -32,7 +32,7 @@ impl RunConfig {
 
         match &self.model {
             ModelConfig::Transformer(m) => {
-                validate_transformer(m).or_else(|(f, msg)| invalid(&f, msg))?;
+                m.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(samples) = &self.samples {
                     let known =
                         matches!(&self.data, DataSource::Shards(s) if s.tokenizer.is_some());
@@ -275,28 +275,6 @@ impl RunConfig {
             return invalid(&field, message);
         }
         Ok(())
-    }
-}
-
-/// Range checks of `model:` for a transformer: `Err((field, message))`.
-#[allow(clippy::manual_is_multiple_of)]
-fn validate_transformer(m: &TransformerConfig) -> Result<(), (String, String)> {
-    // The model's own check, so that the config accepts exactly what the model can build.
-    TransformerDims::from(m).check("model.")
-}
-
-impl From<&TransformerConfig> for TransformerDims {
-    fn from(m: &TransformerConfig) -> Self {
-        TransformerDims {
-            text_len: m.text_len,
-            text_vocab: m.text_vocab,
-            grid: m.grid,
-            image_vocab: m.image_vocab,
-            d_model: m.d_model,
-            heads: m.heads,
-            layers: m.layers,
-            conv_kernel: m.conv_kernel,
-        }
     }
 }
 

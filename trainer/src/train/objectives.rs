@@ -23,7 +23,7 @@ use crate::model::transformer::device::{
     Act, DeviceActs, DeviceScales, DeviceTransformer, HalfWeights, TransformerDevice,
     UnscaleScratch,
 };
-use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
+use crate::model::transformer::{Activations, Losses, Transformer};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
 use crate::train::resident::ResidentState;
@@ -111,15 +111,10 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
         None => {
-            let m = Transformer::new(dims_of(cfg)?)?;
+            let m = Transformer::new(*cfg.transformer()?)?;
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
     })
-}
-
-/// Transformer sizes from the config (an error when the config's model is a dVAE).
-pub fn dims_of(cfg: &RunConfig) -> Result<TransformerDims> {
-    Ok(TransformerDims::from(cfg.transformer()?))
 }
 
 /// dVAE sizes from the config (an error when the config's model is a transformer).
@@ -367,7 +362,7 @@ fn cuda_gpu() -> Result<Gpu<Cuda>> {
 
 impl TransformerObjective {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
-        let model = Transformer::new(dims_of(cfg)?)?.with_precision(cfg.run.precision);
+        let model = Transformer::new(*cfg.transformer()?)?.with_precision(cfg.run.precision);
         let data = DataStream::open(cfg, rank, world_size, cursor, caption_encoder(cfg)?)
             .context("opening the training data")?;
         let batch = cfg.train.batch_size;
