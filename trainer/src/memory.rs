@@ -25,7 +25,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::config::{DataSource, DvaeConfig, ModelConfig, RunConfig, TransformerDims};
+use crate::config::{DataSource, DvaeDims, ModelConfig, RunConfig, TransformerDims};
 use crate::powersgd::CompressionKind;
 
 /// The environment variable that, set to `1`, skips [`check`].
@@ -326,7 +326,7 @@ pub fn transformer_acts(m: &TransformerDims, batch: u128) -> u128 {
 /// stage keeps its input, a residual block the inputs of its four convolutions (after ReLU),
 /// the output stage its ReLU'd input; each network its output and two gradient buffers as long
 /// as its largest activation.
-pub fn dvae_sizes(d: &DvaeConfig, batch: u128) -> (u128, u128) {
+pub fn dvae_sizes(d: &DvaeDims, batch: u128) -> (u128, u128) {
     let k = |v: u128| Sat(v);
     let r = sat(d.resolution);
     let (n_hid, vocab, n_init, nb) = (
@@ -395,7 +395,7 @@ pub fn dvae_sizes(d: &DvaeConfig, batch: u128) -> (u128, u128) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::dvae::{Dvae, DvaeDims};
+    use crate::model::dvae::Dvae;
     use crate::model::transformer::{Activations, Transformer};
 
     fn transformer(text_len: usize, grid: usize, d_model: usize, heads: usize) -> TransformerDims {
@@ -429,7 +429,7 @@ mod tests {
     fn dvae_formulas_match_the_model() {
         for (d, batch) in [
             (
-                DvaeConfig {
+                DvaeDims {
                     resolution: 16,
                     n_hid: 4,
                     n_blk_per_group: 1,
@@ -439,7 +439,7 @@ mod tests {
                 2,
             ),
             (
-                DvaeConfig {
+                DvaeDims {
                     resolution: 32,
                     n_hid: 8,
                     n_blk_per_group: 2,
@@ -449,14 +449,7 @@ mod tests {
                 1,
             ),
         ] {
-            let model = Dvae::new(DvaeDims {
-                resolution: d.resolution,
-                n_hid: d.n_hid,
-                n_blk_per_group: d.n_blk_per_group,
-                vocab_size: d.vocab_size,
-                n_init: d.n_init,
-            })
-            .unwrap();
+            let model = Dvae::new(d).unwrap();
             let (params, acts) = dvae_sizes(&d, batch as u128);
             assert_eq!(params, model.table().numel() as u128);
             let noise = batch * d.vocab_size * (d.resolution / 8).pow(2);

@@ -183,6 +183,18 @@ impl RunConfig {
             })
     }
 
+    /// The dVAE's sizes, or an error naming `model.kind` when the run trains another model.
+    pub fn dvae(&self) -> Result<&DvaeDims, ConfigError> {
+        self.model.dvae().ok_or_else(|| ConfigError::Invalid {
+            source_name: "config".into(),
+            field: "model.kind".into(),
+            message: format!(
+                "this needs a dVAE config, but model.kind is {}",
+                self.model.kind()
+            ),
+        })
+    }
+
     /// The dVAE's temperature and KL-weight schedules (the paper's when the section is absent).
     pub fn relaxation(&self) -> RelaxationConfig {
         self.relaxation.clone().unwrap_or_default()

@@ -31,6 +31,10 @@ pub use dist::Device;
 /// `model.kind: transformer` config (docs/architecture.md, "One struct per model's sizes").
 pub use crate::model::transformer::TransformerDims;
 
+/// The dVAE's sizes: the model's own struct, which is also the `model:` section of a
+/// `model.kind: dvae` config.
+pub use crate::model::dvae::DvaeDims;
+
 /// The `model:` section: which model a run trains, and its sizes, side by side under `model:`
 /// (`kind: dvae` then `n_hid: …`). `kind` defaults to `transformer`; a field of the other kind
 /// is an error.
@@ -40,7 +44,7 @@ pub enum ModelConfig {
     /// The stage-2 sparse transformer (docs/model.md §1).
     Transformer(TransformerDims),
     /// The stage-1 discrete VAE (docs/model.md §2).
-    Dvae(DvaeConfig),
+    Dvae(DvaeDims),
     /// The contrastive model (docs/model.md §3): Hugging Face's `CLIPConfig` fields.
     Clip(ClipConfig),
 }
@@ -98,7 +102,7 @@ impl ModelConfig {
     }
 
     /// The dVAE's sizes, if this is one.
-    pub fn dvae(&self) -> Option<&DvaeConfig> {
+    pub fn dvae(&self) -> Option<&DvaeDims> {
         match self {
             ModelConfig::Dvae(d) => Some(d),
             ModelConfig::Transformer(_) | ModelConfig::Clip(_) => None,
@@ -112,22 +116,6 @@ impl ModelConfig {
             ModelConfig::Transformer(_) | ModelConfig::Dvae(_) => None,
         }
     }
-}
-
-/// Sizes of the stage-1 dVAE (docs/model.md §2), with OpenAI's hyper-parameter names.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DvaeConfig {
-    /// Image side H = W in pixels; divisible by 8 (the token grid is resolution / 8). Required.
-    pub resolution: usize,
-    /// Base width of both networks. ≥ 1. Required (OpenAI: 256).
-    pub n_hid: usize,
-    /// Residual blocks per group. ≥ 1. Default 2 (OpenAI's).
-    pub n_blk_per_group: usize,
-    /// Codebook size K. ≥ 2. Required (OpenAI: 8192).
-    pub vocab_size: usize,
-    /// Channels of the decoder's input convolution. ≥ 1. Default 128 (OpenAI's).
-    pub n_init: usize,
 }
 
 /// The `model:` section as written: one flat struct (see [`ModelConfig`]), so that unknown
@@ -223,7 +211,7 @@ impl TryFrom<ModelSection> for ModelConfig {
             }
             ModelKind::Dvae => {
                 refuse(&[&transformer[..], &clip[..]].concat())?;
-                Ok(ModelConfig::Dvae(DvaeConfig {
+                Ok(ModelConfig::Dvae(DvaeDims {
                     resolution: required("resolution", m.resolution)?,
                     n_hid: required("n_hid", m.n_hid)?,
                     n_blk_per_group: m.n_blk_per_group.unwrap_or(2),

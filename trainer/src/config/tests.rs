@@ -510,6 +510,32 @@ fn dvae_model_kind_parses_defaults_and_round_trips() {
 }
 
 #[test]
+fn the_config_accepts_exactly_the_dvae_sizes_the_model_builds() {
+    // One check for both (DvaeDims::check): an n_hid that is no multiple of 4 passed the
+    // config's own check and was refused by the model at start-up.
+    let e = load_err(DVAE, &["model.n_hid=6"]);
+    assert_eq!(
+        e,
+        "test.yaml: model.n_hid = 6 must be a multiple of 4 (the residual blocks' inner \
+         convolutions are n_out / 4 wide)"
+    );
+    let c = RunConfig::from_yaml_str_with_overrides(DVAE, "t", &sets(&["model.n_hid=4"])).unwrap();
+    crate::model::dvae::Dvae::new(*c.dvae().unwrap()).unwrap();
+    // The model names the same fields, without the section.
+    let mut bad = *c.dvae().unwrap();
+    bad.n_init = 0;
+    let e = crate::model::dvae::Dvae::new(bad).unwrap_err().to_string();
+    assert_eq!(e, "invalid model sizes: n_init = 0 must be ≥ 1");
+    assert!(c.transformer().is_err());
+    let t = RunConfig::from_yaml_str(MINIMAL, "t").unwrap();
+    assert!(t
+        .dvae()
+        .unwrap_err()
+        .to_string()
+        .contains("model.kind is transformer"));
+}
+
+#[test]
 fn dvae_config_errors_name_the_field() {
     let e = load_err(&DVAE.replace("  n_hid: 16\n", ""), &[]);
     assert!(

@@ -14,9 +14,7 @@ use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::device::{DeviceDvae, DeviceDvaeActs, DvaeDevice};
-use crate::model::dvae::{
-    for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims, DvaeLosses,
-};
+use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeLosses};
 use crate::model::mixed::BlockScales;
 use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
@@ -106,29 +104,14 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
         ));
     }
     Ok(match cfg.model.dvae() {
-        Some(_) => {
-            let m = Dvae::new(dvae_dims_of(cfg)?)?;
+        Some(d) => {
+            let m = Dvae::new(*d)?;
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
         None => {
             let m = Transformer::new(*cfg.transformer()?)?;
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
-    })
-}
-
-/// dVAE sizes from the config (an error when the config's model is a transformer).
-pub fn dvae_dims_of(cfg: &RunConfig) -> Result<DvaeDims> {
-    let d = cfg
-        .model
-        .dvae()
-        .with_context(|| format!("model.kind is {}, not dvae", cfg.model.kind()))?;
-    Ok(DvaeDims {
-        resolution: d.resolution,
-        n_hid: d.n_hid,
-        n_blk_per_group: d.n_blk_per_group,
-        vocab_size: d.vocab_size,
-        n_init: d.n_init,
     })
 }
 
@@ -655,7 +638,7 @@ impl DvaeObjective {
         if world_size > 1 << 16 || cfg.train.grad_accum > 1 << 16 {
             bail!("the dVAE's noise streams allow at most 65536 ranks and 65536 micro-batches");
         }
-        let dims = dvae_dims_of(cfg)?;
+        let dims = *cfg.dvae()?;
         let model = Dvae::new(dims)?;
         let data = ImageStream::open(cfg, rank, world_size, cursor)
             .context("opening the training images")?;
