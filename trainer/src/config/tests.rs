@@ -510,6 +510,28 @@ fn dvae_model_kind_parses_defaults_and_round_trips() {
 }
 
 #[test]
+fn the_model_section_names_exactly_the_fields_of_the_three_models() {
+    // `model:` as written (and so `--set model.…`) knows the fields of the models' own structs:
+    // a field added to one of them and not to the section would be refused in every file.
+    let mut expected = vec!["kind"];
+    for kind in [ModelKind::Transformer, ModelKind::Dvae, ModelKind::Clip] {
+        let fields = match kind {
+            ModelKind::Transformer => fields_of::<TransformerDims>(),
+            ModelKind::Dvae => fields_of::<DvaeDims>(),
+            ModelKind::Clip => fields_of::<ClipDims>(),
+        };
+        expected.extend(fields.unwrap());
+    }
+    assert_eq!(fields_of::<ModelConfig>().unwrap(), expected);
+    // The first field of another kind is the one named, in the section's order.
+    let e = load_err(MINIMAL, &["model.kind=dvae"]);
+    assert!(
+        e.contains("model.text_len does not apply to model.kind: dvae"),
+        "{e}"
+    );
+}
+
+#[test]
 fn the_config_accepts_exactly_the_dvae_sizes_the_model_builds() {
     // One check for both (DvaeDims::check): an n_hid that is no multiple of 4 passed the
     // config's own check and was refused by the model at start-up.
