@@ -74,7 +74,7 @@ pub fn synth_tokens(
     let gen = SyntheticData::from_config(cfg)?;
     let m = cfg.transformer()?;
     let layout = m.shard_layout()?;
-    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
+    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_tokens()]);
     let mut summary = SynthSummary {
         written: 0,
         skipped: 0,

@@ -143,7 +143,7 @@ checkpoint:
     // (nll + β·kl)/(B·3·H·W) while the logged nll and kl are per sub-pixel and per grid position,
     // so β = (loss − nll)·(3·H·W)/(grid²·kl). A β that does not reach the forward pass (a
     // constant, another update's value) shows here even though the logged column is right.
-    let dims = trainer::train::objectives::dvae_dims_of(&cfg).unwrap();
+    let dims = *cfg.dvae().unwrap();
     let per_position =
         (3 * dims.resolution * dims.resolution) as f64 / (dims.grid() * dims.grid()) as f64;
     let mut worst = 0.0f64;

@@ -100,7 +100,7 @@ pub struct ShardLayout {
 impl ShardLayout {
     /// The layout of a transformer with these sizes (the config's `model.text_len`, `grid²`,
     /// `model.text_vocab`, `model.image_vocab`, which errors name); the trainer's
-    /// `TransformerConfig::shard_layout` calls it.
+    /// `TransformerDims::shard_layout` calls it.
     pub fn from_sizes(
         text_len: usize,
         image_tokens: usize,

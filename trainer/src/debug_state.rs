@@ -14,7 +14,7 @@ use crate::model::clip::{Activations as ClipActivations, Clip, ClipDims};
 use crate::model::dvae::Dvae;
 use crate::model::transformer::{Activations, Transformer};
 use crate::params::ParamTable;
-use crate::train::{check_device, dims_of, dvae_dims_of};
+use crate::train::check_device;
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
@@ -146,7 +146,7 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
 
 /// The dVAE's check: batch keys `images` [B, 3, H, W] in [0, 1], `tau` [1], `beta` [1].
 fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
-    let model = Dvae::new(dvae_dims_of(cfg)?)?.with_likelihood(cfg.relaxation().likelihood);
+    let model = Dvae::new(*cfg.dvae()?)?.with_likelihood(cfg.relaxation().likelihood);
     let d = *model.dims();
     let (params, bytes) = load_inputs(model.table(), weights, batch)?;
     let st = parse_batch(&bytes, batch)?;
@@ -238,7 +238,7 @@ fn run_clip(dims: ClipDims, weights: &Path, batch: &Path, out: &Path) -> Result<
 
 /// The transformer's check: batch keys `text` [B, Tt], `image` [B, G²].
 fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
-    let model = Transformer::new(dims_of(cfg)?)?;
+    let model = Transformer::new(*cfg.transformer()?)?;
     let d = *model.dims();
     let (params, bytes) = load_inputs(model.table(), weights, batch)?;
     let st = parse_batch(&bytes, batch)?;

@@ -25,7 +25,7 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::config::{DataSource, DvaeConfig, ModelConfig, RunConfig, TransformerConfig};
+use crate::config::{DataSource, DvaeDims, ModelConfig, RunConfig, TransformerDims};
 use crate::powersgd::CompressionKind;
 
 /// The environment variable that, set to `1`, skips [`check`].
@@ -271,7 +271,7 @@ fn sat(v: usize) -> Sat {
 
 /// P of the transformer (docs/model.md §1): embeddings (Vt+Tt)·C + Tt·C + Vi·C + 2G·C, per layer
 /// 12C² + 13C, ln_f 2C, head (Vt+Tt+Vi)·C.
-pub fn transformer_params(m: &TransformerConfig) -> u128 {
+pub fn transformer_params(m: &TransformerDims) -> u128 {
     let [tt, vt, g, vi, c, l] = [
         m.text_len,
         m.text_vocab,
@@ -291,7 +291,7 @@ pub fn transformer_params(m: &TransformerConfig) -> u128 {
 /// n_i = B·G²: (L+1)·n·C residual stream; per layer 15·n·C + 4n + B·NH·T; ln_f n·C + 2n; the
 /// two segments' hidden rows and their gradients 2·(n_t + n_i)·C; logits n_t·(Vt+Tt) + n_i·Vi;
 /// targets and losses 2·(n_t + n_i); backward scratch 14·n·C.
-pub fn transformer_acts(m: &TransformerConfig, batch: u128) -> u128 {
+pub fn transformer_acts(m: &TransformerDims, batch: u128) -> u128 {
     let [tt, vt, g, vi, c, l, nh] = [
         m.text_len,
         m.text_vocab,
@@ -326,7 +326,7 @@ pub fn transformer_acts(m: &TransformerConfig, batch: u128) -> u128 {
 /// stage keeps its input, a residual block the inputs of its four convolutions (after ReLU),
 /// the output stage its ReLU'd input; each network its output and two gradient buffers as long
 /// as its largest activation.
-pub fn dvae_sizes(d: &DvaeConfig, batch: u128) -> (u128, u128) {
+pub fn dvae_sizes(d: &DvaeDims, batch: u128) -> (u128, u128) {
     let k = |v: u128| Sat(v);
     let r = sat(d.resolution);
     let (n_hid, vocab, n_init, nb) = (
@@ -395,16 +395,11 @@ pub fn dvae_sizes(d: &DvaeConfig, batch: u128) -> (u128, u128) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::dvae::{Dvae, DvaeDims};
-    use crate::model::transformer::{Activations, Transformer, TransformerDims};
+    use crate::model::dvae::Dvae;
+    use crate::model::transformer::{Activations, Transformer};
 
-    fn transformer(
-        text_len: usize,
-        grid: usize,
-        d_model: usize,
-        heads: usize,
-    ) -> TransformerConfig {
-        TransformerConfig {
+    fn transformer(text_len: usize, grid: usize, d_model: usize, heads: usize) -> TransformerDims {
+        TransformerDims {
             text_len,
             text_vocab: 37,
             grid,
@@ -423,17 +418,7 @@ mod tests {
             (transformer(7, 3, 12, 3), 3),
             (transformer(16, 4, 16, 4), 2),
         ] {
-            let model = Transformer::new(TransformerDims {
-                text_len: m.text_len,
-                text_vocab: m.text_vocab,
-                grid: m.grid,
-                image_vocab: m.image_vocab,
-                d_model: m.d_model,
-                heads: m.heads,
-                layers: m.layers,
-                conv_kernel: m.conv_kernel,
-            })
-            .unwrap();
+            let model = Transformer::new(m).unwrap();
             assert_eq!(transformer_params(&m), model.table().numel() as u128);
             let acts = Activations::new(&model, batch);
             assert_eq!(transformer_acts(&m, batch as u128), acts.floats() as u128);
@@ -444,7 +429,7 @@ mod tests {
     fn dvae_formulas_match_the_model() {
         for (d, batch) in [
             (
-                DvaeConfig {
+                DvaeDims {
                     resolution: 16,
                     n_hid: 4,
                     n_blk_per_group: 1,
@@ -454,7 +439,7 @@ mod tests {
                 2,
             ),
             (
-                DvaeConfig {
+                DvaeDims {
                     resolution: 32,
                     n_hid: 8,
                     n_blk_per_group: 2,
@@ -464,14 +449,7 @@ mod tests {
                 1,
             ),
         ] {
-            let model = Dvae::new(DvaeDims {
-                resolution: d.resolution,
-                n_hid: d.n_hid,
-                n_blk_per_group: d.n_blk_per_group,
-                vocab_size: d.vocab_size,
-                n_init: d.n_init,
-            })
-            .unwrap();
+            let model = Dvae::new(d).unwrap();
             let (params, acts) = dvae_sizes(&d, batch as u128);
             assert_eq!(params, model.table().numel() as u128);
             let noise = batch * d.vocab_size * (d.resolution / 8).pow(2);

@@ -159,7 +159,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         "--transformer {}: a dVAE run (model.kind: dvae), not a transformer",
         o.transformer.display()
     );
-    let model = Transformer::new(crate::train::dims_of(&cfg)?)?;
+    let model = Transformer::new(*cfg.transformer()?)?;
     let d = *model.dims();
     let mut params = vec![0.0f32; model.table().numel()];
     checkpoint::load_weights(&t_path, model.table(), &mut params)?;
@@ -374,7 +374,7 @@ impl TrainingSamples {
         let Some(cfg) = run.samples.clone() else {
             return Ok(None);
         };
-        let model = Transformer::new(crate::train::dims_of(run)?)?;
+        let model = Transformer::new(*run.transformer()?)?;
         let tokenizer = match (&cfg.tokenizer, &run.data) {
             (Some(p), _) => p.clone(),
             (None, DataSource::Shards(s)) if s.tokenizer.is_some() => s.tokenizer.clone().unwrap(),

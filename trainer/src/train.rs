@@ -34,7 +34,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-pub use objectives::{dims_of, dvae_dims_of};
 pub use resume::BatchLedger;
 
 /// Everything besides the tensors that a resumed run needs, saved as `state.json`.

@@ -20,7 +20,7 @@ fn write_shards(cfg: &RunConfig, dir: &Path) -> Vec<PathBuf> {
     let gen = SyntheticData::from_config(cfg).unwrap();
     let m = cfg.transformer().unwrap();
     let layout = m.shard_layout().unwrap();
-    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_len()]);
+    let (mut text, mut image) = (vec![0; m.text_len], vec![0; m.image_tokens()]);
     (0..2u64)
         .map(|k| {
             let path = dir.join(format!("tokens-{k:05}.tts"));

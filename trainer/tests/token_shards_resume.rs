@@ -36,7 +36,7 @@ fn write_shards_with(cfg: &RunConfig, dir: &Path, caption: impl Fn(u64) -> Strin
     let gen = SyntheticData::from_config(cfg).unwrap();
     let m = cfg.transformer().unwrap();
     let layout = m.shard_layout().unwrap();
-    let (tt, gi) = (m.text_len, m.image_len());
+    let (tt, gi) = (m.text_len, m.image_tokens());
     let (mut text, mut image) = (vec![0; tt], vec![0; gi]);
     for (k, range) in [0..7u64, 7..14, 14..20].into_iter().enumerate() {
         let mut w =

@@ -19,7 +19,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use crate::model::mixed::Precision;
-use crate::model::transformer::TransformerDims;
 pub use kernels::dvae::Likelihood;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -172,7 +171,7 @@ impl RunConfig {
 
     /// The transformer's sizes, or an error naming `model.kind` when the run trains another
     /// model (for the commands and data sources that only a transformer has).
-    pub fn transformer(&self) -> Result<&TransformerConfig, ConfigError> {
+    pub fn transformer(&self) -> Result<&TransformerDims, ConfigError> {
         self.model
             .transformer()
             .ok_or_else(|| ConfigError::Invalid {
@@ -183,6 +182,18 @@ impl RunConfig {
                     self.model.kind()
                 ),
             })
+    }
+
+    /// The dVAE's sizes, or an error naming `model.kind` when the run trains another model.
+    pub fn dvae(&self) -> Result<&DvaeDims, ConfigError> {
+        self.model.dvae().ok_or_else(|| ConfigError::Invalid {
+            source_name: "config".into(),
+            field: "model.kind".into(),
+            message: format!(
+                "this needs a dVAE config, but model.kind is {}",
+                self.model.kind()
+            ),
+        })
     }
 
     /// The dVAE's temperature and KL-weight schedules (the paper's when the section is absent).

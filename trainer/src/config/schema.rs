@@ -27,67 +27,23 @@ pub struct RunSection {
 /// The device a run uses: defined beside the `distributed:` section, whose transport it picks.
 pub use dist::Device;
 
-/// Sizes of the stage-2 transformer (docs/model.md §1). Every field but `conv_kernel` is required.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TransformerConfig {
-    /// Caption length Tt in BPE tokens, padding included. ≥ 1.
-    pub text_len: usize,
-    /// Text BPE vocabulary size Vt (padding ids Vt..Vt+Tt come on top). ≥ 2.
-    pub text_vocab: usize,
-    /// Side G of the image token grid; the image has G² tokens. ≥ 1.
-    pub grid: usize,
-    /// Image codebook size Vi (the dVAE's vocabulary). ≥ 2.
-    pub image_vocab: usize,
-    /// Residual width d. ≥ 1 and divisible by `heads`.
-    pub d_model: usize,
-    /// Attention heads h; head size d/h. ≥ 1.
-    pub heads: usize,
-    /// Number of residual blocks L. ≥ 1.
-    pub layers: usize,
-    /// Side of the convolutional attention mask of the last layer, in grid cells. Odd, ≥ 1.
-    /// Default 11.
-    #[serde(default = "default_conv_kernel")]
-    pub conv_kernel: usize,
-}
-
-fn default_conv_kernel() -> usize {
-    11
-}
-
-impl TransformerConfig {
-    /// Number of image tokens G².
-    pub fn image_len(&self) -> usize {
-        self.grid * self.grid
-    }
-
-    /// Sequence length T = Tt + G².
-    pub fn seq_len(&self) -> usize {
-        self.text_len + self.image_len()
-    }
-
-    /// Head size d/h.
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.heads
-    }
-}
+/// The models' sizes: each model's own struct is the `model:` section of its kind
+/// (docs/architecture.md, "The models' sizes are the config's `model:` section").
+pub use crate::model::{clip::ClipDims, dvae::DvaeDims, transformer::TransformerDims};
 
 /// The `model:` section: which model a run trains, and its sizes, side by side under `model:`
 /// (`kind: dvae` then `n_hid: …`). `kind` defaults to `transformer`; a field of the other kind
 /// is an error.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(try_from = "ModelSection", into = "ModelSection")]
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(try_from = "ModelSection")]
 pub enum ModelConfig {
     /// The stage-2 sparse transformer (docs/model.md §1).
-    Transformer(TransformerConfig),
+    Transformer(TransformerDims),
     /// The stage-1 discrete VAE (docs/model.md §2).
-    Dvae(DvaeConfig),
+    Dvae(DvaeDims),
     /// The contrastive model (docs/model.md §3): Hugging Face's `CLIPConfig` fields.
-    Clip(ClipConfig),
+    Clip(ClipDims),
 }
-
-/// Sizes of CLIP (docs/model.md §3), nested and named as in a Hugging Face `config.json`.
-pub type ClipConfig = crate::model::clip::ClipDims;
 
 /// The kinds of [`ModelConfig`], as written in `model.kind`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -123,7 +79,7 @@ impl ModelConfig {
     }
 
     /// The transformer's sizes, if this is one.
-    pub fn transformer(&self) -> Option<&TransformerConfig> {
+    pub fn transformer(&self) -> Option<&TransformerDims> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
             ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
@@ -131,7 +87,7 @@ impl ModelConfig {
     }
 
     /// [`ModelConfig::transformer`], mutable.
-    pub fn transformer_mut(&mut self) -> Option<&mut TransformerConfig> {
+    pub fn transformer_mut(&mut self) -> Option<&mut TransformerDims> {
         match self {
             ModelConfig::Transformer(t) => Some(t),
             ModelConfig::Dvae(_) | ModelConfig::Clip(_) => None,
@@ -139,7 +95,7 @@ impl ModelConfig {
     }
 
     /// The dVAE's sizes, if this is one.
-    pub fn dvae(&self) -> Option<&DvaeConfig> {
+    pub fn dvae(&self) -> Option<&DvaeDims> {
         match self {
             ModelConfig::Dvae(d) => Some(d),
             ModelConfig::Transformer(_) | ModelConfig::Clip(_) => None,
@@ -147,7 +103,7 @@ impl ModelConfig {
     }
 
     /// CLIP's sizes, if this is one.
-    pub fn clip(&self) -> Option<&ClipConfig> {
+    pub fn clip(&self) -> Option<&ClipDims> {
         match self {
             ModelConfig::Clip(c) => Some(c),
             ModelConfig::Transformer(_) | ModelConfig::Dvae(_) => None,
@@ -155,24 +111,11 @@ impl ModelConfig {
     }
 }
 
-/// Sizes of the stage-1 dVAE (docs/model.md §2), with OpenAI's hyper-parameter names.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DvaeConfig {
-    /// Image side H = W in pixels; divisible by 8 (the token grid is resolution / 8). Required.
-    pub resolution: usize,
-    /// Base width of both networks. ≥ 1. Required (OpenAI: 256).
-    pub n_hid: usize,
-    /// Residual blocks per group. ≥ 1. Default 2 (OpenAI's).
-    pub n_blk_per_group: usize,
-    /// Codebook size K. ≥ 2. Required (OpenAI: 8192).
-    pub vocab_size: usize,
-    /// Channels of the decoder's input convolution. ≥ 1. Default 128 (OpenAI's).
-    pub n_init: usize,
-}
-
-/// The `model:` section as written: one flat struct (see [`ModelConfig`]), so that unknown
-/// fields are refused and the field lists are known to `--set`.
+/// The `model:` section as written: `kind` and one optional field per field of the three
+/// kinds' structs, in their order, so that serde_yaml's errors carry the field path and the
+/// line, unknown fields are refused, and `--set` knows the field names. Only the fields' names and
+/// types are repeated here (a test holds the names equal to the structs'); which fields a kind
+/// requires, their defaults and their ranges are the model's struct's own.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct ModelSection {
@@ -213,127 +156,67 @@ struct ModelSection {
     projection_dim: Option<usize>,
 }
 
-impl TryFrom<ModelSection> for ModelConfig {
-    type Error = String;
-
-    fn try_from(m: ModelSection) -> Result<Self, String> {
-        let kind = m.kind;
-        let refuse = |fields: &[(&str, bool)]| match fields.iter().find(|(_, set)| *set) {
-            Some((name, _)) => Err(format!("model.{name} does not apply to model.kind: {kind}")),
-            None => Ok(()),
-        };
-        let required = |name: &str, v: Option<usize>| {
-            v.ok_or_else(|| format!("missing field `{name}` (required for model.kind: {kind})"))
-        };
-        // Each kind's own fields, which the other kinds refuse.
-        let transformer = [
-            ("text_len", m.text_len.is_some()),
-            ("text_vocab", m.text_vocab.is_some()),
-            ("grid", m.grid.is_some()),
-            ("image_vocab", m.image_vocab.is_some()),
-            ("d_model", m.d_model.is_some()),
-            ("heads", m.heads.is_some()),
-            ("layers", m.layers.is_some()),
-            ("conv_kernel", m.conv_kernel.is_some()),
-        ];
-        let dvae = [
-            ("resolution", m.resolution.is_some()),
-            ("n_hid", m.n_hid.is_some()),
-            ("n_blk_per_group", m.n_blk_per_group.is_some()),
-            ("vocab_size", m.vocab_size.is_some()),
-            ("n_init", m.n_init.is_some()),
-        ];
-        let clip = [
-            ("text_config", m.text_config.is_some()),
-            ("vision_config", m.vision_config.is_some()),
-            ("projection_dim", m.projection_dim.is_some()),
-        ];
-        match kind {
-            ModelKind::Transformer => {
-                refuse(&[&dvae[..], &clip[..]].concat())?;
-                Ok(ModelConfig::Transformer(TransformerConfig {
-                    text_len: required("text_len", m.text_len)?,
-                    text_vocab: required("text_vocab", m.text_vocab)?,
-                    grid: required("grid", m.grid)?,
-                    image_vocab: required("image_vocab", m.image_vocab)?,
-                    d_model: required("d_model", m.d_model)?,
-                    heads: required("heads", m.heads)?,
-                    layers: required("layers", m.layers)?,
-                    conv_kernel: m.conv_kernel.unwrap_or_else(default_conv_kernel),
-                }))
-            }
-            ModelKind::Dvae => {
-                refuse(&[&transformer[..], &clip[..]].concat())?;
-                Ok(ModelConfig::Dvae(DvaeConfig {
-                    resolution: required("resolution", m.resolution)?,
-                    n_hid: required("n_hid", m.n_hid)?,
-                    n_blk_per_group: m.n_blk_per_group.unwrap_or(2),
-                    vocab_size: required("vocab_size", m.vocab_size)?,
-                    n_init: m.n_init.unwrap_or(128),
-                }))
-            }
-            ModelKind::Clip => {
-                refuse(&[&transformer[..], &dvae[..]].concat())?;
-                let missing = |name: &str| {
-                    format!("missing field `{name}` (required for model.kind: {kind})")
-                };
-                Ok(ModelConfig::Clip(ClipConfig {
-                    text_config: m.text_config.ok_or_else(|| missing("text_config"))?,
-                    vision_config: m.vision_config.ok_or_else(|| missing("vision_config"))?,
-                    projection_dim: required("projection_dim", m.projection_dim)?,
-                }))
-            }
+impl ModelKind {
+    /// The fields of this kind's struct, from its serde derive.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            ModelKind::Transformer => fields_of::<TransformerDims>(),
+            ModelKind::Dvae => fields_of::<DvaeDims>(),
+            ModelKind::Clip => fields_of::<ClipDims>(),
         }
+        .unwrap_or(&[])
     }
 }
 
-impl From<ModelConfig> for ModelSection {
-    fn from(m: ModelConfig) -> Self {
-        let empty = ModelSection {
-            kind: m.kind(),
-            text_len: None,
-            text_vocab: None,
-            grid: None,
-            image_vocab: None,
-            d_model: None,
-            heads: None,
-            layers: None,
-            conv_kernel: None,
-            resolution: None,
-            n_hid: None,
-            n_blk_per_group: None,
-            vocab_size: None,
-            n_init: None,
-            text_config: None,
-            vision_config: None,
-            projection_dim: None,
+impl TryFrom<ModelSection> for ModelConfig {
+    type Error = String;
+
+    /// Refuses the first field written that is not the kind's (in the section's field order),
+    /// then lets serde build the kind's struct from the fields written, so that the struct's
+    /// defaults apply; the fields' types were checked when the section was read, which leaves a
+    /// missing field as the one error.
+    fn try_from(m: ModelSection) -> Result<Self, String> {
+        let kind = m.kind;
+        let mut written = match serde_yaml::to_value(&m) {
+            Ok(Value::Mapping(written)) => written,
+            Ok(other) => return Err(format!("model: expected a mapping, got {other:?}")),
+            Err(e) => return Err(format!("model: {e}")),
         };
-        match m {
-            ModelConfig::Transformer(t) => ModelSection {
-                text_len: Some(t.text_len),
-                text_vocab: Some(t.text_vocab),
-                grid: Some(t.grid),
-                image_vocab: Some(t.image_vocab),
-                d_model: Some(t.d_model),
-                heads: Some(t.heads),
-                layers: Some(t.layers),
-                conv_kernel: Some(t.conv_kernel),
-                ..empty
-            },
-            ModelConfig::Dvae(d) => ModelSection {
-                resolution: Some(d.resolution),
-                n_hid: Some(d.n_hid),
-                n_blk_per_group: Some(d.n_blk_per_group),
-                vocab_size: Some(d.vocab_size),
-                n_init: Some(d.n_init),
-                ..empty
-            },
-            ModelConfig::Clip(c) => ModelSection {
-                text_config: Some(c.text_config),
-                vision_config: Some(c.vision_config),
-                projection_dim: Some(c.projection_dim),
-                ..empty
-            },
+        written.shift_remove("kind");
+        let own = kind.fields();
+        if let Some(name) = written
+            .keys()
+            .filter_map(Value::as_str)
+            .find(|name| !own.contains(name))
+        {
+            return Err(format!("model.{name} does not apply to model.kind: {kind}"));
+        }
+        let written = Value::Mapping(written);
+        let required = |e: serde_yaml::Error| format!("{e} (required for model.kind: {kind})");
+        Ok(match kind {
+            ModelKind::Transformer => {
+                ModelConfig::Transformer(TransformerDims::deserialize(written).map_err(required)?)
+            }
+            ModelKind::Dvae => ModelConfig::Dvae(DvaeDims::deserialize(written).map_err(required)?),
+            ModelKind::Clip => ModelConfig::Clip(ClipDims::deserialize(written).map_err(required)?),
+        })
+    }
+}
+
+/// Written as `kind`, then the kind's struct's fields: [`ModelSection`]'s form.
+impl Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Written<'a, T> {
+            kind: ModelKind,
+            #[serde(flatten)]
+            dims: &'a T,
+        }
+        let kind = self.kind();
+        match self {
+            ModelConfig::Transformer(dims) => Written { kind, dims }.serialize(serializer),
+            ModelConfig::Dvae(dims) => Written { kind, dims }.serialize(serializer),
+            ModelConfig::Clip(dims) => Written { kind, dims }.serialize(serializer),
         }
     }
 }

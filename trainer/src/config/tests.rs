@@ -121,7 +121,7 @@ fn defaults_fill_in() {
     assert_eq!(c.train.log_every, 10);
     assert_eq!(c.checkpoint, CheckpointConfig::default());
     assert_eq!(c.transformer().unwrap().seq_len(), 8 + 16);
-    assert_eq!(c.transformer().unwrap().head_dim(), 8);
+    assert_eq!(c.transformer().unwrap().head_size(), 8);
 }
 
 #[test]
@@ -232,8 +232,7 @@ fn the_config_accepts_exactly_the_transformer_sizes_the_model_builds() {
         .replace("text_len: 8", "text_len: 2")
         .replace("max_caption_tokens: 6", "max_caption_tokens: 2");
     let c = RunConfig::from_yaml_str(&two, "t").unwrap();
-    let dims = crate::train::dims_of(&c).unwrap();
-    crate::model::transformer::Transformer::new(dims).unwrap();
+    crate::model::transformer::Transformer::new(*c.transformer().unwrap()).unwrap();
 }
 
 #[test]
@@ -521,6 +520,54 @@ fn dvae_model_kind_parses_defaults_and_round_trips() {
         e.starts_with("--set relaxation.likelihood=gauss: relaxation.likelihood: unknown variant"),
         "{e}"
     );
+}
+
+#[test]
+fn the_model_section_names_exactly_the_fields_of_the_three_models() {
+    // `model:` as written (and so `--set model.…`) knows the fields of the models' own structs:
+    // a field added to one of them and not to the section would be refused in every file.
+    let mut expected = vec!["kind"];
+    for kind in [ModelKind::Transformer, ModelKind::Dvae, ModelKind::Clip] {
+        let fields = match kind {
+            ModelKind::Transformer => fields_of::<TransformerDims>(),
+            ModelKind::Dvae => fields_of::<DvaeDims>(),
+            ModelKind::Clip => fields_of::<ClipDims>(),
+        };
+        expected.extend(fields.unwrap());
+    }
+    assert_eq!(fields_of::<ModelConfig>().unwrap(), expected);
+    // The first field of another kind is the one named, in the section's order.
+    let e = load_err(MINIMAL, &["model.kind=dvae"]);
+    assert!(
+        e.contains("model.text_len does not apply to model.kind: dvae"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_config_accepts_exactly_the_dvae_sizes_the_model_builds() {
+    // One check for both (DvaeDims::check): an n_hid that is no multiple of 4 passed the
+    // config's own check and was refused by the model at start-up.
+    let e = load_err(DVAE, &["model.n_hid=6"]);
+    assert_eq!(
+        e,
+        "test.yaml: model.n_hid = 6 must be a multiple of 4 (the residual blocks' inner \
+         convolutions are n_out / 4 wide)"
+    );
+    let c = RunConfig::from_yaml_str_with_overrides(DVAE, "t", &sets(&["model.n_hid=4"])).unwrap();
+    crate::model::dvae::Dvae::new(*c.dvae().unwrap()).unwrap();
+    // The model names the same fields, without the section.
+    let mut bad = *c.dvae().unwrap();
+    bad.n_init = 0;
+    let e = crate::model::dvae::Dvae::new(bad).unwrap_err().to_string();
+    assert_eq!(e, "invalid model sizes: n_init = 0 must be ≥ 1");
+    assert!(c.transformer().is_err());
+    let t = RunConfig::from_yaml_str(MINIMAL, "t").unwrap();
+    assert!(t
+        .dvae()
+        .unwrap_err()
+        .to_string()
+        .contains("model.kind is transformer"));
 }
 
 #[test]

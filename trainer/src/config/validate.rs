@@ -32,7 +32,7 @@ impl RunConfig {
 
         match &self.model {
             ModelConfig::Transformer(m) => {
-                validate_transformer(m).or_else(|(f, msg)| invalid(&f, msg))?;
+                m.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(samples) = &self.samples {
                     let known =
                         matches!(&self.data, DataSource::Shards(s) if s.tokenizer.is_some());
@@ -114,7 +114,7 @@ impl RunConfig {
                             .into(),
                     );
                 }
-                validate_dvae(d).or_else(|(f, msg)| invalid(&f, msg))?;
+                d.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
                 }
@@ -276,54 +276,6 @@ impl RunConfig {
         }
         Ok(())
     }
-}
-
-/// Range checks of `model:` for a transformer: `Err((field, message))`.
-#[allow(clippy::manual_is_multiple_of)]
-fn validate_transformer(m: &TransformerConfig) -> Result<(), (String, String)> {
-    // The model's own check, so that the config accepts exactly what the model can build.
-    TransformerDims::from(m).check("model.")
-}
-
-impl From<&TransformerConfig> for TransformerDims {
-    fn from(m: &TransformerConfig) -> Self {
-        TransformerDims {
-            text_len: m.text_len,
-            text_vocab: m.text_vocab,
-            grid: m.grid,
-            image_vocab: m.image_vocab,
-            d_model: m.d_model,
-            heads: m.heads,
-            layers: m.layers,
-            conv_kernel: m.conv_kernel,
-        }
-    }
-}
-
-/// Range checks of `model:` for a dVAE.
-#[allow(clippy::manual_is_multiple_of)]
-fn validate_dvae(d: &DvaeConfig) -> Result<(), (String, String)> {
-    if d.resolution < 8 || d.resolution % 8 != 0 {
-        return Err((
-            "model.resolution".into(),
-            format!(
-                "model.resolution = {} must be a positive multiple of 8 (the encoder pools three \
-                 times)",
-                d.resolution
-            ),
-        ));
-    }
-    for (field, value, min) in [
-        ("model.n_hid", d.n_hid, 1),
-        ("model.n_blk_per_group", d.n_blk_per_group, 1),
-        ("model.vocab_size", d.vocab_size, 2),
-        ("model.n_init", d.n_init, 1),
-    ] {
-        if value < min {
-            return Err((field.into(), format!("{field} = {value} must be ≥ {min}")));
-        }
-    }
-    Ok(())
 }
 
 /// Range checks of `samples:`; `tokenizer_known`: whether `data.tokenizer` names one.

@@ -4,7 +4,7 @@
 //!
 //! - [`synthetic`]: a documented generator of captioned token grids (tests, the quickstart);
 //! - the `.tts` token shard format itself is [`formats::token_shard`] (its layout for a config:
-//!   [`TransformerConfig::shard_layout`]);
+//!   [`TransformerDims::shard_layout`]);
 //! - [`loader`]: the shard loader (global shuffle per epoch, per-rank slices, prefetch thread),
 //!   generic over a [`loader::RecordSet`];
 //! - [`image_loader`]: the loader of `.tis` image shards ([`formats::image_shard`]) (the dVAE's
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DataSource, RunConfig, TransformerConfig};
+use crate::config::{DataSource, RunConfig, TransformerDims};
 use formats::token_shard::{ShardError, ShardLayout};
 use loader::{CaptionEncoder, Cursor, Loader, LoaderError, LoaderOptions, ShardSet};
 use synthetic::SyntheticData;
@@ -52,13 +52,13 @@ pub enum DataCursor {
     },
 }
 
-impl TransformerConfig {
+impl TransformerDims {
     /// The token-shard layout this transformer reads (errors name the `model.` field that does
     /// not fit the format).
     pub fn shard_layout(&self) -> Result<ShardLayout, ShardError> {
         ShardLayout::from_sizes(
             self.text_len,
-            self.image_len(),
+            self.image_tokens(),
             self.text_vocab,
             self.image_vocab,
         )

@@ -52,20 +52,75 @@ pub fn gumbel_noise(seed: u64, stream: u64, out: &mut [f32]) {
     }
 }
 
-/// The sizes that define the dVAE (OpenAI's hyper-parameter names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The sizes that define the dVAE (docs/model.md §2, OpenAI's hyper-parameter names), and the
+/// `model:` section of a run config with `model.kind: dvae` (`config::ModelConfig::Dvae`): one
+/// struct for both, one range check ([`DvaeDims::check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DvaeDims {
-    /// Input and output resolution (H = W), divisible by 8.
+    /// Image side H = W in pixels, a positive multiple of 8 (the token grid is resolution / 8).
+    /// Required.
     pub resolution: usize,
+    /// Base width of both networks, a positive multiple of 4. Required (OpenAI: 256).
     pub n_hid: usize,
+    /// Residual blocks per group. ≥ 1. Default 2 (OpenAI's).
+    #[serde(default = "default_n_blk_per_group")]
     pub n_blk_per_group: usize,
-    /// Codebook size K.
+    /// Codebook size K. ≥ 2. Required (OpenAI: 8192).
     pub vocab_size: usize,
-    /// Channels of the decoder's input convolution.
+    /// Channels of the decoder's input convolution. ≥ 1. Default 128 (OpenAI's).
+    #[serde(default = "default_n_init")]
     pub n_init: usize,
 }
 
+fn default_n_blk_per_group() -> usize {
+    2
+}
+
+fn default_n_init() -> usize {
+    128
+}
+
 impl DvaeDims {
+    /// The one range check of the sizes (the config's validation, [`Dvae::new`] and so
+    /// [`DvaeDims::infer`] use it): the field at fault, with what is wrong, every field named
+    /// with `prefix` (`"model."` for the config).
+    pub fn check(&self, prefix: &str) -> std::result::Result<(), (String, String)> {
+        if self.resolution < 8 || !self.resolution.is_multiple_of(8) {
+            return Err((
+                format!("{prefix}resolution"),
+                format!(
+                    "{prefix}resolution = {} must be a positive multiple of 8 (the encoder pools \
+                     three times)",
+                    self.resolution
+                ),
+            ));
+        }
+        for (field, value, min) in [
+            ("n_hid", self.n_hid, 1),
+            ("n_blk_per_group", self.n_blk_per_group, 1),
+            ("vocab_size", self.vocab_size, 2),
+            ("n_init", self.n_init, 1),
+        ] {
+            if value < min {
+                let field = format!("{prefix}{field}");
+                return Err((field.clone(), format!("{field} = {value} must be ≥ {min}")));
+            }
+        }
+        // The first group's residual blocks are n_hid / 4 wide.
+        if !self.n_hid.is_multiple_of(4) {
+            return Err((
+                format!("{prefix}n_hid"),
+                format!(
+                    "{prefix}n_hid = {} must be a multiple of 4 (the residual blocks' inner \
+                     convolutions are n_out / 4 wide)",
+                    self.n_hid
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Side of the token grid: resolution / 8.
     pub fn grid(&self) -> usize {
         self.resolution / 8
@@ -592,24 +647,8 @@ impl DvaeActs {
 impl Dvae {
     pub fn new(dims: DvaeDims) -> Result<Self> {
         let d = dims;
-        let bad = |s: String| Err(ModelError::Dims(s));
-        if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
-            return bad(format!(
-                "resolution = {} must be a positive multiple of 8",
-                d.resolution
-            ));
-        }
-        if d.n_hid < 4 || !d.n_hid.is_multiple_of(4) {
-            return bad(format!(
-                "n_hid = {} must be a positive multiple of 4",
-                d.n_hid
-            ));
-        }
-        if d.n_blk_per_group == 0 || d.vocab_size < 2 || d.n_init == 0 {
-            return bad(format!(
-                "n_blk_per_group, n_init must be ≥ 1 and vocab_size ≥ 2: {d:?}"
-            ));
-        }
+        d.check("")
+            .map_err(|(_, message)| ModelError::Dims(message))?;
         let mut table = ParamTable::new();
         let encoder = Net::encoder(&mut table, &d);
         let decoder = Net::decoder(&mut table, &d);

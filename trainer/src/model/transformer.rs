@@ -25,22 +25,40 @@ use std::sync::Arc;
 /// Weight of the text loss; the image loss gets 1 − TEXT_LOSS_WEIGHT (the paper's 1/8 and 7/8).
 pub const TEXT_LOSS_WEIGHT: f32 = 1.0 / 8.0;
 
-/// The sizes that define the model (docs/model.md §1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The sizes that define the model (docs/model.md §1), and the `model:` section of a run config
+/// with `model.kind: transformer` (`config::ModelConfig::Transformer`): one struct for both, one
+/// range check ([`TransformerDims::check`]). Every field but `conv_kernel` is required.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransformerDims {
+    /// Caption length Tt in BPE tokens, padding included. ≥ 2 (the text loss scores positions
+    /// 0 … Tt−2).
     pub text_len: usize,
+    /// Text BPE vocabulary size Vt (padding ids Vt..Vt+Tt come on top). ≥ 2.
     pub text_vocab: usize,
+    /// Side G of the image token grid; the image has G² tokens. ≥ 1.
     pub grid: usize,
+    /// Image codebook size Vi (the dVAE's vocabulary). ≥ 2.
     pub image_vocab: usize,
+    /// Residual width C = d_model. ≥ 1 and divisible by `heads`.
     pub d_model: usize,
+    /// Attention heads NH; head size C/NH. ≥ 1.
     pub heads: usize,
+    /// Number of residual blocks L. ≥ 1.
     pub layers: usize,
+    /// Side of the convolutional attention mask of the last layer, in grid cells. Odd, ≥ 1.
+    /// Default 11.
+    #[serde(default = "default_conv_kernel")]
     pub conv_kernel: usize,
 }
 
+fn default_conv_kernel() -> usize {
+    11
+}
+
 impl TransformerDims {
-    /// The one range check of the sizes (the config's `model:` section and [`Transformer::new`]
-    /// both use it): the field at fault, with what is wrong, every field named with `prefix`
+    /// The one range check of the sizes (the config's validation and [`Transformer::new`] both
+    /// use it): the field at fault, with what is wrong, every field named with `prefix`
     /// (`"model."` for the config).
     pub fn check(&self, prefix: &str) -> std::result::Result<(), (String, String)> {
         // Tt ≥ 2: the text loss scores positions 0 … Tt−2.
@@ -83,6 +101,7 @@ impl TransformerDims {
     pub fn seq_len(&self) -> usize {
         self.text_len + self.image_tokens()
     }
+    /// Image tokens G².
     pub fn image_tokens(&self) -> usize {
         self.grid * self.grid
     }
@@ -94,6 +113,7 @@ impl TransformerDims {
     pub fn vocab_total(&self) -> usize {
         self.text_rows() + self.image_vocab
     }
+    /// Head size HS = C/NH.
     pub fn head_size(&self) -> usize {
         self.d_model / self.heads
     }

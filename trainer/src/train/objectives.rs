@@ -14,16 +14,14 @@ use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::device::{DeviceDvae, DeviceDvaeActs, DvaeDevice};
-use crate::model::dvae::{
-    for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeDims, DvaeLosses,
-};
+use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeLosses};
 use crate::model::mixed::BlockScales;
 use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
     Act, DeviceActs, DeviceScales, DeviceTransformer, HalfWeights, TransformerDevice,
     UnscaleScratch,
 };
-use crate::model::transformer::{Activations, Losses, Transformer, TransformerDims};
+use crate::model::transformer::{Activations, Losses, Transformer};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
 use crate::train::resident::ResidentState;
@@ -106,34 +104,14 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
         ));
     }
     Ok(match cfg.model.dvae() {
-        Some(_) => {
-            let m = Dvae::new(dvae_dims_of(cfg)?)?;
+        Some(d) => {
+            let m = Dvae::new(*d)?;
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
         None => {
-            let m = Transformer::new(dims_of(cfg)?)?;
+            let m = Transformer::new(*cfg.transformer()?)?;
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
-    })
-}
-
-/// Transformer sizes from the config (an error when the config's model is a dVAE).
-pub fn dims_of(cfg: &RunConfig) -> Result<TransformerDims> {
-    Ok(TransformerDims::from(cfg.transformer()?))
-}
-
-/// dVAE sizes from the config (an error when the config's model is a transformer).
-pub fn dvae_dims_of(cfg: &RunConfig) -> Result<DvaeDims> {
-    let d = cfg
-        .model
-        .dvae()
-        .with_context(|| format!("model.kind is {}, not dvae", cfg.model.kind()))?;
-    Ok(DvaeDims {
-        resolution: d.resolution,
-        n_hid: d.n_hid,
-        n_blk_per_group: d.n_blk_per_group,
-        vocab_size: d.vocab_size,
-        n_init: d.n_init,
     })
 }
 
@@ -367,7 +345,7 @@ fn cuda_gpu() -> Result<Gpu<Cuda>> {
 
 impl TransformerObjective {
     fn new(cfg: &RunConfig, rank: usize, world_size: usize, cursor: DataCursor) -> Result<Self> {
-        let model = Transformer::new(dims_of(cfg)?)?.with_precision(cfg.run.precision);
+        let model = Transformer::new(*cfg.transformer()?)?.with_precision(cfg.run.precision);
         let data = DataStream::open(cfg, rank, world_size, cursor, caption_encoder(cfg)?)
             .context("opening the training data")?;
         let batch = cfg.train.batch_size;
@@ -660,7 +638,7 @@ impl DvaeObjective {
         if world_size > 1 << 16 || cfg.train.grad_accum > 1 << 16 {
             bail!("the dVAE's noise streams allow at most 65536 ranks and 65536 micro-batches");
         }
-        let dims = dvae_dims_of(cfg)?;
+        let dims = *cfg.dvae()?;
         let model = Dvae::new(dims)?.with_likelihood(cfg.relaxation().likelihood);
         let data = ImageStream::open(cfg, rank, world_size, cursor)
             .context("opening the training images")?;

@@ -259,16 +259,7 @@ impl DvaeDims {
 /// come from the file's header, so they are checked before a model of them is built or its
 /// parameters allocated (the count saturates instead of overflowing).
 fn fits_in_file(path: &Path, dims: DvaeDims) -> WResult<()> {
-    let (params, _) = crate::memory::dvae_sizes(
-        &crate::config::DvaeConfig {
-            resolution: dims.resolution,
-            n_hid: dims.n_hid,
-            n_blk_per_group: dims.n_blk_per_group,
-            vocab_size: dims.vocab_size,
-            n_init: dims.n_init,
-        },
-        0,
-    );
+    let (params, _) = crate::memory::dvae_sizes(&dims, 0);
     let file_len = std::fs::metadata(path)
         .map_err(|e| WeightsError::Io(formats::fsutil::fs_err("stat", path)(e)))?
         .len();
