@@ -237,7 +237,7 @@ for s in "${steps[@]}"; do
 done
 printf '  %-12s %s\n' total "$total"
 if [[ ${seconds[judge]} == skipped ]]; then
-  log "the judge's rates (from $work/judge.json):"
+  log "the judge's rates on the samples:"
   "$bin/data-prep" judge --images "$work/samples"
 fi
 log "pictures for the held-out captions: $work/samples (prompt_NNN.png: a caption's grid;"
