@@ -4,7 +4,8 @@
 //! `inspect` and `verify` read shards ([`shards`]); `tokenizer train|encode` trains or applies a
 //! caption BPE ([`tokenizer`]); `encode` turns image shards into token shards with a dVAE
 //! ([`encode`]); `embed` writes CLIP embeddings of image shards ([`embed`]) and `dedup` removes
-//! near-duplicates with them ([`dedup`]).
+//! near-duplicates with them ([`dedup`]); `judge` measures whether pictures of the synthetic
+//! shapes show what their captions say ([`judge`]).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,6 +18,7 @@ mod dedup;
 mod embed;
 mod encode;
 mod ingest;
+mod judge;
 mod markers;
 mod shards;
 mod synth;
@@ -91,6 +93,10 @@ enum Cmd {
     /// Embeddings → the shards without near-duplicates (within the set and of an evaluation
     /// set), a report and a PNG of the closest pairs; see docs/dedup.md.
     Dedup(dedup::DedupArgs),
+    /// Do pictures of the synthetic shapes show what their captions say? Colour, shape,
+    /// background and position match rates by pixel statistics, beside chance; see
+    /// docs/quickstart.md.
+    Judge(judge::JudgeArgs),
 }
 
 fn main() {
@@ -176,5 +182,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Encode(a) => encode::main(a),
         Cmd::Embed(a) => embed::main(a),
         Cmd::Dedup(a) => dedup::main(a),
+        Cmd::Judge(a) => judge::main(a),
     }
 }

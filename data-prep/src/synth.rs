@@ -56,6 +56,13 @@ pub const BACKGROUNDS: [(&str, [u8; 3]); 4] = [
 /// Size names and the shape's half-extent as a fraction of the image side.
 pub const SIZES: [(&str, f32); 3] = [("small", 0.09), ("medium", 0.14), ("large", 0.2)];
 
+/// Position phrases of a lone shape: the cells of a 3×3 grid, by row then column.
+pub const POSITIONS: [[&str; 3]; 3] = [
+    ["in the top left", "at the top", "in the top right"],
+    ["on the left", "in the center", "on the right"],
+    ["in the bottom left", "at the bottom", "in the bottom right"],
+];
+
 /// Errors of `data-prep synth`; each names the file or the parameter.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
@@ -119,14 +126,11 @@ pub fn key_of(index: u64) -> (String, String) {
     (format!("{:05}", index / PER_FOLDER), format!("{index:09}"))
 }
 
-fn position_phrase(cx: f32, cy: f32, res: f32) -> &'static str {
+/// The caption's position phrase of a lone shape centred at `(cx, cy)`: its cell of a 3×3 grid.
+pub fn position_phrase(cx: f32, cy: f32, res: f32) -> &'static str {
     let col = ((cx / res * 3.0) as usize).min(2);
     let row = ((cy / res * 3.0) as usize).min(2);
-    [
-        ["in the top left", "at the top", "in the top right"],
-        ["on the left", "in the center", "on the right"],
-        ["in the bottom left", "at the bottom", "in the bottom right"],
-    ][row][col]
+    POSITIONS[row][col]
 }
 
 /// The relation of shape `a` to shape `b` from their centres: the axis with the larger offset.
@@ -244,7 +248,7 @@ pub fn sample(seed: u64, index: u64, resolution: u32) -> Sample {
 }
 
 /// Whether the point `(x, y)`, relative to the shape's centre in units of its radius, is inside.
-fn inside(kind: &str, x: f32, y: f32) -> bool {
+pub fn inside(kind: &str, x: f32, y: f32) -> bool {
     match kind {
         "circle" => x * x + y * y <= 1.0,
         "square" => x.abs() <= 0.85 && y.abs() <= 0.85,
@@ -285,7 +289,7 @@ fn star_inside(x: f32, y: f32) -> bool {
 }
 
 /// Draws `s` in `rgb` over `pixels` with 4×4 supersampled coverage (anti-aliased edges).
-fn draw(pixels: &mut [u8], res: u32, s: &Shape, rgb: [u8; 3]) {
+pub fn draw(pixels: &mut [u8], res: u32, s: &Shape, rgb: [u8; 3]) {
     const SS: usize = 4;
     let lo = |c: f32| ((c - s.radius - 1.0).floor().max(0.0)) as u32;
     let hi = |c: f32| ((c + s.radius + 1.0).ceil().min(res as f32)) as u32;
