@@ -62,9 +62,10 @@ pub struct DedupArgs {
     /// The within-set search.
     #[arg(long, value_enum, default_value_t = IndexKind::Auto)]
     pub index: IndexKind,
-    /// The largest set searched exactly with --index auto (n²/2 similarities: 2·10¹⁰ at the
-    /// default, about 20 minutes at D = 512 on two cores).
-    #[arg(long, default_value_t = 200_000)]
+    /// The largest set searched exactly with --index auto (n²/2 similarities: 5·10⁹ at the
+    /// default, about 5 minutes at D = 512 on two cores; beyond it the HNSW index is cheaper,
+    /// docs/dedup.md).
+    #[arg(long, default_value_t = 100_000)]
     pub exact_max: usize,
     /// Neighbours looked up per record in the HNSW index.
     #[arg(long, default_value_t = 16)]
@@ -286,7 +287,7 @@ pub fn run(a: &DedupArgs) -> Result<DedupSummary> {
             x.extend_from_slice(&train.vectors[g * d..(g + 1) * d]);
         }
         let found: Found = if use_hnsw {
-            search::hnsw_pairs(&x, d, t, a.neighbours, 0)
+            search::hnsw_pairs(&x, d, t, a.neighbours)?
         } else {
             search::exact_pairs(&x, d, t)
         };
