@@ -31,6 +31,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::embed::Embeddings;
 use crate::markers;
 use search::{Found, Pair};
+use trainer::font::Captioner;
 
 /// Which pair search `dedup` runs within the set.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +63,10 @@ pub struct DedupArgs {
     /// The within-set search.
     #[arg(long, value_enum, default_value_t = IndexKind::Auto)]
     pub index: IndexKind,
-    /// The largest set searched exactly with --index auto (n²/2 similarities: 2·10¹⁰ at the
-    /// default, about 20 minutes at D = 512 on two cores).
-    #[arg(long, default_value_t = 200_000)]
+    /// The largest set searched exactly with --index auto (n²/2 similarities: 5·10⁹ at the
+    /// default, about 5 minutes at D = 512 on two cores; beyond it the HNSW index is cheaper,
+    /// docs/dedup.md).
+    #[arg(long, default_value_t = 100_000)]
     pub exact_max: usize,
     /// Neighbours looked up per record in the HNSW index.
     #[arg(long, default_value_t = 16)]
@@ -286,7 +288,7 @@ pub fn run(a: &DedupArgs) -> Result<DedupSummary> {
             x.extend_from_slice(&train.vectors[g * d..(g + 1) * d]);
         }
         let found: Found = if use_hnsw {
-            search::hnsw_pairs(&x, d, t, a.neighbours, 0)
+            search::hnsw_pairs(&x, d, t, a.neighbours)?
         } else {
             search::exact_pairs(&x, d, t)
         };
@@ -391,7 +393,24 @@ pub fn run(a: &DedupArgs) -> Result<DedupSummary> {
     let png = if closest.is_empty() {
         None
     } else {
-        let img = pairs_png(&closest, &train, &sources, eval.as_ref(), &eval_sources)?;
+        let captioner = match trainer::font::find() {
+            Some(path) => Some(Captioner::from_file(&path)?),
+            None => {
+                eprintln!(
+                    "note: no TrueType font found (set {}): pairs.png without labels",
+                    trainer::font::FONT_VAR
+                );
+                None
+            }
+        };
+        let img = pairs_png(
+            &closest,
+            &train,
+            &sources,
+            eval.as_ref(),
+            &eval_sources,
+            captioner.as_ref(),
+        )?;
         let path = a.out.join("pairs.png");
         let mut bytes = Vec::new();
         img.write_to(
@@ -448,13 +467,17 @@ pub fn run(a: &DedupArgs) -> Result<DedupSummary> {
 const CELL: u32 = 128;
 const GAP: u32 = 8;
 
-/// The pairs, one row each: the training image left, its match right.
+/// pairs.png: a header band, then per pair a band with its rank and cosine (shown at most 1), the
+/// training image left and its match right (each scaled to `CELL`), each image's address under
+/// it, and a `GAP` before the next pair. Without a font (`captioner` `None`) only the images,
+/// `GAP` apart.
 fn pairs_png(
     pairs: &[(RecordRef, RecordRef, f32)],
     train: &Embeddings,
     sources: &[ImageShard],
     eval: Option<&Embeddings>,
     eval_sources: &[ImageShard],
+    captioner: Option<&Captioner>,
 ) -> Result<image::RgbImage> {
     let index = |e: &Embeddings| -> BTreeMap<String, usize> {
         e.manifest
@@ -478,25 +501,80 @@ fn pairs_png(
         let res = shard.resolution();
         let img = image::RgbImage::from_raw(res, res, rec.pixels)
             .with_context(|| format!("{} record {}", shard.path().display(), r.record))?;
-        Ok(image::imageops::resize(
-            &img,
-            CELL,
-            CELL,
-            image::imageops::FilterType::Triangle,
-        ))
+        Ok(cell(&img))
     };
-    let rows = pairs.len() as u32;
-    let mut out = image::RgbImage::from_pixel(
-        2 * CELL + 3 * GAP,
-        rows * CELL + (rows + 1) * GAP,
-        image::Rgb([255, 255, 255]),
-    );
-    for (i, (x, y, _)) in pairs.iter().enumerate() {
-        let top = GAP + i as u32 * (CELL + GAP);
-        image::imageops::replace(&mut out, &picture(x)?, GAP as i64, top as i64);
-        image::imageops::replace(&mut out, &picture(y)?, (2 * GAP + CELL) as i64, top as i64);
+    let label = |r: &RecordRef| match r.set.as_str() {
+        "eval" => format!("{} #{} (eval)", r.shard, r.record),
+        _ => format!("{} #{}", r.shard, r.record),
+    };
+    let width = 2 * CELL + 3 * GAP;
+    // Everything top to bottom, each piece at its left offset, then pasted onto one canvas.
+    let mut pieces: Vec<(u32, image::RgbImage)> = Vec::new();
+    let push_row = |pieces: &mut Vec<(u32, image::RgbImage)>, row: Vec<(u32, image::RgbImage)>| {
+        let h = row.iter().map(|(_, img)| img.height()).max().unwrap_or(0);
+        let mut band = image::RgbImage::from_pixel(width, h, image::Rgb([255; 3]));
+        for (x, img) in row {
+            image::imageops::replace(&mut band, &img, x as i64, 0);
+        }
+        pieces.push((0, band));
+    };
+    let gap = || image::RgbImage::from_pixel(width, GAP, image::Rgb([255; 3]));
+    if let Some(c) = captioner {
+        push_row(
+            &mut pieces,
+            vec![(
+                GAP / 2,
+                c.band(
+                    "left: a training record; right: its match (eval: the evaluation set)",
+                    width - GAP,
+                ),
+            )],
+        );
+    } else {
+        pieces.push((0, gap()));
+    }
+    for (i, (x, y, sim)) in pairs.iter().enumerate() {
+        if let Some(c) = captioner {
+            // f16 vectors are unit length to 2·10⁻³, so a copy's cosine can read 1.0001.
+            let title = format!("{}. cosine {:.4}", i + 1, sim.min(1.0));
+            push_row(&mut pieces, vec![(GAP / 2, c.band(&title, width - GAP))]);
+        }
+        push_row(
+            &mut pieces,
+            vec![(GAP, picture(x)?), (2 * GAP + CELL, picture(y)?)],
+        );
+        match captioner {
+            Some(c) => {
+                push_row(
+                    &mut pieces,
+                    vec![
+                        (GAP / 2, c.band(&label(x), CELL + GAP)),
+                        (CELL + 3 * GAP / 2, c.band(&label(y), CELL + GAP)),
+                    ],
+                );
+                pieces.push((0, gap()));
+            }
+            None => pieces.push((0, gap())),
+        }
+    }
+    let height = pieces.iter().map(|(_, p)| p.height()).sum();
+    let mut out = image::RgbImage::from_pixel(width, height, image::Rgb([255; 3]));
+    let mut top = 0;
+    for (x, p) in pieces {
+        image::imageops::replace(&mut out, &p, x as i64, top as i64);
+        top += p.height();
     }
     Ok(out)
+}
+
+/// `img` scaled to `CELL` × `CELL`: pixels repeated when enlarging (a small image stays sharp,
+/// so exact and near copies can be told apart), averaged when shrinking.
+fn cell(img: &image::RgbImage) -> image::RgbImage {
+    let filter = match img.width() <= CELL {
+        true => image::imageops::FilterType::Nearest,
+        false => image::imageops::FilterType::Triangle,
+    };
+    image::imageops::resize(img, CELL, CELL, filter)
 }
 
 /// `data-prep dedup`: runs and prints a one-line summary.
