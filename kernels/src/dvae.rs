@@ -333,107 +333,47 @@ fn check_laplace(
     check_len(op, "images", images, batch * 3 * px)
 }
 
-/// Σ over images, channels and pixels of log(2b) + log(x'(1−x')) + |logit(x') − μ| / b, with μ
-/// and ln b from `stats` and x' the squashed pixel, in f64.
-pub fn logit_laplace_nll(stats: &[f32], images: &[f32], batch: usize, px: usize) -> Result<f64> {
-    check_laplace("logit_laplace_nll", stats.len(), images.len(), batch, px)?;
-    let mut total = 0.0f64;
-    for bi in 0..batch {
-        for ch in 0..3 {
-            for i in 0..px {
-                let x = squash(images[(bi * 3 + ch) * px + i]);
-                let t = (x / (1.0 - x)).ln();
-                let m = stats[(bi * 6 + ch) * px + i] as f64;
-                let lb = stats[(bi * 6 + 3 + ch) * px + i] as f64;
-                total += std::f64::consts::LN_2
-                    + lb
-                    + (x * (1.0 - x)).ln()
-                    + (t - m).abs() * (-lb).exp();
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// `dstats` [B, 6, px] (overwritten) = `scale` · d[`logit_laplace_nll`]/d stats:
-/// −sign(logit(x') − μ)/b for μ, 1 − |logit(x') − μ|/b for ln b; in f64.
-pub fn logit_laplace_backward(
-    dstats: &mut [f32],
-    stats: &[f32],
-    images: &[f32],
-    scale: f64,
-    batch: usize,
-    px: usize,
-) -> Result<()> {
-    const OP: &str = "logit_laplace_backward";
-    check_laplace(OP, stats.len(), images.len(), batch, px)?;
-    check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
-    let s = scale;
-    for bi in 0..batch {
-        for ch in 0..3 {
-            for i in 0..px {
-                let x = squash(images[(bi * 3 + ch) * px + i]);
-                let t = (x / (1.0 - x)).ln();
-                let (mu, lnb) = ((bi * 6 + ch) * px + i, (bi * 6 + 3 + ch) * px + i);
-                let inv_b = (-(stats[lnb] as f64)).exp();
-                let r = t - stats[mu] as f64;
-                dstats[mu] = (s * -r.signum() * inv_b) as f32;
-                dstats[lnb] = (s * (1.0 - r.abs() * inv_b)) as f32;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// ½·ln(2π), the unit Gaussian's normalising term.
 const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
 
-/// Σ over images, channels and pixels of ½(logit(x') − μ)² + ½·ln(2π) + log(x'(1−x')), with μ
-/// from `stats` and x' the squashed pixel, in f64: the unit Gaussian in logit space, as a density
-/// of x' (the last term is the logit's Jacobian, as in the Laplace).
-pub fn logit_gaussian_nll(stats: &[f32], images: &[f32], batch: usize, px: usize) -> Result<f64> {
-    check_laplace("logit_gaussian_nll", stats.len(), images.len(), batch, px)?;
-    let mut total = 0.0f64;
-    for bi in 0..batch {
-        for ch in 0..3 {
-            for i in 0..px {
-                let x = squash(images[(bi * 3 + ch) * px + i]);
-                let r = (x / (1.0 - x)).ln() - stats[(bi * 6 + ch) * px + i] as f64;
-                total += 0.5 * r * r + HALF_LN_2PI + (x * (1.0 - x)).ln();
-            }
+/// One sub-pixel's negative log-likelihood under `kind` and its derivatives in μ and ln b, in
+/// f64, for the pixel `x` in [0, 1] and the decoder's μ and ln b:
+/// - logit-Laplace: ln(2b) + ln(x'(1−x')) + |t − μ|/b, d/dμ = −sign(t − μ)/b,
+///   d/d ln b = 1 − |t − μ|/b;
+/// - logit-Gaussian: ½(t − μ)² + ½·ln(2π) + ln(x'(1−x')), d/dμ = −(t − μ), d/d ln b = 0;
+///
+/// with x' the squashed pixel and t = logit(x') (ln(x'(1−x')) is the logit's Jacobian: both are
+/// densities of x').
+fn pixel_nll(kind: Likelihood, x: f32, mu: f32, ln_b: f32) -> (f64, f64, f64) {
+    let x = squash(x);
+    let r = (x / (1.0 - x)).ln() - mu as f64;
+    let jacobian = (x * (1.0 - x)).ln();
+    match kind {
+        Likelihood::LogitLaplace => {
+            let lb = ln_b as f64;
+            let inv_b = (-lb).exp();
+            let nll = std::f64::consts::LN_2 + lb + jacobian + r.abs() * inv_b;
+            (nll, -r.signum() * inv_b, 1.0 - r.abs() * inv_b)
         }
+        Likelihood::LogitGaussian => (0.5 * r * r + HALF_LN_2PI + jacobian, -r, 0.0),
     }
-    Ok(total)
 }
 
-/// `dstats` [B, 6, px] (overwritten) = `scale` · d[`logit_gaussian_nll`]/d stats:
-/// −(logit(x') − μ) for μ, 0 for ln b; in f64.
-pub fn logit_gaussian_backward(
-    dstats: &mut [f32],
-    stats: &[f32],
-    images: &[f32],
-    scale: f64,
-    batch: usize,
-    px: usize,
-) -> Result<()> {
-    const OP: &str = "logit_gaussian_backward";
-    check_laplace(OP, stats.len(), images.len(), batch, px)?;
-    check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
-    for bi in 0..batch {
-        for ch in 0..3 {
-            for i in 0..px {
-                let x = squash(images[(bi * 3 + ch) * px + i]);
-                let (mu, lnb) = ((bi * 6 + ch) * px + i, (bi * 6 + 3 + ch) * px + i);
-                let r = (x / (1.0 - x)).ln() - stats[mu] as f64;
-                dstats[mu] = (scale * -r) as f32;
-                dstats[lnb] = 0.0;
-            }
-        }
-    }
-    Ok(())
+/// The (μ, ln b) indices in `stats` [B, 6, px] of every sub-pixel, with its index in `images`
+/// [B, 3, px].
+fn sub_pixels(batch: usize, px: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..batch).flat_map(move |bi| {
+        (0..3).flat_map(move |ch| {
+            (0..px).map(move |i| {
+                let mu = (bi * 6 + ch) * px + i;
+                ((bi * 3 + ch) * px + i, mu, mu + 3 * px)
+            })
+        })
+    })
 }
 
-/// The negative log-likelihood of `kind`: [`logit_laplace_nll`] or [`logit_gaussian_nll`].
+/// Σ over images, channels and pixels of the negative log-likelihood of `kind` ([`pixel_nll`]),
+/// with μ and ln b from `stats` [B, 6, px] and the pixels `images` [B, 3, px], in f64.
 pub fn nll(
     kind: Likelihood,
     stats: &[f32],
@@ -441,14 +381,13 @@ pub fn nll(
     batch: usize,
     px: usize,
 ) -> Result<f64> {
-    match kind {
-        Likelihood::LogitLaplace => logit_laplace_nll(stats, images, batch, px),
-        Likelihood::LogitGaussian => logit_gaussian_nll(stats, images, batch, px),
-    }
+    check_laplace("nll", stats.len(), images.len(), batch, px)?;
+    Ok(sub_pixels(batch, px)
+        .map(|(x, mu, lnb)| pixel_nll(kind, images[x], stats[mu], stats[lnb]).0)
+        .sum())
 }
 
-/// The gradient of [`nll`] times `scale` into `dstats` (overwritten): [`logit_laplace_backward`]
-/// or [`logit_gaussian_backward`].
+/// `dstats` [B, 6, px] (overwritten) = `scale` · d[`nll`]/d stats, in f64 and rounded once.
 pub fn nll_backward(
     kind: Likelihood,
     dstats: &mut [f32],
@@ -458,12 +397,15 @@ pub fn nll_backward(
     batch: usize,
     px: usize,
 ) -> Result<()> {
-    match kind {
-        Likelihood::LogitLaplace => logit_laplace_backward(dstats, stats, images, scale, batch, px),
-        Likelihood::LogitGaussian => {
-            logit_gaussian_backward(dstats, stats, images, scale, batch, px)
-        }
+    const OP: &str = "nll_backward";
+    check_laplace(OP, stats.len(), images.len(), batch, px)?;
+    check_len(OP, "dstats", dstats.len(), batch * 6 * px)?;
+    for (x, mu, lnb) in sub_pixels(batch, px) {
+        let (_, dmu, dlnb) = pixel_nll(kind, images[x], stats[mu], stats[lnb]);
+        dstats[mu] = (scale * dmu) as f32;
+        dstats[lnb] = (scale * dlnb) as f32;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -567,10 +509,19 @@ mod tests {
                 -density.ln()
             })
             .sum();
-        let got = logit_gaussian_nll(&stats, &images, 1, 1).unwrap();
+        let got = nll(Likelihood::LogitGaussian, &stats, &images, 1, 1).unwrap();
         assert!((got - want).abs() < 1e-6, "nll {got}, want {want}");
         let mut d = vec![f32::NAN; 6];
-        logit_gaussian_backward(&mut d, &stats, &images, 1.0, 1, 1).unwrap();
+        nll_backward(
+            Likelihood::LogitGaussian,
+            &mut d,
+            &stats,
+            &images,
+            1.0,
+            1,
+            1,
+        )
+        .unwrap();
         assert_eq!(&d[3..], &[0.0; 3], "ln b gets no gradient");
         for c in 0..3 {
             assert!(
