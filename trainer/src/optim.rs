@@ -86,12 +86,13 @@ impl AdamW {
             .zip(table.split(grads))
         {
             let step = AdamWStep {
-                lr,
+                lr: lr * spec.lr_scale,
                 beta1: self.hp.beta1,
                 beta2: self.hp.beta2,
                 eps: self.hp.eps,
+                // The decay stays lr · weight_decay whatever the tensor's lr_scale.
                 weight_decay: if spec.kind.decayed() {
-                    self.hp.weight_decay
+                    self.hp.weight_decay / spec.lr_scale
                 } else {
                     0.0
                 },
@@ -281,6 +282,46 @@ mod tests {
             .step(&table, &mut p, &[f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0], 0.1)
             .unwrap();
         assert!(!r.applied && p == before && opt.t == 2);
+    }
+
+    #[test]
+    fn lr_scale_multiplies_the_adam_step_and_not_the_decay() {
+        // Two matrices with the same values and gradients; the second steps at 4× the rate.
+        let mut table = ParamTable::new();
+        table.push("a", &[3], ParamKind::Matrix);
+        let b = table.push("b", &[3], ParamKind::Matrix);
+        table.set_lr_scale(b, 4.0);
+        let hp = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            grad_clip: 0.0,
+        };
+        let mut opt = AdamW::new(hp, 6);
+        let mut p = vec![1.0f32, -2.0, 0.5, 1.0, -2.0, 0.5];
+        let g = [0.3f32, -0.1, 2.0, 0.3, -0.1, 2.0];
+        let (lr, decay) = (0.01f64, 0.01f64 * 0.5);
+        for _ in 0..3 {
+            let before = p.clone();
+            opt.step(&table, &mut p, &g, lr as f32).unwrap();
+            for i in 0..3 {
+                // p' = p − lr·wd·p − lr_scale·(Adam step), the decay the same for both.
+                let adam = before[i] as f64 * (1.0 - decay) - p[i] as f64;
+                let scaled = before[i + 3] as f64 * (1.0 - decay) - p[i + 3] as f64;
+                assert!(adam.abs() > 1e-3, "{adam}");
+                assert!(
+                    (scaled - 4.0 * adam).abs() < 1e-5,
+                    "{i}: {scaled} vs 4 × {adam}"
+                );
+            }
+        }
+        // With a zero gradient the Adam step fades with the moments; the decay does not
+        // depend on lr_scale at all.
+        let mut opt = AdamW::new(hp, 6);
+        let mut p = vec![1.0f32; 6];
+        opt.step(&table, &mut p, &[0.0; 6], lr as f32).unwrap();
+        assert_eq!(p, vec![(1.0 - decay) as f32; 6]);
     }
 
     /// Parameters and moments of an f64 AdamW, PyTorch's `clip_grad_norm_` then `AdamW`.

@@ -38,6 +38,10 @@ pub struct ParamSpec {
     pub kind: ParamKind,
     /// First element in the flat buffer.
     pub offset: usize,
+    /// Multiplies the learning rate of this tensor's Adam step; its weight decay stays
+    /// lr · weight_decay. 1 unless the model asks otherwise (the dVAE's
+    /// `relaxation.branch_gain: unit` sets it on the residual branches' last convolutions).
+    pub lr_scale: f32,
 }
 
 impl ParamSpec {
@@ -76,6 +80,7 @@ impl ParamTable {
             shape: shape.to_vec(),
             kind,
             offset: self.total,
+            lr_scale: 1.0,
         };
         self.total += spec.numel();
         self.index.insert(name, self.specs.len());
@@ -106,6 +111,11 @@ impl ParamTable {
 
     pub fn find(&self, name: &str) -> Option<&ParamSpec> {
         self.index.get(name).map(|&i| &self.specs[i])
+    }
+
+    /// Sets the learning-rate multiplier of tensor `i` ([`ParamSpec::lr_scale`]).
+    pub fn set_lr_scale(&mut self, i: usize, scale: f32) {
+        self.specs[i].lr_scale = scale;
     }
 
     /// The view of tensor `i` in `buf`.

@@ -130,12 +130,13 @@ impl<D: AdamWOps> ResidentState<D> {
         };
         for (i, spec) in self.table.specs().iter().enumerate() {
             let step = AdamWStep {
-                lr,
+                lr: lr * spec.lr_scale,
                 beta1: hp.beta1,
                 beta2: hp.beta2,
                 eps: hp.eps,
+                // The decay stays lr · weight_decay whatever the tensor's lr_scale.
                 weight_decay: if spec.kind.decayed() {
-                    hp.weight_decay
+                    hp.weight_decay / spec.lr_scale
                 } else {
                     0.0
                 },
