@@ -32,6 +32,20 @@ pub enum Likelihood {
     LogitGaussian,
 }
 
+/// Which KL term pulls the codes towards the uniform prior (`relaxation.kl`; docs/model.md §2).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KlTerm {
+    /// The paper's: Σ over positions of KL(q ‖ uniform) ([`kl_uniform`]): every position's code
+    /// distribution is pulled towards uniform.
+    #[default]
+    Position,
+    /// N·KL(q̄ ‖ uniform), q̄ the average of q over the N positions of the micro-batch
+    /// ([`kl_batch`]): the codebook's use is pulled towards uniform while each position may be
+    /// sure of its code. CPU only for now.
+    Batch,
+}
+
 /// The dVAE's loss pieces on a [`Device`] (the CUDA kernels: `kernels/cuda/dvae.cu`), f32
 /// buffers (logits and decoder statistics stay f32).
 pub trait DvaeLossOps: Device {
@@ -317,6 +331,81 @@ pub fn kl_uniform_backward(
     Ok(())
 }
 
+/// q̄ [K]: the average over the B·hw positions of q = softmax over K of `logits` [B, K, hw], in
+/// f64 (summed image by image, position by position).
+pub fn batch_code_distribution(
+    logits: &[f32],
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<Vec<f64>> {
+    check_len(
+        "batch_code_distribution",
+        "logits",
+        logits.len(),
+        batch * k * hw,
+    )?;
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    let mut q_bar = vec![0.0f64; k];
+    for bi in 0..batch {
+        for pos in 0..hw {
+            log_q(logits, k, hw, bi, pos, &mut lq, &mut q);
+            for (s, q) in q_bar.iter_mut().zip(&q) {
+                *s += q;
+            }
+        }
+    }
+    let n = (batch * hw).max(1) as f64;
+    q_bar.iter_mut().for_each(|s| *s /= n);
+    Ok(q_bar)
+}
+
+/// N·Σ_K q̄·ln(K·q̄): N = `positions` times the KL divergence of the average code distribution
+/// `q_bar` ([`batch_code_distribution`]) from the uniform prior (a code with q̄ = 0 adds 0).
+pub fn kl_batch(q_bar: &[f64], positions: usize) -> f64 {
+    let k = q_bar.len() as f64;
+    let kl: f64 = (q_bar.iter())
+        .filter(|&&q| q > 0.0)
+        .map(|&q| q * (k * q).ln())
+        .sum();
+    positions as f64 * kl
+}
+
+/// `dlogits` [B, K, hw] += `coef` · d[`kl_batch`]/d logits, in f64, with `q_bar` the average code
+/// distribution of the whole micro-batch (these B images may be a slice of it: the gradient at a
+/// position depends only on its own logits and q̄). d kl_batch / d q = ln(K·q̄) + 1 at every
+/// position, so through the softmax: q·(c − Σ_K q·c) with c = ln(K·q̄) (the 1 cancels).
+pub fn kl_batch_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    q_bar: &[f64],
+    coef: f64,
+    batch: usize,
+    k: usize,
+    hw: usize,
+) -> Result<()> {
+    const OP: &str = "kl_batch_backward";
+    check_len(OP, "logits", logits.len(), batch * k * hw)?;
+    check_len(OP, "dlogits", dlogits.len(), batch * k * hw)?;
+    check_len(OP, "q_bar", q_bar.len(), k)?;
+    // A code no position uses has q = 0 everywhere: its term is 0 whatever c says.
+    let c: Vec<f64> = (q_bar.iter())
+        .map(|&q| if q > 0.0 { (k as f64 * q).ln() } else { 0.0 })
+        .collect();
+    let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
+    for bi in 0..batch {
+        for pos in 0..hw {
+            log_q(logits, k, hw, bi, pos, &mut lq, &mut q);
+            let mean_c: f64 = q.iter().zip(&c).map(|(q, c)| q * c).sum();
+            for ch in 0..k {
+                let d = &mut dlogits[(bi * k + ch) * hw + pos];
+                *d = (*d as f64 + coef * q[ch] * (c[ch] - mean_c)) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// x' = (1 − 2ε)·x + ε in f64.
 pub fn squash(x: f32) -> f64 {
     (1.0 - 2.0 * LOGIT_LAPLACE_EPS) * x as f64 + LOGIT_LAPLACE_EPS
@@ -464,6 +553,43 @@ mod tests {
             .collect();
         let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
         assert_close("dlogits", &got, &num, 1e-3, 1e-3);
+    }
+
+    #[test]
+    fn batch_kl_gradient_matches_finite_differences_and_is_zero_for_even_use() {
+        let (batch, k, hw) = (2, 5, 3);
+        // Each position sure of a different code, the codes used evenly overall (k·… positions
+        // cycle through the codes): the batch KL is ~0 where the per-position KL is ~ln K.
+        let (b2, hw2) = (1, k);
+        let mut sure = vec![-30.0f32; b2 * k * hw2];
+        for pos in 0..hw2 {
+            sure[pos * hw2 + pos] = 30.0;
+        }
+        let q_bar = batch_code_distribution(&sure, b2, k, hw2).unwrap();
+        assert!(kl_batch(&q_bar, b2 * hw2).abs() < 1e-9, "{q_bar:?}");
+        let per_position = kl_uniform(&sure, b2, k, hw2).unwrap();
+        assert!((per_position - hw2 as f64 * (k as f64).ln()).abs() < 1e-6);
+
+        let mut logits = rand_vec(batch * k * hw, 2.0, 8);
+        let q_bar = batch_code_distribution(&logits, batch, k, hw).unwrap();
+        assert!((q_bar.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        let mut d = vec![0.25; logits.len()];
+        kl_batch_backward(&mut d, &logits, &q_bar, 0.5, batch, k, hw).unwrap();
+        let num: Vec<f64> = (0..logits.len())
+            .map(|i| {
+                0.25 + 0.5
+                    * numeric_grad(&mut logits, i, 1e-3, |l| {
+                        let q = batch_code_distribution(l, batch, k, hw).unwrap();
+                        kl_batch(&q, batch * hw)
+                    })
+            })
+            .collect();
+        let got: Vec<f64> = d.iter().map(|&v| v as f64).collect();
+        assert_close("dlogits", &got, &num, 1e-3, 1e-3);
+        // The gradient of one image's slice with the whole batch's q̄ is that image's part.
+        let mut d0 = vec![0.25; k * hw];
+        kl_batch_backward(&mut d0, &logits[..k * hw], &q_bar, 0.5, 1, k, hw).unwrap();
+        assert_eq!(d0, d[..k * hw]);
     }
 
     #[test]
