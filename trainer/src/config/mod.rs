@@ -18,8 +18,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use crate::model::dvae::BranchGain;
 pub use crate::model::mixed::Precision;
-pub use kernels::dvae::Likelihood;
+pub use kernels::dvae::{KlTerm, Likelihood};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};

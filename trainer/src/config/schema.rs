@@ -249,6 +249,29 @@ pub struct RelaxationConfig {
     /// small CPU-sized runs train with, docs/dvae-training.md). Default `logit-laplace`.
     #[serde(default)]
     pub likelihood: Likelihood,
+    /// `openai` (the released model's training) or `unit`: the residual branches trained as if
+    /// their post_gain were 1, the weights still OpenAI's (trainer::model::dvae::BranchGain;
+    /// docs/dvae-training.md). Default `openai`; written only when not.
+    #[serde(default, skip_serializing_if = "BranchGain::is_openai")]
+    pub branch_gain: BranchGain,
+    /// `position` (the paper's: every position's code distribution pulled towards uniform) or
+    /// `batch` (the micro-batch's average code distribution; `run.device: cpu` only for now).
+    /// Default `position`; written only when not.
+    #[serde(default, skip_serializing_if = "is_position")]
+    pub kl: KlTerm,
+    /// Multiplies the initial weights of the decoder's input convolution (initialisation only;
+    /// `trainer::model::dvae::Dvae::with_decoder_input_gain`). > 0. Default 1; written only
+    /// when not.
+    #[serde(default = "default_unit", skip_serializing_if = "is_unit")]
+    pub decoder_input_gain: f64,
+}
+
+fn is_unit(x: &f64) -> bool {
+    *x == 1.0
+}
+
+fn is_position(kl: &KlTerm) -> bool {
+    *kl == KlTerm::Position
 }
 
 fn default_tau_start() -> f64 {
@@ -318,6 +341,9 @@ impl Default for RelaxationConfig {
             beta_end: default_beta_end(),
             beta_steps: default_beta_steps(),
             likelihood: Likelihood::default(),
+            branch_gain: BranchGain::default(),
+            kl: KlTerm::default(),
+            decoder_input_gain: 1.0,
         }
     }
 }

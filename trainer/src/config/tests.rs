@@ -520,6 +520,53 @@ fn dvae_model_kind_parses_defaults_and_round_trips() {
         e.starts_with("--set relaxation.likelihood=gauss: relaxation.likelihood: unknown variant"),
         "{e}"
     );
+    // branch_gain: OpenAI's unless set, written only when set (the resolved files of configs
+    // that do not name it stay as they were).
+    assert_eq!(c.relaxation().branch_gain, BranchGain::Openai);
+    assert!(!c.to_yaml().contains("branch_gain"), "{}", c.to_yaml());
+    let u = RunConfig::from_yaml_str_with_overrides(
+        DVAE,
+        "dvae.yaml",
+        &sets(&["relaxation.branch_gain=unit"]),
+    )
+    .unwrap();
+    assert_eq!(u.relaxation().branch_gain, BranchGain::Unit);
+    assert!(u.to_yaml().contains("branch_gain: unit"), "{}", u.to_yaml());
+    assert_eq!(
+        RunConfig::from_yaml_str(&u.to_yaml(), "resolved.yaml").unwrap(),
+        u
+    );
+    // kl and decoder_input_gain: the same pattern; kl: batch has no device step yet.
+    assert_eq!(c.relaxation().kl, KlTerm::Position);
+    assert_eq!(c.relaxation().decoder_input_gain, 1.0);
+    let k = RunConfig::from_yaml_str_with_overrides(
+        DVAE,
+        "dvae.yaml",
+        &sets(&["relaxation.kl=batch", "relaxation.decoder_input_gain=22.6"]),
+    )
+    .unwrap();
+    assert_eq!(k.relaxation().kl, KlTerm::Batch);
+    assert_eq!(k.relaxation().decoder_input_gain, 22.6);
+    let text = k.to_yaml();
+    assert!(
+        text.contains("kl: batch") && text.contains("decoder_input_gain: 22.6"),
+        "{text}"
+    );
+    let e = load_err(DVAE, &["relaxation.kl=batch", "run.device=cuda-emu"]);
+    assert!(
+        e.contains("relaxation.kl: batch has no CUDA kernel yet"),
+        "{e}"
+    );
+    let e = load_err(DVAE, &["relaxation.decoder_input_gain=0"]);
+    assert!(
+        e.contains("relaxation.decoder_input_gain = 0 must be > 0"),
+        "{e}"
+    );
+    let e = load_err(DVAE, &["relaxation.branch_gain=one"]);
+    assert!(
+        e.starts_with("--set relaxation.branch_gain=one: relaxation.branch_gain: unknown variant"),
+        "{e}"
+    );
 }
 
 #[test]

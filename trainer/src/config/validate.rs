@@ -117,6 +117,16 @@ impl RunConfig {
                 d.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                    if r.kl == KlTerm::Batch
+                        && matches!(self.run.device, Device::Cuda | Device::CudaEmu)
+                    {
+                        return invalid(
+                            "relaxation.kl",
+                            "relaxation.kl: batch has no CUDA kernel yet: it runs with \
+                             run.device: cpu (or auto on a machine without a GPU)"
+                                .into(),
+                        );
+                    }
                 }
                 if matches!(&self.data, DataSource::Images(s) if s.tokenizer.is_some()) {
                     return invalid(
@@ -324,6 +334,7 @@ fn validate_relaxation(r: &RelaxationConfig) -> Result<(), (String, String)> {
     for (field, value) in [
         ("relaxation.tau_start", r.tau_start),
         ("relaxation.tau_end", r.tau_end),
+        ("relaxation.decoder_input_gain", r.decoder_input_gain),
     ] {
         if !(value.is_finite() && value > 0.0) {
             return Err((field.into(), format!("{field} = {value} must be > 0")));

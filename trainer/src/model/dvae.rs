@@ -34,9 +34,39 @@ type Result<T> = std::result::Result<T, ModelError>;
 
 /// Pixel squashing of the logit-Laplace likelihood: x' = (1 − 2ε)·x + ε.
 pub use kernels::dvae::LOGIT_LAPLACE_EPS;
-use kernels::dvae::{self as kernel_dvae, squash, Likelihood};
+use kernels::dvae::{self as kernel_dvae, squash, KlTerm, Likelihood};
 /// Groups of residual blocks in each network (OpenAI's architecture).
 pub const GROUP_COUNT: usize = 4;
+
+/// How the residual branches train (`relaxation.branch_gain`; docs/dvae-training.md, "Fifth
+/// round"). The model's math is OpenAI's either way, post_gain included, and so are the weights
+/// written: only the initialisation and the learning rate of each block's last convolution
+/// (`res_path.conv_4`, weight and bias) differ.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BranchGain {
+    /// OpenAI's: conv_4 drawn like every convolution and stepped at the run's learning rate, so
+    /// a branch reaches the block's output at post_gain = 1/(4·n_blk_per_group)² of its size.
+    #[default]
+    Openai,
+    /// As if post_gain were 1: conv_4 drawn 1/post_gain times larger and its Adam step taken at
+    /// 1/post_gain times the learning rate (its weight decay unchanged). post_gain · conv_4(W)
+    /// = conv_4(post_gain · W) and Adam's step does not depend on the gradient's scale, so this
+    /// trains, update for update, the model whose branches enter at gain 1 (but for Adam's ε and
+    /// gradient clipping), written in OpenAI's parameterisation: OpenAI's modules load it.
+    Unit,
+}
+
+impl BranchGain {
+    pub fn is_openai(&self) -> bool {
+        *self == BranchGain::Openai
+    }
+}
+
+/// Whether the parameter `name` is a residual branch's last convolution (weight or bias).
+fn is_branch_output(name: &str) -> bool {
+    name.ends_with(".res_path.conv_4.w") || name.ends_with(".res_path.conv_4.b")
+}
 
 /// Fills `out` with standard Gumbel noise g = −ln(−ln u), u uniform in (0, 1), from ChaCha8
 /// seeded with `seed` on stream `stream`: the same (seed, stream) always gives the same noise.
@@ -568,6 +598,12 @@ pub struct Dvae {
     dims: DvaeDims,
     /// The pixels' likelihood in the training loss (logit-Laplace unless set).
     likelihood: Likelihood,
+    /// How the residual branches train (OpenAI's unless set).
+    branch_gain: BranchGain,
+    /// The KL term of the training loss (the paper's per-position one unless set).
+    kl_term: KlTerm,
+    /// Multiplies the initial draw of `decoder.blocks.input.w` (1 unless set).
+    decoder_input_gain: f32,
     table: ParamTable,
     encoder: Net,
     decoder: Net,
@@ -598,6 +634,8 @@ pub struct DvaeActs {
     y: Vec<f32>,
     tau: f32,
     beta: f32,
+    /// With `relaxation.kl: batch`, the batch's average code distribution q̄ [K] (f64).
+    q_bar: Vec<f64>,
     /// Backward-pass buffers kept between steps: d loss / d stats, / d y, / d logits.
     dstats: Vec<f32>,
     dy: Vec<f32>,
@@ -655,6 +693,9 @@ impl Dvae {
         Ok(Dvae {
             dims,
             likelihood: Likelihood::LogitLaplace,
+            branch_gain: BranchGain::Openai,
+            kl_term: KlTerm::Position,
+            decoder_input_gain: 1.0,
             table,
             encoder,
             decoder,
@@ -673,6 +714,53 @@ impl Dvae {
 
     pub fn likelihood(&self) -> Likelihood {
         self.likelihood
+    }
+
+    /// The same model with its residual branches trained as `gain` says: sets the learning-rate
+    /// multiplier of every `res_path.conv_4` tensor in [`Dvae::table`] (1/post_gain for
+    /// [`BranchGain::Unit`]), and [`Dvae::init_params`] draws them that much larger.
+    pub fn with_branch_gain(mut self, gain: BranchGain) -> Self {
+        self.branch_gain = gain;
+        let scale = self.branch_init_scale();
+        let branch: Vec<usize> = (self.table.specs().iter().enumerate())
+            .filter(|(_, s)| is_branch_output(&s.name))
+            .map(|(i, _)| i)
+            .collect();
+        for i in branch {
+            self.table.set_lr_scale(i, scale);
+        }
+        self
+    }
+
+    pub fn branch_gain(&self) -> BranchGain {
+        self.branch_gain
+    }
+
+    /// The same model with `kl` as the KL term of its training loss.
+    pub fn with_kl_term(mut self, kl: KlTerm) -> Self {
+        self.kl_term = kl;
+        self
+    }
+
+    pub fn kl_term(&self) -> KlTerm {
+        self.kl_term
+    }
+
+    /// The same model with [`Dvae::init_params`] drawing the decoder's input convolution
+    /// (`decoder.blocks.input.w`) `gain` times larger. Its input is one code's one-hot vector, so
+    /// its output is one column of that weight, U(±1/√K) at gain 1: small beside the biases
+    /// when K is large; √K makes the columns U(±1).
+    pub fn with_decoder_input_gain(mut self, gain: f32) -> Self {
+        self.decoder_input_gain = gain;
+        self
+    }
+
+    /// 1/post_gain for [`BranchGain::Unit`], else 1.
+    fn branch_init_scale(&self) -> f32 {
+        match self.branch_gain {
+            BranchGain::Openai => 1.0,
+            BranchGain::Unit => 1.0 / self.dims.post_gain(),
+        }
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -711,6 +799,7 @@ impl Dvae {
             y: vec![0.0; codes],
             tau: 1.0,
             beta: 0.0,
+            q_bar: Vec::new(),
             dstats: Vec::new(),
             dy: Vec::new(),
             dlogits: Vec::new(),
@@ -733,8 +822,13 @@ impl Dvae {
             };
             let fan_in: usize = w.shape[1..].iter().product();
             let bound = 1.0 / (fan_in as f32).sqrt();
+            let scale = match specs[i].name.as_str() {
+                "decoder.blocks.input.w" => self.decoder_input_gain,
+                name if is_branch_output(name) => self.branch_init_scale(),
+                _ => 1.0,
+            };
             for x in view.iter_mut() {
-                *x = rng.random_range(-bound..bound);
+                *x = rng.random_range(-bound..bound) * scale;
             }
         }
         buf
@@ -803,6 +897,10 @@ impl Dvae {
         self.decoder.forward(&p, &mut acts.dec)?;
         acts.tau = tau;
         acts.beta = beta;
+        acts.q_bar = match self.kl_term {
+            KlTerm::Position => Vec::new(),
+            KlTerm::Batch => kernel_dvae::batch_code_distribution(&acts.enc.output, b, k, hw)?,
+        };
         let (nll, kl) = (self.nll(acts), self.kl(acts));
         Ok(DvaeLosses {
             loss: (nll + beta as f64 * kl) / npx as f64,
@@ -830,8 +928,12 @@ impl Dvae {
 
     /// Σ over positions of Σ_k q log q + log K, q = softmax(logits) (no noise): one partial sum per
     /// image (images in parallel, kernels::dvae's reference), added in image order.
+    /// With `relaxation.kl: batch`, N·KL(q̄ ‖ uniform) over the batch's N positions instead.
     fn kl(&self, acts: &DvaeActs) -> f64 {
         let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
+        if self.kl_term == KlTerm::Batch {
+            return kernel_dvae::kl_batch(&acts.q_bar, acts.batch * hw);
+        }
         let per_image: Vec<f64> = (0..acts.batch)
             .into_par_iter()
             .map(|bi| {
@@ -883,9 +985,19 @@ impl Dvae {
             .enumerate()
             .try_for_each(|(bi, dlogits)| {
                 let r = bi * k * hw..(bi + 1) * k * hw;
-                let kl = Some((&acts.enc.output[r.clone()], s * beta));
+                let logits = &acts.enc.output[r.clone()];
                 let (y, dy) = (&acts.y[r.clone()], &dy[r]);
-                kernel_dvae::relaxation_backward(dlogits, y, dy, kl, acts.tau, 1, k, hw)
+                match self.kl_term {
+                    KlTerm::Position => {
+                        let kl = Some((logits, s * beta));
+                        kernel_dvae::relaxation_backward(dlogits, y, dy, kl, acts.tau, 1, k, hw)
+                    }
+                    KlTerm::Batch => {
+                        kernel_dvae::relaxation_backward(dlogits, y, dy, None, acts.tau, 1, k, hw)?;
+                        let q_bar = &acts.q_bar;
+                        kernel_dvae::kl_batch_backward(dlogits, logits, q_bar, s * beta, 1, k, hw)
+                    }
+                }
             })?;
         self.encoder
             .backward(&p, &mut g, &mut acts.enc, &dlogits, None)?;

@@ -75,6 +75,36 @@ fn parameter_names_and_shapes_follow_openai() {
 }
 
 #[test]
+fn unit_branch_gain_draws_and_steps_the_branch_outputs_by_one_over_post_gain() {
+    let d = DvaeDims {
+        n_blk_per_group: 2,
+        ..tiny()
+    };
+    let openai = Dvae::new(d).unwrap();
+    let unit = Dvae::new(d).unwrap().with_branch_gain(BranchGain::Unit);
+    assert_eq!(openai.branch_gain(), BranchGain::Openai);
+    // post_gain = 1 / (4 · 2)² = 1/64.
+    let inv = 64.0f32;
+    let (a, b) = (openai.init_params(7), unit.init_params(7));
+    let mut branch = 0;
+    for (i, spec) in openai.table().specs().iter().enumerate() {
+        let (x, y) = (openai.table().view(&a, i), unit.table().view(&b, i));
+        let is_branch = spec.name.contains(".res_path.conv_4.");
+        branch += is_branch as usize;
+        let scale = if is_branch { inv } else { 1.0 };
+        assert!(
+            x.iter().zip(y).all(|(x, y)| x * scale == *y),
+            "{}: not {scale}× OpenAI's draw",
+            spec.name
+        );
+        assert_eq!(spec.lr_scale, 1.0, "{}", spec.name);
+        assert_eq!(unit.table().spec(i).lr_scale, scale, "{}", spec.name);
+    }
+    // Weight and bias of 2 blocks × 4 groups × 2 networks.
+    assert_eq!(branch, 2 * 2 * 4 * 2);
+}
+
+#[test]
 fn shapes_of_logits_and_stats() {
     let m = Dvae::new(tiny()).unwrap();
     let w = m.init_params(1);
@@ -100,7 +130,35 @@ fn shapes_of_logits_and_stats() {
 
 #[test]
 fn gradients_match_finite_differences() {
-    let m = Dvae::new(tiny()).unwrap();
+    assert_gradients_match_finite_differences(&Dvae::new(tiny()).unwrap());
+}
+
+#[test]
+fn gradients_match_finite_differences_with_the_batch_kl() {
+    let m = Dvae::new(tiny()).unwrap().with_kl_term(KlTerm::Batch);
+    assert_gradients_match_finite_differences(&m);
+    // Its kl is the batch's: N·KL(q̄ ‖ uniform), q̄ over both images' positions.
+    let (b, k, hw) = (2, 6, 4);
+    let w = m.init_params(5);
+    let images = vec![0.25f32; b * 3 * 16 * 16];
+    let mut acts = m.new_acts(b);
+    let l = m.forward(&w, &mut acts, &images, None, 1.0, 0.5).unwrap();
+    let q_bar = kernels::dvae::batch_code_distribution(acts.logits(), b, k, hw).unwrap();
+    assert_eq!(l.kl, kernels::dvae::kl_batch(&q_bar, b * hw));
+    let per_position = Dvae::new(tiny()).unwrap();
+    let lp = per_position
+        .forward(&w, &mut acts, &images, None, 1.0, 0.5)
+        .unwrap();
+    assert_eq!(lp.nll, l.nll);
+    assert!(
+        l.kl < lp.kl,
+        "the batch KL {} ≥ the positions' {}",
+        l.kl,
+        lp.kl
+    );
+}
+
+fn assert_gradients_match_finite_differences(m: &Dvae) {
     let b = 2;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     // Weights large enough that the residual paths matter at post-gain 1/16.
