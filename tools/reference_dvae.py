@@ -8,7 +8,8 @@ Tessera's Rust code. Given the weights, the inputs (`images` [B,3,H,W] in [0,1],
 docs/model.md §4, whose `encoder_logits` and `decoder_stats` stand for `logits` and `stats`), it
 recomputes the forward pass and the loss and compares, then checks sampled gradient entries (and
 one random direction) against float64 central differences of the loss. `--likelihood` picks the
-pixels' likelihood (`relaxation.likelihood`: logit-laplace, the default, or logit-gaussian).
+pixels' likelihood (`relaxation.likelihood`: logit-laplace, the default, or logit-gaussian), `--kl`
+the KL term (`relaxation.kl`: position, the default, or batch).
 
 Exits 0 when everything agrees, 1 naming the first mismatches.
 """
@@ -63,9 +64,10 @@ def softmax(x, axis):
 class Arch:
     """The parameter names and shapes of OpenAI's Encoder/Decoder for the given sizes."""
 
-    def __init__(self, n_hid, n_blk, vocab, n_init, likelihood="logit-laplace"):
+    def __init__(self, n_hid, n_blk, vocab, n_init, likelihood="logit-laplace", kl="position"):
         self.n_hid, self.n_blk, self.vocab, self.n_init = n_hid, n_blk, vocab, n_init
         self.likelihood = likelihood
+        self.kl = kl
         self.post_gain = 1.0 / (GROUP_COUNT * n_blk) ** 2
         self.shapes = {}
 
@@ -137,7 +139,13 @@ class Arch:
                 np.log(2.0 * b) + np.log(xm * (1.0 - xm)) + np.abs(logit_x - mu) / b
             )
         q = softmax(logits, axis=1)
-        kl = np.sum(np.sum(q * np.log(q), axis=1) + np.log(self.vocab))
+        if self.kl == "batch":
+            # N·KL(q̄ ‖ uniform), q̄ the mean of q over the batch's N positions.
+            q_bar = q.mean(axis=(0, 2, 3))
+            n = q.shape[0] * q.shape[2] * q.shape[3]
+            kl = n * np.sum(q_bar * np.log(self.vocab * q_bar))
+        else:
+            kl = np.sum(np.sum(q * np.log(q), axis=1) + np.log(self.vocab))
         bsz, _, h, w = images.shape
         loss = (nll + beta * kl) / (bsz * 3 * h * w)
         return logits, stats, loss, nll, kl
@@ -165,6 +173,7 @@ def main():
     ap.add_argument("--n-blk-per-group", type=int, required=True)
     ap.add_argument("--likelihood", choices=["logit-laplace", "logit-gaussian"],
                     default="logit-laplace")
+    ap.add_argument("--kl", choices=["position", "batch"], default="position")
     ap.add_argument("--fd-samples", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -181,7 +190,7 @@ def main():
     n_hid = p["encoder.blocks.input.w"].shape[0]
     vocab = p["encoder.blocks.output.conv.w"].shape[0]
     n_init = p["decoder.blocks.input.w"].shape[0]
-    arch = Arch(n_hid, args.n_blk_per_group, vocab, n_init, args.likelihood)
+    arch = Arch(n_hid, args.n_blk_per_group, vocab, n_init, args.likelihood, args.kl)
     failures = []
 
     def fail(msg):

@@ -13,7 +13,7 @@ use std::process::Command;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer::checkpoint::{entries, write_tensors, TensorEntry};
-use trainer::config::Likelihood;
+use trainer::config::{KlTerm, Likelihood};
 use trainer::model::dvae::{Dvae, DvaeDims};
 use trainer::params::ParamKind;
 
@@ -38,6 +38,10 @@ fn name_of(l: Likelihood) -> &'static str {
 }
 
 fn check(n_blk_per_group: usize, seed: u64, likelihood: Likelihood) {
+    check_with(n_blk_per_group, seed, likelihood, KlTerm::Position);
+}
+
+fn check_with(n_blk_per_group: usize, seed: u64, likelihood: Likelihood, kl_term: KlTerm) {
     if !support::python_ready("the NumPy dVAE reference check") {
         return;
     }
@@ -48,7 +52,10 @@ fn check(n_blk_per_group: usize, seed: u64, likelihood: Likelihood) {
         vocab_size: 6,
         n_init: 4,
     };
-    let dvae = Dvae::new(dims).unwrap().with_likelihood(likelihood);
+    let dvae = Dvae::new(dims)
+        .unwrap()
+        .with_likelihood(likelihood)
+        .with_kl_term(kl_term);
     let table = dvae.table();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd7ae);
 
@@ -120,6 +127,14 @@ fn check(n_blk_per_group: usize, seed: u64, likelihood: Likelihood) {
         .args(["--outputs".as_ref(), outputs.as_os_str()])
         .args(["--n-blk-per-group", &n_blk_per_group.to_string()])
         .args(["--likelihood", name_of(likelihood)])
+        .args([
+            "--kl",
+            if kl_term == KlTerm::Batch {
+                "batch"
+            } else {
+                "position"
+            },
+        ])
         .output()
         .expect("running python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -127,7 +142,7 @@ fn check(n_blk_per_group: usize, seed: u64, likelihood: Likelihood) {
     assert!(
         out.status.success(),
         "the NumPy dVAE reference disagrees with Dvae (n_blk_per_group {n_blk_per_group}, \
-         {likelihood:?}): \
+         {likelihood:?}, {kl_term:?}): \
          status {}\n--- stdout\n{stdout}\n--- stderr\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -147,6 +162,11 @@ fn dvae_matches_numpy_reference_two_blocks_per_group() {
 #[test]
 fn dvae_matches_numpy_reference_gaussian_likelihood() {
     check(1, 5, Likelihood::LogitGaussian);
+}
+
+#[test]
+fn dvae_matches_numpy_reference_batch_kl() {
+    check_with(1, 6, Likelihood::LogitGaussian, KlTerm::Batch);
 }
 
 /// `trainer init-weights` and `trainer debug-state` for a `model.kind: dvae` config, end to end
