@@ -14,9 +14,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_data-prep");
 
 /// `count` synthetic 64×64 captioned images, ingested into shards of 128 records (chunks of 32).
 fn synth_shards(dir: &Path, count: usize, resolution: u32) -> PathBuf {
+    synth_shards_seeded(dir, count, resolution, 3)
+}
+
+/// [`synth_shards`] from the generator's seed `seed`.
+fn synth_shards_seeded(dir: &Path, count: usize, resolution: u32, seed: u64) -> PathBuf {
     let files = dir.join("files");
     let shards = dir.join("shards");
     let res = resolution.to_string();
+    let seed = seed.to_string();
     for args in [
         vec![
             "synth",
@@ -25,7 +31,7 @@ fn synth_shards(dir: &Path, count: usize, resolution: u32) -> PathBuf {
             "--resolution",
             &res,
             "--seed",
-            "3",
+            &seed,
             "--out",
             files.to_str().unwrap(),
             "--quiet",
@@ -216,4 +222,81 @@ checkpoint:
     assert!(trainer::checkpoint::latest_complete(&out)
         .unwrap()
         .is_none());
+}
+
+/// Issue 15's check on stage 1, which a collapsed codebook fails: `configs/dvae-cpu.yaml` itself,
+/// shortened to 500 updates on 1,024 synthetic images, reconstructs 64 held-out images (another
+/// seed) through argmax codes with at least [`MIN_CODES`] distinct codes and [`MIN_PSNR_DB`];
+/// the same weights with one code forced everywhere (the collapse the issue reported, taken to
+/// its end) fail both, so the check is not vacuous.
+#[test]
+fn the_cpu_recipe_keeps_its_codebook_and_a_collapsed_one_fails_the_check() {
+    // Measured: 53 distinct codes, 19.04 dB (AVX-512 GEMM kernels). Issue 15's collapsed run had
+    // 4 codes at 17 dB.
+    const MIN_CODES: usize = 24;
+    const MIN_PSNR_DB: f64 = 17.0;
+    let check = |s: &trainer::reconstruct::ReconstructSummary| -> Result<(), String> {
+        if s.distinct_codes < MIN_CODES || s.psnr_db < MIN_PSNR_DB {
+            return Err(format!(
+                "{} distinct codes (want ≥ {MIN_CODES}), PSNR {:.2} dB (want ≥ {MIN_PSNR_DB})",
+                s.distinct_codes, s.psnr_db
+            ));
+        }
+        Ok(())
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let train = synth_shards_seeded(&tmp.path().join("train"), 1024, 64, 3);
+    let heldout = synth_shards_seeded(&tmp.path().join("heldout"), 64, 64, 99);
+    let out = tmp.path().join("run");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/dvae-cpu.yaml");
+    let sets: Vec<String> = [
+        format!("run.out_dir={}", out.display()),
+        format!("data.paths=[\"{}/*.tis\"]", train.display()),
+        "train.steps=500".into(),
+        "relaxation.tau_steps=500".into(),
+        "relaxation.beta_steps=125".into(),
+        "checkpoint.every=500".into(),
+    ]
+    .into();
+    let cfg = RunConfig::load(&path, &sets).unwrap();
+    trainer::train::run(&cfg, true).unwrap();
+    let reconstruct = |weights: PathBuf, png: &str| {
+        trainer::reconstruct::run(&trainer::reconstruct::ReconstructOptions {
+            weights,
+            ema: false,
+            images: vec![format!("{}/*.tis", heldout.display())],
+            count: 64,
+            batch: 16,
+            out: tmp.path().join(png),
+        })
+        .unwrap()
+    };
+    let trained = reconstruct(out.clone(), "trained.png");
+    eprintln!("{}", trainer::reconstruct::describe(&trained));
+    check(&trained).unwrap();
+
+    // One code everywhere: the encoder's output bias of code 0 raised above every logit.
+    let weights = trainer::model::dvae::DvaeWeights::locate(&out, false, 64).unwrap();
+    let (dvae, mut params) = weights.load().unwrap();
+    let bias = dvae
+        .table()
+        .find("encoder.blocks.output.conv.b")
+        .unwrap()
+        .offset;
+    params[bias] += 1.0e4;
+    let collapsed = tmp.path().join("collapsed.safetensors");
+    trainer::checkpoint::write_tensors(
+        &collapsed,
+        &trainer::checkpoint::entries(dvae.table(), "", &params),
+    )
+    .unwrap();
+    let one = reconstruct(collapsed, "collapsed.png");
+    assert_eq!(
+        one.distinct_codes,
+        1,
+        "{}",
+        trainer::reconstruct::describe(&one)
+    );
+    let e = check(&one).unwrap_err();
+    assert!(e.starts_with("1 distinct codes"), "{e}");
 }
