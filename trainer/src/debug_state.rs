@@ -146,11 +146,7 @@ pub fn run(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<
 
 /// The dVAE's check: batch keys `images` [B, 3, H, W] in [0, 1], `tau` [1], `beta` [1].
 fn run_dvae(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) -> Result<()> {
-    let model = Dvae::new(*cfg.dvae()?)?
-        .with_likelihood(cfg.relaxation().likelihood)
-        .with_branch_gain(cfg.relaxation().branch_gain)
-        .with_kl_term(cfg.relaxation().kl)
-        .with_decoder_input_gain(cfg.relaxation().decoder_input_gain as f32);
+    let model = cfg.relaxation().configure(Dvae::new(*cfg.dvae()?)?);
     let d = *model.dims();
     let (params, bytes) = load_inputs(model.table(), weights, batch)?;
     let st = parse_batch(&bytes, batch)?;

@@ -355,6 +355,17 @@ pub fn cosine_anneal(a: f64, b: f64, n: u64, t: u64) -> f64 {
 }
 
 impl RelaxationConfig {
+    /// `model` with this section's training recipe: the likelihood, the KL term, the branch gain
+    /// and the decoder's input gain (τ and β are passed to each forward pass instead). Every
+    /// place that builds a dVAE from a config goes through here.
+    pub fn configure(&self, model: crate::model::dvae::Dvae) -> crate::model::dvae::Dvae {
+        model
+            .with_likelihood(self.likelihood)
+            .with_kl_term(self.kl)
+            .with_branch_gain(self.branch_gain)
+            .with_decoder_input_gain(self.decoder_input_gain as f32)
+    }
+
     /// τ at update `t`.
     pub fn tau(&self, t: u64) -> f64 {
         cosine_anneal(self.tau_start, self.tau_end, self.tau_steps, t)

@@ -105,10 +105,7 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
     }
     Ok(match cfg.model.dvae() {
         Some(d) => {
-            let relax = cfg.relaxation();
-            let m = Dvae::new(*d)?
-                .with_branch_gain(relax.branch_gain)
-                .with_decoder_input_gain(relax.decoder_input_gain as f32);
+            let m = cfg.relaxation().configure(Dvae::new(*d)?);
             (m.table().clone(), init.then(|| m.init_params(seed)))
         }
         None => {
@@ -605,11 +602,8 @@ fn dvae_on_device<D: DvaeDevice + AdamWOps + 'static>(
 
 /// Where `run.device` runs the dVAE's passes.
 fn dvae_compute(cfg: &RunConfig, model: &Dvae, batch: usize) -> Result<DvaeCompute> {
-    // The config refuses it too; the device step has only the per-position KL.
-    let on_device = matches!(cfg.run.device, Device::Cuda | Device::CudaEmu);
-    if on_device && model.kl_term() != kernels::dvae::KlTerm::Position {
-        bail!("relaxation.kl: batch runs on run.device: cpu only");
-    }
+    // The device step has only the per-position KL: the config refuses `relaxation.kl: batch`
+    // with run.device cuda or cuda-emu when it is loaded (auto runs the dVAE on the host).
     Ok(match cfg.run.device {
         Device::Cpu | Device::Auto => DvaeCompute::Host(Box::new(model.new_acts(batch))),
         Device::CudaEmu => dvae_on_device(Gpu(Emu::new(Schedule::Forward)), model, batch)?,
@@ -647,11 +641,7 @@ impl DvaeObjective {
             bail!("the dVAE's noise streams allow at most 65536 ranks and 65536 micro-batches");
         }
         let dims = *cfg.dvae()?;
-        let model = Dvae::new(dims)?
-            .with_likelihood(cfg.relaxation().likelihood)
-            .with_branch_gain(cfg.relaxation().branch_gain)
-            .with_kl_term(cfg.relaxation().kl)
-            .with_decoder_input_gain(cfg.relaxation().decoder_input_gain as f32);
+        let model = cfg.relaxation().configure(Dvae::new(dims)?);
         let data = ImageStream::open(cfg, rank, world_size, cursor)
             .context("opening the training images")?;
         let batch = cfg.train.batch_size;
