@@ -226,15 +226,18 @@ checkpoint:
 
 /// Issue 15's check on stage 1, which a collapsed codebook fails: `configs/dvae-cpu.yaml` itself,
 /// shortened to 500 updates on 1,024 synthetic images, reconstructs 64 held-out images (another
-/// seed) through argmax codes with at least [`MIN_CODES`] distinct codes and [`MIN_PSNR_DB`];
+/// seed) through argmax codes with at least `MIN_CODES` distinct codes (more than the previous,
+/// colourless recipe keeps) and `MIN_PSNR_DB`;
 /// the same weights with one code forced everywhere (the collapse the issue reported, taken to
 /// its end) fail both, so the check is not vacuous.
 #[test]
 fn the_cpu_recipe_keeps_its_codebook_and_a_collapsed_one_fails_the_check() {
-    // Measured: 53 distinct codes, 19.04 dB (AVX-512 GEMM kernels). Issue 15's collapsed run had
-    // 4 codes at 17 dB.
-    const MIN_CODES: usize = 24;
-    const MIN_PSNR_DB: f64 = 17.0;
+    // Measured on these images (AVX-512 GEMM kernels): this recipe 53 distinct codes, 19.04 dB;
+    // the previous one (per-position KL, OpenAI's branch gain, 500 updates), whose
+    // reconstructions lose the shapes' colours, 25 codes, 18.99 dB; issue 15's collapsed run,
+    // 4 codes at 17 dB. At 500 updates the codes tell them apart, the PSNR does not yet.
+    const MIN_CODES: usize = 40;
+    const MIN_PSNR_DB: f64 = 18.0;
     let check = |s: &trainer::reconstruct::ReconstructSummary| -> Result<(), String> {
         if s.distinct_codes < MIN_CODES || s.psnr_db < MIN_PSNR_DB {
             return Err(format!(
