@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from dall_e import Decoder, Encoder
 
-EPS = 0.1  # x' = (1 − 2ε)·x + ε, as docs/model.md §2
+from dvae_memorise import EPS, torch_default_init
 
 
 def load(pattern):
@@ -77,14 +77,9 @@ def main():
     enc = Encoder(n_hid=a.n_hid, n_blk_per_group=1, vocab_size=k, use_mixed_precision=False)
     dec = Decoder(n_init=64, n_hid=a.n_hid, n_blk_per_group=1, vocab_size=k,
                   use_mixed_precision=False)
-    for m in list(enc.modules()) + list(dec.modules()):
-        if type(m).__name__ == "Conv2d":  # PyTorch's default, as Tessera's init_params
-            w = torch.empty(m.w.shape)
-            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            bound = 1 / math.sqrt(w.shape[1] * w.shape[2] * w.shape[3])
-            with torch.no_grad():
-                m.w.copy_(w)
-                m.b.copy_(torch.empty(m.b.shape).uniform_(-bound, bound))
+    modules = list(enc.modules()) + list(dec.modules())
+    torch_default_init(modules)  # PyTorch's default, as Tessera's init_params
+    for m in modules:
         if a.branch_gain == "unit" and hasattr(m, "post_gain"):
             m.post_gain = 1.0
     with torch.no_grad():
