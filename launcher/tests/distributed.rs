@@ -1396,6 +1396,47 @@ fn two_ranks_on_the_emulated_gpu_match_one_cpu_process() {
     assert!(d <= TOLERANCE, "they differ from one CPU process by {d}");
 }
 
+/// Two ranks reducing through PowerSGD with their gradients on the emulated GPU (the products,
+/// orthonormalisation, decompression and error buffers on the device, the factors over the CPU
+/// ring) match two CPU ranks running the host PowerSGD: weights and the saved error buffers.
+#[test]
+fn two_powersgd_ranks_on_the_emulated_gpu_match_two_on_the_cpu() {
+    const TOLERANCE: f32 = 1e-4;
+    const POWERSGD: &str = "compression:\n  kind: powersgd\n  rank: 2\n  min_compression_rate: 0\n";
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, device: &str| {
+        let out = tmp.path().join(name);
+        let cfg = write_config_with(tmp.path(), &out, 4, 2, 2, POWERSGD);
+        let yaml = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("device: cpu", &format!("device: {device}"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let o = launch(&cfg, &["--procs-per-node", "2"]);
+        assert!(o.status.success(), "{}", text(&o));
+        out
+    };
+    let (cpu, emu) = (run("psgd-cpu", "cpu"), run("psgd-emu", "cuda-emu"));
+    let moved = max_abs_diff(&model_file(&cpu, 2), &model_file(&cpu, 4));
+    assert!(
+        moved > 50.0 * TOLERANCE,
+        "2 updates moved the weights by {moved}"
+    );
+    let d = max_abs_diff(&model_file(&cpu, 4), &model_file(&emu, 4));
+    let state = |out: &Path| out.join("checkpoints/step_00000004/powersgd.safetensors");
+    let e = max_abs_diff(&state(&cpu), &state(&emu));
+    eprintln!(
+        "2 PowerSGD ranks on the emulated GPU vs the CPU: max |Δw| = {d:e}, |Δerror| = {e:e}"
+    );
+    assert!(
+        d <= TOLERANCE,
+        "the weights differ from two CPU ranks by {d}"
+    );
+    assert!(
+        e <= TOLERANCE,
+        "the error buffers differ from two CPU ranks by {e}"
+    );
+}
+
 /// Two ranks training a tiny dVAE on the emulated GPU (weights, gradients, AdamW and EMA on the
 /// device, the gradient reduced over the CPU ring) match two ranks on the CPU: each rank reads
 /// its own images and draws its own Gumbel noise, on either device the same.

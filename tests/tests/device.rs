@@ -194,6 +194,63 @@ fn fp16_on_the_emulated_gpu_tracks_the_cpu_fp16_run_and_resumes_bit_exactly() {
     );
 }
 
+/// PowerSGD with the gradient on the emulated device (`trainer::powersgd::DevicePowerSgd`: the
+/// error feedback, the products, the orthonormalisation and the decompression on the device, only
+/// the factors and the uncompressed tensors through the host) trains as the CPU's PowerSGD does,
+/// checkpoints the same error buffers and Q, and resumes bit-exactly.
+#[test]
+fn powersgd_on_the_emulated_gpu_agrees_with_the_cpu_and_resumes_bit_exactly() {
+    use trainer::powersgd::{CompressionKind, PowerSgdConfig};
+    let cfg = |out: &Path, steps: u64, device: &str| {
+        let mut c = config(out, steps, device);
+        c.compression = PowerSgdConfig {
+            kind: CompressionKind::Powersgd,
+            rank: 2,
+            min_compression_rate: 0.0,
+            warm_start: true,
+            start_step: 2,
+            ..PowerSgdConfig::default()
+        };
+        c
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (cpu, emu, resumed) = (
+        tmp.path().join("cpu"),
+        tmp.path().join("emu"),
+        tmp.path().join("resumed"),
+    );
+    trainer::train::run(&cfg(&cpu, 10, "cpu"), true).unwrap();
+    trainer::train::run(&cfg(&emu, 10, "cuda-emu"), true).unwrap();
+    let (mc, me) = (metrics(&cpu), metrics(&emu));
+    assert_losses_agree(
+        &losses(&cpu),
+        &losses(&emu),
+        "PowerSGD, emulated GPU vs CPU",
+    );
+    for t in 0..10 {
+        // Updates 1–2 are plain (start_step 2), the rest compressed: the same traffic.
+        assert_eq!(mc[t]["bytes_sent"], me[t]["bytes_sent"], "update {}", t + 1);
+    }
+    assert!(
+        me[9]["bytes_sent"].as_f64().unwrap() < 0.5 * me[0]["bytes_sent"].as_f64().unwrap(),
+        "the device run compressed: {} then {} bytes",
+        me[0]["bytes_sent"],
+        me[9]["bytes_sent"]
+    );
+    assert_checkpoints_agree(
+        &cpu,
+        &emu,
+        &["model.safetensors", "powersgd.safetensors"],
+        1e-5,
+    );
+    assert_resumes_bit_exactly(&emu, &resumed, |out, steps| cfg(out, steps, "cuda-emu"));
+    let file = |out: &Path| fs::read(out.join("checkpoints/step_00000010/powersgd.safetensors"));
+    assert!(
+        file(&emu).unwrap() == file(&resumed).unwrap(),
+        "powersgd.safetensors differs between the straight and the resumed run"
+    );
+}
+
 /// 16 images of 16×16 pixels (smooth gradients and stripes, different in every image) in one
 /// shard under `dir`.
 fn write_images(dir: &Path) {

@@ -30,9 +30,11 @@
 //!   linear in it), which is why checkpoints hold their mean and a restore at any world size
 //!   gives every rank that mean (App. E.2, "optimization 4").
 
+mod device;
 mod orth;
 mod thread_group;
 
+pub use device::{DevicePowerSgd, PowerSgdDevice};
 pub use orth::orthonormalize;
 pub use thread_group::ThreadGroup;
 

@@ -501,15 +501,26 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             None => StepOutcome::Applied,
         };
         let bytes_plain = 4 * grads.len() as u64;
-        // A device-resident gradient comes to the host only to be reduced over ranks.
-        let host_reduction = comm.world_size() > 1 || powersgd.is_some();
+        // A device-resident gradient comes to the host whole only for a plain reduction over
+        // several ranks; through PowerSGD it stays on the device (the factors, the uncompressed
+        // tensors and a flag cross to the host).
+        let host_reduction = resident && powersgd.is_none() && comm.world_size() > 1;
         if let (Some(d), true) = (objective.device_state(), host_reduction) {
             d.grads_to_host(&mut grads)?;
         }
+        // PowerSGD found a non-finite value on some rank: every rank skips the update.
+        let mut reduce_failed = false;
         let bytes_sent = match (outcome, powersgd.as_mut()) {
             (StepOutcome::Skipped, _) => 0,
             (_, None) if resident && !host_reduction => 0,
-            (_, Some(p)) => p.reduce(&mut grads, &mut *comm)?.bytes_sent,
+            (_, Some(p)) => {
+                let stats = match objective.device_state() {
+                    Some(d) => d.powersgd_reduce(p, &mut *comm)?,
+                    None => p.reduce(&mut grads, &mut *comm)?,
+                };
+                reduce_failed = stats.non_finite;
+                stats.bytes_sent
+            }
             (_, None) => {
                 comm.all_reduce_sum(&mut grads)?;
                 if comm.world_size() > 1 {
@@ -524,6 +535,10 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
         let lr = rs.state.schedule.lr(&sched, t);
         let report = match (outcome, objective.device_state()) {
+            _ if reduce_failed => StepReport {
+                grad_norm: f64::NAN,
+                applied: false,
+            },
             (StepOutcome::Applied, None) => {
                 rs.adam.step(&table, &mut rs.params, &grads, lr as f32)?
             }
@@ -623,10 +638,15 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let stopping = dist::any_rank(&mut *comm, stop.load(Ordering::Relaxed))?;
         if t == cfg.train.steps || (every > 0 && t.is_multiple_of(every)) || stopping {
             // The snapshot is collective (the mean error over ranks): every rank takes it.
-            let snap = powersgd
-                .as_ref()
-                .map(|p| p.snapshot(&mut *comm))
-                .transpose()?;
+            let snap = match powersgd.as_mut() {
+                Some(p) => {
+                    if let Some(d) = objective.device_state() {
+                        d.powersgd_store(p)?;
+                    }
+                    Some(p.snapshot(&mut *comm)?)
+                }
+                None => None,
+            };
             if let Some(d) = objective.device_state() {
                 d.store(
                     &mut rs.params,

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Two transformer-like layers, a 4-D convolution outside any block, and the uncompressed kinds.
-fn table() -> ParamTable {
+pub(super) fn table() -> ParamTable {
     let mut t = ParamTable::new();
     t.push("emb.weight", &[10, 6], ParamKind::Embedding);
     t.push("blocks.0.attn.qkv.weight", &[18, 6], ParamKind::Matrix);
@@ -23,7 +23,7 @@ fn table() -> ParamTable {
     t
 }
 
-fn cfg(rank: usize) -> PowerSgdConfig {
+pub(super) fn cfg(rank: usize) -> PowerSgdConfig {
     PowerSgdConfig {
         rank,
         min_compression_rate: 0.0,
@@ -31,13 +31,13 @@ fn cfg(rank: usize) -> PowerSgdConfig {
     }
 }
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// Rank `rank`'s gradient at `step`.
-fn grad(n: usize, step: usize, rank: usize) -> Vec<f32> {
+pub(super) fn grad(n: usize, step: usize, rank: usize) -> Vec<f32> {
     random(n, 1000 * step as u64 + rank as u64 + 1)
 }
 

@@ -24,8 +24,10 @@ use crate::model::transformer::device::{
 use crate::model::transformer::{Activations, Losses, Transformer};
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
+use crate::powersgd::{PowerSgd, PowerSgdDevice, ReduceStats};
 use crate::train::resident::ResidentState;
 use anyhow::{bail, Context, Result};
+use dist::collectives::Collectives;
 use half::f16;
 use kernels::adamw::AdamWOps;
 use kernels::dvae::squash;
@@ -158,6 +160,15 @@ pub trait DeviceState {
     /// ([`DeviceTransformer::unscale_param_grads`] with `scales`, the update's) and raises in
     /// `flags` every resblock flag the device raised during the update.
     fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()>;
+    /// PowerSGD's reduction of the update's gradient, on the device (`DevicePowerSgd`); on a
+    /// non-finite step ([`ReduceStats::non_finite`]) the caller skips the update.
+    fn powersgd_reduce(
+        &mut self,
+        ps: &mut PowerSgd,
+        comm: &mut dyn Collectives,
+    ) -> Result<ReduceStats>;
+    /// Writes the device's PowerSGD state into `ps`, before its snapshot.
+    fn powersgd_store(&self, ps: &mut PowerSgd) -> Result<()>;
 }
 
 /// One micro-batch's passes on the device state: gradients (and fp16's flags) zeroed at
@@ -175,7 +186,7 @@ trait DeviceCompute: DeviceState {
 }
 
 /// The device state in activation type `A`: f32 (`run.precision: fp32`) or f16 (`fp16`).
-struct OnDevice<D: TransformerDevice + AdamWOps, A: Act> {
+struct OnDevice<D: TransformerDevice + AdamWOps + PowerSgdDevice, A: Act> {
     /// The device, weights, gradients, moments and EMA.
     state: ResidentState<D>,
     model: DeviceTransformer<D>,
@@ -187,7 +198,7 @@ struct OnDevice<D: TransformerDevice + AdamWOps, A: Act> {
     spare: Option<UnscaleScratch<D>>,
 }
 
-impl<D: TransformerDevice + AdamWOps, A: Act> OnDevice<D, A> {
+impl<D: TransformerDevice + AdamWOps + PowerSgdDevice, A: Act> OnDevice<D, A> {
     fn new(dev: D, model: &Transformer, batch: usize) -> Result<Self> {
         let dm = DeviceTransformer::new(model, &dev)?;
         let half = A::DTYPE == "f16";
@@ -202,7 +213,7 @@ impl<D: TransformerDevice + AdamWOps, A: Act> OnDevice<D, A> {
     }
 }
 
-impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
+impl<D: TransformerDevice + AdamWOps + PowerSgdDevice, A: Act> DeviceState for OnDevice<D, A> {
     fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
         self.state.load(params, m, v, ema)?;
         if A::DTYPE == "f16" {
@@ -263,9 +274,21 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceState for OnDevice<D, A> {
         }
         Ok(())
     }
+
+    fn powersgd_reduce(
+        &mut self,
+        ps: &mut PowerSgd,
+        comm: &mut dyn Collectives,
+    ) -> Result<ReduceStats> {
+        self.state.powersgd_reduce(ps, comm)
+    }
+
+    fn powersgd_store(&self, ps: &mut PowerSgd) -> Result<()> {
+        self.state.powersgd_store(ps)
+    }
 }
 
-impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
+impl<D: TransformerDevice + AdamWOps + PowerSgdDevice, A: Act> DeviceCompute for OnDevice<D, A> {
     fn micro_step(
         &mut self,
         micro: usize,
@@ -312,7 +335,7 @@ impl<D: TransformerDevice + AdamWOps, A: Act> DeviceCompute for OnDevice<D, A> {
 }
 
 /// The device state on `dev` in `run.precision`'s activation type.
-fn on_device<D: TransformerDevice + AdamWOps + 'static>(
+fn on_device<D: TransformerDevice + AdamWOps + PowerSgdDevice + 'static>(
     dev: D,
     model: &Transformer,
     batch: usize,
@@ -507,13 +530,13 @@ trait DvaeDeviceCompute: DeviceState {
 }
 
 /// The dVAE's training state and activations on a device.
-struct DvaeOnDevice<D: DvaeDevice + AdamWOps> {
+struct DvaeOnDevice<D: DvaeDevice + AdamWOps + PowerSgdDevice> {
     state: ResidentState<D>,
     model: DeviceDvae,
     acts: DeviceDvaeActs<D>,
 }
 
-impl<D: DvaeDevice + AdamWOps> DeviceState for DvaeOnDevice<D> {
+impl<D: DvaeDevice + AdamWOps + PowerSgdDevice> DeviceState for DvaeOnDevice<D> {
     fn load(&mut self, params: &[f32], m: &[f32], v: &[f32], ema: Option<&[f32]>) -> Result<()> {
         self.state.load(params, m, v, ema)
     }
@@ -547,9 +570,21 @@ impl<D: DvaeDevice + AdamWOps> DeviceState for DvaeOnDevice<D> {
     fn unscale_grads(&mut self, _scales: &[f32], _flags: &mut [u32]) -> Result<()> {
         bail!("the dVAE trains in fp32: it has no gradient scales to remove")
     }
+
+    fn powersgd_reduce(
+        &mut self,
+        ps: &mut PowerSgd,
+        comm: &mut dyn Collectives,
+    ) -> Result<ReduceStats> {
+        self.state.powersgd_reduce(ps, comm)
+    }
+
+    fn powersgd_store(&self, ps: &mut PowerSgd) -> Result<()> {
+        self.state.powersgd_store(ps)
+    }
 }
 
-impl<D: DvaeDevice + AdamWOps> DvaeDeviceCompute for DvaeOnDevice<D> {
+impl<D: DvaeDevice + AdamWOps + PowerSgdDevice> DvaeDeviceCompute for DvaeOnDevice<D> {
     fn micro_step(
         &mut self,
         micro: usize,
@@ -587,7 +622,7 @@ impl<D: DvaeDevice + AdamWOps> DvaeDeviceCompute for DvaeOnDevice<D> {
 }
 
 /// The dVAE's passes on `dev`.
-fn dvae_on_device<D: DvaeDevice + AdamWOps + 'static>(
+fn dvae_on_device<D: DvaeDevice + AdamWOps + PowerSgdDevice + 'static>(
     dev: D,
     model: &Dvae,
     batch: usize,

@@ -9,7 +9,9 @@
 use crate::model::transformer::device::DeviceTensors;
 use crate::optim::{AdamWParams, StepReport};
 use crate::params::ParamTable;
+use crate::powersgd::{DevicePowerSgd, PowerSgd, PowerSgdDevice, ReduceStats};
 use anyhow::{bail, Result};
+use dist::collectives::Collectives;
 use half::f16;
 use kernels::adamw::{AdamWOps, AdamWStep};
 
@@ -25,6 +27,8 @@ pub struct ResidentState<D: AdamWOps> {
     ema: Option<DeviceTensors<D>>,
     /// The squared gradient norm, one f64.
     norm_sq: D::Buf<f64>,
+    /// PowerSGD's error buffers and factors, from the first compressed reduction on.
+    powersgd: Option<DevicePowerSgd<D>>,
 }
 
 impl<D: AdamWOps> ResidentState<D> {
@@ -37,6 +41,7 @@ impl<D: AdamWOps> ResidentState<D> {
             v: DeviceTensors::zeros(&dev, table)?,
             ema: None,
             norm_sq: dev.zeros(1)?,
+            powersgd: None,
             table: table.clone(),
             dev,
         })
@@ -96,6 +101,36 @@ impl<D: AdamWOps> ResidentState<D> {
 
     pub fn grads_from_host(&mut self, grads: &[f32]) -> Result<()> {
         self.grads = DeviceTensors::upload(&self.dev, &self.table, grads)?;
+        Ok(())
+    }
+
+    /// [`PowerSgd::reduce`] of the update's gradient on the device ([`DevicePowerSgd`]):
+    /// `ps`'s error buffers and Q are uploaded at the first call and live on the device after
+    /// it. On a non-finite step ([`ReduceStats::non_finite`]) the caller skips the update.
+    pub fn powersgd_reduce(
+        &mut self,
+        ps: &mut PowerSgd,
+        comm: &mut dyn Collectives,
+    ) -> Result<ReduceStats>
+    where
+        D: PowerSgdDevice,
+    {
+        let on_dev = match self.powersgd.as_mut() {
+            Some(p) => p,
+            None => self.powersgd.insert(DevicePowerSgd::new(&self.dev, ps)?),
+        };
+        Ok(on_dev.reduce(&self.dev, ps, &mut self.grads.bufs, comm)?)
+    }
+
+    /// Writes the device's PowerSGD state into `ps` before its snapshot (nothing to write
+    /// before the first reduction: `ps` holds it then).
+    pub fn powersgd_store(&self, ps: &mut PowerSgd) -> Result<()>
+    where
+        D: PowerSgdDevice,
+    {
+        if let Some(p) = &self.powersgd {
+            p.store(&self.dev, ps)?;
+        }
         Ok(())
     }
 
