@@ -20,6 +20,23 @@ pub trait Collectives: Send {
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
     /// Returns when every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// The element-wise mean over all ranks of buffers in GPU memory, in place, where the
+    /// transport reads GPU memory (NCCL: one grouped `ncclAllReduce` with `ncclAvg`, waited
+    /// for). `bufs` holds (CUDA device address, number of f32) pairs. `Ok(false)`: this
+    /// transport cannot (the TCP ring, one process); nothing was done, and the caller reduces
+    /// host copies with [`Collectives::all_reduce_sum`] instead.
+    ///
+    /// # Safety
+    /// Every address must point at that many f32 of device memory in the CUDA context the
+    /// communicator was opened on (the process's GPU), valid until the call returns, with no
+    /// work pending on them in another stream (synchronise first).
+    unsafe fn all_reduce_mean_device(
+        &mut self,
+        bufs: &[(u64, usize)],
+    ) -> Result<bool, CollectiveError> {
+        let _ = bufs;
+        Ok(false)
+    }
 }
 
 /// One process, world size 1: every collective is the identity.

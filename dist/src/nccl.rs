@@ -696,6 +696,65 @@ impl Collectives for NcclComm {
         })
     }
 
+    unsafe fn all_reduce_mean_device(
+        &mut self,
+        bufs: &[(u64, usize)],
+    ) -> Result<bool, CollectiveError> {
+        const OP: &str = "all-reduce (device buffers)";
+        self.check_usable(OP)?;
+        let bufs: Vec<(u64, usize)> = bufs.iter().copied().filter(|&(_, n)| n > 0).collect();
+        if bufs.is_empty() {
+            return Ok(true);
+        }
+        let (stream, comm) = (self.stream.clone(), self.comm.comm);
+        let enqueued = (|| -> Result<(), String> {
+            self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+            // One group: NCCL fuses the buffers' reductions into one launch.
+            launched(nccl::group_start())?;
+            let mut r = Ok(());
+            for &(ptr, n) in &bufs {
+                // SAFETY: the caller's contract: `ptr` holds `n` floats on this
+                // communicator's GPU, nothing pending on them; in place is allowed.
+                r = launched(unsafe {
+                    nccl::all_reduce(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        sys::ncclRedOp_t::ncclAvg,
+                        comm,
+                        stream.cu_stream() as _,
+                    )
+                });
+                if r.is_err() {
+                    break;
+                }
+            }
+            // The group is closed whatever happened inside it.
+            let end = launched(nccl::group_end());
+            r.and(end)
+        })();
+        if let Err(msg) = enqueued {
+            return Err(self.fail(OP, msg));
+        }
+        let limits = Limits {
+            timeout: self.op_timeout,
+            setting: "distributed.collective_timeout_s",
+            abort: &self.abort,
+        };
+        wait_done(
+            &mut Live {
+                comm: &mut self.comm,
+                stream: &stream,
+                event: None,
+            },
+            OP,
+            limits,
+        )?;
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut one = [0.0f32];
         self.all_reduce_sum(&mut one)

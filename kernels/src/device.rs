@@ -101,6 +101,13 @@ pub trait Device {
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// Sets every element of `buf` to zero in place (no new allocation).
     fn fill_zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// For a collective that reads GPU memory (NCCL): `buf`'s CUDA device address, once the
+    /// work queued on this device has finished. `None` where buffers are host memory (the CPU,
+    /// the emulator): the caller reduces them on the host.
+    fn collective_addr(&self, buf: &mut Self::Buf<f32>) -> Result<Option<u64>> {
+        let _ = buf;
+        Ok(None)
+    }
 }
 
 /// The CPU: host vectors, the reference implementations.

@@ -440,6 +440,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         }
     };
     let mut last = None;
+    let mut logged_device_reduce = false;
     // Rank 0's bar on a terminal (updates, rate, ETA); other ranks and log files see none.
     let bar = match rank0 {
         true => crate::progress::bar(cfg.train.steps, "train"),
@@ -501,10 +502,21 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
             None => StepOutcome::Applied,
         };
         let bytes_plain = 4 * grads.len() as u64;
-        // A device-resident gradient comes to the host whole only for a plain reduction over
-        // several ranks; through PowerSGD it stays on the device (the factors, the uncompressed
-        // tensors and a flag cross to the host).
-        let host_reduction = resident && powersgd.is_none() && comm.world_size() > 1;
+        // A device-resident gradient is reduced over several ranks in device memory where the
+        // transport reads it (NCCL), else through a host copy; through PowerSGD it stays on the
+        // device (the factors, the uncompressed tensors and a flag cross to the host).
+        let plain_over_ranks = powersgd.is_none() && comm.world_size() > 1;
+        let device_reduced = match (outcome, objective.device_state()) {
+            (StepOutcome::Applied, Some(d)) if plain_over_ranks => {
+                d.all_reduce_grads(&mut *comm)?
+            }
+            _ => false,
+        };
+        if device_reduced && !logged_device_reduce {
+            logged_device_reduce = true;
+            tracing::info!("gradient reduced in GPU memory (NCCL, one grouped all-reduce)");
+        }
+        let host_reduction = resident && plain_over_ranks && !device_reduced;
         if let (Some(d), true) = (objective.device_state(), host_reduction) {
             d.grads_to_host(&mut grads)?;
         }
@@ -512,6 +524,7 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
         let mut reduce_failed = false;
         let bytes_sent = match (outcome, powersgd.as_mut()) {
             (StepOutcome::Skipped, _) => 0,
+            (_, None) if device_reduced => bytes_plain,
             (_, None) if resident && !host_reduction => 0,
             (_, Some(p)) => {
                 let stats = match objective.device_state() {

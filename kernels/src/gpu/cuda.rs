@@ -226,6 +226,13 @@ impl Runtime for Cuda {
             .memset_zeros(buf)
             .map_err(|e| driver_err("memset", e))
     }
+    fn collective_addr(&self, buf: &mut CudaSlice<f32>) -> Result<Option<u64>> {
+        // NCCL runs on its own stream: everything queued here must be done first.
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("synchronize before a collective", e))?;
+        Ok(Some(self.addr_mut(buf)))
+    }
     fn addr<T: Elem>(&self, buf: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr

@@ -78,6 +78,10 @@ impl Runtime for Emu {
         buf.fill(T::default());
         Ok(())
     }
+    /// The emulator's buffers are host memory.
+    fn collective_addr(&self, _buf: &mut Vec<f32>) -> Result<Option<u64>> {
+        Ok(None)
+    }
     fn addr<T: Elem>(&self, buf: &Vec<T>) -> u64 {
         buf.as_ptr() as u64
     }

@@ -119,6 +119,9 @@ pub trait Runtime {
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// Sets every element of `buf` to zero, in place.
     fn fill_zero<T: Elem>(&self, buf: &mut Self::Buf<T>) -> Result<()>;
+    /// [`Device::collective_addr`]: the GPU address after the queued work, or `None` for a
+    /// runtime whose buffers are host memory.
+    fn collective_addr(&self, buf: &mut Self::Buf<f32>) -> Result<Option<u64>>;
     /// The buffer's address, for a kernel that reads it.
     fn addr<T: Elem>(&self, buf: &Self::Buf<T>) -> u64;
     /// The buffer's address, for a kernel that writes it.
@@ -199,6 +202,9 @@ impl<R: Runtime> Device for Gpu<R> {
     }
     fn fill_zero<T: Elem>(&self, buf: &mut R::Buf<T>) -> Result<()> {
         self.0.fill_zero(buf)
+    }
+    fn collective_addr(&self, buf: &mut R::Buf<f32>) -> Result<Option<u64>> {
+        self.0.collective_addr(buf)
     }
 }
 

@@ -160,6 +160,9 @@ pub trait DeviceState {
     /// ([`DeviceTransformer::unscale_param_grads`] with `scales`, the update's) and raises in
     /// `flags` every resblock flag the device raised during the update.
     fn unscale_grads(&mut self, scales: &[f32], flags: &mut [u32]) -> Result<()>;
+    /// The mean over ranks of the update's gradient in device memory, where the transport
+    /// reads it (NCCL); `false`: nothing done, the loop reduces a host copy.
+    fn all_reduce_grads(&mut self, comm: &mut dyn Collectives) -> Result<bool>;
     /// PowerSGD's reduction of the update's gradient, on the device (`DevicePowerSgd`); on a
     /// non-finite step ([`ReduceStats::non_finite`]) the caller skips the update.
     fn powersgd_reduce(
@@ -273,6 +276,10 @@ impl<D: TransformerDevice + AdamWOps + PowerSgdDevice, A: Act> DeviceState for O
             *f |= r;
         }
         Ok(())
+    }
+
+    fn all_reduce_grads(&mut self, comm: &mut dyn Collectives) -> Result<bool> {
+        self.state.all_reduce_grads_on_device(comm)
     }
 
     fn powersgd_reduce(
@@ -569,6 +576,10 @@ impl<D: DvaeDevice + AdamWOps + PowerSgdDevice> DeviceState for DvaeOnDevice<D> 
 
     fn unscale_grads(&mut self, _scales: &[f32], _flags: &mut [u32]) -> Result<()> {
         bail!("the dVAE trains in fp32: it has no gradient scales to remove")
+    }
+
+    fn all_reduce_grads(&mut self, comm: &mut dyn Collectives) -> Result<bool> {
+        self.state.all_reduce_grads_on_device(comm)
     }
 
     fn powersgd_reduce(

@@ -104,6 +104,25 @@ impl<D: AdamWOps> ResidentState<D> {
         Ok(())
     }
 
+    /// The mean over ranks of the update's gradient, in place in device memory, where the
+    /// transport reads it (NCCL: one grouped all-reduce over every tensor's buffer). `false`:
+    /// nothing was done (the buffers are host memory, or the transport is the TCP ring), and
+    /// the caller reduces a host copy.
+    pub fn all_reduce_grads_on_device(&mut self, comm: &mut dyn Collectives) -> Result<bool> {
+        let mut bufs = Vec::with_capacity(self.grads.bufs.len());
+        for g in &mut self.grads.bufs {
+            let len = self.dev.len(g);
+            match self.dev.collective_addr(g)? {
+                Some(addr) => bufs.push((addr, len)),
+                None => return Ok(false),
+            }
+        }
+        // SAFETY: `collective_addr` gave each buffer's address on this process's GPU (the
+        // context NCCL was opened on, by LOCAL_RANK) after the queued work finished; the
+        // buffers belong to `self`, which nothing else touches until the call returns.
+        Ok(unsafe { comm.all_reduce_mean_device(&bufs)? })
+    }
+
     /// [`PowerSgd::reduce`] of the update's gradient on the device ([`DevicePowerSgd`]):
     /// `ps`'s error buffers and Q are uploaded at the first call and live on the device after
     /// it. On a non-finite step ([`ReduceStats::non_finite`]) the caller skips the update.
