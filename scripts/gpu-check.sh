@@ -4,6 +4,13 @@
 #
 #   scripts/gpu-check.sh prepare   # here: builds the binaries into gpu-bin/ (git-ignored, stripped)
 #   scripts/gpu-check.sh run       # there, with gpu-bin/ carried: prints everything to stdout
+#   scripts/gpu-check.sh bench     # there too, in a call of its own: step time, tokens/s, MFU
+#
+# `bench` trains the `small` size and a paper-shaped layer stack (d 2048, 32 heads, 24 layers,
+# 256 text + 32×32 image tokens, the paper's row/column/conv layouts, batch 4) on the GPU with
+# `trainer train` for a few updates and prints the median step time, tokens/s and MFU against the
+# card's dense fp16 tensor-core peak, beside PyTorch eager (tools/bench_pytorch.py, autocast fp16,
+# dense masked attention) of the same model on the same GPU. About 3 minutes on an H100.
 #
 # It also runs the transformer's forward and backward passes on the GPU against the host model,
 # and 20 updates of `trainer train` with run.device cuda against cpu in fp32 (losses within 1e-4)
@@ -162,13 +169,83 @@ ms = lambda rs: sorted(r["step_ms"] for r in rs[1:])[len(rs[1:]) // 2]
 print(f"dvae fp32: updates {len(lc)}/{len(lg)}  first loss {lc[0]:.6f}/{lg[0]:.6f}  last {lc[-1]:.6f}/{lg[-1]:.6f}  largest relative difference {worst:.2e} (tolerance 1e-04)  median step {ms(cpu):.1f}/{ms(gpu):.1f} ms (cpu/cuda)")
 sys.exit(0 if len(lc) == len(lg) == 20 and worst < 1e-4 else 1)
 PY
+    # PowerSGD with the gradient on the GPU (the products, orthonormalisation, decompression
+    # and error buffers there) against the host's PowerSGD on the CPU: fp32's bound.
+    echo "--- trainer train: PowerSGD on the GPU vs on the CPU, 20 updates of configs/small-cpu.yaml"
+    for dev in cpu cuda; do
+        gpu-bin/trainer train --config configs/small-cpu.yaml --set run.device=$dev \
+            --set compression.kind=powersgd --set compression.rank=4 \
+            --set train.steps=20 --set train.log_every=1 \
+            --set run.out_dir="$runs/powersgd-$dev" >/dev/null || status=1
+    done
+    python3 - "$runs" <<'PY' || status=1
+import json, sys
+runs = sys.argv[1]
+rows = lambda d: [json.loads(l) for l in open(f"{runs}/powersgd-{d}/metrics.jsonl")]
+cpu, gpu = rows("cpu"), rows("cuda")
+lc, lg = [r["loss"] for r in cpu], [r["loss"] for r in gpu]
+worst = max(abs(a - b) / abs(a) for a, b in zip(lc, lg))
+same_bytes = all(a.get("bytes_sent") == b.get("bytes_sent") for a, b in zip(cpu, gpu))
+print(f"powersgd fp32: updates {len(lc)}/{len(lg)}  last loss {lc[-1]:.6f}/{lg[-1]:.6f}  largest relative difference {worst:.2e} (tolerance 1e-04)  bytes per update {gpu[-1].get('bytes_sent')} of {gpu[-1].get('bytes_uncompressed')}, equal on both: {same_bytes}")
+sys.exit(0 if len(lc) == len(lg) == 20 and worst < 1e-4 and same_bytes else 1)
+PY
     echo "--- kernels: benchmarks"
     gpu-bin/bench_gpu || status=1
     gpu-bin/bench_attention_gpu || status=1
     exit $status
     ;;
+bench)
+    test -x gpu-bin/trainer || { echo "gpu-bin/ is missing: run '$0 prepare' first and carry it"; exit 2; }
+    # The MFU denominator: the card's dense fp16 tensor-core peak (H100 SXM and H200: 989.4
+    # TFLOP/s; H100 PCIe: 756), TESSERA_PEAK_GFLOPS for another card.
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$card" in
+    *PCIe*) peak=756000 ;;
+    *H100* | *H200*) peak=989400 ;;
+    *) peak=${TESSERA_PEAK_GFLOPS:?unknown card "$card": set TESSERA_PEAK_GFLOPS to its dense fp16 peak} ;;
+    esac
+    echo "card: $card, dense fp16 peak $peak GFLOP/s"
+    runs=${TMPDIR:-/tmp}/tessera-gpu-bench
+    rm -rf "$runs"
+    status=0
+    paperstack="--set model.text_len=256 --set model.text_vocab=16384 --set model.grid=32"
+    paperstack+=" --set model.image_vocab=8192 --set model.d_model=2048 --set model.heads=32"
+    paperstack+=" --set model.layers=24 --set train.batch_size=4"
+    for case in small:fp32 small:fp16 paperstack:fp16; do
+        size=${case%:*} prec=${case#*:}
+        dims=""
+        steps=20
+        if [ "$size" = paperstack ]; then dims=$paperstack steps=8; fi
+        echo "--- $size, $prec: Tessera (trainer train, run.device cuda) and PyTorch eager"
+        # shellcheck disable=SC2086 # $dims is a list of arguments
+        TESSERA_PEAK_GFLOPS=$peak gpu-bin/trainer train --config configs/small-cpu.yaml \
+            --set run.device=cuda --set run.precision=$prec $dims --set train.steps=$steps \
+            --set train.log_every=1 --set optim.ema=0 --set checkpoint.every=0 \
+            --set run.out_dir="$runs/$size-$prec" >/dev/null || status=1
+        torch_ms=$(python3 tools/bench_pytorch.py --device cuda --size "$size" --precision "$prec" \
+            --attn both --steps 5 | tee /dev/stderr |
+            python3 -c 'import json,sys; print(min(json.loads(l)["step_ms"] for l in sys.stdin))') ||
+            { status=1; torch_ms=nan; }
+        python3 - "$runs/$size-$prec" "$peak" "$torch_ms" <<'PY' || status=1
+import json, statistics, sys
+out, peak, torch_ms = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl")][2:]
+ms = statistics.median(r["step_ms"] for r in rows)
+gflops = statistics.median(r["gflops_per_s"] for r in rows)
+flops = gflops * ms / 1e3  # GFLOP per update, useful FLOPs (Transformer::train_flops)
+cfg = {}
+for line in open(f"{out}/config.yaml"):
+    k, _, v = line.strip().partition(": ")
+    cfg.setdefault(k, v)
+tokens = int(cfg["batch_size"]) * (int(cfg["text_len"]) + int(cfg["grid"]) ** 2)
+print(f"tessera: {ms:.1f} ms/update  {tokens / ms * 1e3:,.0f} tokens/s  MFU {gflops / peak:.1%}  ({flops:.1f} GFLOP per update)")
+print(f"pytorch eager (faster attention variant): {torch_ms:.1f} ms/update  {tokens / torch_ms * 1e3:,.0f} tokens/s  MFU {flops / torch_ms * 1e3 / peak:.1%} (Tessera's FLOP count)  Tessera/PyTorch time {ms / torch_ms:.2f}")
+PY
+    done
+    exit $status
+    ;;
 *)
-    echo "usage: $0 prepare|run" >&2
+    echo "usage: $0 prepare|run|bench" >&2
     exit 2
     ;;
 esac

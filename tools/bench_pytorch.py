@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch eager baseline for Tessera's stage-2 transformer training step (CPU).
+"""PyTorch eager baseline for Tessera's stage-2 transformer training step (CPU or GPU).
 
 A plain PyTorch implementation of the model of docs/model.md §1, written the way a PyTorch user
 would: nn.Embedding tables, pre-LN blocks with a fused qkv nn.Linear, DENSE attention with one
@@ -11,11 +11,17 @@ Two attention variants are timed:
   masked_softmax  q·kᵀ/√dh, masked_fill(-inf), softmax, ·v (the plain math)
   sdpa            F.scaled_dot_product_attention(q, k, v, attn_mask=<bool mask>)
 
-    python tools/bench_pytorch.py --size tiny|small|paperseq|all [--attn masked_softmax|sdpa|both]
+    python tools/bench_pytorch.py --size tiny|small|paperseq|paperstack|all \
+        [--attn masked_softmax|sdpa|both] [--device cpu|cuda] [--precision fp32|fp16]
+
+`paperstack` is the paper-shaped layer stack of the GPU check (d 2048, 32 heads, 24 layers,
+256 text + 32×32 image tokens, batch 4); it is meant for a GPU. `--precision fp16` (CUDA only) is
+PyTorch's usual mixed precision: autocast to fp16 with one global loss scale (GradScaler), fp32
+weights and AdamW. On CUDA the clock reads after torch.cuda.synchronize().
 
 Timing matches trainer/examples/bench_transformer.rs: two warm-up steps, then the median (and
 minimum) of --steps (default 5) full steps (zero_grad, forward, loss, backward, clip, step).
-One JSON line per size and attention variant.
+One JSON line per size and attention variant, with tokens per second.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ SIZES = {
     "tiny": (32, 1024, 8, 512, 256, 8, 8, 16),
     "small": (64, 4096, 16, 1024, 384, 6, 12, 8),
     "paperseq": (256, 16384, 32, 8192, 256, 4, 4, 2),
+    "paperstack": (256, 16384, 32, 8192, 2048, 32, 24, 4),
 }
 CONV_KERNEL = 11
 
@@ -174,36 +181,51 @@ def random_batch(gen, B, Tt, Vt, G, Vi):
     return text, image
 
 
-def bench(size: str, variant: str, steps: int) -> dict:
+def bench(size: str, variant: str, steps: int, device: str = "cpu", precision: str = "fp32") -> dict:
     Tt, Vt, G, Vi, d, h, L, B = SIZES[size]
     torch.manual_seed(1)
-    model = Transformer(Tt, Vt, G, Vi, d, h, L, variant)
+    dev = torch.device(device)
+    model = Transformer(Tt, Vt, G, Vi, d, h, L, variant).to(dev)
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045
     )
+    half = precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=half)
     gen = torch.Generator().manual_seed(7)
-    batches = [random_batch(gen, B, Tt, Vt, G, Vi) for _ in range(steps + 2)]
+    batches = [
+        tuple(t.to(dev) for t in random_batch(gen, B, Tt, Vt, G, Vi)) for _ in range(steps + 2)
+    ]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     loss = None
     for step, (text, image) in enumerate(batches):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model.loss(text, image)
-        loss.backward()
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=half):
+            loss = model.loss(text, image)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
+        sync()
         if step >= 2:
             times.append((time.perf_counter() - t0) * 1e3)
+    step_ms = statistics.median(times)
     return {
         "impl": "pytorch-eager",
         "attn": variant,
         "size": size,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "precision": precision,
         "params": sum(p.numel() for p in model.parameters()),
         "batch": B,
         "seq_len": Tt + G * G,
         "steps": steps,
-        "step_ms": round(statistics.median(times), 2),
+        "step_ms": round(step_ms, 2),
         "step_ms_min": round(min(times), 2),
+        "tokens_per_s": round(B * (Tt + G * G) / step_ms * 1e3, 1),
         "loss": round(loss.item(), 5),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -216,13 +238,20 @@ def main() -> None:
     ap.add_argument("--attn", default="both", choices=["masked_softmax", "sdpa", "both"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     args = ap.parse_args()
+    if args.precision == "fp16" and args.device != "cuda":
+        ap.error("--precision fp16 needs --device cuda (autocast to fp16 is a GPU recipe)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: PyTorch sees no GPU")
     torch.set_num_threads(args.threads)
     sizes = list(SIZES) if args.size == "all" else [args.size]
     variants = ["masked_softmax", "sdpa"] if args.attn == "both" else [args.attn]
     for size in sizes:
         for variant in variants:
-            print(json.dumps(bench(size, variant, max(args.steps, 1))), flush=True)
+            row = bench(size, variant, max(args.steps, 1), args.device, args.precision)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
