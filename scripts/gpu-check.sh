@@ -152,10 +152,9 @@ PY
     echo "--- trainer: the dVAE's step on the GPU vs the host model"
     gpu-bin/test-trainer --nocapture model::dvae::device || status=1
     echo "--- trainer train: run.device cuda vs cpu, the dVAE (fp32), 20 updates of configs/dvae-cpu.yaml"
-    # relaxation.kl: batch (the config's) has no CUDA kernel yet: both runs take the paper's KL.
     for dev in cpu cuda; do
         gpu-bin/trainer train --config gpu-bin/dvae-gpu-check.yaml --set run.device=$dev \
-            --set relaxation.kl=position --set train.steps=20 --set train.log_every=1 \
+            --set train.steps=20 --set train.log_every=1 \
             --set run.out_dir="$runs/dvae-$dev" >/dev/null || status=1
     done
     python3 - "$runs" <<'PY' || status=1

@@ -1,6 +1,7 @@
 // The dVAE's loss pieces (MODEL-SPEC.md §2): the Gumbel-softmax relaxation of the encoder's logits,
 // the logit-Laplace negative log-likelihood of the decoder's statistics and the KL divergence of
-// the codes from the uniform prior (dvae_kl_f32, at the end), with gradients. The
+// the codes from the uniform prior (dvae_kl_f32; the batch KL's three kernels after it), with
+// gradients. The
 // CPU reference is kernels/src/dvae.rs (the trainer's arithmetic); the launchers are in
 // kernels/src/gpu/dvae.rs. All buffers f32.
 //
@@ -222,5 +223,114 @@ extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const fl
         double s = 0.0;
         for (int j = 0; j < GS_LANES; ++j) s += kl[j];
         ll_store_pair(partials + 2 * ((long)blockIdx.y * gridDim.x + blockIdx.x), s);
+    }
+}
+
+// The batch KL (relaxation.kl: batch): N·KL(q̄ ‖ uniform) with q̄ the average over the
+// micro-batch's N = B·hw positions of q = softmax(logits) over K. Three steps, no atomics:
+//
+// dvae_code_sum_f32: per block (32 positions of one image, grid and block as the softmax
+// kernels), partials[block·K + c] = Σ over the block's positions of q(c), in f64, the positions
+// added in order. The softmax's max and log-normaliser per position first (as dvae_kl_f32), then
+// thread t adds codes t, t + 256, … over the 32 positions.
+extern "C" __global__ void dvae_code_sum_f32(double* partials, const float* logits, int k,
+                                             int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    TS_SHARED(float, pmax, GS_LANES);
+    TS_SHARED(float, plz, GS_LANES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos0 = blockIdx.x * GS_LANES;
+    int pos = pos0 + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float m = __int_as_float(0xff800000);  // −∞
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    float mx = red[lane];
+    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
+    __syncthreads();
+    float z = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
+    }
+    red[threadIdx.x] = z;
+    __syncthreads();
+    if (slice == 0) {
+        float zt = 0.0f;
+        for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
+        pmax[lane] = mx;
+        plz[lane] = logf(zt);
+    }
+    __syncthreads();
+    int live_lanes = min(GS_LANES, hw - pos0);
+    long img = (long)blockIdx.y * k * hw;
+    long out = ((long)blockIdx.y * gridDim.x + blockIdx.x) * k;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) {
+        double s = 0.0;
+        for (int j = 0; j < live_lanes; ++j) {
+            s += (double)expf(logits[img + (long)c * hw + pos0 + j] - pmax[j] - plz[j]);
+        }
+        partials[out + c] = s;
+    }
+}
+
+// q_bar[c] = (Σ over the `blocks` partials of code c, in block order) / n: one thread per code.
+extern "C" __global__ void dvae_code_mean_f64(double* q_bar, const double* partials, int blocks,
+                                              int k, double n) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= k) return;
+    double s = 0.0;
+    for (int b = 0; b < blocks; ++b) s += partials[(long)b * k + c];
+    q_bar[c] = s / n;
+}
+
+// dlogits += coef · q·(w − Σ_K q·w) with w[c] = ln(K·q̄[c]) (0 for a code no position uses),
+// given by the launcher: the batch KL's gradient through each position's softmax (ACCUMULATES,
+// after the relaxation's). Element arithmetic in f32. Block and grid as the softmax kernels.
+extern "C" __global__ void dvae_kl_batch_backward_f32(float* dlogits, const float* logits,
+                                                      const float* w, float coef, int k,
+                                                      int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float m = __int_as_float(0xff800000);  // −∞
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
+    }
+    red[threadIdx.x] = m;
+    __syncthreads();
+    float mx = red[lane];
+    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
+    __syncthreads();
+    float z = 0.0f;
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
+    }
+    red[threadIdx.x] = z;
+    __syncthreads();
+    float zt = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
+    float lz = logf(zt);
+    __syncthreads();
+    float qw = 0.0f;  // Σ q·w over this slice
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            qw += expf(logits[base + (long)c * hw] - mx - lz) * w[c];
+        }
+    }
+    red[threadIdx.x] = qw;
+    __syncthreads();
+    float mean_w = 0.0f;
+    for (int s = 0; s < GS_SLICES; ++s) mean_w += red[s * GS_LANES + lane];
+    if (live) {
+        for (int c = slice; c < k; c += GS_SLICES) {
+            long i = base + (long)c * hw;
+            dlogits[i] += coef * expf(logits[i] - mx - lz) * (w[c] - mean_w);
+        }
     }
 }

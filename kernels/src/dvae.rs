@@ -42,7 +42,7 @@ pub enum KlTerm {
     Position,
     /// N·KL(q̄ ‖ uniform), q̄ the average of q over the N positions of the micro-batch
     /// ([`kl_batch`]): the codebook's use is pulled towards uniform while each position may be
-    /// sure of its code. CPU only for now.
+    /// sure of its code.
     Batch,
 }
 
@@ -98,6 +98,19 @@ pub trait DvaeLossOps: Device {
         k: usize,
         hw: usize,
     ) -> Result<f64>;
+    /// N·KL(q̄ ‖ uniform) over the N = B·hw positions ([`kl_batch`] of
+    /// [`batch_code_distribution`]; waits for the device) and q̄, and, when `dlogits` is given,
+    /// `dlogits += coef ·` its gradient ([`kl_batch_backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn kl_batch(
+        &self,
+        dlogits: Option<&mut Self::Buf<f32>>,
+        logits: &Self::Buf<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<(f64, Vec<f64>)>;
 }
 
 impl DvaeLossOps for Cpu {
@@ -156,6 +169,30 @@ impl DvaeLossOps for Cpu {
         }
         Ok(kl)
     }
+    fn kl_batch(
+        &self,
+        dlogits: Option<&mut Vec<f32>>,
+        logits: &Vec<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<(f64, Vec<f64>)> {
+        let q_bar = batch_code_distribution(logits, batch, k, hw)?;
+        if let Some(d) = dlogits {
+            kl_batch_backward(d, logits, &q_bar, coef as f64, batch, k, hw)?;
+        }
+        Ok((kl_batch(&q_bar, batch * hw), q_bar))
+    }
+}
+
+/// The weights of the batch KL's gradient: ln(K·q̄) per code, 0 for a code no position uses (its
+/// q is 0 everywhere, so its term is 0 whatever the weight).
+pub fn kl_batch_weights(q_bar: &[f64]) -> Vec<f64> {
+    let k = q_bar.len() as f64;
+    (q_bar.iter())
+        .map(|&q| if q > 0.0 { (k * q).ln() } else { 0.0 })
+        .collect()
 }
 
 /// τ must be a positive number.
@@ -388,10 +425,7 @@ pub fn kl_batch_backward(
     check_len(OP, "logits", logits.len(), batch * k * hw)?;
     check_len(OP, "dlogits", dlogits.len(), batch * k * hw)?;
     check_len(OP, "q_bar", q_bar.len(), k)?;
-    // A code no position uses has q = 0 everywhere: its term is 0 whatever c says.
-    let c: Vec<f64> = (q_bar.iter())
-        .map(|&q| if q > 0.0 { (k as f64 * q).ln() } else { 0.0 })
-        .collect();
+    let c = kl_batch_weights(q_bar);
     let (mut lq, mut q) = (vec![0.0f64; k], vec![0.0f64; k]);
     for bi in 0..batch {
         for pos in 0..hw {

@@ -184,6 +184,86 @@ impl<R: Runtime> DvaeLossOps for Gpu<R> {
         rt.put_scratch("dvae.partials", partials);
         sum
     }
+
+    fn kl_batch(
+        &self,
+        dlogits: Option<&mut R::Buf<f32>>,
+        logits: &R::Buf<f32>,
+        coef: f32,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<(f64, Vec<f64>)> {
+        const K: &str = "dvae_kl_batch_backward_f32";
+        let rt = &self.0;
+        check_buf(rt, K, "logits", logits, batch * k * hw)?;
+        if let Some(d) = &dlogits {
+            check_buf(rt, K, "dlogits", d, batch * k * hw)?;
+        }
+        check_batch(K, batch)?;
+        if batch * k * hw == 0 {
+            return Ok((0.0, vec![0.0; k]));
+        }
+        // q̄ comes to the host (K values): the KL and the gradient's weights are computed there
+        // as in the reference, and the weights go back as f32.
+        let q_bar = self.code_distribution(logits, batch, k, hw)?;
+        let kl = crate::dvae::kl_batch(&q_bar, batch * hw);
+        if let Some(d) = dlogits {
+            let w: Vec<f32> = (crate::dvae::kl_batch_weights(&q_bar).iter())
+                .map(|&w| w as f32)
+                .collect();
+            let w = rt.upload(&w)?;
+            let args = Args::new()
+                .ptr(rt.addr_mut(d))
+                .ptr(rt.addr(logits))
+                .ptr(rt.addr(&w))
+                .f32(coef)
+                .i32(as_i32(K, "k", k)?)
+                .i32(as_i32(K, "hw", hw)?);
+            // SAFETY: logits and dlogits hold B·K·hw (checked above), w holds K.
+            unsafe { rt.launch(K, softmax_cfg(batch, hw), &args)? };
+        }
+        Ok((kl, q_bar))
+    }
+}
+
+impl<R: Runtime> Gpu<R> {
+    /// q̄ (downloaded) of `logits`: `dvae_code_sum_f32`'s per-block partial sums, then
+    /// `dvae_code_mean_f64` in block order.
+    fn code_distribution(
+        &self,
+        logits: &R::Buf<f32>,
+        batch: usize,
+        k: usize,
+        hw: usize,
+    ) -> Result<Vec<f64>> {
+        const K: &str = "dvae_code_sum_f32";
+        const M: &str = "dvae_code_mean_f64";
+        let rt = &self.0;
+        let cfg = softmax_cfg(batch, hw);
+        let blocks = cfg.grid[0] as usize * batch;
+        let mut partials = rt.take_scratch::<f64>("dvae.code_partials", blocks * k)?;
+        let args = Args::new()
+            .ptr(rt.addr_mut(&mut partials))
+            .ptr(rt.addr(logits))
+            .i32(as_i32(K, "k", k)?)
+            .i32(as_i32(K, "hw", hw)?);
+        // SAFETY: logits hold B·K·hw (checked by the caller), partials K per block.
+        unsafe { rt.launch(K, cfg, &args)? };
+        let mut q_bar = rt.take_scratch::<f64>("dvae.q_bar", k)?;
+        let args = Args::new()
+            .ptr(rt.addr_mut(&mut q_bar))
+            .ptr(rt.addr(&partials))
+            .i32(as_i32(M, "blocks", blocks)?)
+            .i32(as_i32(M, "k", k)?)
+            .f64((batch * hw) as f64);
+        // SAFETY: q_bar holds K, partials K per block.
+        unsafe { rt.launch(M, LaunchCfg::linear(k.div_ceil(256) as u32, 256), &args)? };
+        let host = rt.download(&q_bar)?;
+        rt.put_scratch("dvae.q_bar", q_bar);
+        rt.put_scratch("dvae.code_partials", partials);
+        Ok(host)
+    }
 }
 
 /// The sum of `n` (hi, lo) partial pairs (`dvae_laplace_reduce_f32`), downloaded: waits for the
@@ -349,6 +429,67 @@ mod tests {
                 );
                 // dlogits (started from values of order 1) += 0.3·q·(log q − Σ q log q) in f32.
                 close(&format!("dlogits {at}"), &got.1, &want.1, 2e-6, 1e-6);
+            });
+        }
+    }
+
+    /// The batch KL, q̄ and the accumulated gradient on `dev`, with one code no position uses
+    /// (logits of −200: q underflows to 0 in f32, 1e-87 in f64) and one position of equal
+    /// logits for the other codes.
+    fn run_kl_batch<D: DvaeLossOps>(
+        dev: &D,
+        (batch, k, hw): (usize, usize, usize),
+    ) -> (f64, Vec<f64>, Vec<f32>) {
+        let n = batch * k * hw;
+        let seed = (k * 100 + hw) as u64 + 7;
+        let mut l = rand_vec(n, 4.0, seed);
+        for bi in 0..batch {
+            for pos in 0..hw {
+                l[(bi * k + k - 1) * hw + pos] = -200.0;
+            }
+        }
+        for c in 0..k - 1 {
+            l[c * hw] = 0.75;
+        }
+        let logits = dev.upload(&l).unwrap();
+        let mut dl = dev.upload(&rand_vec(n, 1.0, seed + 1)).unwrap();
+        let (kl, q_bar) = dev
+            .kl_batch(Some(&mut dl), &logits, 0.3, batch, k, hw)
+            .unwrap();
+        let (kl_only, q_only) = dev.kl_batch(None, &logits, 0.3, batch, k, hw).unwrap();
+        assert_eq!(kl.to_bits(), kl_only.to_bits(), "{}", dev.name());
+        assert_eq!(q_bar, q_only, "{}", dev.name());
+        (kl, q_bar, dev.download(&dl).unwrap())
+    }
+
+    #[test]
+    fn emulated_batch_kl_matches_the_cpu_reference() {
+        // Blocks of 32 positions with a partial last one, several images, K below and above
+        // the 256 threads that share the codes.
+        for case in [(2, 13, 5), (3, 40, 37), (1, 300, 70)] {
+            let want = run_kl_batch(&Cpu, case);
+            let q_sum: f64 = want.1.iter().sum();
+            assert!((q_sum - 1.0).abs() < 1e-12, "q̄ sums to {q_sum}");
+            assert!(want.0 > 0.0, "uneven use has a positive KL");
+            crate::gpu::for_each_gpu!(s, dev, {
+                let got = run_kl_batch(dev, case);
+                let at = format!("{case:?} {s:?}");
+                // q in f32 (expf) summed in f64: ≈ 1e-7 relative per value.
+                for (c, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+                    assert!((g - w).abs() <= 1e-6 * w + 1e-15, "q̄[{c}] {at}: {g} vs {w}");
+                }
+                // The unused code: 0 on the device (f32 underflow), the weight's zero branch.
+                assert_eq!(got.1[case.1 - 1], 0.0, "the unused code {at}");
+                assert!(want.1[case.1 - 1] < 1e-80);
+                // N·Σ q̄·ln(Kq̄): N up to 111 times a relative 1e-6 of each term.
+                let tol = 1e-6 * (case.0 * case.2) as f64 * (case.1 as f64).ln();
+                assert!(
+                    (got.0 - want.0).abs() <= tol,
+                    "kl {at}: {} vs {}",
+                    got.0,
+                    want.0
+                );
+                close(&format!("dlogits {at}"), &got.2, &want.2, 2e-6, 1e-6);
             });
         }
     }

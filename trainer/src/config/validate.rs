@@ -117,16 +117,6 @@ impl RunConfig {
                 d.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
-                    if r.kl == KlTerm::Batch
-                        && matches!(self.run.device, Device::Cuda | Device::CudaEmu)
-                    {
-                        return invalid(
-                            "relaxation.kl",
-                            "relaxation.kl: batch has no CUDA kernel yet: it runs with \
-                             run.device: cpu (or auto on a machine without a GPU)"
-                                .into(),
-                        );
-                    }
                 }
                 if matches!(&self.data, DataSource::Images(s) if s.tokenizer.is_some()) {
                     return invalid(

@@ -648,8 +648,7 @@ fn dvae_on_device<D: DvaeDevice + AdamWOps + PowerSgdDevice + 'static>(
 
 /// Where `run.device` runs the dVAE's passes.
 fn dvae_compute(cfg: &RunConfig, model: &Dvae, batch: usize) -> Result<DvaeCompute> {
-    // The device step has only the per-position KL: the config refuses `relaxation.kl: batch`
-    // with run.device cuda or cuda-emu when it is loaded (auto runs the dVAE on the host).
+    // `auto` runs the dVAE on the host.
     Ok(match cfg.run.device {
         Device::Cpu | Device::Auto => DvaeCompute::Host(Box::new(model.new_acts(batch))),
         Device::CudaEmu => dvae_on_device(Gpu(Emu::new(Schedule::Forward)), model, batch)?,

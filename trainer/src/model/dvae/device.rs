@@ -23,7 +23,7 @@ use crate::model::transformer::device::DeviceTensors;
 use crate::model::transformer::{ModelError, Result};
 use kernels::conv2d::Conv2dOps;
 use kernels::device::Device;
-use kernels::dvae::DvaeLossOps;
+use kernels::dvae::{DvaeLossOps, KlTerm};
 use kernels::relu::ReluOps;
 use kernels::resample::ResampleOps;
 use kernels::scale_add::ScaleAddOps;
@@ -368,7 +368,11 @@ impl DeviceDvae {
         let (y, dy) = (&acts.dec.inputs[0], &acts.dec.dinputs[0]);
         dev.gumbel_softmax_backward(dlogits, y, dy, tau, b, k, hw)?;
         let coef = (s * beta as f64) as f32;
-        let kl = dev.kl_uniform(Some(dlogits), &acts.enc.output, coef, b, k, hw)?;
+        let logits = &acts.enc.output;
+        let kl = match self.model.kl_term() {
+            KlTerm::Position => dev.kl_uniform(Some(dlogits), logits, coef, b, k, hw)?,
+            KlTerm::Batch => dev.kl_batch(Some(dlogits), logits, coef, b, k, hw)?.0,
+        };
         enc.device_backward(dev, params, grads, &mut acts.enc, b)?;
         Ok(DvaeLosses {
             loss: (nll + beta as f64 * kl) / npx as f64,
@@ -488,34 +492,41 @@ mod tests {
     }
 
     /// One step on the CPU device, the emulated GPU under every schedule and the GPU where there
-    /// is one, against the host model.
+    /// is one, against the host model; with the per-position KL and with the batch KL.
     #[test]
     fn a_step_on_every_device_matches_the_host_model() {
-        let m = tiny();
-        let params = m.init_params(5);
-        let (images, noise) = inputs();
-        let mut acts = m.new_acts(BATCH);
-        let mut grads = vec![0.0f32; params.len()];
-        let host = m
-            .forward(&params, &mut acts, &images, Some(&noise), TAU, BETA)
-            .unwrap();
-        m.backward(&params, &mut grads, &mut acts, SCALE).unwrap();
-        let want = (host, acts.logits().to_vec(), grads);
-        assert_agree("cpu", &m, &device_step(&Cpu, &m, &params), &want, 1e-6);
-        for s in Schedule::ALL {
-            let dev = Gpu(Emu::new(s));
+        for kl in [KlTerm::Position, KlTerm::Batch] {
+            let m = tiny().with_kl_term(kl);
+            let params = m.init_params(5);
+            let (images, noise) = inputs();
+            let mut acts = m.new_acts(BATCH);
+            let mut grads = vec![0.0f32; params.len()];
+            let host = m
+                .forward(&params, &mut acts, &images, Some(&noise), TAU, BETA)
+                .unwrap();
+            m.backward(&params, &mut grads, &mut acts, SCALE).unwrap();
+            let want = (host, acts.logits().to_vec(), grads);
+            let what = |dev: &str| format!("{dev}, {kl:?} KL");
             assert_agree(
-                &dev.name(),
+                &what("cpu"),
                 &m,
-                &device_step(&dev, &m, &params),
+                &device_step(&Cpu, &m, &params),
                 &want,
                 1e-6,
             );
-        }
-        // cuBLAS sums the convolutions' products in its own order.
-        match kernels::gpu::cuda_for_tests() {
-            Some(dev) => assert_agree(&dev.name(), &m, &device_step(dev, &m, &params), &want, 1e-5),
-            None => eprintln!("skipped on CUDA: no GPU here (the CPU and the emulator ran)"),
+            for s in Schedule::ALL {
+                let dev = Gpu(Emu::new(s));
+                let got = device_step(&dev, &m, &params);
+                assert_agree(&what(&dev.name()), &m, &got, &want, 1e-6);
+            }
+            // cuBLAS sums the convolutions' products in its own order.
+            match kernels::gpu::cuda_for_tests() {
+                Some(dev) => {
+                    let got = device_step(dev, &m, &params);
+                    assert_agree(&what(&dev.name()), &m, &got, &want, 1e-5)
+                }
+                None => eprintln!("skipped on CUDA: no GPU here (the CPU and the emulator ran)"),
+            }
         }
     }
 }
