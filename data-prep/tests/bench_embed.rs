@@ -3,9 +3,13 @@
 //! Face's `CLIPModel` in PyTorch on the same weights and pixels in the same run.
 //!
 //! ```sh
-//! cargo test -p data-prep --test bench_embed -- --ignored --nocapture
-//! TORCH_PYTHON=/path/to/python cargo test …   # default /tmp/torchvenv/bin/python
+//! cargo test --release -p data-prep --test bench_embed -- --ignored --nocapture
+//! TORCH_PYTHON=/path/to/python cargo test --release …   # default /tmp/torchvenv/bin/python
 //! ```
+//!
+//! `--release`: the test profile keeps debug assertions in Tessera's crates (and, before
+//! 2026-12-07, in the `gemm` crate too, which made its products 2.5× slower); the benchmark
+//! says so when it was built with them.
 //!
 //! Three numbers: Tessera's vision tower alone (`Clip::image_forward`, batches of 32, median of
 //! 5 after a warm-up), `data-prep embed` end to end on 160 records (shard decoding, bicubic
@@ -64,6 +68,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "benchmark: a ViT-B/32 beside PyTorch, minutes on 2 cores; run with --ignored --nocapture"]
 fn bench_embed_vit_b32_beside_pytorch() {
+    if cfg!(debug_assertions) {
+        eprintln!("built with debug assertions: the times are not the release build's (use --release)");
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vit-b32");
     std::fs::create_dir_all(&dir).unwrap();
@@ -189,6 +196,9 @@ fn bench_embed_vit_b32_beside_pytorch() {
 #[test]
 #[ignore = "benchmark: prints the dedup search rates; run with --ignored --nocapture"]
 fn bench_dedup_search() {
+    if cfg!(debug_assertions) {
+        eprintln!("built with debug assertions: the times are not the release build's (use --release)");
+    }
     let tmp = tempfile::tempdir().unwrap();
     let emb = write_random_embeddings(&tmp.path().join("n20000"), 20_000);
     search(tmp.path(), &emb, "exact", 20_000);
