@@ -69,7 +69,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[ignore = "benchmark: a ViT-B/32 beside PyTorch, minutes on 2 cores; run with --ignored --nocapture"]
 fn bench_embed_vit_b32_beside_pytorch() {
     if cfg!(debug_assertions) {
-        eprintln!("built with debug assertions: the times are not the release build's (use --release)");
+        eprintln!(
+            "built with debug assertions: the times are not the release build's (use --release)"
+        );
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vit-b32");
@@ -197,7 +199,9 @@ fn bench_embed_vit_b32_beside_pytorch() {
 #[ignore = "benchmark: prints the dedup search rates; run with --ignored --nocapture"]
 fn bench_dedup_search() {
     if cfg!(debug_assertions) {
-        eprintln!("built with debug assertions: the times are not the release build's (use --release)");
+        eprintln!(
+            "built with debug assertions: the times are not the release build's (use --release)"
+        );
     }
     let tmp = tempfile::tempdir().unwrap();
     let emb = write_random_embeddings(&tmp.path().join("n20000"), 20_000);
