@@ -166,20 +166,13 @@ extern "C" __global__ void dvae_laplace_reduce_f32(float* out, const float* part
     if (threadIdx.x == 0) ll_store_pair(out, red[0]);
 }
 
-// KL(q ‖ uniform) of q = softmax(logits) over K (no noise), per position Σ_K q·log q + log K:
-// dlogits += coef · q·(log q − Σ_K q·log q) when dlogits is given (ACCUMULATES: it is the second
-// term of the logits' gradient, after the relaxation's), and the KL summed over the block's 32
-// positions as a (hi, lo) pair at partials[2·(b·gridDim.x + bx)] (reduced by
-// dvae_laplace_reduce_f32). Element arithmetic in f32; the per-position KL and its block sum in
-// f64. Block and grid as the softmax kernels.
-extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const float* logits,
-                                       float coef, int k, int hw) {
-    TS_SHARED(float, red, GS_LANES * GS_SLICES);
-    TS_SHARED(double, kl, GS_LANES);
+// The softmax over K (no noise) at this thread's position `base` (logits[base + c·hw]): its max
+// and log-normaliser, each slice's share combined in slice order through `red` (deterministic).
+// Every thread of the block calls it (it synchronises); `red` is free again when it returns.
+__device__ __forceinline__ void dvae_softmax_stats(const float* logits, long base, int k, int hw,
+                                                   bool live, float* red, float* mx_out,
+                                                   float* lz_out) {
     int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
-    int pos = blockIdx.x * GS_LANES + lane;
-    bool live = pos < hw;
-    long base = (long)blockIdx.y * k * hw + pos;
     float m = __int_as_float(0xff800000);  // −∞
     if (live) {
         for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
@@ -197,8 +190,27 @@ extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const fl
     __syncthreads();
     float zt = 0.0f;
     for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
-    float lz = logf(zt);
     __syncthreads();
+    *mx_out = mx;
+    *lz_out = logf(zt);
+}
+
+// KL(q ‖ uniform) of q = softmax(logits) over K (no noise), per position Σ_K q·log q + log K:
+// dlogits += coef · q·(log q − Σ_K q·log q) when dlogits is given (ACCUMULATES: it is the second
+// term of the logits' gradient, after the relaxation's), and the KL summed over the block's 32
+// positions as a (hi, lo) pair at partials[2·(b·gridDim.x + bx)] (reduced by
+// dvae_laplace_reduce_f32). Element arithmetic in f32; the per-position KL and its block sum in
+// f64. Block and grid as the softmax kernels.
+extern "C" __global__ void dvae_kl_f32(float* dlogits, float* partials, const float* logits,
+                                       float coef, int k, int hw) {
+    TS_SHARED(float, red, GS_LANES * GS_SLICES);
+    TS_SHARED(double, kl, GS_LANES);
+    int lane = threadIdx.x % GS_LANES, slice = threadIdx.x / GS_LANES;
+    int pos = blockIdx.x * GS_LANES + lane;
+    bool live = pos < hw;
+    long base = (long)blockIdx.y * k * hw + pos;
+    float mx, lz;
+    dvae_softmax_stats(logits, base, k, hw, live, red, &mx, &lz);
     float ne = 0.0f;  // Σ q·log q over this slice
     if (live) {
         for (int c = slice; c < k; c += GS_SLICES) {
@@ -243,26 +255,11 @@ extern "C" __global__ void dvae_code_sum_f32(double* partials, const float* logi
     int pos = pos0 + lane;
     bool live = pos < hw;
     long base = (long)blockIdx.y * k * hw + pos;
-    float m = __int_as_float(0xff800000);  // −∞
-    if (live) {
-        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
-    }
-    red[threadIdx.x] = m;
-    __syncthreads();
-    float mx = red[lane];
-    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
-    __syncthreads();
-    float z = 0.0f;
-    if (live) {
-        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
-    }
-    red[threadIdx.x] = z;
-    __syncthreads();
+    float mx, lz;
+    dvae_softmax_stats(logits, base, k, hw, live, red, &mx, &lz);
     if (slice == 0) {
-        float zt = 0.0f;
-        for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
         pmax[lane] = mx;
-        plz[lane] = logf(zt);
+        plz[lane] = lz;
     }
     __syncthreads();
     int live_lanes = min(GS_LANES, hw - pos0);
@@ -298,25 +295,8 @@ extern "C" __global__ void dvae_kl_batch_backward_f32(float* dlogits, const floa
     int pos = blockIdx.x * GS_LANES + lane;
     bool live = pos < hw;
     long base = (long)blockIdx.y * k * hw + pos;
-    float m = __int_as_float(0xff800000);  // −∞
-    if (live) {
-        for (int c = slice; c < k; c += GS_SLICES) m = fmaxf(m, logits[base + (long)c * hw]);
-    }
-    red[threadIdx.x] = m;
-    __syncthreads();
-    float mx = red[lane];
-    for (int s = 1; s < GS_SLICES; ++s) mx = fmaxf(mx, red[s * GS_LANES + lane]);
-    __syncthreads();
-    float z = 0.0f;
-    if (live) {
-        for (int c = slice; c < k; c += GS_SLICES) z += expf(logits[base + (long)c * hw] - mx);
-    }
-    red[threadIdx.x] = z;
-    __syncthreads();
-    float zt = 0.0f;
-    for (int s = 0; s < GS_SLICES; ++s) zt += red[s * GS_LANES + lane];
-    float lz = logf(zt);
-    __syncthreads();
+    float mx, lz;
+    dvae_softmax_stats(logits, base, k, hw, live, red, &mx, &lz);
     float qw = 0.0f;  // Σ q·w over this slice
     if (live) {
         for (int c = slice; c < k; c += GS_SLICES) {
