@@ -539,37 +539,18 @@ impl PowerSgd {
                 found: grads.len(),
             });
         }
-        let started = Instant::now();
-        let mut clock = CommClock::default();
+        let mut clock = CommClock::start(self.bytes_uncompressed());
         let inv_w = 1.0 / comm.world_size() as f32;
         let index = self.iterations;
         self.iterations += 1;
-        let mut stats = ReduceStats {
-            compressed: false,
-            non_finite: false,
-            bytes_sent: 0,
-            bytes_uncompressed: self.bytes_uncompressed(),
-            all_reduces: 0,
-            comm_secs: 0.0,
-            compute_secs: 0.0,
-        };
-        let finish = |mut stats: ReduceStats, clock: CommClock| {
-            stats.all_reduces = clock.calls;
-            stats.bytes_sent = clock.bytes;
-            stats.comm_secs = clock.secs;
-            stats.compute_secs = (started.elapsed().as_secs_f64() - clock.secs).max(0.0);
-            stats
-        };
 
         if index < self.cfg.start_step || self.compressed.is_empty() {
             clock.all_reduce(comm, grads)?;
             if inv_w != 1.0 {
                 grads.iter_mut().for_each(|g| *g *= inv_w);
             }
-            stats.non_finite = !all_finite(grads);
-            return Ok(finish(stats, clock));
+            return Ok(clock.finish(false, !all_finite(grads)));
         }
-        stats.compressed = true;
 
         let Self {
             cfg,
@@ -602,8 +583,7 @@ impl PowerSgd {
         let bad = ubuf[n] != 0.0 || !all_finite(&ubuf[..n]);
         if bad {
             grads.fill(f32::NAN);
-            stats.non_finite = true;
-            return Ok(finish(stats, clock));
+            return Ok(clock.finish(true, true));
         }
         {
             let mut at = 0;
@@ -703,9 +683,8 @@ impl PowerSgd {
         }
         if compress_failed {
             grads.fill(f32::NAN);
-            stats.non_finite = true;
         }
-        Ok(finish(stats, clock))
+        Ok(clock.finish(true, compress_failed))
     }
 
     /// Names and shapes of the checkpointed state: `error.<param>` (the parameter's shape) for
@@ -813,15 +792,40 @@ fn all_finite(x: &[f32]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
 
-/// Times and counts the all-reduces of one step.
-#[derive(Default)]
+/// Times and counts the all-reduces of one step, and makes its [`ReduceStats`].
 struct CommClock {
+    started: Instant,
+    bytes_uncompressed: u64,
     calls: usize,
     bytes: u64,
     secs: f64,
 }
 
 impl CommClock {
+    /// The clock of a step that starts now (`bytes_uncompressed`: a plain all-reduce's payload).
+    fn start(bytes_uncompressed: u64) -> Self {
+        CommClock {
+            started: Instant::now(),
+            bytes_uncompressed,
+            calls: 0,
+            bytes: 0,
+            secs: 0.0,
+        }
+    }
+
+    /// The step's statistics: the all-reduces counted so far, the rest of the time as compute.
+    fn finish(&self, compressed: bool, non_finite: bool) -> ReduceStats {
+        ReduceStats {
+            compressed,
+            non_finite,
+            bytes_sent: self.bytes,
+            bytes_uncompressed: self.bytes_uncompressed,
+            all_reduces: self.calls,
+            comm_secs: self.secs,
+            compute_secs: (self.started.elapsed().as_secs_f64() - self.secs).max(0.0),
+        }
+    }
+
     fn all_reduce(
         &mut self,
         comm: &mut dyn Collectives,

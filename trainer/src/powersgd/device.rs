@@ -93,27 +93,10 @@ impl<D: PowerSgdDevice> DevicePowerSgd<D> {
                 found: grads.len(),
             });
         }
-        let started = Instant::now();
-        let mut clock = CommClock::default();
+        let mut clock = CommClock::start(ps.bytes_uncompressed());
         let inv_w = 1.0 / comm.world_size() as f32;
         let index = ps.iterations;
         ps.iterations += 1;
-        let mut stats = ReduceStats {
-            compressed: false,
-            non_finite: false,
-            bytes_sent: 0,
-            bytes_uncompressed: ps.bytes_uncompressed(),
-            all_reduces: 0,
-            comm_secs: 0.0,
-            compute_secs: 0.0,
-        };
-        let finish = |mut stats: ReduceStats, clock: CommClock| {
-            stats.all_reduces = clock.calls;
-            stats.bytes_sent = clock.bytes;
-            stats.comm_secs = clock.secs;
-            stats.compute_secs = (started.elapsed().as_secs_f64() - clock.secs).max(0.0);
-            stats
-        };
 
         if index < ps.cfg.start_step || ps.compressed.is_empty() {
             // A plain all-reduce of the whole gradient, in table order.
@@ -125,16 +108,15 @@ impl<D: PowerSgdDevice> DevicePowerSgd<D> {
             if inv_w != 1.0 {
                 flat.iter_mut().for_each(|g| *g *= inv_w);
             }
-            stats.non_finite = !all_finite(&flat);
+            let non_finite = !all_finite(&flat);
             let mut at = 0;
             for g in grads.iter_mut() {
                 let n = dev.len(g);
                 *g = dev.upload(&flat[at..at + n])?;
                 at += n;
             }
-            return Ok(finish(stats, clock));
+            return Ok(clock.finish(false, non_finite));
         }
-        stats.compressed = true;
 
         let PowerSgd {
             cfg,
@@ -163,8 +145,7 @@ impl<D: PowerSgdDevice> DevicePowerSgd<D> {
         ubuf[n] = if local_bad { 1.0 } else { 0.0 };
         clock.all_reduce(comm, &mut ubuf[..=n])?;
         if ubuf[n] != 0.0 || !all_finite(&ubuf[..n]) {
-            stats.non_finite = true;
-            return Ok(finish(stats, clock));
+            return Ok(clock.finish(true, true));
         }
         let mut at = 0;
         for &i in uncompressed.iter() {
@@ -273,8 +254,7 @@ impl<D: PowerSgdDevice> DevicePowerSgd<D> {
                 }
             }
         }
-        stats.non_finite = compress_failed;
-        Ok(finish(stats, clock))
+        Ok(clock.finish(true, compress_failed))
     }
 }
 
