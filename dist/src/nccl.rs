@@ -512,6 +512,22 @@ impl NcclComm {
         Ok(self.staging.as_mut().expect("just allocated"))
     }
 
+    /// Waits for `op`, just enqueued on the communicator's stream ([`wait_done`], bounded by
+    /// `distributed.collective_timeout_s`).
+    fn wait(&mut self, op: &'static str) -> Result<(), CollectiveError> {
+        let limits = Limits {
+            timeout: self.op_timeout,
+            setting: "distributed.collective_timeout_s",
+            abort: &self.abort,
+        };
+        let live = &mut Live {
+            comm: &mut self.comm,
+            stream: &self.stream,
+            event: None,
+        };
+        wait_done(live, op, limits)
+    }
+
     /// Copies `buf` to the GPU, runs `launch` on the device copy, waits, copies back.
     fn staged(
         &mut self,
@@ -539,20 +555,7 @@ impl NcclComm {
         if let Err(msg) = enqueued {
             return Err(self.fail(op, msg));
         }
-        let limits = Limits {
-            timeout: self.op_timeout,
-            setting: "distributed.collective_timeout_s",
-            abort: &self.abort,
-        };
-        wait_done(
-            &mut Live {
-                comm: &mut self.comm,
-                stream: &stream,
-                event: None,
-            },
-            op,
-            limits,
-        )?;
+        self.wait(op)?;
         let copied = (|| -> Result<(), String> {
             let staging = self.staging.as_ref().expect("allocated above");
             stream
@@ -737,20 +740,7 @@ impl Collectives for NcclComm {
         if let Err(msg) = enqueued {
             return Err(self.fail(OP, msg));
         }
-        let limits = Limits {
-            timeout: self.op_timeout,
-            setting: "distributed.collective_timeout_s",
-            abort: &self.abort,
-        };
-        wait_done(
-            &mut Live {
-                comm: &mut self.comm,
-                stream: &stream,
-                event: None,
-            },
-            OP,
-            limits,
-        )?;
+        self.wait(OP)?;
         self.progress.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
