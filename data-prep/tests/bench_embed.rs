@@ -11,10 +11,12 @@
 //! 2026-12-07, in the `gemm` crate too, which made its products 2.5× slower); the benchmark
 //! says so when it was built with them.
 //!
-//! Three numbers: Tessera's vision tower alone (`Clip::image_forward`, batches of 32, median of
-//! 5 after a warm-up), `data-prep embed` end to end on 160 records (shard decoding, bicubic
-//! preprocessing, forward, f16 files), and PyTorch (`tools/bench_clip_pytorch.py`, the same
-//! pixels, `get_image_features` + normalisation, as many threads as rayon uses).
+//! Each in both precisions (fp32, and bf16 products: `data-prep embed --precision bf16`): Tessera's
+//! vision tower alone (`Clip::image_forward`, batches of 32, median of 5 after a warm-up),
+//! `data-prep embed` end to end on 160 records (shard decoding, bicubic preprocessing, forward,
+//! f16 files), and PyTorch (`tools/bench_clip_pytorch.py`, the same pixels,
+//! `get_image_features` + normalisation, as many threads as rayon uses; bf16 under PyTorch's CPU
+//! autocast). Also printed: the smallest cosine between an image's bf16 and fp32 embeddings.
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use trainer::checkpoint::{entries, write_tensors};
-use trainer::model::clip::{hf, Activations, Clip, ClipDims};
+use trainer::model::clip::{hf, Activations, Clip, ClipDims, Products};
 
 #[path = "support/clip.rs"]
 mod clip;
@@ -123,44 +125,70 @@ fn bench_embed_vit_b32_beside_pytorch() {
         &pixels,
     );
 
-    // Tessera's vision tower alone.
-    let mut acts = Activations::new(&clip.model, BATCH, 77).unwrap();
-    let mut times = Vec::new();
-    for i in 0..6 {
-        let t0 = Instant::now();
-        clip.model
-            .image_forward(&clip.params, &mut acts, &pixels)
-            .unwrap();
-        if i > 0 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let tessera = median(times);
+    // Tessera's vision tower alone, in both precisions.
+    let mut model = clip.model.clone();
+    let mut acts = Activations::new(&model, BATCH, 77).unwrap();
     let threads = rayon::current_num_threads();
-    println!(
-        "tessera image_forward: {:.1} ms per batch of {BATCH}, {:.2} images/s ({threads} threads); \
-         first embedding {:?}",
-        tessera * 1e3,
-        BATCH as f64 / tessera,
-        &acts.image_embeds[..4]
-    );
+    let mut tessera = Vec::new();
+    let mut embeds = Vec::new();
+    for products in [Products::Fp32, Products::Bf16] {
+        model.set_products(products);
+        let mut times = Vec::new();
+        for i in 0..6 {
+            let t0 = Instant::now();
+            model
+                .image_forward(&clip.params, &mut acts, &pixels)
+                .unwrap();
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let t = median(times);
+        println!(
+            "tessera image_forward {products}: {:.1} ms per batch of {BATCH}, {:.2} images/s \
+             ({threads} threads); first embedding {:?}",
+            t * 1e3,
+            BATCH as f64 / t,
+            &acts.image_embeds[..4]
+        );
+        tessera.push(t);
+        embeds.push(acts.image_embeds.clone());
+    }
+    let d = dims.projection_dim;
+    let worst = (0..BATCH)
+        .map(|b| {
+            let (x, y) = (
+                &embeds[0][b * d..(b + 1) * d],
+                &embeds[1][b * d..(b + 1) * d],
+            );
+            x.iter().zip(y).map(|(a, b)| (a * b) as f64).sum::<f64>()
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!("bf16 against fp32 embeddings: smallest cosine {worst:.6} over {BATCH} images");
 
     // `data-prep embed` end to end.
-    let out = tmp.path().join("emb");
     let images_glob = format!("{}/*.tis", shards.display());
-    let text = ok(data_prep(&[
-        "embed",
-        "--model",
-        s(&dir),
-        "--images",
-        &images_glob,
-        "--out",
-        s(&out),
-        "--batch",
-        "32",
-        "--quiet",
-    ]));
-    println!("data-prep embed (160 records): {}", text.trim());
+    for products in ["fp32", "bf16"] {
+        let out = tmp.path().join(format!("emb-{products}"));
+        let text = ok(data_prep(&[
+            "embed",
+            "--model",
+            s(&dir),
+            "--images",
+            &images_glob,
+            "--out",
+            s(&out),
+            "--batch",
+            "32",
+            "--precision",
+            products,
+            "--quiet",
+        ]));
+        println!(
+            "data-prep embed --precision {products} (160 records): {}",
+            text.trim()
+        );
+    }
 
     // PyTorch on the same weights and pixels.
     let python = std::env::var("TORCH_PYTHON").unwrap_or("/tmp/torchvenv/bin/python".into());
@@ -169,25 +197,34 @@ fn bench_embed_vit_b32_beside_pytorch() {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench_clip_pytorch.py");
-    let o = std::process::Command::new(&python)
-        .arg(&script)
-        .args(["--model", s(&dir), "--threads", &threads.to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    println!("{}", stdout.trim());
-    if !o.status.success() {
-        println!(
-            "PyTorch peer failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        return;
+    let mut torch = Vec::new();
+    for bf16 in [false, true] {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(&script)
+            .args(["--model", s(&dir), "--threads", &threads.to_string()]);
+        if bf16 {
+            cmd.arg("--bf16");
+        }
+        let o = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        println!("{}", stdout.trim());
+        if !o.status.success() {
+            println!(
+                "PyTorch peer failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+        torch.push(v["ms_per_batch_median"].as_f64().unwrap() / 1e3);
     }
-    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
-    let torch_s = v["ms_per_batch_median"].as_f64().unwrap() / 1e3;
     println!(
-        "Tessera ÷ PyTorch time per image: {:.2} (target ≤ 0.8)",
-        tessera / torch_s
+        "Tessera ÷ PyTorch time per image (target ≤ 0.8): fp32 {:.2}; Tessera bf16 ÷ PyTorch fp32 \
+         {:.2}; bf16 ÷ PyTorch bf16 autocast {:.2}",
+        tessera[0] / torch[0],
+        tessera[1] / torch[0],
+        tessera[1] / torch[1]
     );
 }
 

@@ -64,6 +64,41 @@ fn embed_is_aligned_resumable_and_refuses_another_model() {
         e.contains("emb/manifest.json") && e.contains("use a new --out"),
         "{e}"
     );
+    // So is the same model in the other precision, naming both.
+    let e = text(&embed(
+        &model,
+        &p("train"),
+        &p("emb"),
+        &["--captions", "--precision", "bf16"],
+    ));
+    assert!(
+        e.contains("precision fp32 then, bf16 now") && e.contains("use a new --out"),
+        "{e}"
+    );
+
+    // bf16 products: the same records within bf16's rounding of the fp32 vectors, marked as such.
+    let out = ok(embed(
+        &model,
+        &p("train"),
+        &p("bf16"),
+        &["--precision", "bf16"],
+    ));
+    assert!(out.contains("3 written"), "{out}");
+    let w = vectors(&p("bf16"));
+    assert_eq!(w.len(), 20);
+    for (i, (a, b)) in v.iter().zip(&w).enumerate() {
+        let c = cos(a, b);
+        assert!(
+            c > 0.999 && a != b,
+            "record {i}: cosine {c} between bf16 and fp32"
+        );
+    }
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(p("bf16/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["precision"], "bf16");
+    let bytes = std::fs::read(p("bf16/images-00000.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["precision"], "bf16");
 }
 
 /// A Tessera `model.kind: clip` run as `--model`: the newest checkpoint's weights and config

@@ -19,6 +19,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod cast;
 pub mod conv2d;
 pub mod cross_entropy;

@@ -13,6 +13,10 @@
 //! (`kernels::dense_attention`, with a causal or an all-ones mask). The loaded file's tensor
 //! order does not matter: tensors are matched by name ([`hf`]).
 //!
+//! [`Products`]: every linear layer's product in f32 (the default, and what training uses) or,
+//! for inference, with its operands rounded to bfloat16 and f32 sums (`kernels::bf16`: twice the
+//! multiply rate on CPUs with AVX512-BF16; everything else stays f32).
+//!
 //! `logit_scale` enters the forward pass as it is (Hugging Face's `CLIPModel` does not clamp it);
 //! training clamps the parameter into [0, ln 100] after every update ([`Clip::clamp_logit_scale`]),
 //! as OpenAI's CLIP did.
@@ -32,6 +36,57 @@ use std::ops::Range;
 
 /// The largest `logit_scale` training keeps: ln 100, so logits are at most 100·cos.
 pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
+
+/// How the forward pass computes its linear layers' products (`data-prep embed --precision`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Products {
+    /// f32 operands and sums, to round-off of Hugging Face's `CLIPModel` in f32.
+    #[default]
+    Fp32,
+    /// Operands rounded to bfloat16, sums in f32 (`kernels::bf16::linear_forward_bf16`):
+    /// inference only; the backward pass is that of the f32 products.
+    Bf16,
+}
+
+impl std::fmt::Display for Products {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Products::Fp32 => "fp32",
+            Products::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Products {
+    /// `out[N, OC] = inp[N, C] · weight[OC, C]ᵀ + bias` with these products.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> kernels::Result<()> {
+        match self {
+            Products::Fp32 => linear_forward(out, inp, weight, bias, n, c, oc),
+            Products::Bf16 => kernels::bf16::linear_forward_bf16(out, inp, weight, bias, n, c, oc),
+        }
+    }
+}
 
 /// The sizes of one tower's encoder (taken from [`TextConfig`] or [`VisionConfig`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,6 +324,7 @@ pub struct Clip {
     g: Globals,
     text: Encoder,
     vision: Encoder,
+    products: Products,
 }
 
 /// Two disjoint mutable ranges of `buf`, `a` before `b`.
@@ -390,11 +446,21 @@ impl Clip {
             },
             text,
             vision,
+            products: Products::Fp32,
         })
     }
 
     pub fn dims(&self) -> &ClipDims {
         &self.dims
+    }
+
+    /// The forward pass's products from now on ([`Products::Fp32`] until set).
+    pub fn set_products(&mut self, products: Products) {
+        self.products = products;
+    }
+
+    pub fn products(&self) -> Products {
+        self.products
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -521,7 +587,7 @@ impl Clip {
             d.vision_config.image_size,
             d.vision_config.patch_size,
         );
-        linear_forward(
+        self.products.linear(
             &mut v.patch_out,
             &v.patches,
             &params[g.patch_w.clone()],
@@ -547,7 +613,7 @@ impl Clip {
             b * t,
             cv,
         )?;
-        self.vision.forward(params, &mut v.enc)?;
+        self.vision.forward(params, &mut v.enc, self.products)?;
         self.vision_head().forward(
             &mut v.head,
             &mut acts.image_embeds,
@@ -566,6 +632,7 @@ impl Clip {
             proj: self.g.text_proj.clone(),
             c: self.dims.text_config.hidden_size,
             dp: self.dims.projection_dim,
+            products: self.products,
         }
     }
 
@@ -577,6 +644,7 @@ impl Clip {
             proj: self.g.visual_proj.clone(),
             c: self.dims.vision_config.hidden_size,
             dp: self.dims.projection_dim,
+            products: self.products,
         }
     }
 
@@ -628,7 +696,7 @@ impl Clip {
                 *x = e + q;
             }
         }
-        self.text.forward(params, &mut tx.enc)?;
+        self.text.forward(params, &mut tx.enc, self.products)?;
         self.text_head().forward(
             &mut tx.head,
             &mut acts.text_embeds,
@@ -849,7 +917,7 @@ impl Encoder {
     }
 
     /// `acts.residual[L]` from `acts.residual[0]`, saving what the backward pass reads.
-    fn forward(&self, params: &[f32], acts: &mut EncoderActs) -> Result<()> {
+    fn forward(&self, params: &[f32], acts: &mut EncoderActs, products: Products) -> Result<()> {
         let (n, c, i) = (acts.b * acts.t, self.dims.hidden, self.dims.intermediate);
         let p = |r: &Range<usize>| &params[r.clone()];
         for (l, lp) in self.layers.iter().enumerate() {
@@ -866,7 +934,7 @@ impl Encoder {
                 n,
                 c,
             )?;
-            linear_forward(
+            products.linear(
                 &mut la.qkv,
                 &la.ln1,
                 p(&lp.qkv_w),
@@ -876,7 +944,7 @@ impl Encoder {
                 3 * c,
             )?;
             acts.attn[l].forward(&Cpu, &mut la.att, &la.qkv)?;
-            linear_forward(
+            products.linear(
                 &mut la.x_mid,
                 &la.att,
                 p(&lp.out_w),
@@ -896,7 +964,7 @@ impl Encoder {
                 n,
                 c,
             )?;
-            linear_forward(
+            products.linear(
                 &mut la.h,
                 &la.ln2,
                 p(&lp.fc1_w),
@@ -906,7 +974,7 @@ impl Encoder {
                 i,
             )?;
             self.dims.act.forward(&mut la.a, &la.h)?;
-            linear_forward(x_next, &la.a, p(&lp.fc2_w), Some(p(&lp.fc2_b)), n, i, c)?;
+            products.linear(x_next, &la.a, p(&lp.fc2_w), Some(p(&lp.fc2_b)), n, i, c)?;
             scale_add(x_next, 1.0, &la.x_mid);
         }
         Ok(())
@@ -1146,6 +1214,7 @@ struct Head {
     /// The tower's width C and the projection's D.
     c: usize,
     dp: usize,
+    products: Products,
 }
 
 impl Head {
@@ -1172,7 +1241,7 @@ impl Head {
             b,
             self.c,
         )?;
-        linear_forward(
+        self.products.linear(
             &mut h.proj,
             &h.pooled,
             &params[self.proj.clone()],

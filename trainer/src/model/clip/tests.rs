@@ -314,6 +314,34 @@ fn gradients_match_finite_differences() {
 }
 
 #[test]
+fn bf16_products_stay_within_their_rounding_of_the_fp32_embeddings() {
+    let d = tiny_dims();
+    let mut model = Clip::new(d).unwrap();
+    let b = 3;
+    let w = weights(&model, 31);
+    let (ids, px) = batch(&d, b, 32);
+    let mut run = |products| {
+        model.set_products(products);
+        let mut acts = Activations::new(&model, b, 6).unwrap();
+        model.forward(&w, &mut acts, &ids, &px).unwrap();
+        [acts.text_embeds, acts.image_embeds]
+    };
+    let (fp32, bf16) = (run(Products::Fp32), run(Products::Bf16));
+    let dp = d.projection_dim;
+    for (tower, (x, y)) in ["text", "image"].iter().zip(fp32.iter().zip(&bf16)) {
+        assert_ne!(x, y, "{tower}: bf16 products must round the operands");
+        for (i, (x, y)) in x.chunks(dp).zip(y.chunks(dp)).enumerate() {
+            let cos: f32 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+            // Unit vectors; bf16 keeps 8 bits, and the errors of 3 products a layer add up.
+            assert!(
+                cos > 0.999,
+                "{tower} row {i}: cosine {cos} between bf16 and fp32"
+            );
+        }
+    }
+}
+
+#[test]
 fn infonce_is_the_mean_of_both_cross_entropies() {
     let d = tiny_dims();
     let model = Clip::new(d).unwrap();
