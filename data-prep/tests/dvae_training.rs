@@ -271,6 +271,7 @@ fn the_cpu_recipe_keeps_its_codebook_and_a_collapsed_one_fails_the_check() {
             count: 64,
             batch: 16,
             out: tmp.path().join(png),
+            pictures: None,
         })
         .unwrap()
     };

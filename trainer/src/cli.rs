@@ -100,6 +100,10 @@ pub enum Command {
         /// The PNG to write.
         #[arg(long, value_name = "FILE", default_value = "reconstructions.png")]
         out: PathBuf,
+        /// Also write each reconstruction alone as DIR/NNNNNN.png beside its caption
+        /// DIR/NNNNNN.txt, the layout `data-prep judge --images DIR` reads.
+        #[arg(long, value_name = "DIR")]
+        pictures: Option<PathBuf>,
     },
     /// Draws pictures for captions: the transformer samples image tokens after each prompt and
     /// the dVAE decodes them; writes one grid per prompt, each picture, and index.json.
@@ -309,6 +313,7 @@ mod tests {
                 count: 16,
                 batch: 2,
                 out: "reconstructions.png".into(),
+                pictures: None,
             }
         );
         assert!(cli.command.config_args().is_none());

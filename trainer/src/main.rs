@@ -87,6 +87,7 @@ fn run(cli: Cli) -> Result<()> {
             count,
             batch,
             out,
+            pictures,
         } => {
             let summary = trainer::reconstruct::run(&trainer::reconstruct::ReconstructOptions {
                 weights,
@@ -95,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
                 count,
                 batch,
                 out,
+                pictures,
             })?;
             println!("{}", trainer::reconstruct::describe(&summary));
             Ok(())

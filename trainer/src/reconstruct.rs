@@ -2,7 +2,10 @@
 //! path order) through a dVAE (encode → argmax
 //! codes → decode, docs/model.md §2) and back, written as one PNG grid of pairs, original on the
 //! left and reconstruction on the right, and measured: mean squared error in pixel space ([0, 1]
-//! per channel), its PSNR, and how many distinct codes the images used.
+//! per channel), its PSNR, and how many distinct codes the images used. With `--pictures DIR`
+//! each reconstruction is also written alone, `DIR/NNNNNN.png` beside its record's caption
+//! `DIR/NNNNNN.txt` (`data-prep synth`'s layout), so that `data-prep judge --images DIR` can say
+//! whether stage 1 keeps what the captions talk about.
 //!
 //! Everything that can be checked is checked before the weights are read: the shard's channel
 //! count (3) and resolution (divisible by 8: the codes form a (resolution/8)² grid), the weights'
@@ -39,6 +42,8 @@ pub struct ReconstructOptions {
     pub batch: usize,
     /// The PNG to write.
     pub out: PathBuf,
+    /// Also each reconstruction alone, with its caption, into this folder (created).
+    pub pictures: Option<PathBuf>,
 }
 
 /// What a reconstruction measured and wrote.
@@ -98,11 +103,14 @@ pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
 
     let px = 3 * res * res;
     let mut originals = vec![0.0f32; n * px];
+    let mut captions = Vec::with_capacity(n);
     let records = shards
         .iter()
         .flat_map(|s| (0..s.len()).map(move |i| (s, i)));
     for (dst, (shard, i)) in originals.chunks_exact_mut(px).zip(records) {
-        hwc_to_chw(&shard.record(i)?.pixels, dst);
+        let record = shard.record(i)?;
+        hwc_to_chw(&record.pixels, dst);
+        captions.push(record.caption);
     }
     let mut recon = Vec::with_capacity(n * px);
     let mut codes = Vec::with_capacity(n * d.grid() * d.grid());
@@ -122,6 +130,9 @@ pub fn run(o: &ReconstructOptions) -> Result<ReconstructSummary> {
 
     let png = grid_png(&originals, &recon, n, res)?;
     formats::fsutil::write_atomic(&o.out, &png, false)?;
+    if let Some(dir) = &o.pictures {
+        write_pictures(dir, &recon, &captions, res)?;
+    }
     Ok(ReconstructSummary {
         images: n,
         resolution: res,
@@ -183,6 +194,27 @@ fn grid_png(originals: &[f32], recon: &[f32], n: usize, r: usize) -> Result<Vec<
     )
     .context("encoding the grid as PNG")?;
     Ok(bytes)
+}
+
+/// Each `[3, r, r]` image of `recon` as `dir/NNNNNN.png`, its caption as `dir/NNNNNN.txt`.
+fn write_pictures(dir: &Path, recon: &[f32], captions: &[String], r: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let px = 3 * r * r;
+    for (i, (chw, caption)) in recon.chunks_exact(px).zip(captions).enumerate() {
+        let img = image::RgbImage::from_fn(r as u32, r as u32, |x, y| {
+            let v = |c: usize| to_u8(chw[c * r * r + y as usize * r + x as usize]);
+            image::Rgb([v(0), v(1), v(2)])
+        });
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .context("encoding a reconstruction as PNG")?;
+        formats::fsutil::write_atomic(&dir.join(format!("{i:06}.png")), &bytes, false)?;
+        formats::fsutil::write_atomic(&dir.join(format!("{i:06}.txt")), caption.as_bytes(), false)?;
+    }
+    Ok(())
 }
 
 /// Pairs per row of a grid of `n`: ⌈√n⌉.

@@ -97,6 +97,8 @@ fn grid_holds_originals_and_reconstructions_and_mse_is_theirs() {
         &batch.to_string(),
         "--out",
         out.to_str().unwrap(),
+        "--pictures",
+        tmp.path().join("pictures").to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -145,6 +147,28 @@ fn grid_holds_originals_and_reconstructions_and_mse_is_theirs() {
             }
         }
     }
+    // --pictures: each reconstruction alone, the grid's pixels, beside its record's caption.
+    let mut names: Vec<String> = fs::read_dir(tmp.path().join("pictures"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let want: Vec<String> = (0..n)
+        .flat_map(|i| [format!("{i:06}.png"), format!("{i:06}.txt")])
+        .collect();
+    assert_eq!(names, want);
+    for i in 0..n {
+        let pic = tmp.path().join(format!("pictures/{i:06}.png"));
+        let pic = image::open(pic).unwrap().to_rgb8();
+        assert_eq!(pic.dimensions(), (RES as u32, RES as u32));
+        let [_, (rx, ry)] = pair_origin(i, n, RES);
+        for (x, y, p) in pic.enumerate_pixels() {
+            assert_eq!(*p, *img.get_pixel(rx + x, ry + y), "picture {i} at {x},{y}");
+        }
+        let caption = fs::read_to_string(tmp.path().join(format!("pictures/{i:06}.txt"))).unwrap();
+        assert_eq!(caption, format!("image {i}"));
+    }
+
     // Between the two halves of a pair, the background.
     let [(ox, oy), _] = pair_origin(0, n, RES);
     assert_eq!(img.get_pixel(ox + RES as u32, oy).0, [255, 255, 255]);
