@@ -216,15 +216,30 @@ do_sample() {
 }
 complete_sample() { [[ -f $work/samples/index.json ]]; }
 
-# 10. The judge: the held-out originals first (what the judge scores on true pictures), then
-# the samples.
+# 10. The judge: the held-out originals first (what the judge scores on true pictures), then the
+# dVAE's reconstructions of them (what stage 1 keeps: the samples' ceiling), then the samples.
 do_judge() {
   log "the judge on the held-out synth pictures themselves (its ceiling):"
   "$bin/data-prep" judge --images "$work/heldout" --out "$work/judge-heldout.json"
+  local ema=() steps
+  steps=$(final_step "$dvae_config" "$dvae_steps")
+  if [[ -f $work/dvae/checkpoints/$(printf 'step_%08d' "$steps")/ema.safetensors ]]; then
+    ema=(--ema)
+  fi
+  rm -rf "$work/heldout-images" "$work/reconstructions"
+  "$bin/data-prep" ingest --input "$work/heldout" --out "$work/heldout-images" \
+    --resolution "$resolution" --quiet >/dev/null
+  log "the judge on the dVAE's reconstructions of them (stage 1: the samples' ceiling):"
+  "$bin/trainer" reconstruct --weights "$work/dvae" "${ema[@]}" \
+    --images "$work/heldout-images/images-*.tis" --count $((4 * heldout)) --batch 8 \
+    --out "$work/reconstructions.png" --pictures "$work/reconstructions"
+  "$bin/data-prep" judge --images "$work/reconstructions" --out "$work/judge-reconstructions.json"
   log "the judge on the samples:"
   "$bin/data-prep" judge --images "$work/samples" --out "$work/judge.json"
 }
-complete_judge() { [[ -f $work/judge.json && -f $work/judge-heldout.json ]]; }
+complete_judge() {
+  [[ -f $work/judge.json && -f $work/judge-heldout.json && -f $work/judge-reconstructions.json ]]
+}
 
 for s in "${steps[@]}"; do
   step "$s"
