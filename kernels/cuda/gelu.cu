@@ -7,6 +7,10 @@
 //
 // Forward overwrites out (=); backward overwrites dinp (=, an activation gradient):
 // dinp = dout · gelu'(inp).
+//
+// CLIP's other two activations, forward only, f32 (embedding on a device): quick_gelu,
+// u·σ(1.702·u), and the exact GELU, ½·u·(1 + erf(u/√2)). References: quick_gelu_forward and
+// gelu_erf_forward in kernels/src/gelu.rs.
 #include "common.cuh"
 
 #define GELU_SQRT_2_OVER_PI 0.7978846f
@@ -52,4 +56,20 @@ extern "C" __global__ void gelu_backward_f32(float* dinp, const float* dout, con
 extern "C" __global__ void gelu_backward_f16(__half* dinp, const __half* dout,
                                              const __half* inp, int n) {
     gelu_backward(dinp, dout, inp, n);
+}
+
+extern "C" __global__ void quick_gelu_forward_f32(float* out, const float* inp, int n) {
+    long stride = (long)gridDim.x * blockDim.x;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float u = inp[i];
+        out[i] = u * (1.0f / (1.0f + expf(-1.702f * u)));
+    }
+}
+
+extern "C" __global__ void gelu_erf_forward_f32(float* out, const float* inp, int n) {
+    long stride = (long)gridDim.x * blockDim.x;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float u = inp[i];
+        out[i] = 0.5f * u * (1.0f + erff(u * 0.70710678118654752f));
+    }
 }

@@ -5,6 +5,10 @@
 //! [`GeluOps`] runs them on a [`Device`], in f32 or with f16 storage (the MLP's hidden
 //! activation on GPU, in the paper's scheme): on [`Cpu`] the functions below on the values
 //! widened to f32, the result rounded back; on a GPU the kernels of `kernels/cuda/gelu.cu`.
+//!
+//! CLIP's two other activations, forward only and in f32 (what embedding on a device needs;
+//! CLIP trains on the CPU): [`quick_gelu_forward`], `u·σ(1.702·u)` (OpenAI's CLIP), and
+//! [`gelu_erf_forward`], the exact `½·u·(1 + erf(u/√2))`.
 
 use crate::device::{store, widen, Cpu, Device, Elem};
 use crate::error::{check_len, Result};
@@ -29,6 +33,45 @@ pub trait GeluOps: Device {
         dout: &Self::Buf<T>,
         inp: &Self::Buf<T>,
     ) -> Result<()>;
+    /// `out = u·σ(1.702·u)` of `inp` (overwritten), f32.
+    fn quick_gelu_forward(&self, out: &mut Self::Buf<f32>, inp: &Self::Buf<f32>) -> Result<()>;
+    /// `out = ½·u·(1 + erf(u/√2))` of `inp` (overwritten), f32.
+    fn gelu_erf_forward(&self, out: &mut Self::Buf<f32>, inp: &Self::Buf<f32>) -> Result<()>;
+}
+
+/// The constant of `quick_gelu`.
+pub const QUICK_GELU_ALPHA: f32 = 1.702;
+
+/// `out = u·σ(1.702·u)` (OpenAI's CLIP's `quick_gelu`), element-wise; σ(x) = 1/(1 + e⁻ˣ) in f32.
+pub fn quick_gelu_forward(out: &mut [f32], inp: &[f32]) -> Result<()> {
+    check_len("quick_gelu_forward", "out", out.len(), inp.len())?;
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &u) in o.iter_mut().zip(x) {
+                *o = u * quick_gelu_sigmoid(u);
+            }
+        });
+    Ok(())
+}
+
+/// σ(1.702·u), the gate of [`quick_gelu_forward`] (its backward pass reads it too).
+pub fn quick_gelu_sigmoid(u: f32) -> f32 {
+    1.0 / (1.0 + (-QUICK_GELU_ALPHA * u).exp())
+}
+
+/// `out = ½·u·(1 + erf(u/√2))`, the exact GELU, element-wise, computed in f64 and rounded.
+pub fn gelu_erf_forward(out: &mut [f32], inp: &[f32]) -> Result<()> {
+    check_len("gelu_erf_forward", "out", out.len(), inp.len())?;
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &u) in o.iter_mut().zip(x) {
+                let u = u as f64;
+                *o = (0.5 * u * (1.0 + libm::erf(u * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+            }
+        });
+    Ok(())
 }
 
 impl GeluOps for Cpu {
@@ -46,6 +89,14 @@ impl GeluOps for Cpu {
         gelu_backward(&mut dx, &widen(dout), &widen(inp))?;
         store(dinp, dx);
         Ok(())
+    }
+
+    fn quick_gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
+        quick_gelu_forward(out, inp)
+    }
+
+    fn gelu_erf_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
+        gelu_erf_forward(out, inp)
     }
 }
 

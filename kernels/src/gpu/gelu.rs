@@ -44,12 +44,41 @@ impl<R: Runtime> GeluOps for Gpu<R> {
         // SAFETY: the arguments are the kernel's; all three buffers hold n elements of T.
         unsafe { rt.launch(k, elementwise(n), &args) }
     }
+
+    fn quick_gelu_forward(&self, out: &mut R::Buf<f32>, inp: &R::Buf<f32>) -> Result<()> {
+        self.f32_activation("quick_gelu_forward_f32", out, inp)
+    }
+
+    fn gelu_erf_forward(&self, out: &mut R::Buf<f32>, inp: &R::Buf<f32>) -> Result<()> {
+        self.f32_activation("gelu_erf_forward_f32", out, inp)
+    }
+}
+
+impl<R: Runtime> Gpu<R> {
+    /// Launches the element-wise f32 kernel `k(out, inp, n)`.
+    fn f32_activation(
+        &self,
+        k: &'static str,
+        out: &mut R::Buf<f32>,
+        inp: &R::Buf<f32>,
+    ) -> Result<()> {
+        let rt = &self.0;
+        let n = rt.len(inp);
+        check_buf(rt, k, "out", out, n)?;
+        let ni = as_i32(k, "n", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::new().ptr(rt.addr_mut(out)).ptr(rt.addr(inp)).i32(ni);
+        // SAFETY: the arguments are the kernel's; both buffers hold n f32 elements.
+        unsafe { rt.launch(k, elementwise(n), &args) }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{narrow, widen, Cpu};
+    use crate::device::{narrow, widen, Cpu, Device};
     use crate::gpu::{Emu, Schedule};
     use crate::testutil::{close, rand_vec};
     use half::f16;
@@ -100,6 +129,43 @@ mod tests {
         // Both sides round f32 values that differ as above to f16: one f16 step (2⁻¹⁰
         // relative; 6e-8 among subnormals) at most.
         parity::<f16>(5e-6, 1e-3);
+    }
+
+    #[test]
+    fn emulated_clip_activations_match_the_cpu_references() {
+        // expf and erff against the references' f32 exp and f64 erf: a few ulps of values up to
+        // |u| = 5.
+        for &n in &[1usize, 255, 4099] {
+            let x = rand_vec(n, 5.0, 17 + n as u64);
+            let mut want = (vec![0.0f32; n], vec![0.0f32; n]);
+            Cpu.quick_gelu_forward(&mut want.0, &x).unwrap();
+            Cpu.gelu_erf_forward(&mut want.1, &x).unwrap();
+            crate::gpu::for_each_gpu!(s, dev, {
+                let xd = dev.upload(&x).unwrap();
+                let mut y = dev.upload(&rand_vec(n, 9.0, 5)).unwrap();
+                dev.quick_gelu_forward(&mut y, &xd).unwrap();
+                let got = dev.download(&y).unwrap();
+                close(
+                    &format!("quick_gelu n={n} {s:?}"),
+                    &got,
+                    &want.0,
+                    2e-6,
+                    1e-5,
+                );
+                dev.gelu_erf_forward(&mut y, &xd).unwrap();
+                let got = dev.download(&y).unwrap();
+                close(&format!("gelu_erf n={n} {s:?}"), &got, &want.1, 2e-6, 1e-5);
+            });
+        }
+        let dev = Gpu(Emu::new(Schedule::Forward));
+        let err = dev
+            .quick_gelu_forward(&mut vec![0.0f32; 3], &vec![0.0f32; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("quick_gelu_forward_f32") && err.contains("`out`"),
+            "{err}"
+        );
     }
 
     #[test]

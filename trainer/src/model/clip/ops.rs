@@ -11,6 +11,7 @@
 //! - [`normalize_rows`] / [`normalize_rows_backward`]: L2 normalisation of the embeddings;
 //! - [`end_positions`]: where the text tower pools, as Hugging Face's `CLIPTextTransformer` does.
 
+use kernels::gelu::{quick_gelu_sigmoid, QUICK_GELU_ALPHA};
 use rayon::prelude::*;
 
 /// The MLP activation of a tower (`hidden_act` in Hugging Face's config).
@@ -25,9 +26,6 @@ pub enum Activation {
     #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new")]
     GeluTanh,
 }
-
-/// The constant of `quick_gelu`.
-const QUICK_GELU_ALPHA: f32 = 1.702;
 
 impl Activation {
     /// The activation named `name` in a Hugging Face config, or `None` if Tessera lacks it.
@@ -49,18 +47,14 @@ impl Activation {
         }
     }
 
-    /// `out = act(inp)`, element-wise.
+    /// `out = act(inp)`, element-wise (the references of `kernels::gelu`).
     pub fn forward(self, out: &mut [f32], inp: &[f32]) -> kernels::Result<()> {
         kernels::error::check_len("clip_activation", "out", out.len(), inp.len())?;
         match self {
-            Activation::GeluTanh => return kernels::gelu::gelu_forward(out, inp),
-            Activation::QuickGelu => par_map(out, inp, |u| u * sigmoid(QUICK_GELU_ALPHA * u)),
-            Activation::Gelu => par_map(out, inp, |u| {
-                let u = u as f64;
-                (0.5 * u * (1.0 + libm::erf(u * std::f64::consts::FRAC_1_SQRT_2))) as f32
-            }),
+            Activation::GeluTanh => kernels::gelu::gelu_forward(out, inp),
+            Activation::QuickGelu => kernels::gelu::quick_gelu_forward(out, inp),
+            Activation::Gelu => kernels::gelu::gelu_erf_forward(out, inp),
         }
-        Ok(())
     }
 
     /// `dinp = act'(inp) · dout` (overwritten).
@@ -74,7 +68,7 @@ impl Activation {
                 .zip(dout.par_chunks(CHUNK).zip(inp.par_chunks(CHUNK)))
                 .for_each(|(d, (g, x))| {
                     for ((d, &g), &u) in d.iter_mut().zip(g).zip(x) {
-                        let s = sigmoid(QUICK_GELU_ALPHA * u);
+                        let s = quick_gelu_sigmoid(u);
                         *d = g * (s + QUICK_GELU_ALPHA * u * s * (1.0 - s));
                     }
                 }),
@@ -97,20 +91,6 @@ impl Activation {
 /// Elements per parallel task of the element-wise loops (fixed: results never depend on
 /// scheduling).
 const CHUNK: usize = 1 << 14;
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-fn par_map(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &u) in o.iter_mut().zip(x) {
-                *o = f(u);
-            }
-        });
-}
 
 /// The non-overlapping `p × p` patches of `pixels` ([B, ch, s, s], s = g·p) as rows: `out`
 /// [B·g², ch·p·p], row `b·g² + gy·g + gx`, column `(c·p + ky)·p + kx` — the layout of a
