@@ -21,6 +21,7 @@
 //! training clamps the parameter into [0, ln 100] after every update ([`Clip::clamp_logit_scale`]),
 //! as OpenAI's CLIP did.
 
+pub mod device;
 pub mod hf;
 pub mod ops;
 
@@ -1110,20 +1111,27 @@ struct EncoderActs {
     scratch: EncoderScratch,
 }
 
+/// A tower's attention mask over `t` positions as `kernels::dense_attention::mask_words` lays
+/// it out: every key (vision) or the keys up to the query (text, `causal`).
+fn attention_mask(t: usize, causal: bool) -> Vec<u32> {
+    let words = t.div_ceil(32);
+    let mut mask = vec![0u32; t * words];
+    for p in 0..t {
+        for q in 0..t {
+            if !causal || q <= p {
+                mask[p * words + q / 32] |= 1 << (q % 32);
+            }
+        }
+    }
+    mask
+}
+
 impl EncoderActs {
     fn new(enc: &Encoder, b: usize, t: usize) -> Result<Self> {
         let (d, causal) = (&enc.dims, enc.causal);
         let (n, c, i) = (b * t, d.hidden, d.intermediate);
         let z = |k: usize| vec![0.0f32; k];
-        let words = t.div_ceil(32);
-        let mut mask = vec![0u32; t * words];
-        for p in 0..t {
-            for q in 0..t {
-                if !causal || q <= p {
-                    mask[p * words + q / 32] |= 1 << (q % 32);
-                }
-            }
-        }
+        let mask = attention_mask(t, causal);
         let attn = (0..d.layers)
             .map(|_| DenseAttention::with_mask(&Cpu, &mask, t, b, d.heads, c / d.heads))
             .collect::<kernels::Result<Vec<_>>>()?;

@@ -419,3 +419,63 @@ fn bad_sizes_and_inputs_are_refused_by_name() {
         .to_string();
     assert!(err.contains("input_ids has 6 ids"), "{err}");
 }
+
+/// The vision tower on a device (`DeviceImageTower`) against `Clip::image_forward`, on the CPU
+/// device and on the emulated GPU under every schedule, for each activation.
+#[test]
+fn the_image_tower_on_a_device_matches_the_host_forward() {
+    use super::device::{ClipDevice, DeviceImageTower};
+    use kernels::gpu::{Emu, Gpu, Schedule};
+    fn run<D: ClipDevice>(dev: &D, model: &Clip, w: &[f32], px: &[f32], b: usize) -> Vec<f32> {
+        let mut tower = DeviceImageTower::new(dev, model, w, b).unwrap();
+        let mut out = vec![f32::NAN; b * model.dims().projection_dim];
+        tower.forward(dev, model, w, px, &mut out).unwrap();
+        // A second batch through the same buffers gives the same vectors.
+        let mut again = vec![f32::NAN; out.len()];
+        tower.forward(dev, model, w, px, &mut again).unwrap();
+        assert_eq!(out, again);
+        out
+    }
+    for act in [
+        Activation::QuickGelu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+    ] {
+        let mut d = tiny_dims();
+        d.vision_config.hidden_act = act;
+        d.vision_config.num_hidden_layers = 3;
+        let model = Clip::new(d).unwrap();
+        let b = 3;
+        let w = weights(&model, 41);
+        let (_, px) = batch(&d, b, 42);
+        let mut acts = Activations::new(&model, b, 6).unwrap();
+        model.image_forward(&w, &mut acts, &px).unwrap();
+        let want = acts.image_embeds.clone();
+        let mut devices: Vec<(String, Vec<f32>)> =
+            vec![("cpu".into(), run(&kernels::device::Cpu, &model, &w, &px, b))];
+        for s in Schedule::ALL {
+            let dev = Gpu(Emu::new(s));
+            devices.push((format!("{s:?}"), run(&dev, &model, &w, &px, b)));
+        }
+        for (name, got) in devices {
+            for (k, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() < 1e-5,
+                    "{act:?} on {name}: embedding element {k} {g} vs host {e}"
+                );
+            }
+        }
+    }
+    // A batch of another size is refused, naming both.
+    let d = tiny_dims();
+    let model = Clip::new(d).unwrap();
+    let w = weights(&model, 1);
+    let mut tower = DeviceImageTower::new(&kernels::device::Cpu, &model, &w, 2).unwrap();
+    let (_, px) = batch(&d, 3, 2);
+    let mut out = vec![0.0; 3 * d.projection_dim];
+    let e = tower
+        .forward(&kernels::device::Cpu, &model, &w, &px, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch 2"), "{e}");
+}
