@@ -149,6 +149,8 @@ PY
     # The dVAE in fp32: the same bound as the transformer's fp32 run (the emulator's ten updates
     # of a tiny dVAE agree within 3.2e-8, tests/tests/device.rs; cuBLAS sums the convolutions'
     # products in orders the emulator does not copy).
+    echo "--- trainer: CLIP's vision tower on the GPU vs the host model (data-prep embed --device cuda)"
+    gpu-bin/test-trainer --nocapture model::clip::tests::the_image_tower || status=1
     echo "--- trainer: the dVAE's step on the GPU vs the host model"
     gpu-bin/test-trainer --nocapture model::dvae::device || status=1
     echo "--- trainer train: run.device cuda vs cpu, the dVAE (fp32), 20 updates of configs/dvae-cpu.yaml"

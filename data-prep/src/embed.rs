@@ -25,11 +25,14 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use formats::image_shard::{ImageShard, EXTENSION as IMAGE_EXTENSION};
 use half::f16;
+use kernels::device::Device;
+use kernels::gpu::{Cuda, Emu, Gpu, Schedule};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use trainer::config::RunConfig;
 use trainer::data::loader::{resolve_paths_with, LoaderError};
+use trainer::model::clip::device::DeviceImageTower;
 use trainer::model::clip::hf::{self, ClipTokenizer, Preprocessor};
 use trainer::model::clip::{Activations, Clip, Products};
 use trainer::train::objectives::ClipCaptions;
@@ -72,9 +75,79 @@ pub struct EmbedArgs {
     /// in cosine distance; docs/dedup.md).
     #[arg(long, value_enum, default_value_t = Products::Fp32)]
     pub precision: Products,
+    /// Where the vision tower runs: `cpu`, `cuda` (GPU 0, or LOCAL_RANK's), or `cuda-emu` (the
+    /// CUDA kernels on the CPU emulator: a test device). The text tower and the head run on the
+    /// CPU; fp32 only on a GPU.
+    #[arg(long, value_enum, default_value_t = EmbedDevice::Cpu)]
+    pub device: EmbedDevice,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `data-prep embed --device`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedDevice {
+    Cpu,
+    Cuda,
+    CudaEmu,
+}
+
+/// The vision tower where `--device` puts it.
+enum Tower {
+    Host,
+    Cuda(Box<Gpu<Cuda>>, Box<DeviceImageTower<Gpu<Cuda>>>),
+    Emu(Gpu<Emu>, Box<DeviceImageTower<Gpu<Emu>>>),
+}
+
+impl Tower {
+    fn open(device: EmbedDevice, clip: &LoadedClip, batch: usize) -> Result<Tower> {
+        let (model, params) = (&clip.model, &clip.params[..]);
+        Ok(match device {
+            EmbedDevice::Cpu => Tower::Host,
+            EmbedDevice::Cuda => {
+                let ordinal = match std::env::var("LOCAL_RANK") {
+                    Ok(v) => v
+                        .parse()
+                        .with_context(|| format!("LOCAL_RANK={v:?} is not a GPU index"))?,
+                    Err(_) => 0,
+                };
+                let dev = Gpu(Cuda::new(ordinal).context("--device cuda")?);
+                let tower = DeviceImageTower::new(&dev, model, params, batch)?;
+                Tower::Cuda(Box::new(dev), Box::new(tower))
+            }
+            EmbedDevice::CudaEmu => {
+                let dev = Gpu(Emu::new(Schedule::Forward));
+                let tower = DeviceImageTower::new(&dev, model, params, batch)?;
+                Tower::Emu(dev, Box::new(tower))
+            }
+        })
+    }
+
+    /// The device, for the log (`None`: the CPU).
+    fn device_name(&self) -> Option<String> {
+        match self {
+            Tower::Host => None,
+            Tower::Cuda(dev, _) => Some(dev.name()),
+            Tower::Emu(dev, _) => Some(dev.name()),
+        }
+    }
+
+    /// `acts.image_embeds` of `pixels` (a whole batch).
+    fn image_forward(
+        &mut self,
+        clip: &LoadedClip,
+        acts: &mut Activations,
+        pixels: &[f32],
+    ) -> Result<()> {
+        let (m, p, e) = (&clip.model, &clip.params[..], &mut acts.image_embeds);
+        match self {
+            Tower::Host => m.image_forward(p, acts, pixels)?,
+            Tower::Cuda(dev, t) => t.forward(&**dev, m, p, pixels, e)?,
+            Tower::Emu(dev, t) => t.forward(dev, m, p, pixels, e)?,
+        }
+        Ok(())
+    }
 }
 
 /// One input shard in the manifest.
@@ -305,6 +378,11 @@ pub fn run(a: &EmbedArgs) -> Result<EmbedSummary> {
             ImageShard::open(p).with_context(|| format!("reading images from {}", p.display()))?,
         );
     }
+    ensure!(
+        a.precision == Products::Fp32 || a.device == EmbedDevice::Cpu,
+        "--precision {} runs on the CPU only; with a GPU --device use --precision fp32",
+        a.precision
+    );
     let mut clip = LoadedClip::load(&a.model)?;
     clip.model.set_products(a.precision);
     let dims = *clip.model.dims();
@@ -402,6 +480,7 @@ pub fn run(a: &EmbedArgs) -> Result<EmbedSummary> {
     let start = Instant::now();
     let (mut written, mut reused, mut embedded) = (0, 0, 0u64);
     let mut acts = None;
+    let mut tower = None;
     for (shard, entry) in shards.iter().zip(&manifest.shards) {
         let path = a.out.join(&entry.file);
         if read_metadata(&path)?.as_ref() == Some(&file_metadata(&manifest, entry)) {
@@ -413,7 +492,17 @@ pub fn run(a: &EmbedArgs) -> Result<EmbedSummary> {
             Some(x) => x,
             None => acts.insert(Activations::new(&clip.model, a.batch, clip.text_len)?),
         };
-        let bytes = embed_shard(&clip, acts, shard, a.captions, &bar)
+        let tower = match &mut tower {
+            Some(t) => t,
+            None => {
+                let t = Tower::open(a.device, &clip, a.batch)?;
+                if let Some(name) = t.device_name() {
+                    bar.suspend(|| eprintln!("embed: the vision tower runs on {name}"));
+                }
+                tower.insert(t)
+            }
+        };
+        let bytes = embed_shard(&clip, tower, acts, shard, a.captions, &bar)
             .with_context(|| format!("embedding {}", shard.path().display()))?;
         let file = serialize(&manifest, entry, &bytes)?;
         formats::fsutil::write_atomic(&path, &file, true)?;
@@ -448,6 +537,7 @@ fn f16_bytes(out: &mut Vec<u8>, v: &[f32]) {
 
 fn embed_shard(
     clip: &LoadedClip,
+    tower: &mut Tower,
     acts: &mut Activations,
     shard: &ImageShard,
     captions: bool,
@@ -485,7 +575,7 @@ fn embed_shard(
         for (dst, img) in pixels.chunks_exact_mut(px).zip(&images) {
             dst.copy_from_slice(img);
         }
-        clip.model.image_forward(&clip.params, acts, &pixels)?;
+        tower.image_forward(clip, acts, &pixels)?;
         f16_bytes(&mut out.image, &acts.image_embeds[..count * d]);
         if let Some(cap) = &mut out.caption {
             ids.clear();

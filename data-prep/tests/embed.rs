@@ -99,6 +99,46 @@ fn embed_is_aligned_resumable_and_refuses_another_model() {
     let bytes = std::fs::read(p("bf16/images-00000.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(meta.metadata().as_ref().unwrap()["precision"], "bf16");
+
+    // The vision tower on the emulated GPU: the CPU's vectors to f16 rounding (the captions'
+    // tower stays on the CPU: the same bytes).
+    let out = ok(embed(
+        &model,
+        &p("train"),
+        &p("emu"),
+        &["--captions", "--device", "cuda-emu"],
+    ));
+    assert!(
+        out.contains("3 written") && out.contains("the vision tower runs on emulated CUDA"),
+        "{out}"
+    );
+    let e = vectors(&p("emu"));
+    assert_eq!(e.len(), 20);
+    for (i, (a, b)) in v.iter().zip(&e).enumerate() {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst <= 1e-3,
+            "record {i}: |cpu − emulated GPU| up to {worst}"
+        );
+    }
+    let caption = |dir: &str| {
+        let bytes = std::fs::read(p(&format!("{dir}/images-00001.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("caption").unwrap().data().to_vec()
+    };
+    assert_eq!(caption("emu"), caption("emb"));
+    // bf16 products are the CPU's only.
+    let e = text(&embed(
+        &model,
+        &p("train"),
+        &p("emu-bf16"),
+        &["--device", "cuda-emu", "--precision", "bf16"],
+    ));
+    assert!(e.contains("runs on the CPU only"), "{e}");
 }
 
 /// A Tessera `model.kind: clip` run as `--model`: the newest checkpoint's weights and config

@@ -457,7 +457,16 @@ fn the_image_tower_on_a_device_matches_the_host_forward() {
             let dev = Gpu(Emu::new(s));
             devices.push((format!("{s:?}"), run(&dev, &model, &w, &px, b)));
         }
+        match kernels::gpu::cuda_for_tests() {
+            Some(dev) => devices.push((
+                kernels::device::Device::name(dev),
+                run(dev, &model, &w, &px, b),
+            )),
+            None => eprintln!("skipped on CUDA: no GPU here (the CPU and the emulator ran)"),
+        }
         for (name, got) in devices {
+            // cuBLAS sums in other orders than the emulator's products: 1e-5 holds there too
+            // for these sizes (the transformer's device test's bound).
             for (k, (g, e)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - e).abs() < 1e-5,
