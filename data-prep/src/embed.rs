@@ -71,8 +71,8 @@ pub struct EmbedArgs {
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// The linear layers' products: `fp32`, or `bf16` (operands rounded to bfloat16, sums in
-    /// f32; about 1.5× faster on CPUs with AVX512-BF16, embeddings within about 1e-2 of fp32's
-    /// in cosine distance; docs/dedup.md).
+    /// f32; about 1.6× faster on CPUs with AVX512-BF16, each embedding within cosine 0.999 of
+    /// the fp32 one; docs/dedup.md).
     #[arg(long, value_enum, default_value_t = Products::Fp32)]
     pub precision: Products,
     /// Where the vision tower runs: `cpu`, `cuda` (GPU 0, or LOCAL_RANK's), or `cuda-emu` (the
