@@ -25,8 +25,8 @@
 //! [`MR`] blocks; each output's sum runs over C in one fixed order, so the result does not depend
 //! on the number of threads.
 
-use crate::error::{check_len, Result};
-use crate::linear::{linear_forward, MatRef};
+use crate::error::Result;
+use crate::linear::{check_linear, linear_forward, MatRef};
 use rayon::prelude::*;
 
 /// Rows of the register block.
@@ -86,13 +86,8 @@ fn linear_bf16_on(
     c: usize,
     oc: usize,
 ) -> Result<()> {
-    const OP: &str = "linear_forward_bf16";
-    check_len(OP, "inp", inp.len(), n * c)?;
-    check_len(OP, "weight", weight.len(), oc * c)?;
-    check_len(OP, "out", out.len(), n * oc)?;
-    if let Some(bias) = bias {
-        check_len(OP, "bias", bias.len(), oc)?;
-    }
+    let lens = (out.len(), inp.len(), weight.len());
+    check_linear("linear_forward_bf16", lens, bias, (n, c, oc))?;
     if !hardware || n == 0 || oc == 0 || c == 0 {
         return linear_forward_rounded(out, inp, weight, bias, n, c, oc);
     }

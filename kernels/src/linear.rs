@@ -445,6 +445,23 @@ fn matmul_impl(
     Ok(())
 }
 
+/// The lengths of a linear layer's buffers, `(out, inp, weight)` and `bias`, for sizes
+/// `(n, c, oc)`: an error naming `op` and the buffer otherwise.
+pub fn check_linear(
+    op: &'static str,
+    (out, inp, weight): (usize, usize, usize),
+    bias: Option<&[f32]>,
+    (n, c, oc): (usize, usize, usize),
+) -> Result<()> {
+    check_len(op, "inp", inp, n * c)?;
+    check_len(op, "weight", weight, oc * c)?;
+    check_len(op, "out", out, n * oc)?;
+    if let Some(bias) = bias {
+        check_len(op, "bias", bias.len(), oc)?;
+    }
+    Ok(())
+}
+
 /// `out[N, OC] = inp[N, C] · weight[OC, C]ᵀ + bias[OC]` (out overwritten).
 pub fn linear_forward(
     out: &mut [f32],
@@ -455,12 +472,13 @@ pub fn linear_forward(
     c: usize,
     oc: usize,
 ) -> Result<()> {
-    const OP: &str = "linear_forward";
-    check_len(OP, "inp", inp.len(), n * c)?;
-    check_len(OP, "weight", weight.len(), oc * c)?;
-    check_len(OP, "out", out.len(), n * oc)?;
+    check_linear(
+        "linear_forward",
+        (out.len(), inp.len(), weight.len()),
+        bias,
+        (n, c, oc),
+    )?;
     if let Some(bias) = bias {
-        check_len(OP, "bias", bias.len(), oc)?;
         out.par_chunks_mut(oc.max(1))
             .for_each(|row| row.copy_from_slice(bias));
     }

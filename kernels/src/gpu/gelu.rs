@@ -9,16 +9,7 @@ use crate::gelu::GeluOps;
 impl<R: Runtime> GeluOps for Gpu<R> {
     fn gelu_forward<T: Elem>(&self, out: &mut R::Buf<T>, inp: &R::Buf<T>) -> Result<()> {
         let k = kernel_for::<T>("gelu_forward_f32", "gelu_forward_f16")?;
-        let rt = &self.0;
-        let n = rt.len(inp);
-        check_buf(rt, k, "out", out, n)?;
-        let ni = as_i32(k, "n", n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let args = Args::new().ptr(rt.addr_mut(out)).ptr(rt.addr(inp)).i32(ni);
-        // SAFETY: the arguments are the kernel's; both buffers hold n elements of T.
-        unsafe { rt.launch(k, elementwise(n), &args) }
+        self.unary(k, out, inp)
     }
 
     fn gelu_backward<T: Elem>(
@@ -46,22 +37,17 @@ impl<R: Runtime> GeluOps for Gpu<R> {
     }
 
     fn quick_gelu_forward(&self, out: &mut R::Buf<f32>, inp: &R::Buf<f32>) -> Result<()> {
-        self.f32_activation("quick_gelu_forward_f32", out, inp)
+        self.unary("quick_gelu_forward_f32", out, inp)
     }
 
     fn gelu_erf_forward(&self, out: &mut R::Buf<f32>, inp: &R::Buf<f32>) -> Result<()> {
-        self.f32_activation("gelu_erf_forward_f32", out, inp)
+        self.unary("gelu_erf_forward_f32", out, inp)
     }
 }
 
 impl<R: Runtime> Gpu<R> {
-    /// Launches the element-wise f32 kernel `k(out, inp, n)`.
-    fn f32_activation(
-        &self,
-        k: &'static str,
-        out: &mut R::Buf<f32>,
-        inp: &R::Buf<f32>,
-    ) -> Result<()> {
+    /// Launches the element-wise kernel `k(out, inp, n)` over buffers of `T`.
+    fn unary<T: Elem>(&self, k: &'static str, out: &mut R::Buf<T>, inp: &R::Buf<T>) -> Result<()> {
         let rt = &self.0;
         let n = rt.len(inp);
         check_buf(rt, k, "out", out, n)?;
@@ -70,7 +56,7 @@ impl<R: Runtime> Gpu<R> {
             return Ok(());
         }
         let args = Args::new().ptr(rt.addr_mut(out)).ptr(rt.addr(inp)).i32(ni);
-        // SAFETY: the arguments are the kernel's; both buffers hold n f32 elements.
+        // SAFETY: the arguments are the kernel's; both buffers hold n elements of T.
         unsafe { rt.launch(k, elementwise(n), &args) }
     }
 }
