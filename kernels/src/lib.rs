@@ -36,6 +36,7 @@ pub mod linear;
 pub mod powersgd;
 pub mod relu;
 pub mod resample;
+pub mod rows;
 pub mod scale_add;
 pub(crate) mod simd;
 
