@@ -14,9 +14,11 @@ Two loops, written as a PyTorch user would write them:
             position per step attending over the cache under its mask row.
 
 Each sequence's next token is drawn with torch.multinomial from the softmax of its logits.
+--dtype bf16 casts the model (and so the activations and the caches) to bfloat16, as a PyTorch
+user would for faster CPU inference; the softmax of the logits is taken in f32.
 
     python tools/bench_pytorch_sample.py [--size small] [--batch 8] [--runs 3] [--stride 16]
-        [--mode naive|kv_cache|both] [--threads 2]
+        [--mode naive|kv_cache|both] [--threads 2] [--dtype fp32|bf16]
 
 One JSON line per mode: seconds for all B × G² image tokens (median of --runs after a warm-up
 for kv_cache; the estimate for naive) and tokens per second.
@@ -82,7 +84,7 @@ def image_logits(model, h_last):
 
 
 def draw(logits, gen):
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=gen)
 
 
 def naive_step(model, text, image_so_far):
@@ -95,8 +97,9 @@ def generate_cached(model, text, gen):
     G2 = model.G * model.G
     T = Tt + G2
     blk0 = model.blocks[0].attn
+    dtype = model.head.weight.dtype
     caches = [
-        (torch.empty(B, blk0.h, T, blk0.dh), torch.empty(B, blk0.h, T, blk0.dh))
+        (torch.empty(B, blk0.h, T, blk0.dh, dtype=dtype), torch.empty(B, blk0.h, T, blk0.dh, dtype=dtype))
         for _ in model.blocks
     ]
     h = run_blocks(model, embed(model, text, text.new_empty(B, 0), 0), 0, caches)
@@ -119,17 +122,20 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=16)
     ap.add_argument("--mode", default="both", choices=["naive", "kv_cache", "both"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Tt, Vt, G, Vi, d, h, L, _ = SIZES[args.size]
     torch.manual_seed(1)
     model = Transformer(Tt, Vt, G, Vi, d, h, L, "masked_softmax").eval()
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     gen = torch.Generator().manual_seed(7)
     B = args.batch
     text, image = random_batch(gen, B, Tt, Vt, G, Vi)
     G2 = G * G
     common = {"impl": "pytorch-eager", "size": args.size, "batch": B, "image_tokens": G2,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype}
     with torch.inference_mode():
         if args.mode in ("kv_cache", "both"):
             times = []

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use crate::config::{ConfigError, RunConfig};
+use crate::model::Products;
 
 /// Tessera's trainer: trains DALL·E-style text-to-image models.
 #[derive(Parser, Debug, Clone, PartialEq)]
@@ -144,6 +145,11 @@ pub enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The transformer's weight products: fp32, or bf16 (the weights and each product's
+        /// inputs rounded to bfloat16, sums in f32: fewer bytes read per token, so faster on a
+        /// CPU; other pictures for the same seed; docs/benchmarks.md).
+        #[arg(long, value_enum, default_value_t = Products::Fp32)]
+        precision: Products,
         /// Re-rank each prompt's pictures with this CLIP: a Hugging Face CLIP directory
         /// (config.json, model.safetensors, tokenizer.json, preprocessor_config.json) or a
         /// Tessera CLIP checkpoint or run directory. Writes scores.json.
@@ -359,6 +365,7 @@ mod tests {
             top_k,
             top_p,
             temperature,
+            precision,
             out,
             ..
         } = cli.command
@@ -367,6 +374,7 @@ mod tests {
         };
         assert_eq!(prompt, ["a red circle", "a blue square"]);
         assert_eq!((n, top_k, top_p, temperature), (2, 5, 1.0, 1.0));
+        assert_eq!(precision, Products::Fp32);
         assert_eq!(out, PathBuf::from("samples"));
         assert!(Cli::try_parse_from(["trainer", "sample", "--dvae", "d"]).is_err());
     }

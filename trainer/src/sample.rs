@@ -32,6 +32,7 @@ use crate::font::Captioner;
 use crate::model::dvae::{resolve_weights, Dvae, DvaeWeights};
 use crate::model::transformer::sample::{sample_images, Sampling};
 use crate::model::transformer::{Transformer, TransformerDims};
+use crate::model::Products;
 use formats::bpe::{encode_caption, BpeTokenizer};
 
 /// Pixels between pictures and around a grid.
@@ -56,6 +57,8 @@ pub struct SampleOptions {
     /// Sequences drawn together.
     pub batch: usize,
     pub sampling: Sampling,
+    /// The transformer's weight products (`--precision`).
+    pub precision: Products,
     /// The CLIP that re-ranks: a Hugging Face CLIP directory or a Tessera CLIP checkpoint or run.
     pub clip: Option<PathBuf>,
     /// Pictures kept per prompt, the best by CLIP's score (default: all `n`); needs `clip`.
@@ -100,6 +103,8 @@ pub struct SampleSummary {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    /// The transformer's weight products: "fp32" or "bf16".
+    pub precision: Products,
     /// The re-ranking CLIP's weights, when `--clip` was given.
     pub clip_weights: Option<PathBuf>,
     /// Per prompt: its grid, then its pictures (best first when re-ranked).
@@ -192,7 +197,15 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     let resolution = painter.resolution;
     let px = 3 * resolution * resolution;
     let bar = crate::progress::bar((o.prompts.len() * o.n) as u64, "sample");
-    let pixels = painter.draw(&model, &params, &o.prompts, o.n, &o.sampling, o.batch, &bar)?;
+    let pixels = painter.draw(
+        &model,
+        &params,
+        &o.prompts,
+        o.n,
+        (&o.sampling, o.precision),
+        o.batch,
+        &bar,
+    )?;
     bar.finish_and_clear();
 
     // Each prompt's pictures to keep, in order; scored before anything is written.
@@ -261,6 +274,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
         top_k: o.sampling.top_k,
         top_p: o.sampling.top_p,
         seed: o.sampling.seed,
+        precision: o.precision,
         clip_weights: clip.map(|c| c.weights),
         files,
         scores,
@@ -316,7 +330,7 @@ impl Painter {
         params: &[f32],
         prompts: &[String],
         n: usize,
-        how: &Sampling,
+        (how, products): (&Sampling, Products),
         batch: usize,
         bar: &indicatif::ProgressBar,
     ) -> Result<Vec<f32>> {
@@ -348,6 +362,7 @@ impl Painter {
                 &text[first * tt..last * tt],
                 how,
                 first as u64,
+                products,
             )?;
             debug_assert_eq!(codes.len(), (last - first) * gi);
             pixels.extend(self.dvae.decode_codes(&self.dvae_params, &codes)?);
@@ -418,9 +433,15 @@ impl TrainingSamples {
             seed: c.seed,
         };
         let hidden = indicatif::ProgressBar::hidden();
-        let pixels = self
-            .painter
-            .draw(&self.model, params, &c.prompts, c.n, &how, c.n, &hidden)?;
+        let pixels = self.painter.draw(
+            &self.model,
+            params,
+            &c.prompts,
+            c.n,
+            (&how, Products::Fp32),
+            c.n,
+            &hidden,
+        )?;
         let captions = self.captioner.as_ref().map(|cap| (cap, &c.prompts[..]));
         let img = rows_image(
             &pixels,

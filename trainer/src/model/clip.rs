@@ -26,68 +26,18 @@ pub mod hf;
 pub mod ops;
 
 use crate::model::scale_add;
+pub use crate::model::Products;
 use crate::params::{ParamKind, ParamTable};
 use kernels::cross_entropy::cross_entropy_fused;
 use kernels::dense_attention::DenseAttention;
 use kernels::device::Cpu;
 use kernels::layernorm::{layernorm_backward, layernorm_forward};
-use kernels::linear::{linear_backward, linear_forward, matmul, MatRef};
+use kernels::linear::{linear_backward, matmul, MatRef};
 pub use ops::Activation;
 use std::ops::Range;
 
 /// The largest `logit_scale` training keeps: ln 100, so logits are at most 100·cos.
 pub const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
-
-/// How the forward pass computes its linear layers' products (`data-prep embed --precision`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Products {
-    /// f32 operands and sums, to round-off of Hugging Face's `CLIPModel` in f32.
-    #[default]
-    Fp32,
-    /// Operands rounded to bfloat16, sums in f32 (`kernels::bf16::linear_forward_bf16`):
-    /// inference only; the backward pass is that of the f32 products.
-    Bf16,
-}
-
-impl std::fmt::Display for Products {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(match self {
-            Products::Fp32 => "fp32",
-            Products::Bf16 => "bf16",
-        })
-    }
-}
-
-impl Products {
-    /// `out[N, OC] = inp[N, C] · weight[OC, C]ᵀ + bias` with these products.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        self,
-        out: &mut [f32],
-        inp: &[f32],
-        weight: &[f32],
-        bias: Option<&[f32]>,
-        n: usize,
-        c: usize,
-        oc: usize,
-    ) -> kernels::Result<()> {
-        match self {
-            Products::Fp32 => linear_forward(out, inp, weight, bias, n, c, oc),
-            Products::Bf16 => kernels::bf16::linear_forward_bf16(out, inp, weight, bias, n, c, oc),
-        }
-    }
-}
 
 /// The sizes of one tower's encoder (taken from [`TextConfig`] or [`VisionConfig`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

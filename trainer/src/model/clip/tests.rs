@@ -4,6 +4,7 @@
 
 use super::ops::{end_positions, normalize_rows, normalize_rows_backward, patches, Activation};
 use super::*;
+use kernels::linear::linear_forward;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -1,24 +1,34 @@
 //! Autoregressive sampling of image tokens (DALL·E §2.4's generation, before the dVAE decodes
 //! and CLIP re-ranks), with a key-value cache that follows the sparse layouts.
 //!
-//! Positions are fed one at a time for a batch of S sequences. Each layer keeps the keys and
-//! values of every position fed so far ([`KvCache`]); a new position attends only to the keys
-//! its layer's mask allows (docs/model.md §1), listed once per layer kind and position, so the
-//! cost of a position does not grow with the positions before it beyond reading the cache
-//! entries it may see. The arithmetic is the training forward pass's on one row per sequence
-//! (the same layer normalisation and GELU functions; the weight products through
-//! [`rows_product`], which reads each weight row once for all sequences, summing in another
-//! order than the training GEMM), so the cached logits equal the full forward pass's to f32
-//! round-off: the test holds them together.
+//! A batch of S sequences is fed position by position: the caption's positions in one pass,
+//! then each image position as its token is drawn. Each layer keeps the keys and values of
+//! every position fed so far ([`KvCache`]); a new position attends only to the keys its layer's
+//! mask allows (docs/model.md §1), listed once per layer kind and position, so the cost of a
+//! position does not grow with the positions before it beyond reading the cache entries it may
+//! see. The arithmetic is the training forward pass's on a few rows (the same layer
+//! normalisation and GELU functions; the weight products through `kernels::rows`, which reads
+//! each weight row once for all rows and sums in another order than the training GEMM), so the
+//! cached logits equal the full forward pass's to f32 round-off: the test holds them together.
+//! Every row's products are computed the same way however many rows share the call, so feeding
+//! a caption at once gives the logits of feeding it position by position, bit for bit, and a
+//! sequence's tokens do not depend on the batch.
+//!
+//! [`Products::Bf16`] (`trainer sample --precision bf16`) rounds the weight matrices to bfloat16
+//! once per sampler and each product's input rows as it goes, summing in f32: half the bytes of
+//! weights to read per position (generation is bound by reading the weights and the cache, not
+//! by arithmetic: docs/benchmarks.md, "Sampling").
 //!
 //! Token choice ([`Sampling`]): logits divided by the temperature, then top-k and top-p
 //! (nucleus) filtering, then a draw from a ChaCha8 stream per (seed, sequence), so a sequence's
 //! tokens do not depend on the batch it was drawn in.
 
 use super::{ModelError, Result, Transformer};
+use crate::model::Products;
 use kernels::attention::{allowed_reference, layer_mask_kind, MaskKind};
 use kernels::gelu::gelu_forward;
 use kernels::layernorm::layernorm_forward;
+use kernels::rows::{rows_product, RowsWeight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -110,7 +120,16 @@ pub struct KvCache {
     values: Vec<Vec<f32>>,
 }
 
-/// Feeds positions of S sequences one at a time through the transformer.
+/// The weight matrices packed once for `kernels::rows` (in f32, or rounded to bfloat16 for
+/// [`Products::Bf16`]): per layer qkv, the attention projection, fc and the MLP projection; then
+/// the head's text and image segments.
+struct PackedWeights {
+    blocks: Vec<[RowsWeight; 4]>,
+    head_text: RowsWeight,
+    head_image: RowsWeight,
+}
+
+/// Feeds positions of S sequences through the transformer, one or several at a time.
 pub struct KvSampler<'a> {
     model: &'a Transformer,
     params: &'a [f32],
@@ -122,8 +141,9 @@ pub struct KvSampler<'a> {
     allowed: Vec<Vec<Vec<usize>>>,
     /// Index into `allowed` of each layer.
     layer_kind: Vec<usize>,
-    /// The residual stream of the position being fed, [S, C], and scratch of the same or
-    /// wider shape.
+    weights: PackedWeights,
+    /// The residual stream of the rows being fed, [S·P, C] (sequence-major), and scratch of the
+    /// same or wider shape; resized to the rows of each call.
     x: Vec<f32>,
     ln: Vec<f32>,
     mean: Vec<f32>,
@@ -136,8 +156,21 @@ pub struct KvSampler<'a> {
 }
 
 impl<'a> KvSampler<'a> {
-    /// A sampler for `seqs` sequences with weights `params`.
+    /// A sampler for `seqs` sequences with weights `params`, f32 products.
     pub fn new(model: &'a Transformer, params: &'a [f32], seqs: usize) -> Result<Self> {
+        Self::with_products(model, params, seqs, Products::Fp32)
+    }
+
+    /// A sampler whose weight products are `products`. The weight matrices are packed here, once
+    /// (`kernels::rows::RowsWeight`: a copy of them, rounded to bfloat16 for
+    /// [`Products::Bf16`], which rounds each product's input rows too; embeddings, layer norms
+    /// and attention stay f32).
+    pub fn with_products(
+        model: &'a Transformer,
+        params: &'a [f32],
+        seqs: usize,
+        products: Products,
+    ) -> Result<Self> {
         let d = model.dims;
         if params.len() != model.table.numel() {
             return Err(ModelError::Dims(format!(
@@ -173,6 +206,29 @@ impl<'a> KvSampler<'a> {
                     .collect()
             })
             .collect();
+        let pack = |w: &[f32], n, k| match products {
+            Products::Fp32 => RowsWeight::f32(w, n, k),
+            Products::Bf16 => RowsWeight::bf16(w, n, k),
+        };
+        let w = model.table.split(params);
+        let blocks = model
+            .blocks
+            .iter()
+            .map(|bp| {
+                Ok([
+                    pack(w[bp.qkv_w], 3 * c, c)?,
+                    pack(w[bp.attn_proj_w], c, c)?,
+                    pack(w[bp.fc_w], 4 * c, c)?,
+                    pack(w[bp.mlp_proj_w], c, 4 * c)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (head, text) = (w[model.globals.head], d.text_rows());
+        let weights = PackedWeights {
+            blocks,
+            head_text: pack(&head[..text * c], text, c)?,
+            head_image: pack(&head[text * c..], d.image_vocab, c)?,
+        };
         let z = |n: usize| vec![0.0f32; n];
         Ok(KvSampler {
             model,
@@ -185,15 +241,16 @@ impl<'a> KvSampler<'a> {
             pos: 0,
             allowed,
             layer_kind,
-            x: z(seqs * c),
-            ln: z(seqs * c),
-            mean: z(seqs),
-            rstd: z(seqs),
-            qkv: z(seqs * 3 * c),
-            att: z(seqs * c),
-            proj: z(seqs * c),
-            fc: z(seqs * 4 * c),
-            fc_gelu: z(seqs * 4 * c),
+            weights,
+            x: Vec::new(),
+            ln: Vec::new(),
+            mean: Vec::new(),
+            rstd: Vec::new(),
+            qkv: Vec::new(),
+            att: Vec::new(),
+            proj: Vec::new(),
+            fc: Vec::new(),
+            fc_gelu: Vec::new(),
         })
     }
 
@@ -206,24 +263,50 @@ impl<'a> KvSampler<'a> {
     /// after it, [S, V] over its segment: the text segment (Vt + Tt ids) while the next position
     /// is text, the image segment (Vi ids) from position Tt − 1 on.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.feed_positions(tokens, 1)
+    }
+
+    /// Feeds the next `count` positions of every sequence at once, `tokens` [S, count]
+    /// (sequence-major), and returns the logits after the last of them, as [`Self::feed`] does.
+    /// The logits, and the cache, are bit for bit those of feeding the positions one at a time:
+    /// every row goes through the same arithmetic (`kernels::rows`), only more of them per
+    /// weight read (a caption costs one pass over the weights instead of one per position).
+    pub fn feed_positions(&mut self, tokens: &[u32], count: usize) -> Result<Vec<f32>> {
         let m = self.model;
         let d = m.dims;
         let (t, c, s) = (d.seq_len(), d.d_model, self.seqs);
-        let p = self.pos;
-        if p >= t {
-            return Err(ModelError::Dims(format!("all {t} positions are fed")));
-        }
-        if tokens.len() != s {
+        let p0 = self.pos;
+        if count == 0 || p0 + count > t {
             return Err(ModelError::Dims(format!(
-                "{} tokens for {s} sequences",
+                "cannot feed {count} positions from position {p0}: the sequence has {t}"
+            )));
+        }
+        if tokens.len() != s * count {
+            return Err(ModelError::Dims(format!(
+                "{} tokens for {s} sequences of {count} positions",
                 tokens.len()
             )));
         }
+        let rows = s * count;
+        for (buf, width) in [
+            (&mut self.x, c),
+            (&mut self.ln, c),
+            (&mut self.mean, 1),
+            (&mut self.rstd, 1),
+            (&mut self.qkv, 3 * c),
+            (&mut self.att, c),
+            (&mut self.proj, c),
+            (&mut self.fc, 4 * c),
+            (&mut self.fc_gelu, 4 * c),
+        ] {
+            buf.resize(rows * width, 0.0);
+        }
         let w = m.table.split(self.params);
         let g = &m.globals;
-        // Embedding of position p.
-        for (si, &tok) in tokens.iter().enumerate() {
-            let x = &mut self.x[si * c..(si + 1) * c];
+        // Embedding of each row: sequence r / count, position p0 + r % count.
+        for (r, &tok) in tokens.iter().enumerate() {
+            let p = p0 + r % count;
+            let x = &mut self.x[r * c..(r + 1) * c];
             let rows: [(&[f32], usize); 3] = if p < d.text_len {
                 if tok as usize >= d.text_rows() {
                     return Err(ModelError::Dims(format!(
@@ -254,9 +337,13 @@ impl<'a> KvSampler<'a> {
                 }
             }
         }
-        let (nh, hs) = (d.heads, d.head_size());
+        let hs = d.head_size();
         let inv_sqrt = 1.0 / (hs as f32).sqrt();
         for (l, bp) in m.blocks.iter().enumerate() {
+            let packed = &self.weights.blocks[l];
+            let product = |out: &mut [f32], x: &[f32], i: usize, bias: usize| {
+                rows_product(out, x, &packed[i], Some(w[bias]), rows)
+            };
             layernorm_forward(
                 &mut self.ln,
                 &mut self.mean,
@@ -264,34 +351,29 @@ impl<'a> KvSampler<'a> {
                 &self.x,
                 w[bp.ln1_w],
                 w[bp.ln1_b],
-                s,
+                rows,
                 c,
             )?;
-            rows_product(
-                &mut self.qkv,
-                &self.ln,
-                w[bp.qkv_w],
-                Some(w[bp.qkv_b]),
-                s,
-                c,
-                3 * c,
-            )?;
+            product(&mut self.qkv, &self.ln, 0, bp.qkv_b)?;
             let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
-            for si in 0..s {
-                let row = &self.qkv[si * 3 * c..(si + 1) * 3 * c];
-                let at = (si * t + p) * c;
+            for (r, row) in self.qkv.chunks_exact(3 * c).enumerate() {
+                let at = ((r / count) * t + p0 + r % count) * c;
                 keys[at..at + c].copy_from_slice(&row[c..2 * c]);
                 values[at..at + c].copy_from_slice(&row[2 * c..]);
             }
-            let allowed = &self.allowed[self.layer_kind[l]][p];
-            let mut scores = vec![0.0f32; allowed.len()];
-            for si in 0..s {
-                for h in 0..nh {
-                    let q = &self.qkv[si * 3 * c + h * hs..][..hs];
+            let allowed_at = &self.allowed[self.layer_kind[l]];
+            let (keys, values, qkv) = (&*keys, &*values, &self.qkv);
+            // Each row attends over the cache under its mask row; rows in parallel.
+            let attend = |(r, out): (usize, &mut [f32])| {
+                let (si, p) = (r / count, p0 + r % count);
+                let allowed = &allowed_at[p];
+                let mut scores = vec![0.0f32; allowed.len()];
+                for (h, out) in out.chunks_exact_mut(hs).enumerate() {
+                    let q = &qkv[r * 3 * c + h * hs..][..hs];
                     let mut max = f32::NEG_INFINITY;
                     for (sc, &key) in scores.iter_mut().zip(allowed) {
                         let k = &keys[(si * t + key) * c + h * hs..][..hs];
-                        *sc = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * inv_sqrt;
+                        *sc = dot(q, k) * inv_sqrt;
                         max = max.max(*sc);
                     }
                     let mut total = 0.0f32;
@@ -299,7 +381,6 @@ impl<'a> KvSampler<'a> {
                         *sc = (*sc - max).exp();
                         total += *sc;
                     }
-                    let out = &mut self.att[si * c + h * hs..][..hs];
                     out.fill(0.0);
                     for (&sc, &key) in scores.iter().zip(allowed) {
                         let weight = sc / total;
@@ -309,16 +390,9 @@ impl<'a> KvSampler<'a> {
                         }
                     }
                 }
-            }
-            rows_product(
-                &mut self.proj,
-                &self.att,
-                w[bp.attn_proj_w],
-                Some(w[bp.attn_proj_b]),
-                s,
-                c,
-                c,
-            )?;
+            };
+            self.att.par_chunks_mut(c).enumerate().for_each(attend);
+            product(&mut self.proj, &self.att, 1, bp.attn_proj_b)?;
             for (x, &y) in self.x.iter_mut().zip(&self.proj) {
                 *x += y;
             }
@@ -329,113 +403,41 @@ impl<'a> KvSampler<'a> {
                 &self.x,
                 w[bp.ln2_w],
                 w[bp.ln2_b],
-                s,
+                rows,
                 c,
             )?;
-            rows_product(
-                &mut self.fc,
-                &self.ln,
-                w[bp.fc_w],
-                Some(w[bp.fc_b]),
-                s,
-                c,
-                4 * c,
-            )?;
+            product(&mut self.fc, &self.ln, 2, bp.fc_b)?;
             gelu_forward(&mut self.fc_gelu, &self.fc)?;
-            rows_product(
-                &mut self.proj,
-                &self.fc_gelu,
-                w[bp.mlp_proj_w],
-                Some(w[bp.mlp_proj_b]),
-                s,
-                4 * c,
-                c,
-            )?;
+            product(&mut self.proj, &self.fc_gelu, 3, bp.mlp_proj_b)?;
             for (x, &y) in self.x.iter_mut().zip(&self.proj) {
                 *x += y;
             }
         }
-        layernorm_forward(
-            &mut self.ln,
-            &mut self.mean,
-            &mut self.rstd,
-            &self.x,
-            w[g.lnf_w],
-            w[g.lnf_b],
-            s,
-            c,
-        )?;
-        let head = w[g.head];
-        let (rows, segment) = if p + 1 < d.text_len {
-            (d.text_rows(), &head[..d.text_rows() * c])
-        } else {
-            (d.image_vocab, &head[d.text_rows() * c..])
+        // The logits of the last position fed: its rows only.
+        let last: Vec<f32> = self
+            .x
+            .chunks_exact(count * c)
+            .flat_map(|seq| &seq[(count - 1) * c..])
+            .copied()
+            .collect();
+        let (ln, mean, rstd) = (
+            &mut self.ln[..s * c],
+            &mut self.mean[..s],
+            &mut self.rstd[..s],
+        );
+        layernorm_forward(ln, mean, rstd, &last, w[g.lnf_w], w[g.lnf_b], s, c)?;
+        let head = match p0 + count < d.text_len {
+            true => &self.weights.head_text,
+            false => &self.weights.head_image,
         };
-        let mut logits = vec![0.0f32; s * rows];
-        rows_product(&mut logits, &self.ln, segment, None, s, c, rows)?;
-        self.pos += 1;
+        let mut logits = vec![0.0f32; s * head.rows()];
+        rows_product(&mut logits, ln, head, None, s)?;
+        self.pos += count;
         Ok(logits)
     }
 }
 
-/// Output columns per parallel task of [`rows_product`].
-const COLUMNS_PER_TASK: usize = 64;
-
-/// `out` [S, N] = `x` [S, K] · `w`ᵀ (+ `bias`), `w` [N, K] row-major, for the few rows (one per
-/// sequence) the sampler feeds: each weight row is read once and multiplied with every sequence
-/// while it is in cache, so the cost is one pass over the weights. (A general GEMM packs the
-/// weight operand on every call, which at a few rows costs as much as the product.)
-pub fn rows_product(
-    out: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    s: usize,
-    k: usize,
-    n: usize,
-) -> Result<()> {
-    if out.len() != s * n
-        || x.len() != s * k
-        || w.len() != n * k
-        || bias.is_some_and(|b| b.len() != n)
-    {
-        return Err(ModelError::Dims(format!(
-            "rows_product: out {}, x {}, w {} for S {s}, K {k}, N {n}",
-            out.len(),
-            x.len(),
-            w.len()
-        )));
-    }
-    // Column-major result, [N, S], so that each task owns a contiguous block of columns.
-    let mut t = vec![0.0f32; n * s];
-    let block = |(b, cols): (usize, &mut [f32])| {
-        for (jj, col) in cols.chunks_exact_mut(s).enumerate() {
-            let j = b * COLUMNS_PER_TASK + jj;
-            let row = &w[j * k..(j + 1) * k];
-            for (si, o) in col.iter_mut().enumerate() {
-                *o = dot(&x[si * k..(si + 1) * k], row);
-            }
-        }
-    };
-    if n * k * s >= 1 << 16 {
-        t.par_chunks_mut(COLUMNS_PER_TASK * s)
-            .enumerate()
-            .for_each(block);
-    } else {
-        t.chunks_mut(COLUMNS_PER_TASK * s)
-            .enumerate()
-            .for_each(block);
-    }
-    for si in 0..s {
-        let o = &mut out[si * n..(si + 1) * n];
-        for (j, o) in o.iter_mut().enumerate() {
-            *o = t[j * s + si] + bias.map_or(0.0, |b| b[j]);
-        }
-    }
-    Ok(())
-}
-
-/// Σ a·b with 16 running sums (vectorised by the compiler).
+/// Σ a·b with 16 running sums, so that it vectorises (a plain `sum` adds in sequence).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -455,13 +457,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Draws the image tokens of `seqs` sequences, [S, G²], after their captions `text` ([S, Tt],
 /// padded with the per-position padding ids as training does). Sequence i draws from stream
-/// `first + i` of `how.seed`: a sequence's tokens do not depend on the batch it is drawn in.
+/// `first + i` of `how.seed`: a sequence's tokens do not depend on the batch it is drawn in. The
+/// captions are fed in one pass ([`KvSampler::feed_positions`]), the image one position at a
+/// time; `products` as in [`KvSampler::with_products`].
 pub fn sample_images(
     model: &Transformer,
     params: &[f32],
     text: &[u32],
     how: &Sampling,
     first: u64,
+    products: Products,
 ) -> Result<Vec<u32>> {
     how.check()?;
     let d = model.dims;
@@ -473,12 +478,8 @@ pub fn sample_images(
         )));
     }
     let s = text.len() / tt;
-    let mut sampler = KvSampler::new(model, params, s)?;
-    let mut logits = Vec::new();
-    for p in 0..tt {
-        let col: Vec<u32> = (0..s).map(|si| text[si * tt + p]).collect();
-        logits = sampler.feed(&col)?;
-    }
+    let mut sampler = KvSampler::with_products(model, params, s, products)?;
+    let mut logits = sampler.feed_positions(text, tt)?;
     let gi = d.image_tokens();
     let vi = d.image_vocab;
     let mut rngs: Vec<ChaCha8Rng> = (0..s)

@@ -129,21 +129,130 @@ fn samples_are_deterministic_per_seed_and_independent_of_the_batch() {
         seed: 5,
         ..Sampling::default()
     };
-    let all = sample_images(&m, &w, &text, &how, 0).unwrap();
+    let all = sample_images(&m, &w, &text, &how, 0, Products::Fp32).unwrap();
     assert_eq!(all.len(), 3 * d.image_tokens());
     assert!(all.iter().all(|&x| (x as usize) < d.image_vocab));
-    assert_eq!(all, sample_images(&m, &w, &text, &how, 0).unwrap());
-    let first = sample_images(&m, &w, &text[..d.text_len], &how, 0).unwrap();
+    assert_eq!(
+        all,
+        sample_images(&m, &w, &text, &how, 0, Products::Fp32).unwrap()
+    );
+    let first = sample_images(&m, &w, &text[..d.text_len], &how, 0, Products::Fp32).unwrap();
     assert_eq!(first, all[..d.image_tokens()]);
-    let last = sample_images(&m, &w, &text[2 * d.text_len..], &how, 2).unwrap();
+    let last = sample_images(&m, &w, &text[2 * d.text_len..], &how, 2, Products::Fp32).unwrap();
     assert_eq!(last, all[2 * d.image_tokens()..]);
     let other = Sampling { seed: 6, ..how };
-    assert_ne!(all, sample_images(&m, &w, &text, &other, 0).unwrap());
+    assert_ne!(
+        all,
+        sample_images(&m, &w, &text, &other, 0, Products::Fp32).unwrap()
+    );
     // Bad options and inputs are errors, not panics.
     let hot = Sampling {
         temperature: 0.0,
         ..how
     };
-    assert!(sample_images(&m, &w, &text, &hot, 0).is_err());
-    assert!(sample_images(&m, &w, &text[..d.text_len - 1], &how, 0).is_err());
+    assert!(sample_images(&m, &w, &text, &hot, 0, Products::Fp32).is_err());
+    assert!(sample_images(&m, &w, &text[..d.text_len - 1], &how, 0, Products::Fp32).is_err());
+}
+
+/// The tokens of every sequence at positions `range`, [S, len] sequence-major.
+fn positions(
+    m: &Transformer,
+    text: &[u32],
+    image: &[u32],
+    s: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<u32> {
+    let d = m.dims();
+    (0..s)
+        .flat_map(|si| {
+            range.clone().map(move |p| match p < d.text_len {
+                true => text[si * d.text_len + p],
+                false => image[si * d.image_tokens() + p - d.text_len],
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn feeding_positions_together_equals_feeding_them_one_at_a_time() {
+    let m = model();
+    let d = *m.dims();
+    let w = m.init_params(4);
+    let s = 3;
+    let (text, image) = tokens(&m, s, 9);
+    let t = d.seq_len();
+    for products in [Products::Fp32, Products::Bf16] {
+        let mut one = KvSampler::with_products(&m, &w, s, products).unwrap();
+        let mut each = Vec::new();
+        for p in 0..t - 1 {
+            each.push(
+                one.feed(&positions(&m, &text, &image, s, p..p + 1))
+                    .unwrap(),
+            );
+        }
+        // The caption at once, then blocks of 3, 1 and the rest (across the text/image border
+        // and the image rows).
+        let mut many = KvSampler::with_products(&m, &w, s, products).unwrap();
+        let mut p = 0;
+        for count in [d.text_len, 3, 1, t - 1 - d.text_len - 4] {
+            let got = many
+                .feed_positions(&positions(&m, &text, &image, s, p..p + count), count)
+                .unwrap();
+            p += count;
+            assert_eq!(
+                got,
+                each[p - 1],
+                "{products}: logits after position {}",
+                p - 1
+            );
+        }
+        assert_eq!(many.position(), t - 1);
+        assert_eq!(many.cache.keys, one.cache.keys, "{products}");
+        assert_eq!(many.cache.values, one.cache.values, "{products}");
+    }
+    let mut sampler = KvSampler::new(&m, &w, s).unwrap();
+    assert!(sampler.feed_positions(&[], 0).is_err());
+    assert!(sampler.feed_positions(&text[..s * 2 - 1], 2).is_err());
+    let all = positions(&m, &text, &image, s, 0..t);
+    assert!(sampler.feed_positions(&all, t).is_ok());
+    assert!(
+        sampler.feed(&all[..s]).is_err(),
+        "all {t} positions are fed"
+    );
+}
+
+#[test]
+fn bf16_products_stay_near_the_f32_logits_and_sample_deterministically() {
+    let m = model();
+    let d = *m.dims();
+    // Larger weights than the init's, so that the logits spread and rounding shows.
+    let w: Vec<f32> = m.init_params(4).iter().map(|x| 8.0 * x).collect();
+    let s = 2;
+    let (text, image) = tokens(&m, s, 9);
+    let t = d.seq_len();
+    let all = positions(&m, &text, &image, s, 0..t - 1);
+    let logits = |products| {
+        KvSampler::with_products(&m, &w, s, products)
+            .unwrap()
+            .feed_positions(&all, t - 1)
+            .unwrap()
+    };
+    let (f32s, bf16s) = (logits(Products::Fp32), logits(Products::Bf16));
+    let spread = f32s.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+    let worst = f32s
+        .iter()
+        .zip(&bf16s)
+        .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(spread > 0.5, "logits too flat to compare: {spread}");
+    assert!(worst > 0.0, "bf16 changed nothing");
+    assert!(
+        worst <= 0.03 * spread,
+        "bf16 logits {worst} from fp32's (largest {spread})"
+    );
+    let how = Sampling::default();
+    let bf16 =
+        |text: &[u32], first| sample_images(&m, &w, text, &how, first, Products::Bf16).unwrap();
+    let both = bf16(&text, 0);
+    assert_eq!(both, bf16(&text, 0));
+    assert_eq!(bf16(&text[d.text_len..], 1), both[d.image_tokens()..]);
 }
