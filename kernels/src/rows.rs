@@ -20,6 +20,7 @@
 //! and the portable one (with FMA) agree bit for bit; the test holds them together.
 
 use crate::error::{check_len, KernelError, Result};
+use crate::linear::check_linear;
 use crate::simd::{fmadd, Isa};
 use rayon::prelude::*;
 
@@ -131,11 +132,8 @@ fn rows_product_on(
     r: usize,
 ) -> Result<()> {
     let (n, k) = (w.n, w.k);
-    check_len("rows_product", "x", x.len(), r * k)?;
-    check_len("rows_product", "out", out.len(), r * n)?;
-    if let Some(b) = bias {
-        check_len("rows_product", "bias", b.len(), n)?;
-    }
+    // The packed weight's own length was checked when it was packed.
+    check_linear("rows_product", (out.len(), x.len(), n * k), bias, (r, k, n))?;
     match &w.panels {
         Panels::F32(p) => product(isa, out, x, p, bias, r, k, n),
         Panels::Bf16(p) => {
@@ -354,6 +352,16 @@ mod tests {
         (2, 1536, 64),
     ];
 
+    /// Random `x` [R, K], `w` [N, K] and `bias` [N] for shape number `s`.
+    fn operands(s: usize, (r, k, n): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = s as u64;
+        (
+            rand_vec(r * k, 1.0, s),
+            rand_vec(n * k, 1.0, 100 + s),
+            rand_vec(n, 1.0, 200 + s),
+        )
+    }
+
     fn run(isa: Isa, x: &[f32], w: &RowsWeight, bias: Option<&[f32]>, r: usize) -> Vec<f32> {
         let mut out = vec![f32::NAN; r * w.rows()];
         rows_product_on(isa, &mut out, x, w, bias, r).unwrap();
@@ -363,12 +371,7 @@ mod tests {
     #[test]
     fn rows_product_matches_the_f64_sums() {
         for (s, &(r, k, n)) in SHAPES.iter().enumerate() {
-            let s = s as u64;
-            let (x, w, bias) = (
-                rand_vec(r * k, 1.0, s),
-                rand_vec(n * k, 1.0, 100 + s),
-                rand_vec(n, 1.0, 200 + s),
-            );
+            let (x, w, bias) = operands(s, (r, k, n));
             let packed = RowsWeight::f32(&w, n, k).unwrap();
             assert_eq!(
                 (packed.rows(), packed.cols(), packed.is_bf16()),
@@ -401,8 +404,7 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_rows_or_threads_beside_it() {
         for (s, &(r, k, n)) in SHAPES.iter().enumerate() {
-            let s = s as u64;
-            let (x, w) = (rand_vec(r * k, 1.0, s), rand_vec(n * k, 1.0, 100 + s));
+            let (x, w, _) = operands(s, (r, k, n));
             for w in [RowsWeight::f32(&w, n, k), RowsWeight::bf16(&w, n, k)] {
                 let w = w.unwrap();
                 let all = run(Isa::best(), &x, &w, None, r);
@@ -430,8 +432,7 @@ mod tests {
             return;
         }
         for (s, &(r, k, n)) in SHAPES.iter().enumerate() {
-            let s = s as u64;
-            let (x, w) = (rand_vec(r * k, 1.0, s), rand_vec(n * k, 1.0, 100 + s));
+            let (x, w, _) = operands(s, (r, k, n));
             for w in [RowsWeight::f32(&w, n, k), RowsWeight::bf16(&w, n, k)] {
                 let w = w.unwrap();
                 assert_eq!(
@@ -452,12 +453,7 @@ mod tests {
                 .collect()
         };
         for (s, &(r, k, n)) in SHAPES.iter().enumerate() {
-            let s = s as u64;
-            let (x, w, bias) = (
-                rand_vec(r * k, 1.0, s),
-                rand_vec(n * k, 1.0, 100 + s),
-                rand_vec(n, 1.0, 200 + s),
-            );
+            let (x, w, bias) = operands(s, (r, k, n));
             let bf16 = RowsWeight::bf16(&w, n, k).unwrap();
             assert!(bf16.is_bf16());
             let got = run(Isa::best(), &x, &bf16, Some(&bias), r);

@@ -375,6 +375,23 @@ mod tests {
         assert_eq!(prompt, ["a red circle", "a blue square"]);
         assert_eq!((n, top_k, top_p, temperature), (2, 5, 1.0, 1.0));
         assert_eq!(precision, Products::Fp32);
+        let bf16 = Cli::try_parse_from([
+            "trainer",
+            "sample",
+            "--transformer",
+            "t",
+            "--dvae",
+            "d",
+            "--prompt",
+            "a red circle",
+            "--precision",
+            "bf16",
+        ])
+        .unwrap();
+        let Command::Sample { precision, .. } = bf16.command else {
+            panic!("not sample");
+        };
+        assert_eq!(precision, Products::Bf16);
         assert_eq!(out, PathBuf::from("samples"));
         assert!(Cli::try_parse_from(["trainer", "sample", "--dvae", "d"]).is_err());
     }

@@ -43,13 +43,9 @@ fn cached_logits_equal_the_full_forward_pass_at_every_position() {
     let (t, v) = (d.seq_len(), d.vocab_total());
     let mut sampler = KvSampler::new(&m, &w, s).unwrap();
     for p in 0..t - 1 {
-        let fed: Vec<u32> = (0..s)
-            .map(|si| match p < d.text_len {
-                true => text[si * d.text_len + p],
-                false => image[si * d.image_tokens() + p - d.text_len],
-            })
-            .collect();
-        let got = sampler.feed(&fed).unwrap();
+        let got = sampler
+            .feed(&positions(&m, &text, &image, s, p..p + 1))
+            .unwrap();
         let (lo, hi) = match p + 1 < d.text_len {
             true => (0, d.text_rows()),
             false => (d.text_rows(), v),
