@@ -145,9 +145,10 @@ pub enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// The transformer's weight products: fp32, or bf16 (the weights and each product's
-        /// inputs rounded to bfloat16, sums in f32: fewer bytes read per token, so faster on a
-        /// CPU; other pictures for the same seed; docs/benchmarks.md).
+        /// The transformer's weight products and cache: fp32, or bf16 (the weights, each
+        /// product's inputs and the cached keys and values rounded to bfloat16, sums in f32:
+        /// fewer bytes read per token, so faster on a CPU; other pictures for the same seed;
+        /// docs/benchmarks.md).
         #[arg(long, value_enum, default_value_t = Products::Fp32)]
         precision: Products,
         /// Re-rank each prompt's pictures with this CLIP: a Hugging Face CLIP directory

@@ -15,9 +15,10 @@
 //! sequence's tokens do not depend on the batch.
 //!
 //! [`Products::Bf16`] (`trainer sample --precision bf16`) rounds the weight matrices to bfloat16
-//! once per sampler and each product's input rows as it goes, summing in f32: half the bytes of
-//! weights to read per position (generation is bound by reading the weights and the cache, not
-//! by arithmetic: docs/benchmarks.md, "Sampling").
+//! once per sampler and each product's input rows as it goes, summing in f32, and keeps the
+//! cached keys and values in bfloat16 (widened exactly as they are read): half the bytes of
+//! weights and cache to read per position (at a few sequences, generation is bound by reading
+//! the weights and the cache, not by arithmetic: docs/benchmarks.md, "Sampling").
 //!
 //! Token choice ([`Sampling`]): logits divided by the temperature, then top-k and top-p
 //! (nucleus) filtering, then a draw from a ChaCha8 stream per (seed, sequence), so a sequence's
@@ -113,11 +114,43 @@ impl Sampling {
     }
 }
 
-/// Keys and values of every layer for the positions fed so far: `[S, T, C]` each.
-#[derive(Debug)]
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+/// An element of the key-value cache: f32, or bfloat16 kept as its bits ([`Products::Bf16`]).
+trait CacheElem: Copy + Default + Send + Sync {
+    fn store(v: f32) -> Self;
+    fn load(self) -> f32;
+}
+
+impl CacheElem for f32 {
+    fn store(v: f32) -> Self {
+        v
+    }
+    fn load(self) -> f32 {
+        self
+    }
+}
+
+/// bfloat16 bits: stored rounded to nearest even, loaded exactly (the top half of an f32).
+impl CacheElem for u16 {
+    fn store(v: f32) -> Self {
+        half::bf16::from_f32(v).to_bits()
+    }
+    fn load(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// Keys and values of every layer for the positions fed so far: `[S, T, C]` each, in f32, or in
+/// bfloat16 with [`Products::Bf16`] (half the bytes that each position's attention reads).
+#[derive(Debug, PartialEq)]
+enum KvCache {
+    F32 {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    Bf16 {
+        keys: Vec<Vec<u16>>,
+        values: Vec<Vec<u16>>,
+    },
 }
 
 /// The weight matrices packed once for `kernels::rows` (in f32, or rounded to bfloat16 for
@@ -234,9 +267,15 @@ impl<'a> KvSampler<'a> {
             model,
             params,
             seqs,
-            cache: KvCache {
-                keys: (0..d.layers).map(|_| z(seqs * t * c)).collect(),
-                values: (0..d.layers).map(|_| z(seqs * t * c)).collect(),
+            cache: match products {
+                Products::Fp32 => KvCache::F32 {
+                    keys: (0..d.layers).map(|_| z(seqs * t * c)).collect(),
+                    values: (0..d.layers).map(|_| z(seqs * t * c)).collect(),
+                },
+                Products::Bf16 => KvCache::Bf16 {
+                    keys: (0..d.layers).map(|_| vec![0; seqs * t * c]).collect(),
+                    values: (0..d.layers).map(|_| vec![0; seqs * t * c]).collect(),
+                },
             },
             pos: 0,
             allowed,
@@ -338,7 +377,6 @@ impl<'a> KvSampler<'a> {
             }
         }
         let hs = d.head_size();
-        let inv_sqrt = 1.0 / (hs as f32).sqrt();
         for (l, bp) in m.blocks.iter().enumerate() {
             let packed = &self.weights.blocks[l];
             let product = |out: &mut [f32], x: &[f32], i: usize, bias: usize| {
@@ -355,43 +393,22 @@ impl<'a> KvSampler<'a> {
                 c,
             )?;
             product(&mut self.qkv, &self.ln, 0, bp.qkv_b)?;
-            let (keys, values) = (&mut self.cache.keys[l], &mut self.cache.values[l]);
-            for (r, row) in self.qkv.chunks_exact(3 * c).enumerate() {
-                let at = ((r / count) * t + p0 + r % count) * c;
-                keys[at..at + c].copy_from_slice(&row[c..2 * c]);
-                values[at..at + c].copy_from_slice(&row[2 * c..]);
-            }
-            let allowed_at = &self.allowed[self.layer_kind[l]];
-            let (keys, values, qkv) = (&*keys, &*values, &self.qkv);
-            // Each row attends over the cache under its mask row; rows in parallel.
-            let attend = |(r, out): (usize, &mut [f32])| {
-                let (si, p) = (r / count, p0 + r % count);
-                let allowed = &allowed_at[p];
-                let mut scores = vec![0.0f32; allowed.len()];
-                for (h, out) in out.chunks_exact_mut(hs).enumerate() {
-                    let q = &qkv[r * 3 * c + h * hs..][..hs];
-                    let mut max = f32::NEG_INFINITY;
-                    for (sc, &key) in scores.iter_mut().zip(allowed) {
-                        let k = &keys[(si * t + key) * c + h * hs..][..hs];
-                        *sc = dot(q, k) * inv_sqrt;
-                        max = max.max(*sc);
-                    }
-                    let mut total = 0.0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        total += *sc;
-                    }
-                    out.fill(0.0);
-                    for (&sc, &key) in scores.iter().zip(allowed) {
-                        let weight = sc / total;
-                        let v = &values[(si * t + key) * c + h * hs..][..hs];
-                        for (o, &v) in out.iter_mut().zip(v) {
-                            *o += weight * v;
-                        }
-                    }
-                }
+            let rows_at = Rows {
+                allowed: &self.allowed[self.layer_kind[l]],
+                count,
+                p0,
+                t,
+                c,
+                hs,
             };
-            self.att.par_chunks_mut(c).enumerate().for_each(attend);
+            match &mut self.cache {
+                KvCache::F32 { keys, values } => {
+                    rows_at.attend(&mut keys[l], &mut values[l], &self.qkv, &mut self.att)
+                }
+                KvCache::Bf16 { keys, values } => {
+                    rows_at.attend(&mut keys[l], &mut values[l], &self.qkv, &mut self.att)
+                }
+            }
             product(&mut self.proj, &self.att, 1, bp.attn_proj_b)?;
             for (x, &y) in self.x.iter_mut().zip(&self.proj) {
                 *x += y;
@@ -437,19 +454,86 @@ impl<'a> KvSampler<'a> {
     }
 }
 
+/// The rows of one `feed_positions` call as one layer's attention sees them: row r is sequence
+/// r / count at position p0 + r % count, and may attend to the keys `allowed[p]`.
+struct Rows<'b> {
+    allowed: &'b [Vec<usize>],
+    count: usize,
+    p0: usize,
+    t: usize,
+    c: usize,
+    hs: usize,
+}
+
+impl Rows<'_> {
+    /// Stores each row's key and value (from `qkv`, [R, 3C]) in the cache (`keys`, `values`:
+    /// [S, T, C]), then writes each row's attention over the cache under its mask row into
+    /// `att` ([R, C]); rows in parallel. The keys a row may see are read in order, all heads of
+    /// a key at once (one contiguous row of the cache), and each output element sums its
+    /// weighted values in the order of the keys.
+    fn attend<E: CacheElem>(&self, keys: &mut [E], values: &mut [E], qkv: &[f32], att: &mut [f32]) {
+        let (count, p0, t, c, hs) = (self.count, self.p0, self.t, self.c, self.hs);
+        for (r, row) in qkv.chunks_exact(3 * c).enumerate() {
+            let at = ((r / count) * t + p0 + r % count) * c;
+            for (dst, &v) in keys[at..at + c].iter_mut().zip(&row[c..2 * c]) {
+                *dst = E::store(v);
+            }
+            for (dst, &v) in values[at..at + c].iter_mut().zip(&row[2 * c..]) {
+                *dst = E::store(v);
+            }
+        }
+        let (keys, values) = (&*keys, &*values);
+        let heads = c / hs;
+        let inv_sqrt = 1.0 / (hs as f32).sqrt();
+        att.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
+            let (si, p) = (r / count, p0 + r % count);
+            let allowed = &self.allowed[p];
+            let n = allowed.len();
+            let q = &qkv[r * 3 * c..][..c];
+            // scores[h · n + j]: head h's score of the j-th allowed key, then its weight.
+            let mut scores = vec![0.0f32; heads * n];
+            for (j, &key) in allowed.iter().enumerate() {
+                let k = &keys[(si * t + key) * c..][..c];
+                for (h, (q, k)) in q.chunks_exact(hs).zip(k.chunks_exact(hs)).enumerate() {
+                    scores[h * n + j] = dot(q, k) * inv_sqrt;
+                }
+            }
+            for head in scores.chunks_exact_mut(n) {
+                let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut total = 0.0f32;
+                for sc in head.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    total += *sc;
+                }
+                head.iter_mut().for_each(|sc| *sc /= total);
+            }
+            out.fill(0.0);
+            for (j, &key) in allowed.iter().enumerate() {
+                let v = &values[(si * t + key) * c..][..c];
+                for (h, (out, v)) in out.chunks_exact_mut(hs).zip(v.chunks_exact(hs)).enumerate() {
+                    let weight = scores[h * n + j];
+                    for (o, &v) in out.iter_mut().zip(v) {
+                        *o += weight * v.load();
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Σ a·b with 16 running sums, so that it vectorises (a plain `sum` adds in sequence).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: CacheElem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.load())
         .sum();
     for (x, y) in ac.zip(bc) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].load();
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -203,8 +203,7 @@ fn feeding_positions_together_equals_feeding_them_one_at_a_time() {
             );
         }
         assert_eq!(many.position(), t - 1);
-        assert_eq!(many.cache.keys, one.cache.keys, "{products}");
-        assert_eq!(many.cache.values, one.cache.values, "{products}");
+        assert!(many.cache == one.cache, "{products}: the caches differ");
     }
     let mut sampler = KvSampler::new(&m, &w, s).unwrap();
     assert!(sampler.feed_positions(&[], 0).is_err());
@@ -251,4 +250,59 @@ fn bf16_products_stay_near_the_f32_logits_and_sample_deterministically() {
     let both = bf16(&text, 0);
     assert_eq!(both, bf16(&text, 0));
     assert_eq!(bf16(&text[d.text_len..], 1), both[d.image_tokens()..]);
+}
+
+#[test]
+fn a_bf16_cache_attends_as_f32_over_the_rounded_keys_and_values() {
+    // Two sequences of 7 positions, 3 rows fed at positions 4..6 of each, 2 heads of 8: every
+    // row may see every key up to its own (a causal mask row).
+    let (s, t, count, p0, c, hs) = (2, 7, 3, 4, 16, 8);
+    let allowed: Vec<Vec<usize>> = (0..t).map(|p| (0..=p).collect()).collect();
+    let rows = Rows {
+        allowed: &allowed,
+        count,
+        p0,
+        t,
+        c,
+        hs,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+    let qkv = draw(s * count * 3 * c);
+    let earlier = draw(s * t * c);
+    let round = |v: f32| half::bf16::from_f32(v).to_f32();
+    // The f32 cache holds the rounded keys and values, earlier positions included.
+    let rounded_qkv: Vec<f32> = qkv
+        .chunks_exact(3 * c)
+        .flat_map(|row| {
+            row[..c]
+                .iter()
+                .copied()
+                .chain(row[c..].iter().map(|&v| round(v)))
+        })
+        .collect();
+    let (mut k32, mut v32): (Vec<f32>, Vec<f32>) = (
+        earlier.iter().map(|&v| round(v)).collect(),
+        earlier.iter().map(|&v| round(-v)).collect(),
+    );
+    let (mut k16, mut v16): (Vec<u16>, Vec<u16>) = (
+        earlier.iter().map(|&v| u16::store(v)).collect(),
+        earlier.iter().map(|&v| u16::store(-v)).collect(),
+    );
+    let (mut out32, mut out16) = (vec![0.0; s * count * c], vec![1.0; s * count * c]);
+    rows.attend(&mut k32, &mut v32, &rounded_qkv, &mut out32);
+    rows.attend(&mut k16, &mut v16, &qkv, &mut out16);
+    assert_eq!(out16, out32);
+    let widen = |b: &[u16]| b.iter().map(|&b| b.load()).collect::<Vec<f32>>();
+    assert_eq!(widen(&k16), k32);
+    assert_eq!(widen(&v16), v32);
+    // Not f32 in disguise: the unrounded cache attends differently.
+    let (mut k, mut v) = (
+        earlier.clone(),
+        earlier.iter().map(|&v| -v).collect::<Vec<_>>(),
+    );
+    let mut out = vec![0.0; s * count * c];
+    rows.attend(&mut k, &mut v, &qkv, &mut out);
+    assert_ne!(out, out32);
+    assert!(out.iter().zip(&out32).all(|(a, b)| (a - b).abs() < 0.05));
 }
