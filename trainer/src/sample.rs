@@ -184,6 +184,7 @@ pub fn run(o: &SampleOptions) -> Result<SampleSummary> {
     };
     let painter = Painter::open(&d_path, &tok_path, &d)
         .with_context(|| format!("--dvae {}", o.dvae.display()))?;
+    painter.warn_too_long(&o.prompts, d.text_len, "prompt")?;
     // Loaded before drawing, so that a bad directory fails before the long part.
     let clip = o
         .clip
@@ -321,6 +322,36 @@ impl Painter {
         })
     }
 
+    /// The prompts longer than the transformer's `text_len` tokens, which are truncated to their
+    /// first `text_len` as training truncates captions: (prompt index, its token count).
+    pub fn too_long(&self, prompts: &[String], text_len: usize) -> Result<Vec<(usize, usize)>> {
+        let mut long = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let n = self
+                .tok
+                .encode(prompt)
+                .with_context(|| format!("prompt {i} ({prompt:?})"))?
+                .len();
+            if n > text_len {
+                long.push((i, n));
+            }
+        }
+        Ok(long)
+    }
+
+    /// Warns once for each prompt [`Painter::too_long`] finds; `what` names where the prompts
+    /// come from (`--prompt`, `samples.prompts`).
+    pub fn warn_too_long(&self, prompts: &[String], text_len: usize, what: &str) -> Result<()> {
+        for (i, n) in self.too_long(prompts, text_len)? {
+            tracing::warn!(
+                "{what} {i} ({:?}) is {n} tokens, longer than the text context of {text_len}: \
+                 truncated to its first {text_len} tokens",
+                prompts[i]
+            );
+        }
+        Ok(())
+    }
+
     /// `n` pictures `[3, r, r]` in [0, 1] for each prompt, prompt by prompt, drawn `batch`
     /// sequences at a time; `bar` advances by the pictures drawn.
     #[allow(clippy::too_many_arguments)]
@@ -401,6 +432,7 @@ impl TrainingSamples {
         };
         let painter = Painter::open(&dvae, &tokenizer, model.dims())
             .with_context(|| format!("samples.dvae {}", cfg.dvae.display()))?;
+        painter.warn_too_long(&cfg.prompts, model.dims().text_len, "samples.prompts")?;
         let dir = run.run.out_dir.join("samples");
         let captioner = Captioner::open("the sample grids are drawn")?;
         Ok(Some(TrainingSamples {

@@ -553,6 +553,33 @@ fn clip_and_keep_mistakes_are_named() {
     assert!(!out.exists(), "nothing written on error");
 }
 
+/// A prompt longer than the text context (6 tokens here) is drawn from its first 6 tokens, as
+/// training truncates captions, with a warning that names it; the prompts that fit get none.
+#[test]
+fn a_prompt_longer_than_the_text_context_is_truncated_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, dvae, tok) = fixtures(tmp.path());
+    let long = "red circle above blue square below small large red";
+    let o = sample_with(
+        &run,
+        &dvae,
+        &tok,
+        &tmp.path().join("out"),
+        &["--prompt", long, "-n", "1", "--no-captions"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("prompt 2 (") && err.contains("truncated to its first 6 tokens"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("prompt 0 (") && !err.contains("prompt 1 ("),
+        "{err}"
+    );
+    assert!(tmp.path().join("out/prompt_002_00.png").is_file());
+}
+
 /// A training run with `samples:` draws a grid (a row per prompt) after every `every` updates and
 /// after the last, into samples/ and TensorBoard; each of its pictures is what `trainer sample`
 /// draws from that update's checkpoint with the same seed; and the run's weights are those of
