@@ -324,7 +324,7 @@ impl Painter {
 
     /// The prompts longer than the transformer's `text_len` tokens, which are truncated to their
     /// first `text_len` as training truncates captions: (prompt index, its token count).
-    pub fn too_long(&self, prompts: &[String], text_len: usize) -> Result<Vec<(usize, usize)>> {
+    fn too_long(&self, prompts: &[String], text_len: usize) -> Result<Vec<(usize, usize)>> {
         let mut long = Vec::new();
         for (i, prompt) in prompts.iter().enumerate() {
             let n = self

@@ -577,7 +577,25 @@ fn a_prompt_longer_than_the_text_context_is_truncated_with_a_warning() {
         !err.contains("prompt 0 (") && !err.contains("prompt 1 ("),
         "{err}"
     );
-    assert!(tmp.path().join("out/prompt_002_00.png").is_file());
+    // Drawn from its first 6 tokens: the picture of the text of those 6 tokens, in the same
+    // place, with the same seed.
+    let bpe = BpeTokenizer::load(&tok).unwrap();
+    let ids = bpe.encode(long).unwrap();
+    assert!(ids.len() > 6);
+    let short = bpe.decode(&ids[..6]).unwrap();
+    assert_eq!(bpe.encode(&short).unwrap(), ids[..6]);
+    let short = short.as_str();
+    let o = sample_with(
+        &run,
+        &dvae,
+        &tok,
+        &tmp.path().join("short"),
+        &["--prompt", short, "-n", "1", "--no-captions"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("truncated"), "{err}");
+    let picture = |dir: &str| fs::read(tmp.path().join(dir).join("prompt_002_00.png")).unwrap();
+    assert_eq!(picture("out"), picture("short"));
 }
 
 /// A training run with `samples:` draws a grid (a row per prompt) after every `every` updates and
