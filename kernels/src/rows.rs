@@ -19,6 +19,7 @@
 //! time or all at once, and a sequence draws the same tokens in any batch. The AVX-512 kernel
 //! and the portable one (with FMA) agree bit for bit; the test holds them together.
 
+use crate::bf16::round_bf16;
 use crate::error::{check_len, KernelError, Result};
 use crate::linear::check_linear;
 use crate::simd::{fmadd, Isa};
@@ -50,7 +51,7 @@ impl RowsWeight {
     /// `w` [N, K] row-major, packed in f32.
     pub fn f32(w: &[f32], n: usize, k: usize) -> Result<Self> {
         Ok(RowsWeight {
-            panels: Panels::F32(pack(w, n, k, 0.0, |v| v)?),
+            panels: Panels::F32(pack(w, n, k)?),
             n,
             k,
         })
@@ -59,7 +60,7 @@ impl RowsWeight {
     /// `w` [N, K] row-major, rounded to bfloat16 and packed.
     pub fn bf16(w: &[f32], n: usize, k: usize) -> Result<Self> {
         Ok(RowsWeight {
-            panels: Panels::Bf16(pack(w, n, k, 0, |v| half::bf16::from_f32(v).to_bits())?),
+            panels: Panels::Bf16(pack(w, n, k)?),
             n,
             k,
         })
@@ -82,13 +83,7 @@ impl RowsWeight {
 }
 
 /// Panels of `w` [N, K]: panel p holds `[K][NR]` = w[p·NR + jj, e] at `e·NR + jj`.
-fn pack<T: Copy + Send>(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    zero: T,
-    convert: impl Fn(f32) -> T + Sync,
-) -> Result<Vec<T>> {
+fn pack<T: Stored>(w: &[f32], n: usize, k: usize) -> Result<Vec<T>> {
     check_len("RowsWeight", "w", w.len(), n * k)?;
     if n == 0 || k == 0 {
         return Err(KernelError::Shape {
@@ -96,14 +91,14 @@ fn pack<T: Copy + Send>(
             what: format!("an empty matrix ({n} × {k})"),
         });
     }
-    let mut out = vec![zero; n.div_ceil(NR) * NR * k];
+    let mut out = vec![T::default(); n.div_ceil(NR) * NR * k];
     out.par_chunks_mut(NR * k)
         .enumerate()
         .for_each(|(p, panel)| {
             for jj in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + jj) * k..][..k];
                 for (e, &v) in row.iter().enumerate() {
-                    panel[e * NR + jj] = convert(v);
+                    panel[e * NR + jj] = T::store(v);
                 }
             }
         });
@@ -137,32 +132,39 @@ fn rows_product_on(
     match &w.panels {
         Panels::F32(p) => product(isa, out, x, p, bias, r, k, n),
         Panels::Bf16(p) => {
-            let rounded: Vec<f32> = x
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_f32())
-                .collect();
+            let rounded: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
             product(isa, out, &rounded, p, bias, r, k, n)
         }
     }
     Ok(())
 }
 
-/// An element of a packed weight: f32, or bfloat16 as its bits.
-trait Weight: Copy + Send + Sync {
+/// How a packed weight (or the sampler's key-value cache) keeps a number: f32, or bfloat16 as
+/// its bits, rounded to nearest (ties to even) when stored and widened exactly when read.
+pub trait Stored: Copy + Default + Send + Sync {
     const BF16: bool;
+    fn store(v: f32) -> Self;
     fn widen(self) -> f32;
 }
 
-impl Weight for f32 {
+impl Stored for f32 {
     const BF16: bool = false;
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        v
+    }
     #[inline(always)]
     fn widen(self) -> f32 {
         self
     }
 }
 
-impl Weight for u16 {
+impl Stored for u16 {
     const BF16: bool = true;
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        half::bf16::from_f32(v).to_bits()
+    }
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self) << 16)
@@ -170,7 +172,7 @@ impl Weight for u16 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn product<W: Weight>(
+fn product<W: Stored>(
     isa: Isa,
     out: &mut [f32],
     x: &[f32],
@@ -205,7 +207,7 @@ fn product<W: Weight>(
 }
 
 /// One task: `t[i, p·NR + jj]` for the task's panels (each `[K][NR]`), all R rows.
-fn run_task<W: Weight>(isa: Isa, t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
+fn run_task<W: Stored>(isa: Isa, t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::best` found AVX-512F, AVX-512VL, AVX2 and FMA on this CPU.
@@ -219,20 +221,20 @@ fn run_task<W: Weight>(isa: Isa, t: &mut [f32], x: &[f32], panels: &[W], r: usiz
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-fn task_avx512<W: Weight>(t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
+fn task_avx512<W: Stored>(t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
     task_body::<W, true, true, 8>(t, x, panels, r, k)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn task_avx2<W: Weight>(t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
+fn task_avx2<W: Stored>(t: &mut [f32], x: &[f32], panels: &[W], r: usize, k: usize) {
     task_body::<W, true, false, 2>(t, x, panels, r, k)
 }
 
 /// The register blocks of one task: MR rows by one panel, then the rows left over one at a
 /// time (computed the same way).
 #[inline(always)]
-fn task_body<W: Weight, const FMA: bool, const AVX512: bool, const MR: usize>(
+fn task_body<W: Stored, const FMA: bool, const AVX512: bool, const MR: usize>(
     t: &mut [f32],
     x: &[f32],
     panels: &[W],
@@ -259,7 +261,7 @@ fn task_body<W: Weight, const FMA: bool, const AVX512: bool, const MR: usize>(
 
 /// Rows `i..i + M` of `x` times one panel: `[M][NR]` sums.
 #[inline(always)]
-fn block<W: Weight, const FMA: bool, const AVX512: bool, const M: usize>(
+fn block<W: Stored, const FMA: bool, const AVX512: bool, const M: usize>(
     x: &[f32],
     panel: &[W],
     i: usize,
@@ -297,7 +299,7 @@ fn block<W: Weight, const FMA: bool, const AVX512: bool, const M: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn block_avx512<W: Weight, const M: usize>(
+unsafe fn block_avx512<W: Stored, const M: usize>(
     xs: &[f32],
     panel: &[W],
     k: usize,

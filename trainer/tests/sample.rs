@@ -560,15 +560,16 @@ fn a_prompt_longer_than_the_text_context_is_truncated_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let (run, dvae, tok) = fixtures(tmp.path());
     let long = "red circle above blue square below small large red";
-    let o = sample_with(
-        &run,
-        &dvae,
-        &tok,
-        &tmp.path().join("out"),
-        &["--prompt", long, "-n", "1", "--no-captions"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    // `trainer sample` with the test's two prompts and `prompt` third, one picture each into
+    // `dir`: its stderr, once it succeeded.
+    let draw = |prompt: &str, dir: &str| {
+        let args = ["--prompt", prompt, "-n", "1", "--no-captions"];
+        let o = sample_with(&run, &dvae, &tok, &tmp.path().join(dir), &args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = draw(long, "out");
     assert!(
         err.contains("prompt 2 (") && err.contains("truncated to its first 6 tokens"),
         "{err}"
@@ -584,16 +585,8 @@ fn a_prompt_longer_than_the_text_context_is_truncated_with_a_warning() {
     assert!(ids.len() > 6);
     let short = bpe.decode(&ids[..6]).unwrap();
     assert_eq!(bpe.encode(&short).unwrap(), ids[..6]);
-    let short = short.as_str();
-    let o = sample_with(
-        &run,
-        &dvae,
-        &tok,
-        &tmp.path().join("short"),
-        &["--prompt", short, "-n", "1", "--no-captions"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && !err.contains("truncated"), "{err}");
+    let err = draw(&short, "short");
+    assert!(!err.contains("truncated"), "{err}");
     let picture = |dir: &str| fs::read(tmp.path().join(dir).join("prompt_002_00.png")).unwrap();
     assert_eq!(picture("out"), picture("short"));
 }

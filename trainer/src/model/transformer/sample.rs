@@ -29,7 +29,7 @@ use crate::model::Products;
 use kernels::attention::{allowed_reference, layer_mask_kind, MaskKind};
 use kernels::gelu::gelu_forward;
 use kernels::layernorm::layernorm_forward;
-use kernels::rows::{rows_product, RowsWeight};
+use kernels::rows::{rows_product, RowsWeight, Stored};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -111,31 +111,6 @@ impl Sampling {
             }
         }
         *order.last().expect("at least one token")
-    }
-}
-
-/// An element of the key-value cache: f32, or bfloat16 kept as its bits ([`Products::Bf16`]).
-trait CacheElem: Copy + Default + Send + Sync {
-    fn store(v: f32) -> Self;
-    fn load(self) -> f32;
-}
-
-impl CacheElem for f32 {
-    fn store(v: f32) -> Self {
-        v
-    }
-    fn load(self) -> f32 {
-        self
-    }
-}
-
-/// bfloat16 bits: stored rounded to nearest even, loaded exactly (the top half of an f32).
-impl CacheElem for u16 {
-    fn store(v: f32) -> Self {
-        half::bf16::from_f32(v).to_bits()
-    }
-    fn load(self) -> f32 {
-        f32::from_bits((self as u32) << 16)
     }
 }
 
@@ -471,7 +446,7 @@ impl Rows<'_> {
     /// `att` ([R, C]); rows in parallel. The keys a row may see are read in order, all heads of
     /// a key at once (one contiguous row of the cache), and each output element sums its
     /// weighted values in the order of the keys.
-    fn attend<E: CacheElem>(&self, keys: &mut [E], values: &mut [E], qkv: &[f32], att: &mut [f32]) {
+    fn attend<E: Stored>(&self, keys: &mut [E], values: &mut [E], qkv: &[f32], att: &mut [f32]) {
         let (count, p0, t, c, hs) = (self.count, self.p0, self.t, self.c, self.hs);
         for (r, row) in qkv.chunks_exact(3 * c).enumerate() {
             let at = ((r / count) * t + p0 + r % count) * c;
@@ -513,7 +488,7 @@ impl Rows<'_> {
                 for (h, (out, v)) in out.chunks_exact_mut(hs).zip(v.chunks_exact(hs)).enumerate() {
                     let weight = scores[h * n + j];
                     for (o, &v) in out.iter_mut().zip(v) {
-                        *o += weight * v.load();
+                        *o += weight * v.widen();
                     }
                 }
             }
@@ -522,18 +497,18 @@ impl Rows<'_> {
 }
 
 /// Σ a·b with 16 running sums, so that it vectorises (a plain `sum` adds in sequence).
-fn dot<E: CacheElem>(a: &[f32], b: &[E]) -> f32 {
+fn dot<E: Stored>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y.load())
+        .map(|(x, y)| x * y.widen())
         .sum();
     for (x, y) in ac.zip(bc) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i].load();
+            acc[i] += x[i] * y[i].widen();
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -293,7 +293,7 @@ fn a_bf16_cache_attends_as_f32_over_the_rounded_keys_and_values() {
     rows.attend(&mut k32, &mut v32, &rounded_qkv, &mut out32);
     rows.attend(&mut k16, &mut v16, &qkv, &mut out16);
     assert_eq!(out16, out32);
-    let widen = |b: &[u16]| b.iter().map(|&b| b.load()).collect::<Vec<f32>>();
+    let widen = |b: &[u16]| b.iter().map(|&b| b.widen()).collect::<Vec<f32>>();
     assert_eq!(widen(&k16), k32);
     assert_eq!(widen(&v16), v32);
     // Not f32 in disguise: the unrounded cache attends differently.
