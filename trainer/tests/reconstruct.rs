@@ -343,3 +343,86 @@ fn images_from_a_glob_span_shards_in_path_order() {
         text(&o)
     );
 }
+
+/// A decoder run (`configs/dvae-cpu-decoder.yaml`'s recipe, small): `train.init` starts it from
+/// a dVAE's weights, and with `relaxation.decoder_input: argmax` only the decoder moves: the
+/// encoder, and so every code, is bit for bit the one it started from. A `train.init` that does
+/// not fit fails naming it.
+#[test]
+fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("images.tis");
+    write_shard(&shard, 8, RES);
+    let weights = tmp.path().join("dvae.safetensors");
+    let (m, w) = write_weights(&weights, 3);
+    let d = dims();
+    let config = |name: &str, init: &Path, extra: &str| {
+        let path = tmp.path().join(format!("{name}.yaml"));
+        let text = format!(
+            "run:\n  name: {name}\n  out_dir: {out}\n  device: cpu\n\
+             model:\n  kind: dvae\n  resolution: {RES}\n  n_hid: {}\n  n_blk_per_group: {}\n  \
+             vocab_size: {}\n  n_init: {}\n\
+             relaxation:\n  beta_start: 0\n  beta_end: 0\n  likelihood: logit-gaussian\n  \
+             kl: batch\n  decoder_input: argmax\n\
+             data:\n  source: images\n  paths: [{shard}]\n\
+             optim:\n  lr: 1.0e-3\n  weight_decay: 0\n  ema: 0.9\n\
+             train:\n  steps: 4\n  batch_size: 2\n  init: {init}\n{extra}\
+             checkpoint:\n  every: 4\n",
+            d.n_hid,
+            d.n_blk_per_group,
+            d.vocab_size,
+            d.n_init,
+            out = tmp.path().join(name).display(),
+            shard = shard.display(),
+            init = init.display(),
+        );
+        fs::write(&path, text).unwrap();
+        path
+    };
+    let run = |cfg: &Path| trainer(&["train", "--config", cfg.to_str().unwrap()]);
+
+    let o = run(&config("decoder", &weights, ""));
+    assert!(o.status.success(), "{}", text(&o));
+    let mut after = vec![0.0f32; w.len()];
+    let file = checkpoint::step_dir(&tmp.path().join("decoder"), 4).join(MODEL_FILE);
+    checkpoint::load_weights(&file, m.table(), &mut after).unwrap();
+    let (mut encoder, mut decoder_moved) = (0, 0);
+    for spec in m.table().specs() {
+        let r = spec.offset..spec.offset + spec.numel();
+        if spec.name.starts_with("encoder.") {
+            let same = w[r.clone()]
+                .iter()
+                .zip(&after[r])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{} moved", spec.name);
+            encoder += 1;
+        } else if w[r.clone()] != after[r] {
+            decoder_moved += 1;
+        }
+    }
+    assert!(encoder > 0);
+    assert!(decoder_moved > 0, "no decoder tensor moved");
+
+    // What does not fit: weights of another codebook size, the EMA of a plain file, nothing.
+    let small = tmp.path().join("other.safetensors");
+    let other = Dvae::new(DvaeDims {
+        vocab_size: 16,
+        ..dims()
+    })
+    .unwrap();
+    write_tensors(&small, &entries(other.table(), "", &other.init_params(1))).unwrap();
+    let o = run(&config("wrong", &small, ""));
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(
+        e.contains("train.init") && e.contains("other.safetensors"),
+        "{e}"
+    );
+    let o = run(&config("ema-of-file", &weights, "  init_ema: true\n"));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is a file"), "{}", text(&o));
+    let o = run(&config("missing", &tmp.path().join("nowhere"), ""));
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(e.contains("train.init") && e.contains("nowhere"), "{e}");
+}

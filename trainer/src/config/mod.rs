@@ -18,7 +18,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use crate::model::dvae::BranchGain;
+pub use crate::model::dvae::{BranchGain, DecoderInput};
 pub use crate::model::mixed::Precision;
 pub use kernels::dvae::{KlTerm, Likelihood};
 use serde::{Deserialize, Serialize};

@@ -264,6 +264,13 @@ pub struct RelaxationConfig {
     /// when not.
     #[serde(default = "default_unit", skip_serializing_if = "is_unit")]
     pub decoder_input_gain: f64,
+    /// What the decoder reads: `relaxed` (the Gumbel-softmax sample, the paper's) or `argmax`
+    /// (each position's argmax code, what reconstruction, encoding and sampling decode; only the
+    /// decoder learns, β must be 0, `run.device: cpu` only; a second run from a trained dVAE's
+    /// weights, `train.init`: docs/dvae-training.md, "Ninth round"). Default `relaxed`; written
+    /// only when not.
+    #[serde(default, skip_serializing_if = "DecoderInput::is_relaxed")]
+    pub decoder_input: DecoderInput,
 }
 
 fn is_unit(x: &f64) -> bool {
@@ -344,6 +351,7 @@ impl Default for RelaxationConfig {
             branch_gain: BranchGain::default(),
             kl: KlTerm::default(),
             decoder_input_gain: 1.0,
+            decoder_input: DecoderInput::default(),
         }
     }
 }
@@ -364,6 +372,7 @@ impl RelaxationConfig {
             .with_kl_term(self.kl)
             .with_branch_gain(self.branch_gain)
             .with_decoder_input_gain(self.decoder_input_gain as f32)
+            .with_decoder_input(self.decoder_input)
     }
 
     /// τ at update `t`.
@@ -788,6 +797,16 @@ pub struct TrainConfig {
     /// Log metrics every N updates. ≥ 1. Default 10.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Start from these weights instead of drawing fresh ones: a safetensors file, a checkpoint
+    /// directory (its model.safetensors) or a run directory (its newest complete checkpoint).
+    /// Every tensor of the model must be there with its shape. The optimizer starts fresh. A run
+    /// that resumes from its own checkpoint ignores it. Default none; written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// With `init`: read the checkpoint's weight EMA (ema.safetensors) instead. Default false;
+    /// written only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_ema: bool,
 }
 
 fn default_one() -> usize {

@@ -621,6 +621,51 @@ fn the_config_accepts_exactly_the_dvae_sizes_the_model_builds() {
 }
 
 #[test]
+fn a_decoder_run_needs_no_kl_term_the_host_and_init_for_its_ema() {
+    let argmax = ["relaxation.decoder_input=argmax", "relaxation.beta_end=0"];
+    let c = RunConfig::from_yaml_str_with_overrides(
+        DVAE,
+        "dvae.yaml",
+        &sets(
+            &[
+                &argmax[..],
+                &["train.init=runs/first", "train.init_ema=true"],
+            ]
+            .concat(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.relaxation().decoder_input, DecoderInput::Argmax);
+    assert_eq!(c.train.init.as_deref(), Some(Path::new("runs/first")));
+    let text = c.to_yaml();
+    assert!(
+        text.contains("decoder_input: argmax") && text.contains("init_ema: true"),
+        "{text}"
+    );
+    assert_eq!(RunConfig::from_yaml_str(&text, "resolved.yaml").unwrap(), c);
+    // The defaults are not written.
+    let plain = RunConfig::from_yaml_str(DVAE, "dvae.yaml")
+        .unwrap()
+        .to_yaml();
+    assert!(
+        !plain.contains("decoder_input:") && !plain.contains("\n  init"),
+        "{plain}"
+    );
+    let e = load_err(DVAE, &["relaxation.decoder_input=argmax"]);
+    assert!(e.contains("relaxation.beta_end (6.6) must be 0"), "{e}");
+    let e = load_err(DVAE, &[&argmax[..], &["run.device=cuda-emu"]].concat());
+    assert!(
+        e.contains("relaxation.decoder_input") && e.contains("run.device is cuda-emu"),
+        "{e}"
+    );
+    let e = load_err(DVAE, &["train.init_ema=true"]);
+    assert!(
+        e.contains("train.init_ema") && e.contains("needs train.init"),
+        "{e}"
+    );
+}
+
+#[test]
 fn dvae_config_errors_name_the_field() {
     let e = load_err(&DVAE.replace("  n_hid: 16\n", ""), &[]);
     assert!(

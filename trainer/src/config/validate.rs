@@ -117,6 +117,21 @@ impl RunConfig {
                 d.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                    if r.decoder_input == DecoderInput::Argmax
+                        && !matches!(self.run.device, Device::Cpu | Device::Auto)
+                    {
+                        return invalid(
+                            "relaxation.decoder_input",
+                            format!(
+                                "relaxation.decoder_input: argmax runs on the host for now; \
+                                 run.device is {}: use cpu",
+                                match self.run.device {
+                                    Device::Cuda => "cuda",
+                                    _ => "cuda-emu",
+                                }
+                            ),
+                        );
+                    }
                 }
                 if matches!(&self.data, DataSource::Images(s) if s.tokenizer.is_some()) {
                     return invalid(
@@ -258,6 +273,12 @@ impl RunConfig {
         if t.log_every < 1 {
             return invalid("train.log_every", "train.log_every must be ≥ 1".into());
         }
+        if t.init_ema && t.init.is_none() {
+            return invalid(
+                "train.init_ema",
+                "train.init_ema reads a checkpoint's EMA: it needs train.init".into(),
+            );
+        }
 
         if let Err(crate::powersgd::PowerSgdError::Config { field, message }) =
             self.compression.validate()
@@ -345,6 +366,17 @@ fn validate_relaxation(r: &RelaxationConfig) -> Result<(), (String, String)> {
         if value < 1 {
             return Err((field.into(), format!("{field} must be ≥ 1")));
         }
+    }
+    if r.decoder_input == DecoderInput::Argmax && (r.beta_start != 0.0 || r.beta_end != 0.0) {
+        return Err((
+            "relaxation.beta_end".into(),
+            format!(
+                "relaxation.decoder_input: argmax trains the decoder alone on fixed codes, and \
+                 the KL term would move the encoder: relaxation.beta_start ({}) and \
+                 relaxation.beta_end ({}) must be 0",
+                r.beta_start, r.beta_end
+            ),
+        ));
     }
     Ok(())
 }

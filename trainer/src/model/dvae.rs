@@ -63,6 +63,26 @@ impl BranchGain {
     }
 }
 
+/// What the decoder reads in training (`relaxation.decoder_input`; docs/dvae-training.md, "Ninth
+/// round").
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecoderInput {
+    /// The relaxed sample y = softmax((logits + g)/τ) (the paper's): both networks learn.
+    #[default]
+    Relaxed,
+    /// Each position's one-hot argmax code, without noise: what `trainer reconstruct`,
+    /// `data-prep encode` and sampling decode. The decoder alone learns: the loss is the
+    /// likelihood only (β must be 0) and the encoder's gradient is zero.
+    Argmax,
+}
+
+impl DecoderInput {
+    pub fn is_relaxed(&self) -> bool {
+        *self == DecoderInput::Relaxed
+    }
+}
+
 /// Whether the parameter `name` is a residual branch's last convolution (weight or bias).
 fn is_branch_output(name: &str) -> bool {
     name.ends_with(".res_path.conv_4.w") || name.ends_with(".res_path.conv_4.b")
@@ -604,6 +624,8 @@ pub struct Dvae {
     kl_term: KlTerm,
     /// Multiplies the initial draw of `decoder.blocks.input.w` (1 unless set).
     decoder_input_gain: f32,
+    /// What the decoder reads in training (the relaxed sample unless set).
+    decoder_input: DecoderInput,
     table: ParamTable,
     encoder: Net,
     decoder: Net,
@@ -696,6 +718,7 @@ impl Dvae {
             branch_gain: BranchGain::Openai,
             kl_term: KlTerm::Position,
             decoder_input_gain: 1.0,
+            decoder_input: DecoderInput::Relaxed,
             table,
             encoder,
             decoder,
@@ -753,6 +776,16 @@ impl Dvae {
     pub fn with_decoder_input_gain(mut self, gain: f32) -> Self {
         self.decoder_input_gain = gain;
         self
+    }
+
+    /// The same model training its decoder on `input` ([`DecoderInput`]).
+    pub fn with_decoder_input(mut self, input: DecoderInput) -> Self {
+        self.decoder_input = input;
+        self
+    }
+
+    pub fn decoder_input(&self) -> DecoderInput {
+        self.decoder_input
     }
 
     /// 1/post_gain for [`BranchGain::Unit`], else 1.
@@ -865,6 +898,12 @@ impl Dvae {
         if tau.is_nan() || tau <= 0.0 {
             return Err(ModelError::Dims(format!("tau = {tau} must be > 0")));
         }
+        if self.decoder_input == DecoderInput::Argmax && beta != 0.0 {
+            return Err(ModelError::Dims(format!(
+                "beta = {beta}: with the argmax codes as the decoder's input only the decoder \
+                 learns, and the KL term would move the encoder; beta must be 0"
+            )));
+        }
         let p = self.table.split(params);
         for (m, &x) in acts.x_mapped.iter_mut().zip(images) {
             *m = squash(x) as f32;
@@ -884,15 +923,29 @@ impl Dvae {
                 )));
             }
         }
-        // Images in parallel (kernels::dvae's reference, image by image).
-        acts.y
-            .par_chunks_mut(k * hw)
-            .enumerate()
-            .try_for_each(|(bi, y)| {
-                let logits = &logits[bi * k * hw..][..k * hw];
-                let noise = noise.map(|g| &g[bi * k * hw..][..k * hw]);
-                kernel_dvae::gumbel_softmax_forward(y, logits, noise, tau, 1, k, hw)
-            })?;
+        match self.decoder_input {
+            // Images in parallel (kernels::dvae's reference, image by image).
+            DecoderInput::Relaxed => {
+                acts.y
+                    .par_chunks_mut(k * hw)
+                    .enumerate()
+                    .try_for_each(|(bi, y)| {
+                        let logits = &logits[bi * k * hw..][..k * hw];
+                        let noise = noise.map(|g| &g[bi * k * hw..][..k * hw]);
+                        kernel_dvae::gumbel_softmax_forward(y, logits, noise, tau, 1, k, hw)
+                    })?
+            }
+            DecoderInput::Argmax => {
+                let y = &mut acts.y;
+                y.fill(0.0);
+                for_each_argmax(logits, k, hw, |bi, pos, c| y[(bi * k + c) * hw + pos] = 1.0)
+                    .map_err(|(bi, pos, c, v)| {
+                        ModelError::Dims(format!(
+                            "logit {v} of code {c} at image {bi}, position {pos} is not finite"
+                        ))
+                    })?;
+            }
+        }
         acts.dec.inputs[0].copy_from_slice(&acts.y);
         self.decoder.forward(&p, &mut acts.dec)?;
         acts.tau = tau;
@@ -971,6 +1024,14 @@ impl Dvae {
                 let stats = &acts.dec.output[bi * 6 * px..][..6 * px];
                 kernel_dvae::nll_backward(self.likelihood, dstats, stats, images, s, 1, px)
             })?;
+        if self.decoder_input == DecoderInput::Argmax {
+            // The codes are the logits' argmax, a step function of them: nothing reaches the
+            // encoder (its gradient stays as it was), and the decoder's input needs none.
+            self.decoder
+                .backward(&p, &mut g, &mut acts.dec, &dstats, None)?;
+            acts.dstats = dstats;
+            return Ok(());
+        }
         let mut dy = std::mem::take(&mut acts.dy);
         dy.resize(acts.y.len(), 0.0);
         self.decoder

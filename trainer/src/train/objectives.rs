@@ -93,28 +93,44 @@ pub fn open(
     })
 }
 
-/// The parameter layout of `cfg`'s model and, with `init`, its fresh weights from `run.seed`
-/// (a resumed run skips drawing weights it is about to overwrite).
+/// The parameter layout of `cfg`'s model and, with `init`, its starting weights: those of
+/// `train.init` when set, else fresh ones from `run.seed` (a resumed run skips drawing weights it
+/// is about to overwrite).
 pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Vec<f32>>)> {
     let seed = cfg.run.seed;
-    if let Some(c) = cfg.model.clip() {
+    let draw = init && cfg.train.init.is_none();
+    let (table, params) = if let Some(c) = cfg.model.clip() {
         let m = crate::model::clip::Clip::new(*c)?;
         let logit_scale = crate::model::clip::hf::DEFAULT_LOGIT_SCALE_INIT;
-        return Ok((
+        (
             m.table().clone(),
-            init.then(|| m.init_params(seed, logit_scale)),
-        ));
+            draw.then(|| m.init_params(seed, logit_scale)),
+        )
+    } else if let Some(d) = cfg.model.dvae() {
+        let m = cfg.relaxation().configure(Dvae::new(*d)?);
+        (m.table().clone(), draw.then(|| m.init_params(seed)))
+    } else {
+        let m = Transformer::new(*cfg.transformer()?)?;
+        (m.table().clone(), draw.then(|| m.init_params(seed)))
+    };
+    match (&cfg.train.init, init) {
+        (Some(source), true) => {
+            let params = initial_weights(source, cfg.train.init_ema, &table)
+                .with_context(|| format!("train.init: {}", source.display()))?;
+            Ok((table, Some(params)))
+        }
+        _ => Ok((table, params)),
     }
-    Ok(match cfg.model.dvae() {
-        Some(d) => {
-            let m = cfg.relaxation().configure(Dvae::new(*d)?);
-            (m.table().clone(), init.then(|| m.init_params(seed)))
-        }
-        None => {
-            let m = Transformer::new(*cfg.transformer()?)?;
-            (m.table().clone(), init.then(|| m.init_params(seed)))
-        }
-    })
+}
+
+/// The weights of `source` (a safetensors file, a checkpoint or a run directory; with `ema`, the
+/// checkpoint's EMA), every tensor of `table` checked by name and shape.
+fn initial_weights(source: &std::path::Path, ema: bool, table: &ParamTable) -> Result<Vec<f32>> {
+    let path = crate::model::dvae::resolve_weights(source, ema)?;
+    let mut params = vec![0.0f32; table.numel()];
+    crate::checkpoint::load_weights(&path, table, &mut params)?;
+    tracing::info!(path = %path.display(), "initial weights");
+    Ok(params)
 }
 
 /// Stage 2: the transformer on token sequences.
