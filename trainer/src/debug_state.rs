@@ -282,7 +282,10 @@ fn run_transformer(cfg: &RunConfig, weights: &Path, batch: &Path, out: &Path) ->
 
 /// `trainer init-weights`: the config's model, freshly initialised from `run.seed`.
 pub fn init_weights(cfg: &RunConfig, out: &Path) -> Result<()> {
-    let (table, params) = crate::train::objectives::model_table(cfg, true)?;
+    // Fresh weights even when the config starts its runs from others (`train.init`).
+    let mut fresh = cfg.clone();
+    (fresh.train.init, fresh.train.init_ema) = (None, false);
+    let (table, params) = crate::train::objectives::model_table(&fresh, true)?;
     let params = params.expect("model_table(init = true) draws weights");
     checkpoint::write_tensors(out, &checkpoint::entries(&table, "", &params))?;
     if let Some(c) = cfg.model.clip() {

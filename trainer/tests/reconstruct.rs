@@ -420,7 +420,11 @@ fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
     );
     let o = run(&config("ema-of-file", &weights, "  init_ema: true\n"));
     assert!(!o.status.success());
-    assert!(text(&o).contains("is a file"), "{}", text(&o));
+    let e = text(&o);
+    assert!(
+        e.contains("train.init_ema") && e.contains("is a file"),
+        "{e}"
+    );
     let o = run(&config("missing", &tmp.path().join("nowhere"), ""));
     assert!(!o.status.success());
     let e = text(&o);

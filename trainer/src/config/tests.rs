@@ -622,7 +622,11 @@ fn the_config_accepts_exactly_the_dvae_sizes_the_model_builds() {
 
 #[test]
 fn a_decoder_run_needs_no_kl_term_the_host_and_init_for_its_ema() {
-    let argmax = ["relaxation.decoder_input=argmax", "relaxation.beta_end=0"];
+    let argmax = [
+        "relaxation.decoder_input=argmax",
+        "relaxation.beta_end=0",
+        "optim.weight_decay=0",
+    ];
     let c = RunConfig::from_yaml_str_with_overrides(
         DVAE,
         "dvae.yaml",
@@ -653,6 +657,17 @@ fn a_decoder_run_needs_no_kl_term_the_host_and_init_for_its_ema() {
     );
     let e = load_err(DVAE, &["relaxation.decoder_input=argmax"]);
     assert!(e.contains("relaxation.beta_end (6.6) must be 0"), "{e}");
+    let e = load_err(
+        DVAE,
+        &[&argmax[..], &["relaxation.beta_start=0.5"]].concat(),
+    );
+    assert!(e.contains("relaxation.beta_start (0.5) and"), "{e}");
+    // Weight decay would shrink the encoder that no gradient moves.
+    let e = load_err(DVAE, &[&argmax[..2], &["optim.weight_decay=1e-4"]].concat());
+    assert!(
+        e.contains("optim.weight_decay = 0.0001 would") && e.contains("set it to 0"),
+        "{e}"
+    );
     let e = load_err(DVAE, &[&argmax[..], &["run.device=cuda-emu"]].concat());
     assert!(
         e.contains("relaxation.decoder_input") && e.contains("run.device is cuda-emu"),

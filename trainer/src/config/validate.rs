@@ -117,6 +117,17 @@ impl RunConfig {
                 d.check("model.").or_else(|(f, msg)| invalid(&f, msg))?;
                 if let Some(r) = &self.relaxation {
                     validate_relaxation(r).or_else(|(f, msg)| invalid(&f, msg))?;
+                    let decay = self.optim.weight_decay;
+                    if r.decoder_input == DecoderInput::Argmax && decay != 0.0 {
+                        return invalid(
+                            "optim.weight_decay",
+                            format!(
+                                "relaxation.decoder_input: argmax leaves the encoder (and so \
+                                 the codes) as it is, but optim.weight_decay = {decay} would \
+                                 shrink its weights: set it to 0"
+                            ),
+                        );
+                    }
                     if r.decoder_input == DecoderInput::Argmax
                         && !matches!(self.run.device, Device::Cpu | Device::Auto)
                     {
@@ -368,8 +379,12 @@ fn validate_relaxation(r: &RelaxationConfig) -> Result<(), (String, String)> {
         }
     }
     if r.decoder_input == DecoderInput::Argmax && (r.beta_start != 0.0 || r.beta_end != 0.0) {
+        let field = match r.beta_start != 0.0 {
+            true => "relaxation.beta_start",
+            false => "relaxation.beta_end",
+        };
         return Err((
-            "relaxation.beta_end".into(),
+            field.into(),
             format!(
                 "relaxation.decoder_input: argmax trains the decoder alone on fixed codes, and \
                  the KL term would move the encoder: relaxation.beta_start ({}) and \

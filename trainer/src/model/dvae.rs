@@ -333,6 +333,22 @@ impl Net {
         }
     }
 
+    /// Multiply-adds of one forward pass on `batch` images.
+    fn macs(&self, batch: usize) -> usize {
+        (self.layers.iter())
+            .map(|(layer, shape)| {
+                let conv = |cp: &ConvParams| Net::dims(batch, cp, shape.side).macs();
+                match layer {
+                    Layer::Conv(cp) | Layer::ReluConv(cp) => conv(cp),
+                    Layer::Block(b) => {
+                        b.convs.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv)
+                    }
+                    Layer::MaxPool | Layer::Upsample => 0,
+                }
+            })
+            .sum()
+    }
+
     fn new_acts(&self, batch: usize) -> NetActs {
         let len = |s: &Shape| batch * s.c * s.side * s.side;
         // Gradient buffers: large enough for any layer's input or output gradient.
@@ -801,23 +817,14 @@ impl Dvae {
     }
 
     /// Useful floating-point operations of one training step on `batch` images: 6 per
-    /// multiply-add of every convolution (forward, input gradient, weight gradient).
+    /// multiply-add of every convolution (forward, input gradient, weight gradient); 2 for the
+    /// encoder's when only the decoder learns ([`DecoderInput::Argmax`]: no encoder backward).
     pub fn train_flops(&self, batch: usize) -> f64 {
-        let macs: usize = [&self.encoder, &self.decoder]
-            .iter()
-            .flat_map(|net| net.layers.iter())
-            .map(|(layer, shape)| {
-                let conv = |cp: &ConvParams| Net::dims(batch, cp, shape.side).macs();
-                match layer {
-                    Layer::Conv(cp) | Layer::ReluConv(cp) => conv(cp),
-                    Layer::Block(b) => {
-                        b.convs.iter().map(conv).sum::<usize>() + b.id_path.as_ref().map_or(0, conv)
-                    }
-                    Layer::MaxPool | Layer::Upsample => 0,
-                }
-            })
-            .sum();
-        6.0 * macs as f64
+        let encoder = match self.decoder_input {
+            DecoderInput::Relaxed => 6.0,
+            DecoderInput::Argmax => 2.0,
+        };
+        encoder * self.encoder.macs(batch) as f64 + 6.0 * self.decoder.macs(batch) as f64
     }
 
     pub fn new_acts(&self, batch: usize) -> DvaeActs {
@@ -938,12 +945,13 @@ impl Dvae {
             DecoderInput::Argmax => {
                 let y = &mut acts.y;
                 y.fill(0.0);
-                for_each_argmax(logits, k, hw, |bi, pos, c| y[(bi * k + c) * hw + pos] = 1.0)
-                    .map_err(|(bi, pos, c, v)| {
-                        ModelError::Dims(format!(
-                            "logit {v} of code {c} at image {bi}, position {pos} is not finite"
-                        ))
-                    })?;
+                // A non-finite logit has no argmax: the loss is then NaN, as the relaxed sample
+                // makes it, and the optimizer skips the update.
+                if for_each_argmax(logits, k, hw, |bi, pos, c| y[(bi * k + c) * hw + pos] = 1.0)
+                    .is_err()
+                {
+                    y.fill(f32::NAN);
+                }
             }
         }
         acts.dec.inputs[0].copy_from_slice(&acts.y);

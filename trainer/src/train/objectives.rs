@@ -14,7 +14,9 @@ use crate::config::{DataSource, Device, RunConfig};
 use crate::data::loader::CaptionEncoder;
 use crate::data::{DataCursor, DataStream, ImageStream};
 use crate::model::dvae::device::{DeviceDvae, DeviceDvaeActs, DvaeDevice};
-use crate::model::dvae::{for_each_argmax, gumbel_noise, unmap_pixel, Dvae, DvaeActs, DvaeLosses};
+use crate::model::dvae::{
+    for_each_argmax, gumbel_noise, unmap_pixel, DecoderInput, Dvae, DvaeActs, DvaeLosses,
+};
 use crate::model::mixed::BlockScales;
 use crate::model::mixed::Precision;
 use crate::model::transformer::device::{
@@ -126,6 +128,12 @@ pub fn model_table(cfg: &RunConfig, init: bool) -> Result<(ParamTable, Option<Ve
 /// The weights of `source` (a safetensors file, a checkpoint or a run directory; with `ema`, the
 /// checkpoint's EMA), every tensor of `table` checked by name and shape.
 fn initial_weights(source: &std::path::Path, ema: bool, table: &ParamTable) -> Result<Vec<f32>> {
+    if ema && source.is_file() {
+        bail!(
+            "train.init_ema reads ema.safetensors of a checkpoint or run directory, but this is a \
+             file: name the directory, or set train.init_ema to false"
+        );
+    }
     let path = crate::model::dvae::resolve_weights(source, ema)?;
     let mut params = vec![0.0f32; table.numel()];
     crate::checkpoint::load_weights(&path, table, &mut params)?;
@@ -664,6 +672,10 @@ fn dvae_on_device<D: DvaeDevice + AdamWOps + PowerSgdDevice + 'static>(
 
 /// Where `run.device` runs the dVAE's passes.
 fn dvae_compute(cfg: &RunConfig, model: &Dvae, batch: usize) -> Result<DvaeCompute> {
+    let host = matches!(cfg.run.device, Device::Cpu | Device::Auto);
+    if !host && model.decoder_input() == DecoderInput::Argmax {
+        bail!("relaxation.decoder_input: argmax has no device step yet: use run.device: cpu");
+    }
     // `auto` runs the dVAE on the host.
     Ok(match cfg.run.device {
         Device::Cpu | Device::Auto => DvaeCompute::Host(Box::new(model.new_acts(batch))),
