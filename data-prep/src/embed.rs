@@ -36,7 +36,6 @@ use trainer::model::clip::device::DeviceImageTower;
 use trainer::model::clip::hf::{self, ClipTokenizer, Preprocessor};
 use trainer::model::clip::{Activations, Clip, Products};
 use trainer::train::objectives::ClipCaptions;
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::markers;
 
@@ -290,12 +289,7 @@ impl LoadedClip {
 
     /// xxh3-128 of the parameters, hex.
     pub fn weights_hash(&self) -> String {
-        let mut h = Xxh3::new();
-        for c in self.params.chunks(1 << 16) {
-            let bytes: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();
-            h.update(&bytes);
-        }
-        format!("{:032x}", h.digest128())
+        format!("{:032x}", trainer::params::fingerprint(&self.params))
     }
 
     fn image_size(&self) -> usize {

@@ -39,7 +39,6 @@ use trainer::config::RunConfig;
 use trainer::data::image_loader::hwc_to_chw;
 use trainer::data::loader::{resolve_paths_with, LoaderError};
 use trainer::model::dvae::{image_resolution, Dvae, DvaeWeights};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::markers;
 
@@ -159,14 +158,6 @@ struct Encoder<'a> {
     batch: usize,
     /// Batches run at a time.
     parallel: usize,
-}
-
-fn xxh3_hex(bytes: impl IntoIterator<Item = Vec<u8>>) -> String {
-    let mut h = Xxh3::new();
-    for b in bytes {
-        h.update(&b);
-    }
-    format!("{:032x}", h.digest128())
 }
 
 /// The sizes the arguments ask for, before the images and the dVAE are known.
@@ -324,14 +315,10 @@ pub fn run(a: &EncodeArgs) -> Result<EncodeSummary> {
 
     // Every check passed: read the weights and the tokenizer's bytes, then work.
     let (dvae, params) = weights.load()?;
-    let dvae_fp = xxh3_hex(
-        params
-            .chunks(1 << 16)
-            .map(|c| c.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
-    );
+    let dvae_fp = format!("{:032x}", trainer::params::fingerprint(&params));
     let tok_bytes = std::fs::read(&a.tokenizer)
         .with_context(|| format!("reading {}", a.tokenizer.display()))?;
-    let tok_fp = xxh3_hex([tok_bytes]);
+    let tok_fp = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&tok_bytes));
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
 
     let jobs: Vec<Job> = shards

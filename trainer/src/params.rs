@@ -150,6 +150,19 @@ impl ParamTable {
     }
 }
 
+/// xxh3-128 of `params` as little-endian bytes: the one fingerprint of a set of weights (token
+/// shards record their dVAE's, embeddings their CLIP's, ranks compare `train.init`'s).
+pub fn fingerprint(params: &[f32]) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut bytes = Vec::with_capacity(4 << 16);
+    for chunk in params.chunks(1 << 16) {
+        bytes.clear();
+        bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+        h.update(&bytes);
+    }
+    h.digest128()
+}
+
 /// Two distinct mutable views, `i < j` (table order), out of a buffer split by
 /// [`ParamTable::split_mut`]: a weight gradient and its bias gradient, say.
 pub fn pair_mut<'a>(

@@ -356,14 +356,8 @@ pub fn run_until(cfg: &RunConfig, resume: bool, stop: &AtomicBool) -> Result<Tra
     if resumed_from.is_none() && cfg.train.init.is_some() {
         // Each rank read train.init itself: a directory that differs between nodes, or changed
         // while they read it, must not start them from different weights.
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut bytes = Vec::with_capacity(4 << 12);
-        for chunk in rs.params.chunks(1 << 12) {
-            bytes.clear();
-            bytes.extend(chunk.iter().flat_map(|p| p.to_le_bytes()));
-            hasher.update(&bytes);
-        }
-        dist::same_on_every_rank(&mut *comm, "the weights of train.init", hasher.digest())?;
+        let fingerprint = crate::params::fingerprint(&rs.params) as u64;
+        dist::same_on_every_rank(&mut *comm, "the weights of train.init", fingerprint)?;
     }
     // Only now, with the run accepted, does anything in the run directory change.
     let mut metrics_file = None;

@@ -64,6 +64,38 @@ fn write_weights(path: &Path, seed: u64) -> (Dvae, Vec<f32>) {
     (m, w)
 }
 
+/// `n` images of [`write_shard`] in `dir`/images.tis and the weights of seed 3 in
+/// `dir`/dvae.safetensors: (shard, weights, model, parameters).
+fn shard_and_weights(dir: &Path, n: usize) -> (PathBuf, PathBuf, Dvae, Vec<f32>) {
+    let shard = dir.join("images.tis");
+    write_shard(&shard, n, RES);
+    let weights = dir.join("dvae.safetensors");
+    let (m, w) = write_weights(&weights, 3);
+    (shard, weights, m, w)
+}
+
+/// The first `n` images of `shard`, [n, 3, H, W] in [0, 1].
+fn shard_images(shard: &Path, n: usize) -> Vec<f32> {
+    let s = ImageShard::open(shard).unwrap();
+    let px = 3 * RES * RES;
+    let mut images = vec![0.0f32; n * px];
+    for (i, dst) in images.chunks_exact_mut(px).enumerate() {
+        hwc_to_chw(&s.record(i as u64).unwrap().pixels, dst);
+    }
+    images
+}
+
+/// The reconstruction of `images` through their argmax codes (`Dvae::encode` + `decode_codes`)
+/// and its mean squared error: what `trainer reconstruct` draws and prints.
+fn reconstruct(m: &Dvae, w: &[f32], images: &[f32]) -> (Vec<f32>, f64) {
+    let recon = m.decode_codes(w, &m.encode(w, images).unwrap()).unwrap();
+    let mse = (images.iter().zip(&recon))
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum::<f64>()
+        / images.len() as f64;
+    (recon, mse)
+}
+
 /// The MSE that `trainer reconstruct` printed.
 fn printed_mse(o: &Output) -> f64 {
     let s = String::from_utf8_lossy(&o.stdout);
@@ -79,10 +111,7 @@ fn printed_mse(o: &Output) -> f64 {
 #[test]
 fn grid_holds_originals_and_reconstructions_and_mse_is_theirs() {
     let tmp = tempfile::tempdir().unwrap();
-    let shard = tmp.path().join("images.tis");
-    write_shard(&shard, 6, RES);
-    let weights = tmp.path().join("dvae.safetensors");
-    let (m, w) = write_weights(&weights, 3);
+    let (shard, weights, m, w) = shard_and_weights(tmp.path(), 6);
     let out = tmp.path().join("grid.png");
     let (n, batch) = (5, 2);
     let o = trainer(&[
@@ -108,20 +137,8 @@ fn grid_holds_originals_and_reconstructions_and_mse_is_theirs() {
     );
 
     // The same images through the library.
-    let s = ImageShard::open(&shard).unwrap();
-    let px = 3 * RES * RES;
-    let mut originals = vec![0.0f32; n * px];
-    for (i, dst) in originals.chunks_exact_mut(px).enumerate() {
-        hwc_to_chw(&s.record(i as u64).unwrap().pixels, dst);
-    }
-    let codes = m.encode(&w, &originals).unwrap();
-    let recon = m.decode_codes(&w, &codes).unwrap();
-    let mse = originals
-        .iter()
-        .zip(&recon)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum::<f64>()
-        / (n * px) as f64;
+    let (s, px) = (ImageShard::open(&shard).unwrap(), 3 * RES * RES);
+    let (recon, mse) = reconstruct(&m, &w, &shard_images(&shard, n));
     let got = printed_mse(&o);
     assert!((got - mse).abs() <= 1e-6, "printed {got}, expected {mse}");
     assert!(mse > 0.0);
@@ -351,11 +368,10 @@ fn images_from_a_glob_span_shards_in_path_order() {
 #[test]
 fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let shard = tmp.path().join("images.tis");
-    write_shard(&shard, 8, RES);
-    let weights = tmp.path().join("dvae.safetensors");
-    let (m, w) = write_weights(&weights, 3);
+    let (shard, weights, m, w) = shard_and_weights(tmp.path(), 8);
     let d = dims();
+    // Enough updates for the decoder to learn the codes of 8 images.
+    const STEPS: u64 = 60;
     let config = |name: &str, init: &Path, extra: &str| {
         let path = tmp.path().join(format!("{name}.yaml"));
         let text = format!(
@@ -365,9 +381,9 @@ fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
              relaxation:\n  beta_start: 0\n  beta_end: 0\n  likelihood: logit-gaussian\n  \
              kl: batch\n  decoder_input: argmax\n\
              data:\n  source: images\n  paths: [{shard}]\n\
-             optim:\n  lr: 1.0e-3\n  weight_decay: 0\n  ema: 0.9\n\
-             train:\n  steps: 4\n  batch_size: 2\n  init: {init}\n{extra}\
-             checkpoint:\n  every: 4\n",
+             optim:\n  lr: 1.0e-2\n  weight_decay: 0\n  ema: 0.9\n\
+             train:\n  steps: {STEPS}\n  batch_size: 2\n  init: {init}\n{extra}\
+             checkpoint:\n  every: {STEPS}\n",
             d.n_hid,
             d.n_blk_per_group,
             d.vocab_size,
@@ -384,7 +400,7 @@ fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
     let o = run(&config("decoder", &weights, ""));
     assert!(o.status.success(), "{}", text(&o));
     let mut after = vec![0.0f32; w.len()];
-    let file = checkpoint::step_dir(&tmp.path().join("decoder"), 4).join(MODEL_FILE);
+    let file = checkpoint::step_dir(&tmp.path().join("decoder"), STEPS).join(MODEL_FILE);
     checkpoint::load_weights(&file, m.table(), &mut after).unwrap();
     let (mut encoder, mut decoder_moved) = (0, 0);
     for spec in m.table().specs() {
@@ -402,6 +418,13 @@ fn a_decoder_run_from_trained_weights_moves_the_decoder_alone() {
     }
     assert!(encoder > 0);
     assert!(decoder_moved > 0, "no decoder tensor moved");
+    // What a user runs it for: the same codes reconstruct the training images better.
+    let images = shard_images(&shard, 8);
+    let (before, after) = (
+        reconstruct(&m, &w, &images).1,
+        reconstruct(&m, &after, &images).1,
+    );
+    assert!(after < 0.9 * before, "MSE {before} → {after}");
 
     // What does not fit: weights of another codebook size, the EMA of a plain file, nothing.
     let small = tmp.path().join("other.safetensors");

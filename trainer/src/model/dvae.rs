@@ -942,17 +942,12 @@ impl Dvae {
                         kernel_dvae::gumbel_softmax_forward(y, logits, noise, tau, 1, k, hw)
                     })?
             }
-            DecoderInput::Argmax => {
-                let y = &mut acts.y;
-                y.fill(0.0);
+            DecoderInput::Argmax => match argmax_codes(logits, k, hw) {
+                Ok(codes) => infer::write_one_hot(&mut acts.y, &codes, k, hw)?,
                 // A non-finite logit has no argmax: the loss is then NaN, as the relaxed sample
                 // makes it, and the optimizer skips the update.
-                if for_each_argmax(logits, k, hw, |bi, pos, c| y[(bi * k + c) * hw + pos] = 1.0)
-                    .is_err()
-                {
-                    y.fill(f32::NAN);
-                }
-            }
+                Err(_) => acts.y.fill(f32::NAN),
+            },
         }
         acts.dec.inputs[0].copy_from_slice(&acts.y);
         self.decoder.forward(&p, &mut acts.dec)?;

@@ -761,7 +761,10 @@ impl Objective for DvaeObjective {
         // One stream per (update, micro-batch, rank): the same noise after a resume, different
         // noise on every rank.
         let stream = ((t << 16 | micro as u64) << 16) | self.rank as u64;
-        gumbel_noise(self.seed ^ GUMBEL_SALT, stream, &mut self.noise);
+        // The argmax codes read no noise.
+        if self.model.decoder_input() == DecoderInput::Relaxed {
+            gumbel_noise(self.seed ^ GUMBEL_SALT, stream, &mut self.noise);
+        }
         let d = *self.model.dims();
         let (tau, beta) = (tau as f32, beta as f32);
         let (l, logits, stats) = match &mut self.compute {

@@ -432,6 +432,23 @@ pub fn argmax_codes(logits: &[f32], k: usize, positions: usize) -> Result<Vec<u3
     Ok(codes)
 }
 
+/// The one-hot [B, K, P] of `codes` [B, P] into `out` (of that length, zeroed first): the
+/// decoder's input for reconstruction and for `relaxation.decoder_input: argmax`. A code ≥ K is
+/// an error naming it.
+pub(super) fn write_one_hot(out: &mut [f32], codes: &[u32], k: usize, hw: usize) -> Result<()> {
+    out.fill(0.0);
+    for (i, &c) in codes.iter().enumerate() {
+        let (bi, pos) = (i / hw, i % hw);
+        if c as usize >= k {
+            return Err(ModelError::Dims(format!(
+                "code {i} (image {bi}, position {pos}) is {c}, outside [0, K = {k})"
+            )));
+        }
+        out[(bi * k + c as usize) * hw + pos] = 1.0;
+    }
+    Ok(())
+}
+
 impl Dvae {
     /// Images per call of `values` values of `per_item` each; an error unless it divides.
     fn batch_of(values: usize, per_item: usize, what: &str) -> Result<usize> {
@@ -476,17 +493,7 @@ impl Dvae {
         let (k, hw) = (self.dims.vocab_size, self.dims.grid() * self.dims.grid());
         let b = Self::batch_of(codes.len(), hw, "codes [B, h, w]")?;
         let mut one_hot = vec![0.0f32; b * k * hw];
-        for (i, &c) in codes.iter().enumerate() {
-            if c as usize >= k {
-                return Err(ModelError::Dims(format!(
-                    "code {i} (image {}, position {}) is {c}, outside [0, K = {k})",
-                    i / hw,
-                    i % hw
-                )));
-            }
-            let (bi, pos) = (i / hw, i % hw);
-            one_hot[bi * k * hw + c as usize * hw + pos] = 1.0;
-        }
+        write_one_hot(&mut one_hot, codes, k, hw)?;
         self.decoder.infer(&self.table.split(params), one_hot, b)
     }
 
